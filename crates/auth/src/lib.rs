@@ -1,0 +1,12 @@
+//! Authentication and authorisation for Herald.
+//!
+//! [`token`] turns the JWT a client presents into trusted [`Claims`]; [`policy`] decides, from
+//! those claims and the namespace configuration, whether the user may join or publish to a room.
+//! Both are pure and synchronous so that every service (edge, router) can share them.
+#![forbid(unsafe_code)]
+
+pub mod policy;
+pub mod token;
+
+pub use policy::{Denied, DurablePolicy, NamespacePolicy, Policy, pattern_matches};
+pub use token::{AuthError, Claims, KeyError, Verifier, mint_hs256, now_secs};

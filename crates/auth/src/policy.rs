@@ -1,0 +1,257 @@
+//! Authorisation: whether a verified user may join or publish to a room, decided from the token's
+//! claims and the namespace policy of the configuration file.
+//!
+//! Both must agree: the namespace says what anyone may do, the token can only narrow it.
+
+use std::collections::HashMap;
+
+use crate::token::Claims;
+
+/// The namespace of personal rooms, `user:<id>`; its rules are built in, not configurable.
+const USER: &str = "user";
+
+/// A namespace's policy, as written in the config file under `[namespaces.<name>]`.
+///
+/// ```
+/// # use herald_auth::NamespacePolicy;
+/// let p: NamespacePolicy = toml::from_str("publish = false\njoin = [\"news:*\"]").unwrap();
+/// assert!(p.presence && !p.publish);
+/// ```
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespacePolicy {
+    /// The room keeps presence (member lists).
+    #[serde(default = "yes")]
+    pub presence: bool,
+    /// Join, leave and update events are sent to members.
+    #[serde(default = "yes")]
+    pub presence_events: bool,
+    /// Clients may publish (the server API always may).
+    #[serde(default = "yes")]
+    pub publish: bool,
+    /// Full room patterns in this namespace that anyone authenticated may join.
+    #[serde(default = "any")]
+    pub join: Vec<String>,
+    /// History kept for the namespace's rooms; reserved for durable rooms.
+    #[serde(default)]
+    pub durable: Option<DurablePolicy>,
+}
+
+/// How much history a durable namespace keeps.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DurablePolicy {
+    pub history_size: u64,
+    /// A humane duration such as `"24h"`, parsed where durations are configured.
+    pub history_ttl: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn any() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl Default for NamespacePolicy {
+    /// Open: presence, events and publishing on, anyone may join, nothing kept.
+    fn default() -> Self {
+        NamespacePolicy {
+            presence: true,
+            presence_events: true,
+            publish: true,
+            join: any(),
+            durable: None,
+        }
+    }
+}
+
+/// Why a join or publish was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denied {
+    /// A config file is loaded and names no such namespace.
+    UnknownNamespace(String),
+    /// A plain-words reason that names the room.
+    Forbidden(String),
+}
+
+impl Denied {
+    /// Text for the client's `error` frame.
+    pub fn message(&self) -> String {
+        match self {
+            Denied::UnknownNamespace(ns) => format!("there is no namespace {ns} on this server"),
+            Denied::Forbidden(why) => why.clone(),
+        }
+    }
+}
+
+/// Every namespace's policy, fixed at start-up.
+///
+/// ```
+/// # use herald_auth::{Claims, Policy};
+/// let alice = Claims { sub: "alice".into(), exp: 0, rooms: None, publish: None, device: None };
+/// let policy = Policy::open();
+/// assert!(policy.check_join(&alice, "chat:lobby").is_ok());
+/// assert!(policy.check_join(&alice, "user:bob").is_err());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// `None` without a config file: every namespace then gets `open`.
+    namespaces: Option<HashMap<String, NamespacePolicy>>,
+    open: NamespacePolicy,
+    user: NamespacePolicy,
+}
+
+impl Policy {
+    /// No config file: every namespace allows join, client publish and presence.
+    pub fn open() -> Policy {
+        Policy {
+            namespaces: None,
+            open: NamespacePolicy::default(),
+            user: user_policy(),
+        }
+    }
+
+    /// From a config file's namespaces. Errors (in plain words naming the namespace) when a
+    /// namespace is called `user` (reserved), or a join pattern is empty or can never match a
+    /// room of its namespace.
+    pub fn from_namespaces(ns: HashMap<String, NamespacePolicy>) -> Result<Policy, String> {
+        // Sorted, so that the same bad file always gets the same message.
+        let mut names: Vec<&String> = ns.keys().collect();
+        names.sort();
+        for name in names {
+            if name == USER {
+                return Err(
+                    "namespace user is reserved for personal rooms (user:<id>); \
+                            remove [namespaces.user] from the config"
+                        .into(),
+                );
+            }
+            if name.is_empty() || name.contains(':') {
+                return Err(format!(
+                    "namespace name {name:?} must be non-empty and contain no ':'"
+                ));
+            }
+            for pattern in &ns[name].join {
+                if pattern.is_empty() {
+                    return Err(format!("namespace {name}: a join pattern is empty"));
+                }
+                if !can_match_in(pattern, name) {
+                    return Err(format!(
+                        "namespace {name}: join pattern {pattern:?} can never match one of its rooms; \
+                         patterns are full room names such as \"{name}:lobby\", \"{name}:*\" or \"*\""
+                    ));
+                }
+            }
+        }
+        Ok(Policy {
+            namespaces: Some(ns),
+            ..Policy::open()
+        })
+    }
+
+    /// The policy for `namespace`, or `None` when a config file is loaded and does not name it.
+    /// `user` always has its built-in policy: presence without events, no client publish, no join
+    /// patterns (its owner is let in by [`Policy::check_join`]).
+    pub fn namespace(&self, namespace: &str) -> Option<&NamespacePolicy> {
+        if namespace == USER {
+            return Some(&self.user);
+        }
+        match &self.namespaces {
+            None => Some(&self.open),
+            Some(map) => map.get(namespace),
+        }
+    }
+
+    /// May `claims` join `room`, a full room name `namespace:name` already validated by the caller?
+    pub fn check_join(&self, claims: &Claims, room: &str) -> Result<&NamespacePolicy, Denied> {
+        let (ns, name) = room.split_once(':').unwrap_or((room, ""));
+        if ns == USER {
+            // The owner rejoins to recover the inbox; token room patterns do not apply to it.
+            return if name == claims.sub {
+                Ok(&self.user)
+            } else {
+                Err(Denied::Forbidden(format!(
+                    "{room} is another user's personal room; only its owner may join it"
+                )))
+            };
+        }
+        let policy = self
+            .namespace(ns)
+            .ok_or_else(|| Denied::UnknownNamespace(ns.into()))?;
+        if !policy.join.iter().any(|p| pattern_matches(p, room)) {
+            return Err(Denied::Forbidden(format!(
+                "namespace {ns} does not allow joining {room}"
+            )));
+        }
+        if let Some(allowed) = &claims.rooms
+            && !allowed.iter().any(|p| pattern_matches(p, room))
+        {
+            return Err(Denied::Forbidden(format!(
+                "your token does not allow joining {room}"
+            )));
+        }
+        Ok(policy)
+    }
+
+    /// May `claims` publish to `room`, as a client? The server API bypasses this check.
+    pub fn check_publish(&self, claims: &Claims, room: &str) -> Result<&NamespacePolicy, Denied> {
+        let ns = room.split_once(':').map_or(room, |(ns, _)| ns);
+        if ns == USER {
+            return Err(Denied::Forbidden(format!(
+                "only the server API can send to a user's personal room ({room})"
+            )));
+        }
+        let policy = self
+            .namespace(ns)
+            .ok_or_else(|| Denied::UnknownNamespace(ns.into()))?;
+        if !policy.publish {
+            return Err(Denied::Forbidden(format!(
+                "clients may not publish to {room}: namespace {ns} is read-only for clients"
+            )));
+        }
+        if let Some(allowed) = &claims.publish
+            && !allowed.iter().any(|p| pattern_matches(p, room))
+        {
+            return Err(Denied::Forbidden(format!(
+                "your token does not allow publishing to {room}"
+            )));
+        }
+        Ok(policy)
+    }
+}
+
+/// `*` as a suffix wildcard (`"chat:*"`, `"doc:team-*"`, `"*"`); otherwise an exact match.
+///
+/// ```
+/// # use herald_auth::pattern_matches;
+/// assert!(pattern_matches("doc:team-*", "doc:team-42"));
+/// assert!(!pattern_matches("chat:lobby", "chat:lobby2"));
+/// ```
+pub fn pattern_matches(pattern: &str, room: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => pattern == room,
+    }
+}
+
+fn user_policy() -> NamespacePolicy {
+    NamespacePolicy {
+        presence: true,
+        presence_events: false,
+        publish: false,
+        join: Vec::new(),
+        durable: None,
+    }
+}
+
+/// Could `pattern` match some room `ns:<name>`? Catches relative patterns such as `"lobby"`
+/// written under `[namespaces.chat]`, which would otherwise silently refuse every join.
+fn can_match_in(pattern: &str, ns: &str) -> bool {
+    let prefix = format!("{ns}:");
+    match pattern.strip_suffix('*') {
+        Some(stem) => prefix.starts_with(stem) || stem.starts_with(&prefix),
+        None => pattern.len() > prefix.len() && pattern.starts_with(&prefix),
+    }
+}

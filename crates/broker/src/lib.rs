@@ -1,0 +1,151 @@
+//! The broker: how Herald processes reach each other. A cluster uses NATS
+//! ([`NatsBroker`]); the all-in-one mode uses [`MemoryBroker`] inside one
+//! process. Both sit behind [`Broker`] and pass the same behavioural tests
+//! (`tests/contract.rs`), so services never know which one they run on.
+//!
+//! Semantics are NATS core semantics: subjects of `.`-separated tokens, `*`
+//! and `>` wildcards in subscriptions, queue groups that deliver each message
+//! to one member, request/reply through a reply subject, at-most-once
+//! delivery, and per-publisher ordering.
+#![forbid(unsafe_code)]
+
+mod memory;
+mod nats;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+
+pub use memory::MemoryBroker;
+pub use nats::NatsBroker;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A shared handle to whichever broker the process runs on.
+pub type SharedBroker = Arc<dyn Broker>;
+
+/// A message as a subscriber receives it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub subject: String,
+    pub payload: Bytes,
+    /// Where to send the answer, for requests.
+    pub reply: Option<String>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the message broker is not reachable: {0}")]
+    Unavailable(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("nobody is listening on `{0}`")]
+    NoResponders(String),
+    #[error("the message broker refused the operation: {0}")]
+    Failed(String),
+}
+
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes `payload` on `subject`. Messages from one publisher reach each
+    /// subscriber in the order they were published.
+    fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Publishes with a reply subject (the request half of request/reply).
+    fn publish_with_reply(
+        &self,
+        subject: String,
+        reply: String,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Subscribes to `subject` (wildcards allowed). When this returns, the
+    /// subscription is live: every message published afterwards, by anyone,
+    /// reaches it. Dropping the subscription unsubscribes.
+    fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
+
+    /// Like [`Broker::subscribe`], but each message goes to one member of
+    /// `group`.
+    fn queue_subscribe(
+        &self,
+        subject: String,
+        group: String,
+    ) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
+
+    /// Sends a request and waits for the first reply.
+    fn request(
+        &self,
+        subject: String,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Bytes, BrokerError>>;
+
+    /// Whether the broker is reachable right now (readiness).
+    fn is_connected(&self) -> bool;
+
+    /// A human-readable name for logs: "nats://..." or "in-memory".
+    fn describe(&self) -> String;
+}
+
+/// A live subscription: a stream of messages. Unsubscribes when dropped.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = Message> + Send>>,
+}
+
+impl Subscription {
+    fn new(inner: impl Stream<Item = Message> + Send + 'static) -> Subscription {
+        Subscription {
+            inner: Box::pin(inner),
+        }
+    }
+
+    /// The next message, or `None` once the broker closed the subscription.
+    pub async fn next(&mut self) -> Option<Message> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// Whether `subject` matches the subscription `pattern` (NATS rules: `*`
+/// matches one token, a final `>` one or more).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn wildcards_follow_nats_rules() {
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+        assert!(subject_matches("a.*", "a.b"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(subject_matches("a.>", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(subject_matches("*.b.>", "x.b.c"));
+        assert!(!subject_matches("a.b", "a"));
+    }
+}

@@ -1,0 +1,150 @@
+//! The NATS broker of a cluster (async-nats, core NATS).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::{BoxFuture, Broker, BrokerError, Message, Subscription};
+
+/// How long a subscribe waits for the server to confirm it (a flush round
+/// trip) before reporting the broker unavailable.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct NatsBroker {
+    client: async_nats::Client,
+    url: String,
+}
+
+impl NatsBroker {
+    /// Connects to `url`. When the server is not reachable yet the client keeps
+    /// trying in the background (the process reports not ready meanwhile),
+    /// so that a pod can start before NATS does.
+    pub async fn connect(url: &str, name: &str) -> Result<NatsBroker, BrokerError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .request_timeout(Some(Duration::from_secs(5)))
+            .connect(url)
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("{url}: {e}")))?;
+        Ok(NatsBroker {
+            client,
+            url: url.to_string(),
+        })
+    }
+
+    /// The underlying client, for JetStream.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    async fn confirm(&self) -> Result<(), BrokerError> {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "{} did not confirm within {CONFIRM_TIMEOUT:?}",
+                self.url
+            ))),
+        }
+    }
+}
+
+fn convert(sub: async_nats::Subscriber) -> Subscription {
+    Subscription::new(sub.map(|m| Message {
+        subject: m.subject.to_string(),
+        payload: m.payload,
+        reply: m.reply.map(|r| r.to_string()),
+    }))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl Broker for NatsBroker {
+    fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.client
+                .publish(subject, payload)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn publish_with_reply(
+        &self,
+        subject: String,
+        reply: String,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.client
+                .publish_with_reply(subject, reply, payload)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
+        Box::pin(async move {
+            let sub = self.client.subscribe(subject).await.map_err(unavailable)?;
+            self.confirm().await?;
+            Ok(convert(sub))
+        })
+    }
+
+    fn queue_subscribe(
+        &self,
+        subject: String,
+        group: String,
+    ) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
+        Box::pin(async move {
+            let sub = self
+                .client
+                .queue_subscribe(subject, group)
+                .await
+                .map_err(unavailable)?;
+            self.confirm().await?;
+            Ok(convert(sub))
+        })
+    }
+
+    fn request(
+        &self,
+        subject: String,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
+        Box::pin(async move {
+            let req = async_nats::Request::new()
+                .payload(payload)
+                .timeout(Some(timeout));
+            match self.client.send_request(subject.clone(), req).await {
+                Ok(m) => Ok(m.payload),
+                Err(e) => Err(match e.kind() {
+                    async_nats::RequestErrorKind::TimedOut => BrokerError::Timeout(timeout),
+                    async_nats::RequestErrorKind::NoResponders => {
+                        BrokerError::NoResponders(subject)
+                    }
+                    async_nats::RequestErrorKind::InvalidSubject
+                    | async_nats::RequestErrorKind::MaxPayloadExceeded => {
+                        BrokerError::Failed(e.to_string())
+                    }
+                    _ => unavailable(e),
+                }),
+            }
+        })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn describe(&self) -> String {
+        format!("NATS at {}", self.url)
+    }
+}

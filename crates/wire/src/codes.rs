@@ -1,0 +1,180 @@
+//! The error and close-code catalogue. These strings and numbers are API:
+//! clients decide whether to retry, reconnect or give up from them, so each
+//! carries its reconnect rule and `docs/protocol.md` mirrors this file.
+
+use std::fmt;
+
+/// Codes carried by `{"op":"error"}` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The frame was not valid JSON, named an unknown op, or lacked a field.
+    BadRequest,
+    /// No valid `connect` yet, or the token was rejected.
+    Unauthorized,
+    /// The token's `exp` has passed; refresh it or reconnect with a new one.
+    TokenExpired,
+    /// The claims or the namespace policy do not allow this.
+    Forbidden,
+    /// The namespace or resource does not exist.
+    NotFound,
+    /// Too many requests; `retry_after_ms` says when to try again.
+    RateLimited,
+    /// The frame or a field in it is over its size limit.
+    TooLarge,
+    /// A dependency (broker, store) cannot serve this right now; retry later.
+    Unavailable,
+    /// A bug or an unexpected failure on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::TokenExpired,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::RateLimited,
+        ErrorCode::TooLarge,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Whether repeating the same request later can succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// WebSocket close codes, sent in a `disconnect` frame and then in the close
+/// frame itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    Normal,
+    Policy,
+    TooBig,
+    Internal,
+    ServiceRestart,
+    TryAgainLater,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    SlowConsumer,
+}
+
+impl CloseCode {
+    pub const ALL: [CloseCode; 10] = [
+        CloseCode::Normal,
+        CloseCode::Policy,
+        CloseCode::TooBig,
+        CloseCode::Internal,
+        CloseCode::ServiceRestart,
+        CloseCode::TryAgainLater,
+        CloseCode::Unauthorized,
+        CloseCode::Forbidden,
+        CloseCode::RateLimited,
+        CloseCode::SlowConsumer,
+    ];
+
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::Policy => 1008,
+            CloseCode::TooBig => 1009,
+            CloseCode::Internal => 1011,
+            CloseCode::ServiceRestart => 1012,
+            CloseCode::TryAgainLater => 1013,
+            CloseCode::Unauthorized => 4001,
+            CloseCode::Forbidden => 4003,
+            CloseCode::RateLimited => 4008,
+            CloseCode::SlowConsumer => 4009,
+        }
+    }
+
+    pub fn from_code(code: u16) -> Option<CloseCode> {
+        CloseCode::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    /// The reconnect rule a client follows after this close: `true` means
+    /// reconnect (with backoff) and resume; `false` means a new token or a
+    /// different request is needed first.
+    pub fn reconnect(self) -> bool {
+        match self {
+            CloseCode::Normal | CloseCode::Policy | CloseCode::TooBig => false,
+            CloseCode::Unauthorized | CloseCode::Forbidden => false,
+            CloseCode::Internal
+            | CloseCode::ServiceRestart
+            | CloseCode::TryAgainLater
+            | CloseCode::RateLimited
+            | CloseCode::SlowConsumer => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn error_codes_are_the_contracts_strings() {
+        let names: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bad_request",
+                "unauthorized",
+                "token_expired",
+                "forbidden",
+                "not_found",
+                "rate_limited",
+                "too_large",
+                "unavailable",
+                "internal"
+            ]
+        );
+        assert!(ErrorCode::Unavailable.retryable());
+        assert!(!ErrorCode::Forbidden.retryable());
+    }
+
+    #[test]
+    fn close_codes_are_the_contracts_numbers_and_round_trip() {
+        let codes: Vec<_> = CloseCode::ALL.iter().map(|c| c.code()).collect();
+        assert_eq!(
+            codes,
+            [1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009]
+        );
+        let unique: HashSet<_> = codes.iter().collect();
+        assert_eq!(unique.len(), codes.len());
+        for c in CloseCode::ALL {
+            assert_eq!(CloseCode::from_code(c.code()), Some(c));
+        }
+        assert_eq!(CloseCode::from_code(1001), None);
+        assert!(CloseCode::ServiceRestart.reconnect());
+        assert!(CloseCode::SlowConsumer.reconnect());
+        assert!(!CloseCode::Unauthorized.reconnect());
+    }
+}

@@ -1,0 +1,432 @@
+//! Client frames: one JSON object per WebSocket text frame, each with an `op`.
+//! Parsing turns every malformed input into a [`FrameError`] with the
+//! contract's code and a plain-words message, keeping the request `id` when
+//! it can be read so the client can match the error to its request.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::codes::{CloseCode, ErrorCode};
+use crate::room::RoomName;
+
+/// A position in a durable room's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A parsed client request and its optional id.
+#[derive(Debug)]
+pub struct ClientFrame {
+    pub id: Option<u64>,
+    pub request: Request,
+}
+
+/// Every op a client may send (protocol v1, "Client to server").
+#[derive(Debug)]
+pub enum Request {
+    Connect {
+        token: String,
+        client: Option<Box<RawValue>>,
+    },
+    Join {
+        room: RoomName,
+        since: Option<Since>,
+        meta: Option<Box<RawValue>>,
+    },
+    Leave {
+        room: RoomName,
+    },
+    Publish {
+        room: RoomName,
+        data: Box<RawValue>,
+        key: Option<String>,
+    },
+    Presence {
+        room: RoomName,
+    },
+    PresenceSet {
+        room: RoomName,
+        meta: Box<RawValue>,
+    },
+    History {
+        room: RoomName,
+        since: Option<Since>,
+        limit: Option<u32>,
+    },
+    Read {
+        room: RoomName,
+        offset: u64,
+    },
+    Refresh {
+        token: String,
+    },
+    Ping,
+}
+
+impl Request {
+    /// The op name, as written on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Connect { .. } => "connect",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Publish { .. } => "publish",
+            Request::Presence { .. } => "presence",
+            Request::PresenceSet { .. } => "presence_set",
+            Request::History { .. } => "history",
+            Request::Read { .. } => "read",
+            Request::Refresh { .. } => "refresh",
+            Request::Ping => "ping",
+        }
+    }
+}
+
+/// Why a frame could not be served, as the error frame will say it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct FrameError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> FrameError {
+        FrameError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `{"op":"error"}` frame for this error.
+    pub fn to_frame(&self) -> Bytes {
+        error_frame(self.id, self.code, &self.message, None)
+    }
+}
+
+/// The union of every field any op carries; which are required is decided
+/// per op afterwards, so that a missing field gets a message naming it.
+#[derive(Deserialize)]
+struct RawFrame {
+    op: Option<String>,
+    id: Option<u64>,
+    token: Option<String>,
+    client: Option<Box<RawValue>>,
+    room: Option<String>,
+    since: Option<Since>,
+    meta: Option<Box<RawValue>>,
+    data: Option<Box<RawValue>>,
+    key: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<u64>,
+}
+
+/// Parses one client text frame.
+pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
+    let raw: RawFrame = serde_json::from_slice(text).map_err(|e| {
+        // Keep the id when the frame is JSON but a field has the wrong type.
+        let id = serde_json::from_slice::<IdOnly>(text)
+            .ok()
+            .and_then(|f| f.id);
+        let message = if e.is_syntax() || e.is_eof() {
+            format!("frame is not valid JSON: {e}")
+        } else {
+            format!("frame has a field of the wrong type: {e}")
+        };
+        FrameError::new(id, ErrorCode::BadRequest, message)
+    })?;
+    let id = raw.id;
+    let bad = |message: String| FrameError::new(id, ErrorCode::BadRequest, message);
+    let Some(op) = raw.op.as_deref() else {
+        return Err(bad("frame has no `op` field".into()));
+    };
+    let need = |field: &str| bad(format!("`{op}` needs a `{field}` field"));
+    let room = |r: Option<String>| -> Result<RoomName, FrameError> {
+        let r = r.ok_or_else(|| need("room"))?;
+        RoomName::parse(&r).map_err(|e| bad(e.to_string()))
+    };
+    let request = match op {
+        "connect" => Request::Connect {
+            token: raw.token.ok_or_else(|| need("token"))?,
+            client: raw.client,
+        },
+        "join" => Request::Join {
+            room: room(raw.room)?,
+            since: raw.since,
+            meta: raw.meta,
+        },
+        "leave" => Request::Leave {
+            room: room(raw.room)?,
+        },
+        "publish" => Request::Publish {
+            room: room(raw.room)?,
+            data: raw.data.ok_or_else(|| need("data"))?,
+            key: raw.key,
+        },
+        "presence" => Request::Presence {
+            room: room(raw.room)?,
+        },
+        "presence_set" => Request::PresenceSet {
+            room: room(raw.room)?,
+            meta: raw.meta.ok_or_else(|| need("meta"))?,
+        },
+        "history" => Request::History {
+            room: room(raw.room)?,
+            since: raw.since,
+            limit: raw.limit,
+        },
+        "read" => Request::Read {
+            room: room(raw.room)?,
+            offset: raw.offset.ok_or_else(|| need("offset"))?,
+        },
+        "refresh" => Request::Refresh {
+            token: raw.token.ok_or_else(|| need("token"))?,
+        },
+        "ping" => Request::Ping,
+        other => {
+            return Err(bad(format!(
+                "unknown op `{}`; see docs/protocol.md for the ops a client may send",
+                other.escape_default()
+            )));
+        }
+    };
+    Ok(ClientFrame { id, request })
+}
+
+fn to_bytes(value: &impl Serialize) -> Bytes {
+    // Serializing these plain structs cannot fail: no maps with non-string
+    // keys, no custom serializers that error.
+    Bytes::from(serde_json::to_vec(value).expect("frame serializes"))
+}
+
+/// `{"op":"message",...}`: built once per published message and sent as the
+/// same bytes to every recipient.
+pub fn message_frame(room: &RoomName, data: &RawValue, from: &str, ts_ms: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct Message<'a> {
+        op: &'static str,
+        room: &'a str,
+        data: &'a RawValue,
+        from: &'a str,
+        ts: u64,
+    }
+    to_bytes(&Message {
+        op: "message",
+        room: room.as_str(),
+        data,
+        from,
+        ts: ts_ms,
+    })
+}
+
+/// `{"op":"ok","id":N, ...fields}`; `fields` must serialize to a JSON object
+/// (or `()` for none).
+pub fn ok_frame(id: Option<u64>, fields: serde_json::Value) -> Bytes {
+    let mut obj = serde_json::Map::new();
+    obj.insert("op".into(), "ok".into());
+    if let Some(id) = id {
+        obj.insert("id".into(), id.into());
+    }
+    if let serde_json::Value::Object(extra) = fields {
+        obj.extend(extra);
+    }
+    to_bytes(&obj)
+}
+
+/// `{"op":"error",...}`.
+pub fn error_frame(
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        op: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: &'static str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    }
+    to_bytes(&Error {
+        op: "error",
+        id,
+        code: code.as_str(),
+        message,
+        retry_after_ms,
+    })
+}
+
+/// `{"op":"disconnect",...}`, sent right before the close frame with the same
+/// code.
+pub fn disconnect_frame(code: CloseCode, reason: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Disconnect<'a> {
+        op: &'static str,
+        code: u16,
+        reason: &'a str,
+        reconnect: bool,
+    }
+    to_bytes(&Disconnect {
+        op: "disconnect",
+        code: code.code(),
+        reason,
+        reconnect: code.reconnect(),
+    })
+}
+
+/// `{"op":"pong","id":N}`.
+pub fn pong_frame(id: Option<u64>) -> Bytes {
+    let mut obj = serde_json::Map::new();
+    obj.insert("op".into(), "pong".into());
+    if let Some(id) = id {
+        obj.insert("id".into(), id.into());
+    }
+    to_bytes(&obj)
+}
+
+/// Any other server frame: `op` plus the fields of `fields` (a JSON object).
+pub fn event_frame(op: &str, fields: serde_json::Value) -> Bytes {
+    let mut obj = serde_json::Map::new();
+    obj.insert("op".into(), op.into());
+    if let serde_json::Value::Object(extra) = fields {
+        obj.extend(extra);
+    }
+    to_bytes(&obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn parse_str(s: &str) -> Result<ClientFrame, FrameError> {
+        parse(s.as_bytes())
+    }
+
+    #[test]
+    fn parses_each_op() {
+        let f = parse_str(r#"{"op":"connect","id":1,"token":"t","client":{"name":"x"}}"#).unwrap();
+        assert_eq!(f.id, Some(1));
+        assert!(matches!(f.request, Request::Connect { ref token, .. } if token == "t"));
+
+        let f = parse_str(
+            r#"{"op":"join","id":2,"room":"chat:lobby","since":{"epoch":"e","offset":5},"meta":{"c":1}}"#,
+        )
+        .unwrap();
+        match f.request {
+            Request::Join { room, since, meta } => {
+                assert_eq!(room.as_str(), "chat:lobby");
+                assert_eq!(since.unwrap().offset, 5);
+                assert_eq!(meta.unwrap().get(), r#"{"c":1}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        let f =
+            parse_str(r#"{"op":"publish","room":"chat:x","data":[1,"two"],"key":"k"}"#).unwrap();
+        match f.request {
+            Request::Publish { data, key, .. } => {
+                assert_eq!(data.get(), r#"[1,"two"]"#);
+                assert_eq!(key.as_deref(), Some("k"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for (text, op) in [
+            (r#"{"op":"leave","room":"a:b"}"#, "leave"),
+            (r#"{"op":"presence","room":"a:b"}"#, "presence"),
+            (
+                r#"{"op":"presence_set","room":"a:b","meta":{}}"#,
+                "presence_set",
+            ),
+            (r#"{"op":"history","room":"a:b","limit":3}"#, "history"),
+            (r#"{"op":"read","room":"a:b","offset":3}"#, "read"),
+            (r#"{"op":"refresh","token":"x"}"#, "refresh"),
+            (r#"{"op":"ping","id":9}"#, "ping"),
+        ] {
+            assert_eq!(parse_str(text).unwrap().request.op(), op);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_forward_compatibility() {
+        assert!(parse_str(r#"{"op":"ping","future":true}"#).is_ok());
+    }
+
+    #[test]
+    fn malformed_frames_get_bad_request_with_the_id_when_readable() {
+        let e = parse_str("{not json").unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
+        assert!(e.message.contains("not valid JSON"));
+
+        let e = parse_str(r#"{"op":"fly","id":4}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(4)));
+        assert!(e.message.contains("unknown op `fly`"));
+
+        let e = parse_str(r#"{"op":"join","id":5}"#).unwrap_err();
+        assert_eq!(e.id, Some(5));
+        assert_eq!(e.message, "`join` needs a `room` field");
+
+        let e = parse_str(r#"{"op":"publish","id":6,"room":"chat:x"}"#).unwrap_err();
+        assert_eq!(e.message, "`publish` needs a `data` field");
+
+        let e = parse_str(r#"{"id":7}"#).unwrap_err();
+        assert_eq!(
+            (e.id, e.message.as_str()),
+            (Some(7), "frame has no `op` field")
+        );
+
+        let e = parse_str(r#"{"op":"join","id":8,"room":42}"#).unwrap_err();
+        assert_eq!(e.id, Some(8));
+        assert!(e.message.contains("wrong type"));
+
+        let e = parse_str(r#"{"op":"join","id":9,"room":"nocolon"}"#).unwrap_err();
+        assert!(e.message.contains("namespace:name"));
+
+        assert_eq!(parse_str("[1,2]").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(parse_str("").unwrap_err().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn server_frames_encode_as_the_contract_says() {
+        let room = RoomName::parse("chat:lobby").unwrap();
+        let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
+        let v: Value = serde_json::from_slice(&message_frame(&room, &data, "bob", 7)).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"message","room":"chat:lobby","data":{"text":"hi"},"from":"bob","ts":7})
+        );
+        let v: Value = serde_json::from_slice(&ok_frame(Some(3), json!({"offset": 0}))).unwrap();
+        assert_eq!(v, json!({"op":"ok","id":3,"offset":0}));
+        let v: Value = serde_json::from_slice(&error_frame(
+            None,
+            ErrorCode::RateLimited,
+            "slow down",
+            Some(50),
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"error","code":"rate_limited","message":"slow down","retry_after_ms":50})
+        );
+        let v: Value =
+            serde_json::from_slice(&disconnect_frame(CloseCode::ServiceRestart, "draining"))
+                .unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"disconnect","code":1012,"reason":"draining","reconnect":true})
+        );
+        let v: Value = serde_json::from_slice(&pong_frame(Some(1))).unwrap();
+        assert_eq!(v, json!({"op":"pong","id":1}));
+    }
+}
