@@ -6,6 +6,7 @@
 
 pub mod codes;
 pub mod frames;
+pub mod presence;
 pub mod room;
 pub mod subjects;
 

@@ -37,8 +37,17 @@ pub fn presence_sync_node(node: &str) -> String {
 }
 
 /// Requests answered by any presence replica (queue group [`PRESENCE_QUEUE`]).
-pub const PRESENCE_QUERY: &str = "herald.presence.query";
+/// The payloads are the protobuf messages of the gRPC `Presence` service, so
+/// both paths share one schema and one implementation.
+pub const PRESENCE_QUERY_ROOM_MEMBERS: &str = "herald.presence.query.room_members";
+pub const PRESENCE_QUERY_USER_STATUS: &str = "herald.presence.query.user_status";
 pub const PRESENCE_QUEUE: &str = "herald-presence";
+
+/// User online/offline transitions, one message per transition, published by
+/// the presence service.
+pub fn presence_user_event(user: &str) -> String {
+    format!("{PREFIX}.presence.user.{}", encode_token(user))
+}
 
 /// Percent-encodes the bytes NATS gives meaning to (and `%` itself) so any
 /// printable string becomes one subject token.

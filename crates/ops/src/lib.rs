@@ -1,0 +1,204 @@
+//! What every Herald service serves to operators and orchestrators:
+//! `/healthz` (alive), `/readyz` (ready for traffic; false while draining or
+//! while the broker is unreachable), `/metrics` (Prometheus text), and for
+//! gRPC services the standard health service and server reflection.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use prometheus_client;
+
+/// Readiness of one process. Ready when started, not draining, and every
+/// dependency check passes.
+#[derive(Clone)]
+pub struct Health {
+    inner: Arc<HealthInner>,
+}
+
+type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+struct HealthInner {
+    started: AtomicBool,
+    draining: AtomicBool,
+    checks: Mutex<Vec<(String, Check)>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health {
+            inner: Arc::new(HealthInner {
+                started: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                checks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Adds a dependency check; `Err` carries a plain-words reason.
+    pub fn add_check(
+        &self,
+        name: &str,
+        check: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+    ) {
+        self.inner
+            .checks
+            .lock()
+            .expect("health checks")
+            .push((name.to_string(), Box::new(check)));
+    }
+
+    pub fn set_started(&self) {
+        self.inner.started.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on the process reports not ready, so load balancers stop
+    /// sending it new traffic while it drains.
+    pub fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// `Ok` when ready, else every reason it is not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.is_draining() {
+            return Err("draining: shutting down".into());
+        }
+        if !self.inner.started.load(Ordering::SeqCst) {
+            return Err("starting".into());
+        }
+        let failures: Vec<String> = self
+            .inner
+            .checks
+            .lock()
+            .expect("health checks")
+            .iter()
+            .filter_map(|(name, check)| check().err().map(|e| format!("{name}: {e}")))
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+}
+
+/// The Prometheus registry a service registers its metrics in.
+pub type Metrics = Arc<Mutex<Registry>>;
+
+pub fn new_metrics() -> Metrics {
+    Arc::new(Mutex::new(Registry::with_prefix("herald")))
+}
+
+#[derive(Clone)]
+struct OpsState {
+    health: Health,
+    metrics: Metrics,
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, to merge into a service's HTTP router
+/// or serve on their own.
+pub fn ops_routes<S: Clone + Send + Sync + 'static>(health: Health, metrics: Metrics) -> Router<S> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(OpsState { health, metrics })
+}
+
+async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
+    match s.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics_text(State(s): State<OpsState>) -> impl IntoResponse {
+    let mut out = String::new();
+    let registry = s.metrics.lock().expect("metrics registry");
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("could not encode metrics: {e}"),
+        );
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+/// Serves `router` on `listener` until `shutdown` fires.
+pub async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// Binds `addr`, with an error that names what could not be bound.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("could not listen for {what} on {addr}: {e}"),
+        )
+    })
+}
+
+/// The gRPC health service (reporting `names` serving) and server reflection
+/// for the herald.v1 API.
+pub async fn grpc_extras(
+    names: &[&str],
+) -> (
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_health::server::HealthReporter,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    for name in names {
+        reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the built-in descriptor set is valid");
+    (service, reporter, reflection)
+}

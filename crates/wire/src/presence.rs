@@ -1,0 +1,131 @@
+//! What edges tell the presence service about their own connections. Each
+//! edge owns the presence of its connections; the presence service's view is
+//! derived from these reports. Reports carry a per-edge sequence number so a
+//! replica that missed one notices the gap and asks that edge for a snapshot.
+//!
+//! All of an edge's reports travel on one subject
+//! ([`crate::subjects::presence_from_edge`]), so a subscriber sees deltas,
+//! heartbeats and snapshots in the order the edge sent them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EdgeReport {
+    /// One change; `seq` is one more than the previous report's.
+    Delta {
+        node: String,
+        seq: u64,
+        change: Change,
+    },
+    /// Sent every heartbeat interval; `seq` is the latest delta's, so a replica
+    /// can tell it missed one even when no new delta follows.
+    Heartbeat {
+        node: String,
+        seq: u64,
+        started_ms: u64,
+        conns: u64,
+    },
+    /// The edge's whole state as of `seq`, sent when a presence replica asks.
+    Snapshot {
+        node: String,
+        seq: u64,
+        started_ms: u64,
+        conns: Vec<ConnState>,
+    },
+    /// The edge is shutting down and has closed all its connections.
+    Goodbye { node: String, seq: u64 },
+}
+
+impl EdgeReport {
+    pub fn node(&self) -> &str {
+        match self {
+            EdgeReport::Delta { node, .. }
+            | EdgeReport::Heartbeat { node, .. }
+            | EdgeReport::Snapshot { node, .. }
+            | EdgeReport::Goodbye { node, .. } => node,
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        match self {
+            EdgeReport::Delta { seq, .. }
+            | EdgeReport::Heartbeat { seq, .. }
+            | EdgeReport::Snapshot { seq, .. }
+            | EdgeReport::Goodbye { seq, .. } => *seq,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Change {
+    Connect {
+        conn: String,
+        user: String,
+        since_ms: u64,
+    },
+    Disconnect {
+        conn: String,
+    },
+    Join {
+        conn: String,
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meta: Option<Value>,
+    },
+    Leave {
+        conn: String,
+        room: String,
+    },
+    Meta {
+        conn: String,
+        room: String,
+        meta: Value,
+    },
+}
+
+/// One connection in a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnState {
+    pub conn: String,
+    pub user: String,
+    pub since_ms: u64,
+    /// Rooms with presence that the connection is in.
+    pub rooms: Vec<RoomState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomState {
+    pub room: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reports_round_trip_with_readable_tags() {
+        let r = EdgeReport::Delta {
+            node: "e1".into(),
+            seq: 3,
+            change: Change::Join {
+                conn: "e1-1".into(),
+                room: "chat:x".into(),
+                meta: Some(json!({"typing": true})),
+            },
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            json!({"kind":"delta","node":"e1","seq":3,"change":{"type":"join","conn":"e1-1","room":"chat:x","meta":{"typing":true}}})
+        );
+        assert_eq!(serde_json::from_value::<EdgeReport>(v).unwrap(), r);
+        assert_eq!(r.node(), "e1");
+        assert_eq!(r.seq(), 3);
+    }
+}
