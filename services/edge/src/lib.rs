@@ -1,1 +1,290 @@
-//! placeholder
+//! The edge: holds client WebSocket connections (`GET /ws`), authenticates
+//! them, keeps the local room table, and delivers room messages that arrive
+//! through the broker. Edges hold no state that another edge cannot rebuild:
+//! a client may land on any edge and reconnect to any other.
+#![forbid(unsafe_code)]
+
+mod delivery;
+mod presence;
+mod rooms;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use fastwebsockets::upgrade::IncomingUpgrade;
+use herald_auth::{Policy, Verifier};
+use herald_broker::SharedBroker;
+use herald_ops::{Health, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use presence::PresenceSource;
+
+/// The edge's settings. Every bound has a name here.
+#[derive(Clone)]
+pub struct Config {
+    /// This edge's id in the cluster; part of every connection id.
+    pub node_id: String,
+    pub verifier: Verifier,
+    pub policy: Policy,
+    /// How long a new connection may take to send a valid `connect`.
+    pub handshake_timeout: Duration,
+    /// The heartbeat interval announced to clients in `connected`.
+    pub heartbeat: Duration,
+    /// Largest client message accepted; a larger one closes with 1009.
+    pub max_message_bytes: usize,
+    /// Frames queued for one connection before it is closed as a slow consumer (4009).
+    pub outbound_queue: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_conn: usize,
+    /// Largest presence `meta` accepted, in bytes of JSON.
+    pub max_meta_bytes: usize,
+    /// How often presence heartbeats go out.
+    pub presence_interval: Duration,
+    /// How long a member-list query may take.
+    pub presence_timeout: Duration,
+    /// Where member lists are read from.
+    pub presence_source: PresenceSource,
+    /// How long shutdown waits for connections to close.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(node_id: String, verifier: Verifier, policy: Policy) -> Config {
+        Config {
+            node_id,
+            verifier,
+            policy,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(25),
+            max_message_bytes: 64 * 1024,
+            outbound_queue: 1024,
+            max_rooms_per_conn: 256,
+            max_meta_bytes: 2048,
+            presence_interval: Duration::from_secs(2),
+            presence_timeout: Duration::from_secs(3),
+            presence_source: PresenceSource::Broker,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct EdgeMetrics {
+    connections: Gauge,
+    connects: Counter,
+    frames_in: Counter,
+    published: Counter,
+    rejected: Counter,
+}
+
+/// State shared by every session of this edge.
+struct Edge {
+    config: Config,
+    broker: SharedBroker,
+    rooms: rooms::Rooms,
+    reporter: presence::Reporter,
+    next_conn: AtomicU64,
+    metrics: EdgeMetrics,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("{0}")]
+    Broker(#[from] herald_broker::BrokerError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `/ws`, `/healthz`, `/readyz` and `/metrics` on `listener` until
+/// `shutdown`; then stops accepting, tells every client to reconnect
+/// elsewhere (1012) and waits up to the drain timeout for them to go.
+pub async fn run(
+    config: Config,
+    broker: SharedBroker,
+    listener: TcpListener,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), EdgeError> {
+    let health = Health::new();
+    {
+        let broker = broker.clone();
+        health.add_check("broker", move || {
+            if broker.is_connected() {
+                Ok(())
+            } else {
+                Err(format!("{} is not connected", broker.describe()))
+            }
+        });
+    }
+    let reporter_stop = CancellationToken::new();
+    let (reporter, reporter_task) = presence::Reporter::start(
+        &config.node_id,
+        broker.clone(),
+        config.presence_source.clone(),
+        config.presence_interval,
+        config.presence_timeout,
+        reporter_stop.clone(),
+    )
+    .await?;
+    let room_metrics = rooms::RoomMetrics::default();
+    let edge_metrics = EdgeMetrics::default();
+    register_metrics(&metrics, &edge_metrics, &room_metrics);
+    let edge = Arc::new(Edge {
+        rooms: rooms::Rooms::new(broker.clone(), room_metrics),
+        broker,
+        reporter,
+        next_conn: AtomicU64::new(1),
+        metrics: edge_metrics,
+        shutdown: shutdown.clone(),
+        sessions: TaskTracker::new(),
+        config,
+    });
+    let app = Router::new()
+        .route("/ws", get(ws_handler))
+        .with_state(edge.clone())
+        .merge(herald_ops::ops_routes(health.clone(), metrics));
+    let addr = listener.local_addr()?;
+    health.set_started();
+    tracing::info!(
+        node = %edge.config.node_id,
+        "edge {} serving WebSocket clients on ws://{addr}/ws (health on http://{addr}/healthz), broker: {}",
+        edge.config.node_id,
+        edge.broker.describe()
+    );
+    let http_stop = CancellationToken::new();
+    let server = tokio::spawn(herald_ops::serve_http(listener, app, http_stop.clone()));
+
+    shutdown.cancelled().await;
+    health.set_draining();
+    http_stop.cancel();
+    edge.sessions.close();
+    tracing::info!(
+        "edge {} draining: asking {} connections to reconnect elsewhere",
+        edge.config.node_id,
+        edge.metrics.connections.get()
+    );
+    if tokio::time::timeout(edge.config.drain_timeout, edge.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with connections still open; closing anyway");
+    }
+    reporter_stop.cancel();
+    let _ = reporter_task.await;
+    let _ = server.await;
+    tracing::info!("edge {} stopped", edge.config.node_id);
+    Ok(())
+}
+
+fn register_metrics(metrics: &Metrics, m: &EdgeMetrics, r: &rooms::RoomMetrics) {
+    let mut reg = metrics.lock().expect("metrics registry");
+    reg.register(
+        "edge_connections",
+        "Open client connections",
+        m.connections.clone(),
+    );
+    reg.register(
+        "edge_connects",
+        "Client connections authenticated",
+        m.connects.clone(),
+    );
+    reg.register(
+        "edge_frames_received",
+        "Client frames received",
+        m.frames_in.clone(),
+    );
+    reg.register(
+        "edge_published",
+        "Messages published by clients",
+        m.published.clone(),
+    );
+    reg.register(
+        "edge_requests_rejected",
+        "Client requests answered with an error",
+        m.rejected.clone(),
+    );
+    reg.register(
+        "edge_rooms",
+        "Rooms with at least one local member",
+        r.rooms.clone(),
+    );
+    reg.register(
+        "edge_deliveries",
+        "Messages queued to local members",
+        r.delivered.clone(),
+    );
+}
+
+#[derive(Deserialize)]
+struct WsParams {
+    token: Option<String>,
+}
+
+async fn ws_handler(
+    State(edge): State<Arc<Edge>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    upgrade: IncomingUpgrade,
+) -> Response {
+    if edge.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this edge is shutting down; connect to another one\n",
+        )
+            .into_response();
+    }
+    let offers_v1 = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "herald.v1");
+    let (mut response, upgraded) = match upgrade.upgrade() {
+        Ok(u) => u,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("WebSocket upgrade failed: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    if offers_v1 {
+        response.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("herald.v1"),
+        );
+    }
+    let tracker = edge.sessions.clone();
+    tracker.spawn(async move {
+        match upgraded.await {
+            Ok(ws) => session::serve(edge, ws, params.token, peer).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "WebSocket upgrade did not complete"),
+        }
+    });
+    response.into_response()
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,270 @@
+//! This edge's side of presence. The edge owns the presence of its own
+//! connections: every change is numbered and reported on the edge's presence
+//! subject, a heartbeat repeats the latest number so a replica that missed a
+//! report notices, and a snapshot of the whole state answers a replica that
+//! asks (after a gap, or after it restarted).
+//!
+//! Member lists are read from the presence service, asking it to include this
+//! edge's own changes up to now (read-your-writes for the asking client).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_broker::{BrokerError, SharedBroker};
+use herald_proto::v1::presence_client::PresenceClient;
+use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
+use herald_wire::presence::{Change, ConnState, EdgeReport, RoomState};
+use herald_wire::subjects;
+use prost::Message as _;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Where member lists are read from.
+#[derive(Clone)]
+pub enum PresenceSource {
+    /// Any presence replica, found through the broker.
+    Broker,
+    /// A presence service's gRPC address (`--presence URL`).
+    Grpc(PresenceClient<tonic::transport::Channel>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("the presence service did not answer: {0}")]
+    Unavailable(String),
+}
+
+struct Seq {
+    last: u64,
+    tx: mpsc::UnboundedSender<(u64, Change)>,
+}
+
+/// Handle used by sessions to report changes and to read member lists.
+#[derive(Clone)]
+pub struct Reporter {
+    node: Arc<str>,
+    seq: Arc<Mutex<Seq>>,
+    broker: SharedBroker,
+    source: PresenceSource,
+    query_timeout: Duration,
+}
+
+impl Reporter {
+    /// Starts the reporting task; it runs until `shutdown`, then says goodbye.
+    pub async fn start(
+        node: &str,
+        broker: SharedBroker,
+        source: PresenceSource,
+        interval: Duration,
+        query_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<(Reporter, tokio::task::JoinHandle<()>), BrokerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sync_all = broker.subscribe(subjects::PRESENCE_SYNC_ALL.into()).await?;
+        let mut sync_me = broker.subscribe(subjects::presence_sync_node(node)).await?;
+        let reporter = Reporter {
+            node: node.into(),
+            seq: Arc::new(Mutex::new(Seq { last: 0, tx })),
+            broker: broker.clone(),
+            source,
+            query_timeout,
+        };
+        let mut task = ReportTask {
+            node: node.to_string(),
+            subject: subjects::presence_from_edge(node),
+            broker,
+            started_ms: crate::now_ms(),
+            seq: 0,
+            conns: HashMap::new(),
+        };
+        let handle = tokio::spawn(async move {
+            let mut rx = rx;
+            // Tell replicas this edge exists right away.
+            task.send_snapshot().await;
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    change = rx.recv() => match change {
+                        Some((seq, change)) => task.apply(seq, change).await,
+                        None => break,
+                    },
+                    Some(_) = sync_all.next() => task.send_snapshot().await,
+                    Some(_) = sync_me.next() => task.send_snapshot().await,
+                    _ = tick.tick() => task.send_heartbeat().await,
+                    _ = shutdown.cancelled() => {
+                        // Sessions report their leaves while closing; take them all, then say goodbye.
+                        while let Ok((seq, change)) = rx.try_recv() {
+                            task.apply(seq, change).await;
+                        }
+                        task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok((reporter, handle))
+    }
+
+    /// Reports a change; returns its number.
+    pub fn report(&self, change: Change) -> u64 {
+        let mut s = self.seq.lock().expect("presence seq");
+        s.last += 1;
+        // Numbered and queued under one lock, so numbers go out in order.
+        let _ = s.tx.send((s.last, change));
+        s.last
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.seq.lock().expect("presence seq").last
+    }
+
+    /// The room's members cluster-wide, including every change this edge
+    /// reported before the call.
+    pub async fn room_members(&self, room: &str) -> Result<RoomMembersReply, QueryError> {
+        let req = RoomMembersRequest {
+            room: room.to_string(),
+            after_node: self.node.to_string(),
+            after_seq: self.last_seq(),
+        };
+        match &self.source {
+            PresenceSource::Broker => {
+                let bytes = self
+                    .broker
+                    .request(
+                        subjects::PRESENCE_QUERY_ROOM_MEMBERS.into(),
+                        Bytes::from(req.encode_to_vec()),
+                        self.query_timeout,
+                    )
+                    .await
+                    .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+                RoomMembersReply::decode(bytes)
+                    .map_err(|e| QueryError::Unavailable(format!("unreadable answer: {e}")))
+            }
+            PresenceSource::Grpc(client) => {
+                let mut client = client.clone();
+                let mut request = tonic::Request::new(req);
+                request.set_timeout(self.query_timeout);
+                client
+                    .room_members(request)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| QueryError::Unavailable(s.message().to_string()))
+            }
+        }
+    }
+}
+
+struct ConnEntry {
+    user: String,
+    since_ms: u64,
+    rooms: HashMap<String, Option<Value>>,
+}
+
+/// Owns the reported state, so a snapshot is exactly the state as of its number.
+struct ReportTask {
+    node: String,
+    subject: String,
+    broker: SharedBroker,
+    started_ms: u64,
+    seq: u64,
+    conns: HashMap<String, ConnEntry>,
+}
+
+impl ReportTask {
+    async fn apply(&mut self, seq: u64, change: Change) {
+        match &change {
+            Change::Connect {
+                conn,
+                user,
+                since_ms,
+            } => {
+                self.conns.insert(
+                    conn.clone(),
+                    ConnEntry {
+                        user: user.clone(),
+                        since_ms: *since_ms,
+                        rooms: HashMap::new(),
+                    },
+                );
+            }
+            Change::Disconnect { conn } => {
+                self.conns.remove(conn);
+            }
+            Change::Join { conn, room, meta } => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.rooms.insert(room.clone(), meta.clone());
+                }
+            }
+            Change::Leave { conn, room } => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.rooms.remove(room);
+                }
+            }
+            Change::Meta { conn, room, meta } => {
+                if let Some(m) = self.conns.get_mut(conn).and_then(|c| c.rooms.get_mut(room)) {
+                    *m = Some(meta.clone());
+                }
+            }
+        }
+        self.seq = seq;
+        let report = EdgeReport::Delta {
+            node: self.node.clone(),
+            seq,
+            change,
+        };
+        self.send(&report).await;
+    }
+
+    async fn send_heartbeat(&self) {
+        let report = EdgeReport::Heartbeat {
+            node: self.node.clone(),
+            seq: self.seq,
+            started_ms: self.started_ms,
+            conns: self.conns.len() as u64,
+        };
+        self.send(&report).await;
+    }
+
+    async fn send_snapshot(&self) {
+        let conns = self
+            .conns
+            .iter()
+            .map(|(conn, c)| ConnState {
+                conn: conn.clone(),
+                user: c.user.clone(),
+                since_ms: c.since_ms,
+                rooms: c
+                    .rooms
+                    .iter()
+                    .map(|(room, meta)| RoomState {
+                        room: room.clone(),
+                        meta: meta.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let report = EdgeReport::Snapshot {
+            node: self.node.clone(),
+            seq: self.seq,
+            started_ms: self.started_ms,
+            conns,
+        };
+        self.send(&report).await;
+    }
+
+    async fn send(&self, report: &EdgeReport) {
+        let payload = serde_json::to_vec(report).expect("reports serialize");
+        if let Err(e) = self
+            .broker
+            .publish(self.subject.clone(), Bytes::from(payload))
+            .await
+        {
+            // Replicas notice the gap from the next heartbeat and ask for a snapshot.
+            tracing::warn!(error = %e, "could not report presence; replicas will resync");
+        }
+    }
+}
