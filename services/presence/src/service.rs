@@ -1,0 +1,570 @@
+//! The presence service at run time: one task (the actor) owns the [`View`],
+//! reads every edge's reports from one broker subscription, answers queries
+//! sent to it over a channel, parks read-your-writes queries until the view
+//! has caught up, and publishes the sync requests the view asks for. Because
+//! only the actor touches the view there are no locks; [`Presence`] is the
+//! cheap handle every caller (broker queries, gRPC) talks to it through.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_broker::{BrokerError, Message, SharedBroker, Subscription};
+use herald_proto::v1::{
+    RoomMembersReply, RoomMembersRequest, UserStatus, UserStatusReply, UserStatusRequest,
+};
+use herald_wire::presence::EdgeReport;
+use herald_wire::subjects;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prost::Message as _;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+use crate::view::{Effect, View};
+
+/// Commands waiting for the actor; senders wait when it is full.
+const COMMAND_QUEUE: usize = 1024;
+/// Read-your-writes queries waiting for the view at once; beyond this a query
+/// is answered at once with what the view has.
+const MAX_PARKED: usize = 10_000;
+/// Broker queries being answered at once; beyond this the query loop stops
+/// reading, and the broker holds (or, for a slow consumer, drops) the rest.
+const MAX_QUERIES_IN_FLIGHT: usize = 4096;
+
+/// A started presence service: a handle to its actor. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::sync::Arc;
+/// use herald_presence::{Config, Presence, UserStatusRequest};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let broker = Arc::new(herald_broker::MemoryBroker::new());
+/// let shutdown = CancellationToken::new();
+/// let presence = Presence::start(Config::default(), broker, shutdown.clone()).await.unwrap();
+/// let status = presence
+///     .user_status(UserStatusRequest { users: vec!["ada".into()] })
+///     .await;
+/// assert!(!status.users[0].online);
+/// shutdown.cancel();
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Presence {
+    commands: mpsc::Sender<Command>,
+    metrics: ViewMetrics,
+}
+
+enum Command {
+    RoomMembers {
+        req: RoomMembersRequest,
+        reply: oneshot::Sender<RoomMembersReply>,
+    },
+    UserStatus {
+        req: UserStatusRequest,
+        reply: oneshot::Sender<UserStatusReply>,
+    },
+}
+
+/// The actor has stopped (shutdown).
+#[derive(Debug)]
+pub(crate) struct Stopped;
+
+impl Presence {
+    /// Subscribes to the edges' reports, asks every edge for a snapshot (so a
+    /// restarted replica rebuilds its view within seconds), and starts
+    /// answering queries on the broker. Runs until `shutdown` is cancelled.
+    pub async fn start(
+        config: Config,
+        broker: SharedBroker,
+        shutdown: CancellationToken,
+    ) -> Result<Presence, BrokerError> {
+        // Subscribe before asking, so no snapshot is missed.
+        let reports = broker
+            .subscribe(subjects::PRESENCE_FROM_EDGES.to_string())
+            .await?;
+        broker
+            .publish(subjects::PRESENCE_SYNC_ALL.to_string(), Bytes::new())
+            .await?;
+        let mut view = View::new(config.edge_timeout, config.sync_retry);
+        view.asked_all(Instant::now());
+        let group = subjects::PRESENCE_QUEUE.to_string();
+        let room_queries = broker
+            .queue_subscribe(
+                subjects::PRESENCE_QUERY_ROOM_MEMBERS.to_string(),
+                group.clone(),
+            )
+            .await?;
+        let user_queries = broker
+            .queue_subscribe(subjects::PRESENCE_QUERY_USER_STATUS.to_string(), group)
+            .await?;
+
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let presence = Presence {
+            commands: tx,
+            metrics: ViewMetrics::default(),
+        };
+        let actor = Actor {
+            view,
+            parked: Parked::default(),
+            broker: broker.clone(),
+            metrics: presence.metrics.clone(),
+            query_wait: config.query_wait,
+        };
+        let tick = config
+            .sync_retry
+            .min(config.edge_timeout / 4)
+            .max(Duration::from_millis(10));
+        tracing::info!(broker = %broker.describe(), "presence view started; asked every edge for a snapshot");
+        tokio::spawn(actor.run(reports, rx, tick, shutdown.clone()));
+        tokio::spawn(serve_queries(
+            futures::stream::select(room_queries, user_queries),
+            presence.clone(),
+            broker,
+            shutdown,
+        ));
+        Ok(presence)
+    }
+
+    /// The members of a room, grouped by user. With `after_node`/`after_seq`
+    /// the answer waits (up to `query_wait`) until the view has applied that
+    /// report. Empty once the service has stopped.
+    pub async fn room_members(&self, req: RoomMembersRequest) -> RoomMembersReply {
+        let room = req.room.clone();
+        self.try_room_members(req)
+            .await
+            .unwrap_or_else(|Stopped| RoomMembersReply {
+                room,
+                members: Vec::new(),
+            })
+    }
+
+    /// Whether each user is online, with its connections. Everyone offline
+    /// once the service has stopped.
+    pub async fn user_status(&self, req: UserStatusRequest) -> UserStatusReply {
+        let users = req.users.clone();
+        self.try_user_status(req)
+            .await
+            .unwrap_or_else(|Stopped| UserStatusReply {
+                users: users
+                    .into_iter()
+                    .map(|user| UserStatus {
+                        user,
+                        online: false,
+                        conns: Vec::new(),
+                    })
+                    .collect(),
+            })
+    }
+
+    pub(crate) async fn try_room_members(
+        &self,
+        req: RoomMembersRequest,
+    ) -> Result<RoomMembersReply, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::RoomMembers { req, reply }).await?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    pub(crate) async fn try_user_status(
+        &self,
+        req: UserStatusRequest,
+    ) -> Result<UserStatusReply, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::UserStatus { req, reply }).await?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), Stopped> {
+        self.commands.send(cmd).await.map_err(|_| Stopped)
+    }
+
+    /// Whether the actor still runs (readiness).
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
+    }
+
+    /// Registers the view's gauges (`herald_presence_*`) in `metrics`.
+    pub fn register_metrics(&self, metrics: &herald_ops::Metrics) {
+        let m = &self.metrics;
+        let mut registry = metrics.lock().expect("metrics registry");
+        registry.register(
+            "presence_nodes",
+            "Edges the presence view tracks",
+            m.nodes.clone(),
+        );
+        registry.register(
+            "presence_connections",
+            "Connections in the presence view",
+            m.conns.clone(),
+        );
+        registry.register(
+            "presence_users",
+            "Users with at least one connection",
+            m.users.clone(),
+        );
+        registry.register(
+            "presence_rooms",
+            "Rooms with at least one member",
+            m.rooms.clone(),
+        );
+        registry.register(
+            "presence_parked_queries",
+            "Read-your-writes queries waiting for the view to catch up",
+            m.parked.clone(),
+        );
+        registry.register(
+            "presence_sync_requests",
+            "Snapshots asked of edges after missed reports",
+            m.sync_requests.clone(),
+        );
+    }
+}
+
+#[derive(Clone, Default)]
+struct ViewMetrics {
+    nodes: Gauge,
+    conns: Gauge,
+    users: Gauge,
+    rooms: Gauge,
+    parked: Gauge,
+    sync_requests: Counter,
+}
+
+/// The task that owns the view.
+struct Actor {
+    view: View,
+    parked: Parked,
+    broker: SharedBroker,
+    metrics: ViewMetrics,
+    query_wait: Duration,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut reports: Subscription,
+        mut commands: mpsc::Receiver<Command>,
+        tick_every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.parked.next_deadline();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                msg = reports.next() => match msg {
+                    Some(msg) => self.on_report(msg),
+                    None => {
+                        tracing::error!("the broker closed the presence report subscription; the presence view stops");
+                        break;
+                    }
+                },
+                Some(cmd) = commands.recv() => self.on_command(cmd),
+                _ = tick.tick() => self.on_tick(),
+                _ = sleep_until(deadline) => self.on_deadline(),
+            }
+        }
+    }
+
+    fn on_report(&mut self, msg: Message) {
+        let report: EdgeReport = match serde_json::from_slice(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable presence report");
+                return;
+            }
+        };
+        let node = report.node().to_string();
+        let fx = self.view.apply(report, Instant::now());
+        self.carry_out(fx);
+        self.release(&node);
+        self.update_metrics();
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::RoomMembers { req, reply } => {
+                let caught_up = req.after_node.is_empty()
+                    || req.after_seq == 0
+                    || self.view.has_applied(&req.after_node, req.after_seq);
+                if caught_up || self.parked.len >= MAX_PARKED {
+                    let _ = reply.send(self.view.room_members(&req.room));
+                } else {
+                    let deadline = Instant::now() + self.query_wait;
+                    let waiting = Waiting {
+                        room: req.room,
+                        reply,
+                    };
+                    self.parked
+                        .park(req.after_node, req.after_seq, waiting, deadline);
+                    self.metrics.parked.set(self.parked.len as i64);
+                }
+            }
+            Command::UserStatus { req, reply } => {
+                let _ = reply.send(self.view.user_status(&req.users));
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let (fx, reaped) = self.view.tick(Instant::now());
+        self.carry_out(fx);
+        for (node, conns) in reaped {
+            tracing::info!(%node, conns, "an edge sent no presence report in time; removed it and its connections");
+            self.release(&node);
+        }
+        self.update_metrics();
+    }
+
+    /// Answers the parked queries whose wait is over, with what the view has.
+    fn on_deadline(&mut self) {
+        for w in self.parked.expired(Instant::now()) {
+            let _ = w.reply.send(self.view.room_members(&w.room));
+        }
+        self.metrics.parked.set(self.parked.len as i64);
+    }
+
+    /// Answers the queries parked on `node` that the view has caught up with
+    /// (all of them when the node is gone: nothing more will come).
+    fn release(&mut self, node: &str) {
+        if self.parked.len == 0 {
+            return;
+        }
+        for w in self.parked.ready(node, self.view.applied_seq(node)) {
+            let _ = w.reply.send(self.view.room_members(&w.room));
+        }
+        self.metrics.parked.set(self.parked.len as i64);
+    }
+
+    fn carry_out(&mut self, fx: Vec<Effect>) {
+        for effect in fx {
+            match effect {
+                Effect::AskSync { node } => {
+                    self.metrics.sync_requests.inc();
+                    tracing::debug!(%node, "missed presence reports; asking the edge for a snapshot");
+                    // Off the actor: a slow broker must not stall the view.
+                    let broker = self.broker.clone();
+                    tokio::spawn(async move {
+                        let subject = subjects::presence_sync_node(&node);
+                        if let Err(e) = broker.publish(subject, Bytes::new()).await {
+                            tracing::warn!(%node, error = %e, "could not ask an edge for a presence snapshot");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn update_metrics(&self) {
+        let s = self.view.stats();
+        let m = &self.metrics;
+        m.nodes.set(s.nodes as i64);
+        m.conns.set(s.conns as i64);
+        m.users.set(s.users as i64);
+        m.rooms.set(s.rooms as i64);
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A room-members query waiting for the view to catch up with its edge.
+struct Waiting {
+    room: String,
+    reply: oneshot::Sender<RoomMembersReply>,
+}
+
+/// Parked read-your-writes queries, by the node they wait for and in the
+/// order their wait ends (every query waits equally long, so arrival order is
+/// deadline order).
+#[derive(Default)]
+struct Parked {
+    /// node → (after_seq, id) → query.
+    by_node: HashMap<String, BTreeMap<(u64, u64), Waiting>>,
+    deadlines: VecDeque<(Instant, String, (u64, u64))>,
+    next_id: u64,
+    len: usize,
+}
+
+impl Parked {
+    fn park(&mut self, node: String, seq: u64, waiting: Waiting, deadline: Instant) {
+        let key = (seq, self.next_id);
+        self.next_id += 1;
+        self.by_node
+            .entry(node.clone())
+            .or_default()
+            .insert(key, waiting);
+        self.deadlines.push_back((deadline, node, key));
+        self.len += 1;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.front().map(|(d, _, _)| *d)
+    }
+
+    /// The queries on `node` satisfied by `applied` (all when `None`).
+    fn ready(&mut self, node: &str, applied: Option<u64>) -> Vec<Waiting> {
+        let Some(queue) = self.by_node.get_mut(node) else {
+            return Vec::new();
+        };
+        let done = match applied {
+            Some(seq) => {
+                let later = queue.split_off(&(seq.saturating_add(1), 0));
+                std::mem::replace(queue, later)
+            }
+            None => std::mem::take(queue),
+        };
+        if queue.is_empty() {
+            self.by_node.remove(node);
+        }
+        self.len -= done.len();
+        if self.len == 0 {
+            self.deadlines.clear();
+        }
+        done.into_values().collect()
+    }
+
+    fn expired(&mut self, now: Instant) -> Vec<Waiting> {
+        let mut out = Vec::new();
+        while self.deadlines.front().is_some_and(|(d, _, _)| *d <= now) {
+            let Some((_, node, key)) = self.deadlines.pop_front() else {
+                break;
+            };
+            if let Some(queue) = self.by_node.get_mut(&node) {
+                if let Some(w) = queue.remove(&key) {
+                    out.push(w);
+                    self.len -= 1;
+                }
+                if queue.is_empty() {
+                    self.by_node.remove(&node);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Answers the presence queries edges send over the broker: the request and
+/// reply payloads are the gRPC messages, prost-encoded.
+async fn serve_queries(
+    mut queries: impl futures::Stream<Item = Message> + Unpin,
+    presence: Presence,
+    broker: SharedBroker,
+    shutdown: CancellationToken,
+) {
+    let in_flight = Arc::new(Semaphore::new(MAX_QUERIES_IN_FLIGHT));
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = queries.next() => match msg {
+                Some(msg) => msg,
+                None => {
+                    tracing::error!("the broker closed the presence query subscriptions");
+                    return;
+                }
+            },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            tracing::warn!(subject = %msg.subject, "ignoring a presence query without a reply subject");
+            continue;
+        };
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let presence = presence.clone();
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply) = answer(&presence, &msg).await else {
+                return;
+            };
+            if let Err(e) = broker.publish(reply_to, reply).await {
+                tracing::warn!(subject = %msg.subject, error = %e, "could not send a presence reply");
+            }
+        });
+    }
+}
+
+/// Decodes one broker query and answers it; `None` for unreadable requests.
+async fn answer(presence: &Presence, msg: &Message) -> Option<Bytes> {
+    let payload = msg.payload.clone();
+    let reply = match msg.subject.as_str() {
+        subjects::PRESENCE_QUERY_ROOM_MEMBERS => match RoomMembersRequest::decode(payload) {
+            Ok(req) => presence.try_room_members(req).await.ok()?.encode_to_vec(),
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable presence query");
+                return None;
+            }
+        },
+        subjects::PRESENCE_QUERY_USER_STATUS => match UserStatusRequest::decode(payload) {
+            Ok(req) => presence.try_user_status(req).await.ok()?.encode_to_vec(),
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable presence query");
+                return None;
+            }
+        },
+        other => {
+            tracing::warn!(subject = %other, "ignoring a message on an unexpected subject");
+            return None;
+        }
+    };
+    Some(Bytes::from(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(room: &str) -> (Waiting, oneshot::Receiver<RoomMembersReply>) {
+        let (reply, rx) = oneshot::channel();
+        (
+            Waiting {
+                room: room.into(),
+                reply,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn parked_queries_leave_when_their_edge_catches_up_or_time_runs_out() {
+        let t0 = Instant::now();
+        let mut p = Parked::default();
+        let (a, _ra) = waiting("chat:a");
+        let (b, _rb) = waiting("chat:b");
+        let (c, _rc) = waiting("chat:c");
+        p.park("e1".into(), 3, a, t0 + Duration::from_secs(1));
+        p.park("e1".into(), 5, b, t0 + Duration::from_secs(2));
+        p.park("e2".into(), 1, c, t0 + Duration::from_secs(3));
+        assert_eq!(p.len, 3);
+        assert!(p.ready("e1", Some(2)).is_empty());
+        let done = p.ready("e1", Some(4));
+        assert_eq!(
+            done.iter().map(|w| w.room.as_str()).collect::<Vec<_>>(),
+            ["chat:a"]
+        );
+        // chat:a's deadline passes without effect; chat:b's answers it.
+        assert!(p.expired(t0 + Duration::from_secs(1)).is_empty());
+        let late = p.expired(t0 + Duration::from_secs(2));
+        assert_eq!(
+            late.iter().map(|w| w.room.as_str()).collect::<Vec<_>>(),
+            ["chat:b"]
+        );
+        // A node that is gone releases everything parked on it.
+        assert_eq!(p.ready("e2", None).len(), 1);
+        assert_eq!(p.len, 0);
+        assert_eq!(p.next_deadline(), None);
+    }
+}
