@@ -1,1 +1,103 @@
-//! placeholder
+//! The router: the gRPC front for backend services. `Router.Publish` and
+//! `Router.SendToUser` encode the client `message` frame once and publish it
+//! on the room's subject, where every edge with members picks it up. The
+//! router also answers the `Presence` API (from the presence replicas through
+//! the broker, or from `--presence URL`) so a backend needs one address.
+//! It holds no state of its own: run as many as you like.
+#![forbid(unsafe_code)]
+
+mod api;
+mod presence_front;
+
+use std::time::Duration;
+
+use herald_broker::SharedBroker;
+use herald_ops::{Health, Metrics};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use api::RouterApi;
+pub use presence_front::PresenceFront;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A presence service's gRPC address; without it presence queries go to
+    /// any presence replica through the broker.
+    pub presence: Option<String>,
+    /// How long a presence query may take.
+    pub presence_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            presence: None,
+            presence_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Serves `herald.v1.Router` and `herald.v1.Presence` (plus gRPC health and
+/// reflection) on `grpc`, and `/healthz`, `/readyz`, `/metrics` on `http`,
+/// until `shutdown`.
+pub async fn run(
+    config: Config,
+    broker: SharedBroker,
+    grpc: TcpListener,
+    http: TcpListener,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let health = Health::new();
+    {
+        let broker = broker.clone();
+        health.add_check("broker", move || {
+            if broker.is_connected() {
+                Ok(())
+            } else {
+                Err(format!("{} is not connected", broker.describe()))
+            }
+        });
+    }
+    let api = RouterApi::new(broker.clone(), &metrics);
+    let presence = PresenceFront::new(broker.clone(), &config)?;
+    let (health_svc, reporter, reflection) =
+        herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
+    let grpc_addr = grpc.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(api.into_server())
+        .add_service(presence.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+    let http_server = herald_ops::serve_http(
+        http,
+        herald_ops::ops_routes(health.clone(), metrics),
+        shutdown.clone(),
+    );
+    health.set_started();
+    tracing::info!(
+        "router serving gRPC (herald.v1.Router, herald.v1.Presence) on {grpc_addr}, health on http://{http_addr}/healthz, broker: {}",
+        broker.describe()
+    );
+    let drain = {
+        let health = health.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_draining();
+            reporter
+                .set_not_serving::<herald_proto::v1::router_server::RouterServer<RouterApi>>()
+                .await;
+        }
+    };
+    let (g, h, ()) = tokio::join!(grpc_server, http_server, drain);
+    g?;
+    h?;
+    tracing::info!("router stopped");
+    Ok(())
+}
