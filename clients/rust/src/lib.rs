@@ -1,1 +1,816 @@
-//! placeholder
+//! A small async client for Herald's client protocol (JSON over WebSocket,
+//! subprotocol `herald.v1`), written for Herald's own black-box tests and
+//! benchmarks rather than for applications.
+//!
+//! It therefore favours observability over convenience: every frame the
+//! server sends is kept until the test asks for it, close codes and reasons
+//! are reported exactly, and the raw socket can be abused on purpose
+//! ([`Client::send_text`] with garbage, [`Client::send_binary`]).
+//!
+//! Each [`Client`] runs two background tasks. The reader owns the read half
+//! of the socket, answers pings and close frames, hands replies to the
+//! request waiting for their `id`, and queues everything else. The writer owns
+//! the write half and sends frames in the order they were submitted, so the
+//! reader never waits on a slow write and concurrent callers never interleave
+//! partial frames.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), herald_client::ClientError> {
+//! use std::time::Duration;
+//! use herald_client::Client;
+//! use serde_json::json;
+//!
+//! let (client, connected) = Client::connect("ws://127.0.0.1:8080/ws", "<jwt>").await?;
+//! println!("connection {}", connected["conn"]);
+//! let ok = client.request(json!({"op": "join", "room": "chat:lobby"})).await?;
+//! assert_eq!(ok["op"], "ok");
+//! let message = client.recv_op("message", Duration::from_secs(5)).await?;
+//! println!("{message}");
+//! client.close().await?;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{
+    FragmentCollectorRead, Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError,
+    WebSocketWrite,
+};
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// The WebSocket subprotocol the client offers.
+pub const SUBPROTOCOL: &str = "herald.v1";
+
+/// How long [`Client::request`] and [`Client::connect`] wait for a reply.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long opening a socket (TCP connect plus HTTP upgrade) may take. Longer
+/// than [`DEFAULT_TIMEOUT`] because benchmarks open thousands of sockets at
+/// once and the accept queue can lag.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A frame from the server, parsed.
+pub type Frame = Value;
+
+/// Everything that can go wrong talking to a Herald edge.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is unusable, or the HTTP upgrade failed below the status level
+    /// (bad headers, wrong subprotocol, broken HTTP).
+    #[error("cannot open WebSocket: {0}")]
+    Connect(String),
+    /// The server answered the upgrade request with something other than
+    /// `101 Switching Protocols`; kept apart from [`ClientError::Connect`]
+    /// because tests assert on the status (401, 403, 429, ...).
+    #[error("upgrade rejected with HTTP status {status}")]
+    Rejected { status: u16 },
+    /// The connection is closed. `code` and `reason` come from the server's
+    /// close frame, or from its `disconnect` frame when [`Client::connect`]
+    /// was refused. `code` is `None` when the close frame carried no code or
+    /// when the connection ended without a close frame (then `reason` says
+    /// why).
+    #[error("connection closed (code {code:?}): {reason}")]
+    Closed { code: Option<u16>, reason: String },
+    /// Nothing arrived in time; the message says what was awaited.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The server broke the protocol (non-JSON text, a binary frame, an
+    /// unexpected reply), refused `connect` with an `error` frame
+    /// (`"code: message"`), or the caller passed a request that is not a JSON
+    /// object with an `op`.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// TCP-level failure (resolve, bind, connect, write); the kind is kept so
+    /// tests can tell "connection refused" from the rest.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Stream = TokioIo<Upgraded>;
+type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
+type Writer = WebSocketWrite<tokio::io::WriteHalf<Stream>>;
+
+/// An unsolicited frame, or the description of a protocol violation, kept in
+/// arrival order so that errors surface where they happened.
+type Incoming = Result<Frame, String>;
+
+/// How the connection ended.
+#[derive(Clone, Debug)]
+struct CloseInfo {
+    code: Option<u16>,
+    reason: String,
+}
+
+impl CloseInfo {
+    fn to_error(&self) -> ClientError {
+        ClientError::Closed {
+            code: self.code,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// State shared between the client handle and its reader task.
+struct Shared {
+    /// Requests waiting for a reply, by id. `None` once the reader stopped,
+    /// so that a request registered after that fails at once instead of
+    /// waiting out its timeout.
+    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>,
+    /// Set by the reader when it stops, before `pending` is cleared, so a
+    /// woken request always finds the reason.
+    close: Mutex<Option<CloseInfo>>,
+}
+
+impl Shared {
+    fn closed_error(&self) -> ClientError {
+        lock(&self.close)
+            .as_ref()
+            .map_or_else(|| closed("connection closed"), CloseInfo::to_error)
+    }
+}
+
+/// Nothing under these locks can panic half-way, so a poisoned lock still
+/// holds consistent data.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn closed(reason: &str) -> ClientError {
+    ClientError::Closed {
+        code: None,
+        reason: reason.to_owned(),
+    }
+}
+
+struct WriteCmd {
+    frame: WsFrame<'static>,
+    /// `None` for the pongs and close echoes the reader owes the server:
+    /// nobody waits for those.
+    ack: Option<oneshot::Sender<Result<(), WebSocketError>>>,
+}
+
+/// Unsolicited frames: the channel from the reader, plus the frames that a
+/// selective receive ([`Client::recv_op`]) pulled out of it but did not want.
+/// `held` always precedes the channel, so together they keep arrival order.
+struct Inbox {
+    rx: mpsc::UnboundedReceiver<Incoming>,
+    held: VecDeque<Incoming>,
+}
+
+impl Inbox {
+    fn take_held(&mut self, wanted: impl Fn(&Incoming) -> bool) -> Option<Incoming> {
+        let at = self.held.iter().position(wanted)?;
+        self.held.remove(at)
+    }
+
+    /// The first item matching `wanted`, or `None` once the connection ended
+    /// and nothing matching is left. Cancel-safe: the only await is the
+    /// channel receive, and items move to `held` synchronously, so a timeout
+    /// around this never loses a frame.
+    async fn recv_where(&mut self, wanted: impl Fn(&Incoming) -> bool) -> Option<Incoming> {
+        if let Some(item) = self.take_held(&wanted) {
+            return Some(item);
+        }
+        loop {
+            let item = self.rx.recv().await?;
+            if wanted(&item) {
+                return Some(item);
+            }
+            self.held.push_back(item);
+        }
+    }
+}
+
+fn op_of(frame: &Frame) -> Option<&str> {
+    frame.get("op").and_then(Value::as_str)
+}
+
+/// Removes a request's entry from `pending` however the request ends,
+/// including when the caller drops the future.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = lock(&self.shared.pending).as_mut() {
+            pending.remove(&self.id);
+        }
+    }
+}
+
+/// A connection to a Herald edge. `Send + Sync` (`&Client` is enough for
+/// every operation but [`Client::close`]); dropping it aborts the connection
+/// without a close frame.
+pub struct Client {
+    shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<WriteCmd>,
+    inbox: tokio::sync::Mutex<Inbox>,
+    next_id: AtomicU64,
+    protocol: Option<String>,
+    local_addr: SocketAddr,
+    reader_task: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("local_addr", &self.local_addr)
+            .field("protocol", &self.protocol)
+            .field("closed", &lock(&self.shared.close).as_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+        self.writer_task.abort();
+    }
+}
+
+impl Client {
+    /// Opens a WebSocket to `url` (e.g. `ws://127.0.0.1:8080/ws`, or with
+    /// `?token=...`), offering subprotocol `herald.v1`. No `connect` op is
+    /// sent.
+    pub async fn open(url: &str) -> Result<Client, ClientError> {
+        Self::open_from(url, None).await
+    }
+
+    /// Like [`Client::open`], with the socket's source address bound to
+    /// `local_ip` (port chosen by the OS). Benchmarks spread connections over
+    /// 127.0.0.2, 127.0.0.3, ... because one source address runs out of
+    /// ephemeral ports long before the server runs out of capacity.
+    pub async fn open_from(url: &str, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
+        tokio::time::timeout(OPEN_TIMEOUT, Self::open_inner(url, local_ip))
+            .await
+            .map_err(|_| {
+                ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}"))
+            })?
+    }
+
+    /// [`Client::open`], then `{"op":"connect","id":N,"token":token}`; returns
+    /// the `connected` frame. An `error` reply becomes
+    /// [`ClientError::Protocol`] (`"code: message"`), a `disconnect` frame or
+    /// a close becomes [`ClientError::Closed`].
+    pub async fn connect(url: &str, token: &str) -> Result<(Client, Frame), ClientError> {
+        Self::connect_from(url, token, None).await
+    }
+
+    /// [`Client::connect`] from a given source address, see
+    /// [`Client::open_from`].
+    pub async fn connect_from(
+        url: &str,
+        token: &str,
+        local_ip: Option<IpAddr>,
+    ) -> Result<(Client, Frame), ClientError> {
+        let client = Self::open_from(url, local_ip).await?;
+        let connected = client.authenticate(token, DEFAULT_TIMEOUT).await?;
+        Ok((client, connected))
+    }
+
+    /// The subprotocol the server selected, `None` if it selected none.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+
+    /// The socket's local address (shows which source address was used).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Whether the connection has ended (close frame or lost socket). Frames
+    /// received before that can still be read.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.close).is_some()
+    }
+
+    /// Sends a raw text frame: any string, even invalid JSON.
+    pub async fn send_text(&self, text: &str) -> Result<(), ClientError> {
+        self.write(WsFrame::text(Payload::Owned(text.as_bytes().to_vec())))
+            .await
+    }
+
+    /// Sends a binary frame, which the protocol does not allow: tests use it
+    /// to check the server rejects it.
+    pub async fn send_binary(&self, data: &[u8]) -> Result<(), ClientError> {
+        self.write(WsFrame::binary(Payload::Owned(data.to_vec())))
+            .await
+    }
+
+    /// Sends `req` (a JSON object with an `op`) under the next id, replacing
+    /// any `id` it has, and waits up to [`DEFAULT_TIMEOUT`] for the frame that
+    /// carries that id (`ok`, `pong`, `connected` or `error`), which is
+    /// returned as is: checking its `op` is the caller's business. Other
+    /// frames arriving meanwhile stay queued for [`Client::next_frame`] and
+    /// [`Client::recv_op`].
+    pub async fn request(&self, req: Value) -> Result<Frame, ClientError> {
+        self.request_timeout(req, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`Client::request`] with an explicit timeout. A reply arriving after
+    /// the timeout is queued as an unsolicited frame.
+    pub async fn request_timeout(
+        &self,
+        mut req: Value,
+        timeout: Duration,
+    ) -> Result<Frame, ClientError> {
+        let (guard, reply) = self.register(&mut req)?;
+        self.write(WsFrame::text(Payload::Owned(req.to_string().into_bytes())))
+            .await?;
+        match tokio::time::timeout(timeout, reply).await {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(self.shared.closed_error()),
+            Err(_) => Err(ClientError::Timeout(format!(
+                "no reply to {} (id {}) within {timeout:?}",
+                req["op"], guard.id
+            ))),
+        }
+    }
+
+    /// The next unsolicited frame, waiting up to `timeout`; `Ok(None)` if none
+    /// came. Once the connection has ended and every frame received before
+    /// has been read, returns [`ClientError::Closed`].
+    pub async fn next_frame(&self, timeout: Duration) -> Result<Option<Frame>, ClientError> {
+        let next = tokio::time::timeout(timeout, async {
+            self.inbox.lock().await.recv_where(|_| true).await
+        });
+        match next.await {
+            Err(_) => Ok(None),
+            Ok(Some(Ok(frame))) => Ok(Some(frame)),
+            Ok(Some(Err(violation))) => Err(ClientError::Protocol(violation)),
+            Ok(None) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// The next unsolicited frame whose `op` is `op`, waiting up to `timeout`
+    /// ([`ClientError::Timeout`] if none came). Frames of other ops are not
+    /// dropped: later calls of `next_frame` or `recv_op` still return them,
+    /// in arrival order. A protocol violation by the server met on the way is
+    /// returned as an error.
+    pub async fn recv_op(&self, op: &str, timeout: Duration) -> Result<Frame, ClientError> {
+        let wanted = |item: &Incoming| match item {
+            Ok(frame) => op_of(frame) == Some(op),
+            Err(_) => true,
+        };
+        let next = tokio::time::timeout(timeout, async {
+            self.inbox.lock().await.recv_where(wanted).await
+        });
+        match next.await {
+            Err(_) => Err(ClientError::Timeout(format!(
+                "no `{op}` frame within {timeout:?}"
+            ))),
+            Ok(Some(Ok(frame))) => Ok(frame),
+            Ok(Some(Err(violation))) => Err(ClientError::Protocol(violation)),
+            Ok(None) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// Waits up to `timeout` for the connection to end, and returns the
+    /// `disconnect` frame that announced it (if any, and not read already),
+    /// and the code and reason of the close frame. `code` is `None` if the
+    /// close frame had none or the socket ended without one (the reason then
+    /// says what happened). Other frames received meanwhile stay readable.
+    pub async fn closed(
+        &self,
+        timeout: Duration,
+    ) -> Result<(Option<Frame>, Option<u16>, String), ClientError> {
+        let mut inbox = tokio::time::timeout(timeout, async {
+            let mut inbox = self.inbox.lock().await;
+            // Moving everything to `held` keeps this cancel-safe and keeps
+            // the frames for later reads.
+            while let Some(item) = inbox.rx.recv().await {
+                inbox.held.push_back(item);
+            }
+            inbox
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(format!("connection still open after {timeout:?}")))?;
+        let disconnect = inbox
+            .take_held(|item| matches!(item, Ok(frame) if op_of(frame) == Some("disconnect")))
+            .and_then(Result::ok);
+        drop(inbox);
+        // The reader records how the connection ended before it lets go of
+        // the channel, so this is only empty if the reader panicked.
+        let info = lock(&self.shared.close).clone().unwrap_or(CloseInfo {
+            code: None,
+            reason: "the reader stopped unexpectedly".into(),
+        });
+        Ok((disconnect, info.code, info.reason))
+    }
+
+    /// Sends a close frame (1000) and waits up to [`DEFAULT_TIMEOUT`] for the
+    /// server to answer it. Closing a connection the server already closed
+    /// is not an error.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        match self.write(WsFrame::close(1000, b"")).await {
+            Ok(()) => {}
+            Err(ClientError::Closed { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        // Waiting for the server's echo completes the closing handshake;
+        // dropping right away would reset the socket under the server and
+        // make it log an abnormal closure.
+        tokio::time::timeout(DEFAULT_TIMEOUT, &mut self.reader_task)
+            .await
+            .map(drop)
+            .map_err(|_| {
+                ClientError::Timeout(format!(
+                    "server did not answer the close frame within {DEFAULT_TIMEOUT:?}"
+                ))
+            })
+    }
+
+    async fn open_inner(url: &str, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
+        let target = Target::parse(url)?;
+        let tcp = dial(&target.host, target.port, local_ip).await?;
+        let local_addr = tcp.local_addr()?;
+        // Requests are small and latency is what tests and benchmarks measure.
+        tcp.set_nodelay(true)?;
+
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
+        // Errors of the connection task surface through `send_request` or the
+        // upgrade, so nothing is lost by ignoring its result here.
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+
+        let request = Request::builder()
+            .method("GET")
+            .uri(target.path.as_str())
+            .header(HOST, target.authority.as_str())
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "Upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Protocol", SUBPROTOCOL)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ClientError::Connect(format!("building the upgrade request: {e}")))?;
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ClientError::Rejected {
+                status: response.status().as_u16(),
+            });
+        }
+        let headers = response.headers();
+        let header_is = |name: &str, value: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case(value))
+        };
+        if !header_is("upgrade", "websocket") || !header_is("connection", "upgrade") {
+            return Err(ClientError::Connect(
+                "101 response without Upgrade: websocket / Connection: upgrade".into(),
+            ));
+        }
+        let protocol = match headers.get("sec-websocket-protocol") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| ClientError::Connect("unreadable subprotocol header".into()))?
+                    .to_owned(),
+            ),
+        };
+        // A browser fails the connection when the server picks a subprotocol
+        // it did not offer, so the tests should notice too.
+        if let Some(p) = &protocol
+            && p != SUBPROTOCOL
+        {
+            return Err(ClientError::Connect(format!(
+                "server selected subprotocol {p:?}, only {SUBPROTOCOL:?} was offered"
+            )));
+        }
+        let upgraded = hyper::upgrade::on(&mut response)
+            .await
+            .map_err(|e| ClientError::Connect(format!("upgrade: {e}")))?;
+
+        let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
+        let (read, write) = ws.split(tokio::io::split);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Some(HashMap::new())),
+            close: Mutex::new(None),
+        });
+        let (writer, write_rx) = mpsc::unbounded_channel();
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_loop(write, write_rx));
+        let reader_task = tokio::spawn(read_loop(
+            FragmentCollectorRead::new(read),
+            shared.clone(),
+            writer.clone(),
+            inbox_tx,
+        ));
+        Ok(Client {
+            shared,
+            writer,
+            inbox: tokio::sync::Mutex::new(Inbox {
+                rx: inbox_rx,
+                held: VecDeque::new(),
+            }),
+            next_id: AtomicU64::new(1),
+            protocol,
+            local_addr,
+            reader_task,
+            writer_task,
+        })
+    }
+
+    /// Gives `req` the next id and registers a waiter for its reply. The
+    /// waiter exists before the request is sent, so the reply cannot overtake
+    /// it.
+    fn register(
+        &self,
+        req: &mut Value,
+    ) -> Result<(PendingGuard<'_>, oneshot::Receiver<Frame>), ClientError> {
+        let object = req
+            .as_object_mut()
+            .filter(|o| o.get("op").is_some_and(Value::is_string))
+            .ok_or_else(|| {
+                ClientError::Protocol("a request must be a JSON object with a string \"op\"".into())
+            })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        object.insert("id".into(), id.into());
+        let (tx, rx) = oneshot::channel();
+        match lock(&self.shared.pending).as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(self.shared.closed_error()),
+        };
+        Ok((
+            PendingGuard {
+                shared: &self.shared,
+                id,
+            },
+            rx,
+        ))
+    }
+
+    async fn authenticate(&self, token: &str, timeout: Duration) -> Result<Frame, ClientError> {
+        let mut req = json!({"op": "connect", "token": token});
+        let (_guard, mut reply) = self.register(&mut req)?;
+        self.write(WsFrame::text(Payload::Owned(req.to_string().into_bytes())))
+            .await?;
+
+        // A refusal may come as a reply (`error` with our id) or unsolicited
+        // (`disconnect`, or `error` without id), so watch both.
+        let refusal = |item: &Incoming| match item {
+            Ok(frame) => match op_of(frame) {
+                Some("disconnect") => true,
+                Some("error") => frame.get("id").is_none(),
+                _ => false,
+            },
+            Err(_) => true,
+        };
+        let mut inbox = self.inbox.lock().await;
+        let outcome = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                // A disconnect frame is queued before the reader stops and
+                // drops `reply`, so polling the inbox first reports the
+                // server's reason rather than a bare close.
+                biased;
+                item = inbox.recv_where(refusal) => item,
+                frame = &mut reply => frame.ok().map(Ok),
+            }
+        })
+        .await;
+        drop(inbox);
+        let frame = match outcome {
+            Err(_) => {
+                return Err(ClientError::Timeout(format!(
+                    "no answer to connect within {timeout:?}"
+                )));
+            }
+            Ok(None) => return Err(self.shared.closed_error()),
+            Ok(Some(Err(violation))) => return Err(ClientError::Protocol(violation)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match op_of(&frame) {
+            Some("connected") => Ok(frame),
+            Some("error") => Err(ClientError::Protocol(format!(
+                "{}: {}",
+                frame["code"].as_str().unwrap_or("?"),
+                frame["message"].as_str().unwrap_or("")
+            ))),
+            Some("disconnect") => Err(ClientError::Closed {
+                code: frame["code"].as_u64().and_then(|c| u16::try_from(c).ok()),
+                reason: frame["reason"].as_str().unwrap_or("").to_owned(),
+            }),
+            _ => Err(ClientError::Protocol(format!(
+                "unexpected answer to connect: {frame}"
+            ))),
+        }
+    }
+
+    async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
+        if let Some(info) = lock(&self.shared.close).as_ref() {
+            return Err(info.to_error());
+        }
+        let (ack, acked) = oneshot::channel();
+        if self
+            .writer
+            .send(WriteCmd {
+                frame,
+                ack: Some(ack),
+            })
+            .is_err()
+        {
+            return Err(self.shared.closed_error());
+        }
+        match acked.await {
+            Ok(Ok(())) => Ok(()),
+            // A write failing because the server closed is reported as the
+            // close, which is what the caller needs to know.
+            Ok(Err(_)) | Err(_) if self.is_closed() => Err(self.shared.closed_error()),
+            Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
+            Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(closed("connection closed")),
+            Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// The parts of a `ws://` URL the handshake needs.
+struct Target {
+    host: String,
+    port: u16,
+    authority: String,
+    path: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, ClientError> {
+        let bad = |why: &str| ClientError::Connect(format!("bad URL {url:?}: {why}"));
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        match uri.scheme_str() {
+            Some("ws" | "http") => {}
+            Some(other) => {
+                return Err(bad(&format!(
+                    "scheme {other:?} is not supported, use ws://"
+                )));
+            }
+            None => return Err(bad("no scheme, use ws://host:port/ws")),
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        Ok(Target {
+            host: authority.host().to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.as_str().to_owned(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        })
+    }
+}
+
+async fn dial(host: &str, port: u16, local_ip: Option<IpAddr>) -> Result<TcpStream, ClientError> {
+    // The string form, because it accepts bracketed IPv6 literals.
+    let addrs = tokio::net::lookup_host(format!("{host}:{port}")).await?;
+    let mut last_error = None;
+    for addr in addrs {
+        if local_ip.is_some_and(|ip| ip.is_ipv4() != addr.is_ipv4()) {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = local_ip {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.map_or_else(
+        || ClientError::Connect(format!("{host} has no address usable from {local_ip:?}")),
+        ClientError::Io,
+    ))
+}
+
+async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<WriteCmd>) {
+    let mut close_sent = false;
+    while let Some(WriteCmd { frame, ack }) = commands.recv().await {
+        // Nothing may follow a close frame (RFC 6455 5.5.1), not even the
+        // echo the reader owes when the server answers our close.
+        let result = if close_sent {
+            Err(WebSocketError::ConnectionClosed)
+        } else {
+            close_sent = frame.opcode == OpCode::Close;
+            match ws.write_frame(frame).await {
+                Ok(()) => ws.flush().await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Some(ack) = ack {
+            let _ = ack.send(result);
+        }
+    }
+}
+
+async fn read_loop(
+    mut ws: Reader,
+    shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<WriteCmd>,
+    inbox: mpsc::UnboundedSender<Incoming>,
+) {
+    // Pongs and close echoes are queued, not awaited: the reader must keep
+    // draining the socket even while a large write is in progress.
+    let mut obligated = |frame: WsFrame<'static>| {
+        let _ = writer.send(WriteCmd { frame, ack: None });
+        std::future::ready(Ok::<(), Infallible>(()))
+    };
+    let info = loop {
+        let frame = match ws.read_frame(&mut obligated).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                break CloseInfo {
+                    code: None,
+                    reason: format!("connection lost without a close frame: {e}"),
+                };
+            }
+        };
+        match frame.opcode {
+            OpCode::Text => match serde_json::from_slice::<Frame>(&frame.payload) {
+                Ok(value) => deliver(&shared, &inbox, value),
+                Err(e) => {
+                    let text = String::from_utf8_lossy(&frame.payload);
+                    let shown: String = text.chars().take(200).collect();
+                    let _ = inbox.send(Err(format!(
+                        "server sent a text frame that is not JSON ({e}): {shown:?}"
+                    )));
+                }
+            },
+            OpCode::Binary => {
+                let _ = inbox.send(Err(format!(
+                    "server sent a binary frame ({} bytes)",
+                    frame.payload.len()
+                )));
+            }
+            OpCode::Close => break parse_close(&frame.payload),
+            // Pings are answered by fastwebsockets; pongs need nothing.
+            _ => {}
+        }
+    };
+    *lock(&shared.close) = Some(info);
+    // Dropping the waiters wakes every pending request; they find the close
+    // info recorded just above.
+    lock(&shared.pending).take();
+}
+
+/// Hands a frame to the request waiting for its id, else queues it.
+fn deliver(shared: &Shared, inbox: &mpsc::UnboundedSender<Incoming>, frame: Frame) {
+    let waiter = frame
+        .get("id")
+        .and_then(Value::as_u64)
+        .and_then(|id| lock(&shared.pending).as_mut()?.remove(&id));
+    let frame = match waiter {
+        // The waiter may have timed out since; then the late reply is kept
+        // like any other frame.
+        Some(waiter) => match waiter.send(frame) {
+            Ok(()) => return,
+            Err(frame) => frame,
+        },
+        None => frame,
+    };
+    let _ = inbox.send(Ok(frame));
+}
+
+fn parse_close(payload: &[u8]) -> CloseInfo {
+    match payload {
+        [hi, lo, reason @ ..] => CloseInfo {
+            code: Some(u16::from_be_bytes([*hi, *lo])),
+            reason: String::from_utf8_lossy(reason).into_owned(),
+        },
+        _ => CloseInfo {
+            code: None,
+            reason: String::new(),
+        },
+    }
+}

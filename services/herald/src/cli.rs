@@ -1,0 +1,154 @@
+//! The command line. Every flag can also be given as a `HERALD_*`
+//! environment variable (the Helm chart sets those).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: realtime presence and messaging over WebSockets",
+    long_about = "Herald: realtime presence and messaging over WebSockets.\n\n\
+        Run `herald dev` for everything in one process (no other software needed),\n\
+        or `herald edge`, `herald router` and `herald presence` joined by NATS for a cluster."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Everything in one process with an in-memory broker: WebSocket edge, gRPC router and presence.
+    Dev(DevArgs),
+    /// A WebSocket edge of a cluster: holds client connections.
+    Edge(EdgeArgs),
+    /// The gRPC send API of a cluster (herald.v1.Router, and herald.v1.Presence for convenience).
+    Router(RouterArgs),
+    /// The presence service of a cluster: who is online, where, in which room.
+    Presence(PresenceArgs),
+    /// Mint a token signed with the configured HS256 secret (for development and tests).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// HS256 secret that client tokens are signed with.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RS256, ES256 or EdDSA) or JWKS file that client tokens are verified with.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Configuration file (TOML) with namespace policies; without it every namespace is open.
+    #[arg(long, env = "HERALD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Address for WebSocket clients (/ws) and /healthz, /readyz, /metrics.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address for the gRPC API (Router and Presence).
+    #[arg(long, env = "HERALD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct EdgeArgs {
+    /// Address for WebSocket clients (/ws) and /healthz, /readyz, /metrics.
+    #[arg(long, env = "HERALD_LISTEN")]
+    pub listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "HERALD_NATS")]
+    pub nats: String,
+    /// This edge's id in the cluster (unique per running edge; the pod name in Kubernetes).
+    #[arg(long, env = "HERALD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// gRPC address of the presence service, to read member lists from it directly
+    /// instead of through NATS.
+    #[arg(long, env = "HERALD_PRESENCE")]
+    pub presence: Option<String>,
+    /// How long a new connection may take to send a valid `connect`.
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// Largest client message accepted, in bytes.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    pub max_message_bytes: usize,
+    /// Frames queued for one connection before it is closed as a slow consumer.
+    #[arg(long, env = "HERALD_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct RouterArgs {
+    /// Address for the gRPC API.
+    #[arg(long, env = "HERALD_GRPC_LISTEN")]
+    pub grpc_listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "HERALD_NATS")]
+    pub nats: String,
+    /// Address for /healthz, /readyz, /metrics.
+    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "0.0.0.0:8081")]
+    pub http_listen: SocketAddr,
+    /// gRPC address of the presence service, to forward Presence calls to it
+    /// directly instead of through NATS.
+    #[arg(long, env = "HERALD_PRESENCE")]
+    pub presence: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct PresenceArgs {
+    /// Address for the gRPC Presence API.
+    #[arg(long, env = "HERALD_GRPC_LISTEN")]
+    pub grpc_listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "HERALD_NATS")]
+    pub nats: String,
+    /// Address for /healthz, /readyz, /metrics.
+    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "0.0.0.0:8082")]
+    pub http_listen: SocketAddr,
+    /// An edge that sends no heartbeat for this long is considered dead and its connections gone.
+    #[arg(long, env = "HERALD_EDGE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub edge_timeout: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The user id (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// How long the token is valid, e.g. 30m, 1h, 7d.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub ttl: Duration,
+    /// Room patterns the user may join (`rooms` claim), e.g. chat:*; repeatable.
+    #[arg(long = "room")]
+    pub rooms: Vec<String>,
+    /// Room patterns the user may publish to (`publish` claim); repeatable.
+    #[arg(long = "publish")]
+    pub publish: Vec<String>,
+    /// HS256 secret; defaults to the built-in development secret that `herald dev` uses.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}

@@ -1,0 +1,122 @@
+//! Configuration that is not a flag: the TOML file (namespace policies) and
+//! the JWT keys. Read once, before anything binds; every error names the
+//! flag or the file it came from.
+
+use std::collections::HashMap;
+
+use herald_auth::{NamespacePolicy, Policy, Verifier};
+use serde::Deserialize;
+
+use crate::cli::Common;
+
+/// The secret `herald dev` and `herald token` use when none is given. It is
+/// public: fine on a laptop, never for anything reachable by others.
+pub const DEV_SECRET: &str = "herald-dev-secret-do-not-use-in-production";
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Namespace policies, `[namespaces.<name>]`.
+    #[serde(default)]
+    pub namespaces: HashMap<String, NamespacePolicy>,
+}
+
+/// A configuration problem, reported before the process starts serving.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub fn policy(common: &Common) -> Result<Policy, ConfigError> {
+    let Some(path) = &common.config else {
+        return Ok(Policy::open());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("--config {}: cannot read it: {e}", path.display())))?;
+    let file: FileConfig = toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
+    Policy::from_namespaces(file.namespaces)
+        .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))
+}
+
+/// The token verifier. `dev_default` lets `herald dev` fall back to the
+/// development secret; every other service needs a key.
+pub fn verifier(common: &Common, dev_default: bool) -> Result<Verifier, ConfigError> {
+    let public = match &common.jwt_public_key {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            ConfigError(format!(
+                "--jwt-public-key {}: cannot read it: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let secret = match (&common.jwt_secret, &public) {
+        (Some(s), _) => Some(s.clone()),
+        (None, None) if dev_default => Some(DEV_SECRET.to_string()),
+        (None, None) => {
+            return Err(ConfigError(
+                "no JWT key: give --jwt-secret (HS256) or --jwt-public-key FILE (RS256, ES256, EdDSA or JWKS)"
+                    .into(),
+            ));
+        }
+        (None, Some(_)) => None,
+    };
+    Verifier::new(secret.as_deref().map(str::as_bytes), public.as_deref()).map_err(|e| {
+        let flag = if public.is_some() {
+            "--jwt-public-key"
+        } else {
+            "--jwt-secret"
+        };
+        ConfigError(format!("{flag}: {e}"))
+    })
+}
+
+/// Node ids are part of connection ids and NATS subjects.
+pub fn node_id(given: Option<String>) -> Result<String, ConfigError> {
+    match given {
+        Some(id) => {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                Err(ConfigError(format!(
+                    "--node-id {id:?}: use 1 to 64 letters, digits, `-` or `_`"
+                )))
+            } else {
+                Ok(id)
+            }
+        }
+        None => Ok(format!("edge-{:08x}", rand::random::<u32>())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_checked() {
+        assert!(node_id(Some("edge-0".into())).is_ok());
+        assert!(
+            node_id(Some("a.b".into()))
+                .unwrap_err()
+                .0
+                .contains("--node-id")
+        );
+        assert!(node_id(None).unwrap().starts_with("edge-"));
+    }
+
+    #[test]
+    fn config_file_names_unknown_keys() {
+        let e = toml::from_str::<FileConfig>("[namespaces.chat]\npublsh = true\n").unwrap_err();
+        assert!(e.to_string().contains("publsh"), "{e}");
+    }
+}

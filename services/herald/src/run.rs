@@ -1,0 +1,240 @@
+//! Wiring: logging, signals, and each subcommand's services.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use herald_broker::{MemoryBroker, NatsBroker, SharedBroker};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command, Common, LogFormat, TokenArgs};
+use crate::config::{self, ConfigError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Exit code for bad configuration (the same as clap's usage errors).
+const EXIT_CONFIG: u8 = 2;
+
+pub fn main(cli: Cli) -> ExitCode {
+    if let Command::Token(args) = &cli.command {
+        return token(args);
+    }
+    let common = match &cli.command {
+        Command::Dev(a) => &a.common,
+        Command::Edge(a) => &a.common,
+        Command::Router(a) => &a.common,
+        Command::Presence(a) => &a.common,
+        Command::Token(_) => unreachable!("handled above"),
+    };
+    init_logging(common.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<ConfigError>() => {
+            eprintln!("herald: configuration error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn token(args: &TokenArgs) -> ExitCode {
+    let secret = args
+        .jwt_secret
+        .clone()
+        .unwrap_or_else(|| config::DEV_SECRET.to_string());
+    let claims = herald_auth::Claims {
+        sub: args.sub.clone(),
+        exp: herald_auth::now_secs() + args.ttl.as_secs(),
+        rooms: (!args.rooms.is_empty()).then(|| args.rooms.clone()),
+        publish: (!args.publish.is_empty()).then(|| args.publish.clone()),
+        device: None,
+    };
+    if claims.sub.is_empty() {
+        eprintln!("herald: --sub must not be empty");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("{}", herald_auth::mint_hs256(secret.as_bytes(), &claims));
+    ExitCode::SUCCESS
+}
+
+/// Cancels the returned token on SIGTERM or Ctrl-C; a second signal exits at once.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            if n == 0 {
+                tracing::info!("shutdown requested: draining (signal again to exit at once)");
+                t.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
+
+async fn nats(url: &str, name: &str) -> Result<SharedBroker, BoxError> {
+    let broker = NatsBroker::connect(url, name)
+        .await
+        .map_err(|e| ConfigError(format!("--nats {url}: {e}")))?;
+    Ok(Arc::new(broker))
+}
+
+async fn serve(command: Command) -> Result<(), BoxError> {
+    let shutdown = shutdown_on_signal();
+    let metrics = herald_ops::new_metrics();
+    match command {
+        Command::Dev(args) => dev(args, metrics, shutdown).await,
+        Command::Edge(args) => {
+            let config = edge_config(&args.common, config::node_id(args.node_id)?, false)?;
+            let config = herald_edge::Config {
+                handshake_timeout: args.handshake_timeout,
+                max_message_bytes: args.max_message_bytes,
+                outbound_queue: args.outbound_queue,
+                presence_source: presence_source(args.presence.as_deref())?,
+                ..config
+            };
+            let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
+            let broker = nats(&args.nats, &format!("herald-edge {}", config.node_id)).await?;
+            herald_edge::run(config, broker, listener, metrics, shutdown).await?;
+            Ok(())
+        }
+        Command::Router(args) => {
+            // The router verifies no client tokens, but a bad --config is still an error.
+            config::policy(&args.common)?;
+            let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
+            let http =
+                herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
+            let broker = nats(&args.nats, "herald-router").await?;
+            let config = herald_router::Config {
+                presence: args.presence,
+                ..Default::default()
+            };
+            herald_router::run(config, broker, grpc, http, metrics, shutdown).await
+        }
+        Command::Presence(args) => {
+            config::policy(&args.common)?;
+            let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
+            let http =
+                herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
+            let broker = nats(&args.nats, "herald-presence").await?;
+            let config = herald_presence::Config {
+                edge_timeout: args.edge_timeout,
+                ..Default::default()
+            };
+            herald_presence::run(config, broker, grpc, http, shutdown).await
+        }
+        Command::Token(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+fn edge_config(
+    common: &Common,
+    node_id: String,
+    dev: bool,
+) -> Result<herald_edge::Config, ConfigError> {
+    Ok(herald_edge::Config::new(
+        node_id,
+        config::verifier(common, dev)?,
+        config::policy(common)?,
+    ))
+}
+
+fn presence_source(url: Option<&str>) -> Result<herald_edge::PresenceSource, ConfigError> {
+    let Some(url) = url else {
+        return Ok(herald_edge::PresenceSource::Broker);
+    };
+    let channel = tonic::transport::Channel::from_shared(url.to_string())
+        .map_err(|e| ConfigError(format!("--presence {url}: not a valid URL: {e}")))?
+        .connect_lazy();
+    Ok(herald_edge::PresenceSource::Grpc(
+        herald_proto::v1::presence_client::PresenceClient::new(channel),
+    ))
+}
+
+async fn dev(
+    args: crate::cli::DevArgs,
+    metrics: herald_ops::Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), BoxError> {
+    let config = edge_config(&args.common, "dev".into(), true)?;
+    let using_dev_secret = args.common.jwt_secret.is_none() && args.common.jwt_public_key.is_none();
+    let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
+    let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
+    let broker: SharedBroker = Arc::new(MemoryBroker::new());
+
+    let presence =
+        herald_presence::Presence::start(Default::default(), broker.clone(), shutdown.clone())
+            .await?;
+    let router = herald_router::RouterApi::new(broker.clone(), &metrics);
+    let (health, _reporter, reflection) =
+        herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
+    let grpc_addr = grpc.local_addr()?;
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(router.into_server())
+        .add_service(presence.grpc_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+    let ws_addr = listener.local_addr()?;
+    let edge = herald_edge::run(config, broker, listener, metrics, shutdown);
+
+    let token_hint = if using_dev_secret {
+        "herald token --sub alice            (signed with the built-in development secret)"
+    } else {
+        "herald token --sub alice --jwt-secret <your secret>"
+    };
+    println!(
+        "Herald dev: edge, router and presence in one process, with an in-memory broker.\n\
+         \x20 WebSocket clients  ws://{ws_addr}/ws\n\
+         \x20 gRPC API           {grpc_addr}  (herald.v1.Router, herald.v1.Presence; reflection on)\n\
+         \x20 Health, metrics    http://{ws_addr}/healthz  /readyz  /metrics\n\
+         Get a token:          {token_hint}\n\
+         Then connect:         websocat 'ws://{ws_addr}/ws?token=<token>'\n\
+         Stop with Ctrl-C."
+    );
+    if using_dev_secret {
+        tracing::warn!(
+            "no --jwt-secret or --jwt-public-key: using the built-in development secret; never expose this server"
+        );
+    }
+    let (e, g) = tokio::join!(edge, grpc_server);
+    e?;
+    g?;
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! The command line as a user meets it: help, dev tokens, and configuration
+//! errors that name the flag and exit non-zero before anything binds.
+
+use std::process::{Command, Output};
+
+fn herald(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .env_remove("HERALD_JWT_SECRET")
+        .env_remove("HERALD_CONFIG")
+        .output()
+        .expect("run herald")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let o = herald(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for sub in ["dev", "edge", "router", "presence", "token"] {
+        assert!(text.contains(sub), "--help does not mention {sub}:\n{text}");
+    }
+    let o = herald(&["edge", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("--nats") && text.contains("HERALD_NATS"),
+        "{text}"
+    );
+}
+
+#[test]
+fn token_mints_a_jwt_for_the_given_user() {
+    let o = herald(&["token", "--sub", "alice", "--ttl", "2h", "--room", "chat:*"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let token = String::from_utf8(o.stdout).unwrap();
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let payload = token.split('.').nth(1).unwrap();
+    let claims = base64_decode(payload);
+    assert!(claims.contains(r#""sub":"alice""#), "{claims}");
+    assert!(claims.contains(r#""rooms":["chat:*"]"#), "{claims}");
+}
+
+fn base64_decode(s: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes() {
+        let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn an_edge_without_a_key_names_the_flag() {
+    let addr = herald_test_support::free_addr().to_string();
+    let o = herald(&["edge", "--listen", &addr, "--nats", "nats://127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--jwt-secret"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_missing_required_flag_is_named() {
+    let o = herald(&["edge", "--jwt-secret", "s"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--listen"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_bad_config_file_names_the_flag_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herald.toml");
+    std::fs::write(&path, "[namespaces.chat]\npublsh = false\n").unwrap();
+    let addr = herald_test_support::free_addr().to_string();
+    let grpc = herald_test_support::free_addr().to_string();
+    let o = herald(&[
+        "dev",
+        "--listen",
+        &addr,
+        "--grpc-listen",
+        &grpc,
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("--config") && e.contains("publsh"), "{e}");
+
+    let o = herald(&[
+        "dev",
+        "--listen",
+        &addr,
+        "--grpc-listen",
+        &grpc,
+        "--config",
+        "/nonexistent/herald.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/herald.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_bad_listen_address_is_named() {
+    let o = herald(&["dev", "--listen", "not-an-address"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--listen"), "{}", stderr(&o));
+}

@@ -1,0 +1,228 @@
+//! Shared set-up for the black-box tests: a cluster (nats-server, edges, a
+//! router, a presence service) or `herald dev`, all as real processes, and
+//! tokens signed the way a customer's auth service would sign them.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use herald_client::Client;
+use herald_test_support::{Herald, NatsServer, free_addr};
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "blackbox-test-secret";
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long "nothing more arrives" is watched for.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token with these claims (`exp` defaults to an hour from now).
+pub fn token_with(mut claims: Value) -> String {
+    if claims.get("exp").is_none() {
+        claims["exp"] = json!(now() + 3600);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn token(sub: &str) -> String {
+    token_with(json!({ "sub": sub }))
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+/// A cluster of real processes joined by a real nats-server.
+pub struct Cluster {
+    pub nats: NatsServer,
+    pub edges: Vec<Herald>,
+    pub edge_addrs: Vec<SocketAddr>,
+    pub router: Herald,
+    pub router_grpc: SocketAddr,
+    pub presence: Herald,
+    pub presence_grpc: SocketAddr,
+}
+
+impl Cluster {
+    pub fn start(edges: usize) -> Cluster {
+        Cluster::start_with(edges, &[])
+    }
+
+    /// `extra` is appended to every process's arguments (e.g. `--config FILE`).
+    pub fn start_with(edges: usize, extra: &[String]) -> Cluster {
+        let nats = NatsServer::start().expect("start nats-server");
+        let presence_grpc = free_addr();
+        let presence_http = free_addr();
+        let mut args = vec![
+            s("presence"),
+            s("--grpc-listen"),
+            s(presence_grpc),
+            s("--http-listen"),
+            s(presence_http),
+            s("--nats"),
+            nats.url(),
+        ];
+        args.extend_from_slice(extra);
+        let presence = Herald::start("presence", &args, presence_http).expect("start presence");
+        let router_grpc = free_addr();
+        let router_http = free_addr();
+        let mut args = vec![
+            s("router"),
+            s("--grpc-listen"),
+            s(router_grpc),
+            s("--http-listen"),
+            s(router_http),
+            s("--nats"),
+            nats.url(),
+        ];
+        args.extend_from_slice(extra);
+        let router = Herald::start("router", &args, router_http).expect("start router");
+        let mut cluster = Cluster {
+            nats,
+            edges: Vec::new(),
+            edge_addrs: Vec::new(),
+            router,
+            router_grpc,
+            presence,
+            presence_grpc,
+        };
+        for i in 0..edges {
+            cluster.add_edge(&format!("edge-{i}"), extra);
+        }
+        cluster
+    }
+
+    pub fn add_edge(&mut self, node: &str, extra: &[String]) {
+        let addr = free_addr();
+        let mut args = vec![
+            s("edge"),
+            s("--listen"),
+            s(addr),
+            s("--nats"),
+            self.nats.url(),
+            s("--node-id"),
+            s(node),
+            s("--jwt-secret"),
+            s(SECRET),
+        ];
+        args.extend_from_slice(extra);
+        let edge = Herald::start(node, &args, addr).expect("start edge");
+        self.edges.push(edge);
+        self.edge_addrs.push(addr);
+    }
+
+    pub fn ws(&self, edge: usize) -> String {
+        format!("ws://{}/ws", self.edge_addrs[edge])
+    }
+
+    pub async fn router(&self) -> RouterClient {
+        RouterClient::connect(format!("http://{}", self.router_grpc))
+            .await
+            .expect("connect to the router")
+    }
+
+    pub async fn presence(&self) -> PresenceClient {
+        PresenceClient::connect(format!("http://{}", self.presence_grpc))
+            .await
+            .expect("connect to the presence service")
+    }
+}
+
+/// `herald dev`: everything in one process.
+pub struct Dev {
+    pub herald: Herald,
+    pub ws_addr: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+impl Dev {
+    pub fn start() -> Dev {
+        let ws_addr = free_addr();
+        let grpc = free_addr();
+        let args = vec![
+            s("dev"),
+            s("--listen"),
+            s(ws_addr),
+            s("--grpc-listen"),
+            s(grpc),
+            s("--jwt-secret"),
+            s(SECRET),
+        ];
+        let herald = Herald::start("herald dev", &args, ws_addr).expect("start herald dev");
+        Dev {
+            herald,
+            ws_addr,
+            grpc,
+        }
+    }
+
+    pub fn ws(&self) -> String {
+        format!("ws://{}/ws", self.ws_addr)
+    }
+
+    pub async fn router(&self) -> RouterClient {
+        RouterClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect to the router")
+    }
+}
+
+pub type RouterClient = herald_proto::v1::router_client::RouterClient<tonic::transport::Channel>;
+pub type PresenceClient =
+    herald_proto::v1::presence_client::PresenceClient<tonic::transport::Channel>;
+
+pub async fn connect(url: &str, user: &str) -> Client {
+    let (client, connected) = Client::connect(url, &token(user)).await.expect("connect");
+    assert_eq!(connected["op"], "connected");
+    assert_eq!(connected["user"], user);
+    client
+}
+
+/// Sends a request and asserts it was answered `ok`.
+pub async fn ok(client: &Client, req: Value) -> Value {
+    let reply = client.request(req.clone()).await.expect("reply");
+    assert_eq!(reply["op"], "ok", "request {req} was answered {reply}");
+    reply
+}
+
+/// Sends a request and asserts it was refused with `code`.
+pub async fn refused(client: &Client, req: Value, code: &str) -> Value {
+    let reply = client.request(req.clone()).await.expect("reply");
+    assert_eq!(reply["op"], "error", "request {req} was answered {reply}");
+    assert_eq!(reply["code"], code, "request {req} was answered {reply}");
+    assert!(
+        reply["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error without a message: {reply}"
+    );
+    reply
+}
+
+/// Asserts that no further `message` frame arrives within [`QUIET`].
+pub async fn no_more_messages(client: &Client) {
+    while let Some(f) = client.next_frame(QUIET).await.expect("connection open") {
+        assert_ne!(f["op"], "message", "unexpected extra message {f}");
+    }
+}
+
+/// Users listed by a `presence` reply.
+pub fn member_users(reply: &Value) -> Vec<String> {
+    let mut users: Vec<String> = reply["members"]
+        .as_array()
+        .expect("members array")
+        .iter()
+        .map(|m| m["user"].as_str().unwrap().to_string())
+        .collect();
+    users.sort();
+    users
+}
