@@ -228,6 +228,55 @@ pub fn message_frame(room: &RoomName, data: &RawValue, from: &str, ts_ms: u64) -
     })
 }
 
+/// A room presence event, `{"op":"presence",...}`: published on the room's
+/// subject by the edge that owns the connection (or, for connections of a
+/// dead edge, by the presence service), so members on every edge receive it
+/// in order with the room's messages.
+pub fn presence_frame(
+    room: &str,
+    event: PresenceEvent,
+    user: &str,
+    conn: &str,
+    meta: Option<&serde_json::Value>,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        op: &'static str,
+        room: &'a str,
+        event: &'static str,
+        user: &'a str,
+        conn: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        meta: Option<&'a serde_json::Value>,
+    }
+    to_bytes(&Presence {
+        op: "presence",
+        room,
+        event: event.as_str(),
+        user,
+        conn,
+        meta,
+    })
+}
+
+/// The events of room presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceEvent {
+    Join,
+    Leave,
+    Update,
+}
+
+impl PresenceEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceEvent::Join => "join",
+            PresenceEvent::Leave => "leave",
+            PresenceEvent::Update => "update",
+        }
+    }
+}
+
 /// `{"op":"ok","id":N, ...fields}`; `fields` must serialize to a JSON object
 /// (or `()` for none).
 pub fn ok_frame(id: Option<u64>, fields: serde_json::Value) -> Bytes {
@@ -425,6 +474,18 @@ mod tests {
         assert_eq!(
             v,
             json!({"op":"disconnect","code":1012,"reason":"draining","reconnect":true})
+        );
+        let v: Value = serde_json::from_slice(&presence_frame(
+            "chat:x",
+            PresenceEvent::Leave,
+            "bob",
+            "e1-4",
+            None,
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"presence","room":"chat:x","event":"leave","user":"bob","conn":"e1-4"})
         );
         let v: Value = serde_json::from_slice(&pong_frame(Some(1))).unwrap();
         assert_eq!(v, json!({"op":"pong","id":1}));

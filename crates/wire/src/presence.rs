@@ -103,6 +103,58 @@ pub struct RoomState {
     pub meta: Option<Value>,
 }
 
+/// A user's online/offline transition, as published on
+/// [`crate::subjects::presence_user_event`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserEvent {
+    /// Names the transition, the same on every replica that computes it
+    /// (`<user>:<online|offline>:<conn that caused it>`), so a consumer can
+    /// drop the rare repeat after a leader change.
+    pub id: String,
+    pub user: String,
+    pub event: UserTransition,
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserTransition {
+    Online,
+    Offline,
+}
+
+/// Control messages from the router to edges, on
+/// [`crate::subjects::user_control`] or [`crate::subjects::node_control`].
+/// The edge acknowledges on the message's reply subject once every targeted
+/// local connection has acted, with a [`ControlAck`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Control {
+    Join {
+        user: String,
+        room: String,
+    },
+    Leave {
+        user: String,
+        room: String,
+    },
+    Disconnect {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<String>,
+        code: u16,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlAck {
+    pub node: String,
+    /// Connections that acted.
+    pub conns: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,16 @@ pub fn user_control(user: &str) -> String {
     format!("{PREFIX}.ctl.user.{}", encode_token(user))
 }
 
+/// Control messages for one edge (acting on one connection by id).
+pub fn node_control(node: &str) -> String {
+    format!("{PREFIX}.ctl.node.{}", encode_token(node))
+}
+
+/// Presence replicas announce themselves here (leader election: the replica
+/// with the smallest id among those heard recently publishes cluster-wide
+/// events).
+pub const PRESENCE_REPLICAS: &str = "herald.presence.replica";
+
 /// Everything an edge tells the presence service about its own connections:
 /// deltas, heartbeats and snapshots share one subject per edge so that one
 /// subscription sees them in the order the edge sent them.
@@ -43,8 +53,8 @@ pub const PRESENCE_QUERY_ROOM_MEMBERS: &str = "herald.presence.query.room_member
 pub const PRESENCE_QUERY_USER_STATUS: &str = "herald.presence.query.user_status";
 pub const PRESENCE_QUEUE: &str = "herald-presence";
 
-/// User online/offline transitions, one message per transition, published by
-/// the presence service.
+/// User online/offline transitions ([`crate::presence::UserEvent`], JSON),
+/// one message per transition, published by the leading presence replica.
 pub fn presence_user_event(user: &str) -> String {
     format!("{PREFIX}.presence.user.{}", encode_token(user))
 }
