@@ -91,6 +91,8 @@ pub struct FrameError {
     pub id: Option<u64>,
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`: when the request may succeed again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl FrameError {
@@ -99,12 +101,13 @@ impl FrameError {
             id,
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
     }
 
     /// The `{"op":"error"}` frame for this error.
     pub fn to_frame(&self) -> Bytes {
-        error_frame(self.id, self.code, &self.message, None)
+        error_frame(self.id, self.code, &self.message, self.retry_after_ms)
     }
 }
 

@@ -74,6 +74,11 @@ pub enum Change {
         room: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         meta: Option<Value>,
+        /// The room's namespace sends no presence events (policy
+        /// `presence_events = false`): members are listed, but no join, leave
+        /// or update is announced for it anywhere.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
     },
     Leave {
         conn: String,
@@ -101,6 +106,9 @@ pub struct RoomState {
     pub room: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<Value>,
+    /// As [`Change::Join`]'s `quiet`: the room announces no presence events.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// A user's online/offline transition, as published on
@@ -169,6 +177,7 @@ mod tests {
                 conn: "e1-1".into(),
                 room: "chat:x".into(),
                 meta: Some(json!({"typing": true})),
+                quiet: false,
             },
         };
         let v = serde_json::to_value(&r).unwrap();
@@ -179,5 +188,32 @@ mod tests {
         assert_eq!(serde_json::from_value::<EdgeReport>(v).unwrap(), r);
         assert_eq!(r.node(), "e1");
         assert_eq!(r.seq(), 3);
+    }
+
+    #[test]
+    fn quiet_rooms_say_so_and_older_reports_read_as_loud() {
+        let quiet = Change::Join {
+            conn: "e1-1".into(),
+            room: "audit:x".into(),
+            meta: None,
+            quiet: true,
+        };
+        let v = serde_json::to_value(&quiet).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"join","conn":"e1-1","room":"audit:x","quiet":true})
+        );
+        assert_eq!(serde_json::from_value::<Change>(v).unwrap(), quiet);
+        let old: RoomState = serde_json::from_value(json!({"room": "chat:x"})).unwrap();
+        assert!(!old.quiet);
+        let quiet_state = RoomState {
+            room: "audit:x".into(),
+            meta: None,
+            quiet: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&quiet_state).unwrap(),
+            json!({"room":"audit:x","quiet":true})
+        );
     }
 }
