@@ -1,6 +1,7 @@
 //! The gRPC face of the presence service (`herald.v1.Presence`): checks the
 //! request, classifies failures as gRPC statuses, and otherwise hands the
-//! query to the same actor that answers the edges over the broker.
+//! query to the same actor that answers the edges over the broker. `Watch`
+//! turns the actor's per-watcher event queue into a server stream.
 
 use futures::stream::BoxStream;
 use herald_proto::v1::presence_server;
@@ -12,9 +13,12 @@ use herald_wire::RoomName;
 use tonic::{Request, Response, Status};
 
 use crate::service::{Presence, Stopped};
+use crate::watch::{WatchEnd, WatchError};
 
 /// Users one `UserStatus` call may ask about.
 pub const MAX_USERS_PER_CALL: usize = 1000;
+/// Rooms, and users, one `Watch` call may name (each).
+pub const MAX_WATCHED: usize = 1000;
 
 /// Implements the generated service trait on top of a [`Presence`] handle.
 pub(crate) struct PresenceApi {
@@ -63,16 +67,59 @@ impl presence_server::Presence for PresenceApi {
         Ok(Response::new(reply))
     }
 
-    // The event stream comes with presence events (online/offline after a
-    // grace period, room join/leave/update); this type is its seam.
     type WatchStream = BoxStream<'static, Result<PresenceEvent, Status>>;
 
+    /// Room events (`join`, `leave`, `update`) of `rooms` and user events
+    /// (`online`, `offline`) of `users`, in the order this replica applies
+    /// them. A watcher that reads too slowly has its stream ended with
+    /// `RESOURCE_EXHAUSTED`; a stopping replica ends it with `UNAVAILABLE`.
     async fn watch(
         &self,
-        _request: Request<WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "Presence.Watch arrives with the presence events work (issue 3)",
-        ))
+        let req = request.into_inner();
+        if req.rooms.is_empty() && req.users.is_empty() {
+            return Err(Status::invalid_argument(
+                "rooms and users are both empty: name at least one room or user to watch",
+            ));
+        }
+        for (what, n) in [("rooms", req.rooms.len()), ("users", req.users.len())] {
+            if n > MAX_WATCHED {
+                return Err(Status::invalid_argument(format!(
+                    "{n} {what} watched at once; the limit is {MAX_WATCHED}"
+                )));
+            }
+        }
+        for room in &req.rooms {
+            RoomName::parse(room).map_err(|e| Status::invalid_argument(format!("rooms: {e}")))?;
+        }
+        if req.users.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("users: a user id is empty"));
+        }
+        let watch = self
+            .presence
+            .watch(req.rooms, req.users)
+            .await
+            .map_err(|e| match e {
+                WatchError::TooManyWatchers => Status::resource_exhausted(e.to_string()),
+                WatchError::Stopped => Status::unavailable(e.to_string()),
+            })?;
+        let stream = futures::stream::unfold(Some(watch), |watch| async move {
+            let mut watch = watch?;
+            match watch.next().await {
+                Ok(ev) => Some((Ok(ev), Some(watch))),
+                Err(WatchEnd::Lagged) => Some((
+                    Err(Status::resource_exhausted(
+                        "this watcher read presence events too slowly and fell behind; watch again, and read RoomMembers or UserStatus to catch up",
+                    )),
+                    None,
+                )),
+                Err(WatchEnd::Stopped) => Some((
+                    Err(Status::unavailable("the presence service is shutting down")),
+                    None,
+                )),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -5,14 +5,23 @@
 //! `RoomMembers` and `UserStatus` queries, from edges over the broker and from
 //! backend services over gRPC, with one implementation.
 //!
+//! From the changes the view derives presence events: room `join`, `leave`
+//! and `update`, and user `online`/`offline` once per transition, offline
+//! only after a grace period. Every replica computes them (and streams them
+//! to its `Presence.Watch` callers); the leading replica (replica
+//! heartbeats elect it) publishes the user transitions, and the room leaves
+//! no edge announced (a dead edge's connections), on the broker.
+//!
 //! [`Presence`] is the service inside any process (the all-in-one `herald
 //! dev` starts it next to the others); [`run`] is the standalone `herald
 //! presence` process around it.
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod grpc;
 mod service;
 pub mod view;
+mod watch;
 
 use std::error::Error;
 use std::time::Duration;
@@ -23,11 +32,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-pub use grpc::MAX_USERS_PER_CALL;
+pub use grpc::{MAX_USERS_PER_CALL, MAX_WATCHED};
 pub use herald_proto::v1::{
     RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest,
 };
 pub use service::Presence;
+pub use watch::{MAX_WATCHERS, Watch, WatchEnd, WatchError};
 
 /// The presence service's settings.
 #[derive(Clone, Debug)]
@@ -40,6 +50,24 @@ pub struct Config {
     pub query_wait: Duration,
     /// At most one sync request per edge this often.
     pub sync_retry: Duration,
+    /// A user whose last connection closed stays online this long; a new
+    /// connection within it cancels the offline event (`--presence-grace`).
+    pub grace: Duration,
+    /// This replica's name among the presence replicas; the smallest name
+    /// among the live, warmed-up replicas leads (publishes cluster-wide
+    /// events). Random by default.
+    pub replica_id: String,
+    /// How often this replica announces itself to the others.
+    pub replica_heartbeat: Duration,
+    /// A replica not heard of for this long no longer counts for leadership.
+    pub replica_timeout: Duration,
+    /// For this long after start, snapshots of edges the replica never held
+    /// state for emit no events (rebuilding is discovery, not change), and
+    /// the replica does not lead.
+    pub warmup: Duration,
+    /// Events a `Presence.Watch` stream may have queued; a watcher that falls
+    /// further behind has its stream ended with `RESOURCE_EXHAUSTED`.
+    pub watch_queue: usize,
 }
 
 impl Default for Config {
@@ -48,8 +76,19 @@ impl Default for Config {
             edge_timeout: Duration::from_secs(10),
             query_wait: Duration::from_secs(1),
             sync_retry: Duration::from_secs(1),
+            grace: Duration::from_secs(5),
+            replica_id: random_replica_id(),
+            replica_heartbeat: Duration::from_secs(1),
+            replica_timeout: Duration::from_secs(3),
+            warmup: Duration::from_secs(3),
+            watch_queue: 1024,
         }
     }
+}
+
+/// `presence-<8 hex digits>`.
+pub fn random_replica_id() -> String {
+    format!("presence-{:08x}", rand::random::<u32>())
 }
 
 impl Presence {
@@ -71,11 +110,15 @@ const START_RETRY: Duration = Duration::from_secs(1);
 /// `/metrics` on `http` at once (not ready until started), starts the service
 /// (retrying while the broker is unreachable), then serves gRPC `Presence`
 /// with health and reflection on `grpc` until `shutdown`.
+///
+/// `gone_nodes` (from the Kubernetes pod watch, `--kube`) names edges that are
+/// gone for certain; each is reaped at once instead of after the edge timeout.
 pub async fn run(
     config: Config,
     broker: SharedBroker,
     grpc: TcpListener,
     http: TcpListener,
+    mut gone_nodes: Option<tokio::sync::mpsc::Receiver<String>>,
     shutdown: CancellationToken,
 ) -> Result<(), Box<dyn Error + Send + Sync>> {
     let grpc_addr = grpc.local_addr()?;
@@ -116,6 +159,15 @@ pub async fn run(
         }
     };
     presence.register_metrics(&metrics);
+    if let Some(mut gone) = gone_nodes.take() {
+        let presence = presence.clone();
+        tokio::spawn(async move {
+            while let Some(node) = gone.recv().await {
+                let conns = presence.reap_node(&node).await;
+                tracing::info!(%node, conns, "edge pod gone: its connections were reaped at once");
+            }
+        });
+    }
     {
         let presence = presence.clone();
         health.add_check("presence view", move || {

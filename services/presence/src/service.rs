@@ -1,21 +1,29 @@
 //! The presence service at run time: one task (the actor) owns the [`View`],
-//! reads every edge's reports from one broker subscription, answers queries
-//! sent to it over a channel, parks read-your-writes queries until the view
-//! has caught up, and publishes the sync requests the view asks for. Because
+//! reads every edge's reports and the other replicas' heartbeats, answers
+//! queries sent to it over a channel, parks read-your-writes queries until
+//! the view has caught up, ends grace periods on time, hands events to
+//! watchers, and, while it leads, publishes the cluster-wide events. Because
 //! only the actor touches the view there are no locks; [`Presence`] is the
 //! cheap handle every caller (broker queries, gRPC) talks to it through.
+//!
+//! Everything the actor publishes goes through one queue to one publishing
+//! task, so a slow broker never stalls the view and messages leave in the
+//! order the view produced them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_broker::{BrokerError, Message, SharedBroker, Subscription};
 use herald_proto::v1::{
-    RoomMembersReply, RoomMembersRequest, UserStatus, UserStatusReply, UserStatusRequest,
+    PresenceEvent, RoomMembersReply, RoomMembersRequest, UserStatus, UserStatusReply,
+    UserStatusRequest,
 };
-use herald_wire::presence::EdgeReport;
+use herald_wire::RoomName;
+use herald_wire::frames::{self, PresenceEvent as RoomEventKind};
+use herald_wire::presence::{EdgeReport, UserEvent, UserTransition};
 use herald_wire::subjects;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,7 +33,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
-use crate::view::{Effect, View};
+use crate::cluster::{Election, Published, Recent, ReplicaHeartbeat, Role};
+use crate::view::{Effect, RoomEvent, UserChange, View};
+use crate::watch::{Watch, WatchError, Watchers};
 
 /// Commands waiting for the actor; senders wait when it is full.
 const COMMAND_QUEUE: usize = 1024;
@@ -35,6 +45,12 @@ const MAX_PARKED: usize = 10_000;
 /// Broker queries being answered at once; beyond this the query loop stops
 /// reading, and the broker holds (or, for a slow consumer, drops) the rest.
 const MAX_QUERIES_IN_FLIGHT: usize = 4096;
+/// Messages waiting for the publishing task; beyond this new ones are dropped
+/// (and counted), so a stalled broker cannot grow the replica's memory.
+const PUBLISH_QUEUE: usize = 65_536;
+/// The longest pause between two rounds of periodic work (reaping silent
+/// edges, repeating sync requests): an edge is reaped at most this late.
+const MAX_TICK: Duration = Duration::from_millis(250);
 
 /// A started presence service: a handle to its actor. Cheap to clone.
 ///
@@ -58,6 +74,7 @@ const MAX_QUERIES_IN_FLIGHT: usize = 4096;
 pub struct Presence {
     commands: mpsc::Sender<Command>,
     metrics: ViewMetrics,
+    replica_id: Arc<str>,
 }
 
 enum Command {
@@ -69,6 +86,15 @@ enum Command {
         req: UserStatusRequest,
         reply: oneshot::Sender<UserStatusReply>,
     },
+    Reap {
+        node: String,
+        reply: oneshot::Sender<usize>,
+    },
+    Watch {
+        rooms: Vec<String>,
+        users: Vec<String>,
+        reply: oneshot::Sender<Result<Watch, WatchError>>,
+    },
 }
 
 /// The actor has stopped (shutdown).
@@ -76,9 +102,10 @@ enum Command {
 pub(crate) struct Stopped;
 
 impl Presence {
-    /// Subscribes to the edges' reports, asks every edge for a snapshot (so a
-    /// restarted replica rebuilds its view within seconds), and starts
-    /// answering queries on the broker. Runs until `shutdown` is cancelled.
+    /// Subscribes to the edges' reports and the other replicas' heartbeats,
+    /// asks every edge for a snapshot (so a restarted replica rebuilds its
+    /// view within seconds), and starts answering queries on the broker. Runs
+    /// until `shutdown` is cancelled.
     pub async fn start(
         config: Config,
         broker: SharedBroker,
@@ -88,11 +115,15 @@ impl Presence {
         let reports = broker
             .subscribe(subjects::PRESENCE_FROM_EDGES.to_string())
             .await?;
+        let replicas = broker
+            .subscribe(subjects::PRESENCE_REPLICAS.to_string())
+            .await?;
         broker
             .publish(subjects::PRESENCE_SYNC_ALL.to_string(), Bytes::new())
             .await?;
-        let mut view = View::new(config.edge_timeout, config.sync_retry);
-        view.asked_all(Instant::now());
+        let now = Instant::now();
+        let mut view = View::new(&config, now);
+        view.asked_all(now);
         let group = subjects::PRESENCE_QUEUE.to_string();
         let room_queries = broker
             .queue_subscribe(
@@ -108,20 +139,37 @@ impl Presence {
         let presence = Presence {
             commands: tx,
             metrics: ViewMetrics::default(),
+            replica_id: config.replica_id.as_str().into(),
         };
+        let (publish, outgoing) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(publish_in_order(broker.clone(), outgoing));
         let actor = Actor {
             view,
             parked: Parked::default(),
-            broker: broker.clone(),
+            publish,
             metrics: presence.metrics.clone(),
-            query_wait: config.query_wait,
+            watchers: Watchers::default(),
+            election: Election::new(config.replica_id.clone(), config.replica_timeout),
+            recent: Recent::default(),
+            heartbeat: ReplicaHeartbeat {
+                replica_id: config.replica_id.clone(),
+                started_ms: now_ms(),
+                warm: false,
+                leaving: false,
+            },
+            config: config.clone(),
         };
         let tick = config
             .sync_retry
             .min(config.edge_timeout / 4)
+            .min(MAX_TICK)
             .max(Duration::from_millis(10));
-        tracing::info!(broker = %broker.describe(), "presence view started; asked every edge for a snapshot");
-        tokio::spawn(actor.run(reports, rx, tick, shutdown.clone()));
+        tracing::info!(
+            replica = %config.replica_id,
+            broker = %broker.describe(),
+            "presence view started; asked every edge for a snapshot"
+        );
+        tokio::spawn(actor.run(reports, replicas, rx, tick, shutdown.clone()));
         tokio::spawn(serve_queries(
             futures::stream::select(room_queries, user_queries),
             presence.clone(),
@@ -129,6 +177,16 @@ impl Presence {
             shutdown,
         ));
         Ok(presence)
+    }
+
+    /// This replica's id among the presence replicas.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// Whether this replica leads (publishes the cluster-wide events).
+    pub fn is_leader(&self) -> bool {
+        self.metrics.leader.get() == 1
     }
 
     /// The members of a room, grouped by user. With `after_node`/`after_seq`
@@ -144,8 +202,9 @@ impl Presence {
             })
     }
 
-    /// Whether each user is online, with its connections. Everyone offline
-    /// once the service has stopped.
+    /// Whether each user is online, with its connections (none while it is
+    /// within its grace period). Everyone offline once the service has
+    /// stopped.
     pub async fn user_status(&self, req: UserStatusRequest) -> UserStatusReply {
         let users = req.users.clone();
         self.try_user_status(req)
@@ -160,6 +219,39 @@ impl Presence {
                     })
                     .collect(),
             })
+    }
+
+    /// Removes an edge and its connections at once, as if it had timed out:
+    /// for an edge known to be gone (the Kubernetes pod watch saw its pod
+    /// deleted or failed). Its connections leave their rooms (announced by
+    /// the leader), and their users go offline after the grace period unless
+    /// connected elsewhere. Returns how many connections it held (0 for an
+    /// unknown edge, or once the service has stopped). Should the edge still
+    /// be alive, its next report makes the view ask it for a snapshot again.
+    pub async fn reap_node(&self, node: &str) -> usize {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Reap {
+            node: node.to_string(),
+            reply,
+        };
+        if self.send(cmd).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// The presence events of `rooms` (join, leave, update) and of `users`
+    /// (online, offline) from now on, in the order this replica applies them.
+    pub async fn watch(&self, rooms: Vec<String>, users: Vec<String>) -> Result<Watch, WatchError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Watch {
+            rooms,
+            users,
+            reply,
+        })
+        .await
+        .map_err(|Stopped| WatchError::Stopped)?;
+        rx.await.unwrap_or(Err(WatchError::Stopped))
     }
 
     pub(crate) async fn try_room_members(
@@ -189,7 +281,7 @@ impl Presence {
         !self.commands.is_closed()
     }
 
-    /// Registers the view's gauges (`herald_presence_*`) in `metrics`.
+    /// Registers the view's metrics (`herald_presence_*`) in `metrics`.
     pub fn register_metrics(&self, metrics: &herald_ops::Metrics) {
         let m = &self.metrics;
         let mut registry = metrics.lock().expect("metrics registry");
@@ -205,7 +297,7 @@ impl Presence {
         );
         registry.register(
             "presence_users",
-            "Users with at least one connection",
+            "Users online: with a connection, or within their grace period",
             m.users.clone(),
         );
         registry.register(
@@ -223,6 +315,31 @@ impl Presence {
             "Snapshots asked of edges after missed reports",
             m.sync_requests.clone(),
         );
+        registry.register(
+            "presence_online_events",
+            "User online transitions this replica computed",
+            m.online.clone(),
+        );
+        registry.register(
+            "presence_offline_events",
+            "User offline transitions this replica computed",
+            m.offline.clone(),
+        );
+        registry.register(
+            "presence_leader",
+            "1 while this replica leads (publishes cluster-wide presence events)",
+            m.leader.clone(),
+        );
+        registry.register(
+            "presence_watchers",
+            "Presence.Watch streams open on this replica",
+            m.watchers.clone(),
+        );
+        registry.register(
+            "presence_publish_dropped",
+            "Messages dropped because the publishing queue was full",
+            m.publish_dropped.clone(),
+        );
     }
 }
 
@@ -234,29 +351,46 @@ struct ViewMetrics {
     rooms: Gauge,
     parked: Gauge,
     sync_requests: Counter,
+    online: Counter,
+    offline: Counter,
+    leader: Gauge,
+    watchers: Gauge,
+    publish_dropped: Counter,
 }
 
 /// The task that owns the view.
 struct Actor {
     view: View,
     parked: Parked,
-    broker: SharedBroker,
+    /// Messages for [`publish_in_order`].
+    publish: mpsc::Sender<(String, Bytes)>,
     metrics: ViewMetrics,
-    query_wait: Duration,
+    watchers: Watchers,
+    election: Election,
+    /// User events computed lately, for re-publishing when taking over.
+    recent: Recent,
+    heartbeat: ReplicaHeartbeat,
+    config: Config,
 }
 
 impl Actor {
     async fn run(
         mut self,
         mut reports: Subscription,
+        mut replicas: Subscription,
         mut commands: mpsc::Receiver<Command>,
         tick_every: Duration,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(self.config.replica_heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let warm_at = self.view.warm_until();
+        let mut warming = true;
         loop {
-            let deadline = self.parked.next_deadline();
+            let parked = self.parked.next_deadline();
+            let grace = self.view.next_deadline();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 msg = reports.next() => match msg {
@@ -266,11 +400,28 @@ impl Actor {
                         break;
                     }
                 },
+                Some(msg) = replicas.next() => self.on_replica(msg),
                 Some(cmd) = commands.recv() => self.on_command(cmd),
+                _ = sleep_until(grace) => {
+                    let fx = self.view.expire(Instant::now());
+                    self.carry_out(fx);
+                    self.update_metrics();
+                }
                 _ = tick.tick() => self.on_tick(),
-                _ = sleep_until(deadline) => self.on_deadline(),
+                _ = heartbeat.tick() => self.on_heartbeat(),
+                _ = tokio::time::sleep_until(warm_at), if warming => {
+                    warming = false;
+                    tracing::info!(replica = %self.heartbeat.replica_id, "presence warm-up over; this replica may lead");
+                    self.on_heartbeat();
+                }
+                _ = sleep_until(parked) => self.on_deadline(),
             }
         }
+        // Let the others take over at once rather than after the timeout.
+        self.heartbeat.leaving = true;
+        self.send_heartbeat();
+        self.metrics.leader.set(0);
+        tracing::info!(replica = %self.heartbeat.replica_id, "presence view stopped");
     }
 
     fn on_report(&mut self, msg: Message) {
@@ -288,6 +439,55 @@ impl Actor {
         self.update_metrics();
     }
 
+    fn on_replica(&mut self, msg: Message) {
+        match serde_json::from_slice::<ReplicaHeartbeat>(&msg.payload) {
+            Ok(hb) => {
+                let now = Instant::now();
+                self.election.heard(hb, now);
+                self.decide(now);
+            }
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable replica heartbeat");
+            }
+        }
+    }
+
+    /// Announces this replica and re-evaluates who leads.
+    fn on_heartbeat(&mut self) {
+        let now = Instant::now();
+        self.heartbeat.warm = self.view.is_warm(now);
+        self.send_heartbeat();
+        self.decide(now);
+    }
+
+    fn send_heartbeat(&mut self) {
+        let payload = serde_json::to_vec(&self.heartbeat).expect("heartbeats serialize");
+        self.publish(subjects::PRESENCE_REPLICAS.to_string(), payload.into());
+    }
+
+    fn decide(&mut self, now: Instant) {
+        let warm = self.view.is_warm(now);
+        match self.election.decide(warm, now) {
+            Some(Role::Lead { since }) => {
+                let again: Vec<Published> = self.recent.since(since).cloned().collect();
+                tracing::info!(
+                    replica = %self.heartbeat.replica_id,
+                    republished = again.len(),
+                    "this presence replica leads now; re-publishing the user events since the previous leader was last heard"
+                );
+                for p in again {
+                    self.publish(p.subject, p.payload);
+                }
+                self.metrics.leader.set(1);
+            }
+            Some(Role::Follow) => {
+                tracing::info!(replica = %self.heartbeat.replica_id, "another presence replica leads now");
+                self.metrics.leader.set(0);
+            }
+            None => {}
+        }
+    }
+
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::RoomMembers { req, reply } => {
@@ -297,7 +497,7 @@ impl Actor {
                 if caught_up || self.parked.len >= MAX_PARKED {
                     let _ = reply.send(self.view.room_members(&req.room));
                 } else {
-                    let deadline = Instant::now() + self.query_wait;
+                    let deadline = Instant::now() + self.config.query_wait;
                     let waiting = Waiting {
                         room: req.room,
                         reply,
@@ -310,17 +510,40 @@ impl Actor {
             Command::UserStatus { req, reply } => {
                 let _ = reply.send(self.view.user_status(&req.users));
             }
+            Command::Reap { node, reply } => {
+                let (fx, conns) = self.view.reap(&node, Instant::now());
+                tracing::info!(%node, conns, "an edge's pod is gone; removed it and its connections");
+                self.carry_out(fx);
+                self.release(&node);
+                self.update_metrics();
+                let _ = reply.send(conns);
+            }
+            Command::Watch {
+                rooms,
+                users,
+                reply,
+            } => {
+                let watch = self.watchers.add(rooms, users, self.config.watch_queue);
+                self.metrics.watchers.set(self.watchers.len() as i64);
+                let _ = reply.send(watch);
+            }
         }
     }
 
     fn on_tick(&mut self) {
         let (fx, reaped) = self.view.tick(Instant::now());
-        self.carry_out(fx);
-        for (node, conns) in reaped {
+        for (node, conns) in &reaped {
             tracing::info!(%node, conns, "an edge sent no presence report in time; removed it and its connections");
+        }
+        self.carry_out(fx);
+        for (node, _) in reaped {
             self.release(&node);
         }
+        self.watchers.sweep();
+        self.metrics.watchers.set(self.watchers.len() as i64);
         self.update_metrics();
+        // A silent leader times out here, not only at the next heartbeat.
+        self.decide(Instant::now());
     }
 
     /// Answers the parked queries whose wait is over, with what the view has.
@@ -349,15 +572,95 @@ impl Actor {
                 Effect::AskSync { node } => {
                     self.metrics.sync_requests.inc();
                     tracing::debug!(%node, "missed presence reports; asking the edge for a snapshot");
-                    // Off the actor: a slow broker must not stall the view.
-                    let broker = self.broker.clone();
-                    tokio::spawn(async move {
-                        let subject = subjects::presence_sync_node(&node);
-                        if let Err(e) = broker.publish(subject, Bytes::new()).await {
-                            tracing::warn!(%node, error = %e, "could not ask an edge for a presence snapshot");
-                        }
-                    });
+                    self.publish(subjects::presence_sync_node(&node), Bytes::new());
                 }
+                Effect::Room(ev) => self.on_room_event(ev),
+                Effect::User(ch) => self.on_user_change(ch),
+            }
+        }
+    }
+
+    fn on_room_event(&mut self, ev: RoomEvent) {
+        // Edges announce their live connections' changes to the room
+        // themselves; a leave the view inferred nobody has announced.
+        if ev.event == RoomEventKind::Leave && !ev.announced && self.election.is_leading() {
+            match RoomName::parse(&ev.room) {
+                Ok(room) => {
+                    let frame = frames::presence_frame(
+                        &ev.room,
+                        RoomEventKind::Leave,
+                        &ev.user,
+                        &ev.conn,
+                        None,
+                    );
+                    self.publish(subjects::room(&room), frame);
+                }
+                Err(e) => {
+                    tracing::warn!(room = %ev.room, error = %e, "not announcing a leave in a room with an invalid name");
+                }
+            }
+        }
+        let proto = Arc::new(PresenceEvent {
+            event: ev.event.as_str().to_string(),
+            meta: ev.meta.as_ref().map(|m| m.to_string()).unwrap_or_default(),
+            room: ev.room,
+            user: ev.user,
+            conn: ev.conn,
+            node: ev.node,
+            ts_ms: now_ms(),
+        });
+        self.watchers.room_event(&proto.room, &proto);
+    }
+
+    fn on_user_change(&mut self, ch: UserChange) {
+        let ts_ms = now_ms();
+        let event = match ch.event {
+            UserTransition::Online => {
+                self.metrics.online.inc();
+                "online"
+            }
+            UserTransition::Offline => {
+                self.metrics.offline.inc();
+                "offline"
+            }
+        };
+        tracing::debug!(user = %ch.user, conn = %ch.conn, "user {event}");
+        let wire = UserEvent {
+            id: ch.id(),
+            user: ch.user.clone(),
+            event: ch.event,
+            ts_ms,
+        };
+        let published = Published {
+            at: Instant::now(),
+            subject: subjects::presence_user_event(&ch.user),
+            payload: serde_json::to_vec(&wire)
+                .expect("user events serialize")
+                .into(),
+        };
+        if self.election.is_leading() {
+            self.publish(published.subject.clone(), published.payload.clone());
+        }
+        self.recent.push(published);
+        let proto = Arc::new(PresenceEvent {
+            event: event.to_string(),
+            room: String::new(),
+            user: ch.user,
+            conn: ch.conn,
+            node: ch.node,
+            meta: String::new(),
+            ts_ms,
+        });
+        self.watchers.user_event(&proto.user, &proto);
+    }
+
+    /// Queues a message for the publishing task; drops it when the queue is
+    /// full (the broker has been stalled for a long while).
+    fn publish(&self, subject: String, payload: Bytes) {
+        if let Err(e) = self.publish.try_send((subject, payload)) {
+            self.metrics.publish_dropped.inc();
+            if let mpsc::error::TrySendError::Full((subject, _)) = e {
+                tracing::warn!(%subject, "the presence publishing queue is full; message dropped");
             }
         }
     }
@@ -370,6 +673,23 @@ impl Actor {
         m.users.set(s.users as i64);
         m.rooms.set(s.rooms as i64);
     }
+}
+
+/// Publishes the actor's messages one after another, in order; ends when the
+/// actor has stopped and everything queued went out.
+async fn publish_in_order(broker: SharedBroker, mut outgoing: mpsc::Receiver<(String, Bytes)>) {
+    while let Some((subject, payload)) = outgoing.recv().await {
+        if let Err(e) = broker.publish(subject.clone(), payload).await {
+            tracing::warn!(%subject, error = %e, "presence could not publish");
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -1,30 +1,91 @@
 //! The presence view: a pure state machine that folds the edges' reports into
 //! "which connections exist, on which edge, for which user, in which rooms",
-//! and answers queries from it. No I/O and no clock: the caller passes `now`
-//! in and carries out the [`Effect`]s it returns, so every rule here is tested
-//! without a broker or a timer.
+//! derives the presence events those changes mean, and answers queries. No
+//! I/O and no clock: the caller passes `now` in and carries out the
+//! [`Effect`]s it returns, so every rule here is tested without a broker or a
+//! timer.
 //!
 //! Each edge numbers its deltas 1, 2, 3, … per process; the view applies them
 //! strictly in order. When a report shows that one was missed (a gap, an
 //! unknown edge, a heartbeat ahead of the view, a count that disagrees) the
 //! view asks that edge for a snapshot and ignores its deltas until the
-//! snapshot arrives. Updates cost O(1) in the number of connections and rooms;
-//! snapshots and removing an edge cost O(that edge's connections).
+//! snapshot arrives; the snapshot is then diffed against what the view held,
+//! so it yields the changes it reveals and nothing else.
+//!
+//! Events. Rooms: `join`, `leave`, `update` per connection, except in quiet
+//! rooms (namespaces without presence events). Users: `online` when the first
+//! connection appears, `offline` only when the last one has been gone for the
+//! grace period; a connection arriving within the grace period cancels it
+//! without any event. For a `warmup` period after start, a snapshot of an
+//! edge the view has never held state for is discovery, not change: it emits
+//! nothing (this is what keeps a restarted replica from announcing the whole
+//! cluster coming online).
+//!
+//! Updates cost O(1) in the number of connections and rooms (grace deadlines
+//! sit in a queue ordered by construction, since every grace period is equally
+//! long); snapshots and removing an edge cost O(that edge's connections).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use herald_proto::v1::{Connection, Member, RoomMembersReply, UserStatus, UserStatusReply};
-use herald_wire::presence::{Change, ConnState, EdgeReport};
+use herald_wire::frames::PresenceEvent;
+use herald_wire::presence::{Change, ConnState, EdgeReport, UserTransition};
 use serde_json::Value;
 use tokio::time::Instant;
 
-/// Something the owner of the view must do after an update.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::Config;
+
+/// Something the owner of the view must do after an update, in order.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Publish a sync request to this edge: the view missed some of its
     /// reports and waits for a snapshot.
     AskSync { node: String },
+    /// A connection joined, left or updated its metadata in a room.
+    Room(RoomEvent),
+    /// A user came online or went offline.
+    User(UserChange),
+}
+
+/// A room presence event of one connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomEvent {
+    pub event: PresenceEvent,
+    pub room: String,
+    pub user: String,
+    pub conn: String,
+    pub node: String,
+    /// The connection's metadata in the room (for `leave`, what it was).
+    pub meta: Option<Value>,
+    /// The edge reported this change as it happened, and announces it to the
+    /// room itself. `false` when the view inferred it: an edge reaped, gone,
+    /// restarted, or a snapshot that revealed changes the view missed; the
+    /// room has heard of such a `leave` from nobody.
+    pub announced: bool,
+}
+
+/// A user's online/offline transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserChange {
+    pub user: String,
+    pub event: UserTransition,
+    /// The connection that caused it: the first to appear, or the last to go.
+    pub conn: String,
+    /// That connection's edge.
+    pub node: String,
+}
+
+impl UserChange {
+    /// `<user>:<online|offline>:<conn>`: the same on every replica that
+    /// computes the transition, so consumers can drop repeats.
+    pub fn id(&self) -> String {
+        let event = match self.event {
+            UserTransition::Online => "online",
+            UserTransition::Offline => "offline",
+        };
+        format!("{}:{event}:{}", self.user, self.conn)
+    }
 }
 
 /// One connection as the view knows it.
@@ -34,8 +95,18 @@ pub struct Conn {
     /// The edge holding the connection.
     pub node: String,
     pub since_ms: u64,
-    /// Rooms with presence the connection is in, with its metadata there.
-    pub rooms: HashMap<String, Option<Value>>,
+    /// Rooms with presence the connection is in (few: the edge bounds them),
+    /// in name order so that events about several rooms come out the same on
+    /// every replica.
+    pub rooms: BTreeMap<String, RoomEntry>,
+}
+
+/// A connection's membership in one room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomEntry {
+    pub meta: Option<Value>,
+    /// The room announces no presence events.
+    pub quiet: bool,
 }
 
 /// Sizes of the view, for metrics.
@@ -43,6 +114,7 @@ pub struct Conn {
 pub struct Stats {
     pub nodes: usize,
     pub conns: usize,
+    /// Users online: with a connection, or within their grace period.
     pub users: usize,
     pub rooms: usize,
 }
@@ -56,6 +128,9 @@ struct Node {
     seq: u64,
     last_seen: Instant,
     sync: SyncState,
+    /// The view has held this edge's state (a snapshot or its first delta):
+    /// what a later snapshot shows is change. Until then it is discovery.
+    discovered: bool,
     conns: HashSet<String>,
 }
 
@@ -69,15 +144,35 @@ enum SyncState {
 }
 
 impl Node {
-    fn new(started_ms: Option<u64>, now: Instant) -> Node {
+    fn new(started_ms: Option<u64>, now: Instant, discovered: bool) -> Node {
         Node {
             started_ms,
             seq: 0,
             last_seen: now,
             sync: SyncState::Current,
+            discovered,
             conns: HashSet::new(),
         }
     }
+}
+
+/// A user the view counts as online.
+#[derive(Debug, Default)]
+struct User {
+    conns: HashSet<String>,
+    /// Set while `conns` is empty: the user is still online until the grace
+    /// period ends.
+    grace: Option<Grace>,
+}
+
+#[derive(Debug)]
+struct Grace {
+    /// Matches the entry in `View::graces` that ends this period; an entry
+    /// whose number no longer matches was cancelled.
+    epoch: u64,
+    /// The last connection to go, and its edge (the offline event names it).
+    conn: String,
+    node: String,
 }
 
 /// The cluster's presence state, owned by one task.
@@ -85,6 +180,9 @@ impl Node {
 pub struct View {
     edge_timeout: Duration,
     sync_retry: Duration,
+    grace: Duration,
+    /// Before this, snapshots of undiscovered edges emit no events.
+    warm_until: Instant,
     /// When every edge was last asked for a snapshot at once (start-up): an
     /// edge first heard of soon after need not be asked again.
     sync_all_at: Option<Instant>,
@@ -92,23 +190,36 @@ pub struct View {
     conns: HashMap<String, Conn>,
     /// room → connections in it.
     rooms: HashMap<String, HashSet<String>>,
-    /// user → connections. A user is online while this holds an entry; the
-    /// place that removes the entry is where the offline grace period starts.
-    users: HashMap<String, HashSet<String>>,
+    /// user → connections, for every online user.
+    users: HashMap<String, User>,
+    /// Grace periods in the order they end (all are equally long, so that is
+    /// the order they started): (deadline, user, epoch).
+    graces: VecDeque<(Instant, String, u64)>,
+    next_epoch: u64,
+    /// Set while a snapshot is discovery: nothing is emitted.
+    silent: bool,
+    /// Effects of the update in progress.
+    out: Vec<Effect>,
 }
 
 impl View {
-    /// `edge_timeout`: an edge silent this long is removed. `sync_retry`: at
-    /// most one sync request per edge this often.
-    pub fn new(edge_timeout: Duration, sync_retry: Duration) -> View {
+    /// A view started at `now`: `config` gives the edge timeout, the sync
+    /// retry interval, the grace period and the warm-up.
+    pub fn new(config: &Config, now: Instant) -> View {
         View {
-            edge_timeout,
-            sync_retry,
+            edge_timeout: config.edge_timeout,
+            sync_retry: config.sync_retry,
+            grace: config.grace,
+            warm_until: now + config.warmup,
             sync_all_at: None,
             nodes: HashMap::new(),
             conns: HashMap::new(),
             rooms: HashMap::new(),
             users: HashMap::new(),
+            graces: VecDeque::new(),
+            next_epoch: 0,
+            silent: false,
+            out: Vec::new(),
         }
     }
 
@@ -117,17 +228,26 @@ impl View {
         self.sync_all_at = Some(now);
     }
 
+    /// Whether the warm-up is over.
+    pub fn is_warm(&self, now: Instant) -> bool {
+        now >= self.warm_until
+    }
+
+    pub fn warm_until(&self) -> Instant {
+        self.warm_until
+    }
+
     /// Folds one report into the view.
     pub fn apply(&mut self, report: EdgeReport, now: Instant) -> Vec<Effect> {
-        let mut fx = Vec::new();
+        self.expire_graces(now);
         match report {
-            EdgeReport::Delta { node, seq, change } => self.delta(node, seq, change, now, &mut fx),
+            EdgeReport::Delta { node, seq, change } => self.delta(node, seq, change, now),
             EdgeReport::Heartbeat {
                 node,
                 seq,
                 started_ms,
                 conns,
-            } => self.heartbeat(node, seq, started_ms, conns, now, &mut fx),
+            } => self.heartbeat(node, seq, started_ms, conns, now),
             EdgeReport::Snapshot {
                 node,
                 seq,
@@ -135,51 +255,93 @@ impl View {
                 conns,
             } => self.snapshot(node, seq, started_ms, conns, now),
             EdgeReport::Goodbye { node, .. } => {
-                self.remove_node(&node);
+                // Whatever the edge still held, it did not announce leaving.
+                self.remove_node(&node, now);
             }
         }
-        fx
+        std::mem::take(&mut self.out)
     }
 
-    /// Periodic work: removes edges silent for `edge_timeout` (returned with
-    /// how many connections each held) and repeats sync requests that went
-    /// unanswered for `sync_retry`.
+    /// Periodic work: ends grace periods that are over, removes edges silent
+    /// for `edge_timeout` (returned with how many connections each held) and
+    /// repeats sync requests that went unanswered for `sync_retry`.
     pub fn tick(&mut self, now: Instant) -> (Vec<Effect>, Vec<(String, usize)>) {
+        self.expire_graces(now);
         let timeout = self.edge_timeout;
-        let dead: Vec<String> = self
+        let mut dead: Vec<String> = self
             .nodes
             .iter()
             .filter(|(_, n)| now.saturating_duration_since(n.last_seen) >= timeout)
             .map(|(id, _)| id.clone())
             .collect();
+        dead.sort_unstable();
         let reaped = dead
             .into_iter()
             .map(|id| {
-                let gone = self.remove_node(&id);
+                let gone = self.remove_node(&id, now);
                 (id, gone)
             })
             .collect();
-        let mut fx = Vec::new();
         let retry = self.sync_retry;
         for (id, node) in &mut self.nodes {
             if let SyncState::Awaiting { asked_at } = node.sync
                 && now.saturating_duration_since(asked_at) >= retry
             {
                 node.sync = SyncState::Awaiting { asked_at: now };
-                fx.push(Effect::AskSync { node: id.clone() });
+                self.out.push(Effect::AskSync { node: id.clone() });
             }
         }
-        (fx, reaped)
+        (std::mem::take(&mut self.out), reaped)
     }
 
-    fn delta(
-        &mut self,
-        node_id: String,
-        seq: u64,
-        change: Change,
-        now: Instant,
-        fx: &mut Vec<Effect>,
-    ) {
+    /// Removes an edge at once (its pod is gone): its connections leave their
+    /// rooms and their users start the grace period. Returns the effects and
+    /// how many connections it held.
+    pub fn reap(&mut self, node: &str, now: Instant) -> (Vec<Effect>, usize) {
+        self.expire_graces(now);
+        let gone = self.remove_node(node, now);
+        (std::mem::take(&mut self.out), gone)
+    }
+
+    /// Ends the grace periods due by `now`: the users still without a
+    /// connection go offline.
+    pub fn expire(&mut self, now: Instant) -> Vec<Effect> {
+        self.expire_graces(now);
+        std::mem::take(&mut self.out)
+    }
+
+    /// When the next grace period ends (possibly one since cancelled: calling
+    /// [`View::expire`] then just discards it).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.graces.front().map(|(at, _, _)| *at)
+    }
+
+    fn expire_graces(&mut self, now: Instant) {
+        while self.graces.front().is_some_and(|(at, _, _)| *at <= now) {
+            let Some((_, user, epoch)) = self.graces.pop_front() else {
+                break;
+            };
+            let due = self.users.get(&user).is_some_and(|u| {
+                u.conns.is_empty() && u.grace.as_ref().is_some_and(|g| g.epoch == epoch)
+            });
+            if !due {
+                continue;
+            }
+            let grace = self
+                .users
+                .remove(&user)
+                .and_then(|u| u.grace)
+                .expect("checked above");
+            self.emit(Effect::User(UserChange {
+                user,
+                event: UserTransition::Offline,
+                conn: grace.conn,
+                node: grace.node,
+            }));
+        }
+    }
+
+    fn delta(&mut self, node_id: String, seq: u64, change: Change, now: Instant) {
         if seq == 1 {
             // An edge numbers its deltas from 1 in every process, and the
             // broker never delivers a report twice: seq 1 means the edge's
@@ -191,54 +353,59 @@ impl View {
                 .get(&node_id)
                 .filter(|_| same_incarnation)
                 .and_then(|n| n.started_ms);
-            self.remove_node(&node_id);
-            let mut node = Node::new(started_ms, now);
+            self.remove_node(&node_id, now);
+            let mut node = Node::new(started_ms, now, true);
             node.seq = 1;
             self.nodes.insert(node_id.clone(), node);
-            self.change(&node_id, change);
+            self.change(&node_id, change, now);
             return;
         }
         let retry = self.sync_retry;
         let Some(node) = self.nodes.get_mut(&node_id) else {
-            self.insert_awaiting(node_id, None, now, fx);
+            self.insert_awaiting(node_id, None, false, now);
             return;
         };
         node.last_seen = now;
         match node.sync {
-            SyncState::Awaiting { .. } => ask(node, &node_id, retry, now, fx),
+            SyncState::Awaiting { .. } => ask(node, &node_id, retry, now, &mut self.out),
             SyncState::Current if seq <= node.seq => {}
-            SyncState::Current if seq > node.seq + 1 => ask(node, &node_id, retry, now, fx),
+            SyncState::Current if seq > node.seq + 1 => {
+                ask(node, &node_id, retry, now, &mut self.out)
+            }
             SyncState::Current => {
                 node.seq = seq;
-                self.change(&node_id, change);
+                self.change(&node_id, change, now);
             }
         }
     }
 
-    fn heartbeat(
-        &mut self,
-        node_id: String,
-        seq: u64,
-        started_ms: u64,
-        conns: u64,
-        now: Instant,
-        fx: &mut Vec<Effect>,
-    ) {
+    fn heartbeat(&mut self, node_id: String, seq: u64, started_ms: u64, conns: u64, now: Instant) {
         let restarted = self
             .nodes
             .get(&node_id)
-            .is_some_and(|n| n.started_ms.is_some_and(|s| s != started_ms));
-        if restarted {
-            // Its old connections went with the old process.
-            self.remove_node(&node_id);
+            .filter(|n| n.started_ms.is_some_and(|s| s != started_ms))
+            .map(|n| n.discovered);
+        if let Some(discovered) = restarted {
+            // Its old connections went with the old process, unannounced.
+            self.remove_node(&node_id, now);
+            if seq == 0 && conns == 0 {
+                self.nodes
+                    .insert(node_id, Node::new(Some(started_ms), now, true));
+            } else {
+                // What the new process holds arrived since: change, if the
+                // old one's state was known.
+                self.insert_awaiting(node_id, Some(started_ms), discovered, now);
+            }
+            return;
         }
         let retry = self.sync_retry;
         let Some(node) = self.nodes.get_mut(&node_id) else {
             if seq == 0 && conns == 0 {
                 // An edge that never had a connection: nothing to fetch.
-                self.nodes.insert(node_id, Node::new(Some(started_ms), now));
+                self.nodes
+                    .insert(node_id, Node::new(Some(started_ms), now, true));
             } else {
-                self.insert_awaiting(node_id, Some(started_ms), now, fx);
+                self.insert_awaiting(node_id, Some(started_ms), false, now);
             }
             return;
         };
@@ -252,10 +419,12 @@ impl View {
             }
         };
         if behind {
-            ask(node, &node_id, retry, now, fx);
+            ask(node, &node_id, retry, now, &mut self.out);
         }
     }
 
+    /// Replaces what the view holds for the edge with its snapshot, emitting
+    /// the difference (or nothing, for discovery during the warm-up).
     fn snapshot(
         &mut self,
         node_id: String,
@@ -264,39 +433,109 @@ impl View {
         conns: Vec<ConnState>,
         now: Instant,
     ) {
-        if let Some(node) = self.nodes.get_mut(&node_id) {
-            let stale = node.sync == SyncState::Current
-                && node.started_ms == Some(started_ms)
-                && seq < node.seq;
-            if stale {
-                node.last_seen = now;
-                return;
+        let discovered = match self.nodes.get_mut(&node_id) {
+            Some(node) => {
+                let stale = node.sync == SyncState::Current
+                    && node.started_ms == Some(started_ms)
+                    && seq < node.seq;
+                if stale {
+                    node.last_seen = now;
+                    return;
+                }
+                if node.started_ms.is_some_and(|s| s != started_ms) {
+                    // Another process: none of the old connections survive.
+                    let d = node.discovered;
+                    self.remove_node(&node_id, now);
+                    self.nodes.insert(node_id.clone(), Node::new(None, now, d));
+                }
+                self.nodes[&node_id].discovered
             }
+            None => {
+                self.nodes
+                    .insert(node_id.clone(), Node::new(None, now, false));
+                false
+            }
+        };
+        {
+            let node = self.nodes.get_mut(&node_id).expect("inserted above");
+            node.started_ms = Some(started_ms);
+            node.seq = seq;
+            node.last_seen = now;
+            node.sync = SyncState::Current;
+            node.discovered = true;
         }
-        self.remove_node(&node_id);
-        let mut node = Node::new(Some(started_ms), now);
-        node.seq = seq;
-        self.nodes.insert(node_id.clone(), node);
+
+        // Connections the edge no longer has (or that changed hands) left
+        // without the view hearing of it. Sorted: every replica names the
+        // same last connection of a user.
+        let present: HashMap<&str, &str> = conns
+            .iter()
+            .map(|c| (c.conn.as_str(), c.user.as_str()))
+            .collect();
+        let mut gone: Vec<String> = self.nodes[&node_id]
+            .conns
+            .iter()
+            .filter(|id| {
+                present
+                    .get(id.as_str())
+                    .is_none_or(|user| self.conns.get(id.as_str()).is_none_or(|c| c.user != *user))
+            })
+            .cloned()
+            .collect();
+        gone.sort_unstable();
+        for id in gone {
+            self.remove_conn(&id, false, now);
+        }
+
+        self.silent = !discovered && !self.is_warm(now);
         for c in conns {
-            self.change(
-                &node_id,
-                Change::Connect {
-                    conn: c.conn.clone(),
-                    user: c.user,
-                    since_ms: c.since_ms,
-                },
-            );
-            for r in c.rooms {
-                self.change(
-                    &node_id,
-                    Change::Join {
-                        conn: c.conn.clone(),
-                        room: r.room,
-                        meta: r.meta,
-                    },
-                );
+            let held = self
+                .conns
+                .get(&c.conn)
+                .is_some_and(|held| held.node == node_id);
+            if !held {
+                self.connect(&node_id, c.conn.clone(), c.user, c.since_ms, false, now);
+                for r in c.rooms {
+                    self.join(&node_id, &c.conn, r.room, r.meta, r.quiet, false);
+                }
+                continue;
+            }
+            let mut wanted: HashMap<String, (Option<Value>, bool)> = c
+                .rooms
+                .into_iter()
+                .map(|r| (r.room, (r.meta, r.quiet)))
+                .collect();
+            let held = self.conns.get_mut(&c.conn).expect("checked above");
+            held.since_ms = c.since_ms;
+            let left: Vec<String> = held
+                .rooms
+                .keys()
+                .filter(|room| !wanted.contains_key(room.as_str()))
+                .cloned()
+                .collect();
+            for room in left {
+                self.leave(&c.conn, &room, false);
+            }
+            let held = &self.conns[&c.conn];
+            let mut updates = Vec::new();
+            let mut joins = Vec::new();
+            for (room, entry) in &held.rooms {
+                if let Some((meta, quiet)) = wanted.remove(room)
+                    && (entry.meta != meta || entry.quiet != quiet)
+                {
+                    updates.push((room.clone(), meta, quiet));
+                }
+            }
+            joins.extend(wanted);
+            joins.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (room, meta, quiet) in updates {
+                self.update(&c.conn, &room, meta, Some(quiet), false);
+            }
+            for (room, (meta, quiet)) in joins {
+                self.join(&node_id, &c.conn, room, meta, quiet, false);
             }
         }
+        self.silent = false;
     }
 
     /// Starts tracking an edge whose earlier reports the view has not seen,
@@ -305,17 +544,17 @@ impl View {
         &mut self,
         node_id: String,
         started_ms: Option<u64>,
+        discovered: bool,
         now: Instant,
-        fx: &mut Vec<Effect>,
     ) {
-        let mut node = Node::new(started_ms, now);
+        let mut node = Node::new(started_ms, now, discovered);
         match self.sync_all_at {
             Some(at) if now.saturating_duration_since(at) < self.sync_retry => {
                 node.sync = SyncState::Awaiting { asked_at: at };
             }
             _ => {
                 node.sync = SyncState::Awaiting { asked_at: now };
-                fx.push(Effect::AskSync {
+                self.out.push(Effect::AskSync {
                     node: node_id.clone(),
                 });
             }
@@ -324,90 +563,230 @@ impl View {
     }
 
     /// Applies one change reported by `node_id`, which must be tracked.
-    fn change(&mut self, node_id: &str, change: Change) {
+    fn change(&mut self, node_id: &str, change: Change, now: Instant) {
         match change {
             Change::Connect {
                 conn,
                 user,
                 since_ms,
-            } => {
-                // Connection ids are unique in the cluster; a repeat replaces.
-                self.remove_conn(&conn);
-                self.users
-                    .entry(user.clone())
-                    .or_default()
-                    .insert(conn.clone());
-                if let Some(node) = self.nodes.get_mut(node_id) {
-                    node.conns.insert(conn.clone());
-                }
-                self.conns.insert(
-                    conn,
-                    Conn {
-                        user,
-                        node: node_id.to_string(),
-                        since_ms,
-                        rooms: HashMap::new(),
-                    },
-                );
-            }
+            } => self.connect(node_id, conn, user, since_ms, true, now),
             Change::Disconnect { conn } => {
+                // The edge announces its live connections' leaves itself.
                 if self.conns.get(&conn).is_some_and(|c| c.node == node_id) {
-                    self.remove_conn(&conn);
+                    self.remove_conn(&conn, true, now);
                 }
             }
-            Change::Join { conn, room, meta } => {
-                if let Some(c) = self.conns.get_mut(&conn)
-                    && c.node == node_id
-                {
-                    c.rooms.insert(room.clone(), meta);
-                    self.rooms.entry(room).or_default().insert(conn);
-                }
-            }
+            Change::Join {
+                conn,
+                room,
+                meta,
+                quiet,
+            } => self.join(node_id, &conn, room, meta, quiet, true),
             Change::Leave { conn, room } => {
-                if let Some(c) = self.conns.get_mut(&conn)
-                    && c.node == node_id
-                    && c.rooms.remove(&room).is_some()
-                {
-                    unindex(&mut self.rooms, &room, &conn);
+                if self.conns.get(&conn).is_some_and(|c| c.node == node_id) {
+                    self.leave(&conn, &room, true);
                 }
             }
             Change::Meta { conn, room, meta } => {
-                if let Some(c) = self.conns.get_mut(&conn)
-                    && c.node == node_id
-                    && let Some(m) = c.rooms.get_mut(&room)
-                {
-                    *m = Some(meta);
+                if self.conns.get(&conn).is_some_and(|c| c.node == node_id) {
+                    self.update(&conn, &room, Some(meta), None, true);
                 }
             }
         }
     }
 
-    /// Removes a connection from every index; the single place a connection
-    /// goes away (disconnect, snapshot, restart, goodbye, reaping).
-    fn remove_conn(&mut self, conn_id: &str) -> Option<Conn> {
-        let conn = self.conns.remove(conn_id)?;
-        for room in conn.rooms.keys() {
-            unindex(&mut self.rooms, room, conn_id);
+    fn connect(
+        &mut self,
+        node_id: &str,
+        conn: String,
+        user: String,
+        since_ms: u64,
+        announced: bool,
+        now: Instant,
+    ) {
+        // Connection ids are unique in the cluster; a repeat replaces.
+        self.remove_conn(&conn, announced, now);
+        let entry = self.users.entry(user.clone()).or_default();
+        let first = entry.conns.is_empty();
+        entry.conns.insert(conn.clone());
+        // Back within the grace period: as if never gone, no event at all.
+        if first && entry.grace.take().is_none() {
+            self.emit(Effect::User(UserChange {
+                user: user.clone(),
+                event: UserTransition::Online,
+                conn: conn.clone(),
+                node: node_id.to_string(),
+            }));
         }
-        // When this empties the user's set, the user's last connection is
-        // gone: the offline grace timer (presence events) starts here.
-        unindex(&mut self.users, &conn.user, conn_id);
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.conns.insert(conn.clone());
+        }
+        self.conns.insert(
+            conn,
+            Conn {
+                user,
+                node: node_id.to_string(),
+                since_ms,
+                rooms: BTreeMap::new(),
+            },
+        );
+    }
+
+    /// Puts `conn` (of `node_id`) in `room`; a repeat join updates the meta.
+    fn join(
+        &mut self,
+        node_id: &str,
+        conn_id: &str,
+        room: String,
+        meta: Option<Value>,
+        quiet: bool,
+        announced: bool,
+    ) {
+        let Some(c) = self.conns.get_mut(conn_id).filter(|c| c.node == node_id) else {
+            return;
+        };
+        if c.rooms.contains_key(&room) {
+            self.update(conn_id, &room, meta, Some(quiet), announced);
+            return;
+        }
+        c.rooms.insert(
+            room.clone(),
+            RoomEntry {
+                meta: meta.clone(),
+                quiet,
+            },
+        );
+        self.rooms
+            .entry(room.clone())
+            .or_default()
+            .insert(conn_id.to_string());
+        if !quiet {
+            let c = &self.conns[conn_id];
+            let event = room_event(PresenceEvent::Join, room, conn_id, c, meta, announced);
+            self.emit(Effect::Room(event));
+        }
+    }
+
+    fn leave(&mut self, conn_id: &str, room: &str, announced: bool) {
+        let Some(c) = self.conns.get_mut(conn_id) else {
+            return;
+        };
+        let Some(entry) = c.rooms.remove(room) else {
+            return;
+        };
+        unindex(&mut self.rooms, room, conn_id);
+        if !entry.quiet {
+            let c = &self.conns[conn_id];
+            let event = room_event(
+                PresenceEvent::Leave,
+                room.to_string(),
+                conn_id,
+                c,
+                entry.meta,
+                announced,
+            );
+            self.emit(Effect::Room(event));
+        }
+    }
+
+    /// Sets a member's meta (and quietness, when given); `update` unless the
+    /// room is quiet or, for a repeat join, nothing changed.
+    fn update(
+        &mut self,
+        conn_id: &str,
+        room: &str,
+        meta: Option<Value>,
+        quiet: Option<bool>,
+        announced: bool,
+    ) {
+        let Some(entry) = self
+            .conns
+            .get_mut(conn_id)
+            .and_then(|c| c.rooms.get_mut(room))
+        else {
+            return;
+        };
+        let repeat_join = quiet.is_some();
+        if let Some(q) = quiet {
+            entry.quiet = q;
+        }
+        if repeat_join && entry.meta == meta {
+            return;
+        }
+        entry.meta = meta.clone();
+        if !entry.quiet {
+            let c = &self.conns[conn_id];
+            let event = room_event(
+                PresenceEvent::Update,
+                room.to_string(),
+                conn_id,
+                c,
+                meta,
+                announced,
+            );
+            self.emit(Effect::Room(event));
+        }
+    }
+
+    /// Removes a connection from every index; the single place a connection
+    /// goes away (disconnect, snapshot, restart, goodbye, reaping). Its rooms
+    /// get `leave` events; its user's grace period starts when it was the
+    /// user's last connection.
+    fn remove_conn(&mut self, conn_id: &str, announced: bool, now: Instant) -> Option<Conn> {
+        let conn = self.conns.remove(conn_id)?;
+        for (room, entry) in &conn.rooms {
+            unindex(&mut self.rooms, room, conn_id);
+            if !entry.quiet {
+                let event = room_event(
+                    PresenceEvent::Leave,
+                    room.clone(),
+                    conn_id,
+                    &conn,
+                    entry.meta.clone(),
+                    announced,
+                );
+                self.emit(Effect::Room(event));
+            }
+        }
+        if let Some(user) = self.users.get_mut(&conn.user) {
+            user.conns.remove(conn_id);
+            if user.conns.is_empty() {
+                let epoch = self.next_epoch;
+                self.next_epoch += 1;
+                user.grace = Some(Grace {
+                    epoch,
+                    conn: conn_id.to_string(),
+                    node: conn.node.clone(),
+                });
+                self.graces
+                    .push_back((now + self.grace, conn.user.clone(), epoch));
+            }
+        }
         if let Some(node) = self.nodes.get_mut(&conn.node) {
             node.conns.remove(conn_id);
         }
         Some(conn)
     }
 
-    /// Forgets an edge and all its connections; returns how many it held.
-    fn remove_node(&mut self, node_id: &str) -> usize {
+    /// Forgets an edge and all its connections, none of which announced
+    /// leaving; returns how many it held.
+    fn remove_node(&mut self, node_id: &str, now: Instant) -> usize {
         let Some(node) = self.nodes.remove(node_id) else {
             return 0;
         };
-        let n = node.conns.len();
-        for conn in &node.conns {
-            self.remove_conn(conn);
+        let mut conns: Vec<String> = node.conns.into_iter().collect();
+        // Every replica names the same last connection of a user.
+        conns.sort_unstable();
+        for conn in &conns {
+            self.remove_conn(conn, false, now);
         }
-        n
+        conns.len()
+    }
+
+    fn emit(&mut self, effect: Effect) {
+        if !self.silent {
+            self.out.push(effect);
+        }
     }
 
     /// Whether the view has applied report `seq` of `node` (read-your-writes).
@@ -455,7 +834,7 @@ impl View {
             let meta = c
                 .rooms
                 .get(room)
-                .and_then(|m| m.as_ref())
+                .and_then(|e| e.meta.as_ref())
                 .map(Value::to_string)
                 .unwrap_or_default();
             let entry = connection(id, c, meta);
@@ -473,23 +852,22 @@ impl View {
         }
     }
 
-    /// Whether each user is online (has a connection), with its connections
-    /// sorted by id, in the order asked.
+    /// Whether each user is online, with its connections sorted by id, in the
+    /// order asked. A user within the grace period is online with none.
     pub fn user_status(&self, users: &[String]) -> UserStatusReply {
         let users = users
             .iter()
             .map(|user| {
-                let mut conns: Vec<Connection> = self
-                    .users
-                    .get(user)
+                let entry = self.users.get(user);
+                let mut conns: Vec<Connection> = entry
                     .into_iter()
-                    .flatten()
+                    .flat_map(|u| &u.conns)
                     .filter_map(|id| self.conns.get(id).map(|c| connection(id, c, String::new())))
                     .collect();
                 conns.sort_unstable_by(|a, b| a.conn.cmp(&b.conn));
                 UserStatus {
                     user: user.clone(),
-                    online: !conns.is_empty(),
+                    online: entry.is_some(),
                     conns,
                 }
             })
@@ -501,7 +879,10 @@ impl View {
     #[cfg(test)]
     fn assert_consistent(&self) {
         for (id, c) in &self.conns {
-            assert!(self.users[&c.user].contains(id), "user index misses {id}");
+            assert!(
+                self.users[&c.user].conns.contains(id),
+                "user index misses {id}"
+            );
             assert!(self.nodes[&c.node].conns.contains(id), "node misses {id}");
             for room in c.rooms.keys() {
                 assert!(self.rooms[room].contains(id), "room {room} misses {id}");
@@ -516,9 +897,13 @@ impl View {
                 );
             }
         }
-        for (user, set) in &self.users {
-            assert!(!set.is_empty(), "empty user entry {user}");
-            for id in set {
+        for (user, u) in &self.users {
+            assert_eq!(
+                u.conns.is_empty(),
+                u.grace.is_some(),
+                "{user}: a grace period exactly when no connection"
+            );
+            for id in &u.conns {
                 assert_eq!(&self.conns[id].user, user, "{user} holds gone {id}");
             }
         }
@@ -532,16 +917,35 @@ impl View {
 
 /// Marks `node` as behind and asks it for a snapshot, at most once per
 /// `retry`.
-fn ask(node: &mut Node, node_id: &str, retry: Duration, now: Instant, fx: &mut Vec<Effect>) {
+fn ask(node: &mut Node, node_id: &str, retry: Duration, now: Instant, out: &mut Vec<Effect>) {
     if let SyncState::Awaiting { asked_at } = node.sync
         && now.saturating_duration_since(asked_at) < retry
     {
         return;
     }
     node.sync = SyncState::Awaiting { asked_at: now };
-    fx.push(Effect::AskSync {
+    out.push(Effect::AskSync {
         node: node_id.to_string(),
     });
+}
+
+fn room_event(
+    event: PresenceEvent,
+    room: String,
+    conn_id: &str,
+    c: &Conn,
+    meta: Option<Value>,
+    announced: bool,
+) -> RoomEvent {
+    RoomEvent {
+        event,
+        room,
+        user: c.user.clone(),
+        conn: conn_id.to_string(),
+        node: c.node.clone(),
+        meta,
+        announced,
+    }
 }
 
 /// Removes `conn` from `key`'s set, dropping the set when it empties.

@@ -3,294 +3,22 @@
 //! real edges do; queries go over the broker (prost-encoded, as edges send
 //! them) and over gRPC on a real TCP listener.
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use herald_broker::{MemoryBroker, NatsBroker, SharedBroker};
-use herald_presence::{
-    Config, Presence, RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest,
-};
+use herald_presence::{Config, Presence, RoomMembersRequest, UserStatusRequest};
 use herald_proto::v1::WatchRequest;
 use herald_proto::v1::presence_client::PresenceClient;
-use herald_test_support::{NatsServer, eventually, http_get};
-use herald_wire::presence::{Change, ConnState, EdgeReport, RoomState};
+use herald_test_support::{NatsServer, eventually};
+use herald_wire::presence::{Change, EdgeReport};
 use herald_wire::subjects;
-use prost::Message as _;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(10);
-const ROOM: &str = "chat:lobby";
-
-/// Makes a new broker connection (a new NATS client, or the shared memory broker).
-type Connect =
-    Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = SharedBroker> + Send>> + Send + Sync>;
-
-fn memory() -> Connect {
-    let broker = MemoryBroker::new();
-    Arc::new(move |_| {
-        let b: SharedBroker = Arc::new(broker.clone());
-        Box::pin(async move { b })
-    })
-}
-
-fn nats(server: &NatsServer) -> Connect {
-    let url = server.url();
-    Arc::new(move |name| {
-        let (url, name) = (url.clone(), name.to_string());
-        Box::pin(async move {
-            let b: SharedBroker = Arc::new(NatsBroker::connect(&url, &name).await.unwrap());
-            b
-        })
-    })
-}
-
-fn config() -> Config {
-    Config {
-        query_wait: Duration::from_millis(300),
-        ..Config::default()
-    }
-}
-
-/// An edge as the presence service sees it: numbered deltas on its own
-/// subject, and a snapshot whenever one is asked for.
-struct FakeEdge {
-    inner: Arc<EdgeInner>,
-    responder: JoinHandle<()>,
-}
-
-struct EdgeInner {
-    node: String,
-    started_ms: u64,
-    broker: SharedBroker,
-    /// Held while publishing, so reports leave in `seq` order.
-    state: Mutex<EdgeState>,
-}
-
-#[derive(Default)]
-struct EdgeState {
-    seq: u64,
-    conns: BTreeMap<String, ConnState>,
-}
-
-impl EdgeInner {
-    async fn publish(&self, report: EdgeReport) {
-        self.broker
-            .publish(
-                subjects::presence_from_edge(&self.node),
-                Bytes::from(serde_json::to_vec(&report).unwrap()),
-            )
-            .await
-            .unwrap();
-    }
-
-    async fn snapshot(&self) {
-        let st = self.state.lock().await;
-        self.publish(EdgeReport::Snapshot {
-            node: self.node.clone(),
-            seq: st.seq,
-            started_ms: self.started_ms,
-            conns: st.conns.values().cloned().collect(),
-        })
-        .await;
-    }
-}
-
-impl FakeEdge {
-    async fn start(node: &str, broker: SharedBroker) -> FakeEdge {
-        let all = broker
-            .subscribe(subjects::PRESENCE_SYNC_ALL.into())
-            .await
-            .unwrap();
-        let mine = broker
-            .subscribe(subjects::presence_sync_node(node))
-            .await
-            .unwrap();
-        let inner = Arc::new(EdgeInner {
-            node: node.into(),
-            started_ms: 1_700_000_000_000,
-            broker,
-            state: Mutex::new(EdgeState::default()),
-        });
-        let edge = inner.clone();
-        let responder = tokio::spawn(async move {
-            let mut asks = futures::stream::select(all, mine);
-            while asks.next().await.is_some() {
-                edge.snapshot().await;
-            }
-        });
-        FakeEdge { inner, responder }
-    }
-
-    /// Applies `change` to the edge's state and reports it; returns its seq.
-    async fn change(&self, change: Change) -> u64 {
-        self.record(change, true).await
-    }
-
-    /// Like `change`, but the report is lost on the way.
-    async fn change_lost(&self, change: Change) -> u64 {
-        self.record(change, false).await
-    }
-
-    async fn record(&self, change: Change, send: bool) -> u64 {
-        let mut st = self.inner.state.lock().await;
-        st.seq += 1;
-        match &change {
-            Change::Connect {
-                conn,
-                user,
-                since_ms,
-            } => {
-                st.conns.insert(
-                    conn.clone(),
-                    ConnState {
-                        conn: conn.clone(),
-                        user: user.clone(),
-                        since_ms: *since_ms,
-                        rooms: Vec::new(),
-                    },
-                );
-            }
-            Change::Join { conn, room, meta } => {
-                st.conns.get_mut(conn).unwrap().rooms.push(RoomState {
-                    room: room.clone(),
-                    meta: meta.clone(),
-                });
-            }
-            Change::Leave { conn, room } => {
-                st.conns
-                    .get_mut(conn)
-                    .unwrap()
-                    .rooms
-                    .retain(|r| &r.room != room);
-            }
-            Change::Disconnect { conn } => {
-                st.conns.remove(conn);
-            }
-            Change::Meta { .. } => unimplemented!("not used here"),
-        }
-        if send {
-            self.inner
-                .publish(EdgeReport::Delta {
-                    node: self.inner.node.clone(),
-                    seq: st.seq,
-                    change,
-                })
-                .await;
-        }
-        st.seq
-    }
-
-    async fn connect(&self, conn: &str, user: &str) -> u64 {
-        self.change(Change::Connect {
-            conn: conn.into(),
-            user: user.into(),
-            since_ms: 1_700_000_000_500,
-        })
-        .await
-    }
-
-    async fn join(&self, conn: &str, room: &str, meta: Option<serde_json::Value>) -> u64 {
-        self.change(Change::Join {
-            conn: conn.into(),
-            room: room.into(),
-            meta,
-        })
-        .await
-    }
-}
-
-impl Drop for FakeEdge {
-    fn drop(&mut self) {
-        self.responder.abort();
-    }
-}
-
-/// `RoomMembers` as an edge asks it: a broker request with a prost payload.
-async fn members_by_broker(broker: &SharedBroker, req: RoomMembersRequest) -> RoomMembersReply {
-    let reply = broker
-        .request(
-            subjects::PRESENCE_QUERY_ROOM_MEMBERS.into(),
-            Bytes::from(req.encode_to_vec()),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    RoomMembersReply::decode(reply).unwrap()
-}
-
-async fn status_by_broker(broker: &SharedBroker, users: &[&str]) -> UserStatusReply {
-    let req = UserStatusRequest {
-        users: users.iter().map(|u| u.to_string()).collect(),
-    };
-    let reply = broker
-        .request(
-            subjects::PRESENCE_QUERY_USER_STATUS.into(),
-            Bytes::from(req.encode_to_vec()),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    UserStatusReply::decode(reply).unwrap()
-}
-
-fn room(room: &str) -> RoomMembersRequest {
-    RoomMembersRequest {
-        room: room.into(),
-        ..Default::default()
-    }
-}
-
-/// `user: [conn@node, …]` per member, for compact assertions.
-fn shape(reply: &RoomMembersReply) -> Vec<String> {
-    reply
-        .members
-        .iter()
-        .map(|m| {
-            let conns: Vec<String> = m
-                .conns
-                .iter()
-                .map(|c| format!("{}@{}", c.conn, c.node))
-                .collect();
-            format!("{}: {}", m.user, conns.join(" "))
-        })
-        .collect()
-}
-
-/// Waits until `room` has exactly the members `want` (as `shape` writes them).
-async fn members_become(broker: &SharedBroker, room_name: &str, want: &[&str]) {
-    eventually(
-        WAIT,
-        &format!("{room_name} has members {want:?}"),
-        || async {
-            let reply = members_by_broker(broker, room(room_name)).await;
-            (shape(&reply) == want).then_some(())
-        },
-    )
-    .await
-}
-
-fn metrics_text(metrics: &herald_ops::Metrics) -> String {
-    let mut out = String::new();
-    herald_ops::prometheus_client::encoding::text::encode(&mut out, &metrics.lock().unwrap())
-        .unwrap();
-    out
-}
-
-async fn get(addr: SocketAddr, path: &'static str) -> (u16, String) {
-    tokio::task::spawn_blocking(move || http_get(addr, path).unwrap_or((0, String::new())))
-        .await
-        .unwrap()
-}
+use common::*;
 
 /// The standalone process: edges on two nodes, queries over the broker and
 /// over gRPC, read-your-writes, health and metrics.
@@ -303,11 +31,13 @@ async fn serves_edges_and_grpc(connect: Connect) {
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
     let shutdown = CancellationToken::new();
+    let (gone_tx, gone_rx) = tokio::sync::mpsc::channel(4);
     let server = tokio::spawn(herald_presence::run(
         config(),
         connect("presence").await,
         grpc,
         http,
+        Some(gone_rx),
         shutdown.clone(),
     ));
     eventually(WAIT, "the presence process is ready", || async {
@@ -412,7 +142,15 @@ async fn serves_edges_and_grpc(connect: Connect) {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     let err = client.watch(WatchRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = client
+        .watch(WatchRequest {
+            rooms: vec!["no namespace".into()],
+            users: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // The standard gRPC health service reports Presence.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -437,6 +175,14 @@ async fn serves_edges_and_grpc(connect: Connect) {
         metrics.contains("herald_presence_connections 2"),
         "{metrics}"
     );
+
+    // A pod the Kubernetes watch reports gone is reaped at once, long before
+    // the edge timeout (10 s here).
+    let reaping = tokio::time::Instant::now();
+    gone_tx.send("e1".into()).await.unwrap();
+    members_become(&asker, ROOM, &["ada: d1@e2"]).await;
+    assert!(reaping.elapsed() < config().edge_timeout / 2);
+    e1.kill();
 
     shutdown.cancel();
     tokio::time::timeout(WAIT, server)
@@ -537,7 +283,8 @@ async fn rebuilds_from_snapshots(connect: Connect) {
             users: vec!["bob".into(), "dee".into()],
         })
         .await;
-    assert!(!status.users[0].online);
+    // bob has no connection left; he is within his grace period.
+    assert!(status.users[0].conns.is_empty());
     assert!(status.users[1].online);
 
     // An edge saying goodbye takes its connections with it.

@@ -2,12 +2,27 @@ use herald_wire::presence::RoomState;
 use serde_json::json;
 
 use super::*;
+use herald_wire::presence::UserTransition;
 
 const RETRY: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+const GRACE: Duration = Duration::from_secs(5);
+const WARMUP: Duration = Duration::from_secs(3);
+
+fn config() -> Config {
+    Config {
+        edge_timeout: TIMEOUT,
+        sync_retry: RETRY,
+        grace: GRACE,
+        warmup: Duration::ZERO,
+        ..Config::default()
+    }
+}
+
+/// A view past its warm-up: every change shows.
 fn view() -> View {
-    View::new(TIMEOUT, RETRY)
+    View::new(&config(), Instant::now())
 }
 
 fn secs(s: u64) -> Duration {
@@ -35,6 +50,7 @@ fn join(conn: &str, room: &str, meta: Option<Value>) -> Change {
         conn: conn.into(),
         room: room.into(),
         meta,
+        quiet: false,
     }
 }
 
@@ -57,6 +73,7 @@ fn conn_state(conn: &str, user: &str, rooms: &[&str]) -> ConnState {
             .map(|r| RoomState {
                 room: (*r).into(),
                 meta: None,
+                quiet: false,
             })
             .collect(),
     }
@@ -71,17 +88,59 @@ fn snapshot(node: &str, seq: u64, started_ms: u64, conns: Vec<ConnState>) -> Edg
     }
 }
 
-fn ask(node: &str) -> Vec<Effect> {
-    vec![Effect::AskSync { node: node.into() }]
+fn ask(node: &str) -> Vec<String> {
+    vec![node.to_string()]
 }
 
-/// Applies reports that must not ask for a sync.
-fn feed(v: &mut View, now: Instant, reports: impl IntoIterator<Item = EdgeReport>) {
+/// The edges a sync request goes to.
+fn asks(fx: Vec<Effect>) -> Vec<String> {
+    fx.into_iter()
+        .filter_map(|e| match e {
+            Effect::AskSync { node } => Some(node),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The events, compactly: `join chat:a c1`, `leave chat:a c1 inferred` (not
+/// announced by the edge), `online ada c1` (with the connection that caused
+/// it).
+fn events(fx: Vec<Effect>) -> Vec<String> {
+    fx.into_iter()
+        .filter_map(|e| match e {
+            Effect::AskSync { .. } => None,
+            Effect::Room(r) => Some(format!(
+                "{} {} {}{}",
+                r.event.as_str(),
+                r.room,
+                r.conn,
+                if r.announced { "" } else { " inferred" }
+            )),
+            Effect::User(u) => {
+                let event = match u.event {
+                    UserTransition::Online => "online",
+                    UserTransition::Offline => "offline",
+                };
+                Some(format!("{event} {} {}", u.user, u.conn))
+            }
+        })
+        .collect()
+}
+
+/// Applies reports that must not ask for a sync; returns their events.
+fn feed(v: &mut View, now: Instant, reports: impl IntoIterator<Item = EdgeReport>) -> Vec<String> {
+    let mut out = Vec::new();
     for r in reports {
         let shown = format!("{r:?}");
-        assert_eq!(v.apply(r, now), vec![], "{shown} asked for a sync");
+        let fx = v.apply(r, now);
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::AskSync { .. })),
+            "{shown} asked for a sync"
+        );
+        out.extend(events(fx));
     }
     v.assert_consistent();
+    out
 }
 
 /// Connection ids of a room's members, in reply order.
@@ -152,15 +211,18 @@ fn deltas_in_order_build_the_view() {
         ],
     );
     assert!(members(&v, "chat:a").is_empty());
+    // bob counts as online until his grace period ends.
     assert_eq!(
         v.stats(),
         Stats {
             nodes: 1,
             conns: 1,
-            users: 1,
+            users: 2,
             rooms: 0
         }
     );
+    assert_eq!(events(v.expire(now + GRACE)), ["offline bob c2"]);
+    assert_eq!(v.stats().users, 1);
     // Old reports change nothing.
     feed(&mut v, now, [delta("e1", 4, join("c1", "chat:a", None))]);
     assert!(members(&v, "chat:a").is_empty());
@@ -197,14 +259,14 @@ fn a_gap_asks_for_a_snapshot_and_deltas_wait_for_it() {
     );
     // Report 3 was lost.
     assert_eq!(
-        v.apply(delta("e1", 4, connect("c2", "bob")), now),
+        asks(v.apply(delta("e1", 4, connect("c2", "bob")), now)),
         ask("e1")
     );
     assert!(v.is_syncing("e1"));
     // Following deltas are ignored, and the request is not repeated at once.
     assert_eq!(
-        v.apply(delta("e1", 5, join("c2", "chat:a", None)), now),
-        vec![]
+        asks(v.apply(delta("e1", 5, join("c2", "chat:a", None)), now)),
+        Vec::<String>::new()
     );
     assert!(v.conn("c2").is_none());
     assert_eq!(members(&v, "chat:a"), ["c1"]);
@@ -244,19 +306,28 @@ fn sync_requests_are_rate_limited_per_edge_and_retried() {
     let t0 = Instant::now();
     let mut v = view();
     feed(&mut v, t0, [delta("e1", 1, connect("c1", "ada"))]);
-    assert_eq!(v.apply(delta("e1", 3, connect("c2", "bob")), t0), ask("e1"));
-    assert_eq!(v.apply(heartbeat("e1", 3, 7, 2), t0 + secs(1) / 2), vec![]);
+    assert_eq!(
+        asks(v.apply(delta("e1", 3, connect("c2", "bob")), t0)),
+        ask("e1")
+    );
+    assert_eq!(
+        asks(v.apply(heartbeat("e1", 3, 7, 2), t0 + secs(1) / 2)),
+        Vec::<String>::new()
+    );
     // Another edge is asked on its own account.
-    assert_eq!(v.apply(delta("e2", 2, connect("c9", "zed")), t0), ask("e2"));
+    assert_eq!(
+        asks(v.apply(delta("e2", 2, connect("c9", "zed")), t0)),
+        ask("e2")
+    );
     // Unanswered after `sync_retry`: the next report asks again…
-    assert_eq!(v.apply(heartbeat("e1", 3, 7, 2), t0 + RETRY), ask("e1"));
+    assert_eq!(
+        asks(v.apply(heartbeat("e1", 3, 7, 2), t0 + RETRY)),
+        ask("e1")
+    );
     // …and so does the periodic tick when the edge stays quiet.
     let (fx, reaped) = v.tick(t0 + RETRY * 2);
     assert!(reaped.is_empty());
-    let mut asked: Vec<String> = fx
-        .into_iter()
-        .map(|Effect::AskSync { node }| node)
-        .collect();
+    let mut asked = asks(fx);
     asked.sort();
     assert_eq!(asked, ["e1", "e2"]);
 }
@@ -271,8 +342,11 @@ fn unknown_edges_are_asked_unless_nothing_was_missed() {
     feed(&mut v, t0, [heartbeat("empty", 0, 5, 0)]);
     assert_eq!(v.applied_seq("empty"), Some(0));
     // Anything later from an edge the view never heard of does.
-    assert_eq!(v.apply(delta("e1", 9, connect("c2", "bob")), t0), ask("e1"));
-    assert_eq!(v.apply(heartbeat("e2", 4, 5, 1), t0), ask("e2"));
+    assert_eq!(
+        asks(v.apply(delta("e1", 9, connect("c2", "bob")), t0)),
+        ask("e1")
+    );
+    assert_eq!(asks(v.apply(heartbeat("e2", 4, 5, 1), t0)), ask("e2"));
     assert!(v.conn("c2").is_none());
 }
 
@@ -281,12 +355,21 @@ fn the_start_up_sync_covers_edges_heard_of_soon_after() {
     let t0 = Instant::now();
     let mut v = view();
     v.asked_all(t0);
-    assert_eq!(v.apply(heartbeat("e1", 4, 5, 1), t0 + RETRY / 2), vec![]);
+    assert_eq!(
+        asks(v.apply(heartbeat("e1", 4, 5, 1), t0 + RETRY / 2)),
+        Vec::<String>::new()
+    );
     assert!(v.is_syncing("e1"));
     // Still no snapshot after the retry interval: ask that edge itself.
-    assert_eq!(v.apply(heartbeat("e1", 4, 5, 1), t0 + RETRY), ask("e1"));
+    assert_eq!(
+        asks(v.apply(heartbeat("e1", 4, 5, 1), t0 + RETRY)),
+        ask("e1")
+    );
     // An edge first heard of later is asked at once.
-    assert_eq!(v.apply(heartbeat("e2", 4, 5, 1), t0 + RETRY * 2), ask("e2"));
+    assert_eq!(
+        asks(v.apply(heartbeat("e2", 4, 5, 1), t0 + RETRY * 2)),
+        ask("e2")
+    );
 }
 
 #[test]
@@ -303,12 +386,12 @@ fn heartbeats_reveal_missed_deltas_and_disagreeing_counts() {
         ],
     );
     // Delta 2 was lost; no delta follows, only the heartbeat says so.
-    assert_eq!(v.apply(heartbeat("e1", 2, 7, 2), t0), ask("e1"));
+    assert_eq!(asks(v.apply(heartbeat("e1", 2, 7, 2), t0)), ask("e1"));
 
     let mut v = view();
     feed(&mut v, t0, [delta("e1", 1, connect("c1", "ada"))]);
     // Same position, different connection count: the views disagree.
-    assert_eq!(v.apply(heartbeat("e1", 1, 7, 2), t0), ask("e1"));
+    assert_eq!(asks(v.apply(heartbeat("e1", 1, 7, 2), t0)), ask("e1"));
 }
 
 #[test]
@@ -341,6 +424,12 @@ fn a_snapshot_replaces_the_edge_and_keeps_indexes_consistent() {
     assert_eq!(members(&v, "chat:a"), ["d1"]);
     assert_eq!(members(&v, "chat:b"), ["c1"]);
     assert!(members(&v, "chat:gone").is_empty());
+    let bob = &v.user_status(&["bob".into()]).users[0];
+    assert!(
+        bob.online && bob.conns.is_empty(),
+        "bob is in his grace period"
+    );
+    assert_eq!(events(v.expire(now + GRACE)), ["offline bob c2"]);
     assert!(!v.user_status(&["bob".into()]).users[0].online);
     assert_eq!(
         v.stats(),
@@ -375,7 +464,7 @@ fn a_new_started_ms_means_the_edge_restarted() {
         ],
     );
     // The new process has had one connection since: the old ones are gone.
-    assert_eq!(v.apply(heartbeat("e1", 2, 200, 1), now), ask("e1"));
+    assert_eq!(asks(v.apply(heartbeat("e1", 2, 200, 1), now)), ask("e1"));
     assert!(v.conn("c1").is_none());
     assert!(members(&v, "chat:a").is_empty());
     v.assert_consistent();
@@ -447,8 +536,10 @@ fn silent_edges_are_reaped_and_goodbye_removes_at_once() {
             seq: 2,
         }],
     );
-    assert_eq!(v.stats(), Stats::default());
+    assert_eq!(v.stats().conns, 0);
     assert_eq!(v.applied_seq("e2"), None);
+    v.expire(t0 + secs(11) + GRACE);
+    assert_eq!(v.stats(), Stats::default());
 }
 
 #[test]
@@ -550,6 +641,459 @@ fn user_status_lists_every_device_of_a_user() {
         now,
         [delta("e2", 2, Change::Disconnect { conn: "l".into() })],
     );
+    // Still online (with no device) through the grace period.
+    assert!(v.user_status(&["ada".into()]).users[0].online);
+    v.expire(now + GRACE);
     assert!(!v.user_status(&["ada".into()]).users[0].online);
     assert_eq!(v.stats().users, 0);
+}
+
+fn disconnect(conn: &str) -> Change {
+    Change::Disconnect { conn: conn.into() }
+}
+
+fn leave(conn: &str, room: &str) -> Change {
+    Change::Leave {
+        conn: conn.into(),
+        room: room.into(),
+    }
+}
+
+#[test]
+fn deltas_emit_room_events_and_quiet_rooms_none() {
+    let now = Instant::now();
+    let mut v = view();
+    let fx = feed(
+        &mut v,
+        now,
+        [
+            delta("e1", 1, connect("c1", "ada")),
+            delta(
+                "e1",
+                2,
+                join("c1", "chat:a", Some(json!({"typing": false}))),
+            ),
+            delta(
+                "e1",
+                3,
+                Change::Meta {
+                    conn: "c1".into(),
+                    room: "chat:a".into(),
+                    meta: json!({"typing": true}),
+                },
+            ),
+            // A repeat join with the same meta changes nothing; with another
+            // it is an update.
+            delta("e1", 4, join("c1", "chat:a", Some(json!({"typing": true})))),
+            delta("e1", 5, join("c1", "chat:a", None)),
+            delta("e1", 6, leave("c1", "chat:a")),
+            delta("e1", 7, join("c1", "chat:b", None)),
+            delta(
+                "e1",
+                8,
+                Change::Join {
+                    conn: "c1".into(),
+                    room: "audit:q".into(),
+                    meta: None,
+                    quiet: true,
+                },
+            ),
+            delta(
+                "e1",
+                9,
+                Change::Meta {
+                    conn: "c1".into(),
+                    room: "audit:q".into(),
+                    meta: json!({"x": 1}),
+                },
+            ),
+            delta("e1", 10, disconnect("c1")),
+        ],
+    );
+    assert_eq!(
+        fx,
+        [
+            "online ada c1",
+            "join chat:a c1",
+            "update chat:a c1",
+            "update chat:a c1",
+            "leave chat:a c1",
+            "join chat:b c1",
+            // The edge closed the connection: it announces the leave itself.
+            "leave chat:b c1",
+        ]
+    );
+    // The quiet room still lists its members while they are in it.
+    let mut v = view();
+    feed(
+        &mut v,
+        now,
+        [
+            delta("e1", 1, connect("c1", "ada")),
+            delta(
+                "e1",
+                2,
+                Change::Join {
+                    conn: "c1".into(),
+                    room: "audit:q".into(),
+                    meta: None,
+                    quiet: true,
+                },
+            ),
+        ],
+    );
+    assert_eq!(members(&v, "audit:q"), ["c1"]);
+    let (fx, _) = v.reap("e1", now);
+    assert_eq!(events(fx), Vec::<String>::new());
+}
+
+#[test]
+fn room_events_carry_who_where_and_the_meta() {
+    let now = Instant::now();
+    let mut v = view();
+    feed(&mut v, now, [delta("e1", 1, connect("c1", "ada"))]);
+    let fx = v.apply(
+        delta("e1", 2, join("c1", "chat:a", Some(json!({"x": 1})))),
+        now,
+    );
+    assert_eq!(
+        fx,
+        [Effect::Room(RoomEvent {
+            event: PresenceEvent::Join,
+            room: "chat:a".into(),
+            user: "ada".into(),
+            conn: "c1".into(),
+            node: "e1".into(),
+            meta: Some(json!({"x": 1})),
+            announced: true,
+        })]
+    );
+    let fx = v.apply(delta("e1", 3, disconnect("c1")), now);
+    let Effect::Room(left) = &fx[0] else {
+        panic!("{fx:?}")
+    };
+    assert_eq!(
+        (left.event, left.meta.clone()),
+        (PresenceEvent::Leave, Some(json!({"x": 1})))
+    );
+    let change = UserChange {
+        user: "ada".into(),
+        event: UserTransition::Offline,
+        conn: "c1".into(),
+        node: "e1".into(),
+    };
+    assert_eq!(v.expire(now + GRACE), [Effect::User(change.clone())]);
+    assert_eq!(change.id(), "ada:offline:c1");
+}
+
+#[test]
+fn three_devices_on_three_edges_go_online_once_and_offline_once_after_the_grace() {
+    let t0 = Instant::now();
+    let mut v = view();
+    let fx = feed(
+        &mut v,
+        t0,
+        [
+            delta("e1", 1, connect("p", "ada")),
+            delta("e2", 1, connect("l", "ada")),
+            delta("e3", 1, connect("t", "ada")),
+        ],
+    );
+    assert_eq!(fx, ["online ada p"]);
+
+    assert!(feed(&mut v, t0 + secs(1), [delta("e1", 2, disconnect("p"))]).is_empty());
+    assert!(feed(&mut v, t0 + secs(2), [delta("e3", 2, disconnect("t"))]).is_empty());
+    // Not even the grace period of a device that closed earlier ends it.
+    assert!(events(v.expire(t0 + secs(1) + GRACE)).is_empty());
+    let last = t0 + secs(3);
+    assert!(feed(&mut v, last, [delta("e2", 2, disconnect("l"))]).is_empty());
+    let ada = &v.user_status(&["ada".into()]).users[0];
+    assert!(ada.online && ada.conns.is_empty());
+
+    assert_eq!(v.next_deadline(), Some(last + GRACE));
+    assert!(events(v.expire(last + GRACE - Duration::from_millis(1))).is_empty());
+    assert_eq!(events(v.expire(last + GRACE)), ["offline ada l"]);
+    assert!(!v.user_status(&["ada".into()]).users[0].online);
+    // Once: nothing more is due.
+    assert!(events(v.expire(last + GRACE * 10)).is_empty());
+    assert_eq!(v.next_deadline(), None);
+    v.assert_consistent();
+}
+
+#[test]
+fn reconnecting_within_the_grace_period_emits_nothing() {
+    let t0 = Instant::now();
+    let mut v = view();
+    feed(&mut v, t0, [delta("e1", 1, connect("c1", "ada"))]);
+    assert!(feed(&mut v, t0 + secs(1), [delta("e1", 2, disconnect("c1"))]).is_empty());
+    // Back on another edge just before the deadline: no event at all.
+    let back = t0 + secs(1) + GRACE - Duration::from_millis(1);
+    assert!(feed(&mut v, back, [delta("e2", 1, connect("c2", "ada"))]).is_empty());
+    assert!(events(v.expire(t0 + secs(1) + GRACE)).is_empty());
+    assert!(v.user_status(&["ada".into()]).users[0].online);
+
+    // Gone again: offline at the new deadline, named after the new device.
+    let gone = t0 + secs(20);
+    assert!(feed(&mut v, gone, [delta("e2", 2, disconnect("c2"))]).is_empty());
+    assert_eq!(events(v.expire(gone + GRACE)), ["offline ada c2"]);
+    // And a later connection is a new online.
+    let fx = feed(&mut v, gone + GRACE, [delta("e1", 3, connect("c3", "ada"))]);
+    assert_eq!(fx, ["online ada c3"]);
+}
+
+#[test]
+fn a_grace_period_over_before_a_report_ends_first() {
+    let t0 = Instant::now();
+    let mut v = view();
+    feed(
+        &mut v,
+        t0,
+        [
+            delta("e1", 1, connect("c1", "ada")),
+            delta("e1", 2, disconnect("c1")),
+        ],
+    );
+    // The timer fired late; the report after the deadline comes second.
+    let fx = feed(&mut v, t0 + GRACE, [delta("e1", 3, connect("c2", "ada"))]);
+    assert_eq!(fx, ["offline ada c1", "online ada c2"]);
+}
+
+#[test]
+fn a_dead_edge_is_reaped_its_rooms_hear_leaves_and_its_users_go_offline_after_the_grace() {
+    let t0 = Instant::now();
+    let mut v = view();
+    feed(
+        &mut v,
+        t0,
+        [
+            delta("e1", 1, connect("c1", "ada")),
+            delta("e1", 2, join("c1", "chat:b", None)),
+            delta("e1", 3, join("c1", "chat:a", None)),
+            delta("e1", 4, connect("c2", "bob")),
+            delta("e1", 5, join("c2", "chat:a", None)),
+            delta("e2", 1, connect("d1", "ada")),
+            delta("e2", 2, join("d1", "chat:a", None)),
+        ],
+    );
+    // e2 keeps reporting; e1 falls silent.
+    feed(&mut v, t0 + secs(6), [heartbeat("e2", 2, 7, 1)]);
+    let (fx, reaped) = v.tick(t0 + TIMEOUT);
+    assert_eq!(reaped, [("e1".to_string(), 2)]);
+    assert_eq!(
+        events(fx),
+        [
+            "leave chat:a c1 inferred",
+            "leave chat:b c1 inferred",
+            "leave chat:a c2 inferred",
+        ]
+    );
+    assert_eq!(members(&v, "chat:a"), ["d1"]);
+    v.assert_consistent();
+    // Only bob has no other connection; he goes offline after the grace.
+    assert!(events(v.expire(t0 + TIMEOUT + GRACE - secs(1))).is_empty());
+    assert_eq!(events(v.expire(t0 + TIMEOUT + GRACE)), ["offline bob c2"]);
+    assert!(v.user_status(&["ada".into()]).users[0].online);
+
+    // The pod watch reaps at once, with the same consequences.
+    let t1 = t0 + secs(30);
+    let (fx, gone) = v.reap("e2", t1);
+    assert_eq!(gone, 1);
+    assert_eq!(events(fx), ["leave chat:a d1 inferred"]);
+    assert_eq!(events(v.expire(t1 + GRACE)), ["offline ada d1"]);
+    assert_eq!(v.stats(), Stats::default());
+    let (fx, gone) = v.reap("e2", t1);
+    assert_eq!((fx, gone), (vec![], 0));
+}
+
+#[test]
+fn goodbye_and_restarts_leave_what_the_edge_did_not_announce() {
+    let now = Instant::now();
+    let mut v = view();
+    feed(
+        &mut v,
+        now,
+        [
+            heartbeat("e1", 0, 100, 0),
+            delta("e1", 1, connect("c1", "ada")),
+            delta("e1", 2, join("c1", "chat:a", None)),
+            delta("e2", 1, connect("d1", "bob")),
+            delta("e2", 2, join("d1", "chat:a", None)),
+            delta("e2", 3, connect("d2", "cy")),
+            delta("e2", 4, join("d2", "chat:a", None)),
+        ],
+    );
+    // e2 closes d2 properly (announced), then says goodbye with d1 still open.
+    let fx = feed(
+        &mut v,
+        now,
+        [
+            delta("e2", 5, leave("d2", "chat:a")),
+            delta("e2", 6, disconnect("d2")),
+            EdgeReport::Goodbye {
+                node: "e2".into(),
+                seq: 6,
+            },
+        ],
+    );
+    assert_eq!(fx, ["leave chat:a d2", "leave chat:a d1 inferred"]);
+
+    // e1 restarted: its old process's connections left unannounced, and
+    // ada, back on the new process within the grace period, never went
+    // offline.
+    assert_eq!(asks(v.apply(heartbeat("e1", 2, 200, 1), now)), ask("e1"));
+    let fx = feed(
+        &mut v,
+        now + secs(1),
+        [snapshot(
+            "e1",
+            2,
+            200,
+            vec![conn_state("n1", "ada", &["chat:a"])],
+        )],
+    );
+    assert_eq!(fx, ["join chat:a n1 inferred"]);
+    let fx = events(v.expire(now + GRACE * 2));
+    // In the order their last connections went.
+    assert_eq!(fx, ["offline cy d2", "offline bob d1"]);
+}
+
+#[test]
+fn a_snapshot_after_a_gap_emits_the_changes_it_reveals() {
+    let t0 = Instant::now();
+    let mut v = view();
+    feed(
+        &mut v,
+        t0,
+        [
+            delta("e1", 1, connect("c1", "ada")),
+            delta("e1", 2, join("c1", "chat:a", None)),
+            delta("e1", 3, connect("c2", "bob")),
+            delta("e1", 4, join("c2", "chat:a", Some(json!({"x": 1})))),
+            delta("e1", 5, connect("c4", "dee")),
+            delta("e1", 6, join("c4", "chat:a", None)),
+        ],
+    );
+    // Reports 7.. were lost; the view asks, and the snapshot shows: ada
+    // moved rooms, bob's meta changed, cy arrived, dee left.
+    assert_eq!(asks(v.apply(heartbeat("e1", 12, 7, 3), t0)), ask("e1"));
+    let now = t0 + secs(1);
+    let fx = feed(
+        &mut v,
+        now,
+        [snapshot(
+            "e1",
+            12,
+            7,
+            vec![
+                conn_state("c1", "ada", &["chat:b"]),
+                ConnState {
+                    rooms: vec![RoomState {
+                        room: "chat:a".into(),
+                        meta: Some(json!({"x": 2})),
+                        quiet: false,
+                    }],
+                    ..conn_state("c2", "bob", &[])
+                },
+                conn_state("c3", "cy", &["chat:a"]),
+            ],
+        )],
+    );
+    assert_eq!(
+        fx,
+        [
+            "leave chat:a c4 inferred",
+            "leave chat:a c1 inferred",
+            "join chat:b c1 inferred",
+            "update chat:a c2 inferred",
+            "online cy c3",
+            "join chat:a c3 inferred",
+        ]
+    );
+    assert_eq!(members(&v, "chat:a"), ["c2", "c3"]);
+    assert_eq!(events(v.expire(now + GRACE)), ["offline dee c4"]);
+
+    // The same state again (another replica asked) reveals nothing.
+    let fx = feed(
+        &mut v,
+        now + GRACE,
+        [snapshot(
+            "e1",
+            12,
+            7,
+            vec![
+                conn_state("c1", "ada", &["chat:b"]),
+                ConnState {
+                    rooms: vec![RoomState {
+                        room: "chat:a".into(),
+                        meta: Some(json!({"x": 2})),
+                        quiet: false,
+                    }],
+                    ..conn_state("c2", "bob", &[])
+                },
+                conn_state("c3", "cy", &["chat:a"]),
+            ],
+        )],
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+}
+
+#[test]
+fn during_the_warm_up_discovering_an_edge_emits_nothing() {
+    let t0 = Instant::now();
+    let config = Config {
+        warmup: WARMUP,
+        ..config()
+    };
+    let mut v = View::new(&config, t0);
+    v.asked_all(t0);
+    assert!(!v.is_warm(t0));
+    // The edges answer the start-up sync request: discovery, not change.
+    let fx = feed(
+        &mut v,
+        t0 + RETRY / 2,
+        [
+            heartbeat("e1", 4, 7, 2),
+            snapshot(
+                "e1",
+                4,
+                7,
+                vec![
+                    conn_state("c1", "ada", &["chat:a"]),
+                    conn_state("c2", "bob", &["chat:a"]),
+                ],
+            ),
+            snapshot("e2", 2, 7, vec![conn_state("d1", "ada", &["chat:a"])]),
+        ],
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(members(&v, "chat:a"), ["c1", "d1", "c2"]);
+    assert!(v.user_status(&["bob".into()]).users[0].online);
+
+    // Changes after discovery show, even within the warm-up.
+    let fx = feed(&mut v, t0 + secs(2), [delta("e1", 5, disconnect("c2"))]);
+    assert_eq!(fx, ["leave chat:a c2"]);
+    assert_eq!(events(v.expire(t0 + secs(2) + GRACE)), ["offline bob c2"]);
+
+    // An edge first discovered after the warm-up: its state is news.
+    assert!(v.is_warm(t0 + WARMUP));
+    let late = t0 + WARMUP + secs(1);
+    assert_eq!(asks(v.apply(heartbeat("e3", 1, 7, 1), late)), ask("e3"));
+    let fx = feed(
+        &mut v,
+        late,
+        [snapshot(
+            "e3",
+            1,
+            7,
+            vec![conn_state("f1", "cy", &["chat:a"])],
+        )],
+    );
+    assert_eq!(fx, ["online cy f1", "join chat:a f1 inferred"]);
+    // And one discovered in the warm-up shows its changes afterwards.
+    let fx = feed(
+        &mut v,
+        late,
+        [snapshot("e2", 9, 7, vec![conn_state("d1", "ada", &[])])],
+    );
+    assert_eq!(fx, ["leave chat:a d1 inferred"]);
 }
