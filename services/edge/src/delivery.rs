@@ -59,14 +59,26 @@ impl Closer {
     }
 }
 
-/// A cheap handle for putting frames on one connection's queue.
+/// A cheap handle on one connection: its frame queue, its control channel
+/// (server-side join, leave, disconnect) and its closer.
 #[derive(Clone)]
 pub struct Outbox {
     /// Unique within this edge; the wire connection id adds the node id.
     pub id: u64,
     tx: mpsc::Sender<Out>,
+    pub control: mpsc::Sender<ControlCmd>,
     pub closer: Arc<Closer>,
 }
+
+/// A control action for a session, and where to say it is done.
+pub struct ControlCmd {
+    pub control: herald_wire::presence::Control,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Control actions that may wait for one session; more are refused (the
+/// router's call then reports the connection as not confirmed).
+const CONTROL_QUEUE: usize = 16;
 
 impl Outbox {
     /// Queues a frame. A full queue means the client reads slower than its
@@ -91,16 +103,22 @@ impl Outbox {
     }
 }
 
-/// Creates the queue of a new connection; `capacity` frames at most.
-pub fn outbox(id: u64, capacity: usize) -> (Outbox, mpsc::Receiver<Out>) {
+/// Creates the queues of a new connection; `capacity` frames at most.
+pub fn outbox(
+    id: u64,
+    capacity: usize,
+) -> (Outbox, mpsc::Receiver<Out>, mpsc::Receiver<ControlCmd>) {
     let (tx, rx) = mpsc::channel(capacity);
+    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
     (
         Outbox {
             id,
             tx,
+            control,
             closer: Arc::new(Closer::new()),
         },
         rx,
+        control_rx,
     )
 }
 
@@ -200,7 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn queued_frames_are_coalesced_and_a_full_queue_closes_with_4009() {
-        let (ob, rx) = outbox(1, 4);
+        let (ob, rx, _) = outbox(1, 4);
         for i in 0..4 {
             assert!(ob.send(Bytes::from(format!("m{i}"))));
         }
@@ -216,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_one_buffer_in_queue_order() {
-        let (ob, rx) = outbox(1, 16);
+        let (ob, rx, _) = outbox(1, 16);
         ob.send(Bytes::from_static(b"a"));
         ob.send(Bytes::from_static(b"b"));
         ob.push(Out::Close {

@@ -1,26 +1,30 @@
-//! The local room table: which of this edge's connections are in which room.
-//! The edge subscribes to a room's broker subject only while it has a local
-//! member, and hands every message that arrives there, as the same bytes, to
-//! each member's queue.
+//! Local interest: which of this edge's connections care about which broker
+//! subject. Rooms (`herald.room.<room>`) and users (`herald.ctl.user.<user>`,
+//! for acting on every connection of a user) both work this way: the edge
+//! subscribes to a subject only while it has a local member for it, and each
+//! message that arrives goes to the members through a handler.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock};
 
-use herald_broker::{BrokerError, SharedBroker};
-use herald_wire::{RoomName, subjects};
-use prometheus_client::metrics::counter::Counter;
+use herald_broker::{BrokerError, Message, SharedBroker};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
 use crate::delivery::Outbox;
 
-type Members = Arc<RwLock<HashMap<u64, Outbox>>>;
+/// Members of one key, by local connection id.
+pub type Members = Arc<RwLock<HashMap<u64, Outbox>>>;
 
-struct LocalRoom {
+/// What to do with a message that arrives for a key's members.
+pub type Handler = Arc<dyn Fn(Message, &Members) + Send + Sync>;
+
+struct Entry {
     members: Members,
     /// Set once the broker subscription is live; the pump task it names is
-    /// stopped when the room is dropped (its last member left).
+    /// stopped when the entry is dropped (its last member left).
     live: OnceCell<Pump>,
 }
 
@@ -32,92 +36,87 @@ impl Drop for Pump {
     }
 }
 
-#[derive(Clone, Default)]
-pub struct RoomMetrics {
-    pub rooms: Gauge,
-    pub delivered: Counter,
-}
-
-pub struct Rooms {
+pub struct Interest<K> {
     broker: SharedBroker,
+    subject: fn(&K) -> String,
+    handler: Handler,
     /// Held only for map updates, never across an await: joins of different
-    /// rooms do not wait on each other's broker round trips.
-    table: Mutex<HashMap<RoomName, Arc<LocalRoom>>>,
-    metrics: RoomMetrics,
+    /// keys do not wait on each other's broker round trips.
+    table: Mutex<HashMap<K, Arc<Entry>>>,
+    count: Gauge,
 }
 
-impl Rooms {
-    pub fn new(broker: SharedBroker, metrics: RoomMetrics) -> Rooms {
-        Rooms {
+impl<K: Clone + Eq + Hash> Interest<K> {
+    pub fn new(
+        broker: SharedBroker,
+        subject: fn(&K) -> String,
+        handler: Handler,
+        count: Gauge,
+    ) -> Interest<K> {
+        Interest {
             broker,
+            subject,
+            handler,
             table: Mutex::new(HashMap::new()),
-            metrics,
+            count,
         }
     }
 
-    /// Adds `member` to `room`. When this returns `Ok`, every message
-    /// published to the room from then on reaches the member's queue.
-    pub async fn join(&self, room: &RoomName, member: &Outbox) -> Result<(), BrokerError> {
-        let local = {
-            let mut table = self.table.lock().expect("room table");
-            let local = table
-                .entry(room.clone())
+    /// Adds `member` under `key`. When this returns `Ok`, every message
+    /// published on the key's subject from then on reaches the handler with
+    /// the member among the members.
+    pub async fn join(&self, key: &K, member: &Outbox) -> Result<(), BrokerError> {
+        let entry = {
+            let mut table = self.table.lock().expect("interest table");
+            let entry = table
+                .entry(key.clone())
                 .or_insert_with(|| {
-                    self.metrics.rooms.inc();
-                    Arc::new(LocalRoom {
+                    self.count.inc();
+                    Arc::new(Entry {
                         members: Members::default(),
                         live: OnceCell::new(),
                     })
                 })
                 .clone();
-            local
+            entry
                 .members
                 .write()
-                .expect("room members")
+                .expect("members")
                 .insert(member.id, member.clone());
-            local
+            entry
         };
-        let subscribed = local
+        let subscribed = entry
             .live
             .get_or_try_init(|| async {
-                let sub = self.broker.subscribe(subjects::room(room)).await?;
-                Ok::<_, BrokerError>(Pump(tokio::spawn(pump(
-                    sub,
-                    local.members.clone(),
-                    self.metrics.delivered.clone(),
-                ))))
+                let mut sub = self.broker.subscribe((self.subject)(key)).await?;
+                let members = entry.members.clone();
+                let handler = self.handler.clone();
+                Ok::<_, BrokerError>(Pump(tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        handler(msg, &members);
+                    }
+                })))
             })
             .await;
         if let Err(e) = subscribed {
-            self.leave(room, member.id);
+            self.leave(key, member.id);
             return Err(e);
         }
         Ok(())
     }
 
-    /// Removes a member; the room's subscription ends with its last local member.
-    pub fn leave(&self, room: &RoomName, member: u64) {
-        let mut table = self.table.lock().expect("room table");
-        let Some(local) = table.get(room) else { return };
+    /// Removes a member; the subscription ends with the key's last local member.
+    pub fn leave(&self, key: &K, member: u64) {
+        let mut table = self.table.lock().expect("interest table");
+        let Some(entry) = table.get(key) else { return };
         let empty = {
-            let mut members = local.members.write().expect("room members");
+            let mut members = entry.members.write().expect("members");
             members.remove(&member);
             members.is_empty()
         };
         if empty {
-            table.remove(room);
-            self.metrics.rooms.dec();
+            table.remove(key);
+            self.count.dec();
         }
-    }
-}
-
-async fn pump(mut sub: herald_broker::Subscription, members: Members, delivered: Counter) {
-    while let Some(msg) = sub.next().await {
-        let members = members.read().expect("room members");
-        for m in members.values() {
-            // A full queue disconnects that member alone; the others go on.
-            m.send(msg.payload.clone());
-        }
-        delivered.inc_by(members.len() as u64);
     }
 }

@@ -4,9 +4,10 @@
 //! a client may land on any edge and reconnect to any other.
 #![forbid(unsafe_code)]
 
+mod control;
 mod delivery;
+mod interest;
 mod presence;
-mod rooms;
 mod session;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use fastwebsockets::upgrade::IncomingUpgrade;
 use herald_auth::{Policy, Verifier};
 use herald_broker::SharedBroker;
 use herald_ops::{Health, Metrics};
+use herald_wire::{RoomName, subjects};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
@@ -51,6 +53,9 @@ pub struct Config {
     pub max_rooms_per_conn: usize,
     /// Largest presence `meta` accepted, in bytes of JSON.
     pub max_meta_bytes: usize,
+    /// Presence updates (`presence_set`, `join` with `meta`) one connection
+    /// may send per second, and in a burst.
+    pub meta_rate: (u32, u32),
     /// How often presence heartbeats go out.
     pub presence_interval: Duration,
     /// How long a member-list query may take.
@@ -73,6 +78,7 @@ impl Config {
             outbound_queue: 1024,
             max_rooms_per_conn: 256,
             max_meta_bytes: 2048,
+            meta_rate: (10, 20),
             presence_interval: Duration::from_secs(2),
             presence_timeout: Duration::from_secs(3),
             presence_source: PresenceSource::Broker,
@@ -83,6 +89,9 @@ impl Config {
 
 #[derive(Clone, Default)]
 struct EdgeMetrics {
+    rooms: Gauge,
+    users: Gauge,
+    delivered: Counter,
     connections: Gauge,
     connects: Counter,
     frames_in: Counter,
@@ -94,7 +103,11 @@ struct EdgeMetrics {
 struct Edge {
     config: Config,
     broker: SharedBroker,
-    rooms: rooms::Rooms,
+    rooms: interest::Interest<RoomName>,
+    /// Users with a local connection, for control messages to all of a user's connections.
+    users: interest::Interest<String>,
+    /// Every open session, for control messages naming one connection.
+    sessions_by_id: interest::Members,
     reporter: presence::Reporter,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
@@ -141,11 +154,44 @@ pub async fn run(
         reporter_stop.clone(),
     )
     .await?;
-    let room_metrics = rooms::RoomMetrics::default();
     let edge_metrics = EdgeMetrics::default();
-    register_metrics(&metrics, &edge_metrics, &room_metrics);
+    register_metrics(&metrics, &edge_metrics);
+    let node: Arc<str> = config.node_id.as_str().into();
+    let control = control::handler(broker.clone(), node.clone());
+    let sessions_by_id = interest::Members::default();
+    let mut node_control = broker
+        .subscribe(subjects::node_control(&config.node_id))
+        .await?;
+    {
+        let (control, sessions) = (control.clone(), sessions_by_id.clone());
+        tokio::spawn(async move {
+            while let Some(msg) = node_control.next().await {
+                control(msg, &sessions);
+            }
+        });
+    }
+    let delivered = edge_metrics.delivered.clone();
     let edge = Arc::new(Edge {
-        rooms: rooms::Rooms::new(broker.clone(), room_metrics),
+        rooms: interest::Interest::new(
+            broker.clone(),
+            subjects::room,
+            Arc::new(move |msg, members| {
+                let members = members.read().expect("members");
+                for m in members.values() {
+                    // A full queue disconnects that member alone; the others go on.
+                    m.send(msg.payload.clone());
+                }
+                delivered.inc_by(members.len() as u64);
+            }),
+            edge_metrics.rooms.clone(),
+        ),
+        users: interest::Interest::new(
+            broker.clone(),
+            |user: &String| subjects::user_control(user),
+            control,
+            edge_metrics.users.clone(),
+        ),
+        sessions_by_id,
         broker,
         reporter,
         next_conn: AtomicU64::new(1),
@@ -191,7 +237,7 @@ pub async fn run(
     Ok(())
 }
 
-fn register_metrics(metrics: &Metrics, m: &EdgeMetrics, r: &rooms::RoomMetrics) {
+fn register_metrics(metrics: &Metrics, m: &EdgeMetrics) {
     let mut reg = metrics.lock().expect("metrics registry");
     reg.register(
         "edge_connections",
@@ -221,12 +267,17 @@ fn register_metrics(metrics: &Metrics, m: &EdgeMetrics, r: &rooms::RoomMetrics) 
     reg.register(
         "edge_rooms",
         "Rooms with at least one local member",
-        r.rooms.clone(),
+        m.rooms.clone(),
+    );
+    reg.register(
+        "edge_users",
+        "Users with at least one local connection",
+        m.users.clone(),
     );
     reg.register(
         "edge_deliveries",
         "Messages queued to local members",
-        r.delivered.clone(),
+        m.delivered.clone(),
     );
 }
 

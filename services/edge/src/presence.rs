@@ -161,7 +161,8 @@ impl Reporter {
 struct ConnEntry {
     user: String,
     since_ms: u64,
-    rooms: HashMap<String, Option<Value>>,
+    /// Room → (meta, quiet).
+    rooms: HashMap<String, (Option<Value>, bool)>,
 }
 
 /// Owns the reported state, so a snapshot is exactly the state as of its number.
@@ -194,9 +195,14 @@ impl ReportTask {
             Change::Disconnect { conn } => {
                 self.conns.remove(conn);
             }
-            Change::Join { conn, room, meta } => {
+            Change::Join {
+                conn,
+                room,
+                meta,
+                quiet,
+            } => {
                 if let Some(c) = self.conns.get_mut(conn) {
-                    c.rooms.insert(room.clone(), meta.clone());
+                    c.rooms.insert(room.clone(), (meta.clone(), *quiet));
                 }
             }
             Change::Leave { conn, room } => {
@@ -205,7 +211,7 @@ impl ReportTask {
                 }
             }
             Change::Meta { conn, room, meta } => {
-                if let Some(m) = self.conns.get_mut(conn).and_then(|c| c.rooms.get_mut(room)) {
+                if let Some((m, _)) = self.conns.get_mut(conn).and_then(|c| c.rooms.get_mut(room)) {
                     *m = Some(meta.clone());
                 }
             }
@@ -240,9 +246,10 @@ impl ReportTask {
                 rooms: c
                     .rooms
                     .iter()
-                    .map(|(room, meta)| RoomState {
+                    .map(|(room, (meta, quiet))| RoomState {
                         room: room.clone(),
                         meta: meta.clone(),
+                        quiet: *quiet,
                     })
                     .collect(),
             })

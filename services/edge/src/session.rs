@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,16 +14,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Role, WebSocket, WebSocketError};
 use herald_auth::{AuthError, Claims, Denied, NamespacePolicy};
-use herald_wire::frames::{self, ClientFrame, FrameError, Request};
-use herald_wire::presence::Change;
+use herald_wire::frames::{self, ClientFrame, FrameError, PresenceEvent, Request};
+use herald_wire::presence::{Change, Control};
 use herald_wire::{CloseCode, ErrorCode, RoomName, subjects};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Edge;
-use crate::delivery::{self, Out, Outbox};
+use crate::delivery::{self, ControlCmd, Out, Outbox};
 
 /// How long cleanup waits for the writer to flush the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
@@ -90,7 +92,7 @@ pub(crate) async fn serve(
     read.set_max_message_size(edge.config.max_message_bytes);
     let mut reader = FragmentCollectorRead::new(read);
     let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (outbox, rx) = delivery::outbox(id, edge.config.outbound_queue);
+    let (outbox, rx, control_rx) = delivery::outbox(id, edge.config.outbound_queue);
     let mut writer = tokio::spawn(delivery::run_writer(w, rx, outbox.closer.clone()));
     let control = outbox.clone();
     let mut send = move |f: Frame<'static>| {
@@ -105,8 +107,15 @@ pub(crate) async fn serve(
         authenticate(&edge, &outbox, &mut reader, &mut send, url_token).await
     {
         let conn = format!("{}-{id}", edge.config.node_id);
-        if let Some(mut session) =
-            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
+        if let Some(mut session) = Session::open(
+            edge.clone(),
+            outbox.clone(),
+            control_rx,
+            conn,
+            claims,
+            connect_id,
+        )
+        .await
         {
             tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
             session.run(&mut reader, &mut send).await;
@@ -223,16 +232,29 @@ fn binary_refused() -> FrameError {
     )
 }
 
+/// Per-room state of a session.
+#[derive(Clone, Copy)]
+struct Joined {
+    /// The namespace keeps presence: the membership is reported.
+    presence: bool,
+    /// The namespace sends join/leave/update events to members.
+    events: bool,
+}
+
+type MetaLimiter = governor::DefaultDirectRateLimiter;
+
 /// An authenticated connection.
 struct Session {
     edge: Arc<Edge>,
     outbox: Outbox,
+    control: mpsc::Receiver<ControlCmd>,
     conn: String,
     claims: Claims,
     user_room: RoomName,
-    /// Rooms joined, and whether each keeps presence.
-    rooms: HashMap<RoomName, bool>,
+    rooms: HashMap<RoomName, Joined>,
     expires_at: Instant,
+    /// Created on the first presence update, so idle connections carry none.
+    meta_limiter: Option<Box<MetaLimiter>>,
 }
 
 fn expiry_instant(exp: u64) -> Instant {
@@ -244,25 +266,28 @@ impl Session {
     async fn open(
         edge: Arc<Edge>,
         outbox: Outbox,
+        control: mpsc::Receiver<ControlCmd>,
         conn: String,
         claims: Claims,
         connect_id: Option<u64>,
     ) -> Option<Session> {
+        let refuse = |outbox: &Outbox, code, message: String, close, reason: &str| {
+            reject(outbox, &FrameError::new(connect_id, code, message));
+            outbox.push(Out::Close {
+                code: close,
+                reason: reason.into(),
+            });
+        };
         let user_room = match RoomName::user(&claims.sub) {
             Ok(r) => r,
             Err(e) => {
-                reject(
+                refuse(
                     &outbox,
-                    &FrameError::new(
-                        connect_id,
-                        ErrorCode::Unauthorized,
-                        format!("the token's sub cannot name a user: {e}"),
-                    ),
+                    ErrorCode::Unauthorized,
+                    format!("the token's sub cannot name a user: {e}"),
+                    CloseCode::Unauthorized,
+                    "bad sub claim",
                 );
-                outbox.push(Out::Close {
-                    code: CloseCode::Unauthorized,
-                    reason: "bad sub claim".into(),
-                });
                 return None;
             }
         };
@@ -273,29 +298,41 @@ impl Session {
         });
         edge.metrics.connections.inc();
         edge.metrics.connects.inc();
+        edge.sessions_by_id
+            .write()
+            .expect("sessions")
+            .insert(outbox.id, outbox.clone());
         let session = Session {
             expires_at: expiry_instant(claims.exp),
             edge,
             outbox,
+            control,
             conn,
             claims,
             user_room,
             rooms: HashMap::new(),
+            meta_limiter: None,
         };
-        if let Err(e) = session
-            .edge
-            .rooms
-            .join(&session.user_room, &session.outbox)
-            .await
-        {
-            reject(
+        let joined = async {
+            session
+                .edge
+                .rooms
+                .join(&session.user_room, &session.outbox)
+                .await?;
+            session
+                .edge
+                .users
+                .join(&session.claims.sub, &session.outbox)
+                .await
+        };
+        if let Err(e) = joined.await {
+            refuse(
                 &session.outbox,
-                &FrameError::new(connect_id, ErrorCode::Unavailable, e.to_string()),
+                ErrorCode::Unavailable,
+                e.to_string(),
+                CloseCode::TryAgainLater,
+                "the message broker is unreachable",
             );
-            session.outbox.push(Out::Close {
-                code: CloseCode::TryAgainLater,
-                reason: "the message broker is unreachable".into(),
-            });
             session.close().await;
             return None;
         }
@@ -323,6 +360,14 @@ impl Session {
         loop {
             let incoming = tokio::select! {
                 i = read_next(reader, send) => i,
+                Some(cmd) = self.control.recv() => {
+                    let stop = self.act(cmd.control).await;
+                    let _ = cmd.done.send(());
+                    if stop {
+                        return;
+                    }
+                    continue;
+                }
                 _ = self.outbox.closer.closed() => return,
                 _ = self.edge.shutdown.cancelled() => {
                     self.outbox.closer.close(
@@ -365,6 +410,41 @@ impl Session {
         }
     }
 
+    /// Acts on a control message from the server API; `true` ends the session.
+    async fn act(&mut self, control: Control) -> bool {
+        match control {
+            Control::Join { room, .. } => match RoomName::parse(&room) {
+                Ok(room) if !room.is_personal() => {
+                    // The server decides: claims do not apply, the namespace's presence settings do.
+                    let policy = self
+                        .edge
+                        .config
+                        .policy
+                        .namespace(room.namespace())
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Err(e) = self.join_room(None, &room, &policy, None).await {
+                        tracing::warn!(conn = %self.conn, %room, error = %e, "server-side join failed");
+                    }
+                }
+                _ => {
+                    tracing::warn!(conn = %self.conn, %room, "server-side join of an invalid room ignored")
+                }
+            },
+            Control::Leave { room, .. } => {
+                if let Ok(room) = RoomName::parse(&room) {
+                    self.leave_room(&room).await;
+                }
+            }
+            Control::Disconnect { code, reason, .. } => {
+                let code = CloseCode::from_code(code).unwrap_or(CloseCode::Normal);
+                self.outbox.closer.close(code, reason);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Serves one request; the `Ok` value is the reply frame.
     async fn handle(&mut self, frame: ClientFrame) -> Result<Bytes, FrameError> {
         let id = frame.id;
@@ -380,45 +460,17 @@ impl Session {
                 since: _,
                 meta,
             } => {
-                let policy = self.allowed(
-                    id,
-                    self.edge
-                        .config
-                        .policy
-                        .check_join(&self.claims, room.as_str()),
-                )?;
-                let presence = policy.presence && !room.is_personal();
+                let policy = self
+                    .allowed(
+                        id,
+                        self.edge
+                            .config
+                            .policy
+                            .check_join(&self.claims, room.as_str()),
+                    )?
+                    .clone();
                 let meta = self.meta(id, meta.as_deref())?;
-                if !self.rooms.contains_key(&room) && room != self.user_room {
-                    if self.rooms.len() >= self.edge.config.max_rooms_per_conn {
-                        return Err(err(
-                            ErrorCode::TooLarge,
-                            format!(
-                                "this connection is already in {} rooms, the most allowed",
-                                self.rooms.len()
-                            ),
-                        ));
-                    }
-                    self.edge
-                        .rooms
-                        .join(&room, &self.outbox)
-                        .await
-                        .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
-                    self.rooms.insert(room.clone(), presence);
-                    if presence {
-                        self.edge.reporter.report(Change::Join {
-                            conn: self.conn.clone(),
-                            room: room.to_string(),
-                            meta,
-                        });
-                    }
-                } else if let (true, Some(meta)) = (presence, meta) {
-                    self.edge.reporter.report(Change::Meta {
-                        conn: self.conn.clone(),
-                        room: room.to_string(),
-                        meta,
-                    });
-                }
+                self.join_room(id, &room, &policy, meta).await?;
                 // Ephemeral rooms keep no history: nothing to recover from.
                 Ok(frames::ok_frame(
                     id,
@@ -432,9 +484,7 @@ impl Session {
                         "the personal room is kept for the whole connection".into(),
                     ));
                 }
-                if let Some(presence) = self.rooms.remove(&room) {
-                    self.leave_room(&room, presence);
-                }
+                self.leave_room(&room).await;
                 Ok(frames::ok_frame(id, json!({})))
             }
             Request::Publish { room, data, key: _ } => {
@@ -481,21 +531,19 @@ impl Session {
             }
             Request::PresenceSet { room, meta } => {
                 let meta = self.meta(id, Some(&meta))?.unwrap_or(Value::Null);
-                match self.rooms.get(&room) {
+                match self.rooms.get(&room).copied() {
                     None => Err(err(
                         ErrorCode::BadRequest,
                         format!("join {room} before setting presence in it"),
                     )),
-                    Some(false) => Err(err(
+                    Some(Joined {
+                        presence: false, ..
+                    }) => Err(err(
                         ErrorCode::Forbidden,
                         format!("namespace {} keeps no presence", room.namespace()),
                     )),
-                    Some(true) => {
-                        self.edge.reporter.report(Change::Meta {
-                            conn: self.conn.clone(),
-                            room: room.to_string(),
-                            meta,
-                        });
+                    Some(joined) => {
+                        self.update_meta(&room, joined, meta).await;
                         Ok(frames::ok_frame(id, json!({})))
                     }
                 }
@@ -525,6 +573,86 @@ impl Session {
         }
     }
 
+    /// Joins `room` (idempotent; a repeat with `meta` updates it). The
+    /// subscription is live and the join announced before this returns.
+    async fn join_room(
+        &mut self,
+        id: Option<u64>,
+        room: &RoomName,
+        policy: &NamespacePolicy,
+        meta: Option<Value>,
+    ) -> Result<(), FrameError> {
+        if *room == self.user_room {
+            return Ok(());
+        }
+        let presence = policy.presence && !room.is_personal();
+        let joined = Joined {
+            presence,
+            events: presence && policy.presence_events,
+        };
+        if let Some(existing) = self.rooms.get(room).copied() {
+            if let (true, Some(meta)) = (existing.presence, meta) {
+                self.update_meta(room, existing, meta).await;
+            }
+            return Ok(());
+        }
+        if self.rooms.len() >= self.edge.config.max_rooms_per_conn {
+            return Err(FrameError::new(
+                id,
+                ErrorCode::TooLarge,
+                format!(
+                    "this connection is already in {} rooms, the most allowed",
+                    self.rooms.len()
+                ),
+            ));
+        }
+        self.edge
+            .rooms
+            .join(room, &self.outbox)
+            .await
+            .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
+        self.rooms.insert(room.clone(), joined);
+        if presence {
+            self.edge.reporter.report(Change::Join {
+                conn: self.conn.clone(),
+                room: room.to_string(),
+                meta: meta.clone(),
+                quiet: !joined.events,
+            });
+        }
+        self.announce(room, joined, PresenceEvent::Join, meta.as_ref())
+            .await;
+        Ok(())
+    }
+
+    async fn update_meta(&mut self, room: &RoomName, joined: Joined, meta: Value) {
+        self.edge.reporter.report(Change::Meta {
+            conn: self.conn.clone(),
+            room: room.to_string(),
+            meta: meta.clone(),
+        });
+        self.announce(room, joined, PresenceEvent::Update, Some(&meta))
+            .await;
+    }
+
+    /// Tells every member of the room, on every edge, about this connection.
+    async fn announce(
+        &self,
+        room: &RoomName,
+        joined: Joined,
+        event: PresenceEvent,
+        meta: Option<&Value>,
+    ) {
+        if !joined.events {
+            return;
+        }
+        let frame =
+            frames::presence_frame(room.as_str(), event, &self.claims.sub, &self.conn, meta);
+        if let Err(e) = self.edge.broker.publish(subjects::room(room), frame).await {
+            tracing::warn!(conn = %self.conn, %room, error = %e, "presence event not sent");
+        }
+    }
+
     fn allowed<'p>(
         &self,
         id: Option<u64>,
@@ -539,8 +667,9 @@ impl Session {
         })
     }
 
+    /// Checks a presence `meta`: size, shape, and the connection's update rate.
     fn meta(
-        &self,
+        &mut self,
         id: Option<u64>,
         meta: Option<&serde_json::value::RawValue>,
     ) -> Result<Option<Value>, FrameError> {
@@ -556,6 +685,25 @@ impl Session {
                 ),
             ));
         }
+        let (per_second, burst) = self.edge.config.meta_rate;
+        let limiter = self.meta_limiter.get_or_insert_with(|| {
+            let quota =
+                governor::Quota::per_second(NonZeroU32::new(per_second.max(1)).expect("nonzero"))
+                    .allow_burst(NonZeroU32::new(burst.max(1)).expect("nonzero"));
+            Box::new(governor::RateLimiter::direct(quota))
+        });
+        if let Err(not_until) = limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            let mut e = FrameError::new(
+                id,
+                ErrorCode::RateLimited,
+                format!("more than {per_second} presence updates a second"),
+            );
+            e.retry_after_ms = Some(wait.as_millis() as u64 + 1);
+            return Err(e);
+        }
         match serde_json::from_str::<Value>(meta.get()) {
             Ok(v @ Value::Object(_)) => Ok(Some(v)),
             _ => Err(FrameError::new(
@@ -566,8 +714,15 @@ impl Session {
         }
     }
 
-    fn leave_room(&self, room: &RoomName, presence: bool) {
-        if presence {
+    /// Leaves a room: the leave is announced to its members, then the
+    /// membership dropped. Leaving a room the connection is not in does nothing.
+    async fn leave_room(&mut self, room: &RoomName) {
+        let Some(joined) = self.rooms.remove(room) else {
+            return;
+        };
+        self.announce(room, joined, PresenceEvent::Leave, None)
+            .await;
+        if joined.presence {
             self.edge.reporter.report(Change::Leave {
                 conn: self.conn.clone(),
                 room: room.to_string(),
@@ -579,10 +734,17 @@ impl Session {
     /// Leaves every room (announcing each leave) before the connection's state
     /// is dropped.
     async fn close(mut self) {
-        for (room, presence) in std::mem::take(&mut self.rooms) {
-            self.leave_room(&room, presence);
+        let rooms: Vec<RoomName> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.leave_room(&room).await;
         }
         self.edge.rooms.leave(&self.user_room, self.outbox.id);
+        self.edge.users.leave(&self.claims.sub, self.outbox.id);
+        self.edge
+            .sessions_by_id
+            .write()
+            .expect("sessions")
+            .remove(&self.outbox.id);
         self.edge.reporter.report(Change::Disconnect {
             conn: self.conn.clone(),
         });
