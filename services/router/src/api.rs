@@ -1,11 +1,18 @@
 //! `herald.v1.Router`: the send API.
 
+use std::collections::HashSet;
+use std::time::Duration;
+
 use bytes::Bytes;
 use herald_broker::SharedBroker;
 use herald_ops::Metrics;
+use herald_proto::v1::presence_server::Presence as _;
 use herald_proto::v1::router_server::{Router, RouterServer};
 use herald_proto::v1::*;
-use herald_wire::{RoomName, frames, subjects};
+use herald_wire::presence::{Control, ControlAck};
+use herald_wire::{CloseCode, RoomName, frames, subjects};
+
+use crate::PresenceFront;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::value::RawValue;
 use tonic::{Request, Response, Status};
@@ -13,18 +20,89 @@ use tonic::{Request, Response, Status};
 #[derive(Clone)]
 pub struct RouterApi {
     broker: SharedBroker,
+    presence: PresenceFront,
     published: Counter,
 }
 
+/// How long Join/Leave/Disconnect wait for the edges to confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
+
 impl RouterApi {
-    pub fn new(broker: SharedBroker, metrics: &Metrics) -> RouterApi {
+    pub fn new(broker: SharedBroker, presence: PresenceFront, metrics: &Metrics) -> RouterApi {
         let published = Counter::default();
         metrics.lock().expect("metrics registry").register(
             "router_published",
             "Messages published through Router.Publish and Router.SendToUser",
             published.clone(),
         );
-        RouterApi { broker, published }
+        RouterApi {
+            broker,
+            presence,
+            published,
+        }
+    }
+
+    /// Sends `control` to every edge holding a connection of `user` and waits
+    /// until each has acted. Returns how many connections acted.
+    async fn act_on_user(&self, user: &str, control: Control) -> Result<u32, Status> {
+        let status = self
+            .presence
+            .user_status(Request::new(UserStatusRequest {
+                users: vec![user.to_string()],
+            }))
+            .await?
+            .into_inner();
+        let nodes: HashSet<String> = status
+            .users
+            .iter()
+            .flat_map(|u| u.conns.iter().map(|c| c.node.clone()))
+            .collect();
+        self.control(subjects::user_control(user), &control, nodes)
+            .await
+    }
+
+    /// Publishes a control message and collects the acknowledgements of
+    /// `nodes`.
+    async fn control(
+        &self,
+        subject: String,
+        control: &Control,
+        mut nodes: HashSet<String>,
+    ) -> Result<u32, Status> {
+        let inbox = format!("_INBOX.herald-router.{:016x}", rand::random::<u64>());
+        let unavailable = |e: herald_broker::BrokerError| Status::unavailable(e.to_string());
+        let mut acks = self
+            .broker
+            .subscribe(inbox.clone())
+            .await
+            .map_err(unavailable)?;
+        let payload = Bytes::from(serde_json::to_vec(control).expect("control serializes"));
+        self.broker
+            .publish_with_reply(subject, inbox, payload)
+            .await
+            .map_err(unavailable)?;
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        let mut acted = 0;
+        while !nodes.is_empty() {
+            match tokio::time::timeout_at(deadline, acks.next()).await {
+                Ok(Some(msg)) => {
+                    if let Ok(ack) = serde_json::from_slice::<ControlAck>(&msg.payload) {
+                        nodes.remove(&ack.node);
+                        acted += ack.conns;
+                    }
+                }
+                Ok(None) => return Err(Status::unavailable("the broker closed the reply inbox")),
+                Err(_) => {
+                    let mut missing: Vec<_> = nodes.into_iter().collect();
+                    missing.sort();
+                    return Err(Status::deadline_exceeded(format!(
+                        "edges {} did not confirm within {CONFIRM_TIMEOUT:?}",
+                        missing.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(acted)
     }
 
     pub fn into_server(self) -> RouterServer<RouterApi> {
@@ -83,25 +161,95 @@ impl Router for RouterApi {
         self.publish_to(room, &req.data).await.map(Response::new)
     }
 
-    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
-        Err(Status::unimplemented(
-            "Router.Join is not available in this version of Herald",
-        ))
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let req = request.into_inner();
+        user_arg(&req.user)?;
+        let room = room_arg(&req.room)?;
+        if room.is_personal() {
+            return Err(Status::invalid_argument(
+                "personal rooms cannot be joined by others",
+            ));
+        }
+        self.act_on_user(
+            &req.user,
+            Control::Join {
+                user: req.user.clone(),
+                room: room.to_string(),
+            },
+        )
+        .await?;
+        Ok(Response::new(JoinReply {}))
     }
 
-    async fn leave(&self, _: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
-        Err(Status::unimplemented(
-            "Router.Leave is not available in this version of Herald",
-        ))
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let req = request.into_inner();
+        user_arg(&req.user)?;
+        let room = room_arg(&req.room)?;
+        self.act_on_user(
+            &req.user,
+            Control::Leave {
+                user: req.user.clone(),
+                room: room.to_string(),
+            },
+        )
+        .await?;
+        Ok(Response::new(LeaveReply {}))
     }
 
     async fn disconnect(
         &self,
-        _: Request<DisconnectRequest>,
+        request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectReply>, Status> {
-        Err(Status::unimplemented(
-            "Router.Disconnect is not available in this version of Herald",
-        ))
+        let req = request.into_inner();
+        let code = match req.code {
+            0 => CloseCode::Normal,
+            c => u16::try_from(c)
+                .ok()
+                .and_then(CloseCode::from_code)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "code {c} is not in the close-code catalogue (1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009)"
+                    ))
+                })?,
+        };
+        match req.target {
+            Some(disconnect_request::Target::User(user)) => {
+                user_arg(&user)?;
+                let control = Control::Disconnect {
+                    user: Some(user.clone()),
+                    conn: None,
+                    code: code.code(),
+                    reason: req.reason,
+                };
+                self.act_on_user(&user, control).await?;
+            }
+            Some(disconnect_request::Target::Conn(conn)) => {
+                let Some((node, _)) = conn.rsplit_once('-') else {
+                    return Err(Status::invalid_argument(format!(
+                        "{conn:?} is not a connection id (<node>-<n>)"
+                    )));
+                };
+                let control = Control::Disconnect {
+                    user: None,
+                    conn: Some(conn.clone()),
+                    code: code.code(),
+                    reason: req.reason,
+                };
+                let nodes = HashSet::from([node.to_string()]);
+                let acted = self
+                    .control(subjects::node_control(node), &control, nodes)
+                    .await?;
+                if acted == 0 {
+                    return Err(Status::not_found(format!("no open connection {conn}")));
+                }
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "give a user or a conn to disconnect",
+                ));
+            }
+        }
+        Ok(Response::new(DisconnectReply {}))
     }
 
     async fn history(&self, _: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {

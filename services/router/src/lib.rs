@@ -59,8 +59,8 @@ pub async fn run(
             }
         });
     }
-    let api = RouterApi::new(broker.clone(), &metrics);
     let presence = PresenceFront::new(broker.clone(), &config)?;
+    let api = RouterApi::new(broker.clone(), presence.clone(), &metrics);
     let (health_svc, reporter, reflection) =
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
