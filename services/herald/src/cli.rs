@@ -93,6 +93,10 @@ pub struct EdgeArgs {
     /// Frames queued for one connection before it is closed as a slow consumer.
     #[arg(long, env = "HERALD_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// How often this edge's presence heartbeat goes out (keep it well under the
+    /// presence service's --edge-timeout).
+    #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub presence_interval: Duration,
     #[command(flatten)]
     pub common: Common,
 }
@@ -130,6 +134,28 @@ pub struct PresenceArgs {
     /// An edge that sends no heartbeat for this long is considered dead and its connections gone.
     #[arg(long, env = "HERALD_EDGE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub edge_timeout: Duration,
+    /// A user whose last connection closed goes offline only after this long
+    /// without a new connection.
+    #[arg(long, env = "HERALD_PRESENCE_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub presence_grace: Duration,
+    /// This replica's name among the presence replicas (the pod name in
+    /// Kubernetes); the smallest live name publishes cluster-wide events. Random when not given.
+    #[arg(long, env = "HERALD_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Watch the edge pods through the Kubernetes API and reap a pod's
+    /// connections as soon as it is deleted or fails.
+    #[arg(long, env = "HERALD_KUBE")]
+    pub kube: bool,
+    /// Namespace of the edge pods (default: the service account's namespace).
+    #[arg(long, env = "HERALD_KUBE_NAMESPACE", requires = "kube")]
+    pub kube_namespace: Option<String>,
+    /// Label selector of the edge pods.
+    #[arg(
+        long,
+        env = "HERALD_KUBE_SELECTOR",
+        default_value = "app.kubernetes.io/component=edge"
+    )]
+    pub kube_selector: String,
     #[command(flatten)]
     pub common: Common,
 }

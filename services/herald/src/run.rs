@@ -123,6 +123,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 handshake_timeout: args.handshake_timeout,
                 max_message_bytes: args.max_message_bytes,
                 outbound_queue: args.outbound_queue,
+                presence_interval: args.presence_interval,
                 presence_source: presence_source(args.presence.as_deref())?,
                 ..config
             };
@@ -149,12 +150,46 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
             let http =
                 herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
-            let broker = nats(&args.nats, "herald-presence").await?;
             let config = herald_presence::Config {
                 edge_timeout: args.edge_timeout,
+                grace: args.presence_grace,
+                replica_id: args
+                    .replica_id
+                    .unwrap_or_else(herald_presence::random_replica_id),
                 ..Default::default()
             };
-            herald_presence::run(config, broker, grpc, http, shutdown).await
+            let gone = if args.kube {
+                let client = herald_kube::client()
+                    .await
+                    .map_err(|e| ConfigError(format!("--kube: {e}")))?;
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                let watch = herald_kube::PodWatchConfig {
+                    namespace: args.kube_namespace,
+                    label_selector: args.kube_selector,
+                };
+                tracing::info!(selector = %watch.label_selector, "watching edge pods through the Kubernetes API");
+                tokio::spawn(herald_kube::watch_edge_pods(
+                    client,
+                    watch,
+                    move |herald_kube::PodEvent::Gone(pod)| {
+                        if tx.try_send(pod).is_err() {
+                            tracing::warn!(
+                                "pod events are arriving faster than they are reaped; the edge timeout will catch the rest"
+                            );
+                        }
+                    },
+                    shutdown.clone(),
+                ));
+                Some(rx)
+            } else {
+                None
+            };
+            let broker = nats(
+                &args.nats,
+                &format!("herald-presence {}", config.replica_id),
+            )
+            .await?;
+            herald_presence::run(config, broker, grpc, http, gone, shutdown).await
         }
         Command::Token(_) => unreachable!("handled before the runtime starts"),
     }
@@ -198,7 +233,8 @@ async fn dev(
     let presence =
         herald_presence::Presence::start(Default::default(), broker.clone(), shutdown.clone())
             .await?;
-    let router = herald_router::RouterApi::new(broker.clone(), &metrics);
+    let front = herald_router::PresenceFront::new(broker.clone(), &Default::default())?;
+    let router = herald_router::RouterApi::new(broker.clone(), front, &metrics);
     let (health, _reporter, reflection) =
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
