@@ -43,6 +43,18 @@ fn s(v: impl ToString) -> String {
     v.to_string()
 }
 
+/// What to start.
+#[derive(Default, Clone)]
+pub struct Spec {
+    pub edges: usize,
+    /// Presence replicas; at least one is started.
+    pub presences: usize,
+    /// Arguments for every process (e.g. `--config FILE`).
+    pub common: Vec<String>,
+    pub edge_args: Vec<String>,
+    pub presence_args: Vec<String>,
+}
+
 /// A cluster of real processes joined by a real nats-server.
 pub struct Cluster {
     pub nats: NatsServer,
@@ -50,31 +62,31 @@ pub struct Cluster {
     pub edge_addrs: Vec<SocketAddr>,
     pub router: Herald,
     pub router_grpc: SocketAddr,
-    pub presence: Herald,
-    pub presence_grpc: SocketAddr,
+    pub presences: Vec<Herald>,
+    pub presence_grpcs: Vec<SocketAddr>,
+    presence_argv: Vec<(Vec<String>, SocketAddr)>,
+    spec: Spec,
 }
 
 impl Cluster {
     pub fn start(edges: usize) -> Cluster {
-        Cluster::start_with(edges, &[])
+        Cluster::start_spec(Spec {
+            edges,
+            ..Spec::default()
+        })
     }
 
     /// `extra` is appended to every process's arguments (e.g. `--config FILE`).
     pub fn start_with(edges: usize, extra: &[String]) -> Cluster {
+        Cluster::start_spec(Spec {
+            edges,
+            common: extra.to_vec(),
+            ..Spec::default()
+        })
+    }
+
+    pub fn start_spec(spec: Spec) -> Cluster {
         let nats = NatsServer::start().expect("start nats-server");
-        let presence_grpc = free_addr();
-        let presence_http = free_addr();
-        let mut args = vec![
-            s("presence"),
-            s("--grpc-listen"),
-            s(presence_grpc),
-            s("--http-listen"),
-            s(presence_http),
-            s("--nats"),
-            nats.url(),
-        ];
-        args.extend_from_slice(extra);
-        let presence = Herald::start("presence", &args, presence_http).expect("start presence");
         let router_grpc = free_addr();
         let router_http = free_addr();
         let mut args = vec![
@@ -86,7 +98,7 @@ impl Cluster {
             s("--nats"),
             nats.url(),
         ];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(&spec.common);
         let router = Herald::start("router", &args, router_http).expect("start router");
         let mut cluster = Cluster {
             nats,
@@ -94,16 +106,39 @@ impl Cluster {
             edge_addrs: Vec::new(),
             router,
             router_grpc,
-            presence,
-            presence_grpc,
+            presences: Vec::new(),
+            presence_grpcs: Vec::new(),
+            presence_argv: Vec::new(),
+            spec: spec.clone(),
         };
-        for i in 0..edges {
-            cluster.add_edge(&format!("edge-{i}"), extra);
+        for i in 0..spec.presences.max(1) {
+            let grpc = free_addr();
+            let http = free_addr();
+            let mut args = vec![
+                s("presence"),
+                s("--grpc-listen"),
+                s(grpc),
+                s("--http-listen"),
+                s(http),
+                s("--nats"),
+                cluster.nats.url(),
+                s("--replica-id"),
+                format!("presence-{i}"),
+            ];
+            args.extend_from_slice(&spec.common);
+            args.extend_from_slice(&spec.presence_args);
+            let p = Herald::start(&format!("presence-{i}"), &args, http).expect("start presence");
+            cluster.presences.push(p);
+            cluster.presence_grpcs.push(grpc);
+            cluster.presence_argv.push((args, http));
+        }
+        for i in 0..spec.edges {
+            cluster.add_edge(&format!("edge-{i}"));
         }
         cluster
     }
 
-    pub fn add_edge(&mut self, node: &str, extra: &[String]) {
+    pub fn add_edge(&mut self, node: &str) {
         let addr = free_addr();
         let mut args = vec![
             s("edge"),
@@ -116,10 +151,19 @@ impl Cluster {
             s("--jwt-secret"),
             s(SECRET),
         ];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(&self.spec.common);
+        args.extend_from_slice(&self.spec.edge_args);
         let edge = Herald::start(node, &args, addr).expect("start edge");
         self.edges.push(edge);
         self.edge_addrs.push(addr);
+    }
+
+    /// Stops presence replica `i` (SIGTERM) and starts it again on the same ports.
+    pub fn restart_presence(&mut self, i: usize) {
+        self.presences[i].stop(Duration::from_secs(5));
+        let (args, http) = self.presence_argv[i].clone();
+        self.presences[i] =
+            Herald::start(&format!("presence-{i}"), &args, http).expect("restart presence");
     }
 
     pub fn ws(&self, edge: usize) -> String {
@@ -132,8 +176,13 @@ impl Cluster {
             .expect("connect to the router")
     }
 
+    /// The first presence replica.
     pub async fn presence(&self) -> PresenceClient {
-        PresenceClient::connect(format!("http://{}", self.presence_grpc))
+        self.presence_at(0).await
+    }
+
+    pub async fn presence_at(&self, i: usize) -> PresenceClient {
+        PresenceClient::connect(format!("http://{}", self.presence_grpcs[i]))
             .await
             .expect("connect to the presence service")
     }

@@ -1,0 +1,422 @@
+//! User presence in a cluster of three edges and two presence replicas:
+//! online/offline exactly once per transition after the grace period, dead
+//! edges reaped, replicas that restart without false events, and Watch.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_broker::{Broker, NatsBroker};
+use herald_proto::v1::{RoomMembersRequest, UserStatusRequest, WatchRequest};
+use herald_test_support::eventually;
+use herald_wire::presence::{UserEvent, UserTransition};
+use serde_json::json;
+
+const GRACE: Duration = Duration::from_millis(1500);
+const EDGE_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn spec(edges: usize, presences: usize) -> Spec {
+    Spec {
+        edges,
+        presences,
+        edge_args: vec!["--presence-interval".into(), "500ms".into()],
+        presence_args: vec![
+            "--presence-grace".into(),
+            format!("{}ms", GRACE.as_millis()),
+            "--edge-timeout".into(),
+            format!("{}ms", EDGE_TIMEOUT.as_millis()),
+        ],
+        ..Spec::default()
+    }
+}
+
+/// Every user event published on NATS, with when it arrived.
+#[derive(Clone, Default)]
+struct UserEvents(Arc<Mutex<Vec<(Instant, UserEvent)>>>);
+
+impl UserEvents {
+    async fn record(cluster: &Cluster) -> UserEvents {
+        let broker = NatsBroker::connect(&cluster.nats.url(), "test-observer")
+            .await
+            .unwrap();
+        let mut sub = broker
+            .subscribe("herald.presence.user.>".into())
+            .await
+            .unwrap();
+        let events = UserEvents::default();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            let _broker = broker;
+            while let Some(m) = sub.next().await {
+                let e: UserEvent = serde_json::from_slice(&m.payload).expect("a UserEvent");
+                sink.0.lock().unwrap().push((Instant::now(), e));
+            }
+        });
+        events
+    }
+
+    fn of(&self, user: &str) -> Vec<(Instant, UserTransition)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e.user == user)
+            .map(|(t, e)| (*t, e.event))
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// Collects a Watch stream's events in the background.
+fn watch(
+    mut client: PresenceClient,
+    rooms: &[&str],
+    users: &[&str],
+) -> Arc<Mutex<Vec<herald_proto::v1::PresenceEvent>>> {
+    let req = WatchRequest {
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        users: users.iter().map(|u| u.to_string()).collect(),
+    };
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        let mut stream = client.watch(req).await.expect("watch").into_inner();
+        let _ = ready_tx.send(());
+        while let Ok(Some(e)) = stream.message().await {
+            sink.lock().unwrap().push(e);
+        }
+    });
+    let _ = ready_rx.recv_timeout(WAIT);
+    events
+}
+
+fn transitions(events: &Mutex<Vec<herald_proto::v1::PresenceEvent>>, user: &str) -> Vec<String> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.user == user && e.room.is_empty())
+        .map(|e| e.event.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn three_devices_make_one_online_and_one_offline_after_the_grace_period() {
+    let cluster = Cluster::start_spec(spec(3, 2));
+    let nats_events = UserEvents::record(&cluster).await;
+    let watch0 = watch(cluster.presence_at(0).await, &[], &["alice"]);
+    let watch1 = watch(cluster.presence_at(1).await, &[], &["alice"]);
+
+    let mut devices = Vec::new();
+    for edge in 0..3 {
+        devices.push(connect(&cluster.ws(edge), "alice").await);
+    }
+    eventually(WAIT, "alice online", || async {
+        (nats_events.of("alice").len() == 1).then_some(())
+    })
+    .await;
+    let mut closed_at = Instant::now();
+    for d in devices {
+        closed_at = Instant::now();
+        d.close().await.unwrap();
+    }
+    eventually(GRACE + WAIT, "alice offline", || async {
+        (nats_events.of("alice").len() == 2).then_some(())
+    })
+    .await;
+    let events = nats_events.of("alice");
+    assert_eq!(
+        events.iter().map(|(_, e)| *e).collect::<Vec<_>>(),
+        [UserTransition::Online, UserTransition::Offline]
+    );
+    assert!(
+        events[1].0 - closed_at >= GRACE,
+        "offline came {:?} after the last close, before the grace period",
+        events[1].0 - closed_at
+    );
+    for w in [&watch0, &watch1] {
+        eventually(WAIT, "Watch saw online then offline", || async {
+            (transitions(w, "alice") == ["online", "offline"]).then_some(())
+        })
+        .await;
+    }
+
+    // Reconnecting within the grace period: no offline event at all.
+    let phone = connect(&cluster.ws(0), "alice").await;
+    eventually(WAIT, "alice online again", || async {
+        (nats_events.of("alice").len() == 3).then_some(())
+    })
+    .await;
+    phone.close().await.unwrap();
+    let back = connect(&cluster.ws(2), "alice").await;
+    // Watch for longer than the grace period: nothing happens.
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(
+        nats_events.of("alice").len(),
+        3,
+        "{:?}",
+        nats_events.of("alice")
+    );
+    assert_eq!(transitions(&watch0, "alice").len(), 3);
+    drop(back);
+}
+
+#[tokio::test]
+async fn a_killed_edge_is_reaped_with_leaves_and_one_offline_per_user() {
+    let mut cluster = Cluster::start_spec(spec(3, 1));
+    let nats_events = UserEvents::record(&cluster).await;
+    let rooms: Vec<String> = (0..5).map(|i| format!("chat:r{i}")).collect();
+    let observer = connect(&cluster.ws(0), "observer").await;
+    for r in &rooms {
+        ok(&observer, json!({"op":"join","room":r})).await;
+    }
+    // 50 clients on edge-2; users u0..u9 also hold a connection on edge-1.
+    let mut doomed = Vec::new();
+    let mut doomed_conns: HashMap<String, String> = HashMap::new();
+    for i in 0..50 {
+        let user = format!("u{i}");
+        let (c, connected) = herald_client::Client::connect(&cluster.ws(2), &token(&user))
+            .await
+            .unwrap();
+        ok(&c, json!({"op":"join","room": rooms[i % 5]})).await;
+        doomed_conns.insert(
+            connected["conn"].as_str().unwrap().to_string(),
+            rooms[i % 5].clone(),
+        );
+        doomed.push(c);
+    }
+    let mut survivors = Vec::new();
+    for i in 0..10 {
+        survivors.push(connect(&cluster.ws(1), &format!("u{i}")).await);
+    }
+    let mut presence = cluster.presence().await;
+    eventually(WAIT, "every member is listed", || {
+        let mut presence = presence.clone();
+        let rooms = rooms.clone();
+        async move {
+            let mut n = 0;
+            for r in &rooms {
+                let m = presence
+                    .room_members(RoomMembersRequest {
+                        room: r.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                n += m.members.iter().map(|m| m.conns.len()).sum::<usize>();
+            }
+            (n == 50 + 5).then_some(())
+        }
+    })
+    .await;
+    eventually(WAIT, "51 users online", || async {
+        (nats_events.count() == 51).then_some(())
+    })
+    .await;
+    // Drain the observer's join events.
+    while observer.next_frame(QUIET).await.unwrap().is_some() {}
+
+    cluster.edges[2].kill();
+    let killed_at = Instant::now();
+
+    // Within the edge timeout + 1 s: the room lists no longer name them.
+    eventually(
+        EDGE_TIMEOUT + Duration::from_secs(1),
+        "killed clients leave the member lists",
+        || {
+            let mut presence = presence.clone();
+            let rooms = rooms.clone();
+            async move {
+                for r in &rooms {
+                    let m = presence
+                        .room_members(RoomMembersRequest {
+                            room: r.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    if m.members
+                        .iter()
+                        .any(|m| m.conns.iter().any(|c| c.node == "edge-2"))
+                    {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    assert!(killed_at.elapsed() <= EDGE_TIMEOUT + Duration::from_secs(1));
+    let _ = &mut presence;
+
+    // Their rooms got one leave event per killed connection.
+    let mut leaves: BTreeMap<String, String> = BTreeMap::new();
+    while leaves.len() < 50 {
+        let e = observer.recv_op("presence", WAIT).await.unwrap();
+        assert_eq!(e["event"], "leave", "{e}");
+        let conn = e["conn"].as_str().unwrap().to_string();
+        assert_eq!(
+            doomed_conns.get(&conn),
+            Some(&e["room"].as_str().unwrap().to_string())
+        );
+        assert!(
+            leaves
+                .insert(conn, e["room"].as_str().unwrap().into())
+                .is_none(),
+            "a leave twice"
+        );
+    }
+
+    // One offline per user without another connection (after the grace period), none for the others.
+    eventually(GRACE + WAIT, "40 users offline", || async {
+        let offline = (10..50)
+            .filter(|i| nats_events.of(&format!("u{i}")).len() == 2)
+            .count();
+        (offline == 40).then_some(())
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    for i in 0..50 {
+        let expected = if i < 10 { 1 } else { 2 };
+        assert_eq!(
+            nats_events.of(&format!("u{i}")).len(),
+            expected,
+            "events of u{i}"
+        );
+    }
+    let s = presence
+        .user_status(UserStatusRequest {
+            users: vec!["u3".into(), "u30".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.users[0].online && s.users[0].conns.len() == 1);
+    assert!(!s.users[1].online);
+    drop(doomed);
+}
+
+/// A replica's answers: the members of `chat:all` and the status of `users`.
+async fn view_at(
+    addr: std::net::SocketAddr,
+    users: Vec<String>,
+) -> Option<(
+    herald_proto::v1::RoomMembersReply,
+    herald_proto::v1::UserStatusReply,
+)> {
+    let mut p = PresenceClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    let members = p
+        .room_members(RoomMembersRequest {
+            room: "chat:all".into(),
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let status = p
+        .user_status(UserStatusRequest { users })
+        .await
+        .ok()?
+        .into_inner();
+    Some((members, status))
+}
+
+#[tokio::test]
+async fn a_restarted_replica_rebuilds_its_view_without_events() {
+    let mut cluster = Cluster::start_spec(spec(3, 2));
+    let nats_events = UserEvents::record(&cluster).await;
+    let mut clients = Vec::new();
+    for i in 0..9 {
+        let c = connect(&cluster.ws(i % 3), &format!("user{}", i % 4)).await;
+        ok(&c, json!({"op":"join","room":"chat:all","meta":{"n":i}})).await;
+        clients.push(c);
+    }
+    eventually(WAIT, "4 users online", || async {
+        (nats_events.count() == 4).then_some(())
+    })
+    .await;
+    let users: Vec<String> = (0..4).map(|i| format!("user{i}")).collect();
+    let addrs = cluster.presence_grpcs.clone();
+    let view = |i: usize| view_at(addrs[i], users.clone());
+    let before = eventually(WAIT, "replica 0 lists all nine", || async {
+        let v = view(0).await?;
+        (v.0.members.iter().map(|m| m.conns.len()).sum::<usize>() == 9).then_some(v)
+    })
+    .await;
+
+    for replica in [1, 0] {
+        cluster.restart_presence(replica);
+        let restarted = Instant::now();
+        let other = 1 - replica;
+        eventually(
+            Duration::from_secs(3),
+            "the restarted replica agrees with the other",
+            || async {
+                let mine = view(replica).await?;
+                let theirs = view(other).await?;
+                (mine == theirs && mine == before).then_some(())
+            },
+        )
+        .await;
+        assert!(restarted.elapsed() <= Duration::from_secs(3));
+    }
+    // Wait out a grace period: still no online/offline beyond the first four.
+    tokio::time::sleep(GRACE + QUIET).await;
+    assert_eq!(
+        nats_events.count(),
+        4,
+        "{:?}",
+        nats_events.0.lock().unwrap()
+    );
+    drop(clients);
+}
+
+#[tokio::test]
+async fn watch_delivers_a_rooms_events_in_order() {
+    let cluster = Cluster::start_spec(spec(2, 1));
+    let events = watch(cluster.presence().await, &["doc:w"], &[]);
+    let (c, connected) = herald_client::Client::connect(&cluster.ws(1), &token("wendy"))
+        .await
+        .unwrap();
+    let conn = connected["conn"].as_str().unwrap().to_string();
+    ok(&c, json!({"op":"join","room":"doc:w","meta":{"v":0}})).await;
+    for v in 1..=5 {
+        ok(
+            &c,
+            json!({"op":"presence_set","room":"doc:w","meta":{"v":v}}),
+        )
+        .await;
+    }
+    ok(&c, json!({"op":"leave","room":"doc:w"})).await;
+    let got = eventually(WAIT, "seven room events", || async {
+        let e = events.lock().unwrap().clone();
+        (e.len() >= 7).then_some(e)
+    })
+    .await;
+    let kinds: Vec<_> = got.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "join", "update", "update", "update", "update", "update", "leave"
+        ]
+    );
+    for (i, e) in got.iter().enumerate().take(6) {
+        assert_eq!(e.room, "doc:w");
+        assert_eq!(e.conn, conn);
+        assert_eq!(e.node, "edge-1");
+        let meta: serde_json::Value = serde_json::from_str(&e.meta).unwrap();
+        assert_eq!(meta["v"], i, "events out of order: {got:?}");
+    }
+}
