@@ -117,6 +117,18 @@ impl Stream for Subscription {
     }
 }
 
+/// A readiness check for the broker: `Err` while it is unreachable.
+pub fn readiness(broker: &SharedBroker) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+    let broker = broker.clone();
+    move || {
+        if broker.is_connected() {
+            Ok(())
+        } else {
+            Err(format!("{} is not connected", broker.describe()))
+        }
+    }
+}
+
 /// Whether `subject` matches the subscription `pattern` (NATS rules: `*`
 /// matches one token, a final `>` one or more).
 pub fn subject_matches(pattern: &str, subject: &str) -> bool {

@@ -134,16 +134,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EdgeError> {
     let health = Health::new();
-    {
-        let broker = broker.clone();
-        health.add_check("broker", move || {
-            if broker.is_connected() {
-                Ok(())
-            } else {
-                Err(format!("{} is not connected", broker.describe()))
-            }
-        });
-    }
+    health.add_check("broker", herald_broker::readiness(&broker));
     let reporter_stop = CancellationToken::new();
     let (reporter, reporter_task) = presence::Reporter::start(
         &config.node_id,

@@ -127,16 +127,7 @@ pub async fn run(
     let stop = shutdown.child_token();
     let health = Health::new();
     let metrics = herald_ops::new_metrics();
-    {
-        let broker = broker.clone();
-        health.add_check("broker", move || {
-            if broker.is_connected() {
-                Ok(())
-            } else {
-                Err(format!("{} is not reachable", broker.describe()))
-            }
-        });
-    }
+    health.add_check("broker", herald_broker::readiness(&broker));
     let http_server = tokio::spawn(serve_http(
         http,
         ops_routes(health.clone(), metrics.clone()),

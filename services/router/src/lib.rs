@@ -49,16 +49,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let health = Health::new();
-    {
-        let broker = broker.clone();
-        health.add_check("broker", move || {
-            if broker.is_connected() {
-                Ok(())
-            } else {
-                Err(format!("{} is not connected", broker.describe()))
-            }
-        });
-    }
+    health.add_check("broker", herald_broker::readiness(&broker));
     let presence = PresenceFront::new(broker.clone(), &config)?;
     let api = RouterApi::new(broker.clone(), presence.clone(), &metrics);
     let (health_svc, reporter, reflection) =
