@@ -1,0 +1,589 @@
+//! The system under test: a cluster (nats-server with JetStream, a presence
+//! service, a router, N edges) or one `herald dev` process, started here as
+//! child processes so that their CPU time can be read from `/proc`.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use herald_test_support::{free_addr, http_get, nats_server_bin};
+use serde_json::json;
+use tempfile::TempDir;
+
+/// How long a process may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// nats-server (JetStream), one presence service, one router, `--edges` edges.
+    Cluster,
+    /// One `herald dev` process (in-memory broker).
+    Dev,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Cluster => "cluster",
+            TargetKind::Dev => "dev",
+        }
+    }
+}
+
+/// Options shared by every scenario: what to run against, and where the
+/// results go.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// What to benchmark; the bench starts it on free ports and stops it at the end.
+    #[arg(long, value_enum, default_value = "cluster")]
+    pub target: TargetKind,
+    /// Number of edges of the cluster (ignored with `--target dev`).
+    #[arg(long, default_value_t = 3)]
+    pub edges: usize,
+    /// The `herald` binary [default: $HERALD_BIN, else `herald` next to this
+    /// executable, else target/release/herald, else target/debug/herald].
+    #[arg(long, value_name = "PATH")]
+    pub herald: Option<PathBuf>,
+    /// The `nats-server` binary [default: $NATS_SERVER, else from PATH, else /usr/sbin/nats-server].
+    #[arg(long, value_name = "PATH")]
+    pub nats_server: Option<PathBuf>,
+    /// Client connections are spread over this many source addresses,
+    /// 127.0.0.2, 127.0.0.3, ... (each has only ~28k ephemeral ports).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=250))]
+    pub source_addrs: u8,
+    /// Write the results as JSON to FILE; `-` prints one JSON line on stdout
+    /// (the table then goes to stderr).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Keep the processes' logs (their folder is printed) instead of deleting them.
+    #[arg(long)]
+    pub keep_logs: bool,
+}
+
+impl CommonArgs {
+    pub fn source_ips(&self) -> Vec<IpAddr> {
+        (0..self.source_addrs)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i)))
+            .collect()
+    }
+}
+
+/// What a process is, for grouping CPU time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Herald,
+    Nats,
+}
+
+/// A child process, killed on drop, its output in a log file.
+struct Proc {
+    name: String,
+    role: Role,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, role: Role, mut cmd: Command, dir: &Path) -> Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+        // and exec. The child is killed if the bench dies without cleaning up
+        // (the children are spawned from the main thread, which lives as long
+        // as the bench).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {name} ({cmd:?})"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            role,
+            child,
+            log,
+        })
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let out = self.output();
+        let all: Vec<&str> = out.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Polls `ready` until it holds; fails if the process exits first or
+    /// `READY_TIMEOUT` passes. Start-up only: nothing is measured meanwhile.
+    fn wait_until(&mut self, what: &str, ready: impl Fn() -> bool) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before {what}:\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not {what} within {READY_TIMEOUT:?}:\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn wait_ready(&mut self, http: SocketAddr) -> Result<()> {
+        self.wait_until("ready", || {
+            matches!(http_get(http, "/readyz"), Ok((200, _)))
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running system under test.
+pub struct Target {
+    pub kind: TargetKind,
+    /// `ws://.../ws` of each edge (one for `dev`).
+    pub edge_urls: Vec<String>,
+    /// The HS256 secret the edges verify tokens with.
+    secret: String,
+    /// Stopped in reverse order of start: edges first, nats-server last.
+    procs: Vec<Proc>,
+    dir: Option<TempDir>,
+    keep_logs: bool,
+    pub herald_bin: PathBuf,
+    /// nats-server's monitoring port (cluster only).
+    nats_monitor: Option<SocketAddr>,
+}
+
+impl Target {
+    pub fn start(args: &CommonArgs) -> Result<Target> {
+        let herald_bin = match &args.herald {
+            Some(p) => p.clone(),
+            None => find_herald()?,
+        };
+        if !herald_bin.is_file() {
+            bail!("{} is not a file", herald_bin.display());
+        }
+        let dir = tempfile::Builder::new().prefix("herald-bench-").tempdir()?;
+        let secret = format!("herald-bench-{}-{}", std::process::id(), now_secs());
+        let mut target = Target {
+            kind: args.target,
+            edge_urls: Vec::new(),
+            secret,
+            procs: Vec::new(),
+            dir: Some(dir),
+            keep_logs: args.keep_logs,
+            herald_bin,
+            nats_monitor: None,
+        };
+        match args.target {
+            TargetKind::Dev => target.start_dev()?,
+            TargetKind::Cluster => {
+                if args.edges == 0 {
+                    bail!("--edges must be at least 1");
+                }
+                target.start_cluster(args.edges, args.nats_server.clone())?;
+            }
+        }
+        Ok(target)
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("log dir").path()
+    }
+
+    fn herald(&self, args: &[String]) -> Command {
+        let mut cmd = Command::new(&self.herald_bin);
+        cmd.args(args);
+        // Herald's defaults (log level info, no config file), not whatever
+        // the shell that runs the bench has set.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HERALD_") || key == "RUST_LOG" {
+                cmd.env_remove(key);
+            }
+        }
+        cmd
+    }
+
+    fn start_herald(&mut self, name: &str, args: Vec<String>, http: SocketAddr) -> Result<()> {
+        let cmd = self.herald(&args);
+        let mut proc = Proc::spawn(name, Role::Herald, cmd, self.dir())?;
+        let ready = proc.wait_ready(http);
+        self.procs.push(proc);
+        ready
+    }
+
+    fn start_dev(&mut self) -> Result<()> {
+        let listen = free_addr();
+        let grpc = free_addr();
+        let args = vec![
+            "dev".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--grpc-listen".into(),
+            grpc.to_string(),
+            "--jwt-secret".into(),
+            self.secret.clone(),
+        ];
+        self.start_herald("herald-dev", args, listen)?;
+        self.edge_urls.push(format!("ws://{listen}/ws"));
+        Ok(())
+    }
+
+    fn start_cluster(&mut self, edges: usize, nats_bin: Option<PathBuf>) -> Result<()> {
+        let nats_addr = free_addr();
+        let monitor = free_addr();
+        let store = self.dir().join("jetstream");
+        let mut cmd = Command::new(nats_bin.unwrap_or_else(nats_server_bin));
+        cmd.args(["-a", "127.0.0.1", "-p", &nats_addr.port().to_string()])
+            .args(["-m", &monitor.port().to_string(), "-js", "-sd"])
+            .arg(&store);
+        self.nats_monitor = Some(monitor);
+        let mut nats = Proc::spawn("nats-server", Role::Nats, cmd, self.dir())?;
+        let up = nats.wait_until("listening", || {
+            std::net::TcpStream::connect_timeout(&nats_addr, Duration::from_millis(200)).is_ok()
+        });
+        self.procs.push(nats);
+        up?;
+        let nats_url = format!("nats://{nats_addr}");
+
+        let (grpc, http) = (free_addr(), free_addr());
+        let args = vec![
+            "presence".into(),
+            "--grpc-listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--nats".into(),
+            nats_url.clone(),
+        ];
+        self.start_herald("presence", args, http)?;
+
+        let (grpc, http) = (free_addr(), free_addr());
+        let args = vec![
+            "router".into(),
+            "--grpc-listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--nats".into(),
+            nats_url.clone(),
+        ];
+        self.start_herald("router", args, http)?;
+
+        for i in 0..edges {
+            let listen = free_addr();
+            let name = format!("edge-{i}");
+            let args = vec![
+                "edge".into(),
+                "--listen".into(),
+                listen.to_string(),
+                "--nats".into(),
+                nats_url.clone(),
+                "--node-id".into(),
+                name.clone(),
+                "--jwt-secret".into(),
+                self.secret.clone(),
+            ];
+            self.start_herald(&name, args, listen)?;
+            self.edge_urls.push(format!("ws://{listen}/ws"));
+        }
+        Ok(())
+    }
+
+    /// One line saying what runs.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            TargetKind::Dev => "herald dev (one process, in-memory broker)".into(),
+            TargetKind::Cluster => format!(
+                "cluster: {} edge(s), 1 presence, 1 router, nats-server (JetStream)",
+                self.edge_urls.len()
+            ),
+        }
+    }
+
+    /// An HS256 token for `sub`, valid for a day.
+    pub fn token(&self, sub: &str) -> String {
+        let claims = json!({ "sub": sub, "exp": now_secs() + 86_400 });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
+        )
+        .expect("HS256 signing cannot fail")
+    }
+
+    /// The bench's own process first, then every started process.
+    pub fn cpu_probes(&self) -> Vec<CpuProbe> {
+        let mut probes = vec![CpuProbe {
+            name: "herald-bench (load)".into(),
+            role: None,
+            pid: std::process::id(),
+        }];
+        probes.extend(self.procs.iter().map(|p| CpuProbe {
+            name: p.name.clone(),
+            role: Some(p.role),
+            pid: p.child.id(),
+        }));
+        probes
+    }
+
+    /// nats-server's message and subscription counters (cluster only).
+    pub fn nats_stats(&self) -> Option<NatsStats> {
+        let monitor = self.nats_monitor?;
+        let get = |path: &str| -> Option<serde_json::Value> {
+            let (200, body) = http_get(monitor, path).ok()? else {
+                return None;
+            };
+            serde_json::from_str(&body).ok()
+        };
+        let varz = get("/varz")?;
+        let subsz = get("/subsz")?;
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        Some(NatsStats {
+            in_msgs: n(&varz, "in_msgs"),
+            out_msgs: n(&varz, "out_msgs"),
+            in_bytes: n(&varz, "in_bytes"),
+            out_bytes: n(&varz, "out_bytes"),
+            sub_inserts: n(&subsz, "num_inserts"),
+            sub_removes: n(&subsz, "num_removes"),
+        })
+    }
+
+    /// Processes that have exited (they should all still run), with the end
+    /// of their output.
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut dead = Vec::new();
+        for p in &mut self.procs {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                dead.push(format!(
+                    "{} exited with {status} during the run:\n{}",
+                    p.name,
+                    p.tail(30)
+                ));
+            }
+        }
+        dead
+    }
+
+    /// The WARN and ERROR lines the processes logged, a few per process,
+    /// with counts.
+    pub fn log_problems(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for p in &self.procs {
+            let out = p.output();
+            let bad: Vec<&str> = out
+                .lines()
+                .filter(|l| {
+                    l.contains(" WARN ")
+                        || l.contains(" ERROR ")
+                        || l.contains("\"level\":\"WARN\"")
+                        || l.contains("\"level\":\"ERROR\"")
+                        || (p.role == Role::Nats && (l.contains("[ERR]") || l.contains("[WRN]")))
+                })
+                .collect();
+            if bad.is_empty() {
+                continue;
+            }
+            let mut note = format!("{} logged {} warning/error line(s)", p.name, bad.len());
+            for line in bad.iter().take(3) {
+                let line: String = line.chars().take(300).collect();
+                let _ = write!(note, "\n    {line}");
+            }
+            notes.push(note);
+        }
+        notes
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+        if self.keep_logs
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `$HERALD_BIN`, else `herald` next to this executable (cargo puts both
+/// binaries of one profile in the same folder), else the workspace's
+/// target/release or target/debug.
+fn find_herald() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("HERALD_BIN") {
+        return Ok(p.into());
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe()?.parent() {
+        candidates.push(dir.join("herald"));
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    candidates.push(target.join("release/herald"));
+    candidates.push(target.join("debug/herald"));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no herald binary in {candidates:?}: run `cargo build --release --bin herald`, \
+                 or give --herald PATH or $HERALD_BIN"
+            )
+        })
+}
+
+/// Counters of nats-server (`/varz`, `/subsz`), or their growth over a phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NatsStats {
+    pub in_msgs: u64,
+    pub out_msgs: u64,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+    /// Subscriptions made (SUB).
+    pub sub_inserts: u64,
+    /// Subscriptions removed (UNSUB, or with a closed connection).
+    pub sub_removes: u64,
+}
+
+impl NatsStats {
+    pub fn since(&self, start: &NatsStats) -> NatsStats {
+        NatsStats {
+            in_msgs: self.in_msgs.saturating_sub(start.in_msgs),
+            out_msgs: self.out_msgs.saturating_sub(start.out_msgs),
+            in_bytes: self.in_bytes.saturating_sub(start.in_bytes),
+            out_bytes: self.out_bytes.saturating_sub(start.out_bytes),
+            sub_inserts: self.sub_inserts.saturating_sub(start.sub_inserts),
+            sub_removes: self.sub_removes.saturating_sub(start.sub_removes),
+        }
+    }
+}
+
+/// A process whose CPU time is measured.
+#[derive(Debug, Clone)]
+pub struct CpuProbe {
+    pub name: String,
+    /// `None` for the bench itself.
+    pub role: Option<Role>,
+    pub pid: u32,
+}
+
+/// CPU time of a process in user space and in the kernel, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+/// Resident set size of a process in bytes, from `/proc/<pid>/status`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// utime and stime of a process, from `/proc/<pid>/stat`.
+pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let hz = clock_ticks();
+    Some(CpuTimes {
+        user: utime as f64 / hz,
+        system: stime as f64 / hz,
+    })
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_of_this_process_grows() {
+        let total = |t: CpuTimes| t.user + t.system;
+        let before = total(cpu_times(std::process::id()).expect("own /proc/<pid>/stat"));
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let after = total(cpu_times(std::process::id()).unwrap());
+        assert!(after > before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn no_cpu_time_for_a_missing_process() {
+        assert!(cpu_times(u32::MAX).is_none());
+        assert!(rss_bytes(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn rss_of_this_process_is_plausible() {
+        let rss = rss_bytes(std::process::id()).expect("own /proc/<pid>/status");
+        assert!(rss > 100 * 1024 && rss < 64 << 30, "{rss}");
+    }
+
+    #[test]
+    fn source_addresses_start_at_127_0_0_2() {
+        let args = CommonArgs {
+            target: TargetKind::Dev,
+            edges: 1,
+            herald: None,
+            nats_server: None,
+            source_addrs: 3,
+            json: None,
+            keep_logs: false,
+        };
+        let ips: Vec<String> = args.source_ips().iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
+    }
+}
