@@ -8,12 +8,14 @@
 //! process (and of the bench itself, which shares the machine) is read from
 //! `/proc/<pid>/stat`.
 //!
-//! Scenarios: `churn` (presence churn). More will follow (idle, fanout,
+//! Scenarios: `churn` (presence churn), `presence-memory` (the presence
+//! view's memory per connection). More will follow (idle, fanout,
 //! chat, floor); each is a module with a clap `Args` struct and a `run`
 //! that returns a [`report::Report`].
 
 mod churn;
 mod load;
+mod presence_memory;
 mod report;
 mod target;
 
@@ -50,6 +52,12 @@ enum Scenario {
         #[command(flatten)]
         args: churn::ChurnArgs,
     },
+    /// Memory of one presence replica's view per connection and room membership
+    /// (in-process; starts nothing).
+    PresenceMemory {
+        #[command(flatten)]
+        args: presence_memory::PresenceMemoryArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,7 +74,10 @@ fn main() -> ExitCode {
 
 /// Runs the scenario; `Ok(false)` when the report lists failures.
 fn run(cli: Cli) -> Result<bool> {
-    let Scenario::Churn { common, args } = cli.scenario;
+    let (common, args) = match cli.scenario {
+        Scenario::Churn { common, args } => (common, args),
+        Scenario::PresenceMemory { args } => return presence_memory::run(&args),
+    };
     let mut target = Target::start(&common)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
