@@ -164,6 +164,30 @@ impl Policy {
         }
     }
 
+    /// Whether rooms of `namespace` keep history: configured `durable`, or the
+    /// personal namespace (every user's offline inbox).
+    pub fn is_durable(&self, namespace: &str) -> bool {
+        namespace == USER
+            || self
+                .namespace(namespace)
+                .is_some_and(|p| p.durable.is_some())
+    }
+
+    /// Every durable namespace and how much it keeps, the personal namespace
+    /// (the inbox: `inbox` limits) included.
+    pub fn durable_namespaces(&self, inbox: &DurablePolicy) -> Vec<(String, DurablePolicy)> {
+        let mut out = vec![(USER.to_string(), inbox.clone())];
+        if let Some(map) = &self.namespaces {
+            let mut named: Vec<_> = map
+                .iter()
+                .filter_map(|(ns, p)| p.durable.clone().map(|d| (ns.clone(), d)))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            out.extend(named);
+        }
+        out
+    }
+
     /// May `claims` join `room`, a full room name `namespace:name` already validated by the caller?
     pub fn check_join(&self, claims: &Claims, room: &str) -> Result<&NamespacePolicy, Denied> {
         let (ns, name) = room.split_once(':').unwrap_or((room, ""));

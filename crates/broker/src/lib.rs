@@ -7,10 +7,15 @@
 //! and `>` wildcards in subscriptions, queue groups that deliver each message
 //! to one member, request/reply through a reply subject, at-most-once
 //! delivery, and per-publisher ordering.
+//!
+//! Durable room history (JetStream streams and KV, or memory) is the
+//! [`history`] module, behind its own trait.
 #![forbid(unsafe_code)]
 
+pub mod history;
 mod memory;
 mod nats;
+pub mod rooms;
 
 use std::future::Future;
 use std::pin::Pin;

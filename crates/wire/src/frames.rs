@@ -231,6 +231,32 @@ pub fn message_frame(room: &RoomName, data: &RawValue, from: &str, ts_ms: u64) -
     })
 }
 
+/// A durable room's message frame with its position: `frame` (from
+/// [`message_frame`]) with `epoch`, `offset` and `prev` (the room's previous
+/// offset, which lets edges put messages from several publishers back in
+/// order) appended. Stored messages keep the plain frame; the position is
+/// added when the store has assigned it.
+pub fn with_position(frame: &[u8], epoch: &str, offset: u64, prev: u64) -> Bytes {
+    debug_assert_eq!(frame.last(), Some(&b'}'));
+    let mut out = Vec::with_capacity(frame.len() + epoch.len() + 48);
+    out.extend_from_slice(&frame[..frame.len() - 1]);
+    out.extend_from_slice(b",\"epoch\":");
+    out.extend_from_slice(&serde_json::to_vec(epoch).expect("a string serializes"));
+    out.extend_from_slice(format!(",\"offset\":{offset},\"prev\":{prev}}}").as_bytes());
+    Bytes::from(out)
+}
+
+/// The position of a durable message frame, or `None` for any other frame.
+pub fn position(frame: &[u8]) -> Option<(u64, u64)> {
+    #[derive(Deserialize)]
+    struct Position {
+        offset: Option<u64>,
+        prev: Option<u64>,
+    }
+    let p: Position = serde_json::from_slice(frame).ok()?;
+    Some((p.offset?, p.prev?))
+}
+
 /// A room presence event, `{"op":"presence",...}`: published on the room's
 /// subject by the edge that owns the connection (or, for connections of a
 /// dead edge, by the presence service), so members on every edge receive it
@@ -490,6 +516,15 @@ mod tests {
             v,
             json!({"op":"presence","room":"chat:x","event":"leave","user":"bob","conn":"e1-4"})
         );
+        let plain = message_frame(&room, &data, "bob", 7);
+        assert_eq!(position(&plain), None);
+        let placed = with_position(&plain, "e\"1", 42, 40);
+        let v: Value = serde_json::from_slice(&placed).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"message","room":"chat:lobby","data":{"text":"hi"},"from":"bob","ts":7,"epoch":"e\"1","offset":42,"prev":40})
+        );
+        assert_eq!(position(&placed), Some((42, 40)));
         let v: Value = serde_json::from_slice(&pong_frame(Some(1))).unwrap();
         assert_eq!(v, json!({"op":"pong","id":1}));
     }

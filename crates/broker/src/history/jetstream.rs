@@ -1,0 +1,847 @@
+//! History in JetStream (nats-server 2.9 or later).
+//!
+//! Layout: one stream per durable namespace, `HERALD_<NS>` (upper-cased,
+//! `-` → `_`), capturing `herald.durable.<ns>.>`; a room's messages go to
+//! `herald.durable.<ns>.<encode_token(room)>`. The stream sequence is the
+//! offset, the stream's creation time the epoch. Per-room history size is
+//! `max_msgs_per_subject`; age is `max_age`.
+//!
+//! Appends to one room are linearised: each publish carries the room's last
+//! offset in `Nats-Expected-Last-Subject-Sequence` (and stores it in the
+//! `Herald-Prev` header), so it only lands when that really was the room's
+//! last message, and `prev` is exact whatever other processes do. On
+//! "wrong last sequence" the append learns the room's real last offset (from
+//! the error, else by reading it) and tries again. Within one process,
+//! appends to a room also queue on a local lock, so they do not race each
+//! other through that retry loop.
+//!
+//! Read markers live in the KV bucket `herald_read_markers`, one key per
+//! (user, room): `<user>.<room>`, each part encoded with `kv_encode` (KV keys
+//! allow fewer characters than subject tokens).
+//!
+//! Checked against nats-server 2.9.10: an expected last subject sequence of
+//! 0 is enforced (a room's first message is linearised too); a repeated
+//! `Nats-Msg-Id` is answered as a duplicate before the expected sequence is
+//! checked, and a publish refused for its sequence does not record its id;
+//! `duplicate_window` may not exceed `max_age`; `max_msg_size` counts
+//! headers; async-nats 0.51's `create_key_value` cannot parse 2.9's account
+//! info, so the marker bucket's stream is created directly.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::HeaderValue;
+use async_nats::connection::State;
+use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::stream::{self, DiscardPolicy, LastRawMessageErrorKind, StorageType};
+use async_nats::jetstream::{self, Context};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_wire::room::RoomName;
+use herald_wire::subjects::encode_token;
+
+use super::{
+    Appended, History, HistoryError, Limits, MAX_MARKERS_PER_USER, Stored, check_namespace,
+    check_user, kv_decode, kv_encode,
+};
+use crate::BoxFuture;
+
+/// Bounds every JetStream API request and publish acknowledgement.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an operation waits for a connection being (re)established.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// Bounds a whole read, count or marker listing (pull fetches have no
+/// timeout of their own).
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an append waits for this process's earlier appends to the same
+/// room before giving up.
+const ROOM_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Compare-and-set attempts on a read marker before giving up.
+const MAX_MARKER_ATTEMPTS: usize = 32;
+
+/// How long an append keeps retrying after losing races to other
+/// processes' appends to the same room before reporting contention.
+const APPEND_CONTENTION_LIMIT: Duration = Duration::from_secs(10);
+/// Rooms whose last offset this process remembers; idle entries are dropped
+/// when there are more.
+const MAX_CACHED_ROOMS: usize = 65_536;
+/// Messages per pull request when reading.
+const FETCH_CHUNK: usize = 256;
+/// The server removes a scan consumer this long after its last use, should
+/// the explicit delete not arrive.
+const SCAN_CONSUMER_IDLE: Duration = Duration::from_secs(30);
+
+/// The header holding a message's `prev`.
+pub const PREV_HEADER: &str = "Herald-Prev";
+/// The KV bucket of read markers.
+pub const MARKER_BUCKET: &str = "herald_read_markers";
+
+/// The stream of durable namespace `ns`.
+pub fn stream_name(ns: &str) -> String {
+    format!("HERALD_{}", ns.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// The subject a durable room's messages are stored under.
+pub fn room_subject(room: &RoomName) -> String {
+    format!(
+        "herald.durable.{}.{}",
+        room.namespace(),
+        encode_token(room.as_str())
+    )
+}
+
+struct Namespace {
+    stream: jetstream::stream::Stream,
+    /// The configuration this process wants, to recreate the stream with.
+    config: stream::Config,
+    /// Cached for [`Appended::epoch`]; refreshed by `epoch()`, by
+    /// `ensure_namespace` and whenever an append sees signs of the stream
+    /// having been recreated.
+    epoch: Mutex<String>,
+}
+
+impl Namespace {
+    fn epoch(&self) -> String {
+        self.epoch.lock().expect("epoch").clone()
+    }
+
+    fn set_epoch(&self, epoch: String) {
+        *self.epoch.lock().expect("epoch") = epoch;
+    }
+}
+
+/// The room's last offset as this process last saw it; `None` when unknown.
+/// Held locked for the whole of an append, which serialises this process's
+/// appends to the room.
+type RoomSlot = Arc<tokio::sync::Mutex<Option<u64>>>;
+
+/// Durable room history in JetStream. See the module documentation.
+pub struct JetStreamHistory {
+    client: async_nats::Client,
+    js: Context,
+    /// Replicas of the streams and bucket it creates (existing ones keep
+    /// theirs).
+    replicas: usize,
+    namespaces: RwLock<HashMap<String, Arc<Namespace>>>,
+    rooms: Mutex<HashMap<String, RoomSlot>>,
+    markers: tokio::sync::OnceCell<kv::Store>,
+}
+
+impl JetStreamHistory {
+    /// History on the JetStream of `client` (e.g. `NatsBroker::client()`).
+    pub fn new(client: async_nats::Client) -> JetStreamHistory {
+        let js = jetstream::context::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(client.clone());
+        JetStreamHistory {
+            client,
+            js,
+            replicas: 1,
+            namespaces: RwLock::new(HashMap::new()),
+            rooms: Mutex::new(HashMap::new()),
+            markers: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Creates streams and the marker bucket with `replicas` replicas (3 in a
+    /// production cluster; default 1).
+    pub fn with_replicas(mut self, replicas: usize) -> JetStreamHistory {
+        self.replicas = replicas.max(1);
+        self
+    }
+
+    /// Fails fast while NATS is unreachable, so that nothing is sent into a
+    /// connection that may replay it later. While (re)connecting, waits up to
+    /// [`CONNECT_WAIT`] for the connection (a flush completes once it is up).
+    async fn connected(&self) -> Result<(), HistoryError> {
+        if self.client.connection_state() == State::Connected {
+            return Ok(());
+        }
+        match tokio::time::timeout(CONNECT_WAIT, self.client.flush()).await {
+            Ok(Ok(())) if self.client.connection_state() == State::Connected => Ok(()),
+            _ => Err(HistoryError::Unavailable(format!(
+                "not connected to NATS (waited {CONNECT_WAIT:?})"
+            ))),
+        }
+    }
+
+    /// Classifies a client error: while disconnected, or after a timeout, the
+    /// store is unavailable; anything else the server refused.
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> HistoryError {
+        let msg = format!("{what}: {e}");
+        // async-nats reports timeouts as a `TimedOut` kind in a dozen error
+        // types; all of them print "timed out".
+        if self.client.connection_state() != State::Connected || msg.contains("timed out") {
+            HistoryError::Unavailable(msg)
+        } else {
+            HistoryError::Failed(msg)
+        }
+    }
+
+    fn namespace(&self, ns: &str) -> Result<Arc<Namespace>, HistoryError> {
+        self.namespaces
+            .read()
+            .expect("namespaces")
+            .get(ns)
+            .cloned()
+            .ok_or_else(|| HistoryError::NotDurable(ns.to_string()))
+    }
+
+    fn wanted_config(&self, ns: &str, limits: &Limits) -> stream::Config {
+        let unlimited = |v: u64| {
+            if v == 0 {
+                -1
+            } else {
+                v.min(i64::MAX as u64) as i64
+            }
+        };
+        stream::Config {
+            name: stream_name(ns),
+            subjects: vec![format!("herald.durable.{ns}.>")],
+            max_messages_per_subject: unlimited(limits.max_messages_per_room),
+            max_age: limits.max_age,
+            duplicate_window: limits.dedup_window(),
+            storage: StorageType::File,
+            discard: DiscardPolicy::Old,
+            num_replicas: self.replicas,
+            description: Some(format!("Herald history of durable namespace `{ns}`")),
+            ..Default::default()
+        }
+    }
+
+    /// Gets or creates the stream, then brings its limits to `wanted`.
+    async fn create_or_update(
+        &self,
+        wanted: &stream::Config,
+    ) -> Result<jetstream::stream::Stream, HistoryError> {
+        let stream = self
+            .js
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|e| self.fail(&format!("stream {}", wanted.name), e))?;
+        let current = stream.cached_info().config.clone();
+        if current.subjects != wanted.subjects {
+            return Err(HistoryError::Failed(format!(
+                "stream {} captures {:?}, not {:?}: namespaces that differ only in case or in \
+                 `-`/`_` cannot both be durable",
+                wanted.name, current.subjects, wanted.subjects
+            )));
+        }
+        let mut merged = current.clone();
+        merged.max_messages_per_subject = wanted.max_messages_per_subject;
+        merged.max_age = wanted.max_age;
+        merged.duplicate_window = wanted.duplicate_window;
+        merged.discard = wanted.discard;
+        if merged != current {
+            self.js
+                .update_stream(merged)
+                .await
+                .map_err(|e| self.fail(&format!("update stream {}", wanted.name), e))?;
+        }
+        Ok(stream)
+    }
+
+    /// The epoch of stream `name`, `None` if it does not exist.
+    ///
+    /// Read from the raw `STREAM.INFO` answer: the epoch is the creation time
+    /// exactly as the server states it (stable across restarts), which does
+    /// not depend on which date-time type async-nats was built with.
+    async fn fetch_epoch(&self, name: &str) -> Result<Option<String>, HistoryError> {
+        let info: serde_json::Value = self
+            .js
+            .request(format!("STREAM.INFO.{name}"), &serde_json::json!({}))
+            .await
+            .map_err(|e| self.fail(&format!("stream info {name}"), e))?;
+        if let Some(err) = info.get("error") {
+            if err.get("code").and_then(|c| c.as_u64()) == Some(404) {
+                return Ok(None);
+            }
+            return Err(HistoryError::Failed(format!("stream info {name}: {err}")));
+        }
+        let created = info
+            .get("created")
+            .and_then(|c| c.as_str())
+            .ok_or_else(|| {
+                HistoryError::Failed(format!("stream info {name} has no creation time"))
+            })?;
+        // "2026-11-25T21:47:55.447147089Z" → "20261125T214755447147089Z".
+        Ok(Some(
+            created
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect(),
+        ))
+    }
+
+    /// Refreshes the namespace's epoch, recreating its stream when it is gone
+    /// (deleted by hand, or lost): the namespace is configured durable, and
+    /// the new epoch tells readers the old history is gone.
+    async fn refresh_epoch(&self, ns: &Namespace) -> Result<String, HistoryError> {
+        let name = &ns.config.name;
+        let epoch = match self.fetch_epoch(name).await? {
+            Some(epoch) => epoch,
+            None => {
+                tracing::warn!(stream = %name, "history stream is missing; recreating it");
+                self.create_or_update(&ns.config).await?;
+                self.fetch_epoch(name).await?.ok_or_else(|| {
+                    HistoryError::Failed(format!("stream {name} vanished again after creation"))
+                })?
+            }
+        };
+        ns.set_epoch(epoch.clone());
+        Ok(epoch)
+    }
+
+    async fn ensure(&self, ns: &str, limits: Limits) -> Result<(), HistoryError> {
+        check_namespace(ns)?;
+        self.connected().await?;
+        let wanted = self.wanted_config(ns, &limits);
+        if let Some(other) = self
+            .namespaces
+            .read()
+            .expect("namespaces")
+            .iter()
+            .find(|(other, n)| other.as_str() != ns && n.config.name == wanted.name)
+            .map(|(other, _)| other.clone())
+        {
+            return Err(HistoryError::Failed(format!(
+                "namespaces `{ns}` and `{other}` would share stream {}",
+                wanted.name
+            )));
+        }
+        let stream = self.create_or_update(&wanted).await?;
+        let namespace = Arc::new(Namespace {
+            stream,
+            config: wanted,
+            epoch: Mutex::new(String::new()),
+        });
+        self.refresh_epoch(&namespace).await?;
+        self.namespaces
+            .write()
+            .expect("namespaces")
+            .insert(ns.to_string(), namespace);
+        Ok(())
+    }
+
+    fn room_slot(&self, subject: &str) -> RoomSlot {
+        let mut rooms = self.rooms.lock().expect("room slots");
+        if let Some(slot) = rooms.get(subject) {
+            return slot.clone();
+        }
+        if rooms.len() >= MAX_CACHED_ROOMS {
+            // Forget the rooms nobody is appending to right now.
+            rooms.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        rooms.entry(subject.to_string()).or_default().clone()
+    }
+
+    /// The room's last offset on the server, 0 when it has no message.
+    async fn last_offset(&self, ns: &Namespace, subject: &str) -> Result<u64, HistoryError> {
+        match ns.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(self.fail(&format!("last message of {subject}"), e)),
+        }
+    }
+
+    async fn append_inner(
+        &self,
+        room: &RoomName,
+        payload: Bytes,
+        key: Option<&str>,
+    ) -> Result<Appended, HistoryError> {
+        let ns = self.namespace(room.namespace())?;
+        self.connected().await?;
+        let subject = room_subject(room);
+        let slot = self.room_slot(&subject);
+        let mut last = tokio::time::timeout(ROOM_LOCK_TIMEOUT, slot.lock())
+            .await
+            .map_err(|_| {
+                HistoryError::Unavailable(format!(
+                    "earlier appends to {room} did not finish within {ROOM_LOCK_TIMEOUT:?}"
+                ))
+            })?;
+        // Room names hold no space, and `encode_token` escapes whitespace:
+        // "<room> <key>" is unambiguous, and scopes keys to their room.
+        let msg_id = key.map(|k| format!("{room} {}", encode_token(k)));
+        let mut recreated = false;
+        let give_up = tokio::time::Instant::now() + APPEND_CONTENTION_LIMIT;
+        let mut attempts = 0u32;
+        while tokio::time::Instant::now() < give_up {
+            attempts += 1;
+            self.connected().await?;
+            let expected = match *last {
+                Some(seq) => seq,
+                None => self.last_offset(&ns, &subject).await?,
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                HeaderValue::from(expected),
+            );
+            headers.insert(PREV_HEADER, HeaderValue::from(expected));
+            if let Some(id) = &msg_id {
+                headers.insert(NATS_MESSAGE_ID, id.as_str());
+            }
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .await;
+            let acked = match sent {
+                Ok(ack) => ack.await,
+                Err(e) => {
+                    *last = None;
+                    return Err(self.fail(&format!("publish to {subject}"), e));
+                }
+            };
+            match acked {
+                Ok(ack) if ack.duplicate => {
+                    return Ok(Appended {
+                        epoch: ns.epoch(),
+                        offset: ack.sequence,
+                        prev: self.stored_prev(&ns, &subject, ack.sequence).await,
+                        duplicate: true,
+                    });
+                }
+                Ok(ack) => {
+                    *last = Some(ack.sequence);
+                    return Ok(Appended {
+                        epoch: ns.epoch(),
+                        offset: ack.sequence,
+                        prev: expected,
+                        duplicate: false,
+                    });
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    let actual = wrong_last_sequence(&e.to_string());
+                    tracing::debug!(%room, expected, ?actual, "append raced another; retrying");
+                    *last = actual;
+                    // Writers that keep colliding step aside for a moment, at random,
+                    // so that one of them wins the next round.
+                    if attempts > 2 {
+                        let pause = rand::random::<u64>() % (1 + u64::from(attempts.min(20)));
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                    if actual.is_none_or(|actual| actual < expected) {
+                        // The room's sequence went backwards: its messages
+                        // expired, or the stream was recreated. Check which.
+                        self.refresh_epoch(&ns).await?;
+                    }
+                }
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && !recreated => {
+                    recreated = true;
+                    *last = None;
+                    self.refresh_epoch(&ns).await?;
+                }
+                Err(e) => {
+                    *last = None;
+                    return Err(self.fail(&format!("publish to {subject}"), e));
+                }
+            }
+        }
+        *last = None;
+        Err(HistoryError::Unavailable(format!(
+            "{attempts} attempts in {APPEND_CONTENTION_LIMIT:?} to append to {room} all lost to concurrent appends"
+        )))
+    }
+
+    /// The `prev` stored with message `seq`, 0 if it cannot be read.
+    async fn stored_prev(&self, ns: &Namespace, subject: &str, seq: u64) -> u64 {
+        match ns.stream.get_raw_message(seq).await {
+            Ok(m) if m.subject.as_str() == subject => header_u64(&m.headers, PREV_HEADER),
+            _ => 0,
+        }
+    }
+
+    /// Creates a throw-away consumer on `stream` filtered to `filter`, and
+    /// pulls up to `limit` of its messages (none for `limit` 0). Returns the
+    /// consumer's initial pending count and the messages.
+    async fn scan(
+        &self,
+        stream: &jetstream::stream::Stream,
+        filter: String,
+        deliver_policy: DeliverPolicy,
+        limit: usize,
+    ) -> Result<(u64, Vec<jetstream::Message>), HistoryError> {
+        self.connected().await?;
+        let what = format!("read {filter}");
+        let consumer: PullConsumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: filter,
+                deliver_policy,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: SCAN_CONSUMER_IDLE,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| self.fail(&what, e))?;
+        let pending = consumer.cached_info().num_pending;
+        let want = limit.min(usize::try_from(pending).unwrap_or(usize::MAX));
+        let pulled = self.pull(&consumer, want, &what).await;
+        // Best effort, in the background: the idle threshold removes it anyway.
+        let (js, name, stream_name) = (
+            self.js.clone(),
+            consumer.cached_info().name.clone(),
+            consumer.cached_info().stream_name.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = js.delete_consumer_from_stream(name, stream_name).await;
+        });
+        Ok((pending, pulled?))
+    }
+
+    async fn pull(
+        &self,
+        consumer: &PullConsumer,
+        want: usize,
+        what: &str,
+    ) -> Result<Vec<jetstream::Message>, HistoryError> {
+        let mut out = Vec::with_capacity(want);
+        while out.len() < want {
+            let mut batch = consumer
+                .fetch()
+                .max_messages((want - out.len()).min(FETCH_CHUNK))
+                .messages()
+                .await
+                .map_err(|e| self.fail(what, e))?;
+            let before = out.len();
+            let mut caught_up = false;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| self.fail(what, e))?;
+                caught_up = m.info().is_ok_and(|i| i.pending == 0);
+                out.push(m);
+            }
+            // Fewer than asked for: expired or removed meanwhile.
+            if caught_up || out.len() == before {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_inner(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        let ns = self.namespace(room.namespace())?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = DeliverPolicy::ByStartSequence {
+            start_sequence: after.saturating_add(1),
+        };
+        let (_, messages) = self
+            .scan(&ns.stream, room_subject(room), start, limit)
+            .await?;
+        messages
+            .into_iter()
+            .map(|m| {
+                let info = m
+                    .info()
+                    .map_err(|e| HistoryError::Failed(format!("message metadata: {e}")))?;
+                Ok(Stored {
+                    offset: info.stream_sequence,
+                    prev: m.headers.as_ref().map_or(0, |h| header_u64(h, PREV_HEADER)),
+                    payload: m.message.payload.clone(),
+                })
+            })
+            .collect()
+    }
+
+    async fn count_inner(&self, room: &RoomName, after: u64) -> Result<u64, HistoryError> {
+        let ns = self.namespace(room.namespace())?;
+        let start = DeliverPolicy::ByStartSequence {
+            start_sequence: after.saturating_add(1),
+        };
+        let (pending, _) = self.scan(&ns.stream, room_subject(room), start, 0).await?;
+        Ok(pending)
+    }
+
+    /// The marker bucket, created on first use.
+    ///
+    /// Created as its stream directly, with the configuration async-nats
+    /// would give it: `create_key_value` first asks for the account info,
+    /// which async-nats 0.51 cannot parse from a 2.9 server.
+    async fn marker_bucket(&self) -> Result<&kv::Store, HistoryError> {
+        self.markers
+            .get_or_try_init(|| async {
+                self.connected().await?;
+                if let Ok(store) = self.js.get_key_value(MARKER_BUCKET).await {
+                    return Ok(store);
+                }
+                self.js
+                    .get_or_create_stream(stream::Config {
+                        name: format!("KV_{MARKER_BUCKET}"),
+                        description: Some("Herald read markers: <user>.<room> → offset".into()),
+                        subjects: vec![format!("$KV.{MARKER_BUCKET}.>")],
+                        max_messages_per_subject: 1,
+                        // Counts headers too (2.9): a decimal offset plus the CAS header.
+                        max_message_size: 1024,
+                        storage: StorageType::File,
+                        num_replicas: self.replicas,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: DiscardPolicy::New,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| self.fail("create the read marker bucket", e))?;
+                self.js
+                    .get_key_value(MARKER_BUCKET)
+                    .await
+                    .map_err(|e| self.fail("open the read marker bucket", e))
+            })
+            .await
+    }
+
+    async fn marker_inner(&self, user: &str, room: &RoomName) -> Result<Option<u64>, HistoryError> {
+        check_user(user)?;
+        let kv = self.marker_bucket().await?;
+        let value = kv
+            .get(marker_key(user, room))
+            .await
+            .map_err(|e| self.fail("read marker", e))?;
+        Ok(value.and_then(|v| parse_u64(&v)))
+    }
+
+    async fn set_marker_inner(
+        &self,
+        user: &str,
+        room: &RoomName,
+        offset: u64,
+    ) -> Result<u64, HistoryError> {
+        check_user(user)?;
+        let kv = self.marker_bucket().await?;
+        let key = marker_key(user, room);
+        let value = Bytes::from(offset.to_string());
+        // Compare-and-set on the key's revision: concurrent setters retry,
+        // and the larger offset wins.
+        for _ in 0..MAX_MARKER_ATTEMPTS {
+            let entry = kv
+                .entry(key.clone())
+                .await
+                .map_err(|e| self.fail("read marker", e))?;
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| parse_u64(&e.value));
+            let written = match (entry, current) {
+                (_, Some(old)) if old >= offset => return Ok(old),
+                (Some(e), _) => match kv.update(&key, value.clone(), e.revision).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) => return Err(self.fail("set marker", e)),
+                },
+                (None, _) => match kv.create(&key, value.clone()).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(self.fail("set marker", e)),
+                },
+            };
+            if written {
+                return Ok(offset);
+            }
+        }
+        Err(HistoryError::Failed(format!(
+            "marker of {user} in {room}: too many concurrent updates"
+        )))
+    }
+
+    async fn markers_inner(&self, user: &str) -> Result<Vec<(RoomName, u64)>, HistoryError> {
+        check_user(user)?;
+        let kv = self.marker_bucket().await?;
+        let user_prefix = format!("{}{}.", kv.prefix, kv_encode(user));
+        let (_, messages) = self
+            .scan(
+                &kv.stream,
+                format!("{user_prefix}>"),
+                DeliverPolicy::LastPerSubject,
+                MAX_MARKERS_PER_USER,
+            )
+            .await?;
+        let mut out: Vec<(RoomName, u64)> = messages
+            .iter()
+            .filter(|m| {
+                // Deleted or purged keys carry a KV-Operation header.
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_none_or(|op| op.as_str() == "PUT")
+            })
+            .filter_map(|m| {
+                let room = m.subject.as_str().strip_prefix(&user_prefix)?;
+                let room = RoomName::parse(&kv_decode(room)?).ok()?;
+                Some((room, parse_u64(&m.payload)?))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl Future<Output = Result<T, HistoryError>>,
+    ) -> Result<T, HistoryError> {
+        tokio::time::timeout(OP_TIMEOUT, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(HistoryError::Unavailable(format!(
+                    "{what}: no answer within {OP_TIMEOUT:?}"
+                )))
+            })
+    }
+}
+
+fn marker_key(user: &str, room: &RoomName) -> String {
+    format!("{}.{}", kv_encode(user), kv_encode(room.as_str()))
+}
+
+fn parse_u64(raw: &[u8]) -> Option<u64> {
+    std::str::from_utf8(raw).ok()?.trim().parse().ok()
+}
+
+fn header_u64(headers: &async_nats::HeaderMap, name: &str) -> u64 {
+    headers
+        .get(name)
+        .and_then(|v| v.as_str().trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The room's real last sequence from a "wrong last sequence: N" error (the
+/// server states it, which saves a round trip).
+fn wrong_last_sequence(error: &str) -> Option<u64> {
+    const TEXT: &str = "wrong last sequence: ";
+    let at = error.rfind(TEXT)? + TEXT.len();
+    let digits: String = error[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+impl History for JetStreamHistory {
+    fn ensure_namespace(
+        &self,
+        ns: &str,
+        limits: Limits,
+    ) -> BoxFuture<'_, Result<(), HistoryError>> {
+        let ns = ns.to_string();
+        Box::pin(async move {
+            self.bounded("ensure namespace", self.ensure(&ns, limits))
+                .await
+        })
+    }
+
+    fn epoch(&self, ns: &str) -> BoxFuture<'_, Result<String, HistoryError>> {
+        let ns = ns.to_string();
+        Box::pin(async move {
+            let namespace = self.namespace(&ns)?;
+            self.connected().await?;
+            self.bounded("epoch", self.refresh_epoch(&namespace)).await
+        })
+    }
+
+    fn append(
+        &self,
+        room: &RoomName,
+        payload: Bytes,
+        key: Option<&str>,
+    ) -> BoxFuture<'_, Result<Appended, HistoryError>> {
+        let room = room.clone();
+        let key = key.map(str::to_string);
+        // Not bounded by OP_TIMEOUT: every wait inside has its own bound, and
+        // cutting an append short midway would leave its outcome unknown.
+        Box::pin(async move { self.append_inner(&room, payload, key.as_deref()).await })
+    }
+
+    fn read(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Stored>, HistoryError>> {
+        let room = room.clone();
+        Box::pin(async move {
+            self.bounded("read", self.read_inner(&room, after, limit))
+                .await
+        })
+    }
+
+    fn latest(&self, room: &RoomName) -> BoxFuture<'_, Result<u64, HistoryError>> {
+        let room = room.clone();
+        Box::pin(async move {
+            let ns = self.namespace(room.namespace())?;
+            self.connected().await?;
+            self.bounded("latest", self.last_offset(&ns, &room_subject(&room)))
+                .await
+        })
+    }
+
+    fn count_after(&self, room: &RoomName, after: u64) -> BoxFuture<'_, Result<u64, HistoryError>> {
+        let room = room.clone();
+        Box::pin(async move { self.bounded("count", self.count_inner(&room, after)).await })
+    }
+
+    fn marker(
+        &self,
+        user: &str,
+        room: &RoomName,
+    ) -> BoxFuture<'_, Result<Option<u64>, HistoryError>> {
+        let (user, room) = (user.to_string(), room.clone());
+        Box::pin(async move {
+            self.bounded("marker", self.marker_inner(&user, &room))
+                .await
+        })
+    }
+
+    fn set_marker(
+        &self,
+        user: &str,
+        room: &RoomName,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<u64, HistoryError>> {
+        let (user, room) = (user.to_string(), room.clone());
+        Box::pin(async move {
+            self.bounded("set marker", self.set_marker_inner(&user, &room, offset))
+                .await
+        })
+    }
+
+    fn markers(&self, user: &str) -> BoxFuture<'_, Result<Vec<(RoomName, u64)>, HistoryError>> {
+        let user = user.to_string();
+        Box::pin(async move { self.bounded("markers", self.markers_inner(&user)).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_names() {
+        assert_eq!(stream_name("chat-x_y"), "HERALD_CHAT_X_Y");
+        let room = RoomName::parse("chat:a.b*c").unwrap();
+        assert_eq!(room_subject(&room), "herald.durable.chat.chat:a%2Eb%2Ac");
+        assert_eq!(
+            marker_key("a.b", &room),
+            "a=2Eb.chat=3Aa=2Eb=2Ac",
+            "one `.` separates user from room"
+        );
+    }
+
+    #[test]
+    fn reads_the_real_last_sequence_from_the_error() {
+        let e = "wrong last sequence: wrong last sequence: 42 (code 400, error code 10071)";
+        assert_eq!(wrong_last_sequence(e), Some(42));
+        assert_eq!(wrong_last_sequence("wrong last sequence"), None);
+    }
+}

@@ -1,0 +1,69 @@
+//! Publishing a message to a room, for every publisher (edges for clients,
+//! the router for the API). An ephemeral room's frame goes straight to the
+//! room's subject. A durable room's frame is stored first and goes out with
+//! its position only once stored: nothing is acknowledged that was not kept.
+
+use bytes::Bytes;
+use herald_wire::frames::with_position;
+use herald_wire::{RoomName, subjects};
+
+use crate::SharedBroker;
+use crate::history::{HistoryError, SharedHistory};
+
+/// Where a published message landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Empty for ephemeral rooms.
+    pub epoch: String,
+    /// 0 for ephemeral rooms.
+    pub offset: u64,
+    /// The idempotency key was seen before: nothing new was published.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("message not sent: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    History(#[from] HistoryError),
+}
+
+/// Publishes `frame` (a `message` frame from `herald_wire::frames::message_frame`)
+/// to `room`. For a durable room, `key` deduplicates: a repeat returns the
+/// first call's offset and publishes nothing.
+pub async fn publish(
+    broker: &SharedBroker,
+    history: &SharedHistory,
+    room: &RoomName,
+    durable: bool,
+    frame: Bytes,
+    key: Option<&str>,
+) -> Result<Published, PublishError> {
+    if !durable {
+        broker
+            .publish(subjects::room(room), frame)
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        return Ok(Published {
+            epoch: String::new(),
+            offset: 0,
+            duplicate: false,
+        });
+    }
+    let key = key.filter(|k| !k.is_empty());
+    let stored = history.append(room, frame.clone(), key).await?;
+    if !stored.duplicate {
+        let live = with_position(&frame, &stored.epoch, stored.offset, stored.prev);
+        if let Err(e) = broker.publish(subjects::room(room), live).await {
+            // Stored, so acknowledged: edges read it from history when the
+            // next message shows the gap, and recovering clients get it.
+            tracing::warn!(%room, offset = stored.offset, error = %e, "stored message not sent live");
+        }
+    }
+    Ok(Published {
+        epoch: stored.epoch,
+        offset: stored.offset,
+        duplicate: stored.duplicate,
+    })
+}

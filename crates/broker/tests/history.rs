@@ -1,0 +1,535 @@
+//! The behaviour every history store must have, run against the in-memory
+//! store and against JetStream on a real nats-server; then what only
+//! JetStream can show (restarts, a recreated stream, the server gone).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_broker::NatsBroker;
+use herald_broker::history::{
+    HistoryError, JetStreamHistory, Limits, MemoryHistory, SharedHistory, Stored,
+};
+use herald_test_support::{NatsServer, eventually};
+use herald_wire::room::RoomName;
+
+fn room(name: &str) -> RoomName {
+    RoomName::parse(name).unwrap()
+}
+
+fn limits(max_messages_per_room: u64, max_age_secs: u64) -> Limits {
+    Limits {
+        max_messages_per_room,
+        max_age: Duration::from_secs(max_age_secs),
+    }
+}
+
+const HOUR: u64 = 3600;
+
+/// One store, and a way to open more handles onto it.
+struct Env {
+    memory: Option<Arc<MemoryHistory>>,
+    nats: Option<NatsServer>,
+}
+
+impl Env {
+    fn memory() -> Env {
+        Env {
+            memory: Some(Arc::new(MemoryHistory::new())),
+            nats: None,
+        }
+    }
+
+    fn jetstream() -> Env {
+        Env {
+            memory: None,
+            nats: Some(NatsServer::start().unwrap()),
+        }
+    }
+
+    async fn client(&self) -> async_nats::Client {
+        let nats = self.nats.as_ref().expect("a nats-server");
+        let broker = NatsBroker::connect(&nats.url(), "history-test")
+            .await
+            .unwrap();
+        broker.client().clone()
+    }
+
+    /// Another handle onto the same store. For JetStream that is a separate
+    /// connection and history, as another process would have.
+    async fn handle(&self) -> SharedHistory {
+        match &self.memory {
+            Some(m) => m.clone(),
+            None => Arc::new(JetStreamHistory::new(self.client().await)),
+        }
+    }
+}
+
+async fn append(
+    h: &SharedHistory,
+    r: &RoomName,
+    payload: &str,
+) -> herald_broker::history::Appended {
+    h.append(r, Bytes::from(payload.to_string()), None)
+        .await
+        .unwrap()
+}
+
+fn payloads(stored: &[Stored]) -> Vec<String> {
+    stored
+        .iter()
+        .map(|s| String::from_utf8(s.payload.to_vec()).unwrap())
+        .collect()
+}
+
+/// Offsets rise, `prev` chains each room's messages, and reads, counts and
+/// `latest` agree.
+async fn offsets_prev_read_latest_count(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let (a, b) = (room("chat:a"), room("chat:b.with*odd>chars%"));
+    assert_eq!(h.latest(&a).await.unwrap(), 0);
+    assert_eq!(h.count_after(&a, 0).await.unwrap(), 0);
+    assert!(h.read(&a, 0, 10).await.unwrap().is_empty());
+
+    let epoch = h.epoch("chat").await.unwrap();
+    let mut offsets_a = Vec::new();
+    let mut offsets_b = Vec::new();
+    let mut last = 0;
+    for i in 0..5 {
+        let x = append(&h, &a, &format!("a{i}")).await;
+        let y = append(&h, &b, &format!("b{i}")).await;
+        assert!(!x.duplicate && !y.duplicate);
+        assert_eq!(
+            (x.epoch.as_str(), y.epoch.as_str()),
+            (epoch.as_str(), epoch.as_str())
+        );
+        // One sequence per namespace: the rooms' offsets interleave.
+        assert!(last < x.offset && x.offset < y.offset, "{last} {x:?} {y:?}");
+        last = y.offset;
+        assert_eq!(x.prev, offsets_a.last().copied().unwrap_or(0));
+        assert_eq!(y.prev, offsets_b.last().copied().unwrap_or(0));
+        offsets_a.push(x.offset);
+        offsets_b.push(y.offset);
+    }
+
+    let all = h.read(&a, 0, 100).await.unwrap();
+    assert_eq!(payloads(&all), ["a0", "a1", "a2", "a3", "a4"]);
+    assert_eq!(all.iter().map(|s| s.offset).collect::<Vec<_>>(), offsets_a);
+    assert_eq!(all[0].prev, 0);
+    for w in all.windows(2) {
+        assert_eq!(w[1].prev, w[0].offset, "prev chains the room's messages");
+    }
+    let page = h.read(&a, offsets_a[1], 2).await.unwrap();
+    assert_eq!(payloads(&page), ["a2", "a3"]);
+    assert_eq!(
+        page[0].prev, offsets_a[1],
+        "nothing missing after offsets_a[1]"
+    );
+    // An offset between two of the room's messages (another room's).
+    let page = h.read(&a, offsets_b[2], 10).await.unwrap();
+    assert_eq!(payloads(&page), ["a3", "a4"]);
+    assert!(h.read(&a, offsets_a[4], 10).await.unwrap().is_empty());
+    assert!(h.read(&a, 0, 0).await.unwrap().is_empty());
+    assert_eq!(payloads(&h.read(&b, 0, 1).await.unwrap()), ["b0"]);
+
+    assert_eq!(h.latest(&a).await.unwrap(), offsets_a[4]);
+    assert_eq!(h.latest(&b).await.unwrap(), offsets_b[4]);
+    assert_eq!(h.count_after(&a, 0).await.unwrap(), 5);
+    assert_eq!(h.count_after(&a, offsets_a[2]).await.unwrap(), 2);
+    assert_eq!(h.count_after(&a, offsets_b[2]).await.unwrap(), 2);
+    assert_eq!(h.count_after(&a, offsets_a[4]).await.unwrap(), 0);
+
+    // Personal rooms are durable rooms of the `user` namespace.
+    h.ensure_namespace("user", limits(100, HOUR)).await.unwrap();
+    let inbox = RoomName::user("alice").unwrap();
+    let x = append(&h, &inbox, "hi alice").await;
+    assert_eq!(x.prev, 0);
+    assert_eq!(h.latest(&inbox).await.unwrap(), x.offset);
+    assert_eq!(x.epoch, h.epoch("user").await.unwrap());
+}
+
+/// Four publishers (four processes, for JetStream) appending to one room at
+/// once still produce an exact `prev` chain.
+async fn concurrent_appends_chain_exactly(env: Env) {
+    const WRITERS: usize = 4;
+    const EACH: usize = 25;
+    let r = room("chat:hot");
+    let mut handles = Vec::new();
+    for _ in 0..WRITERS {
+        let h = env.handle().await;
+        h.ensure_namespace("chat", limits(1000, HOUR))
+            .await
+            .unwrap();
+        handles.push(h);
+    }
+    let tasks: Vec<_> = handles
+        .iter()
+        .enumerate()
+        .map(|(w, h)| {
+            let (h, r) = (h.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..EACH {
+                    let a = h
+                        .append(&r, Bytes::from(format!("w{w}-{i}")), None)
+                        .await
+                        .unwrap();
+                    out.push((a.offset, a.prev));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut appended = Vec::new();
+    for t in tasks {
+        let mine = t.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0].0 < w[1].0),
+            "a writer's offsets rise"
+        );
+        appended.extend(mine);
+    }
+
+    let stored = handles[0].read(&r, 0, 1000).await.unwrap();
+    assert_eq!(stored.len(), WRITERS * EACH);
+    assert_eq!(stored[0].prev, 0);
+    for w in stored.windows(2) {
+        assert!(w[0].offset < w[1].offset);
+        assert_eq!(
+            w[1].prev, w[0].offset,
+            "prev chain broken at {}",
+            w[1].offset
+        );
+    }
+    let from_read: HashSet<(u64, u64)> = stored.iter().map(|s| (s.offset, s.prev)).collect();
+    let from_append: HashSet<(u64, u64)> = appended.into_iter().collect();
+    assert_eq!(from_read, from_append, "append reported what was stored");
+    let got: HashSet<String> = payloads(&stored).into_iter().collect();
+    assert_eq!(got.len(), WRITERS * EACH, "every message once");
+}
+
+/// A repeated key stores nothing and answers with the original offset; keys
+/// are scoped to their room.
+async fn idempotency_keys(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let (a, b) = (room("chat:a"), room("chat:b"));
+    let before = append(&h, &a, "before").await;
+    let first = h.append(&a, "one".into(), Some("k 1\n")).await.unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(first.prev, before.offset);
+    append(&h, &a, "between").await;
+    let again = h
+        .append(&a, "one, resent".into(), Some("k 1\n"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.offset, first.offset);
+    assert!(again.prev == first.prev || again.prev == 0, "{again:?}");
+    assert_eq!(again.epoch, first.epoch);
+
+    let other_room = h.append(&b, "one".into(), Some("k 1\n")).await.unwrap();
+    assert!(!other_room.duplicate, "keys are per room");
+    let other_key = h.append(&a, "two".into(), Some("k 2")).await.unwrap();
+    assert!(!other_key.duplicate);
+
+    let stored = h.read(&a, 0, 100).await.unwrap();
+    assert_eq!(payloads(&stored), ["before", "one", "between", "two"]);
+    assert_eq!(h.count_after(&a, 0).await.unwrap(), 4);
+}
+
+/// Only the newest `max_messages_per_room` are kept; a reader from an older
+/// offset sees the tail, and the tail's first `prev` shows what is missing.
+async fn history_is_limited_per_room(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(5, HOUR)).await.unwrap();
+    let (r, quiet) = (room("chat:busy"), room("chat:quiet"));
+    let q = append(&h, &quiet, "q").await;
+    let mut offsets = Vec::new();
+    for i in 0..12 {
+        offsets.push(append(&h, &r, &format!("m{i}")).await.offset);
+    }
+    let tail = h.read(&r, 0, 100).await.unwrap();
+    assert_eq!(payloads(&tail), ["m7", "m8", "m9", "m10", "m11"]);
+    assert_eq!(tail[0].prev, offsets[6]);
+    assert!(tail[0].prev > 0, "history no longer reaches back to 0");
+    let from_old = h.read(&r, offsets[2], 100).await.unwrap();
+    assert_eq!(from_old, tail);
+    assert!(from_old[0].prev > offsets[2], "the gap is visible");
+    let recent = h.read(&r, offsets[8], 100).await.unwrap();
+    assert_eq!(payloads(&recent), ["m9", "m10", "m11"]);
+    assert_eq!(recent[0].prev, offsets[8], "no gap after a retained offset");
+    assert_eq!(h.count_after(&r, 0).await.unwrap(), 5);
+    assert_eq!(h.latest(&r).await.unwrap(), offsets[11]);
+    assert_eq!(h.read(&quiet, 0, 10).await.unwrap()[0].offset, q.offset);
+}
+
+/// Messages older than `max_age` are gone; the next one starts a new chain.
+async fn history_is_limited_by_age(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("flash", limits(100, 1)).await.unwrap();
+    let r = room("flash:x");
+    let first = append(&h, &r, "soon gone").await;
+    append(&h, &r, "also gone").await;
+    eventually(Duration::from_secs(10), "messages expired", || async {
+        (h.latest(&r).await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert!(h.read(&r, 0, 10).await.unwrap().is_empty());
+    assert_eq!(h.count_after(&r, 0).await.unwrap(), 0);
+    let next = append(&h, &r, "fresh").await;
+    assert!(next.offset > first.offset);
+    assert_eq!(next.prev, 0);
+}
+
+/// `ensure_namespace` again applies new limits and keeps the history and
+/// its epoch.
+async fn ensure_again_updates_limits(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let r = room("chat:a");
+    let epoch = h.epoch("chat").await.unwrap();
+    let mut last = None;
+    for i in 0..10 {
+        last = Some(append(&h, &r, &format!("m{i}")).await);
+    }
+    h.ensure_namespace("chat", limits(3, HOUR)).await.unwrap();
+    h.ensure_namespace("chat", limits(3, HOUR)).await.unwrap();
+    assert_eq!(h.epoch("chat").await.unwrap(), epoch);
+    assert_eq!(h.count_after(&r, 0).await.unwrap(), 3);
+    assert_eq!(
+        payloads(&h.read(&r, 0, 10).await.unwrap()),
+        ["m7", "m8", "m9"]
+    );
+    let next = append(&h, &r, "m10").await;
+    assert_eq!(next.prev, last.unwrap().offset);
+    assert_eq!(next.epoch, epoch);
+    assert_eq!(h.count_after(&r, 0).await.unwrap(), 3);
+}
+
+/// The epoch names the history: the same on every call and every handle.
+async fn epoch_is_stable(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    h.ensure_namespace("doc", limits(100, HOUR)).await.unwrap();
+    let e = h.epoch("chat").await.unwrap();
+    assert!(!e.is_empty());
+    assert_eq!(h.epoch("chat").await.unwrap(), e);
+    assert_eq!(append(&h, &room("chat:a"), "x").await.epoch, e);
+    assert_eq!(
+        append(&h, &room("doc:1"), "x").await.epoch,
+        h.epoch("doc").await.unwrap()
+    );
+    let other = env.handle().await;
+    other
+        .ensure_namespace("chat", limits(100, HOUR))
+        .await
+        .unwrap();
+    assert_eq!(other.epoch("chat").await.unwrap(), e);
+}
+
+/// Read markers move forward only and list per user.
+async fn read_markers(env: Env) {
+    let h = env.handle().await;
+    let (a, odd, inbox) = (
+        room("chat:a"),
+        room("chat:x.y*>%=/"),
+        RoomName::user("alice").unwrap(),
+    );
+    let (alice, bob) = ("alice", "bob.smith/é x=1");
+    assert_eq!(h.marker(alice, &a).await.unwrap(), None);
+    assert!(h.markers(alice).await.unwrap().is_empty());
+    assert_eq!(h.set_marker(alice, &a, 5).await.unwrap(), 5);
+    assert_eq!(h.set_marker(alice, &a, 3).await.unwrap(), 5, "forward only");
+    assert_eq!(h.marker(alice, &a).await.unwrap(), Some(5));
+    assert_eq!(h.set_marker(alice, &a, 9).await.unwrap(), 9);
+    assert_eq!(h.set_marker(alice, &a, 9).await.unwrap(), 9);
+    assert_eq!(h.set_marker(alice, &odd, 2).await.unwrap(), 2);
+    assert_eq!(h.set_marker(alice, &inbox, 7).await.unwrap(), 7);
+    assert_eq!(h.set_marker(bob, &a, 1).await.unwrap(), 1);
+    assert_eq!(h.marker(alice, &a).await.unwrap(), Some(9));
+    assert_eq!(h.marker(bob, &a).await.unwrap(), Some(1));
+    assert_eq!(h.marker(bob, &odd).await.unwrap(), None);
+    let mut want = vec![(a.clone(), 9), (odd.clone(), 2), (inbox.clone(), 7)];
+    want.sort();
+    assert_eq!(h.markers(alice).await.unwrap(), want);
+    assert_eq!(h.markers(bob).await.unwrap(), vec![(a.clone(), 1)]);
+    assert!(
+        h.markers("bob").await.unwrap().is_empty(),
+        "no prefix confusion"
+    );
+
+    // Concurrent setters: the largest offset wins.
+    let tasks: Vec<_> = (1..=8u64)
+        .map(|i| {
+            let (h, r) = (h.clone(), inbox.clone());
+            tokio::spawn(async move { h.set_marker("carol", &r, i * 10).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(h.marker("carol", &inbox).await.unwrap(), Some(80));
+}
+
+/// Rooms of namespaces never set up as durable are refused.
+async fn undeclared_namespaces_are_not_durable(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let r = room("live:x");
+    let not_durable = |e: HistoryError| assert!(matches!(e, HistoryError::NotDurable(_)), "{e:?}");
+    not_durable(h.append(&r, "x".into(), None).await.unwrap_err());
+    not_durable(h.append(&r, "x".into(), Some("k")).await.unwrap_err());
+    not_durable(h.read(&r, 0, 10).await.unwrap_err());
+    not_durable(h.latest(&r).await.unwrap_err());
+    not_durable(h.count_after(&r, 0).await.unwrap_err());
+    not_durable(h.epoch("live").await.unwrap_err());
+    assert!(matches!(
+        h.ensure_namespace("bad.ns", limits(1, 1)).await,
+        Err(HistoryError::Failed(_))
+    ));
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Env::memory()).await;
+                }
+            )*
+        }
+        mod jetstream {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Env::jetstream()).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    offsets_prev_read_latest_count,
+    concurrent_appends_chain_exactly,
+    idempotency_keys,
+    history_is_limited_per_room,
+    history_is_limited_by_age,
+    ensure_again_updates_limits,
+    epoch_is_stable,
+    read_markers,
+    undeclared_namespaces_are_not_durable,
+);
+
+/// Waits until `h` appends again (the client reconnected and JetStream
+/// recovered its streams).
+async fn append_when_back(
+    h: &SharedHistory,
+    r: &RoomName,
+    payload: &str,
+) -> herald_broker::history::Appended {
+    eventually(Duration::from_secs(20), "append works again", || async {
+        h.append(r, Bytes::from(payload.to_string()), None)
+            .await
+            .ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_epoch_survives_restarts_and_changes_with_the_stream() {
+    let mut env = Env::jetstream();
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let r = room("chat:a");
+    let epoch = h.epoch("chat").await.unwrap();
+    let before = append(&h, &r, "before restart").await;
+
+    env.nats.as_mut().unwrap().restart().unwrap();
+    let after = append_when_back(&h, &r, "after restart").await;
+    assert_eq!(after.epoch, epoch, "same store, same epoch");
+    assert_eq!(after.prev, before.offset, "the chain continues");
+    assert_eq!(h.epoch("chat").await.unwrap(), epoch);
+    let fresh = env.handle().await;
+    fresh
+        .ensure_namespace("chat", limits(100, HOUR))
+        .await
+        .unwrap();
+    assert_eq!(fresh.epoch("chat").await.unwrap(), epoch);
+
+    // Someone deletes the stream: the next append recreates it, in a new epoch.
+    let js = async_nats::jetstream::new(env.client().await);
+    js.delete_stream("HERALD_CHAT").await.unwrap();
+    let recreated = append(&h, &r, "after delete").await;
+    assert_ne!(recreated.epoch, epoch);
+    assert_eq!(recreated.prev, 0);
+    assert_eq!(h.epoch("chat").await.unwrap(), recreated.epoch);
+    assert_eq!(fresh.epoch("chat").await.unwrap(), recreated.epoch);
+    assert_eq!(
+        payloads(&h.read(&r, 0, 10).await.unwrap()),
+        ["after delete"]
+    );
+
+    // Deleted again, then ensured at start-up: again a new epoch.
+    js.delete_stream("HERALD_CHAT").await.unwrap();
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let third = h.epoch("chat").await.unwrap();
+    assert!(third != recreated.epoch && third != epoch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_down_is_unavailable_then_recovers() {
+    let mut env = Env::jetstream();
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let r = room("chat:a");
+    append(&h, &r, "before").await;
+
+    env.nats.as_mut().unwrap().kill();
+    // Either the client already saw the connection drop (2 s connect wait),
+    // or the publish went out and its acknowledgement times out (5 s).
+    let started = tokio::time::Instant::now();
+    let err = h
+        .append(&r, "while down".into(), Some("k"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HistoryError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    for (i, op) in [
+        h.read(&r, 0, 10),
+        Box::pin(async { h.latest(&r).await.map(|_| Vec::new()) }),
+        Box::pin(async { h.count_after(&r, 0).await.map(|_| Vec::new()) }),
+        Box::pin(async { h.epoch("chat").await.map(|_| Vec::new()) }),
+        Box::pin(async { h.set_marker("alice", &r, 1).await.map(|_| Vec::new()) }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let started = tokio::time::Instant::now();
+        let e = op.await.unwrap_err();
+        assert!(matches!(e, HistoryError::Unavailable(_)), "op {i}: {e:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "op {i}: {:?}",
+            started.elapsed()
+        );
+    }
+
+    env.nats.as_mut().unwrap().restart().unwrap();
+    let back = append_when_back(&h, &r, "after").await;
+    assert!(!back.duplicate);
+    let stored = h.read(&r, 0, 10).await.unwrap();
+    assert_eq!(stored.last().unwrap().offset, back.offset);
+    assert_eq!(stored[0].prev, 0);
+    for w in stored.windows(2) {
+        assert_eq!(w[1].prev, w[0].offset);
+    }
+}
