@@ -13,16 +13,22 @@ use herald_broker::{Message, SharedBroker};
 use herald_wire::presence::{Control, ControlAck};
 
 use crate::delivery::{ControlCmd, Outbox};
-use crate::interest::{Handler, Members};
+use crate::interest::{Entry, Handler};
 
 /// How long an acknowledgement waits for sessions to act.
 const ACT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The handler for control subjects: dispatches to the members that the
 /// message targets.
-pub fn handler(broker: SharedBroker, node: Arc<str>) -> Handler {
-    Arc::new(move |msg: Message, members: &Members| {
-        let targets: Vec<Outbox> = members.read().expect("members").values().cloned().collect();
+pub fn handler(broker: SharedBroker, node: Arc<str>) -> Handler<()> {
+    Arc::new(move |msg: Message, entry: &Arc<Entry<()>>| {
+        let targets: Vec<Outbox> = entry
+            .members
+            .read()
+            .expect("members")
+            .values()
+            .map(|slot| slot.outbox.clone())
+            .collect();
         tokio::spawn(dispatch(broker.clone(), node.clone(), msg, targets));
     })
 }

@@ -88,6 +88,16 @@ impl Outbox {
         self.push(Out::Text(frame))
     }
 
+    /// Queues a frame, waiting for room in the queue (replays of history,
+    /// which may be longer than the queue, wait for the client instead of
+    /// overflowing it). `false` when the connection is gone.
+    pub async fn send_waiting(&self, frame: Bytes) -> bool {
+        tokio::select! {
+            sent = self.tx.send(Out::Text(frame)) => sent.is_ok(),
+            _ = self.closer.closed() => false,
+        }
+    }
+
     pub fn push(&self, out: Out) -> bool {
         match self.tx.try_send(out) {
             Ok(()) => true,

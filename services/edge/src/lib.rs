@@ -6,6 +6,7 @@
 
 mod control;
 mod delivery;
+mod durable;
 mod interest;
 mod presence;
 mod session;
@@ -22,7 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use herald_auth::{Policy, Verifier};
-use herald_broker::SharedBroker;
+use herald_broker::history::SharedHistory;
+use herald_broker::{BrokerError, SharedBroker};
 use herald_ops::{Health, Metrics};
 use herald_wire::{RoomName, subjects};
 use prometheus_client::metrics::counter::Counter;
@@ -103,11 +105,12 @@ struct EdgeMetrics {
 struct Edge {
     config: Config,
     broker: SharedBroker,
-    rooms: interest::Interest<RoomName>,
+    history: SharedHistory,
+    rooms: interest::Interest<RoomName, durable::RoomOrder>,
     /// Users with a local connection, for control messages to all of a user's connections.
-    users: interest::Interest<String>,
+    users: interest::Interest<String, ()>,
     /// Every open session, for control messages naming one connection.
-    sessions_by_id: interest::Members,
+    sessions_by_id: Arc<interest::Entry<()>>,
     reporter: presence::Reporter,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
@@ -129,6 +132,7 @@ pub enum EdgeError {
 pub async fn run(
     config: Config,
     broker: SharedBroker,
+    history: SharedHistory,
     listener: TcpListener,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -149,7 +153,7 @@ pub async fn run(
     register_metrics(&metrics, &edge_metrics);
     let node: Arc<str> = config.node_id.as_str().into();
     let control = control::handler(broker.clone(), node.clone());
-    let sessions_by_id = interest::Members::default();
+    let sessions_by_id = interest::Entry::detached();
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
         .await?;
@@ -161,29 +165,46 @@ pub async fn run(
             }
         });
     }
-    let delivered = edge_metrics.delivered.clone();
+    let on_room_frame: interest::Handler<durable::RoomOrder> = {
+        let (history, delivered) = (history.clone(), edge_metrics.delivered.clone());
+        Arc::new(move |msg, entry| {
+            let n = durable::on_frame(entry, &history, msg.payload);
+            delivered.inc_by(n as u64);
+        })
+    };
+    let init_room: interest::Init<RoomName, durable::RoomOrder> = {
+        let (history, policy) = (history.clone(), config.policy.clone());
+        Arc::new(move |room: RoomName, entry| {
+            let history = history.clone();
+            let durable = is_durable(&policy, &room);
+            Box::pin(async move {
+                if !durable {
+                    return Ok(());
+                }
+                durable::init(&history, room, &entry)
+                    .await
+                    .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            })
+        })
+    };
     let edge = Arc::new(Edge {
         rooms: interest::Interest::new(
             broker.clone(),
             subjects::room,
-            Arc::new(move |msg, members| {
-                let members = members.read().expect("members");
-                for m in members.values() {
-                    // A full queue disconnects that member alone; the others go on.
-                    m.send(msg.payload.clone());
-                }
-                delivered.inc_by(members.len() as u64);
-            }),
+            on_room_frame,
+            Some(init_room),
             edge_metrics.rooms.clone(),
         ),
         users: interest::Interest::new(
             broker.clone(),
             |user: &String| subjects::user_control(user),
             control,
+            None,
             edge_metrics.users.clone(),
         ),
         sessions_by_id,
         broker,
+        history,
         reporter,
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,
@@ -321,6 +342,12 @@ async fn ws_handler(
         }
     });
     response.into_response()
+}
+
+/// Whether `room` keeps history: its namespace is configured durable, or it
+/// is a personal room (the offline inbox).
+pub fn is_durable(policy: &herald_auth::Policy, room: &RoomName) -> bool {
+    policy.is_durable(room.namespace())
 }
 
 /// Milliseconds since the Unix epoch.

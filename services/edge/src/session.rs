@@ -14,7 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Role, WebSocket, WebSocketError};
 use herald_auth::{AuthError, Claims, Denied, NamespacePolicy};
-use herald_wire::frames::{self, ClientFrame, FrameError, PresenceEvent, Request};
+use herald_broker::rooms;
+use herald_wire::frames::{self, ClientFrame, FrameError, PresenceEvent, Request, Since};
 use herald_wire::presence::{Change, Control};
 use herald_wire::{CloseCode, ErrorCode, RoomName, subjects};
 use hyper::upgrade::Upgraded;
@@ -25,6 +26,11 @@ use tokio::time::Instant;
 
 use crate::Edge;
 use crate::delivery::{self, ControlCmd, Out, Outbox};
+use crate::durable::{self, RoomEntry};
+use crate::interest::{self, Slot};
+
+/// Most messages one `history` request returns.
+const MAX_HISTORY_PAGE: u32 = 500;
 
 /// How long cleanup waits for the writer to flush the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
@@ -255,6 +261,13 @@ struct Session {
     expires_at: Instant,
     /// Created on the first presence update, so idle connections carry none.
     meta_limiter: Option<Box<MetaLimiter>>,
+    /// A recovering join's live messages, released once its `ok` is queued.
+    after_reply: Option<Arc<RoomEntry>>,
+}
+
+/// The epoch of a durable room's entry.
+fn history_epoch(entry: &RoomEntry) -> Option<String> {
+    durable::epoch(entry)
 }
 
 fn expiry_instant(exp: u64) -> Instant {
@@ -299,9 +312,16 @@ impl Session {
         edge.metrics.connections.inc();
         edge.metrics.connects.inc();
         edge.sessions_by_id
+            .members
             .write()
             .expect("sessions")
-            .insert(outbox.id, outbox.clone());
+            .insert(
+                outbox.id,
+                Slot {
+                    outbox: outbox.clone(),
+                    held: None,
+                },
+            );
         let session = Session {
             expires_at: expiry_instant(claims.exp),
             edge,
@@ -312,36 +332,43 @@ impl Session {
             user_room,
             rooms: HashMap::new(),
             meta_limiter: None,
+            after_reply: None,
         };
+        // The inbox is held until `connected` and the unread messages are out.
         let joined = async {
-            session
+            let inbox = session
                 .edge
                 .rooms
-                .join(&session.user_room, &session.outbox)
+                .join(&session.user_room, &session.outbox, true)
                 .await?;
             session
                 .edge
                 .users
-                .join(&session.claims.sub, &session.outbox)
+                .join(&session.claims.sub, &session.outbox, false)
                 .await
+                .map(|_| inbox)
         };
-        if let Err(e) = joined.await {
-            refuse(
-                &session.outbox,
-                ErrorCode::Unavailable,
-                e.to_string(),
-                CloseCode::TryAgainLater,
-                "the message broker is unreachable",
-            );
-            session.close().await;
-            return None;
-        }
+        let inbox = match joined.await {
+            Ok(inbox) => inbox,
+            Err(e) => {
+                refuse(
+                    &session.outbox,
+                    ErrorCode::Unavailable,
+                    e.to_string(),
+                    CloseCode::TryAgainLater,
+                    "the message broker is unreachable",
+                );
+                session.close().await;
+                return None;
+            }
+        };
+        let (unread, inbox_marker) = session.unread().await;
         let mut connected = json!({
             "conn": session.conn,
             "user": session.claims.sub,
             "node": session.edge.config.node_id,
             "heartbeat_ms": session.edge.config.heartbeat.as_millis() as u64,
-            "unread": {},
+            "unread": unread,
         });
         if let Some(id) = connect_id {
             connected["id"] = id.into();
@@ -349,7 +376,48 @@ impl Session {
         session
             .outbox
             .send(frames::event_frame("connected", connected));
+        // Right after `connected`: everything in the inbox after the read marker.
+        let epoch = history_epoch(&inbox);
+        let since = epoch.as_deref().map(|e| (e, inbox_marker));
+        if let Err(e) =
+            durable::recover(&inbox, &session.edge.history, session.outbox.id, since).await
+        {
+            session.outbox.send(frames::error_frame(
+                None,
+                ErrorCode::Unavailable,
+                &format!("the inbox could not be read now ({e}); reconnect to get it"),
+                None,
+            ));
+        }
+        interest::release(&inbox, session.outbox.id);
         Some(session)
+    }
+
+    /// Unread counts for `connected`: per durable room with a read marker,
+    /// and always the personal room; also the personal room's marker.
+    async fn unread(&self) -> (Value, u64) {
+        let history = &self.edge.history;
+        let mut unread = serde_json::Map::new();
+        let mut inbox_marker = 0;
+        let markers = match history.markers(&self.claims.sub).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(user = %self.claims.sub, error = %e, "read markers unavailable");
+                return (Value::Object(unread), 0);
+            }
+        };
+        let mut rooms: Vec<(RoomName, u64)> = markers;
+        if let Some((_, m)) = rooms.iter().find(|(r, _)| *r == self.user_room) {
+            inbox_marker = *m;
+        } else {
+            rooms.push((self.user_room.clone(), 0));
+        }
+        for (room, marker) in rooms {
+            if let Ok(n) = history.count_after(&room, marker).await {
+                unread.insert(room.to_string(), n.into());
+            }
+        }
+        (Value::Object(unread), inbox_marker)
     }
 
     async fn run(
@@ -401,6 +469,9 @@ impl Session {
             match result {
                 Ok(reply) => {
                     self.outbox.send(reply);
+                    if let Some(entry) = self.after_reply.take() {
+                        interest::release(&entry, self.outbox.id);
+                    }
                 }
                 Err(e) => {
                     self.edge.metrics.rejected.inc();
@@ -423,8 +494,11 @@ impl Session {
                         .namespace(room.namespace())
                         .cloned()
                         .unwrap_or_default();
-                    if let Err(e) = self.join_room(None, &room, &policy, None).await {
+                    if let Err(e) = self.join_room(None, &room, &policy, None, None).await {
                         tracing::warn!(conn = %self.conn, %room, error = %e, "server-side join failed");
+                    }
+                    if let Some(entry) = self.after_reply.take() {
+                        interest::release(&entry, self.outbox.id);
                     }
                 }
                 _ => {
@@ -455,11 +529,7 @@ impl Session {
                 "already connected; open a new connection to change user".into(),
             )),
             Request::Ping => Ok(frames::pong_frame(id)),
-            Request::Join {
-                room,
-                since: _,
-                meta,
-            } => {
+            Request::Join { room, since, meta } => {
                 let policy = self
                     .allowed(
                         id,
@@ -470,11 +540,10 @@ impl Session {
                     )?
                     .clone();
                 let meta = self.meta(id, meta.as_deref())?;
-                self.join_room(id, &room, &policy, meta).await?;
-                // Ephemeral rooms keep no history: nothing to recover from.
+                let r = self.join_room(id, &room, &policy, meta, since).await?;
                 Ok(frames::ok_frame(
                     id,
-                    json!({"epoch": "", "offset": 0, "recovered": false, "missed": 0}),
+                    json!({"epoch": r.epoch, "offset": r.offset, "recovered": r.recovered, "missed": r.missed}),
                 ))
             }
             Request::Leave { room } => {
@@ -487,7 +556,7 @@ impl Session {
                 self.leave_room(&room).await;
                 Ok(frames::ok_frame(id, json!({})))
             }
-            Request::Publish { room, data, key: _ } => {
+            Request::Publish { room, data, key } => {
                 self.allowed(
                     id,
                     self.edge
@@ -496,13 +565,26 @@ impl Session {
                         .check_publish(&self.claims, room.as_str()),
                 )?;
                 let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
-                self.edge
-                    .broker
-                    .publish(subjects::room(&room), frame)
-                    .await
-                    .map_err(|e| err(ErrorCode::Unavailable, format!("message not sent: {e}")))?;
+                let durable = crate::is_durable(&self.edge.config.policy, &room);
+                let published = rooms::publish(
+                    &self.edge.broker,
+                    &self.edge.history,
+                    &room,
+                    durable,
+                    frame,
+                    key.as_deref(),
+                )
+                .await
+                .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
                 self.edge.metrics.published.inc();
-                Ok(frames::ok_frame(id, json!({})))
+                if durable {
+                    Ok(frames::ok_frame(
+                        id,
+                        json!({"epoch": published.epoch, "offset": published.offset}),
+                    ))
+                } else {
+                    Ok(frames::ok_frame(id, json!({})))
+                }
             }
             Request::Presence { room } => {
                 let policy = self.allowed(
@@ -548,12 +630,85 @@ impl Session {
                     }
                 }
             }
-            Request::History { room, .. } | Request::Read { room, .. } => Err(err(
-                ErrorCode::NotFound,
-                format!(
-                    "{room} keeps no history: history and read markers belong to durable rooms"
-                ),
-            )),
+            Request::History { room, since, limit } => {
+                self.allowed(
+                    id,
+                    self.edge
+                        .config
+                        .policy
+                        .check_join(&self.claims, room.as_str()),
+                )?;
+                self.durable_only(id, &room)?;
+                let history = &self.edge.history;
+                let unavailable = |e: herald_broker::history::HistoryError| {
+                    err(ErrorCode::Unavailable, e.to_string())
+                };
+                let epoch = history.epoch(room.namespace()).await.map_err(unavailable)?;
+                // An offset from another epoch means nothing here: read from the start.
+                let after = since
+                    .filter(|s| s.epoch == epoch)
+                    .map(|s| s.offset)
+                    .unwrap_or(0);
+                let limit = limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE) as usize;
+                let stored = history
+                    .read(&room, after, limit)
+                    .await
+                    .map_err(unavailable)?;
+                let messages: Vec<Value> = stored
+                    .iter()
+                    .filter_map(|m| {
+                        serde_json::from_slice(&frames::with_position(
+                            &m.payload, &epoch, m.offset, m.prev,
+                        ))
+                        .ok()
+                    })
+                    .collect();
+                Ok(frames::ok_frame(
+                    id,
+                    json!({"epoch": epoch, "messages": messages}),
+                ))
+            }
+            Request::Read { room, offset } => {
+                if room != self.user_room {
+                    self.allowed(
+                        id,
+                        self.edge
+                            .config
+                            .policy
+                            .check_join(&self.claims, room.as_str()),
+                    )?;
+                }
+                self.durable_only(id, &room)?;
+                let history = &self.edge.history;
+                let unavailable = |e: herald_broker::history::HistoryError| {
+                    err(ErrorCode::Unavailable, e.to_string())
+                };
+                let marker = history
+                    .set_marker(&self.claims.sub, &room, offset)
+                    .await
+                    .map_err(unavailable)?;
+                let unread = history
+                    .count_after(&room, marker)
+                    .await
+                    .map_err(unavailable)?;
+                // Every device of the user learns the new marker through the personal room.
+                let event = frames::event_frame(
+                    "read",
+                    json!({"room": room.as_str(), "offset": marker, "unread": unread}),
+                );
+                if let Err(e) = self
+                    .edge
+                    .broker
+                    .publish(subjects::room(&self.user_room), event)
+                    .await
+                {
+                    tracing::warn!(user = %self.claims.sub, error = %e, "read marker not shown to other devices");
+                }
+                Ok(frames::ok_frame(
+                    id,
+                    json!({"offset": marker, "unread": unread}),
+                ))
+            }
             Request::Refresh { token } => match self.edge.config.verifier.verify(&token) {
                 Ok(claims) if claims.sub == self.claims.sub => {
                     self.expires_at = expiry_instant(claims.exp);
@@ -574,29 +729,34 @@ impl Session {
     }
 
     /// Joins `room` (idempotent; a repeat with `meta` updates it). The
-    /// subscription is live and the join announced before this returns.
+    /// subscription is live and the join announced before this returns. In a
+    /// durable room, `since` replays the messages after it; what arrives live
+    /// meanwhile is held in `after_reply`, released once the reply is queued.
     async fn join_room(
         &mut self,
         id: Option<u64>,
         room: &RoomName,
         policy: &NamespacePolicy,
         meta: Option<Value>,
-    ) -> Result<(), FrameError> {
-        if *room == self.user_room {
-            return Ok(());
-        }
+        since: Option<Since>,
+    ) -> Result<durable::Recovery, FrameError> {
+        let unavailable = |e: String| FrameError::new(id, ErrorCode::Unavailable, e);
+        let durable = crate::is_durable(&self.edge.config.policy, room);
         let presence = policy.presence && !room.is_personal();
         let joined = Joined {
             presence,
             events: presence && policy.presence_events,
         };
-        if let Some(existing) = self.rooms.get(room).copied() {
-            if let (true, Some(meta)) = (existing.presence, meta) {
+        let existing = if *room == self.user_room {
+            Some(joined)
+        } else {
+            self.rooms.get(room).copied()
+        };
+        if let Some(existing) = existing {
+            if let (true, Some(meta)) = (existing.presence, meta.clone()) {
                 self.update_meta(room, existing, meta).await;
             }
-            return Ok(());
-        }
-        if self.rooms.len() >= self.edge.config.max_rooms_per_conn {
+        } else if self.rooms.len() >= self.edge.config.max_rooms_per_conn {
             return Err(FrameError::new(
                 id,
                 ErrorCode::TooLarge,
@@ -606,23 +766,56 @@ impl Session {
                 ),
             ));
         }
-        self.edge
+        let hold = durable && since.is_some();
+        // A member already in the room is held again while it catches up.
+        let entry = self
+            .edge
             .rooms
-            .join(room, &self.outbox)
+            .join(room, &self.outbox, hold)
             .await
-            .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
-        self.rooms.insert(room.clone(), joined);
-        if presence {
-            self.edge.reporter.report(Change::Join {
-                conn: self.conn.clone(),
-                room: room.to_string(),
-                meta: meta.clone(),
-                quiet: !joined.events,
+            .map_err(|e| unavailable(e.to_string()))?;
+        if existing.is_none() {
+            self.rooms.insert(room.clone(), joined);
+            if presence {
+                self.edge.reporter.report(Change::Join {
+                    conn: self.conn.clone(),
+                    room: room.to_string(),
+                    meta: meta.clone(),
+                    quiet: !joined.events,
+                });
+            }
+            self.announce(room, joined, PresenceEvent::Join, meta.as_ref())
+                .await;
+        }
+        if !durable {
+            // Ephemeral rooms keep no history: nothing to recover from.
+            return Ok(durable::Recovery {
+                epoch: String::new(),
+                offset: 0,
+                recovered: false,
+                missed: 0,
             });
         }
-        self.announce(room, joined, PresenceEvent::Join, meta.as_ref())
-            .await;
-        Ok(())
+        let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
+        let recovery = durable::recover(&entry, &self.edge.history, self.outbox.id, since).await;
+        if hold {
+            self.after_reply = Some(entry);
+        }
+        recovery.map_err(|e| unavailable(e.to_string()))
+    }
+
+    fn durable_only(&self, id: Option<u64>, room: &RoomName) -> Result<(), FrameError> {
+        if crate::is_durable(&self.edge.config.policy, room) {
+            Ok(())
+        } else {
+            Err(FrameError::new(
+                id,
+                ErrorCode::NotFound,
+                format!(
+                    "{room} keeps no history: history and read markers belong to durable rooms"
+                ),
+            ))
+        }
     }
 
     async fn update_meta(&mut self, room: &RoomName, joined: Joined, meta: Value) {
@@ -742,6 +935,7 @@ impl Session {
         self.edge.users.leave(&self.claims.sub, self.outbox.id);
         self.edge
             .sessions_by_id
+            .members
             .write()
             .expect("sessions")
             .remove(&self.outbox.id);
