@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use herald_auth::{NamespacePolicy, Policy, Verifier};
+use std::time::Duration;
+
+use herald_auth::{DurablePolicy, NamespacePolicy, Policy, Verifier};
+use herald_broker::history::Limits;
 use serde::Deserialize;
 
 use crate::cli::Common;
@@ -20,6 +23,23 @@ pub struct FileConfig {
     /// Namespace policies, `[namespaces.<name>]`.
     #[serde(default)]
     pub namespaces: HashMap<String, NamespacePolicy>,
+    /// How much of every user's offline inbox (`user:<id>`) is kept, `[inbox]`.
+    #[serde(default)]
+    pub inbox: Option<DurablePolicy>,
+}
+
+/// What the inbox keeps when the configuration does not say.
+pub fn default_inbox() -> DurablePolicy {
+    DurablePolicy {
+        history_size: 1000,
+        history_ttl: "30d".into(),
+    }
+}
+
+/// Namespace policies and the storage limits of every durable namespace.
+pub struct Namespaces {
+    pub policy: Policy,
+    pub durable: Vec<(String, Limits)>,
 }
 
 /// A configuration problem, reported before the process starts serving.
@@ -33,15 +53,58 @@ impl std::fmt::Display for ConfigError {
 }
 
 pub fn policy(common: &Common) -> Result<Policy, ConfigError> {
-    let Some(path) = &common.config else {
-        return Ok(Policy::open());
+    namespaces(common).map(|n| n.policy)
+}
+
+pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
+    let file = match &common.config {
+        None => FileConfig::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("--config {}: cannot read it: {e}", path.display()))
+            })?;
+            toml::from_str(&text)
+                .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?
+        }
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("--config {}: cannot read it: {e}", path.display())))?;
-    let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
-    Policy::from_namespaces(file.namespaces)
-        .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))
+    let at = || {
+        common
+            .config
+            .as_ref()
+            .map(|p| format!("--config {}", p.display()))
+            .unwrap_or_else(|| "built-in defaults".into())
+    };
+    let inbox = file.inbox.clone().unwrap_or_else(default_inbox);
+    let policy = if common.config.is_some() {
+        Policy::from_namespaces(file.namespaces)
+            .map_err(|e| ConfigError(format!("{}: {e}", at())))?
+    } else {
+        Policy::open()
+    };
+    let mut durable = Vec::new();
+    for (ns, d) in policy.durable_namespaces(&inbox) {
+        let max_age: Duration = humantime::parse_duration(&d.history_ttl).map_err(|e| {
+            ConfigError(format!(
+                "{}: history_ttl {:?} of namespace {ns}: {e} (write e.g. \"24h\" or \"30d\")",
+                at(),
+                d.history_ttl
+            ))
+        })?;
+        if d.history_size == 0 {
+            return Err(ConfigError(format!(
+                "{}: history_size of namespace {ns} must be at least 1",
+                at()
+            )));
+        }
+        durable.push((
+            ns,
+            Limits {
+                max_messages_per_room: d.history_size,
+                max_age,
+            },
+        ));
+    }
+    Ok(Namespaces { policy, durable })
 }
 
 /// The token verifier. `dev_default` lets `herald dev` fall back to the

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHistory};
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker};
 use tokio_util::sync::CancellationToken;
 
@@ -105,11 +106,38 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn nats(url: &str, name: &str) -> Result<SharedBroker, BoxError> {
+async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), BoxError> {
     let broker = NatsBroker::connect(url, name)
         .await
         .map_err(|e| ConfigError(format!("--nats {url}: {e}")))?;
-    Ok(Arc::new(broker))
+    let history: SharedHistory = Arc::new(JetStreamHistory::new(broker.client().clone()));
+    Ok((Arc::new(broker), history))
+}
+
+/// Creates or updates the storage of every durable namespace. At start-up
+/// NATS may not be reachable yet: keep trying in the background (durable
+/// publishes answer `unavailable` meanwhile).
+fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) {
+    tokio::spawn(async move {
+        for (ns, limits) in durable {
+            let mut warned = false;
+            loop {
+                match history.ensure_namespace(&ns, limits.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(namespace = %ns, keep = limits.max_messages_per_room, max_age = ?limits.max_age, "durable namespace ready");
+                        break;
+                    }
+                    Err(e) => {
+                        if !warned {
+                            tracing::warn!(namespace = %ns, error = %e, "durable namespace storage not ready; retrying");
+                            warned = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        }
+    });
 }
 
 async fn serve(command: Command) -> Result<(), BoxError> {
@@ -118,6 +146,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
     match command {
         Command::Dev(args) => dev(args, metrics, shutdown).await,
         Command::Edge(args) => {
+            let namespaces = config::namespaces(&args.common)?;
             let config = edge_config(&args.common, config::node_id(args.node_id)?, false)?;
             let config = herald_edge::Config {
                 handshake_timeout: args.handshake_timeout,
@@ -128,22 +157,25 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 ..config
             };
             let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
-            let broker = nats(&args.nats, &format!("herald-edge {}", config.node_id)).await?;
-            herald_edge::run(config, broker, listener, metrics, shutdown).await?;
+            let (broker, history) =
+                nats(&args.nats, &format!("herald-edge {}", config.node_id)).await?;
+            ensure_durable(history.clone(), namespaces.durable);
+            herald_edge::run(config, broker, history, listener, metrics, shutdown).await?;
             Ok(())
         }
         Command::Router(args) => {
-            // The router verifies no client tokens, but a bad --config is still an error.
-            config::policy(&args.common)?;
+            let namespaces = config::namespaces(&args.common)?;
             let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
             let http =
                 herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
-            let broker = nats(&args.nats, "herald-router").await?;
+            let (broker, history) = nats(&args.nats, "herald-router").await?;
+            ensure_durable(history.clone(), namespaces.durable);
             let config = herald_router::Config {
+                policy: namespaces.policy,
                 presence: args.presence,
                 ..Default::default()
             };
-            herald_router::run(config, broker, grpc, http, metrics, shutdown).await
+            herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await
         }
         Command::Presence(args) => {
             config::policy(&args.common)?;
@@ -184,7 +216,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             } else {
                 None
             };
-            let broker = nats(
+            let (broker, _) = nats(
                 &args.nats,
                 &format!("herald-presence {}", config.replica_id),
             )
@@ -224,17 +256,28 @@ async fn dev(
     metrics: herald_ops::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
+    let namespaces = config::namespaces(&args.common)?;
     let config = edge_config(&args.common, "dev".into(), true)?;
     let using_dev_secret = args.common.jwt_secret.is_none() && args.common.jwt_public_key.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
     let broker: SharedBroker = Arc::new(MemoryBroker::new());
+    let history: SharedHistory = Arc::new(MemoryHistory::new());
+    for (ns, limits) in namespaces.durable {
+        history.ensure_namespace(&ns, limits).await?;
+    }
 
     let presence =
         herald_presence::Presence::start(Default::default(), broker.clone(), shutdown.clone())
             .await?;
     let front = herald_router::PresenceFront::new(broker.clone(), &Default::default())?;
-    let router = herald_router::RouterApi::new(broker.clone(), front, &metrics);
+    let router = herald_router::RouterApi::new(
+        broker.clone(),
+        history.clone(),
+        namespaces.policy,
+        front,
+        &metrics,
+    );
     let (health, _reporter, reflection) =
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
@@ -248,7 +291,7 @@ async fn dev(
             shutdown.clone().cancelled_owned(),
         );
     let ws_addr = listener.local_addr()?;
-    let edge = herald_edge::run(config, broker, listener, metrics, shutdown);
+    let edge = herald_edge::run(config, broker, history, listener, metrics, shutdown);
 
     let token_hint = if using_dev_secret {
         "herald token --sub alice            (signed with the built-in development secret)"

@@ -4,7 +4,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use herald_auth::Policy;
 use herald_broker::SharedBroker;
+use herald_broker::history::{HistoryError, SharedHistory};
+use herald_broker::rooms;
 use herald_ops::Metrics;
 use herald_proto::v1::presence_server::Presence as _;
 use herald_proto::v1::router_server::{Router, RouterServer};
@@ -20,6 +23,8 @@ use tonic::{Request, Response, Status};
 #[derive(Clone)]
 pub struct RouterApi {
     broker: SharedBroker,
+    history: SharedHistory,
+    policy: Policy,
     presence: PresenceFront,
     published: Counter,
 }
@@ -28,7 +33,13 @@ pub struct RouterApi {
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl RouterApi {
-    pub fn new(broker: SharedBroker, presence: PresenceFront, metrics: &Metrics) -> RouterApi {
+    pub fn new(
+        broker: SharedBroker,
+        history: SharedHistory,
+        policy: Policy,
+        presence: PresenceFront,
+        metrics: &Metrics,
+    ) -> RouterApi {
         let published = Counter::default();
         metrics.lock().expect("metrics registry").register(
             "router_published",
@@ -37,6 +48,8 @@ impl RouterApi {
         );
         RouterApi {
             broker,
+            history,
+            policy,
             presence,
             published,
         }
@@ -109,7 +122,12 @@ impl RouterApi {
         RouterServer::new(self)
     }
 
-    async fn publish_to(&self, room: RoomName, data: &str) -> Result<PublishReply, Status> {
+    async fn publish_to(
+        &self,
+        room: RoomName,
+        data: &str,
+        key: &str,
+    ) -> Result<PublishReply, Status> {
         let data = RawValue::from_string(data.to_string())
             .map_err(|e| Status::invalid_argument(format!("data is not valid JSON: {e}")))?;
         let ts = std::time::SystemTime::now()
@@ -117,17 +135,34 @@ impl RouterApi {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let frame: Bytes = frames::message_frame(&room, &data, "server", ts);
-        self.broker
-            .publish(subjects::room(&room), frame)
-            .await
-            .map_err(|e| Status::unavailable(format!("message not sent: {e}")))?;
+        let durable = self.policy.is_durable(room.namespace());
+        let published = rooms::publish(
+            &self.broker,
+            &self.history,
+            &room,
+            durable,
+            frame,
+            Some(key),
+        )
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
         self.published.inc();
-        // Ephemeral rooms have no offsets; durable rooms will fill these in.
         Ok(PublishReply {
-            epoch: String::new(),
-            offset: 0,
+            epoch: published.epoch,
+            offset: published.offset,
         })
     }
+}
+
+/// Most messages one `Router.History` call returns.
+const MAX_HISTORY_PAGE: u32 = 500;
+
+/// The fields of a stored `message` frame that `HistoryMessage` carries.
+#[derive(serde::Deserialize)]
+struct StoredFrame {
+    data: Box<RawValue>,
+    from: String,
+    ts: u64,
 }
 
 fn room_arg(room: &str) -> Result<RoomName, Status> {
@@ -149,7 +184,9 @@ impl Router for RouterApi {
     ) -> Result<Response<PublishReply>, Status> {
         let req = request.into_inner();
         let room = room_arg(&req.room)?;
-        self.publish_to(room, &req.data).await.map(Response::new)
+        self.publish_to(room, &req.data, &req.key)
+            .await
+            .map(Response::new)
     }
 
     async fn send_to_user(
@@ -158,7 +195,9 @@ impl Router for RouterApi {
     ) -> Result<Response<PublishReply>, Status> {
         let req = request.into_inner();
         let room = user_arg(&req.user)?;
-        self.publish_to(room, &req.data).await.map(Response::new)
+        self.publish_to(room, &req.data, &req.key)
+            .await
+            .map(Response::new)
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
@@ -252,9 +291,50 @@ impl Router for RouterApi {
         Ok(Response::new(DisconnectReply {}))
     }
 
-    async fn history(&self, _: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
-        Err(Status::unimplemented(
-            "Router.History needs durable rooms, which this version of Herald does not keep",
-        ))
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryReply>, Status> {
+        let req = request.into_inner();
+        let room = room_arg(&req.room)?;
+        if !self.policy.is_durable(room.namespace()) {
+            return Err(Status::failed_precondition(format!(
+                "{room} keeps no history: its namespace is not durable"
+            )));
+        }
+        let unavailable = |e: HistoryError| Status::unavailable(e.to_string());
+        let epoch = self
+            .history
+            .epoch(room.namespace())
+            .await
+            .map_err(unavailable)?;
+        // An offset from another epoch means nothing here: read from the start.
+        let after = req
+            .since
+            .filter(|s| s.epoch == epoch)
+            .map(|s| s.offset)
+            .unwrap_or(0);
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(MAX_HISTORY_PAGE),
+        } as usize;
+        let stored = self
+            .history
+            .read(&room, after, limit)
+            .await
+            .map_err(unavailable)?;
+        let messages = stored
+            .into_iter()
+            .filter_map(|m| {
+                let frame: StoredFrame = serde_json::from_slice(&m.payload).ok()?;
+                Some(HistoryMessage {
+                    offset: m.offset,
+                    data: frame.data.get().to_string(),
+                    from: frame.from,
+                    ts: frame.ts,
+                })
+            })
+            .collect();
+        Ok(Response::new(HistoryReply { epoch, messages }))
     }
 }

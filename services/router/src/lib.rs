@@ -21,6 +21,8 @@ pub use presence_front::PresenceFront;
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Namespace policies: which rooms are durable.
+    pub policy: herald_auth::Policy,
     /// A presence service's gRPC address; without it presence queries go to
     /// any presence replica through the broker.
     pub presence: Option<String>,
@@ -31,6 +33,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            policy: herald_auth::Policy::open(),
             presence: None,
             presence_timeout: Duration::from_secs(3),
         }
@@ -43,6 +46,7 @@ impl Default for Config {
 pub async fn run(
     config: Config,
     broker: SharedBroker,
+    history: herald_broker::history::SharedHistory,
     grpc: TcpListener,
     http: TcpListener,
     metrics: Metrics,
@@ -51,7 +55,13 @@ pub async fn run(
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
     let presence = PresenceFront::new(broker.clone(), &config)?;
-    let api = RouterApi::new(broker.clone(), presence.clone(), &metrics);
+    let api = RouterApi::new(
+        broker.clone(),
+        history,
+        config.policy.clone(),
+        presence.clone(),
+        &metrics,
+    );
     let (health_svc, reporter, reflection) =
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
