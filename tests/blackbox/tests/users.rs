@@ -22,7 +22,12 @@ async fn status(cluster: &Cluster, user: &str) -> herald_proto::v1::UserStatus {
 
 #[tokio::test]
 async fn a_user_on_two_edges_gets_each_message_once_per_device() {
-    let cluster = Cluster::start(2);
+    // A short grace period: offline follows the last close within the wait.
+    let cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        presence_args: vec!["--presence-grace".into(), "500ms".into()],
+        ..Spec::default()
+    });
     let phone = connect(&cluster.ws(0), "alice").await;
     let laptop = connect(&cluster.ws(1), "alice").await;
     let bob = connect(&cluster.ws(0), "bob").await;

@@ -197,6 +197,11 @@ pub struct Dev {
 
 impl Dev {
     pub fn start() -> Dev {
+        Dev::start_with(&[])
+    }
+
+    /// `extra` is appended to the arguments (e.g. `--config FILE`).
+    pub fn start_with(extra: &[String]) -> Dev {
         let ws_addr = free_addr();
         let grpc = free_addr();
         let args = vec![
@@ -208,6 +213,7 @@ impl Dev {
             s("--jwt-secret"),
             s(SECRET),
         ];
+        let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
         let herald = Herald::start("herald dev", &args, ws_addr).expect("start herald dev");
         Dev {
             herald,
@@ -262,6 +268,15 @@ pub async fn no_more_messages(client: &Client) {
     while let Some(f) = client.next_frame(QUIET).await.expect("connection open") {
         assert_ne!(f["op"], "message", "unexpected extra message {f}");
     }
+}
+
+/// A configuration file that lives as long as the test.
+pub fn config_file(text: &str) -> (tempfile::NamedTempFile, Vec<String>) {
+    use std::io::Write;
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    let args = vec!["--config".to_string(), f.path().display().to_string()];
+    (f, args)
 }
 
 /// Users listed by a `presence` reply.
