@@ -121,3 +121,25 @@ fn a_bad_listen_address_is_named() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--listen"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_example_configuration_is_accepted() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/herald.toml");
+    let ws = herald_test_support::free_addr();
+    let grpc = herald_test_support::free_addr().to_string();
+    let args: Vec<String> = [
+        "dev",
+        "--listen",
+        &ws.to_string(),
+        "--grpc-listen",
+        &grpc,
+        "--config",
+        example,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Ready means the configuration was read and every durable namespace set up.
+    let mut dev = herald_test_support::Herald::start("herald dev", &args, ws).unwrap();
+    dev.stop(std::time::Duration::from_secs(5));
+}
