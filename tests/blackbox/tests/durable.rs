@@ -185,6 +185,63 @@ async fn recovery_from_before_the_retained_history_says_so() {
 }
 
 #[tokio::test]
+async fn history_is_readable_by_clients_and_the_api() {
+    let (_f, config) = config_file(CONFIG);
+    let cluster = Cluster::start_with(1, &config);
+    let mut router = cluster.router().await;
+    let mut offsets = Vec::new();
+    for i in 0..7 {
+        offsets.push(
+            router
+                .publish(publish("doc:h", json!({"n": i}), ""))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let epoch = offsets[0].epoch.clone();
+    let c = connect(&cluster.ws(0), "hal").await;
+    let h = ok(&c, json!({"op":"history","room":"doc:h","since":{"epoch": epoch, "offset": offsets[2].offset},"limit":3})).await;
+    assert_eq!(h["epoch"], epoch.as_str());
+    let got: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        offsets[3..6].iter().map(|o| o.offset).collect::<Vec<_>>()
+    );
+    assert_eq!(h["messages"][0]["data"], json!({"n": 3}));
+    assert_eq!(h["messages"][0]["from"], "server");
+    refused(&c, json!({"op":"history","room":"chat:x"}), "not_found").await;
+
+    let all = router
+        .history(herald_proto::v1::HistoryRequest {
+            room: "doc:h".into(),
+            since: None,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.epoch, epoch);
+    assert_eq!(all.messages.len(), 7);
+    assert_eq!(all.messages[6].offset, offsets[6].offset);
+    assert_eq!(all.messages[6].data, r#"{"n":6}"#);
+    let e = router
+        .history(herald_proto::v1::HistoryRequest {
+            room: "chat:x".into(),
+            since: None,
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
 async fn the_same_key_publishes_once() {
     let (_f, config) = config_file(CONFIG);
     let cluster = Cluster::start_with(1, &config);

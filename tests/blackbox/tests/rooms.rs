@@ -94,3 +94,15 @@ async fn router_publish_reaches_members_on_every_edge() {
     assert_eq!(b.recv_op("message", WAIT).await.unwrap()["data"], 2);
     no_more_messages(&a).await;
 }
+
+#[tokio::test]
+async fn services_can_reach_presence_over_grpc_with_presence_url() {
+    let mut cluster = Cluster::start(0);
+    let presence_url = format!("http://{}", cluster.presence_grpcs[0]);
+    cluster.add_edge_with("edge-0", &["--presence".into(), presence_url]);
+    let alice = connect(&cluster.ws(0), "alice").await;
+    ok(&alice, json!({"op":"join","room":"chat:grpc"})).await;
+    // Read-your-writes holds over gRPC too: the edge's own join is listed at once.
+    let r = ok(&alice, json!({"op":"presence","room":"chat:grpc"})).await;
+    assert_eq!(member_users(&r), ["alice"]);
+}

@@ -139,6 +139,11 @@ impl Cluster {
     }
 
     pub fn add_edge(&mut self, node: &str) {
+        self.add_edge_with(node, &[]);
+    }
+
+    /// An edge with `extra` arguments besides the cluster's.
+    pub fn add_edge_with(&mut self, node: &str, extra: &[String]) {
         let addr = free_addr();
         let mut args = vec![
             s("edge"),
@@ -153,6 +158,7 @@ impl Cluster {
         ];
         args.extend_from_slice(&self.spec.common);
         args.extend_from_slice(&self.spec.edge_args);
+        args.extend_from_slice(extra);
         let edge = Herald::start(node, &args, addr).expect("start edge");
         self.edges.push(edge);
         self.edge_addrs.push(addr);
