@@ -8,7 +8,12 @@ use herald_wire::frames::with_position;
 use herald_wire::{RoomName, subjects};
 
 use crate::SharedBroker;
-use crate::history::{HistoryError, SharedHistory};
+use crate::history::{HistoryError, SharedHistory, Stored};
+
+/// Most messages one history page holds (`history` op, `Router.History`).
+pub const MAX_HISTORY_PAGE: u32 = 500;
+/// Messages in a history page when the caller does not say.
+pub const DEFAULT_HISTORY_PAGE: u32 = 100;
 
 /// Where a published message landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,4 +71,27 @@ pub async fn publish(
         offset: stored.offset,
         duplicate: stored.duplicate,
     })
+}
+
+/// A page of `room`'s history after `since` (from the start when `since` is
+/// absent or belongs to another epoch: its offsets mean nothing here), at most
+/// `limit` messages (0 or absent: [`DEFAULT_HISTORY_PAGE`]; at most
+/// [`MAX_HISTORY_PAGE`]). Returns the epoch with the messages.
+pub async fn history_page(
+    history: &SharedHistory,
+    room: &RoomName,
+    since: Option<(&str, u64)>,
+    limit: Option<u32>,
+) -> Result<(String, Vec<Stored>), HistoryError> {
+    let epoch = history.epoch(room.namespace()).await?;
+    let after = since
+        .filter(|(e, _)| *e == epoch)
+        .map(|(_, offset)| offset)
+        .unwrap_or(0);
+    let limit = match limit.unwrap_or(0) {
+        0 => DEFAULT_HISTORY_PAGE,
+        n => n.min(MAX_HISTORY_PAGE),
+    };
+    let stored = history.read(room, after, limit as usize).await?;
+    Ok((epoch, stored))
 }

@@ -29,9 +29,6 @@ use crate::delivery::{self, ControlCmd, Out, Outbox};
 use crate::durable::{self, RoomEntry};
 use crate::interest::{self, Slot};
 
-/// Most messages one `history` request returns.
-const MAX_HISTORY_PAGE: u32 = 500;
-
 /// How long cleanup waits for the writer to flush the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
 
@@ -530,15 +527,7 @@ impl Session {
             )),
             Request::Ping => Ok(frames::pong_frame(id)),
             Request::Join { room, since, meta } => {
-                let policy = self
-                    .allowed(
-                        id,
-                        self.edge
-                            .config
-                            .policy
-                            .check_join(&self.claims, room.as_str()),
-                    )?
-                    .clone();
+                let policy = self.may_join(id, &room)?.clone();
                 let meta = self.meta(id, meta.as_deref())?;
                 let r = self.join_room(id, &room, &policy, meta, since).await?;
                 Ok(frames::ok_frame(
@@ -587,13 +576,7 @@ impl Session {
                 }
             }
             Request::Presence { room } => {
-                let policy = self.allowed(
-                    id,
-                    self.edge
-                        .config
-                        .policy
-                        .check_join(&self.claims, room.as_str()),
-                )?;
+                let policy = self.may_join(id, &room)?;
                 if !policy.presence || room.is_personal() {
                     return Err(err(
                         ErrorCode::Forbidden,
@@ -631,29 +614,12 @@ impl Session {
                 }
             }
             Request::History { room, since, limit } => {
-                self.allowed(
-                    id,
-                    self.edge
-                        .config
-                        .policy
-                        .check_join(&self.claims, room.as_str()),
-                )?;
+                self.may_join(id, &room)?;
                 self.durable_only(id, &room)?;
-                let history = &self.edge.history;
-                let unavailable = |e: herald_broker::history::HistoryError| {
-                    err(ErrorCode::Unavailable, e.to_string())
-                };
-                let epoch = history.epoch(room.namespace()).await.map_err(unavailable)?;
-                // An offset from another epoch means nothing here: read from the start.
-                let after = since
-                    .filter(|s| s.epoch == epoch)
-                    .map(|s| s.offset)
-                    .unwrap_or(0);
-                let limit = limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE) as usize;
-                let stored = history
-                    .read(&room, after, limit)
+                let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
+                let (epoch, stored) = rooms::history_page(&self.edge.history, &room, since, limit)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
                 let messages: Vec<Value> = stored
                     .iter()
                     .filter_map(|m| {
@@ -669,15 +635,7 @@ impl Session {
                 ))
             }
             Request::Read { room, offset } => {
-                if room != self.user_room {
-                    self.allowed(
-                        id,
-                        self.edge
-                            .config
-                            .policy
-                            .check_join(&self.claims, room.as_str()),
-                    )?;
-                }
+                self.may_join(id, &room)?;
                 self.durable_only(id, &room)?;
                 let history = &self.edge.history;
                 let unavailable = |e: herald_broker::history::HistoryError| {
@@ -802,6 +760,17 @@ impl Session {
             self.after_reply = Some(entry);
         }
         recovery.map_err(|e| unavailable(e.to_string()))
+    }
+
+    /// Reading a room (presence, history, markers) takes the right to join it.
+    fn may_join(&self, id: Option<u64>, room: &RoomName) -> Result<&NamespacePolicy, FrameError> {
+        self.allowed(
+            id,
+            self.edge
+                .config
+                .policy
+                .check_join(&self.claims, room.as_str()),
+        )
     }
 
     fn durable_only(&self, id: Option<u64>, room: &RoomName) -> Result<(), FrameError> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald_auth::Policy;
 use herald_broker::SharedBroker;
-use herald_broker::history::{HistoryError, SharedHistory};
+use herald_broker::history::SharedHistory;
 use herald_broker::rooms;
 use herald_ops::Metrics;
 use herald_proto::v1::presence_server::Presence as _;
@@ -154,9 +154,6 @@ impl RouterApi {
     }
 }
 
-/// Most messages one `Router.History` call returns.
-const MAX_HISTORY_PAGE: u32 = 500;
-
 /// The fields of a stored `message` frame that `HistoryMessage` carries.
 #[derive(serde::Deserialize)]
 struct StoredFrame {
@@ -302,27 +299,10 @@ impl Router for RouterApi {
                 "{room} keeps no history: its namespace is not durable"
             )));
         }
-        let unavailable = |e: HistoryError| Status::unavailable(e.to_string());
-        let epoch = self
-            .history
-            .epoch(room.namespace())
+        let since = req.since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
+        let (epoch, stored) = rooms::history_page(&self.history, &room, since, Some(req.limit))
             .await
-            .map_err(unavailable)?;
-        // An offset from another epoch means nothing here: read from the start.
-        let after = req
-            .since
-            .filter(|s| s.epoch == epoch)
-            .map(|s| s.offset)
-            .unwrap_or(0);
-        let limit = match req.limit {
-            0 => 100,
-            n => n.min(MAX_HISTORY_PAGE),
-        } as usize;
-        let stored = self
-            .history
-            .read(&room, after, limit)
-            .await
-            .map_err(unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let messages = stored
             .into_iter()
             .filter_map(|m| {
