@@ -169,6 +169,12 @@ pub fn epoch(entry: &RoomEntry) -> Option<String> {
     order.durable.as_ref().map(|d| d.epoch.clone())
 }
 
+/// The last offset delivered in a durable room (`None` for an ephemeral one).
+pub fn last(entry: &RoomEntry) -> Option<u64> {
+    let order = entry.state.0.lock().expect("room order");
+    order.durable.as_ref().map(|d| d.last)
+}
+
 /// What a recovering join found.
 pub struct Recovery {
     pub epoch: String,

@@ -359,7 +359,8 @@ impl Session {
                 return None;
             }
         };
-        let (unread, inbox_marker) = session.unread().await;
+        let inbox_last = durable::last(&inbox).unwrap_or(0);
+        let (unread, inbox_marker) = session.unread(inbox_last).await;
         let mut connected = json!({
             "conn": session.conn,
             "user": session.claims.sub,
@@ -392,7 +393,9 @@ impl Session {
 
     /// Unread counts for `connected`: per durable room with a read marker,
     /// and always the personal room; also the personal room's marker.
-    async fn unread(&self) -> (Value, u64) {
+    /// `inbox_last` is the inbox's latest offset, known from joining it: an
+    /// inbox read up to there needs no count from the store.
+    async fn unread(&self, inbox_last: u64) -> (Value, u64) {
         let history = &self.edge.history;
         let mut unread = serde_json::Map::new();
         let mut inbox_marker = 0;
@@ -410,6 +413,10 @@ impl Session {
             rooms.push((self.user_room.clone(), 0));
         }
         for (room, marker) in rooms {
+            if room == self.user_room && inbox_last <= marker {
+                unread.insert(room.to_string(), 0.into());
+                continue;
+            }
             if let Ok(n) = history.count_after(&room, marker).await {
                 unread.insert(room.to_string(), n.into());
             }
