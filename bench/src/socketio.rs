@@ -1,0 +1,1224 @@
+//! The comparison peer: a Socket.IO 4 cluster (Node, `@socket.io/redis-adapter`)
+//! started from `bench/peers/socketio/`, and a minimal Socket.IO v4 /
+//! Engine.IO v4 client that drives it.
+//!
+//! The client speaks only what the bench needs: the WebSocket transport (no
+//! long-polling, so no sticky sessions), the root namespace, text packets
+//! (no binary attachments). It opens its socket exactly like
+//! `herald-client` does (TCP from a chosen source address, `TCP_NODELAY`,
+//! hyper's HTTP/1 upgrade, fastwebsockets 0.10 with a reader task and a
+//! writer task, every text frame parsed as JSON), so that Herald and
+//! Socket.IO are driven with the same client costs. Errors are
+//! [`herald_client::ClientError`]s, so the bench tallies them the same way.
+//!
+//! Wire format (Engine.IO v4 packet type, then for a message the Socket.IO
+//! packet type, optional ack id, JSON):
+//!
+//! ```text
+//! server: 0{"sid":..,"pingInterval":..}    Engine.IO open
+//! client: 40{"user":"u1","rooms":"a,b"}    Socket.IO CONNECT with auth
+//! server: 40{"sid":".."}                   connected (44{"message":..}: refused)
+//! server: 2            client: 3           heartbeat (the server pings)
+//! server: 42["msg",{..}]                   event → the client's callback
+//! client: 421["join","room"]               event with ack id 1
+//! server: 431[{"ok":true,"rooms":[..]}]    its ack
+//! client: 41, then a close frame           disconnect
+//! ```
+
+// The bench uses part of this module in each scenario, the tests another.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use fastwebsockets::{
+    FragmentCollectorRead, Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError,
+    WebSocketWrite,
+};
+use herald_client::ClientError;
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How long the Socket.IO handshake (Engine.IO open, then CONNECT) and an
+/// ack may take; the same as `herald_client::DEFAULT_TIMEOUT`.
+pub const DEFAULT_TIMEOUT: Duration = herald_client::DEFAULT_TIMEOUT;
+
+/// How long opening a socket (TCP connect plus HTTP upgrade) may take; the
+/// same as `herald_client::OPEN_TIMEOUT`.
+pub const OPEN_TIMEOUT: Duration = herald_client::OPEN_TIMEOUT;
+
+/// How long a peer process may take to print that it listens.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Engine.IO URL of a Socket.IO server on `addr`, WebSocket transport.
+pub fn engine_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/socket.io/?EIO=4&transport=websocket")
+}
+
+/// Microseconds since the Unix epoch, the unit of the emitter's `ts_us`.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// An event the server sent (`42["name", args...]`), with when it arrived.
+#[derive(Debug, Clone)]
+pub struct SioEvent {
+    pub name: String,
+    /// The arguments after the name (for the emitter's `msg`: one object
+    /// `{"seq", "ts_us", "pad"}`).
+    pub args: Vec<Value>,
+    /// When the reader parsed the frame.
+    pub received: Instant,
+    /// The same moment as wall-clock µs since the Unix epoch, to compare with
+    /// the emitter's `ts_us` (same machine, same clock).
+    pub received_unix_us: u64,
+}
+
+impl SioEvent {
+    /// The first argument, `Null` if there is none.
+    pub fn data(&self) -> &Value {
+        self.args.first().unwrap_or(&Value::Null)
+    }
+
+    /// Emitter send time → receive time, from the payload's `ts_us`.
+    pub fn latency(&self) -> Option<Duration> {
+        let sent = self.data().get("ts_us")?.as_u64()?;
+        Some(Duration::from_micros(
+            self.received_unix_us.saturating_sub(sent),
+        ))
+    }
+}
+
+/// Called by a connection's reader task for every event, in arrival order;
+/// it runs on the reader task, so it must be quick (count, record, or send
+/// into a channel).
+pub type OnEvent = Arc<dyn Fn(SioEvent) + Send + Sync>;
+
+/// A callback that drops every event.
+pub fn ignore_events() -> OnEvent {
+    Arc::new(|_| {})
+}
+
+/// A callback that sends every event into a channel, and its receiver.
+pub fn event_channel() -> (OnEvent, mpsc::UnboundedReceiver<SioEvent>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Arc::new(move |event| {
+            let _ = tx.send(event);
+        }),
+        rx,
+    )
+}
+
+type Stream = TokioIo<Upgraded>;
+type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
+type Writer = WebSocketWrite<tokio::io::WriteHalf<Stream>>;
+
+struct WriteCmd {
+    frame: WsFrame<'static>,
+    /// `None` for pongs and close echoes, which nobody waits for.
+    ack: Option<oneshot::Sender<Result<(), WebSocketError>>>,
+}
+
+/// What the reader reports while the handshake waits.
+enum Control {
+    /// Engine.IO open packet (`0{...}`).
+    Open(Value),
+    /// Socket.IO CONNECT answered (`40{"sid":..}`).
+    Connected(Value),
+    /// Socket.IO CONNECT refused (`44{"message":..}`).
+    ConnectError(Value),
+}
+
+#[derive(Clone, Debug)]
+struct CloseInfo {
+    code: Option<u16>,
+    reason: String,
+}
+
+struct Shared {
+    /// Acks awaited, by id; `None` once the reader stopped.
+    acks: Mutex<Option<HashMap<u64, oneshot::Sender<Vec<Value>>>>>,
+    close: Mutex<Option<CloseInfo>>,
+    /// The first thing the server sent that this client does not understand.
+    violation: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn closed_error(&self) -> ClientError {
+        match lock(&self.close).as_ref() {
+            Some(info) => ClientError::Closed {
+                code: info.code,
+                reason: info.reason.clone(),
+            },
+            None => ClientError::Closed {
+                code: None,
+                reason: "connection closed".into(),
+            },
+        }
+    }
+
+    fn violate(&self, what: String) {
+        lock(&self.violation).get_or_insert(what);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Removes an ack's entry however the wait ends.
+struct AckGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for AckGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(acks) = lock(&self.shared.acks).as_mut() {
+            acks.remove(&self.id);
+        }
+    }
+}
+
+/// A Socket.IO connection (root namespace, WebSocket transport). Dropping it
+/// aborts the connection without a close frame; [`SioClient::close`] ends it
+/// properly.
+pub struct SioClient {
+    shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<WriteCmd>,
+    next_ack: AtomicU64,
+    engine_sid: String,
+    sid: String,
+    local_addr: SocketAddr,
+    reader_task: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SioClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SioClient")
+            .field("sid", &self.sid)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SioClient {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+        self.writer_task.abort();
+    }
+}
+
+impl SioClient {
+    /// Opens `url` (see [`engine_url`]) from `local_ip` (port chosen by the
+    /// OS), waits for the Engine.IO open packet, sends the Socket.IO CONNECT
+    /// packet with `auth` as its payload (e.g. `{"user":"u1","rooms":"a,b"}`;
+    /// the peer's server joins the connection to `rooms` before it answers)
+    /// and waits for the answer. Every event the server sends from then on
+    /// goes to `on_event`.
+    pub async fn connect(
+        url: &str,
+        auth: &Value,
+        local_ip: Option<IpAddr>,
+        on_event: OnEvent,
+    ) -> Result<SioClient, ClientError> {
+        let (client, mut control) =
+            tokio::time::timeout(OPEN_TIMEOUT, Self::open(url, local_ip, on_event))
+                .await
+                .map_err(|_| {
+                    ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}"))
+                })??;
+        let mut client = client;
+        let handshake = async {
+            let open = match control.recv().await {
+                Some(Control::Open(open)) => open,
+                Some(_) => {
+                    return Err(ClientError::Protocol(
+                        "Socket.IO packet before the Engine.IO open packet".into(),
+                    ));
+                }
+                None => return Err(client.failure()),
+            };
+            client.engine_sid = open["sid"].as_str().unwrap_or_default().to_owned();
+            client.send_text(format!("40{auth}")).await?;
+            match control.recv().await {
+                Some(Control::Connected(reply)) => {
+                    client.sid = reply["sid"].as_str().unwrap_or_default().to_owned();
+                    Ok(())
+                }
+                Some(Control::ConnectError(reply)) => Err(ClientError::Protocol(format!(
+                    "connect refused: {}",
+                    reply["message"].as_str().unwrap_or(&reply.to_string())
+                ))),
+                Some(Control::Open(_)) => Err(ClientError::Protocol(
+                    "a second Engine.IO open packet".into(),
+                )),
+                None => Err(client.failure()),
+            }
+        };
+        tokio::time::timeout(DEFAULT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                ClientError::Timeout(format!("no Socket.IO handshake within {DEFAULT_TIMEOUT:?}"))
+            })??;
+        Ok(client)
+    }
+
+    /// The Socket.IO session id (from `40{"sid":..}`).
+    pub fn sid(&self) -> &str {
+        &self.sid
+    }
+
+    /// The Engine.IO session id (from the open packet).
+    pub fn engine_sid(&self) -> &str {
+        &self.engine_sid
+    }
+
+    /// The socket's local address (shows which source address was used).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.close).is_some()
+    }
+
+    /// The first packet the server sent that this client could not handle
+    /// (binary packets, other namespaces, broken JSON), if any. Such packets
+    /// are skipped, not fatal.
+    pub fn violation(&self) -> Option<String> {
+        lock(&self.shared.violation).clone()
+    }
+
+    /// Emits `event` with `args` (`42["event",...args]`), waiting until the
+    /// frame is written.
+    pub async fn emit(&self, event: &str, args: &[Value]) -> Result<(), ClientError> {
+        self.send_text(format!("42{}", event_array(event, args)))
+            .await
+    }
+
+    /// Emits `event` with `args` and an ack id (`42<id>["event",...]`), and
+    /// waits up to `timeout` for the server's ack (`43<id>[...]`); returns
+    /// the ack's arguments.
+    pub async fn emit_with_ack(
+        &self,
+        event: &str,
+        args: &[Value],
+        timeout: Duration,
+    ) -> Result<Vec<Value>, ClientError> {
+        let id = self.next_ack.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match lock(&self.shared.acks).as_mut() {
+            Some(acks) => acks.insert(id, tx),
+            None => return Err(self.failure()),
+        };
+        let _guard = AckGuard {
+            shared: &self.shared,
+            id,
+        };
+        self.send_text(format!("42{id}{}", event_array(event, args)))
+            .await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(args)) => Ok(args),
+            Ok(Err(_)) => Err(self.failure()),
+            Err(_) => Err(ClientError::Timeout(format!(
+                "no ack for {event:?} (id {id}) within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Joins `room` through the peer server's `join` event, waiting for its
+    /// ack `{"ok":true,...}`.
+    pub async fn join(&self, room: &str) -> Result<(), ClientError> {
+        let ack = self
+            .emit_with_ack("join", &[json!(room)], DEFAULT_TIMEOUT)
+            .await?;
+        match ack.first() {
+            Some(reply) if reply["ok"] == true => Ok(()),
+            _ => Err(ClientError::Protocol(format!(
+                "unexpected ack to join {room:?}: {ack:?}"
+            ))),
+        }
+    }
+
+    /// Sends the Socket.IO DISCONNECT packet and a close frame (1000), and
+    /// waits up to [`DEFAULT_TIMEOUT`] for the server's close. Closing a
+    /// connection the server already closed is not an error.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        for frame in [
+            WsFrame::text(Payload::Owned(b"41".to_vec())),
+            WsFrame::close(1000, b""),
+        ] {
+            match self.write(frame).await {
+                Ok(()) => {}
+                Err(ClientError::Closed { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        tokio::time::timeout(DEFAULT_TIMEOUT, &mut self.reader_task)
+            .await
+            .map(drop)
+            .map_err(|_| {
+                ClientError::Timeout(format!(
+                    "server did not answer the close frame within {DEFAULT_TIMEOUT:?}"
+                ))
+            })
+    }
+
+    /// Sends a raw Engine.IO packet (any text).
+    pub async fn send_text(&self, text: String) -> Result<(), ClientError> {
+        self.write(WsFrame::text(Payload::Owned(text.into_bytes())))
+            .await
+    }
+
+    /// Why the connection is unusable: the close, or the first violation.
+    fn failure(&self) -> ClientError {
+        match self.violation() {
+            Some(v) if !self.is_closed() => ClientError::Protocol(v),
+            _ => self.shared.closed_error(),
+        }
+    }
+
+    async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let (ack, acked) = oneshot::channel();
+        if self
+            .writer
+            .send(WriteCmd {
+                frame,
+                ack: Some(ack),
+            })
+            .is_err()
+        {
+            return Err(self.shared.closed_error());
+        }
+        match acked.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) if self.is_closed() => Err(self.shared.closed_error()),
+            Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
+            Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(ClientError::Closed {
+                code: None,
+                reason: "connection closed".into(),
+            }),
+            Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+
+    /// TCP connect and WebSocket upgrade, the same steps as `herald-client`
+    /// (without a subprotocol); starts the reader and writer tasks.
+    async fn open(
+        url: &str,
+        local_ip: Option<IpAddr>,
+        on_event: OnEvent,
+    ) -> Result<(SioClient, mpsc::UnboundedReceiver<Control>), ClientError> {
+        let target = UrlParts::parse(url)?;
+        let tcp = dial(&target.host, target.port, local_ip).await?;
+        let local_addr = tcp.local_addr()?;
+        tcp.set_nodelay(true)?;
+
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let request = Request::builder()
+            .method("GET")
+            .uri(target.path.as_str())
+            .header(HOST, target.authority.as_str())
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "Upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ClientError::Connect(format!("building the upgrade request: {e}")))?;
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ClientError::Rejected {
+                status: response.status().as_u16(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(&mut response)
+            .await
+            .map_err(|e| ClientError::Connect(format!("upgrade: {e}")))?;
+
+        let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
+        let (read, write) = ws.split(tokio::io::split);
+        let shared = Arc::new(Shared {
+            acks: Mutex::new(Some(HashMap::new())),
+            close: Mutex::new(None),
+            violation: Mutex::new(None),
+        });
+        let (writer, write_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_loop(write, write_rx));
+        let reader_task = tokio::spawn(read_loop(
+            FragmentCollectorRead::new(read),
+            shared.clone(),
+            writer.clone(),
+            control_tx,
+            on_event,
+        ));
+        Ok((
+            SioClient {
+                shared,
+                writer,
+                next_ack: AtomicU64::new(1),
+                engine_sid: String::new(),
+                sid: String::new(),
+                local_addr,
+                reader_task,
+                writer_task,
+            },
+            control_rx,
+        ))
+    }
+}
+
+/// `["event",arg1,...]`.
+fn event_array(event: &str, args: &[Value]) -> String {
+    let mut array = Vec::with_capacity(args.len() + 1);
+    array.push(Value::from(event));
+    array.extend_from_slice(args);
+    Value::Array(array).to_string()
+}
+
+struct UrlParts {
+    host: String,
+    port: u16,
+    authority: String,
+    path: String,
+}
+
+impl UrlParts {
+    fn parse(url: &str) -> Result<UrlParts, ClientError> {
+        let bad = |why: &str| ClientError::Connect(format!("bad URL {url:?}: {why}"));
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        if !matches!(uri.scheme_str(), Some("ws" | "http")) {
+            return Err(bad(
+                "use ws://host:port/socket.io/?EIO=4&transport=websocket",
+            ));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        Ok(UrlParts {
+            host: authority.host().to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.as_str().to_owned(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        })
+    }
+}
+
+async fn dial(host: &str, port: u16, local_ip: Option<IpAddr>) -> Result<TcpStream, ClientError> {
+    let addrs = tokio::net::lookup_host(format!("{host}:{port}")).await?;
+    let mut last_error = None;
+    for addr in addrs {
+        if local_ip.is_some_and(|ip| ip.is_ipv4() != addr.is_ipv4()) {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = local_ip {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.map_or_else(
+        || ClientError::Connect(format!("{host} has no address usable from {local_ip:?}")),
+        ClientError::Io,
+    ))
+}
+
+async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<WriteCmd>) {
+    let mut close_sent = false;
+    while let Some(WriteCmd { frame, ack }) = commands.recv().await {
+        let result = if close_sent {
+            Err(WebSocketError::ConnectionClosed)
+        } else {
+            close_sent = frame.opcode == OpCode::Close;
+            match ws.write_frame(frame).await {
+                Ok(()) => ws.flush().await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Some(ack) = ack {
+            let _ = ack.send(result);
+        }
+    }
+}
+
+async fn read_loop(
+    mut ws: Reader,
+    shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<WriteCmd>,
+    control: mpsc::UnboundedSender<Control>,
+    on_event: OnEvent,
+) {
+    let mut obligated = |frame: WsFrame<'static>| {
+        let _ = writer.send(WriteCmd { frame, ack: None });
+        std::future::ready(Ok::<(), Infallible>(()))
+    };
+    let info = loop {
+        let frame = match ws.read_frame(&mut obligated).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                break CloseInfo {
+                    code: None,
+                    reason: format!("connection lost without a close frame: {e}"),
+                };
+            }
+        };
+        match frame.opcode {
+            OpCode::Text => {
+                let text = &frame.payload[..];
+                match text.first() {
+                    // Engine.IO open.
+                    Some(b'0') => match serde_json::from_slice(&text[1..]) {
+                        Ok(open) => {
+                            let _ = control.send(Control::Open(open));
+                        }
+                        Err(e) => shared.violate(format!("bad open packet ({e}): {}", shown(text))),
+                    },
+                    // Engine.IO close.
+                    Some(b'1') => {
+                        break CloseInfo {
+                            code: None,
+                            reason: "the server sent an Engine.IO close packet".into(),
+                        };
+                    }
+                    // Ping ("2", or "2probe" during an upgrade): answer pong
+                    // with the same data.
+                    Some(b'2') => {
+                        let mut pong = text.to_vec();
+                        pong[0] = b'3';
+                        let _ = writer.send(WriteCmd {
+                            frame: WsFrame::text(Payload::Owned(pong)),
+                            ack: None,
+                        });
+                    }
+                    Some(b'4') => socketio_packet(&text[1..], &shared, &control, &on_event),
+                    // Pong, noop.
+                    Some(b'3' | b'6') => {}
+                    _ => shared.violate(format!("unknown Engine.IO packet: {}", shown(text))),
+                }
+            }
+            OpCode::Binary => shared.violate(format!(
+                "binary frame ({} bytes): binary packets are not supported",
+                frame.payload.len()
+            )),
+            OpCode::Close => break parse_close(&frame.payload),
+            _ => {}
+        }
+    };
+    *lock(&shared.close) = Some(info);
+    lock(&shared.acks).take();
+}
+
+/// One Socket.IO packet (the Engine.IO message's data): type digit, optional
+/// `/namespace,`, optional ack id, JSON.
+fn socketio_packet(
+    packet: &[u8],
+    shared: &Shared,
+    control: &mpsc::UnboundedSender<Control>,
+    on_event: &OnEvent,
+) {
+    let Some((&kind, mut rest)) = packet.split_first() else {
+        shared.violate("empty Socket.IO packet".into());
+        return;
+    };
+    if rest.first() == Some(&b'/') {
+        shared.violate(format!("packet for another namespace: {}", shown(packet)));
+        return;
+    }
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let id: Option<u64> = std::str::from_utf8(&rest[..digits])
+        .ok()
+        .and_then(|d| d.parse().ok());
+    rest = &rest[digits..];
+    match kind {
+        // EVENT: ["name", args...]. An ack the server asks for is not sent.
+        b'2' => {
+            let received = Instant::now();
+            let received_unix_us = unix_us();
+            match serde_json::from_slice::<Vec<Value>>(rest) {
+                Ok(mut array) if array.first().is_some_and(Value::is_string) => {
+                    let Value::String(name) = array.remove(0) else {
+                        unreachable!("checked above")
+                    };
+                    on_event(SioEvent {
+                        name,
+                        args: array,
+                        received,
+                        received_unix_us,
+                    });
+                }
+                _ => shared.violate(format!("bad event packet: {}", shown(packet))),
+            }
+        }
+        // ACK: [args...] for the emit with that id.
+        b'3' => match (id, serde_json::from_slice::<Vec<Value>>(rest)) {
+            (Some(id), Ok(args)) => {
+                let waiter = lock(&shared.acks).as_mut().and_then(|a| a.remove(&id));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(args);
+                }
+            }
+            _ => shared.violate(format!("bad ack packet: {}", shown(packet))),
+        },
+        b'0' | b'4' => match serde_json::from_slice::<Value>(rest) {
+            Ok(data) => {
+                let _ = control.send(if kind == b'0' {
+                    Control::Connected(data)
+                } else {
+                    Control::ConnectError(data)
+                });
+            }
+            Err(e) => shared.violate(format!("bad connect reply ({e}): {}", shown(packet))),
+        },
+        // DISCONNECT: the server closes the socket next.
+        b'1' => {}
+        _ => shared.violate(format!("unsupported Socket.IO packet: {}", shown(packet))),
+    }
+}
+
+fn shown(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(200).collect()
+}
+
+fn parse_close(payload: &[u8]) -> CloseInfo {
+    match payload {
+        [hi, lo, reason @ ..] => CloseInfo {
+            code: Some(u16::from_be_bytes([*hi, *lo])),
+            reason: String::from_utf8_lossy(reason).into_owned(),
+        },
+        _ => CloseInfo {
+            code: None,
+            reason: String::new(),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The peer's processes.
+
+/// `bench/peers/socketio`, the Node project.
+pub fn peer_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio")
+}
+
+/// `$NODE`, else `node` from PATH.
+pub fn node_bin() -> PathBuf {
+    std::env::var_os("NODE").map_or_else(|| "node".into(), PathBuf::from)
+}
+
+/// Why the peer cannot run here (no Node 20+, Redis not answering at
+/// `redis_url`), or `None` if it can.
+pub fn unavailable(redis_url: &str) -> Option<String> {
+    let node = node_bin();
+    match Command::new(&node).arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let major: u32 = version
+                .trim_start_matches('v')
+                .split('.')
+                .next()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
+            if major < 20 {
+                return Some(format!(
+                    "{} is {version}, Node 20+ is needed",
+                    node.display()
+                ));
+            }
+        }
+        Ok(out) => {
+            return Some(format!(
+                "{} --version failed: {}",
+                node.display(),
+                out.status
+            ));
+        }
+        Err(e) => return Some(format!("cannot run {}: {e}", node.display())),
+    }
+    match redis_command(redis_url, "PING") {
+        Ok(reply) if reply.starts_with("+PONG") => None,
+        Ok(reply) => Some(format!("Redis at {redis_url} answered PING with {reply:?}")),
+        Err(e) => Some(format!("no Redis at {redis_url}: {e:#}")),
+    }
+}
+
+/// `host:port` of a `redis://[user:pass@]host[:port][/db]` URL.
+fn redis_addr(url: &str) -> Result<String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .with_context(|| format!("{url:?} is not a redis:// URL"))?;
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let hostport = hostport.rsplit('@').next().unwrap_or(hostport);
+    Ok(if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:6379")
+    })
+}
+
+/// Sends one inline command to Redis and returns its reply (a status line,
+/// or a bulk string's content).
+fn redis_command(url: &str, command: &str) -> Result<String> {
+    let addr = redis_addr(url)?
+        .to_socket_addrs()?
+        .next()
+        .context("no address")?;
+    let mut stream = StdTcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if let Some(len) = line.strip_prefix('$') {
+        let len: usize = len.trim().parse().context("bad bulk length")?;
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    Ok(line)
+}
+
+/// The pid of the Redis server at `url` (`INFO server`'s `process_id`), for
+/// its CPU time; meaningful only when that Redis runs on this machine and
+/// serves nothing else meanwhile.
+pub fn redis_pid(url: &str) -> Option<u32> {
+    let info = redis_command(url, "INFO server").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// A child process, killed on drop, its output in a log file.
+struct PeerProc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl PeerProc {
+    fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Result<PeerProc> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+        // and exec. The child dies with the thread that started it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {name} ({cmd:?})"))?;
+        Ok(PeerProc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let out = self.output();
+        let all: Vec<&str> = out.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn wait_for_line(&mut self, line: &str) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before printing {line:?}:\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            if self.output().lines().any(|l| l == line) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not print {line:?} within {READY_TIMEOUT:?}:\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one run of `emitter.js` did.
+#[derive(Debug, Clone)]
+pub struct EmitReport {
+    /// Messages published (each is one Redis PUBLISH).
+    pub sent: u64,
+    /// How long the emitter ran, from its first message (≈ the duration asked).
+    pub elapsed: Duration,
+    /// The emitter's own CPU time over the run, user and system seconds.
+    pub cpu_user_s: f64,
+    pub cpu_system_s: f64,
+}
+
+/// A run of `emitter.js`: `rate` messages per second to `room` for
+/// `duration`, each with `size` bytes of padding.
+#[derive(Debug, Clone)]
+pub struct Emit {
+    pub room: String,
+    pub rate: f64,
+    pub duration: Duration,
+    pub size: usize,
+    pub event: String,
+}
+
+impl Emit {
+    pub fn new(room: &str, rate: f64, duration: Duration) -> Emit {
+        Emit {
+            room: room.to_owned(),
+            rate,
+            duration,
+            size: 0,
+            event: "msg".into(),
+        }
+    }
+}
+
+/// Socket.IO server processes (`node server.js`) on free loopback ports,
+/// joined by the Redis adapter; killed on drop.
+pub struct SocketIoPeer {
+    servers: Vec<PeerProc>,
+    addrs: Vec<SocketAddr>,
+    redis_url: String,
+    /// The adapter's channel prefix, unique to this peer so that runs sharing
+    /// a Redis do not receive each other's messages.
+    key: String,
+    dir: tempfile::TempDir,
+}
+
+impl SocketIoPeer {
+    /// Starts `servers` server processes against the Redis at `redis_url`,
+    /// running `npm install` in [`peer_dir`] first if its `node_modules` is
+    /// missing, and waits until each prints `listening on PORT`.
+    pub fn start(servers: usize, redis_url: &str) -> Result<SocketIoPeer> {
+        Self::start_with_env(servers, redis_url, &[])
+    }
+
+    /// [`SocketIoPeer::start`] with extra environment variables for the
+    /// servers (e.g. `PING_INTERVAL_MS`, `PING_TIMEOUT_MS`; see server.js).
+    pub fn start_with_env(
+        servers: usize,
+        redis_url: &str,
+        env: &[(&str, &str)],
+    ) -> Result<SocketIoPeer> {
+        if servers == 0 {
+            bail!("a Socket.IO peer needs at least one server");
+        }
+        if let Some(why) = unavailable(redis_url) {
+            bail!("the Socket.IO peer cannot run: {why}");
+        }
+        npm_install()?;
+        let dir = tempfile::Builder::new()
+            .prefix("herald-bench-socketio-")
+            .tempdir()?;
+        static PEERS: AtomicU64 = AtomicU64::new(0);
+        let key = format!(
+            "herald-bench-{}-{}-{}",
+            std::process::id(),
+            PEERS.fetch_add(1, Ordering::Relaxed),
+            unix_us()
+        );
+        let mut peer = SocketIoPeer {
+            servers: Vec::new(),
+            addrs: Vec::new(),
+            redis_url: redis_url.to_owned(),
+            key,
+            dir,
+        };
+        for i in 0..servers {
+            let addr = herald_test_support::free_addr();
+            let mut cmd = Command::new(node_bin());
+            cmd.arg(peer_dir().join("server.js"))
+                .current_dir(peer_dir())
+                .env("PORT", addr.port().to_string())
+                .env("HOST", addr.ip().to_string())
+                .env("REDIS_URL", redis_url)
+                .env("SIO_KEY", &peer.key)
+                .env_remove("NODE_OPTIONS")
+                .env_remove("DEBUG")
+                .envs(env.iter().copied());
+            let name = format!("socketio-{i}");
+            let mut proc = PeerProc::spawn(&name, cmd, peer.dir.path())?;
+            let ready = proc.wait_for_line(&format!("listening on {}", addr.port()));
+            peer.servers.push(proc);
+            ready?;
+            peer.addrs.push(addr);
+        }
+        Ok(peer)
+    }
+
+    /// The servers' listening addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The servers' Engine.IO WebSocket URLs, for [`SioClient::connect`].
+    pub fn urls(&self) -> Vec<String> {
+        self.addrs.iter().copied().map(engine_url).collect()
+    }
+
+    /// Name (`socketio-0`, ...) and pid of each server, for CPU time
+    /// (`/proc/<pid>/stat`) and RSS (`/proc/<pid>/status`).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.servers
+            .iter()
+            .map(|p| (p.name.clone(), p.child.id()))
+            .collect()
+    }
+
+    pub fn redis_url(&self) -> &str {
+        &self.redis_url
+    }
+
+    /// The Redis server's pid, see [`redis_pid`].
+    pub fn redis_pid(&self) -> Option<u32> {
+        redis_pid(&self.redis_url)
+    }
+
+    /// Runs `emitter.js` ([`Emit::new`]`(room, rate, duration)`) and waits for it.
+    pub async fn emit(&self, room: &str, rate: f64, duration: Duration) -> Result<EmitReport> {
+        self.emit_with(&Emit::new(room, rate, duration)).await
+    }
+
+    /// Runs `emitter.js` as described by `emit` and waits for it to finish
+    /// (its start-up, ~0.2 s, comes before the first message).
+    pub async fn emit_with(&self, emit: &Emit) -> Result<EmitReport> {
+        let mut cmd = tokio::process::Command::new(node_bin());
+        cmd.arg(peer_dir().join("emitter.js"))
+            .args(["--room", &emit.room])
+            .args(["--rate", &emit.rate.to_string()])
+            .args(["--duration", &emit.duration.as_secs_f64().to_string()])
+            .args(["--size", &emit.size.to_string()])
+            .args(["--event", &emit.event])
+            .current_dir(peer_dir())
+            .env("REDIS_URL", &self.redis_url)
+            .env("SIO_KEY", &self.key)
+            .env_remove("NODE_OPTIONS")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: as in `PeerProc::spawn`.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().await.context("could not run emitter.js")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("emitter.js failed ({}):\n{stdout}\n{stderr}", out.status);
+        }
+        let summary: Value = stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .with_context(|| format!("emitter.js printed no summary:\n{stdout}\n{stderr}"))?;
+        let f = |k: &str| summary[k].as_f64().unwrap_or(0.0);
+        Ok(EmitReport {
+            sent: summary["sent"]
+                .as_u64()
+                .context("no `sent` in the summary")?,
+            elapsed: Duration::from_secs_f64(f("elapsed_s").max(0.0)),
+            cpu_user_s: f("cpu_user_s"),
+            cpu_system_s: f("cpu_system_s"),
+        })
+    }
+
+    /// Servers that have exited (they should all still run), with the end of
+    /// their output.
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut dead = Vec::new();
+        for p in &mut self.servers {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                dead.push(format!(
+                    "{} exited with {status} during the run:\n{}",
+                    p.name,
+                    p.tail(30)
+                ));
+            }
+        }
+        dead
+    }
+
+    /// Lines the servers printed besides `listening on ...` (Node prints
+    /// errors and warnings only), a few per server, with counts.
+    pub fn log_problems(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for p in &self.servers {
+            let out = p.output();
+            let other: Vec<&str> = out
+                .lines()
+                .filter(|l| !l.starts_with("listening on ") && !l.starts_with("stats "))
+                .collect();
+            if other.is_empty() {
+                continue;
+            }
+            let mut note = format!("{} printed {} other line(s)", p.name, other.len());
+            for line in other.iter().take(3) {
+                let line: String = line.chars().take(300).collect();
+                note.push_str("\n    ");
+                note.push_str(&line);
+            }
+            notes.push(note);
+        }
+        notes
+    }
+}
+
+/// `npm install --no-audit --no-fund` in [`peer_dir`] if `node_modules` is
+/// missing (package-lock.json pins every version).
+fn npm_install() -> Result<()> {
+    // Peers started by concurrent tests must not install at the same time.
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _once = lock(&INSTALL);
+    let dir = peer_dir();
+    if dir.join("node_modules/socket.io").is_dir()
+        && dir.join("node_modules/@socket.io/redis-adapter").is_dir()
+        && dir.join("node_modules/@socket.io/redis-emitter").is_dir()
+    {
+        return Ok(());
+    }
+    let npm = std::env::var_os("NPM").map_or_else(|| "npm".into(), PathBuf::from);
+    let out = Command::new(&npm)
+        .args(["install", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not run {} install", npm.display()))?;
+    if !out.status.success() {
+        bail!(
+            "npm install in {} failed ({}):\n{}\n{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls() {
+        assert_eq!(
+            redis_addr("redis://127.0.0.1:6379").unwrap(),
+            "127.0.0.1:6379"
+        );
+        assert_eq!(redis_addr("redis://localhost").unwrap(), "localhost:6379");
+        assert_eq!(redis_addr("redis://u:p@h:1/2").unwrap(), "h:1");
+        assert!(redis_addr("http://h").is_err());
+    }
+
+    #[test]
+    fn event_arrays() {
+        assert_eq!(event_array("join", &[json!("r")]), r#"["join","r"]"#);
+        assert_eq!(event_array("x", &[]), r#"["x"]"#);
+    }
+
+    #[test]
+    fn packets_reach_the_callback_and_the_acks() {
+        let shared = Shared {
+            acks: Mutex::new(Some(HashMap::new())),
+            close: Mutex::new(None),
+            violation: Mutex::new(None),
+        };
+        let (control, mut control_rx) = mpsc::unbounded_channel();
+        let (on_event, mut events) = event_channel();
+        let (tx, mut ack) = oneshot::channel();
+        lock(&shared.acks).as_mut().unwrap().insert(12, tx);
+
+        socketio_packet(br#"0{"sid":"abc"}"#, &shared, &control, &on_event);
+        socketio_packet(
+            br#"2["msg",{"seq":3,"ts_us":1}]"#,
+            &shared,
+            &control,
+            &on_event,
+        );
+        socketio_packet(br#"312[{"ok":true}]"#, &shared, &control, &on_event);
+        assert!(lock(&shared.violation).is_none());
+        socketio_packet(br#"2/chat,["msg"]"#, &shared, &control, &on_event);
+        assert!(lock(&shared.violation).is_some());
+
+        assert!(matches!(control_rx.try_recv(), Ok(Control::Connected(v)) if v["sid"] == "abc"));
+        let event = events.try_recv().unwrap();
+        assert_eq!(event.name, "msg");
+        assert_eq!(event.data()["seq"], 3);
+        assert!(event.latency().is_some());
+        assert!(events.try_recv().is_err());
+        assert_eq!(ack.try_recv().unwrap(), vec![json!({"ok": true})]);
+    }
+}
