@@ -9,11 +9,17 @@
 //! `/proc/<pid>/stat`.
 //!
 //! Scenarios: `churn` (presence churn), `presence-memory` (the presence
-//! view's memory per connection). More will follow (idle, fanout,
-//! chat, floor); each is a module with a clap `Args` struct and a `run`
-//! that returns a [`report::Report`].
+//! view's memory per connection), `idle` (an edge's memory per idle
+//! connection), `floor` (the kernel's cost of a small write, measured with
+//! the same clients), `fanout` (gRPC publish → delivered to many members,
+//! latency and CPU per delivery, optionally as a ratio to the floor). Each
+//! is a module with a clap `Args` struct and a `run` that returns a
+//! [`report::Report`].
 
 mod churn;
+mod fanout;
+mod floor;
+mod idle;
 mod load;
 mod presence_memory;
 mod report;
@@ -58,6 +64,40 @@ enum Scenario {
         #[command(flatten)]
         args: presence_memory::PresenceMemoryArgs,
     },
+    /// RSS of one edge per idle authenticated connection (after one ping each).
+    Idle {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: idle::IdleArgs,
+    },
+    /// The kernel's cost of one small write on this machine: a bare writer
+    /// process writes a ~100-byte frame to many connections (starts no Herald).
+    Floor {
+        #[command(flatten)]
+        args: floor::FloorCmd,
+    },
+    /// Router.Publish over gRPC → delivered to rooms of many members: delivered/s,
+    /// loss, latency, server CPU per delivery (optionally vs the floor).
+    Fanout {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: fanout::FanoutArgs,
+    },
+    /// The writer child of `floor` (internal).
+    #[command(hide = true)]
+    FloorWriter {
+        #[command(flatten)]
+        args: floor::WriterArgs,
+    },
+}
+
+/// What runs against a started target.
+enum Against {
+    Churn(churn::ChurnArgs),
+    Idle(idle::IdleArgs),
+    Fanout(fanout::FanoutArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,15 +114,32 @@ fn main() -> ExitCode {
 
 /// Runs the scenario; `Ok(false)` when the report lists failures.
 fn run(cli: Cli) -> Result<bool> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
     let (common, args) = match cli.scenario {
-        Scenario::Churn { common, args } => (common, args),
+        Scenario::Churn { common, args } => (common, Against::Churn(args)),
+        Scenario::Idle { common, args } => (common, Against::Idle(args)),
+        Scenario::Fanout { common, args } => (common, Against::Fanout(args)),
         Scenario::PresenceMemory { args } => return presence_memory::run(&args),
+        Scenario::FloorWriter { args } => return floor::writer_main(&args).map(|()| true),
+        Scenario::Floor { args } => {
+            let report = runtime()?.block_on(floor::run(&args))?;
+            report.emit(args.json.as_deref())?;
+            return Ok(report.failures.is_empty());
+        }
     };
     let mut target = Target::start(&common)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let mut report = runtime.block_on(churn::run(&args, &common, &target))?;
+    let runtime = runtime()?;
+    let mut report = runtime.block_on(async {
+        match &args {
+            Against::Churn(a) => churn::run(a, &common, &target).await,
+            Against::Idle(a) => idle::run(a, &common, &target).await,
+            Against::Fanout(a) => fanout::run(a, &common, &target).await,
+        }
+    })?;
     finish(&mut report, &mut target, &common)
 }
 

@@ -201,6 +201,11 @@ impl CpuPhase {
             .then(|| self.sum(nats))
     }
 
+    /// CPU seconds of the bench itself (the load generator and receivers).
+    pub fn load_s(&self) -> f64 {
+        self.sum(None)
+    }
+
     fn sum(&self, role: Option<Role>) -> f64 {
         self.processes
             .iter()

@@ -182,6 +182,9 @@ pub struct Target {
     pub herald_bin: PathBuf,
     /// nats-server's monitoring port (cluster only).
     nats_monitor: Option<SocketAddr>,
+    /// Where `herald.v1.Router` is served: the router's gRPC port, or
+    /// `herald dev`'s.
+    pub router_grpc: Option<SocketAddr>,
 }
 
 impl Target {
@@ -204,6 +207,7 @@ impl Target {
             keep_logs: args.keep_logs,
             herald_bin,
             nats_monitor: None,
+            router_grpc: None,
         };
         match args.target {
             TargetKind::Dev => target.start_dev()?,
@@ -256,6 +260,7 @@ impl Target {
         ];
         self.start_herald("herald-dev", args, listen)?;
         self.edge_urls.push(format!("ws://{listen}/ws"));
+        self.router_grpc = Some(grpc);
         Ok(())
     }
 
@@ -299,6 +304,7 @@ impl Target {
             nats_url.clone(),
         ];
         self.start_herald("router", args, http)?;
+        self.router_grpc = Some(grpc);
 
         for i in 0..edges {
             let listen = free_addr();
@@ -355,6 +361,19 @@ impl Target {
             pid: p.child.id(),
         }));
         probes
+    }
+
+    /// The process that holds the WebSocket connections of edge `i`: `edge-<i>`
+    /// of a cluster, or the `herald dev` process.
+    pub fn edge_pid(&self, i: usize) -> Option<u32> {
+        let name = match self.kind {
+            TargetKind::Dev => "herald-dev".to_owned(),
+            TargetKind::Cluster => format!("edge-{i}"),
+        };
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.child.id())
     }
 
     /// nats-server's message and subscription counters (cluster only).

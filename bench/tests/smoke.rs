@@ -138,3 +138,125 @@ fn json_dash_prints_one_json_line_on_stdout() {
         "the table goes to stderr:\n{stderr}"
     );
 }
+
+/// Runs `herald-bench args... --json FILE`, checks it succeeded, and returns
+/// the report.
+fn run_json(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "herald-bench {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["scenario"], args[0], "{report}");
+    assert_eq!(report["failures"], Value::Array(vec![]), "{report}");
+    report
+}
+
+fn positive(v: &Value, what: &str) -> f64 {
+    let x = number(v, what);
+    assert!(x > 0.0, "{what} is not positive: {v}");
+    x
+}
+
+#[test]
+fn idle_reports_rss_per_connection() {
+    let report = run_json(&[
+        "idle", "--target", "dev", "--conns", "40", "--settle", "200ms",
+    ]);
+    let idle = &report["results"]["idle"];
+    assert_eq!(idle["conns"], 40, "{idle}");
+    assert_eq!(idle["open_at_end"], 40, "{idle}");
+    assert_eq!(idle["errors"], 0, "{idle}");
+    // RSS may not grow measurably for 40 connections: a number, not a sign.
+    number(&idle["rss_kib_per_conn"], "rss_kib_per_conn");
+    number(&idle["rss_kib_per_conn_second_half"], "second half");
+    positive(&idle["edge_rss_mib_before"], "edge_rss_mib_before");
+    positive(&idle["edge_rss_mib_all"], "edge_rss_mib_all");
+    positive(&idle["connects_per_sec"], "connects_per_sec");
+    assert!(report["cpu"]["connect and ping"]["processes"]["herald-dev"].is_number());
+}
+
+#[test]
+fn floor_reports_cpu_per_write_for_each_phase() {
+    let report = run_json(&[
+        "floor",
+        "--conns",
+        "20",
+        "--rounds",
+        "20",
+        "--round-rate",
+        "0",
+        "--frames-per-write",
+        "1,4",
+    ]);
+    for (key, k) in [("frames_per_write_1", 1), ("frames_per_write_4", 4)] {
+        let phase = &report["results"][key];
+        assert_eq!(phase["frames_per_write"], k, "{phase}");
+        let writes = phase["writes"].as_u64().expect("writes");
+        assert!(writes > 0, "{phase}");
+        assert_eq!(phase["frames"].as_u64(), Some(writes * k), "{phase}");
+        assert_eq!(phase["received"], phase["frames"], "{phase}");
+        assert_eq!(phase["missing"], 0, "{phase}");
+        positive(&phase["wall_s"], "wall_s");
+        // CPU is counted in clock ticks: a tiny run may show 0.
+        for n in ["writer_cpu_s", "us_per_write", "us_per_frame"] {
+            assert!(number(&phase[n], n) >= 0.0, "{phase}");
+        }
+    }
+}
+
+#[test]
+fn fanout_reports_deliveries_latency_and_floor_ratio() {
+    let report = run_json(&[
+        "fanout",
+        "--target",
+        "dev",
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--rates",
+        "20,40",
+        "--duration",
+        "500ms",
+        "--floor",
+    ]);
+    assert_eq!(report["params"]["conns"], 6);
+    let setup = &report["results"]["setup"];
+    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
+    for (key, rate) in [("rate_20", 20.0), ("rate_40", 40.0)] {
+        let step = &report["results"][key];
+        assert_eq!(number(&step["rate"], "rate"), rate, "{step}");
+        let expected = step["expected"].as_u64().expect("expected");
+        // 500 ms at `rate`, each message to 3 members.
+        assert_eq!(expected, (rate as u64 / 2) * 3, "{step}");
+        assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
+        assert_eq!(step["lost"], 0, "{step}");
+        positive(&step["delivered_per_sec"], "delivered_per_sec");
+        assert_latency(&step["latency_ms"], "latency_ms", expected);
+        for n in [
+            "server_us_per_delivery",
+            "herald_us_per_delivery",
+            "floor_us_per_write",
+        ] {
+            assert!(number(&step[n], n) >= 0.0, "{step}");
+        }
+        assert!(step.get("ratio_to_floor").is_some(), "{step}");
+        let floor = &report["results"][format!("floor_{}", rate as u64)];
+        assert_eq!(floor["conns"], 6, "{floor}");
+        assert_eq!(floor["missing"], 0, "{floor}");
+        assert!(report["cpu"][format!("rate {rate}/s")]["herald_s"].is_number());
+    }
+}

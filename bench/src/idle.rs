@@ -1,0 +1,219 @@
+//! `idle`: memory of one edge per idle authenticated connection.
+//!
+//! `--conns` clients (each its own user `idle-<i>`) connect to edge 0 (the
+//! `herald dev` process with `--target dev`), from source addresses
+//! 127.0.0.2, 127.0.0.3, ... in turn, authenticate (`connect` →
+//! `connected`) and do one `ping` → `pong`. The edge's RSS
+//! (`/proc/<pid>/status` VmRSS) is read before the first connection, after
+//! half of them (so the per-connection cost can also be taken between two
+//! loaded points, without the allocator's one-off growth), and after all of
+//! them, each time after `--settle` of quiet. Then every client closes and
+//! the RSS is read once more (what the edge keeps after they left).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use futures::StreamExt as _;
+use herald_client::Client;
+use serde_json::{Value, json};
+
+use crate::load::Dialer;
+use crate::report::{CpuMeter, Errors, Report, Section, round3};
+use crate::target::{CommonArgs, Target, rss_bytes};
+
+#[derive(Args, Debug, Clone)]
+pub struct IdleArgs {
+    /// Idle connections to open to the one edge.
+    #[arg(long, default_value_t = 10_000)]
+    pub conns: usize,
+    /// Connections being opened at the same time.
+    #[arg(long, default_value_t = 100)]
+    pub concurrency: usize,
+    /// Quiet time before each RSS reading.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+}
+
+/// Fds the bench keeps for itself besides the client sockets.
+const FD_MARGIN: u64 = 200;
+
+/// Raises the soft limit on open files to the hard one; the soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+pub async fn run(args: &IdleArgs, common: &CommonArgs, target: &Target) -> Result<Report> {
+    if args.conns < 2 {
+        bail!("--conns must be at least 2");
+    }
+    let limit = raise_fd_limit();
+    if args.conns as u64 + FD_MARGIN > limit {
+        bail!(
+            "--conns {} needs more open files than this process may have ({limit}); \
+             the edge needs as many: stay below {}",
+            args.conns,
+            limit.saturating_sub(FD_MARGIN)
+        );
+    }
+    let pid = target.edge_pid(0).context("no edge process")?;
+    let mut report = Report::new(
+        "idle",
+        target.kind.as_str(),
+        target.describe(),
+        json!({
+            "conns": args.conns,
+            "concurrency": args.concurrency,
+            "settle_s": args.settle.as_secs_f64(),
+            "source_addrs": common.source_addrs,
+            "edge": target.edge_urls[0],
+        }),
+    );
+    // Edge 0 only.
+    let dialer = Dialer::new(vec![target.edge_urls[0].clone()], common.source_ips());
+    let rss = || rss_bytes(pid).context("edge RSS from /proc");
+
+    tokio::time::sleep(args.settle).await;
+    let rss_before = rss()?;
+    let meter = CpuMeter::start(target);
+    let started = Instant::now();
+    let half = args.conns / 2;
+    let mut errors = Errors::default();
+    let mut clients = open(&dialer, target, 0..half, args.concurrency, &mut errors).await;
+    tokio::time::sleep(args.settle).await;
+    let rss_half = rss()?;
+    let opened_half = clients.len();
+    clients.extend(
+        open(
+            &dialer,
+            target,
+            half..args.conns,
+            args.concurrency,
+            &mut errors,
+        )
+        .await,
+    );
+    let connect_s = started.elapsed().as_secs_f64() - args.settle.as_secs_f64();
+    tokio::time::sleep(args.settle).await;
+    let rss_all = rss()?;
+    let cpu = meter.stop(target);
+    let opened = clients.len();
+    // Still open? (A server that dropped them would make the figure meaningless.)
+    let still_open = clients.iter().filter(|c| !c.is_closed()).count();
+
+    let client_rss = rss_bytes(std::process::id()).unwrap_or(0);
+    futures::stream::iter(clients)
+        .for_each_concurrent(args.concurrency, |c| async move {
+            let _ = c.close().await;
+        })
+        .await;
+    tokio::time::sleep(args.settle).await;
+    let rss_after_close = rss()?;
+
+    let kib = |b: f64| round3(b / 1024.0);
+    let per_conn = (rss_all as f64 - rss_before as f64) / opened.max(1) as f64;
+    let marginal = (rss_all as f64 - rss_half as f64) / (opened - opened_half).max(1) as f64;
+    if opened < args.conns {
+        report.failures.push(format!(
+            "{} of {} connections failed",
+            args.conns - opened,
+            args.conns
+        ));
+    }
+    if still_open < opened {
+        report.failures.push(format!(
+            "{} connections were closed by the server while idle",
+            opened - still_open
+        ));
+    }
+    let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
+    report.section(
+        "idle",
+        Section::new()
+            .put("conns", opened)
+            .put("open_at_end", still_open)
+            .put("rss_kib_per_conn", kib(per_conn))
+            .put("rss_kib_per_conn_second_half", kib(marginal))
+            .put("bar_kib_per_conn", 4.0)
+            .put("edge_rss_mib_before", mib(rss_before))
+            .put("edge_rss_mib_half", mib(rss_half))
+            .put("edge_rss_mib_all", mib(rss_all))
+            .put("edge_rss_mib_after_close", mib(rss_after_close))
+            .put(
+                "connects_per_sec",
+                round3(opened as f64 / connect_s.max(1e-3)),
+            )
+            .put(
+                "edge_cpu_us_per_connect",
+                round3(cpu.herald_s() * 1e6 / opened.max(1) as f64),
+            )
+            .put(
+                "bench_rss_kib_per_conn",
+                Value::from(kib(client_rss as f64 / opened.max(1) as f64)),
+            )
+            .put("errors", errors.total())
+            .put("error_kinds", errors.to_json()),
+    );
+    report.cpu.push(("connect and ping".into(), cpu));
+    Ok(report)
+}
+
+/// Opens connections `range` (user `idle-<i>`) with `concurrency` at a time,
+/// each authenticated and pinged once.
+async fn open(
+    dialer: &Dialer,
+    target: &Target,
+    range: std::ops::Range<usize>,
+    concurrency: usize,
+    errors: &mut Errors,
+) -> Vec<Client> {
+    let results: Vec<_> = futures::stream::iter(range)
+        .map(|i| {
+            let token = target.token(&format!("idle-{i}"));
+            async move {
+                let (client, _) = dialer
+                    .connect(0, &token)
+                    .await
+                    .map_err(|e| ("connect", e))?;
+                let pong = client
+                    .request(json!({"op": "ping"}))
+                    .await
+                    .map_err(|e| ("ping", e))?;
+                Ok::<_, (&str, _)>((client, pong))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut clients = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok((client, pong)) if pong["op"] == "pong" => clients.push(client),
+            Ok((client, pong)) => {
+                errors.add_reply("ping", &pong);
+                clients.push(client);
+            }
+            Err((stage, e)) => errors.add(stage, &e),
+        }
+    }
+    clients
+}
