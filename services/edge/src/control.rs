@@ -57,7 +57,7 @@ async fn dispatch(broker: SharedBroker, node: Arc<str>, msg: Message, targets: V
             control: control.clone(),
             done,
         };
-        if t.control.try_send(cmd).is_ok() {
+        if t.control.push(cmd) {
             pending.push(rx);
         }
     }

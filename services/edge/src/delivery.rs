@@ -66,7 +66,7 @@ pub struct Outbox {
     /// Unique within this edge; the wire connection id adds the node id.
     pub id: u64,
     tx: mpsc::Sender<Out>,
-    pub control: mpsc::Sender<ControlCmd>,
+    pub control: Arc<ControlInbox>,
     pub closer: Arc<Closer>,
 }
 
@@ -79,6 +79,40 @@ pub struct ControlCmd {
 /// Control actions that may wait for one session; more are refused (the
 /// router's call then reports the connection as not confirmed).
 const CONTROL_QUEUE: usize = 16;
+
+/// Control actions waiting for a session. They are rare, so this is a queue
+/// that allocates only when used rather than a channel, whose first block
+/// would cost every idle connection about 3 KiB.
+#[derive(Default)]
+pub struct ControlInbox {
+    queue: std::sync::Mutex<std::collections::VecDeque<ControlCmd>>,
+    notify: tokio::sync::Notify,
+}
+
+impl ControlInbox {
+    /// Queues an action; `false` when the session already has too many waiting.
+    pub fn push(&self, cmd: ControlCmd) -> bool {
+        let mut queue = self.queue.lock().expect("control queue");
+        if queue.len() >= CONTROL_QUEUE {
+            return false;
+        }
+        queue.push_back(cmd);
+        drop(queue);
+        self.notify.notify_one();
+        true
+    }
+
+    /// The next action. Cancel-safe: nothing is taken until it is returned.
+    pub async fn recv(&self) -> ControlCmd {
+        loop {
+            if let Some(cmd) = self.queue.lock().expect("control queue").pop_front() {
+                return cmd;
+            }
+            // A push between the check and this wait left a permit: no wake-up is lost.
+            self.notify.notified().await;
+        }
+    }
+}
 
 impl Outbox {
     /// Queues a frame. A full queue means the client reads slower than its
@@ -114,21 +148,16 @@ impl Outbox {
 }
 
 /// Creates the queues of a new connection; `capacity` frames at most.
-pub fn outbox(
-    id: u64,
-    capacity: usize,
-) -> (Outbox, mpsc::Receiver<Out>, mpsc::Receiver<ControlCmd>) {
+pub fn outbox(id: u64, capacity: usize) -> (Outbox, mpsc::Receiver<Out>) {
     let (tx, rx) = mpsc::channel(capacity);
-    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
     (
         Outbox {
             id,
             tx,
-            control,
+            control: Arc::default(),
             closer: Arc::new(Closer::new()),
         },
         rx,
-        control_rx,
     )
 }
 
@@ -228,7 +257,7 @@ mod tests {
 
     #[tokio::test]
     async fn queued_frames_are_coalesced_and_a_full_queue_closes_with_4009() {
-        let (ob, rx, _) = outbox(1, 4);
+        let (ob, rx) = outbox(1, 4);
         for i in 0..4 {
             assert!(ob.send(Bytes::from(format!("m{i}"))));
         }
@@ -244,7 +273,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_one_buffer_in_queue_order() {
-        let (ob, rx, _) = outbox(1, 16);
+        let (ob, rx) = outbox(1, 16);
         ob.send(Bytes::from_static(b"a"));
         ob.send(Bytes::from_static(b"b"));
         ob.push(Out::Close {

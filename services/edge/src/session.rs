@@ -21,11 +21,10 @@ use herald_wire::{CloseCode, ErrorCode, RoomName, subjects};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Edge;
-use crate::delivery::{self, ControlCmd, Out, Outbox};
+use crate::delivery::{self, Out, Outbox};
 use crate::durable::{self, RoomEntry};
 use crate::interest::{self, Slot};
 
@@ -95,7 +94,7 @@ pub(crate) async fn serve(
     read.set_max_message_size(edge.config.max_message_bytes);
     let mut reader = FragmentCollectorRead::new(read);
     let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (outbox, rx, control_rx) = delivery::outbox(id, edge.config.outbound_queue);
+    let (outbox, rx) = delivery::outbox(id, edge.config.outbound_queue);
     let mut writer = tokio::spawn(delivery::run_writer(w, rx, outbox.closer.clone()));
     let control = outbox.clone();
     let mut send = move |f: Frame<'static>| {
@@ -110,15 +109,8 @@ pub(crate) async fn serve(
         authenticate(&edge, &outbox, &mut reader, &mut send, url_token).await
     {
         let conn = format!("{}-{id}", edge.config.node_id);
-        if let Some(mut session) = Session::open(
-            edge.clone(),
-            outbox.clone(),
-            control_rx,
-            conn,
-            claims,
-            connect_id,
-        )
-        .await
+        if let Some(mut session) =
+            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
         {
             tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
             session.run(&mut reader, &mut send).await;
@@ -250,7 +242,6 @@ type MetaLimiter = governor::DefaultDirectRateLimiter;
 struct Session {
     edge: Arc<Edge>,
     outbox: Outbox,
-    control: mpsc::Receiver<ControlCmd>,
     conn: String,
     claims: Claims,
     user_room: RoomName,
@@ -276,7 +267,6 @@ impl Session {
     async fn open(
         edge: Arc<Edge>,
         outbox: Outbox,
-        control: mpsc::Receiver<ControlCmd>,
         conn: String,
         claims: Claims,
         connect_id: Option<u64>,
@@ -323,7 +313,6 @@ impl Session {
             expires_at: expiry_instant(claims.exp),
             edge,
             outbox,
-            control,
             conn,
             claims,
             user_room,
@@ -432,7 +421,7 @@ impl Session {
         loop {
             let incoming = tokio::select! {
                 i = read_next(reader, send) => i,
-                Some(cmd) = self.control.recv() => {
+                cmd = self.outbox.control.recv() => {
                     let stop = self.act(cmd.control).await;
                     let _ = cmd.done.send(());
                     if stop {
