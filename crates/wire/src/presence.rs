@@ -132,7 +132,8 @@ pub enum UserTransition {
 }
 
 /// Control messages from the router to edges, on
-/// [`crate::subjects::user_control`] or [`crate::subjects::node_control`].
+/// [`crate::subjects::node_control`] of each edge holding the user (or the
+/// connection).
 /// The edge acknowledges on the message's reply subject once every targeted
 /// local connection has acted, with a [`ControlAck`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

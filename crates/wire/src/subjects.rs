@@ -12,13 +12,8 @@ pub fn room(room: &RoomName) -> String {
     format!("{PREFIX}.room.{}", encode_token(room.as_str()))
 }
 
-/// Control messages for every connection of a user (server-side join, leave,
-/// disconnect).
-pub fn user_control(user: &str) -> String {
-    format!("{PREFIX}.ctl.user.{}", encode_token(user))
-}
-
-/// Control messages for one edge (acting on one connection by id).
+/// Control messages for one edge: server-side join, leave and disconnect of
+/// a user's connections there, or of one connection by id.
 pub fn node_control(node: &str) -> String {
     format!("{PREFIX}.ctl.node.{}", encode_token(node))
 }

@@ -1,39 +1,26 @@
 //! Acting on connections from the server API: `Router.Join`, `Router.Leave`
-//! and `Router.Disconnect` arrive as control messages on a user's subject
-//! (every edge holding that user listens) or on this edge's own subject (one
-//! connection by id). Each targeted session acts in its own task, in order
-//! with its client's requests; the edge then acknowledges how many acted, so
-//! the router can answer only once the change is in effect.
+//! and `Router.Disconnect` arrive as control messages on this edge's own
+//! subject (the router asks presence which edges hold the user and addresses
+//! each of them), naming a user (all of its connections here) or one
+//! connection. Each targeted session acts in its own task, in order with its
+//! client's requests; the edge then acknowledges how many acted, so the router
+//! can answer only once the change is in effect. Addressing edges rather than
+//! users keeps connecting cheap: no subscription per user.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use herald_broker::{Message, SharedBroker};
 use herald_wire::presence::{Control, ControlAck};
 
+use crate::Edge;
 use crate::delivery::{ControlCmd, Outbox};
-use crate::interest::{Entry, Handler};
 
 /// How long an acknowledgement waits for sessions to act.
 const ACT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The handler for control subjects: dispatches to the members that the
-/// message targets.
-pub fn handler(broker: SharedBroker, node: Arc<str>) -> Handler<()> {
-    Arc::new(move |msg: Message, entry: &Arc<Entry<()>>| {
-        let targets: Vec<Outbox> = entry
-            .members
-            .read()
-            .expect("members")
-            .values()
-            .map(|slot| slot.outbox.clone())
-            .collect();
-        tokio::spawn(dispatch(broker.clone(), node.clone(), msg, targets));
-    })
-}
-
-async fn dispatch(broker: SharedBroker, node: Arc<str>, msg: Message, targets: Vec<Outbox>) {
+/// Handles a control message addressed to this edge.
+pub fn on_control(edge: &Edge, msg: Message) {
     let control: Control = match serde_json::from_slice(&msg.payload) {
         Ok(c) => c,
         Err(e) => {
@@ -41,17 +28,52 @@ async fn dispatch(broker: SharedBroker, node: Arc<str>, msg: Message, targets: V
             return;
         }
     };
-    let conn_target = match &control {
-        Control::Disconnect { conn: Some(c), .. } => Some(c.clone()),
-        _ => None,
+    let ids: Vec<u64> = match &control {
+        Control::Disconnect {
+            conn: Some(conn), ..
+        } => conn
+            .strip_prefix(edge.config.node_id.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|n| n.parse().ok())
+            .into_iter()
+            .collect(),
+        Control::Join { user, .. }
+        | Control::Leave { user, .. }
+        | Control::Disconnect {
+            user: Some(user), ..
+        } => edge
+            .users
+            .lock()
+            .expect("users")
+            .get(user)
+            .cloned()
+            .unwrap_or_default(),
+        Control::Disconnect { .. } => Vec::new(),
     };
+    let targets: Vec<Outbox> = {
+        let sessions = edge.sessions_by_id.members.read().expect("sessions");
+        ids.iter()
+            .filter_map(|id| sessions.get(id).map(|s| s.outbox.clone()))
+            .collect()
+    };
+    tokio::spawn(dispatch(
+        edge.broker.clone(),
+        edge.config.node_id.clone(),
+        msg,
+        control,
+        targets,
+    ));
+}
+
+async fn dispatch(
+    broker: SharedBroker,
+    node: String,
+    msg: Message,
+    control: Control,
+    targets: Vec<Outbox>,
+) {
     let mut pending = Vec::new();
     for t in targets {
-        if let Some(c) = &conn_target
-            && *c != format!("{node}-{}", t.id)
-        {
-            continue;
-        }
         let (done, rx) = tokio::sync::oneshot::channel();
         let cmd = ControlCmd {
             control: control.clone(),
@@ -68,10 +90,7 @@ async fn dispatch(broker: SharedBroker, node: Arc<str>, msg: Message, targets: V
         }
     }
     if let Some(reply) = msg.reply {
-        let ack = ControlAck {
-            node: node.to_string(),
-            conns: acted,
-        };
+        let ack = ControlAck { node, conns: acted };
         let payload = Bytes::from(serde_json::to_vec(&ack).expect("ack serializes"));
         if let Err(e) = broker.publish(reply, payload).await {
             tracing::warn!(error = %e, "could not acknowledge a control message");

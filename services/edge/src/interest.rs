@@ -1,8 +1,7 @@
-//! Local interest: which of this edge's connections care about which broker
-//! subject. Rooms (`herald.room.<room>`) and users (`herald.ctl.user.<user>`,
-//! for acting on every connection of a user) both work this way: the edge
-//! subscribes to a subject only while it has a local member for it, and each
-//! message that arrives goes to the members through a handler.
+//! Local interest: which of this edge's connections are in which room. The
+//! edge subscribes to a room's subject (`herald.room.<room>`) only while it
+//! has a local member, and each message that arrives goes to the members
+//! through a handler.
 
 use std::collections::HashMap;
 use std::hash::Hash;

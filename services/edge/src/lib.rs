@@ -107,8 +107,8 @@ struct Edge {
     broker: SharedBroker,
     history: SharedHistory,
     rooms: interest::Interest<RoomName, durable::RoomOrder>,
-    /// Users with a local connection, for control messages to all of a user's connections.
-    users: interest::Interest<String, ()>,
+    /// Local connections by user, for control messages naming a user.
+    users: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     /// Every open session, for control messages naming one connection.
     sessions_by_id: Arc<interest::Entry<()>>,
     reporter: presence::Reporter,
@@ -151,20 +151,10 @@ pub async fn run(
     .await?;
     let edge_metrics = EdgeMetrics::default();
     register_metrics(&metrics, &edge_metrics);
-    let node: Arc<str> = config.node_id.as_str().into();
-    let control = control::handler(broker.clone(), node.clone());
     let sessions_by_id = interest::Entry::detached();
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
         .await?;
-    {
-        let (control, sessions) = (control.clone(), sessions_by_id.clone());
-        tokio::spawn(async move {
-            while let Some(msg) = node_control.next().await {
-                control(msg, &sessions);
-            }
-        });
-    }
     let on_room_frame: interest::Handler<durable::RoomOrder> = {
         let (history, delivered) = (history.clone(), edge_metrics.delivered.clone());
         Arc::new(move |msg, entry| {
@@ -195,13 +185,7 @@ pub async fn run(
             Some(init_room),
             edge_metrics.rooms.clone(),
         ),
-        users: interest::Interest::new(
-            broker.clone(),
-            |user: &String| subjects::user_control(user),
-            control,
-            None,
-            edge_metrics.users.clone(),
-        ),
+        users: Default::default(),
         sessions_by_id,
         broker,
         history,
@@ -212,6 +196,14 @@ pub async fn run(
         sessions: TaskTracker::new(),
         config,
     });
+    {
+        let edge = edge.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = node_control.next().await {
+                control::on_control(&edge, msg);
+            }
+        });
+    }
     let app = Router::new()
         .route("/ws", get(ws_handler))
         .with_state(edge.clone())

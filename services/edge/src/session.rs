@@ -321,19 +321,10 @@ impl Session {
             after_reply: None,
         };
         // The inbox is held until `connected` and the unread messages are out.
-        let joined = async {
-            let inbox = session
-                .edge
-                .rooms
-                .join(&session.user_room, &session.outbox, true)
-                .await?;
-            session
-                .edge
-                .users
-                .join(&session.claims.sub, &session.outbox, false)
-                .await
-                .map(|_| inbox)
-        };
+        let joined = session
+            .edge
+            .rooms
+            .join(&session.user_room, &session.outbox, true);
         let inbox = match joined.await {
             Ok(inbox) => inbox,
             Err(e) => {
@@ -897,7 +888,16 @@ impl Session {
             self.leave_room(&room).await;
         }
         self.edge.rooms.leave(&self.user_room, self.outbox.id);
-        self.edge.users.leave(&self.claims.sub, self.outbox.id);
+        {
+            let mut users = self.edge.users.lock().expect("users");
+            if let Some(ids) = users.get_mut(&self.claims.sub) {
+                ids.retain(|id| *id != self.outbox.id);
+                if ids.is_empty() {
+                    users.remove(&self.claims.sub);
+                    self.edge.metrics.users.dec();
+                }
+            }
+        }
         self.edge
             .sessions_by_id
             .members

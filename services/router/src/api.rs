@@ -70,18 +70,12 @@ impl RouterApi {
             .iter()
             .flat_map(|u| u.conns.iter().map(|c| c.node.clone()))
             .collect();
-        self.control(subjects::user_control(user), &control, nodes)
-            .await
+        self.control(&control, nodes).await
     }
 
-    /// Publishes a control message and collects the acknowledgements of
-    /// `nodes`.
-    async fn control(
-        &self,
-        subject: String,
-        control: &Control,
-        mut nodes: HashSet<String>,
-    ) -> Result<u32, Status> {
+    /// Sends a control message to each of `nodes` (edges) and collects their
+    /// acknowledgements.
+    async fn control(&self, control: &Control, mut nodes: HashSet<String>) -> Result<u32, Status> {
         let inbox = format!("_INBOX.herald-router.{:016x}", rand::random::<u64>());
         let unavailable = |e: herald_broker::BrokerError| Status::unavailable(e.to_string());
         let mut acks = self
@@ -90,10 +84,12 @@ impl RouterApi {
             .await
             .map_err(unavailable)?;
         let payload = Bytes::from(serde_json::to_vec(control).expect("control serializes"));
-        self.broker
-            .publish_with_reply(subject, inbox, payload)
-            .await
-            .map_err(unavailable)?;
+        for node in &nodes {
+            self.broker
+                .publish_with_reply(subjects::node_control(node), inbox.clone(), payload.clone())
+                .await
+                .map_err(unavailable)?;
+        }
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         let mut acted = 0;
         while !nodes.is_empty() {
@@ -272,9 +268,7 @@ impl Router for RouterApi {
                     reason: req.reason,
                 };
                 let nodes = HashSet::from([node.to_string()]);
-                let acted = self
-                    .control(subjects::node_control(node), &control, nodes)
-                    .await?;
+                let acted = self.control(&control, nodes).await?;
                 if acted == 0 {
                     return Err(Status::not_found(format!("no open connection {conn}")));
                 }
