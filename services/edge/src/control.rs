@@ -51,9 +51,9 @@ pub fn on_control(edge: &Edge, msg: Message) {
         Control::Disconnect { .. } => Vec::new(),
     };
     let targets: Vec<Outbox> = {
-        let sessions = edge.sessions_by_id.members.read().expect("sessions");
+        let sessions = edge.sessions_by_id.read().expect("sessions");
         ids.iter()
-            .filter_map(|id| sessions.get(id).map(|s| s.outbox.clone()))
+            .filter_map(|id| sessions.get(id).cloned())
             .collect()
     };
     tokio::spawn(dispatch(

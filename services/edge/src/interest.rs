@@ -49,8 +49,8 @@ pub struct Entry<S> {
 }
 
 impl<S: Default> Entry<S> {
-    /// An entry that no subscription feeds (the edge's table of all sessions).
-    pub fn detached() -> Arc<Entry<S>> {
+    /// A new entry, not yet fed by a subscription.
+    fn new() -> Arc<Entry<S>> {
         Arc::new(Entry {
             members: Members::default(),
             state: S::default(),
@@ -123,7 +123,7 @@ where
                 .entry(key.clone())
                 .or_insert_with(|| {
                     self.count.inc();
-                    Entry::detached()
+                    Entry::new()
                 })
                 .clone();
             entry.members.write().expect("members").insert(

@@ -110,7 +110,7 @@ struct Edge {
     /// Local connections by user, for control messages naming a user.
     users: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     /// Every open session, for control messages naming one connection.
-    sessions_by_id: Arc<interest::Entry<()>>,
+    sessions_by_id: std::sync::RwLock<std::collections::HashMap<u64, delivery::Outbox>>,
     reporter: presence::Reporter,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
@@ -151,7 +151,6 @@ pub async fn run(
     .await?;
     let edge_metrics = EdgeMetrics::default();
     register_metrics(&metrics, &edge_metrics);
-    let sessions_by_id = interest::Entry::detached();
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
         .await?;
@@ -186,7 +185,7 @@ pub async fn run(
             edge_metrics.rooms.clone(),
         ),
         users: Default::default(),
-        sessions_by_id,
+        sessions_by_id: Default::default(),
         broker,
         history,
         reporter,

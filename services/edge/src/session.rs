@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::Edge;
 use crate::delivery::{self, Out, Outbox};
 use crate::durable::{self, RoomEntry};
-use crate::interest::{self, Slot};
+use crate::interest;
 
 /// How long cleanup waits for the writer to flush the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
@@ -299,16 +299,9 @@ impl Session {
         edge.metrics.connections.inc();
         edge.metrics.connects.inc();
         edge.sessions_by_id
-            .members
             .write()
             .expect("sessions")
-            .insert(
-                outbox.id,
-                Slot {
-                    outbox: outbox.clone(),
-                    held: None,
-                },
-            );
+            .insert(outbox.id, outbox.clone());
         let session = Session {
             expires_at: expiry_instant(claims.exp),
             edge,
@@ -900,7 +893,6 @@ impl Session {
         }
         self.edge
             .sessions_by_id
-            .members
             .write()
             .expect("sessions")
             .remove(&self.outbox.id);
