@@ -19,7 +19,9 @@ use herald_client::Client;
 use serde_json::{Value, json};
 
 use crate::load::Dialer;
+use crate::peer::Peer;
 use crate::report::{CpuMeter, Errors, Report, Section, round3};
+use crate::socketio::{self, SioClient, ignore_events};
 use crate::target::{CommonArgs, Target, rss_bytes};
 
 #[derive(Args, Debug, Clone)]
@@ -216,4 +218,187 @@ async fn open(
         }
     }
     clients
+}
+
+/// `idle --target socketio`: `--conns` Socket.IO clients (auth `{user:
+/// "idle-<i>"}`, no rooms) connect to server 0 and each does one
+/// acknowledged round trip (`leave` of a room it is not in, the peer's
+/// cheapest acked event; Herald's clients do one `ping`). Node grows and
+/// collects its heap lazily, so 100 connections are opened and closed
+/// first (JIT, buffers) before the first reading, and every reading comes
+/// after `--settle` of quiet. Same keys as Herald's report.
+pub async fn run_socketio(args: &IdleArgs, common: &CommonArgs, peer: &Peer) -> Result<Report> {
+    if args.conns < 2 {
+        bail!("--conns must be at least 2");
+    }
+    let limit = raise_fd_limit();
+    if args.conns as u64 + FD_MARGIN > limit {
+        bail!(
+            "--conns {} needs more open files than this process may have ({limit})",
+            args.conns
+        );
+    }
+    let (_, pid) = peer.sio.pids()[0].clone();
+    let url = peer.sio.urls()[0].clone();
+    let mut report = Report::new(
+        "idle",
+        "socketio",
+        peer.describe(),
+        json!({
+            "conns": args.conns,
+            "concurrency": args.concurrency,
+            "settle_s": args.settle.as_secs_f64(),
+            "source_addrs": common.source_addrs,
+            "edge": url,
+            "warmup_conns": SIO_WARMUP,
+        }),
+    );
+    let sources = common.source_ips();
+    let rss = || rss_bytes(pid).context("Socket.IO server RSS from /proc");
+
+    // Warm-up.
+    let mut warm_errors = Errors::default();
+    let warm = open_sio(
+        &url,
+        &sources,
+        0..SIO_WARMUP,
+        args.concurrency,
+        &mut warm_errors,
+    )
+    .await;
+    close_sio(warm, args.concurrency).await;
+    tokio::time::sleep(args.settle).await;
+
+    let rss_before = rss()?;
+    let meter = peer.meter();
+    let started = Instant::now();
+    let half = args.conns / 2;
+    let mut errors = Errors::default();
+    let mut clients = open_sio(&url, &sources, 0..half, args.concurrency, &mut errors).await;
+    tokio::time::sleep(args.settle).await;
+    let rss_half = rss()?;
+    let opened_half = clients.len();
+    clients.extend(
+        open_sio(
+            &url,
+            &sources,
+            half..args.conns,
+            args.concurrency,
+            &mut errors,
+        )
+        .await,
+    );
+    let connect_s = started.elapsed().as_secs_f64() - args.settle.as_secs_f64();
+    tokio::time::sleep(args.settle).await;
+    let rss_all = rss()?;
+    let cpu = meter.stop_with(None);
+    let opened = clients.len();
+    let still_open = clients.iter().filter(|c| !c.is_closed()).count();
+
+    let client_rss = rss_bytes(std::process::id()).unwrap_or(0);
+    close_sio(clients, args.concurrency).await;
+    tokio::time::sleep(args.settle).await;
+    let rss_after_close = rss()?;
+
+    let kib = |b: f64| round3(b / 1024.0);
+    let per_conn = (rss_all as f64 - rss_before as f64) / opened.max(1) as f64;
+    let marginal = (rss_all as f64 - rss_half as f64) / (opened - opened_half).max(1) as f64;
+    if opened < args.conns {
+        report.failures.push(format!(
+            "{} of {} connections failed: {}",
+            args.conns - opened,
+            args.conns,
+            errors.to_json()
+        ));
+    }
+    if still_open < opened {
+        report.failures.push(format!(
+            "{} connections were closed by the server while idle",
+            opened - still_open
+        ));
+    }
+    let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
+    report.section(
+        "idle",
+        Section::new()
+            .put("conns", opened)
+            .put("open_at_end", still_open)
+            .put("rss_kib_per_conn", kib(per_conn))
+            .put("rss_kib_per_conn_second_half", kib(marginal))
+            .put("bar_kib_per_conn", 4.0)
+            .put("edge_rss_mib_before", mib(rss_before))
+            .put("edge_rss_mib_half", mib(rss_half))
+            .put("edge_rss_mib_all", mib(rss_all))
+            .put("edge_rss_mib_after_close", mib(rss_after_close))
+            .put(
+                "connects_per_sec",
+                round3(opened as f64 / connect_s.max(1e-3)),
+            )
+            .put(
+                "edge_cpu_us_per_connect",
+                round3(cpu.herald_s() * 1e6 / opened.max(1) as f64),
+            )
+            .put(
+                "bench_rss_kib_per_conn",
+                Value::from(kib(client_rss as f64 / opened.max(1) as f64)),
+            )
+            .put("errors", errors.total())
+            .put("error_kinds", errors.to_json()),
+    );
+    report.cpu.push(("connect and ping".into(), cpu));
+    Ok(report)
+}
+
+/// Connections opened and closed before the first RSS reading of the peer.
+const SIO_WARMUP: usize = 100;
+
+/// Opens Socket.IO connections `range` (user `idle-<i>`) to `url`, each from
+/// the next source address, `concurrency` at a time, each with one acked
+/// round trip.
+async fn open_sio(
+    url: &str,
+    sources: &[std::net::IpAddr],
+    range: std::ops::Range<usize>,
+    concurrency: usize,
+    errors: &mut Errors,
+) -> Vec<SioClient> {
+    let results: Vec<_> = futures::stream::iter(range)
+        .map(|i| {
+            let auth = json!({ "user": format!("idle-{i}") });
+            let source = sources[i % sources.len()];
+            async move {
+                let client = SioClient::connect(url, &auth, Some(source), ignore_events())
+                    .await
+                    .map_err(|e| ("connect", e))?;
+                let ack = client
+                    .emit_with_ack("leave", &[json!("none")], socketio::DEFAULT_TIMEOUT)
+                    .await
+                    .map_err(|e| ("ping", e))?;
+                Ok::<_, (&str, _)>((client, ack))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut clients = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok((client, ack)) => {
+                if ack.first().map(|a| &a["ok"]) != Some(&Value::Bool(true)) {
+                    errors.add_kind("ping: unexpected ack", &format!("{ack:?}"));
+                }
+                clients.push(client);
+            }
+            Err((stage, e)) => errors.add(stage, &e),
+        }
+    }
+    clients
+}
+
+async fn close_sio(clients: Vec<SioClient>, concurrency: usize) {
+    futures::stream::iter(clients)
+        .for_each_concurrent(concurrency.max(1), |c| async move {
+            let _ = c.close().await;
+        })
+        .await;
 }

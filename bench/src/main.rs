@@ -8,6 +8,11 @@
 //! process (and of the bench itself, which shares the machine) is read from
 //! `/proc/<pid>/stat`.
 //!
+//! `--target socketio` runs `idle` and `fanout` against the comparison
+//! peer instead (Socket.IO 4 servers with the Redis adapter, see
+//! `src/socketio.rs` and `peers/socketio/README.md`), reporting the same
+//! keys.
+//!
 //! Scenarios: `churn` (presence churn), `presence-memory` (the presence
 //! view's memory per connection), `idle` (an edge's memory per idle
 //! connection), `floor` (the kernel's cost of a small write, measured with
@@ -21,8 +26,10 @@ mod fanout;
 mod floor;
 mod idle;
 mod load;
+mod peer;
 mod presence_memory;
 mod report;
+mod socketio;
 mod target;
 
 use std::process::ExitCode;
@@ -30,7 +37,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::target::{CommonArgs, Target};
+use crate::target::{CommonArgs, Target, TargetKind};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -131,6 +138,9 @@ fn run(cli: Cli) -> Result<bool> {
             return Ok(report.failures.is_empty());
         }
     };
+    if common.target == TargetKind::Socketio {
+        return run_socketio(&common, &args, runtime()?);
+    }
     let mut target = Target::start(&common)?;
     let runtime = runtime()?;
     let mut report = runtime.block_on(async {
@@ -141,6 +151,29 @@ fn run(cli: Cli) -> Result<bool> {
         }
     })?;
     finish(&mut report, &mut target, &common)
+}
+
+/// `idle` and `fanout` against the Socket.IO peer (`--target socketio`).
+fn run_socketio(
+    common: &CommonArgs,
+    args: &Against,
+    runtime: tokio::runtime::Runtime,
+) -> Result<bool> {
+    if matches!(args, Against::Churn(_)) {
+        anyhow::bail!("--target socketio runs `idle` and `fanout` only");
+    }
+    let mut peer = peer::Peer::start(common)?;
+    let mut report = runtime.block_on(async {
+        match args {
+            Against::Idle(a) => idle::run_socketio(a, common, &peer).await,
+            Against::Fanout(a) => fanout::run_socketio(a, common, &peer).await,
+            Against::Churn(_) => unreachable!("refused above"),
+        }
+    })?;
+    report.failures.extend(peer.sio.exited());
+    report.notes.extend(peer.sio.log_problems());
+    report.emit(common.json.as_deref())?;
+    Ok(report.failures.is_empty())
 }
 
 /// What every scenario's report gets at the end: processes that died, log

@@ -132,28 +132,63 @@ pub struct CpuMeter {
     start: Vec<Option<CpuTimes>>,
     rss_start: Vec<Option<u64>>,
     nats: Option<NatsStats>,
+    labels: Labels,
     started: Instant,
+}
+
+/// How the table names the sums of the server processes (`Role::Herald`)
+/// and of them with the broker (`Role::Nats`).
+#[derive(Clone, Copy)]
+pub struct Labels {
+    pub servers: &'static str,
+    pub with_broker: &'static str,
+}
+
+impl Labels {
+    pub const HERALD: Labels = Labels {
+        servers: "all Herald processes",
+        with_broker: "Herald + nats-server",
+    };
+    /// The Socket.IO peer: its servers count as `Role::Herald` (the system
+    /// under test), Redis as `Role::Nats` (the broker).
+    pub const SOCKETIO: Labels = Labels {
+        servers: "all Socket.IO servers",
+        with_broker: "Socket.IO servers + Redis",
+    };
 }
 
 impl CpuMeter {
     pub fn start(target: &Target) -> CpuMeter {
-        let probes = target.cpu_probes();
+        Self::with_probes(target.cpu_probes(), target.nats_stats(), Labels::HERALD)
+    }
+
+    /// Measures `probes` (with `Role::Herald` for the system's servers and
+    /// `Role::Nats` for its broker), without a Herald target.
+    pub fn with_probes(probes: Vec<CpuProbe>, nats: Option<NatsStats>, labels: Labels) -> CpuMeter {
         let start = probes.iter().map(|p| cpu_times(p.pid)).collect();
         let rss_start = probes.iter().map(|p| rss_bytes(p.pid)).collect();
         CpuMeter {
             probes,
             start,
             rss_start,
-            nats: target.nats_stats(),
+            nats,
+            labels,
             started: Instant::now(),
         }
     }
 
     pub fn stop(self, target: &Target) -> CpuPhase {
-        let nats = match (self.nats, target.nats_stats()) {
+        let end = target.nats_stats();
+        self.stop_with(end)
+    }
+
+    /// Ends the phase; `nats_end` are the broker counters now, if any.
+    pub fn stop_with(self, nats_end: Option<NatsStats>) -> CpuPhase {
+        let nats = match (self.nats, nats_end) {
             (Some(start), Some(end)) => Some(end.since(&start)),
             _ => None,
         };
+        let labels = self.labels;
         let wall = self.started.elapsed().as_secs_f64();
         let processes = self
             .probes
@@ -173,6 +208,7 @@ impl CpuMeter {
             wall,
             processes,
             nats,
+            labels,
         }
     }
 }
@@ -184,6 +220,7 @@ pub struct CpuPhase {
     processes: Vec<(CpuProbe, CpuTimes, (u64, u64))>,
     /// What went through nats-server meanwhile (cluster only).
     pub nats: Option<NatsStats>,
+    labels: Labels,
 }
 
 impl CpuPhase {
@@ -259,8 +296,8 @@ impl CpuPhase {
             .iter()
             .map(|(p, t, rss)| (p.name.as_str(), t.user + t.system, Some((t.system, *rss))))
             .chain([
-                ("all Herald processes", herald, None),
-                ("Herald + nats-server", herald + nats, None),
+                (self.labels.servers, herald, None),
+                (self.labels.with_broker, herald + nats, None),
             ]);
         for (name, s, detail) in rows {
             let (kernel, rss) = match detail {

@@ -24,6 +24,9 @@ pub enum TargetKind {
     Cluster,
     /// One `herald dev` process (in-memory broker).
     Dev,
+    /// The comparison peer: `--edges` Socket.IO 4 servers (Node) joined by
+    /// the Redis adapter at `--redis-url` (`idle` and `fanout` only).
+    Socketio,
 }
 
 impl TargetKind {
@@ -31,6 +34,7 @@ impl TargetKind {
         match self {
             TargetKind::Cluster => "cluster",
             TargetKind::Dev => "dev",
+            TargetKind::Socketio => "socketio",
         }
     }
 }
@@ -42,9 +46,13 @@ pub struct CommonArgs {
     /// What to benchmark; the bench starts it on free ports and stops it at the end.
     #[arg(long, value_enum, default_value = "cluster")]
     pub target: TargetKind,
-    /// Number of edges of the cluster (ignored with `--target dev`).
+    /// Number of edges of the cluster, or of Socket.IO servers with
+    /// `--target socketio` (ignored with `--target dev`).
     #[arg(long, default_value_t = 3)]
     pub edges: usize,
+    /// The Redis the Socket.IO servers' adapter and emitter use (`--target socketio`).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
     /// The `herald` binary [default: $HERALD_BIN, else `herald` next to this
     /// executable, else target/release/herald, else target/debug/herald].
     #[arg(long, value_name = "PATH")]
@@ -211,6 +219,7 @@ impl Target {
         };
         match args.target {
             TargetKind::Dev => target.start_dev()?,
+            TargetKind::Socketio => bail!("the Socket.IO peer is not a Herald target"),
             TargetKind::Cluster => {
                 if args.edges == 0 {
                     bail!("--edges must be at least 1");
@@ -330,6 +339,7 @@ impl Target {
     pub fn describe(&self) -> String {
         match self.kind {
             TargetKind::Dev => "herald dev (one process, in-memory broker)".into(),
+            TargetKind::Socketio => "Socket.IO peer".into(),
             TargetKind::Cluster => format!(
                 "cluster: {} edge(s), 1 presence, 1 router, nats-server (JetStream)",
                 self.edge_urls.len()
@@ -368,7 +378,7 @@ impl Target {
     pub fn edge_pid(&self, i: usize) -> Option<u32> {
         let name = match self.kind {
             TargetKind::Dev => "herald-dev".to_owned(),
-            TargetKind::Cluster => format!("edge-{i}"),
+            TargetKind::Cluster | TargetKind::Socketio => format!("edge-{i}"),
         };
         self.procs
             .iter()
@@ -596,6 +606,7 @@ mod tests {
         let args = CommonArgs {
             target: TargetKind::Dev,
             edges: 1,
+            redis_url: "redis://127.0.0.1:6379".into(),
             herald: None,
             nats_server: None,
             source_addrs: 3,

@@ -260,3 +260,106 @@ fn fanout_reports_deliveries_latency_and_floor_ratio() {
         assert!(report["cpu"][format!("rate {rate}/s")]["herald_s"].is_number());
     }
 }
+
+#[path = "../src/socketio.rs"]
+mod socketio;
+
+/// The Redis of the Socket.IO peer: `$HERALD_BENCH_REDIS`, else the local one.
+fn redis_url() -> String {
+    std::env::var("HERALD_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// `false` (with the reason printed) when this machine cannot run the peer.
+fn socketio_available() -> bool {
+    match socketio::unavailable(&redis_url()) {
+        Some(why) => {
+            eprintln!("SKIPPED: the Socket.IO peer cannot run here: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+#[test]
+fn idle_against_socketio_reports_the_same_keys() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "idle",
+        "--target",
+        "socketio",
+        "--edges",
+        "1",
+        "--redis-url",
+        &url,
+        "--conns",
+        "40",
+        "--settle",
+        "200ms",
+    ]);
+    assert_eq!(report["target"], "socketio");
+    let idle = &report["results"]["idle"];
+    assert_eq!(idle["conns"], 40, "{idle}");
+    assert_eq!(idle["open_at_end"], 40, "{idle}");
+    assert_eq!(idle["errors"], 0, "{idle}");
+    number(&idle["rss_kib_per_conn"], "rss_kib_per_conn");
+    number(&idle["rss_kib_per_conn_second_half"], "second half");
+    positive(&idle["edge_rss_mib_before"], "edge_rss_mib_before");
+    positive(&idle["edge_rss_mib_all"], "edge_rss_mib_all");
+    positive(&idle["connects_per_sec"], "connects_per_sec");
+    assert!(report["cpu"]["connect and ping"]["processes"]["socketio-0"].is_number());
+}
+
+#[test]
+fn fanout_against_socketio_reports_the_same_keys() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "fanout",
+        "--target",
+        "socketio",
+        "--edges",
+        "2",
+        "--redis-url",
+        &url,
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--rates",
+        "20,40",
+        "--duration",
+        "500ms",
+    ]);
+    assert_eq!(report["target"], "socketio");
+    assert_eq!(report["params"]["conns"], 6);
+    assert_eq!(report["params"]["edges"], 2);
+    let setup = &report["results"]["setup"];
+    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
+    for (key, rate) in [("rate_20", 20.0), ("rate_40", 40.0)] {
+        let step = &report["results"][key];
+        assert_eq!(number(&step["rate"], "rate"), rate, "{step}");
+        let expected = step["expected"].as_u64().expect("expected");
+        // 500 ms at `rate` (one emitter per room at rate / 2), each to 3 members.
+        assert_eq!(expected, (rate as u64 / 2) * 3, "{step}");
+        assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
+        assert_eq!(step["lost"], 0, "{step}");
+        positive(&step["delivered_per_sec"], "delivered_per_sec");
+        assert_latency(&step["latency_ms"], "latency_ms", expected);
+        for n in [
+            "server_us_per_delivery",
+            "herald_us_per_delivery",
+            "nats_us_per_delivery",
+            "publisher_cpu_s",
+        ] {
+            assert!(number(&step[n], n) >= 0.0, "{step}");
+        }
+        let cpu = &report["cpu"][format!("rate {rate}/s")];
+        assert!(cpu["processes"]["socketio-0"].is_number(), "{cpu}");
+        assert!(cpu["processes"]["socketio-1"].is_number(), "{cpu}");
+    }
+}
