@@ -4,11 +4,12 @@
 //!
 //! The client speaks only what the bench needs: the WebSocket transport (no
 //! long-polling, so no sticky sessions), the root namespace, text packets
-//! (no binary attachments). It opens its socket exactly like
-//! `herald-client` does (TCP from a chosen source address, `TCP_NODELAY`,
-//! hyper's HTTP/1 upgrade, fastwebsockets 0.10 with a reader task and a
-//! writer task, every text frame parsed as JSON), so that Herald and
-//! Socket.IO are driven with the same client costs. Errors are
+//! (no binary attachments). It opens and writes its socket with
+//! `herald-client`'s own transport ([`herald_client::transport`]: TCP from a
+//! chosen source address, `TCP_NODELAY`, hyper's HTTP/1 upgrade,
+//! fastwebsockets 0.10 with a reader task and a writer task) and parses every
+//! text frame as JSON, like `herald-client`, so that Herald and Socket.IO are
+//! driven with the same client costs. Errors are
 //! [`herald_client::ClientError`]s, so the bench tallies them the same way.
 //!
 //! Wire format (Engine.IO v4 packet type, then for a message the Socket.IO
@@ -40,19 +41,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
-use fastwebsockets::{
-    FragmentCollectorRead, Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError,
-    WebSocketWrite,
-};
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
 use herald_client::ClientError;
-use http_body_util::Empty;
-use hyper::header::{CONNECTION, HOST, UPGRADE};
-use hyper::upgrade::Upgraded;
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use herald_client::transport::{
+    self, CloseInfo, Reader, WriteCmd, open_websocket, parse_close, write_loop,
+};
 use serde_json::{Value, json};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -129,16 +123,6 @@ pub fn event_channel() -> (OnEvent, mpsc::UnboundedReceiver<SioEvent>) {
     )
 }
 
-type Stream = TokioIo<Upgraded>;
-type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
-type Writer = WebSocketWrite<tokio::io::WriteHalf<Stream>>;
-
-struct WriteCmd {
-    frame: WsFrame<'static>,
-    /// `None` for pongs and close echoes, which nobody waits for.
-    ack: Option<oneshot::Sender<Result<(), WebSocketError>>>,
-}
-
 /// What the reader reports while the handshake waits.
 enum Control {
     /// Engine.IO open packet (`0{...}`).
@@ -147,12 +131,6 @@ enum Control {
     Connected(Value),
     /// Socket.IO CONNECT refused (`44{"message":..}`).
     ConnectError(Value),
-}
-
-#[derive(Clone, Debug)]
-struct CloseInfo {
-    code: Option<u16>,
-    reason: String,
 }
 
 struct Shared {
@@ -166,10 +144,7 @@ struct Shared {
 impl Shared {
     fn closed_error(&self) -> ClientError {
         match lock(&self.close).as_ref() {
-            Some(info) => ClientError::Closed {
-                code: info.code,
-                reason: info.reason.clone(),
-            },
+            Some(info) => info.to_error(),
             None => ClientError::Closed {
                 code: None,
                 reason: "connection closed".into(),
@@ -243,13 +218,9 @@ impl SioClient {
         local_ip: Option<IpAddr>,
         on_event: OnEvent,
     ) -> Result<SioClient, ClientError> {
-        let (client, mut control) =
-            tokio::time::timeout(OPEN_TIMEOUT, Self::open(url, local_ip, on_event))
-                .await
-                .map_err(|_| {
-                    ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}"))
-                })??;
-        let mut client = client;
+        // `open_websocket` gives up after `OPEN_TIMEOUT`.
+        let opened = open_websocket(url, local_ip, None).await?;
+        let (mut client, mut control) = Self::start(opened, on_event);
         let handshake = async {
             let open = match control.recv().await {
                 Some(Control::Open(open)) => open,
@@ -428,52 +399,18 @@ impl SioClient {
         }
     }
 
-    /// TCP connect and WebSocket upgrade, the same steps as `herald-client`
-    /// (without a subprotocol); starts the reader and writer tasks.
-    async fn open(
-        url: &str,
-        local_ip: Option<IpAddr>,
+    /// Starts the reader and writer tasks on a socket just opened (no
+    /// subprotocol).
+    fn start(
+        opened: transport::Opened,
         on_event: OnEvent,
-    ) -> Result<(SioClient, mpsc::UnboundedReceiver<Control>), ClientError> {
-        let target = UrlParts::parse(url)?;
-        let tcp = dial(&target.host, target.port, local_ip).await?;
-        let local_addr = tcp.local_addr()?;
-        tcp.set_nodelay(true)?;
-
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        let request = Request::builder()
-            .method("GET")
-            .uri(target.path.as_str())
-            .header(HOST, target.authority.as_str())
-            .header(UPGRADE, "websocket")
-            .header(CONNECTION, "Upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ClientError::Connect(format!("building the upgrade request: {e}")))?;
-        let mut response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Err(ClientError::Rejected {
-                status: response.status().as_u16(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(&mut response)
-            .await
-            .map_err(|e| ClientError::Connect(format!("upgrade: {e}")))?;
-
-        let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
-        let (read, write) = ws.split(tokio::io::split);
+    ) -> (SioClient, mpsc::UnboundedReceiver<Control>) {
+        let transport::Opened {
+            reader,
+            writer: write,
+            local_addr,
+            ..
+        } = opened;
         let shared = Arc::new(Shared {
             acks: Mutex::new(Some(HashMap::new())),
             close: Mutex::new(None),
@@ -483,13 +420,13 @@ impl SioClient {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let writer_task = tokio::spawn(write_loop(write, write_rx));
         let reader_task = tokio::spawn(read_loop(
-            FragmentCollectorRead::new(read),
+            reader,
             shared.clone(),
             writer.clone(),
             control_tx,
             on_event,
         ));
-        Ok((
+        (
             SioClient {
                 shared,
                 writer,
@@ -501,7 +438,7 @@ impl SioClient {
                 writer_task,
             },
             control_rx,
-        ))
+        )
     }
 }
 
@@ -511,78 +448,6 @@ fn event_array(event: &str, args: &[Value]) -> String {
     array.push(Value::from(event));
     array.extend_from_slice(args);
     Value::Array(array).to_string()
-}
-
-struct UrlParts {
-    host: String,
-    port: u16,
-    authority: String,
-    path: String,
-}
-
-impl UrlParts {
-    fn parse(url: &str) -> Result<UrlParts, ClientError> {
-        let bad = |why: &str| ClientError::Connect(format!("bad URL {url:?}: {why}"));
-        let uri: Uri = url
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
-        if !matches!(uri.scheme_str(), Some("ws" | "http")) {
-            return Err(bad(
-                "use ws://host:port/socket.io/?EIO=4&transport=websocket",
-            ));
-        }
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        Ok(UrlParts {
-            host: authority.host().to_owned(),
-            port: authority.port_u16().unwrap_or(80),
-            authority: authority.as_str().to_owned(),
-            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        })
-    }
-}
-
-async fn dial(host: &str, port: u16, local_ip: Option<IpAddr>) -> Result<TcpStream, ClientError> {
-    let addrs = tokio::net::lookup_host(format!("{host}:{port}")).await?;
-    let mut last_error = None;
-    for addr in addrs {
-        if local_ip.is_some_and(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-            continue;
-        }
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = local_ip {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        match socket.connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(last_error.map_or_else(
-        || ClientError::Connect(format!("{host} has no address usable from {local_ip:?}")),
-        ClientError::Io,
-    ))
-}
-
-async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<WriteCmd>) {
-    let mut close_sent = false;
-    while let Some(WriteCmd { frame, ack }) = commands.recv().await {
-        let result = if close_sent {
-            Err(WebSocketError::ConnectionClosed)
-        } else {
-            close_sent = frame.opcode == OpCode::Close;
-            match ws.write_frame(frame).await {
-                Ok(()) => ws.flush().await,
-                Err(e) => Err(e),
-            }
-        };
-        if let Some(ack) = ack {
-            let _ = ack.send(result);
-        }
-    }
 }
 
 async fn read_loop(
@@ -721,19 +586,6 @@ fn socketio_packet(
 
 fn shown(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).chars().take(200).collect()
-}
-
-fn parse_close(payload: &[u8]) -> CloseInfo {
-    match payload {
-        [hi, lo, reason @ ..] => CloseInfo {
-            code: Some(u16::from_be_bytes([*hi, *lo])),
-            reason: String::from_utf8_lossy(reason).into_owned(),
-        },
-        _ => CloseInfo {
-            code: None,
-            reason: String::new(),
-        },
-    }
 }
 
 // ---------------------------------------------------------------------------

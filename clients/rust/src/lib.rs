@@ -32,6 +32,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod transport;
+
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
@@ -40,20 +42,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
-use fastwebsockets::{
-    FragmentCollectorRead, Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError,
-    WebSocketWrite,
-};
-use http_body_util::Empty;
-use hyper::header::{CONNECTION, HOST, UPGRADE};
-use hyper::upgrade::Upgraded;
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
 use serde_json::{Value, json};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use crate::transport::{CloseInfo, Reader, WriteCmd, parse_close, write_loop};
 
 /// The WebSocket subprotocol the client offers.
 pub const SUBPROTOCOL: &str = "herald.v1";
@@ -103,29 +97,9 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
 }
 
-type Stream = TokioIo<Upgraded>;
-type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
-type Writer = WebSocketWrite<tokio::io::WriteHalf<Stream>>;
-
 /// An unsolicited frame, or the description of a protocol violation, kept in
 /// arrival order so that errors surface where they happened.
 type Incoming = Result<Frame, String>;
-
-/// How the connection ended.
-#[derive(Clone, Debug)]
-struct CloseInfo {
-    code: Option<u16>,
-    reason: String,
-}
-
-impl CloseInfo {
-    fn to_error(&self) -> ClientError {
-        ClientError::Closed {
-            code: self.code,
-            reason: self.reason.clone(),
-        }
-    }
-}
 
 /// State shared between the client handle and its reader task.
 struct Shared {
@@ -157,13 +131,6 @@ fn closed(reason: &str) -> ClientError {
         code: None,
         reason: reason.to_owned(),
     }
-}
-
-struct WriteCmd {
-    frame: WsFrame<'static>,
-    /// `None` for the pongs and close echoes the reader owes the server:
-    /// nobody waits for those.
-    ack: Option<oneshot::Sender<Result<(), WebSocketError>>>,
 }
 
 /// Unsolicited frames: the channel from the reader, plus the frames that a
@@ -261,11 +228,8 @@ impl Client {
     /// 127.0.0.2, 127.0.0.3, ... because one source address runs out of
     /// ephemeral ports long before the server runs out of capacity.
     pub async fn open_from(url: &str, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
-        tokio::time::timeout(OPEN_TIMEOUT, Self::open_inner(url, local_ip))
-            .await
-            .map_err(|_| {
-                ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}"))
-            })?
+        let opened = transport::open_websocket(url, local_ip, Some(SUBPROTOCOL)).await?;
+        Ok(Self::start(opened))
     }
 
     /// [`Client::open`], then `{"op":"connect","id":N,"token":token}`; returns
@@ -440,80 +404,14 @@ impl Client {
             })
     }
 
-    async fn open_inner(url: &str, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
-        let target = Target::parse(url)?;
-        let tcp = dial(&target.host, target.port, local_ip).await?;
-        let local_addr = tcp.local_addr()?;
-        // Requests are small and latency is what tests and benchmarks measure.
-        tcp.set_nodelay(true)?;
-
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
-        // Errors of the connection task surface through `send_request` or the
-        // upgrade, so nothing is lost by ignoring its result here.
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-
-        let request = Request::builder()
-            .method("GET")
-            .uri(target.path.as_str())
-            .header(HOST, target.authority.as_str())
-            .header(UPGRADE, "websocket")
-            .header(CONNECTION, "Upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13")
-            .header("Sec-WebSocket-Protocol", SUBPROTOCOL)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ClientError::Connect(format!("building the upgrade request: {e}")))?;
-        let mut response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Err(ClientError::Rejected {
-                status: response.status().as_u16(),
-            });
-        }
-        let headers = response.headers();
-        let header_is = |name: &str, value: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.eq_ignore_ascii_case(value))
-        };
-        if !header_is("upgrade", "websocket") || !header_is("connection", "upgrade") {
-            return Err(ClientError::Connect(
-                "101 response without Upgrade: websocket / Connection: upgrade".into(),
-            ));
-        }
-        let protocol = match headers.get("sec-websocket-protocol") {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| ClientError::Connect("unreadable subprotocol header".into()))?
-                    .to_owned(),
-            ),
-        };
-        // A browser fails the connection when the server picks a subprotocol
-        // it did not offer, so the tests should notice too.
-        if let Some(p) = &protocol
-            && p != SUBPROTOCOL
-        {
-            return Err(ClientError::Connect(format!(
-                "server selected subprotocol {p:?}, only {SUBPROTOCOL:?} was offered"
-            )));
-        }
-        let upgraded = hyper::upgrade::on(&mut response)
-            .await
-            .map_err(|e| ClientError::Connect(format!("upgrade: {e}")))?;
-
-        let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
-        let (read, write) = ws.split(tokio::io::split);
+    /// Starts the reader and writer tasks on a socket just opened.
+    fn start(opened: transport::Opened) -> Client {
+        let transport::Opened {
+            reader,
+            writer: write,
+            protocol,
+            local_addr,
+        } = opened;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Some(HashMap::new())),
             close: Mutex::new(None),
@@ -521,13 +419,8 @@ impl Client {
         let (writer, write_rx) = mpsc::unbounded_channel();
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let writer_task = tokio::spawn(write_loop(write, write_rx));
-        let reader_task = tokio::spawn(read_loop(
-            FragmentCollectorRead::new(read),
-            shared.clone(),
-            writer.clone(),
-            inbox_tx,
-        ));
-        Ok(Client {
+        let reader_task = tokio::spawn(read_loop(reader, shared.clone(), writer.clone(), inbox_tx));
+        Client {
             shared,
             writer,
             inbox: tokio::sync::Mutex::new(Inbox {
@@ -539,7 +432,7 @@ impl Client {
             local_addr,
             reader_task,
             writer_task,
-        })
+        }
     }
 
     /// Gives `req` the next id and registers a waiter for its reply. The
@@ -654,86 +547,6 @@ impl Client {
     }
 }
 
-/// The parts of a `ws://` URL the handshake needs.
-struct Target {
-    host: String,
-    port: u16,
-    authority: String,
-    path: String,
-}
-
-impl Target {
-    fn parse(url: &str) -> Result<Target, ClientError> {
-        let bad = |why: &str| ClientError::Connect(format!("bad URL {url:?}: {why}"));
-        let uri: Uri = url
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some("ws" | "http") => {}
-            Some(other) => {
-                return Err(bad(&format!(
-                    "scheme {other:?} is not supported, use ws://"
-                )));
-            }
-            None => return Err(bad("no scheme, use ws://host:port/ws")),
-        }
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        Ok(Target {
-            host: authority.host().to_owned(),
-            port: authority.port_u16().unwrap_or(80),
-            authority: authority.as_str().to_owned(),
-            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        })
-    }
-}
-
-async fn dial(host: &str, port: u16, local_ip: Option<IpAddr>) -> Result<TcpStream, ClientError> {
-    // The string form, because it accepts bracketed IPv6 literals.
-    let addrs = tokio::net::lookup_host(format!("{host}:{port}")).await?;
-    let mut last_error = None;
-    for addr in addrs {
-        if local_ip.is_some_and(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-            continue;
-        }
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = local_ip {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        match socket.connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(last_error.map_or_else(
-        || ClientError::Connect(format!("{host} has no address usable from {local_ip:?}")),
-        ClientError::Io,
-    ))
-}
-
-async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<WriteCmd>) {
-    let mut close_sent = false;
-    while let Some(WriteCmd { frame, ack }) = commands.recv().await {
-        // Nothing may follow a close frame (RFC 6455 5.5.1), not even the
-        // echo the reader owes when the server answers our close.
-        let result = if close_sent {
-            Err(WebSocketError::ConnectionClosed)
-        } else {
-            close_sent = frame.opcode == OpCode::Close;
-            match ws.write_frame(frame).await {
-                Ok(()) => ws.flush().await,
-                Err(e) => Err(e),
-            }
-        };
-        if let Some(ack) = ack {
-            let _ = ack.send(result);
-        }
-    }
-}
-
 async fn read_loop(
     mut ws: Reader,
     shared: Arc<Shared>,
@@ -800,17 +613,4 @@ fn deliver(shared: &Shared, inbox: &mpsc::UnboundedSender<Incoming>, frame: Fram
         None => frame,
     };
     let _ = inbox.send(Ok(frame));
-}
-
-fn parse_close(payload: &[u8]) -> CloseInfo {
-    match payload {
-        [hi, lo, reason @ ..] => CloseInfo {
-            code: Some(u16::from_be_bytes([*hi, *lo])),
-            reason: String::from_utf8_lossy(reason).into_owned(),
-        },
-        _ => CloseInfo {
-            code: None,
-            reason: String::new(),
-        },
-    }
 }

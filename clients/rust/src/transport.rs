@@ -1,0 +1,334 @@
+//! The WebSocket transport under [`Client`](crate::Client), public so that
+//! other protocol clients (the benchmarks' Socket.IO client) open and drive
+//! their sockets exactly the same way, with the same costs and the same
+//! [`ClientError`]s.
+//!
+//! [`open_websocket`] does the TCP connect (optionally from a chosen source
+//! address, always with `TCP_NODELAY`) and the HTTP/1 upgrade with hyper,
+//! and splits the socket into a [`Reader`] and a [`Writer`]. The caller then
+//! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s, and its
+//! own read loop over the reader, ending it with [`parse_close`] when a close
+//! frame arrives.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), herald_client::ClientError> {
+//! use herald_client::transport::{WriteCmd, open_websocket, write_loop};
+//! use fastwebsockets::{Frame, Payload};
+//! use tokio::sync::{mpsc, oneshot};
+//!
+//! let opened = open_websocket("ws://127.0.0.1:8080/ws", None, Some("herald.v1")).await?;
+//! let (commands, rx) = mpsc::unbounded_channel();
+//! tokio::spawn(write_loop(opened.writer, rx));
+//! let (ack, acked) = oneshot::channel();
+//! let frame = Frame::text(Payload::Owned(b"{}".to_vec()));
+//! let _ = commands.send(WriteCmd { frame, ack: Some(ack) });
+//! let _written = acked.await;
+//! # Ok(()) }
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use fastwebsockets::{
+    FragmentCollectorRead, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketWrite,
+};
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{ClientError, OPEN_TIMEOUT};
+
+/// The upgraded connection both halves share.
+pub type Stream = TokioIo<Upgraded>;
+
+/// The read half of an open WebSocket; it reassembles fragmented messages.
+pub type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
+
+/// The write half of an open WebSocket; drive it with [`write_loop`].
+pub type Writer = WebSocketWrite<tokio::io::WriteHalf<Stream>>;
+
+/// A WebSocket that completed its opening handshake.
+pub struct Opened {
+    pub reader: Reader,
+    pub writer: Writer,
+    /// The subprotocol the server selected, `None` if it selected none.
+    pub protocol: Option<String>,
+    /// The socket's local address (shows which source address was used).
+    pub local_addr: SocketAddr,
+}
+
+/// Opens a WebSocket to `url` (`ws://` or `http://`, host, optional port and
+/// path with query), from `local_ip` if given (port chosen by the OS),
+/// offering `subprotocol` if given. The whole opening (resolve, TCP connect,
+/// HTTP upgrade) may take [`OPEN_TIMEOUT`], then fails with
+/// [`ClientError::Timeout`].
+///
+/// A response other than `101 Switching Protocols` is
+/// [`ClientError::Rejected`]; a 101 without `Upgrade: websocket` and
+/// `Connection: upgrade`, or selecting a subprotocol other than the one
+/// offered, is [`ClientError::Connect`]. TCP failures are
+/// [`ClientError::Io`].
+pub async fn open_websocket(
+    url: &str,
+    local_ip: Option<IpAddr>,
+    subprotocol: Option<&str>,
+) -> Result<Opened, ClientError> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_inner(url, local_ip, subprotocol))
+        .await
+        .map_err(|_| ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}")))?
+}
+
+async fn open_inner(
+    url: &str,
+    local_ip: Option<IpAddr>,
+    subprotocol: Option<&str>,
+) -> Result<Opened, ClientError> {
+    let target = Target::parse(url)?;
+    let tcp = dial(&target.host, target.port, local_ip).await?;
+    let local_addr = tcp.local_addr()?;
+    // Requests are small and latency is what tests and benchmarks measure.
+    tcp.set_nodelay(true)?;
+
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
+    // Errors of the connection task surface through `send_request` or the
+    // upgrade, so nothing is lost by ignoring its result here.
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+
+    let mut request = Request::builder()
+        .method("GET")
+        .uri(target.path.as_str())
+        .header(HOST, target.authority.as_str())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13");
+    if let Some(offered) = subprotocol {
+        request = request.header("Sec-WebSocket-Protocol", offered);
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Connect(format!("building the upgrade request: {e}")))?;
+    let mut response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ClientError::Rejected {
+            status: response.status().as_u16(),
+        });
+    }
+    let headers = response.headers();
+    let header_is = |name: &str, value: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case(value))
+    };
+    if !header_is("upgrade", "websocket") || !header_is("connection", "upgrade") {
+        return Err(ClientError::Connect(
+            "101 response without Upgrade: websocket / Connection: upgrade".into(),
+        ));
+    }
+    let protocol = match headers.get("sec-websocket-protocol") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ClientError::Connect("unreadable subprotocol header".into()))?
+                .to_owned(),
+        ),
+    };
+    // A browser fails the connection when the server picks a subprotocol it
+    // did not offer, so the tests should notice too. Without an offer the
+    // header is only reported.
+    if let (Some(offered), Some(p)) = (subprotocol, &protocol)
+        && p != offered
+    {
+        return Err(ClientError::Connect(format!(
+            "server selected subprotocol {p:?}, only {offered:?} was offered"
+        )));
+    }
+    let upgraded = hyper::upgrade::on(&mut response)
+        .await
+        .map_err(|e| ClientError::Connect(format!("upgrade: {e}")))?;
+
+    let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
+    let (read, writer) = ws.split(tokio::io::split);
+    Ok(Opened {
+        reader: FragmentCollectorRead::new(read),
+        writer,
+        protocol,
+        local_addr,
+    })
+}
+
+/// The parts of a `ws://` URL the handshake needs.
+struct Target {
+    host: String,
+    port: u16,
+    authority: String,
+    path: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, ClientError> {
+        let bad = |why: &str| ClientError::Connect(format!("bad URL {url:?}: {why}"));
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        match uri.scheme_str() {
+            Some("ws" | "http") => {}
+            Some(other) => {
+                return Err(bad(&format!(
+                    "scheme {other:?} is not supported, use ws://"
+                )));
+            }
+            None => return Err(bad("no scheme, use ws://host:port/ws")),
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        Ok(Target {
+            host: authority.host().to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.as_str().to_owned(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        })
+    }
+}
+
+async fn dial(host: &str, port: u16, local_ip: Option<IpAddr>) -> Result<TcpStream, ClientError> {
+    // The string form, because it accepts bracketed IPv6 literals.
+    let addrs = tokio::net::lookup_host(format!("{host}:{port}")).await?;
+    let mut last_error = None;
+    for addr in addrs {
+        if local_ip.is_some_and(|ip| ip.is_ipv4() != addr.is_ipv4()) {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = local_ip {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.map_or_else(
+        || ClientError::Connect(format!("{host} has no address usable from {local_ip:?}")),
+        ClientError::Io,
+    ))
+}
+
+/// A frame for [`write_loop`] to send.
+pub struct WriteCmd {
+    pub frame: Frame<'static>,
+    /// Receives the outcome of the write (and flush); `None` for the pongs
+    /// and close echoes a reader owes the server: nobody waits for those.
+    pub ack: Option<oneshot::Sender<Result<(), WebSocketError>>>,
+}
+
+/// Writes the frames of `commands` in order, flushing after each, until every
+/// sender is gone. Once a close frame was written nothing more is (RFC 6455
+/// 5.5.1): later commands are answered with
+/// [`WebSocketError::ConnectionClosed`].
+pub async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<WriteCmd>) {
+    let mut close_sent = false;
+    while let Some(WriteCmd { frame, ack }) = commands.recv().await {
+        // Nothing may follow a close frame, not even the echo the reader owes
+        // when the server answers our close.
+        let result = if close_sent {
+            Err(WebSocketError::ConnectionClosed)
+        } else {
+            close_sent = frame.opcode == OpCode::Close;
+            match ws.write_frame(frame).await {
+                Ok(()) => ws.flush().await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Some(ack) = ack {
+            let _ = ack.send(result);
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// The close frame's status code; `None` when the frame carried none or
+    /// the connection ended without one.
+    pub code: Option<u16>,
+    /// The close frame's reason, or what happened instead.
+    pub reason: String,
+}
+
+impl CloseInfo {
+    /// The matching [`ClientError::Closed`].
+    pub fn to_error(&self) -> ClientError {
+        ClientError::Closed {
+            code: self.code,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The code and reason of a close frame's payload (an empty or one-byte
+/// payload has neither).
+pub fn parse_close(payload: &[u8]) -> CloseInfo {
+    match payload {
+        [hi, lo, reason @ ..] => CloseInfo {
+            code: Some(u16::from_be_bytes([*hi, *lo])),
+            reason: String::from_utf8_lossy(reason).into_owned(),
+        },
+        _ => CloseInfo {
+            code: None,
+            reason: String::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_payloads() {
+        let mut payload = 4001u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"bye");
+        assert_eq!(
+            parse_close(&payload),
+            CloseInfo {
+                code: Some(4001),
+                reason: "bye".into()
+            }
+        );
+        assert_eq!(parse_close(&[3]).code, None);
+        assert_eq!(parse_close(&[]).reason, "");
+    }
+
+    #[test]
+    fn urls() {
+        let t = Target::parse("ws://127.0.0.1:9/ws?token=x").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 9));
+        assert_eq!(t.authority, "127.0.0.1:9");
+        assert_eq!(t.path, "/ws?token=x");
+        assert_eq!(Target::parse("http://h").unwrap().port, 80);
+        assert!(matches!(
+            Target::parse("wss://h/ws"),
+            Err(ClientError::Connect(m)) if m.contains("\"wss\" is not supported")
+        ));
+        assert!(Target::parse("/ws").is_err());
+    }
+}
