@@ -162,6 +162,10 @@ pub struct ControlAck {
     pub node: String,
     /// Connections that acted.
     pub conns: u32,
+    /// Targeted connections that did not act in time (their session is stuck
+    /// or closing): the call must not be reported done.
+    #[serde(default)]
+    pub late: u32,
 }
 
 #[cfg(test)]

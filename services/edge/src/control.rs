@@ -83,14 +83,22 @@ async fn dispatch(
             pending.push(rx);
         }
     }
-    let mut acted = 0;
+    let (mut acted, mut late) = (0, 0);
+    let deadline = tokio::time::Instant::now() + ACT_TIMEOUT;
     for rx in pending {
-        if let Ok(Ok(())) = tokio::time::timeout(ACT_TIMEOUT, rx).await {
-            acted += 1;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(())) => acted += 1,
+            // The session ended before acting: it is gone, nothing to report.
+            Ok(Err(_)) => {}
+            Err(_) => late += 1,
         }
     }
     if let Some(reply) = msg.reply {
-        let ack = ControlAck { node, conns: acted };
+        let ack = ControlAck {
+            node,
+            conns: acted,
+            late,
+        };
         let payload = Bytes::from(serde_json::to_vec(&ack).expect("ack serializes"));
         if let Err(e) = broker.publish(reply, payload).await {
             tracing::warn!(error = %e, "could not acknowledge a control message");

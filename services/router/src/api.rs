@@ -96,6 +96,12 @@ impl RouterApi {
             match tokio::time::timeout_at(deadline, acks.next()).await {
                 Ok(Some(msg)) => {
                     if let Ok(ack) = serde_json::from_slice::<ControlAck>(&msg.payload) {
+                        if ack.late > 0 {
+                            return Err(Status::deadline_exceeded(format!(
+                                "{} connections on edge {} did not act in time",
+                                ack.late, ack.node
+                            )));
+                        }
                         nodes.remove(&ack.node);
                         acted += ack.conns;
                     }
