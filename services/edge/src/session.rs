@@ -54,6 +54,15 @@ enum Incoming {
     Violation(CloseCode, String),
 }
 
+/// [`read_next`] that owns the reader while it waits and gives it back.
+async fn read_owned<S>(mut reader: Reader, mut send: S) -> (Reader, S, Incoming)
+where
+    S: FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>>,
+{
+    let incoming = read_next(&mut reader, &mut send).await;
+    (reader, send, incoming)
+}
+
 async fn read_next(
     reader: &mut Reader,
     send: &mut impl FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>>,
@@ -105,19 +114,24 @@ pub(crate) async fn serve(
         std::future::ready(if queued { Ok(()) } else { Err(Gone) })
     };
 
-    if let Some((claims, connect_id)) =
-        authenticate(&edge, &outbox, &mut reader, &mut send, url_token).await
-    {
-        let conn = format!("{}-{id}", edge.config.node_id);
-        if let Some(mut session) =
+    let authenticated = authenticate(&edge, &outbox, &mut reader, &mut send, url_token).await;
+    let session = match authenticated {
+        Some((claims, connect_id)) => {
+            let conn = format!("{}-{id}", edge.config.node_id);
             Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
-        {
+        }
+        None => None,
+    };
+    match session {
+        Some(mut session) => {
             tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
-            session.run(&mut reader, &mut send).await;
+            // `run` owns the reader and the pong sender, and drops them when it ends.
+            session.run(reader, send).await;
             session.close().await;
         }
+        // The writer ends when every sender is gone (or at a queued close).
+        None => drop(send),
     }
-    drop(send);
     drop(outbox);
     if tokio::time::timeout(WRITER_FLUSH, &mut writer)
         .await
@@ -298,6 +312,14 @@ impl Session {
         });
         edge.metrics.connections.inc();
         edge.metrics.connects.inc();
+        {
+            let mut users = edge.users.lock().expect("users");
+            let ids = users.entry(claims.sub.clone()).or_insert_with(|| {
+                edge.metrics.users.inc();
+                Vec::new()
+            });
+            ids.push(outbox.id);
+        }
         edge.sessions_by_id
             .write()
             .expect("sessions")
@@ -397,14 +419,21 @@ impl Session {
         (Value::Object(unread), inbox_marker)
     }
 
-    async fn run(
-        &mut self,
-        reader: &mut Reader,
-        send: &mut impl FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>>,
-    ) {
+    /// Serves requests until the connection ends. The pending read lives
+    /// across loop turns (it owns the reader and hands it back), because
+    /// fastwebsockets' read is not cancel-safe: dropping it mid-header would
+    /// lose bytes of the client's next frame.
+    async fn run<S>(&mut self, reader: Reader, send: S)
+    where
+        S: FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>> + Send,
+    {
+        let mut reading = Box::pin(read_owned(reader, send));
         loop {
             let incoming = tokio::select! {
-                i = read_next(reader, send) => i,
+                (reader, send, i) = &mut reading => {
+                    reading = Box::pin(read_owned(reader, send));
+                    i
+                }
                 cmd = self.outbox.control.recv() => {
                     let stop = self.act(cmd.control).await;
                     let _ = cmd.done.send(());
