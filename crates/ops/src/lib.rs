@@ -102,6 +102,48 @@ impl Health {
     }
 }
 
+/// A condition some other task makes true once (e.g. "durable storage is
+/// set up"); until then the process reports not ready.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    open: Arc<AtomicBool>,
+    what: &'static str,
+}
+
+impl Gate {
+    /// A gate that is open from the start.
+    pub fn open(what: &'static str) -> Gate {
+        Gate {
+            open: Arc::new(AtomicBool::new(true)),
+            what,
+        }
+    }
+
+    /// A gate that stays closed until [`Gate::set_open`].
+    pub fn closed(what: &'static str) -> Gate {
+        Gate {
+            open: Arc::new(AtomicBool::new(false)),
+            what,
+        }
+    }
+
+    pub fn set_open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds this gate to `health` as a readiness check.
+    pub fn add_to(&self, health: &Health) {
+        let gate = self.clone();
+        health.add_check(self.what, move || {
+            if gate.open.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("not set up yet".into())
+            }
+        });
+    }
+}
+
 /// The Prometheus registry a service registers its metrics in.
 pub type Metrics = Arc<Mutex<Registry>>;
 

@@ -66,6 +66,8 @@ pub struct Config {
     pub presence_source: PresenceSource,
     /// How long shutdown waits for connections to close.
     pub drain_timeout: Duration,
+    /// Open once durable rooms' storage is set up; the edge is not ready before.
+    pub storage: herald_ops::Gate,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             presence_timeout: Duration::from_secs(3),
             presence_source: PresenceSource::Broker,
             drain_timeout: Duration::from_secs(10),
+            storage: herald_ops::Gate::open("durable storage"),
         }
     }
 }
@@ -139,6 +142,7 @@ pub async fn run(
 ) -> Result<(), EdgeError> {
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
+    config.storage.add_to(&health);
     let reporter_stop = CancellationToken::new();
     let (reporter, reporter_task) = presence::Reporter::start(
         &config.node_id,

@@ -117,7 +117,9 @@ async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), Bo
 /// Creates or updates the storage of every durable namespace. At start-up
 /// NATS may not be reachable yet: keep trying in the background (durable
 /// publishes answer `unavailable` meanwhile).
-fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) {
+fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) -> herald_ops::Gate {
+    let gate = herald_ops::Gate::closed("durable storage");
+    let ready = gate.clone();
     tokio::spawn(async move {
         for (ns, limits) in durable {
             let mut warned = false;
@@ -137,7 +139,9 @@ fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) {
                 }
             }
         }
+        ready.set_open();
     });
+    gate
 }
 
 async fn serve(command: Command) -> Result<(), BoxError> {
@@ -159,7 +163,10 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
             let (broker, history) =
                 nats(&args.nats, &format!("herald-edge {}", config.node_id)).await?;
-            ensure_durable(history.clone(), namespaces.durable);
+            let config = herald_edge::Config {
+                storage: ensure_durable(history.clone(), namespaces.durable),
+                ..config
+            };
             herald_edge::run(config, broker, history, listener, metrics, shutdown).await?;
             Ok(())
         }
@@ -169,8 +176,8 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let http =
                 herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
             let (broker, history) = nats(&args.nats, "herald-router").await?;
-            ensure_durable(history.clone(), namespaces.durable);
             let config = herald_router::Config {
+                storage: ensure_durable(history.clone(), namespaces.durable),
                 policy: namespaces.policy,
                 presence: args.presence,
                 ..Default::default()

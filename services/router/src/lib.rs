@@ -28,6 +28,8 @@ pub struct Config {
     pub presence: Option<String>,
     /// How long a presence query may take.
     pub presence_timeout: Duration,
+    /// Open once durable rooms' storage is set up; the router is not ready before.
+    pub storage: herald_ops::Gate,
 }
 
 impl Default for Config {
@@ -36,6 +38,7 @@ impl Default for Config {
             policy: herald_auth::Policy::open(),
             presence: None,
             presence_timeout: Duration::from_secs(3),
+            storage: herald_ops::Gate::open("durable storage"),
         }
     }
 }
@@ -54,6 +57,7 @@ pub async fn run(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
+    config.storage.add_to(&health);
     let presence = PresenceFront::new(broker.clone(), &config)?;
     let api = RouterApi::new(
         broker.clone(),
