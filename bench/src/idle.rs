@@ -131,51 +131,24 @@ pub async fn run(args: &IdleArgs, common: &CommonArgs, target: &Target) -> Resul
     tokio::time::sleep(args.settle).await;
     let rss_after_close = rss()?;
 
-    let kib = |b: f64| round3(b / 1024.0);
-    let per_conn = (rss_all as f64 - rss_before as f64) / opened.max(1) as f64;
-    let marginal = (rss_all as f64 - rss_half as f64) / (opened - opened_half).max(1) as f64;
-    if opened < args.conns {
-        report.failures.push(format!(
-            "{} of {} connections failed",
-            args.conns - opened,
-            args.conns
-        ));
-    }
-    if still_open < opened {
-        report.failures.push(format!(
-            "{} connections were closed by the server while idle",
-            opened - still_open
-        ));
-    }
-    let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
-    report.section(
-        "idle",
-        Section::new()
-            .put("conns", opened)
-            .put("open_at_end", still_open)
-            .put("rss_kib_per_conn", kib(per_conn))
-            .put("rss_kib_per_conn_second_half", kib(marginal))
-            .put("bar_kib_per_conn", 4.0)
-            .put("edge_rss_mib_before", mib(rss_before))
-            .put("edge_rss_mib_half", mib(rss_half))
-            .put("edge_rss_mib_all", mib(rss_all))
-            .put("edge_rss_mib_after_close", mib(rss_after_close))
-            .put(
-                "connects_per_sec",
-                round3(opened as f64 / connect_s.max(1e-3)),
-            )
-            .put(
-                "edge_cpu_us_per_connect",
-                round3(cpu.herald_s() * 1e6 / opened.max(1) as f64),
-            )
-            .put(
-                "bench_rss_kib_per_conn",
-                Value::from(kib(client_rss as f64 / opened.max(1) as f64)),
-            )
-            .put("errors", errors.total())
-            .put("error_kinds", errors.to_json()),
+    finish(
+        &mut report,
+        Measured {
+            wanted: args.conns,
+            opened,
+            opened_half,
+            still_open,
+            rss_before,
+            rss_half,
+            rss_all,
+            rss_after_close,
+            connect_s,
+            client_rss,
+            errors,
+            cpu,
+        },
+        false,
     );
-    report.cpu.push(("connect and ping".into(), cpu));
     Ok(report)
 }
 
@@ -300,52 +273,24 @@ pub async fn run_socketio(args: &IdleArgs, common: &CommonArgs, peer: &Peer) -> 
     tokio::time::sleep(args.settle).await;
     let rss_after_close = rss()?;
 
-    let kib = |b: f64| round3(b / 1024.0);
-    let per_conn = (rss_all as f64 - rss_before as f64) / opened.max(1) as f64;
-    let marginal = (rss_all as f64 - rss_half as f64) / (opened - opened_half).max(1) as f64;
-    if opened < args.conns {
-        report.failures.push(format!(
-            "{} of {} connections failed: {}",
-            args.conns - opened,
-            args.conns,
-            errors.to_json()
-        ));
-    }
-    if still_open < opened {
-        report.failures.push(format!(
-            "{} connections were closed by the server while idle",
-            opened - still_open
-        ));
-    }
-    let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
-    report.section(
-        "idle",
-        Section::new()
-            .put("conns", opened)
-            .put("open_at_end", still_open)
-            .put("rss_kib_per_conn", kib(per_conn))
-            .put("rss_kib_per_conn_second_half", kib(marginal))
-            .put("bar_kib_per_conn", 4.0)
-            .put("edge_rss_mib_before", mib(rss_before))
-            .put("edge_rss_mib_half", mib(rss_half))
-            .put("edge_rss_mib_all", mib(rss_all))
-            .put("edge_rss_mib_after_close", mib(rss_after_close))
-            .put(
-                "connects_per_sec",
-                round3(opened as f64 / connect_s.max(1e-3)),
-            )
-            .put(
-                "edge_cpu_us_per_connect",
-                round3(cpu.herald_s() * 1e6 / opened.max(1) as f64),
-            )
-            .put(
-                "bench_rss_kib_per_conn",
-                Value::from(kib(client_rss as f64 / opened.max(1) as f64)),
-            )
-            .put("errors", errors.total())
-            .put("error_kinds", errors.to_json()),
+    finish(
+        &mut report,
+        Measured {
+            wanted: args.conns,
+            opened,
+            opened_half,
+            still_open,
+            rss_before,
+            rss_half,
+            rss_all,
+            rss_after_close,
+            connect_s,
+            client_rss,
+            errors,
+            cpu,
+        },
+        true,
     );
-    report.cpu.push(("connect and ping".into(), cpu));
     Ok(report)
 }
 
@@ -401,4 +346,84 @@ async fn close_sio(clients: Vec<SioClient>, concurrency: usize) {
             let _ = c.close().await;
         })
         .await;
+}
+
+/// What an idle run measured, for [`finish`].
+struct Measured {
+    wanted: usize,
+    opened: usize,
+    opened_half: usize,
+    still_open: usize,
+    rss_before: u64,
+    rss_half: u64,
+    rss_all: u64,
+    rss_after_close: u64,
+    connect_s: f64,
+    client_rss: u64,
+    errors: Errors,
+    cpu: crate::report::CpuPhase,
+}
+
+/// The `idle` section and failures, the same for every target; `name_errors`
+/// adds the error kinds to the failure line.
+fn finish(report: &mut Report, m: Measured, name_errors: bool) {
+    let Measured {
+        wanted,
+        opened,
+        opened_half,
+        still_open,
+        rss_before,
+        rss_half,
+        rss_all,
+        rss_after_close,
+        connect_s,
+        client_rss,
+        errors,
+        cpu,
+    } = m;
+    let kib = |b: f64| round3(b / 1024.0);
+    let per_conn = (rss_all as f64 - rss_before as f64) / opened.max(1) as f64;
+    let marginal = (rss_all as f64 - rss_half as f64) / (opened - opened_half).max(1) as f64;
+    if opened < wanted {
+        let mut line = format!("{} of {} connections failed", wanted - opened, wanted);
+        if name_errors {
+            line.push_str(&format!(": {}", errors.to_json()));
+        }
+        report.failures.push(line);
+    }
+    if still_open < opened {
+        report.failures.push(format!(
+            "{} connections were closed by the server while idle",
+            opened - still_open
+        ));
+    }
+    let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
+    report.section(
+        "idle",
+        Section::new()
+            .put("conns", opened)
+            .put("open_at_end", still_open)
+            .put("rss_kib_per_conn", kib(per_conn))
+            .put("rss_kib_per_conn_second_half", kib(marginal))
+            .put("bar_kib_per_conn", 4.0)
+            .put("edge_rss_mib_before", mib(rss_before))
+            .put("edge_rss_mib_half", mib(rss_half))
+            .put("edge_rss_mib_all", mib(rss_all))
+            .put("edge_rss_mib_after_close", mib(rss_after_close))
+            .put(
+                "connects_per_sec",
+                round3(opened as f64 / connect_s.max(1e-3)),
+            )
+            .put(
+                "edge_cpu_us_per_connect",
+                round3(cpu.herald_s() * 1e6 / opened.max(1) as f64),
+            )
+            .put(
+                "bench_rss_kib_per_conn",
+                Value::from(kib(client_rss as f64 / opened.max(1) as f64)),
+            )
+            .put("errors", errors.total())
+            .put("error_kinds", errors.to_json()),
+    );
+    report.cpu.push(("connect and ping".into(), cpu));
 }
