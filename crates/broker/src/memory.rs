@@ -28,7 +28,54 @@ struct Table {
     /// Subscriptions without wildcards, by subject: the common case (rooms)
     /// costs one hash lookup per publish.
     exact: HashMap<String, Vec<Sub>>,
+    /// Subscriptions to `<prefix>.*` with no other wildcard, by prefix: an
+    /// edge holds up to 1024 of these (personal room shards), too many to
+    /// match one by one on every publish.
+    prefix: HashMap<String, Vec<Sub>>,
     wildcard: Vec<Sub>,
+}
+
+impl Table {
+    /// The subscriptions whose pattern may match `subject`, after dropping
+    /// those whose subscriber is gone.
+    fn candidates<'a>(&'a mut self, subject: &'a str) -> impl Iterator<Item = &'a Sub> + 'a {
+        let parent = subject.rsplit_once('.').map(|(parent, _)| parent);
+        prune(&mut self.exact, subject);
+        if let Some(parent) = parent {
+            prune(&mut self.prefix, parent);
+        }
+        self.wildcard.retain(|s| !s.tx.is_closed());
+        let Table {
+            exact,
+            prefix,
+            wildcard,
+        } = self;
+        exact
+            .get(subject)
+            .into_iter()
+            .chain(parent.and_then(|p| prefix.get(p)))
+            .flatten()
+            .chain(
+                wildcard
+                    .iter()
+                    .filter(move |s| subject_matches(&s.pattern, subject)),
+            )
+    }
+}
+
+fn prune(subs: &mut HashMap<String, Vec<Sub>>, key: &str) {
+    if let Some(list) = subs.get_mut(key) {
+        list.retain(|s| !s.tx.is_closed());
+        if list.is_empty() {
+            subs.remove(key);
+        }
+    }
+}
+
+/// The `<prefix>` of a `<prefix>.*` pattern without other wildcards.
+fn single_wildcard_prefix(pattern: &str) -> Option<&str> {
+    let prefix = pattern.strip_suffix(".*")?;
+    (!prefix.split('.').any(|tok| tok == "*" || tok == ">")).then_some(prefix)
 }
 
 #[derive(Clone, Default)]
@@ -47,34 +94,26 @@ impl MemoryBroker {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let sub = Sub {
             id,
-            pattern: pattern.clone(),
+            pattern,
             group,
             tx,
         };
         let mut t = self.table.lock().expect("broker table");
-        if pattern.split('.').any(|tok| tok == "*" || tok == ">") {
+        if let Some(prefix) = single_wildcard_prefix(&sub.pattern) {
+            t.prefix.entry(prefix.to_string()).or_default().push(sub);
+        } else if sub.pattern.split('.').any(|tok| tok == "*" || tok == ">") {
             t.wildcard.push(sub);
         } else {
-            t.exact.entry(pattern).or_default().push(sub);
+            t.exact.entry(sub.pattern.clone()).or_default().push(sub);
         }
         Subscription::new(ReceiverStream::new(rx))
     }
 
     fn deliver(&self, msg: Message) {
         let mut t = self.table.lock().expect("broker table");
-        let Table { exact, wildcard } = &mut *t;
         let mut groups: HashMap<&str, Vec<&Sub>> = HashMap::new();
         let mut plain: Vec<&Sub> = Vec::new();
-        if let Some(subs) = exact.get_mut(&msg.subject) {
-            subs.retain(|s| !s.tx.is_closed());
-        }
-        wildcard.retain(|s| !s.tx.is_closed());
-        let candidates = exact.get(&msg.subject).into_iter().flatten().chain(
-            wildcard
-                .iter()
-                .filter(|s| subject_matches(&s.pattern, &msg.subject)),
-        );
-        for s in candidates {
+        for s in t.candidates(&msg.subject) {
             match &s.group {
                 Some(g) => groups.entry(g.as_str()).or_default().push(s),
                 None => plain.push(s),
@@ -90,20 +129,11 @@ impl MemoryBroker {
                 tracing::warn!(subject = %msg.subject, sub = s.id, "in-memory subscriber is full; message dropped");
             }
         }
-        let empty = exact.get(&msg.subject).is_some_and(|v| v.is_empty());
-        if empty {
-            exact.remove(&msg.subject);
-        }
     }
 
     fn has_subscriber(&self, subject: &str) -> bool {
-        let t = self.table.lock().expect("broker table");
-        t.exact
-            .get(subject)
-            .is_some_and(|v| v.iter().any(|s| !s.tx.is_closed()))
-            || t.wildcard
-                .iter()
-                .any(|s| !s.tx.is_closed() && subject_matches(&s.pattern, subject))
+        let mut t = self.table.lock().expect("broker table");
+        t.candidates(subject).next().is_some()
     }
 }
 

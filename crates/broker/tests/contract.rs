@@ -92,6 +92,53 @@ async fn contract(b: SharedBroker) {
     b.publish("t.room.a".into(), "after".into()).await.unwrap();
     assert_eq!(next_payload(&mut wild).await, "after");
     assert!(b.is_connected());
+
+    prefix_wildcards(&b).await;
+}
+
+/// `<prefix>.*` (how an edge subscribes to a shard of personal rooms)
+/// matches exactly one more token after exactly that prefix.
+async fn prefix_wildcards(b: &SharedBroker) {
+    let mut shard = b.subscribe("t.shard.7.*".into()).await.unwrap();
+    let mut other = b.subscribe("t.shard.7.*".into()).await.unwrap();
+    for subject in [
+        "t.shard.7.a",
+        "t.shard.7",
+        "t.shard.7.a.deep",
+        "t.shard.70.a",
+        "t.shard.8.a",
+        "x.shard.7.a",
+        "t.shard.7.b",
+    ] {
+        b.publish(subject.into(), subject.to_string().into())
+            .await
+            .unwrap();
+    }
+    // In order from one publisher, so `b` right after `a` means nothing
+    // published in between matched.
+    for sub in [&mut shard, &mut other] {
+        assert_eq!(next_payload(sub).await, "t.shard.7.a");
+        assert_eq!(next_payload(sub).await, "t.shard.7.b");
+    }
+    drop(other);
+    b.publish("t.shard.7.c".into(), "c".into()).await.unwrap();
+    assert_eq!(next_payload(&mut shard).await, "c");
+
+    // A request reaches a responder subscribed through such a wildcard.
+    let mut server = b.subscribe("t.svc.*".into()).await.unwrap();
+    let responder = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let m = server.next().await.unwrap();
+            b.publish(m.reply.unwrap(), m.subject.into()).await.unwrap();
+        })
+    };
+    let answer = b
+        .request("t.svc.x".into(), "hi".into(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(answer, "t.svc.x");
+    responder.await.unwrap();
 }
 
 #[tokio::test]
