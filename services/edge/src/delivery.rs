@@ -1,26 +1,38 @@
-//! Delivery to one connection: a bounded outbound queue and the writer task
-//! that drains it. Frames arrive already encoded (one encoding per message per
-//! edge, shared by every recipient as `Bytes`); the writer adds the few bytes
-//! of WebSocket header itself and coalesces everything queued into a single
-//! write, because on this class of machine the syscall, not the encoding, is
-//! the cost of a delivery.
+//! Delivery to one connection: a bounded queue of frames and the writes
+//! that drain it. Frames arrive already encoded (one encoding per message per
+//! edge, shared by every recipient as `Bytes`); the delivering task adds the
+//! few bytes of WebSocket header and writes to the socket itself, without
+//! waking a writer task, because on this class of machine the syscall and the
+//! wake-up, not the encoding, are the cost of a delivery. Inside a [`batch`]
+//! (a run of messages a room's pump took off the broker at once) frames are
+//! only queued, and each connection gets one write for all of them.
+//!
+//! A write the socket cannot take whole leaves the rest queued and marks the
+//! connection stalled: its session task waits for the socket to take more and
+//! finishes the write. A queue that grows past its bound means the client
+//! reads slower than its rooms produce, and it is disconnected with 4009.
 
-use std::sync::{Arc, OnceLock};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use herald_wire::CloseCode;
 use herald_wire::frames::disconnect_frame;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// The most bytes gathered into one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-const OP_TEXT: u8 = 0x1;
-const OP_CLOSE: u8 = 0x8;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PONG: u8 = 0xA;
 
-/// What the writer sends, in queue order.
+/// What a connection is sent, in queue order.
 pub enum Out {
     /// A pre-encoded JSON text frame payload.
     Text(Bytes),
@@ -59,15 +71,297 @@ impl Closer {
     }
 }
 
-/// A cheap handle on one connection: its frame queue, its control channel
-/// (server-side join, leave, disconnect) and its closer.
+/// A cheap handle on one connection: its frame queue and socket, its
+/// control queue (server-side join, leave, disconnect) and its closer.
 #[derive(Clone)]
 pub struct Outbox {
     /// Unique within this edge; the wire connection id adds the node id.
     pub id: u64,
-    tx: mpsc::Sender<Out>,
-    pub control: Arc<ControlInbox>,
-    pub closer: Arc<Closer>,
+    conn: Arc<Conn>,
+}
+
+/// Everything of one connection that other tasks reach, in one allocation.
+struct Conn {
+    stream: TcpStream,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    control: ControlInbox,
+    closer: Closer,
+    /// Tells the session task that a write stalled.
+    stalled: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Not yet encoded.
+    frames: VecDeque<Out>,
+    /// Encoded and not yet taken by the socket: the rest of one batch of whole
+    /// frames. Empty, and unallocated, whenever the socket has taken everything.
+    head: Vec<u8>,
+    /// No more frames are accepted: a close is queued, or the session ended.
+    closing: bool,
+    /// The write side is shut down (after the last queued byte).
+    shut: bool,
+    /// The socket took less than offered; the session task resumes writing
+    /// once it is writable. Nobody else tries meanwhile.
+    stalled: bool,
+    /// The socket failed: nothing more is written.
+    broken: bool,
+    /// Registered with the current batch: written when it ends.
+    batched: bool,
+}
+
+impl Queue {
+    fn drained(&self) -> bool {
+        self.head.is_empty() && self.frames.is_empty()
+    }
+}
+
+thread_local! {
+    /// Connections with frames queued by the batch running on this thread.
+    static BATCH: RefCell<Option<Vec<Outbox>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, a run of deliveries from one task without an await in between;
+/// frames queued meanwhile are written once `f` returns, coalesced into one
+/// write per connection.
+pub fn batch<R>(f: impl FnOnce() -> R) -> R {
+    let outer = BATCH.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.is_some() {
+            return true;
+        }
+        *b = Some(Vec::new());
+        false
+    });
+    if outer {
+        // Nested: the outermost batch writes.
+        return f();
+    }
+    let result = f();
+    let dirty = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
+    for outbox in dirty {
+        let mut q = outbox.lock();
+        q.batched = false;
+        outbox.write(&mut q);
+    }
+    result
+}
+
+/// Registers `outbox` with the running batch; `false` when there is none.
+fn join_batch(outbox: &Outbox) -> bool {
+    BATCH.with(|b| match b.borrow_mut().as_mut() {
+        Some(dirty) => {
+            dirty.push(outbox.clone());
+            true
+        }
+        None => false,
+    })
+}
+
+impl Outbox {
+    /// The handle of a new connection writing to `stream`; `capacity` frames
+    /// may wait at most.
+    pub fn new(id: u64, stream: TcpStream, capacity: usize) -> Outbox {
+        Outbox {
+            id,
+            conn: Arc::new(Conn {
+                stream,
+                capacity,
+                queue: Mutex::default(),
+                control: ControlInbox::default(),
+                closer: Closer::new(),
+                stalled: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.conn.stream
+    }
+
+    pub fn control(&self) -> &ControlInbox {
+        &self.conn.control
+    }
+
+    pub fn closer(&self) -> &Closer {
+        &self.conn.closer
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.conn.queue.lock().expect("connection queue")
+    }
+
+    /// Queues a frame. A full queue means the client reads slower than its
+    /// rooms produce: it is disconnected with 4009 rather than letting the
+    /// queue (and the edge's memory) grow without bound.
+    pub fn send(&self, frame: Bytes) -> bool {
+        self.push(Out::Text(frame))
+    }
+
+    pub fn push(&self, out: Out) -> bool {
+        let mut q = self.lock();
+        if q.closing || q.broken {
+            return false;
+        }
+        if q.frames.len() >= self.conn.capacity {
+            drop(q);
+            self.conn.closer.close(
+                CloseCode::SlowConsumer,
+                "too many messages queued for this connection; it reads too slowly",
+            );
+            return false;
+        }
+        q.closing = matches!(out, Out::Close { .. });
+        q.frames.push_back(out);
+        if q.stalled || q.batched {
+            return true;
+        }
+        if join_batch(self) {
+            q.batched = true;
+        } else {
+            self.write(&mut q);
+        }
+        true
+    }
+
+    /// Queues a frame, waiting for room in the queue (replays of history,
+    /// which may be longer than the queue, wait for the client instead of
+    /// overflowing it). `false` when the connection is gone.
+    pub async fn send_waiting(&self, frame: Bytes) -> bool {
+        let mut frame = Some(frame);
+        loop {
+            {
+                let mut q = self.lock();
+                if q.closing || q.broken {
+                    return false;
+                }
+                if q.frames.len() < self.conn.capacity {
+                    drop(q);
+                    return self.push(Out::Text(frame.take().expect("not sent yet")));
+                }
+                if !q.stalled {
+                    self.write(&mut q);
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = self.writable_again() => self.resume(),
+                _ = self.conn.closer.closed() => return false,
+            }
+        }
+    }
+
+    /// Waits until a stalled write can go on (then call [`Outbox::resume`]).
+    /// Cancel-safe: it only watches.
+    pub async fn writable_again(&self) {
+        loop {
+            let stalled = self.conn.stalled.notified();
+            if self.lock().stalled {
+                break;
+            }
+            stalled.await;
+        }
+        let _ = self.conn.stream.writable().await;
+    }
+
+    /// Goes on with a stalled write.
+    pub fn resume(&self) {
+        let mut q = self.lock();
+        q.stalled = false;
+        self.write(&mut q);
+    }
+
+    /// Writes what is queued until the socket takes no more; shuts the write
+    /// side down after the last byte of a closing connection.
+    fn write(&self, q: &mut Queue) {
+        while !q.broken && !q.drained() {
+            if q.head.is_empty() {
+                let mut buf = Vec::with_capacity(256);
+                while buf.len() < MAX_BATCH_BYTES {
+                    match q.frames.pop_front() {
+                        Some(out) => encode(&mut buf, out),
+                        None => break,
+                    }
+                }
+                q.head = buf;
+            }
+            match self.conn.stream.try_write(&q.head) {
+                Ok(n) if n == q.head.len() => q.head = Vec::new(),
+                Ok(n) => {
+                    q.head.drain(..n);
+                    self.stall(q);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stall(q);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // Reset or gone: the reader sees it too and ends the session.
+                    q.broken = true;
+                    q.frames = VecDeque::new();
+                    q.head = Vec::new();
+                }
+            }
+        }
+        if q.closing && q.drained() && !q.shut && !q.broken {
+            q.shut = true;
+            let _ = socket2::SockRef::from(&self.conn.stream).shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    fn stall(&self, q: &mut Queue) {
+        q.stalled = true;
+        self.conn.stalled.notify_one();
+    }
+
+    /// Ends the connection's output once its session is over: the close the
+    /// closer names goes out (after the batch being written, ahead of frames
+    /// not yet started), then whatever is queued is written for up to
+    /// `flush`, then the write side is shut down.
+    pub async fn finish(&self, flush: Duration) {
+        {
+            let mut q = self.lock();
+            if let Some((code, reason)) = self.conn.closer.reason().cloned()
+                && !q.closing
+            {
+                q.frames = VecDeque::new();
+                q.frames.push_back(Out::Close { code, reason });
+            }
+            q.closing = true;
+            if !q.stalled {
+                self.write(&mut q);
+            }
+        }
+        let drained = async {
+            loop {
+                {
+                    let q = self.lock();
+                    if q.shut || q.broken {
+                        return;
+                    }
+                }
+                self.writable_again().await;
+                self.resume();
+            }
+        };
+        if tokio::time::timeout(flush, drained).await.is_err() {
+            let mut q = self.lock();
+            q.broken = true;
+            q.frames = VecDeque::new();
+            q.head = Vec::new();
+        }
+    }
+}
+
+fn encode(buf: &mut Vec<u8>, out: Out) {
+    match out {
+        Out::Text(b) => encode_frame(buf, OP_TEXT, &b),
+        Out::Control { opcode, payload } => encode_frame(buf, opcode, &payload),
+        Out::Close { code, reason } => encode_close(buf, code, &reason),
+    }
 }
 
 /// A control action for a session, and where to say it is done.
@@ -114,53 +408,6 @@ impl ControlInbox {
     }
 }
 
-impl Outbox {
-    /// Queues a frame. A full queue means the client reads slower than its
-    /// rooms produce: it is disconnected with 4009 rather than letting the
-    /// queue (and the edge's memory) grow without bound.
-    pub fn send(&self, frame: Bytes) -> bool {
-        self.push(Out::Text(frame))
-    }
-
-    /// Queues a frame, waiting for room in the queue (replays of history,
-    /// which may be longer than the queue, wait for the client instead of
-    /// overflowing it). `false` when the connection is gone.
-    pub async fn send_waiting(&self, frame: Bytes) -> bool {
-        tokio::select! {
-            sent = self.tx.send(Out::Text(frame)) => sent.is_ok(),
-            _ = self.closer.closed() => false,
-        }
-    }
-
-    pub fn push(&self, out: Out) -> bool {
-        match self.tx.try_send(out) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.closer.close(
-                    CloseCode::SlowConsumer,
-                    "too many messages queued for this connection; it reads too slowly",
-                );
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-}
-
-/// Creates the queues of a new connection; `capacity` frames at most.
-pub fn outbox(id: u64, capacity: usize) -> (Outbox, mpsc::Receiver<Out>) {
-    let (tx, rx) = mpsc::channel(capacity);
-    (
-        Outbox {
-            id,
-            tx,
-            control: Arc::default(),
-            closer: Arc::new(Closer::new()),
-        },
-        rx,
-    )
-}
-
 /// Appends one unmasked server frame to `buf`.
 pub fn encode_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     buf.push(0x80 | opcode);
@@ -189,58 +436,11 @@ fn encode_close(buf: &mut Vec<u8>, code: CloseCode, reason: &str) {
     encode_frame(buf, OP_CLOSE, &payload);
 }
 
-/// Drains the queue into `io` until a close is written, the queue closes, or
-/// the closer fires (then the close it names is written at once, ahead of
-/// whatever is still queued).
-pub async fn run_writer<W: AsyncWrite + Unpin>(
-    mut io: W,
-    mut rx: mpsc::Receiver<Out>,
-    closer: Arc<Closer>,
-) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = closer.closed() => {
-                let (code, reason) = closer.reason().cloned().unwrap_or((CloseCode::Normal, String::new()));
-                buf.clear();
-                encode_close(&mut buf, code, &reason);
-                io.write_all(&buf).await?;
-                return io.shutdown().await;
-            }
-            out = rx.recv() => out,
-        };
-        let Some(first) = first else {
-            return io.shutdown().await;
-        };
-        // Fresh buffer each batch: an idle connection holds no write buffer.
-        buf = Vec::with_capacity(256);
-        let mut closing = false;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Out::Text(b) => encode_frame(&mut buf, OP_TEXT, &b),
-                Out::Control { opcode, payload } => encode_frame(&mut buf, opcode, &payload),
-                Out::Close { code, reason } => {
-                    encode_close(&mut buf, code, &reason);
-                    closing = true;
-                    break;
-                }
-            }
-            if buf.len() < MAX_BATCH_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        io.write_all(&buf).await?;
-        if closing {
-            return io.shutdown().await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::tests::pair;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn frames_get_the_rfc6455_length_forms() {
@@ -255,37 +455,77 @@ mod tests {
         assert_eq!(&b[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
     }
 
-    #[tokio::test]
-    async fn queued_frames_are_coalesced_and_a_full_queue_closes_with_4009() {
-        let (ob, rx) = outbox(1, 4);
-        for i in 0..4 {
-            assert!(ob.send(Bytes::from(format!("m{i}"))));
+    /// Splits what a client received into (opcode, payload) frames.
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (len, header) = match bytes[1] {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            out.push((bytes[0] & 0x0f, bytes[header..header + len].to_vec()));
+            bytes = &bytes[header + len..];
         }
-        assert!(!ob.send(Bytes::from_static(b"overflow")));
-        assert_eq!(ob.closer.reason().unwrap().0, CloseCode::SlowConsumer);
-        let mut sink = Vec::new();
-        run_writer(&mut sink, rx, ob.closer.clone()).await.unwrap();
-        // The closer fired before the writer ran: it writes the close first.
-        assert_eq!(sink[0], 0x81);
-        let text = String::from_utf8_lossy(&sink);
-        assert!(text.contains("\"code\":4009"), "{text}");
+        out
     }
 
     #[tokio::test]
-    async fn a_batch_is_one_buffer_in_queue_order() {
-        let (ob, rx) = outbox(1, 16);
-        ob.send(Bytes::from_static(b"a"));
-        ob.send(Bytes::from_static(b"b"));
+    async fn a_batch_is_written_once_it_ends_in_queue_order() {
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 16);
+        batch(|| {
+            ob.send(Bytes::from_static(b"a"));
+            ob.send(Bytes::from_static(b"b"));
+            // Nothing is written before the batch ends.
+            assert!(ob.lock().batched);
+            assert_eq!(ob.lock().frames.len(), 2);
+        });
         ob.push(Out::Close {
             code: CloseCode::Unauthorized,
             reason: "bad token".into(),
         });
-        let mut sink = Vec::new();
-        run_writer(&mut sink, rx, ob.closer.clone()).await.unwrap();
-        assert_eq!(&sink[..6], &[0x81, 1, b'a', 0x81, 1, b'b']);
-        assert!(sink.ends_with(b"bad token"));
-        let close_at = sink.len() - b"bad token".len() - 4;
-        assert_eq!(sink[close_at], 0x88);
-        assert_eq!(&sink[close_at + 2..close_at + 4], &4001u16.to_be_bytes());
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let got = frames(&got);
+        assert_eq!(got[0], (OP_TEXT, b"a".to_vec()));
+        assert_eq!(got[1], (OP_TEXT, b"b".to_vec()));
+        assert!(String::from_utf8_lossy(&got[2].1).contains("\"code\":4001"));
+        assert_eq!(got[3].0, OP_CLOSE);
+        assert_eq!(&got[3].1[..2], &4001u16.to_be_bytes());
+        assert!(
+            !ob.send(Bytes::from_static(b"late")),
+            "closed connections take nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_with_4009_after_whole_frames() {
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 4);
+        let big = Bytes::from(vec![b'x'; 256 * 1024]);
+        let mut sent = 0;
+        while ob.send(big.clone()) {
+            sent += 1;
+            assert!(sent < 10_000, "the queue never filled");
+        }
+        assert_eq!(ob.closer().reason().unwrap().0, CloseCode::SlowConsumer);
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        ob.finish(Duration::from_secs(30)).await;
+        let got = frames(&reading.await.unwrap());
+        let (close, rest) = got.split_last().unwrap();
+        assert_eq!(close.0, OP_CLOSE);
+        assert_eq!(&close.1[..2], &4009u16.to_be_bytes());
+        let (notice, messages) = rest.split_last().unwrap();
+        assert!(String::from_utf8_lossy(&notice.1).contains("\"code\":4009"));
+        assert!(messages.iter().all(|m| m.1.len() == big.len()));
+        assert!(messages.len() <= sent);
     }
 }

@@ -1,19 +1,29 @@
 //! Local interest: which of this edge's connections are in which room. The
 //! edge subscribes to a room's subject (`herald.room.<room>`) only while it
 //! has a local member, and each message that arrives goes to the members
-//! through a handler.
+//! through a handler. Keys whose subject belongs to a shard (personal rooms,
+//! `herald.user.<shard>.<room>`) share one subscription per shard instead,
+//! held while any local key of the shard has members: a subscription per
+//! key would cost every idle connection its client-side buffers.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
-use herald_broker::{BoxFuture, BrokerError, Message, SharedBroker};
+use futures::FutureExt;
+use herald_broker::{BoxFuture, BrokerError, Message, SharedBroker, Subscription};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
 use crate::delivery::Outbox;
+
+/// Messages a pump hands over in one delivery batch, at most: enough to
+/// coalesce a burst into one write per connection, few enough that one
+/// busy subscription does not hold its worker thread for long.
+const PUMP_BATCH: usize = 64;
 
 /// One member of a key.
 pub struct Slot {
@@ -43,14 +53,15 @@ pub type Members = RwLock<HashMap<u64, Slot>>;
 pub struct Entry<S> {
     pub members: Members,
     pub state: S,
-    /// Set once the broker subscription is live; the pump task it names is
-    /// stopped when the entry is dropped (its last member left).
-    live: OnceCell<Pump>,
+    /// Set once the key is fed and initialised: the pump of the key's own
+    /// subscription, stopped when the entry is dropped (its last member
+    /// left), or `None` when its shard's pump feeds it.
+    live: OnceCell<Option<Pump>>,
 }
 
 impl<S: Default> Entry<S> {
     /// A new entry, not yet fed by a subscription.
-    fn new() -> Arc<Entry<S>> {
+    pub(crate) fn new() -> Arc<Entry<S>> {
         Arc::new(Entry {
             members: Members::default(),
             state: S::default(),
@@ -70,19 +81,42 @@ impl Drop for Pump {
 /// What to do with a message that arrives for a key.
 pub type Handler<S> = Arc<dyn Fn(Message, &Arc<Entry<S>>) + Send + Sync>;
 
-/// Runs once the subscription is live and before the first message is
-/// handled (durable rooms read where their history stands).
+/// Runs once the subscription is live, before `join` returns. A key's own
+/// subscription delivers nothing before it finished; a shard's may, so the
+/// handler's state must hold such messages until init marks it started.
 pub type Init<K, S> =
     Arc<dyn Fn(K, Arc<Entry<S>>) -> BoxFuture<'static, Result<(), BrokerError>> + Send + Sync>;
+
+/// Which keys share a subscription, and how to tell them apart again.
+struct Sharding<K> {
+    /// The wildcard subject of the key's shard; `None` for a key with a
+    /// subscription of its own.
+    wildcard: fn(&K) -> Option<String>,
+    /// The key a message on a shard's wildcard belongs to.
+    key: fn(&str) -> Option<K>,
+}
+
+/// One subscription shared by the keys of a shard; dropping it stops the pump.
+struct Shard {
+    live: OnceCell<Pump>,
+}
+
+struct Table<K, S> {
+    keys: HashMap<K, Arc<Entry<S>>>,
+    /// Shards with at least one key in `keys`, by wildcard, with that count.
+    shards: HashMap<String, (usize, Arc<Shard>)>,
+}
 
 pub struct Interest<K, S> {
     broker: SharedBroker,
     subject: fn(&K) -> String,
+    sharding: Option<Sharding<K>>,
     handler: Handler<S>,
     init: Option<Init<K, S>>,
     /// Held only for map updates, never across an await: joins of different
-    /// keys do not wait on each other's broker round trips.
-    table: Mutex<HashMap<K, Arc<Entry<S>>>>,
+    /// keys do not wait on each other's broker round trips. Shard pumps hold
+    /// it weakly to find the entry of each message's key.
+    table: Arc<Mutex<Table<K, S>>>,
     count: Gauge,
 }
 
@@ -101,11 +135,30 @@ where
         Interest {
             broker,
             subject,
+            sharding: None,
             handler,
             init,
-            table: Mutex::new(HashMap::new()),
+            table: Arc::new(Mutex::new(Table {
+                keys: HashMap::new(),
+                shards: HashMap::new(),
+            })),
             count,
         }
+    }
+
+    /// Feeds keys for which `wildcard` names a shard from one subscription
+    /// to that wildcard; `key` maps a message's subject back to its key.
+    pub fn sharded(
+        mut self,
+        wildcard: fn(&K) -> Option<String>,
+        key: fn(&str) -> Option<K>,
+    ) -> Interest<K, S> {
+        self.sharding = Some(Sharding { wildcard, key });
+        self
+    }
+
+    fn shard_of(&self, key: &K) -> Option<String> {
+        self.sharding.as_ref().and_then(|s| (s.wildcard)(key))
     }
 
     /// Adds `member` under `key` (held back when `hold` is set, until
@@ -117,15 +170,28 @@ where
         member: &Outbox,
         hold: bool,
     ) -> Result<Arc<Entry<S>>, BrokerError> {
-        let entry = {
+        let shard_subject = self.shard_of(key);
+        let (entry, shard) = {
             let mut table = self.table.lock().expect("interest table");
-            let entry = table
-                .entry(key.clone())
-                .or_insert_with(|| {
+            let table = &mut *table;
+            let entry = match table.keys.entry(key.clone()) {
+                MapEntry::Occupied(e) => e.get().clone(),
+                MapEntry::Vacant(e) => {
                     self.count.inc();
-                    Entry::new()
-                })
-                .clone();
+                    if let Some(subject) = &shard_subject {
+                        let (keys, _) = table.shards.entry(subject.clone()).or_insert_with(|| {
+                            let shard = Shard {
+                                live: OnceCell::new(),
+                            };
+                            (0, Arc::new(shard))
+                        });
+                        *keys += 1;
+                    }
+                    e.insert(Entry::new()).clone()
+                }
+            };
+            // The key is in the table, so its shard is too.
+            let shard = shard_subject.map(|subject| (table.shards[&subject].1.clone(), subject));
             entry.members.write().expect("members").insert(
                 member.id,
                 Slot {
@@ -133,48 +199,131 @@ where
                     held: hold.then(Vec::new),
                 },
             );
-            entry
+            (entry, shard)
         };
-        let subscribed = entry
+        let fed = entry
             .live
-            .get_or_try_init(|| async {
-                let mut sub = self.broker.subscribe((self.subject)(key)).await?;
-                if let Some(init) = &self.init {
-                    init(key.clone(), entry.clone()).await?;
-                }
-                let handler = self.handler.clone();
-                // The pump keeps only a weak hold: the entry (and with it the
-                // pump) goes when its last member leaves.
-                let weak = Arc::downgrade(&entry);
-                Ok::<_, BrokerError>(Pump(tokio::spawn(async move {
-                    while let Some(msg) = sub.next().await {
-                        let Some(entry) = weak.upgrade() else { break };
-                        handler(msg, &entry);
-                    }
-                })))
-            })
+            .get_or_try_init(|| self.feed(key, &entry, shard))
             .await;
-        if let Err(e) = subscribed {
+        if let Err(e) = fed {
             self.leave(key, member.id);
             return Err(e);
         }
         Ok(entry)
     }
 
-    /// Removes a member; the subscription ends with the key's last local member.
+    /// Makes messages on the key's subject reach `entry`, then initialises it.
+    async fn feed(
+        &self,
+        key: &K,
+        entry: &Arc<Entry<S>>,
+        shard: Option<(Arc<Shard>, String)>,
+    ) -> Result<Option<Pump>, BrokerError> {
+        let own = match shard {
+            Some((shard, subject)) => {
+                let weak = Arc::downgrade(&shard);
+                shard
+                    .live
+                    .get_or_try_init(|| self.shard_pump(subject, weak))
+                    .await?;
+                None
+            }
+            None => Some(self.broker.subscribe((self.subject)(key)).await?),
+        };
+        if let Some(init) = &self.init {
+            init(key.clone(), entry.clone()).await?;
+        }
+        Ok(own.map(|mut sub| {
+            let handler = self.handler.clone();
+            // The pump keeps only a weak hold: the entry (and with it the
+            // pump) goes when its last member leaves.
+            let weak = Arc::downgrade(entry);
+            Pump(tokio::spawn(async move {
+                while pump_batch(&mut sub, |msg| {
+                    if let Some(entry) = weak.upgrade() {
+                        handler(msg, &entry);
+                    }
+                })
+                .await
+                {}
+            }))
+        }))
+    }
+
+    async fn shard_pump(&self, subject: String, shard: Weak<Shard>) -> Result<Pump, BrokerError> {
+        let mut sub = self.broker.subscribe(subject).await?;
+        let handler = self.handler.clone();
+        let table = Arc::downgrade(&self.table);
+        let key_of = self.sharding.as_ref().expect("a sharded interest").key;
+        Ok(Pump(tokio::spawn(async move {
+            while pump_batch(&mut sub, |msg| {
+                // A shard dropped while its last batch runs must not feed
+                // keys that a new subscription to it now feeds too.
+                if shard.strong_count() == 0 {
+                    return;
+                }
+                let Some(key) = key_of(&msg.subject) else {
+                    return;
+                };
+                let entry = table
+                    .upgrade()
+                    .and_then(|t| t.lock().expect("interest table").keys.get(&key).cloned());
+                // No entry: no local member of that key.
+                if let Some(entry) = entry {
+                    handler(msg, &entry);
+                }
+            })
+            .await
+            {}
+        })))
+    }
+
+    /// Removes a member; the subscription ends with the key's last local
+    /// member, a shard's with the last key of the shard that has one.
     pub fn leave(&self, key: &K, member: u64) {
         let mut table = self.table.lock().expect("interest table");
-        let Some(entry) = table.get(key) else { return };
+        let Some(entry) = table.keys.get(key) else {
+            return;
+        };
         let empty = {
             let mut members = entry.members.write().expect("members");
             members.remove(&member);
             members.is_empty()
         };
-        if empty {
-            table.remove(key);
-            self.count.dec();
+        if !empty {
+            return;
+        }
+        table.keys.remove(key);
+        self.count.dec();
+        if let Some(subject) = self.shard_of(key)
+            && let MapEntry::Occupied(mut shard) = table.shards.entry(subject)
+        {
+            shard.get_mut().0 -= 1;
+            if shard.get().0 == 0 {
+                shard.remove();
+            }
         }
     }
+}
+
+/// Waits for a message, then hands it and the ones already waiting behind it
+/// (up to [`PUMP_BATCH`]) to `handle` in one delivery batch, so that a burst
+/// costs each connection one write. `false` once the subscription ended.
+async fn pump_batch(sub: &mut Subscription, mut handle: impl FnMut(Message)) -> bool {
+    let Some(first) = sub.next().await else {
+        return false;
+    };
+    crate::delivery::batch(|| {
+        handle(first);
+        for _ in 1..PUMP_BATCH {
+            match sub.next().now_or_never() {
+                Some(Some(msg)) => handle(msg),
+                Some(None) => return false,
+                None => break,
+            }
+        }
+        true
+    })
 }
 
 /// Ends a member's hold: sends what was held back, in order, and makes it live.
@@ -186,5 +335,186 @@ pub fn release<S>(entry: &Entry<S>, member: u64) {
         for frame in held {
             slot.outbox.send(frame);
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use herald_broker::MemoryBroker;
+    use herald_broker::history::{MemoryHistory, SharedHistory};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::durable::{self, RoomOrder};
+
+    /// A member whose deliveries the test reads from the returned socket.
+    pub(crate) async fn member(id: u64) -> (Outbox, TcpStream) {
+        let (server, client) = crate::transport::tests::pair().await;
+        (Outbox::new(id, server, 64), client)
+    }
+
+    /// The next `n` text frames `client` receives.
+    pub(crate) async fn received(client: &mut TcpStream, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let mut header = [0u8; 2];
+            tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut header))
+                .await
+                .expect("a frame within 5 s")
+                .unwrap();
+            let len = match header[1] {
+                126 => client.read_u16().await.unwrap() as usize,
+                n => usize::from(n),
+            };
+            let mut payload = vec![0; len];
+            client.read_exact(&mut payload).await.unwrap();
+            out.push(String::from_utf8(payload).unwrap());
+        }
+        out
+    }
+
+    /// Asserts that `client` receives nothing for a while.
+    pub(crate) async fn receives_nothing(client: &mut TcpStream) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(100), client.read(&mut byte)).await;
+        assert!(read.is_err(), "unexpected bytes: {read:?}");
+    }
+
+    /// Keys `<shard>:<name>` live on `t.shard.<shard>.<name>`; others on
+    /// a subject of their own.
+    fn subject(key: &String) -> String {
+        match key.split_once(':') {
+            Some((shard, name)) => format!("t.shard.{shard}.{name}"),
+            None => format!("t.own.{key}"),
+        }
+    }
+
+    #[expect(clippy::ptr_arg, reason = "the keys are Strings")]
+    fn wildcard(key: &String) -> Option<String> {
+        key.split_once(':')
+            .map(|(shard, _)| format!("t.shard.{shard}.*"))
+    }
+
+    fn key_of(subject: &str) -> Option<String> {
+        let (shard, name) = subject.strip_prefix("t.shard.")?.split_once('.')?;
+        Some(format!("{shard}:{name}"))
+    }
+
+    fn rooms(
+        broker: &SharedBroker,
+        init: Option<Init<String, RoomOrder>>,
+    ) -> Interest<String, RoomOrder> {
+        let history: SharedHistory = Arc::new(MemoryHistory::new());
+        let handler: Handler<RoomOrder> = Arc::new(move |msg, entry| {
+            durable::on_frame(entry, &history, msg.payload);
+        });
+        let init = init.or_else(|| {
+            let history: SharedHistory = Arc::new(MemoryHistory::new());
+            Some(Arc::new(move |_, entry: Arc<Entry<RoomOrder>>| {
+                durable::init_ephemeral(&entry, &history);
+                Box::pin(async { Ok(()) }) as BoxFuture<'static, _>
+            }))
+        });
+        Interest::new(broker.clone(), subject, handler, init, Gauge::default())
+            .sharded(wildcard, key_of)
+    }
+
+    async fn publish(broker: &SharedBroker, subject: &str, payload: &'static str) {
+        broker
+            .publish(subject.into(), Bytes::from_static(payload.as_bytes()))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn keys_of_a_shard_share_one_subscription_while_one_has_members() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let rooms = rooms(&broker, None);
+        let (a, b, own) = ("1:a".to_string(), "1:b".to_string(), "own".to_string());
+        let ((m1, mut c1), (m2, mut c2), (m3, mut c3)) =
+            (member(1).await, member(2).await, member(3).await);
+        rooms.join(&a, &m1, false).await.unwrap();
+        rooms.join(&b, &m2, false).await.unwrap();
+        rooms.join(&own, &m3, false).await.unwrap();
+        {
+            let table = rooms.table.lock().unwrap();
+            assert_eq!(table.shards.len(), 1);
+            assert_eq!(table.shards["t.shard.1.*"].0, 2);
+        }
+        publish(&broker, "t.shard.1.a", "for a").await;
+        publish(&broker, "t.shard.1.c", "nobody here").await;
+        publish(&broker, "t.shard.1.b", "for b").await;
+        publish(&broker, "t.own.own", "for own").await;
+        assert_eq!(received(&mut c1, 1).await, ["for a"]);
+        assert_eq!(received(&mut c2, 1).await, ["for b"]);
+        assert_eq!(received(&mut c3, 1).await, ["for own"]);
+        receives_nothing(&mut c1).await;
+
+        rooms.leave(&a, 1);
+        publish(&broker, "t.shard.1.b", "still b").await;
+        assert_eq!(received(&mut c2, 1).await, ["still b"]);
+        rooms.leave(&b, 2);
+        assert!(rooms.table.lock().unwrap().shards.is_empty());
+        // The pump is aborted, which drops the subscription.
+        let mut unsubscribed = false;
+        for _ in 0..100 {
+            let asked = broker
+                .request(
+                    "t.shard.1.b".into(),
+                    Bytes::new(),
+                    Duration::from_millis(10),
+                )
+                .await;
+            if matches!(asked, Err(BrokerError::NoResponders(_))) {
+                unsubscribed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(unsubscribed, "the shard subscription outlived its last key");
+
+        rooms.join(&a, &m1, false).await.unwrap();
+        publish(&broker, "t.shard.1.a", "again").await;
+        assert_eq!(received(&mut c1, 1).await, ["again"]);
+    }
+
+    #[tokio::test]
+    async fn a_shard_message_that_beats_init_waits_for_it() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let (init_started, init_may_end) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let init: Init<String, RoomOrder> = {
+            let (started, may_end) = (init_started.clone(), init_may_end.clone());
+            let history: SharedHistory = Arc::new(MemoryHistory::new());
+            Arc::new(move |key, entry| {
+                let (started, may_end, history) =
+                    (started.clone(), may_end.clone(), history.clone());
+                Box::pin(async move {
+                    if key == "1:b" {
+                        started.notify_one();
+                        may_end.notified().await;
+                    }
+                    durable::init_ephemeral(&entry, &history);
+                    Ok(())
+                })
+            })
+        };
+        let rooms = rooms(&broker, Some(init));
+        let ((m1, _c1), (m2, mut c2)) = (member(1).await, member(2).await);
+        rooms.join(&"1:a".to_string(), &m1, false).await.unwrap();
+        let b = "1:b".to_string();
+        let publisher = async {
+            init_started.notified().await;
+            publish(&broker, "t.shard.1.b", "early").await;
+            receives_nothing(&mut c2).await;
+            init_may_end.notify_one();
+        };
+        let (joined, ()) = tokio::join!(rooms.join(&b, &m2, false), publisher);
+        joined.unwrap();
+        publish(&broker, "t.shard.1.b", "later").await;
+        assert_eq!(received(&mut c2, 2).await, ["early", "later"]);
     }
 }

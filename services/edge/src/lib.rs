@@ -10,6 +10,7 @@ mod durable;
 mod interest;
 mod presence;
 mod session;
+mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -165,18 +166,24 @@ pub async fn run(
             delivered.inc_by(n as u64);
         })
     };
+    // Every room, durable or not, is started here: frames that its shard's
+    // subscription brought before this ran were held and go out now.
     let init_room: interest::Init<RoomName, durable::RoomOrder> = {
         let (history, policy) = (history.clone(), config.policy.clone());
+        let delivered = edge_metrics.delivered.clone();
         Arc::new(move |room: RoomName, entry| {
-            let history = history.clone();
+            let (history, delivered) = (history.clone(), delivered.clone());
             let durable = is_durable(&policy, &room);
             Box::pin(async move {
-                if !durable {
-                    return Ok(());
-                }
-                durable::init(&history, room, &entry)
-                    .await
-                    .map_err(|e| BrokerError::Unavailable(e.to_string()))
+                let n = if durable {
+                    durable::init(&history, room, &entry)
+                        .await
+                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+                } else {
+                    durable::init_ephemeral(&entry, &history)
+                };
+                delivered.inc_by(n as u64);
+                Ok(())
             })
         })
     };
@@ -187,7 +194,8 @@ pub async fn run(
             on_room_frame,
             Some(init_room),
             edge_metrics.rooms.clone(),
-        ),
+        )
+        .sharded(subjects::room_shard, subjects::room_from_subject),
         users: Default::default(),
         sessions_by_id: Default::default(),
         broker,
@@ -220,7 +228,7 @@ pub async fn run(
         edge.broker.describe()
     );
     let http_stop = CancellationToken::new();
-    let server = tokio::spawn(herald_ops::serve_http(listener, app, http_stop.clone()));
+    let server = tokio::spawn(transport::serve(listener, app, http_stop.clone()));
 
     shutdown.cancelled().await;
     health.set_draining();
@@ -331,9 +339,18 @@ async fn ws_handler(
     }
     let tracker = edge.sessions.clone();
     tracker.spawn(async move {
-        match upgraded.await {
-            Ok(ws) => session::serve(edge, ws, params.token, peer).await,
-            Err(e) => tracing::debug!(%peer, error = %e, "WebSocket upgrade did not complete"),
+        let upgraded = match upgraded.await {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "WebSocket upgrade did not complete");
+                return;
+            }
+        };
+        match transport::into_tcp(upgraded) {
+            Ok((stream, already_read)) => {
+                session::serve(edge, stream, already_read, params.token, peer).await
+            }
+            Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream; closed"),
         }
     });
     response.into_response()

@@ -12,133 +12,58 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Role, WebSocket, WebSocketError};
 use herald_auth::{AuthError, Claims, Denied, NamespacePolicy};
 use herald_broker::rooms;
 use herald_wire::frames::{self, ClientFrame, FrameError, PresenceEvent, Request, Since};
 use herald_wire::presence::{Change, Control};
 use herald_wire::{CloseCode, ErrorCode, RoomName, subjects};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Edge;
-use crate::delivery::{self, Out, Outbox};
+use crate::delivery::{Out, Outbox};
 use crate::durable::{self, RoomEntry};
 use crate::interest;
+use crate::transport::{Incoming, Reader};
 
 /// How long cleanup waits for the writer to flush the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
 
-type Reader = FragmentCollectorRead<tokio::io::ReadHalf<TokioIo<Upgraded>>>;
-
-#[derive(Debug)]
-struct Gone;
-
-impl std::fmt::Display for Gone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("connection queue closed")
-    }
-}
-
-impl std::error::Error for Gone {}
-
-/// What the reader produced.
-enum Incoming {
-    Text(Vec<u8>),
-    Binary,
-    /// The client closed, or the socket is gone.
-    Closed,
-    /// The client broke the WebSocket protocol or a size limit.
-    Violation(CloseCode, String),
-}
-
-/// [`read_next`] that owns the reader while it waits and gives it back.
-async fn read_owned<S>(mut reader: Reader, mut send: S) -> (Reader, S, Incoming)
-where
-    S: FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>>,
-{
-    let incoming = read_next(&mut reader, &mut send).await;
-    (reader, send, incoming)
-}
-
-async fn read_next(
-    reader: &mut Reader,
-    send: &mut impl FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>>,
-) -> Incoming {
-    match reader.read_frame(send).await {
-        Ok(frame) => match frame.opcode {
-            OpCode::Text => Incoming::Text(frame.payload.to_vec()),
-            OpCode::Binary => Incoming::Binary,
-            OpCode::Close => Incoming::Closed,
-            _ => Incoming::Binary,
-        },
-        Err(WebSocketError::FrameTooLarge) => Incoming::Violation(
-            CloseCode::TooBig,
-            "message larger than this server accepts".into(),
-        ),
-        Err(WebSocketError::InvalidUTF8) => {
-            Incoming::Violation(CloseCode::Policy, "text frame is not valid UTF-8".into())
-        }
-        Err(
-            WebSocketError::ConnectionClosed
-            | WebSocketError::UnexpectedEOF
-            | WebSocketError::IoError(_)
-            | WebSocketError::SendError(_),
-        ) => Incoming::Closed,
-        Err(e) => Incoming::Violation(CloseCode::Policy, format!("WebSocket protocol error: {e}")),
-    }
-}
-
 pub(crate) async fn serve(
     edge: Arc<Edge>,
-    ws: WebSocket<TokioIo<Upgraded>>,
+    stream: TcpStream,
+    already_read: Bytes,
     url_token: Option<String>,
     peer: SocketAddr,
 ) {
-    let (r, w) = tokio::io::split(ws.into_inner());
-    // The write half is ours (see `delivery`): fastwebsockets only reads.
-    let (mut read, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
-    read.set_max_message_size(edge.config.max_message_bytes);
-    let mut reader = FragmentCollectorRead::new(read);
     let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (outbox, rx) = delivery::outbox(id, edge.config.outbound_queue);
-    let mut writer = tokio::spawn(delivery::run_writer(w, rx, outbox.closer.clone()));
-    let control = outbox.clone();
-    let mut send = move |f: Frame<'static>| {
-        let queued = control.push(Out::Control {
-            opcode: f.opcode as u8,
-            payload: f.payload.to_vec(),
-        });
-        std::future::ready(if queued { Ok(()) } else { Err(Gone) })
-    };
-
-    let authenticated = authenticate(&edge, &outbox, &mut reader, &mut send, url_token).await;
+    let outbox = Outbox::new(id, stream, edge.config.outbound_queue);
+    let mut reader = Reader::new(edge.config.max_message_bytes, &already_read, &outbox);
+    drop(already_read);
+    // Boxed: the work of connecting is done once, and an idle connection's
+    // task should not keep room for it.
+    let authenticated = Box::pin(authenticate(&edge, &outbox, &mut reader, url_token)).await;
     let session = match authenticated {
         Some((claims, connect_id)) => {
             let conn = format!("{}-{id}", edge.config.node_id);
-            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
+            Box::pin(Session::open(
+                edge.clone(),
+                outbox.clone(),
+                conn,
+                claims,
+                connect_id,
+            ))
+            .await
         }
         None => None,
     };
-    match session {
-        Some(mut session) => {
-            tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
-            // `run` owns the reader and the pong sender, and drops them when it ends.
-            session.run(reader, send).await;
-            session.close().await;
-        }
-        // The writer ends when every sender is gone (or at a queued close).
-        None => drop(send),
+    if let Some(mut session) = session {
+        tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
+        session.run(&mut reader).await;
+        Box::pin(session.close()).await;
     }
-    drop(outbox);
-    if tokio::time::timeout(WRITER_FLUSH, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
+    outbox.finish(WRITER_FLUSH).await;
 }
 
 fn reject(outbox: &Outbox, err: &FrameError) {
@@ -166,7 +91,6 @@ async fn authenticate(
     edge: &Edge,
     outbox: &Outbox,
     reader: &mut Reader,
-    send: &mut impl FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>>,
     url_token: Option<String>,
 ) -> Option<(Claims, Option<u64>)> {
     let refuse = |err: FrameError| {
@@ -186,7 +110,7 @@ async fn authenticate(
     let deadline = Instant::now() + edge.config.handshake_timeout;
     loop {
         let incoming = tokio::select! {
-            i = read_next(reader, send) => i,
+            i = reader.next(outbox.stream(), outbox) => i,
             _ = tokio::time::sleep_until(deadline) => {
                 outbox.push(Out::Close {
                     code: CloseCode::Unauthorized,
@@ -195,7 +119,7 @@ async fn authenticate(
                 return None;
             }
             _ = edge.shutdown.cancelled() => {
-                outbox.closer.close(CloseCode::ServiceRestart, "server shutting down; reconnect to another edge");
+                outbox.closer().close(CloseCode::ServiceRestart, "server shutting down; reconnect to another edge");
                 return None;
             }
         };
@@ -419,32 +343,26 @@ impl Session {
         (Value::Object(unread), inbox_marker)
     }
 
-    /// Serves requests until the connection ends. The pending read lives
-    /// across loop turns (it owns the reader and hands it back), because
-    /// fastwebsockets' read is not cancel-safe: dropping it mid-header would
-    /// lose bytes of the client's next frame.
-    async fn run<S>(&mut self, reader: Reader, send: S)
-    where
-        S: FnMut(Frame<'static>) -> std::future::Ready<Result<(), Gone>> + Send,
-    {
-        let mut reading = Box::pin(read_owned(reader, send));
+    /// Serves requests until the connection ends.
+    async fn run(&mut self, reader: &mut Reader) {
         loop {
             let incoming = tokio::select! {
-                (reader, send, i) = &mut reading => {
-                    reading = Box::pin(read_owned(reader, send));
-                    i
+                i = reader.next(self.outbox.stream(), &self.outbox) => i,
+                _ = self.outbox.writable_again() => {
+                    self.outbox.resume();
+                    continue;
                 }
-                cmd = self.outbox.control.recv() => {
-                    let stop = self.act(cmd.control).await;
+                cmd = self.outbox.control().recv() => {
+                    let stop = Box::pin(self.act(cmd.control)).await;
                     let _ = cmd.done.send(());
                     if stop {
                         return;
                     }
                     continue;
                 }
-                _ = self.outbox.closer.closed() => return,
+                _ = self.outbox.closer().closed() => return,
                 _ = self.edge.shutdown.cancelled() => {
-                    self.outbox.closer.close(
+                    self.outbox.closer().close(
                         CloseCode::ServiceRestart,
                         "server shutting down; reconnect to another edge",
                     );
@@ -462,7 +380,7 @@ impl Session {
             self.edge.metrics.frames_in.inc();
             let result = match incoming {
                 Incoming::Text(text) => match frames::parse(&text) {
-                    Ok(frame) => self.handle(frame).await,
+                    Ok(frame) => Box::pin(self.handle(frame)).await,
                     Err(e) => Err(e),
                 },
                 Incoming::Binary => Err(binary_refused()),
@@ -518,7 +436,7 @@ impl Session {
             }
             Control::Disconnect { code, reason, .. } => {
                 let code = CloseCode::from_code(code).unwrap_or(CloseCode::Normal);
-                self.outbox.closer.close(code, reason);
+                self.outbox.closer().close(code, reason);
                 return true;
             }
         }
