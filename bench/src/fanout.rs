@@ -18,23 +18,22 @@
 //! measured first at the same number of connections and the same
 //! deliveries per second, and each step reports its ratio to it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use futures::StreamExt as _;
-use herald_client::Client;
 use herald_proto::v1::PublishRequest;
 use herald_proto::v1::router_client::RouterClient;
 use serde_json::json;
-use tokio::sync::Semaphore;
 
+use crate::delivery::{self, Members, Pacing, Published, StepOutcome, Steps, fmt_rate, now_ns};
 use crate::floor::{self, FloorResult, Phase};
 use crate::load::Dialer;
 use crate::peer::Peer;
-use crate::report::{CpuMeter, Errors, Latency, Report, Section, round3};
+use crate::report::{Errors, Report, Section, round3};
 use crate::socketio::{Emit, OnEvent, SioClient, SioEvent};
 use crate::target::{CommonArgs, Target};
 
@@ -55,16 +54,8 @@ pub struct FanoutArgs {
         default_value = "200"
     )]
     pub rates: Vec<f64>,
-    /// How long each step publishes, e.g. 10s.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
-    /// Publish calls in flight at most; the rate drops when they are all busy.
-    #[arg(long, default_value_t = 256)]
-    pub max_in_flight: usize,
-    /// After a step, how long to wait for the last deliveries once they stop
-    /// coming.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub pacing: Pacing,
     /// Also measure the bare-write floor at the same connections and
     /// deliveries per second, and report each step's ratio to it.
     #[arg(long)]
@@ -74,31 +65,17 @@ pub struct FanoutArgs {
     pub concurrency: usize,
 }
 
-/// Deliveries of one step.
-#[derive(Default)]
-struct StepStats {
-    delivered: u64,
-    latency: Latency,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+impl FanoutArgs {
+    /// The members, once the shape is checked (with `--floor` the floor's
+    /// receivers need a socket each as well).
+    fn conns(&self) -> Result<usize> {
+        let sockets = if self.floor { 2 } else { 1 };
+        delivery::check_shape(self.rooms, self.members, &self.rates, sockets)
+    }
 }
 
 pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Result<Report> {
-    if args.rooms == 0 || args.members == 0 || args.rates.is_empty() {
-        bail!("--rooms, --members and --rates must not be empty");
-    }
-    if args.rates.iter().any(|r| r.is_nan() || *r <= 0.0) {
-        bail!("every rate must be above 0");
-    }
-    let conns = args.rooms * args.members;
-    let limit = crate::idle::raise_fd_limit();
-    if conns as u64 * if args.floor { 2 } else { 1 } + 200 > limit {
-        bail!("{conns} connections need more open files than this process may have ({limit})");
-    }
+    let conns = args.conns()?;
     let grpc = target
         .router_grpc
         .context("the target serves no Router API")?;
@@ -112,8 +89,8 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
             "members": args.members,
             "conns": conns,
             "rates": args.rates,
-            "duration_s": args.duration.as_secs_f64(),
-            "max_in_flight": args.max_in_flight,
+            "duration_s": args.pacing.duration.as_secs_f64(),
+            "max_in_flight": args.pacing.max_in_flight,
             "floor": args.floor,
             "source_addrs": common.source_addrs,
         }),
@@ -124,66 +101,31 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
 
     // Members.
     let dialer = Dialer::new(target.edge_urls.clone(), common.source_ips());
-    let edges = dialer.edges();
-    let started = Instant::now();
-    let opened: Vec<_> = futures::stream::iter(0..conns)
-        .map(|g| {
-            let token = target.token(&format!("fan-{g}"));
-            let room = format!("fan:room-{}", g / args.members);
-            let dialer = &dialer;
-            async move {
-                let (client, _) = dialer
-                    .connect(g % edges, &token)
-                    .await
-                    .map_err(|e| ("connect", e.to_string()))?;
-                match client.request(json!({"op": "join", "room": room})).await {
-                    Ok(r) if r["op"] == "ok" => Ok((g, client)),
-                    Ok(r) => Err(("join", r.to_string())),
-                    Err(e) => Err(("join", e.to_string())),
-                }
-            }
-        })
-        .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
-    let mut errors = Errors::default();
-    let mut members_of = vec![0u64; args.rooms];
-    let mut clients = Vec::with_capacity(conns);
-    for r in opened {
-        match r {
-            Ok((g, c)) => {
-                members_of[g / args.members] += 1;
-                clients.push(c);
-            }
-            Err((stage, e)) => errors.add_kind(&format!("{stage}: failed"), &e),
-        }
-    }
-    let setup_s = started.elapsed().as_secs_f64();
-    if clients.len() < conns {
-        report.failures.push(format!(
-            "{} of {conns} members could not connect and join: {}",
-            conns - clients.len(),
-            errors.to_json()
-        ));
-    }
+    let mut members = delivery::open_members(
+        target,
+        &dialer,
+        ("fan", "fan:room"),
+        (args.rooms, args.members),
+        args.concurrency,
+        &mut report,
+    )
+    .await;
 
     // Receivers: one task per member, all steps (the last slot is the warm-up).
     let warm = args.rates.len();
-    let stats: Arc<Vec<Mutex<StepStats>>> =
-        Arc::new((0..=warm).map(|_| Mutex::default()).collect());
+    let steps = Steps::new(warm + 1);
     let stop = Arc::new(AtomicBool::new(false));
-    let receivers: Vec<_> = clients
+    let receivers: Vec<_> = std::mem::take(&mut members.clients)
         .into_iter()
-        .map(|c| tokio::spawn(receive(c, stats.clone(), stop.clone())))
+        .map(|(_, c)| tokio::spawn(delivery::receive(c, steps.clone(), stop.clone())))
         .collect();
-    let delivered = |step: usize| stats[step].lock().expect("stats lock").delivered;
 
     let mut router = RouterClient::connect(format!("http://{grpc}"))
         .await
         .with_context(|| format!("gRPC connect to the router at {grpc}"))?;
 
     // Warm-up: one message per room, until every member has it.
-    let expected_warm: u64 = members_of.iter().sum();
+    let expected_warm: u64 = members.members_of.iter().sum();
     for r in 0..args.rooms {
         let req = PublishRequest {
             room: format!("fan:room-{r}"),
@@ -195,92 +137,22 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
             .await
             .context("warm-up Router.Publish")?;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while delivered(warm) < expected_warm && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if delivered(warm) < expected_warm {
-        report.failures.push(format!(
-            "warm-up: {} of {expected_warm} deliveries within 10 s",
-            delivered(warm)
-        ));
-    }
-    report.section(
-        "setup",
-        Section::new()
-            .put("members", expected_warm)
-            .put("setup_s", round3(setup_s))
-            .put("warmup_delivered", delivered(warm))
-            .put("errors", errors.total())
-            .put("error_kinds", errors.to_json()),
-    );
+    steps
+        .warm_up(warm, expected_warm, &members, &mut report)
+        .await;
 
     for (step, &rate) in args.rates.iter().enumerate() {
-        let meter = CpuMeter::start(target);
-        let pubs = publish(args, &router, step, rate).await;
-        let window = pubs.window_s;
-        let expected: u64 = pubs
-            .ok_by_room
-            .iter()
-            .zip(&members_of)
-            .map(|(ok, m)| ok * m)
-            .sum();
-        // Drain: until everything arrived, or nothing came for drain_timeout.
-        let mut last = delivered(step);
-        let mut last_change = Instant::now();
-        while last < expected && last_change.elapsed() < args.drain_timeout {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let now = delivered(step);
-            if now != last {
-                last = now;
-                last_change = Instant::now();
-            }
-        }
-        let cpu = meter.stop(target);
-        let (got, latency) = {
-            let s = stats[step].lock().expect("stats lock");
-            (s.delivered, s.latency.clone())
-        };
-        let herald_s = cpu.herald_s();
-        let nats_s = cpu.nats_s().unwrap_or(0.0);
-        let per = |s: f64| round3(s * 1e6 / got.max(1) as f64);
-        let server_us = per(herald_s + nats_s);
-        let mut section = Section::new()
-            .put("rate", rate)
-            .put("publishes", pubs.sent)
-            .put("publishes_ok", pubs.ok_by_room.iter().sum::<u64>())
-            .put("publish_rate", round3(pubs.sent as f64 / window))
-            .put("publish_errors", pubs.errors.total())
-            .put("publish_error_kinds", pubs.errors.to_json())
-            .put("expected", expected)
-            .put("delivered", got)
-            .put("lost", expected.saturating_sub(got))
-            .put("extra", got.saturating_sub(expected))
-            .put("delivered_per_sec", round3(got as f64 / window))
-            .put("latency_ms", latency.summary())
-            .put("publish_call_ms", pubs.call.summary())
-            .put("herald_cpu_s", round3(herald_s))
-            .put("nats_cpu_s", round3(nats_s))
-            .put("herald_us_per_delivery", per(herald_s))
-            .put("nats_us_per_delivery", per(nats_s))
-            .put("server_us_per_delivery", server_us)
-            .put("bench_cpu_s", round3(cpu.load_s()));
-        if let Some(f) = &floors[step] {
-            section = section
-                .put("floor_us_per_write", round3(f.us_per_write()))
-                .put(
-                    "ratio_to_floor",
-                    json!((f.cpu_s() > 0.0).then(|| round3(server_us / f.us_per_write()))),
-                );
-        }
-        if got < expected {
-            report.notes.push(format!(
-                "rate {rate}/s: {} of {expected} deliveries missing",
-                expected - got
-            ));
-        }
-        report.section(&format!("rate_{}", fmt_rate(rate)), section);
-        report.cpu.push((format!("rate {rate}/s"), cpu));
+        let outcome = StepOutcome::measure(
+            target,
+            &steps,
+            (step, rate),
+            &members.members_of,
+            args.pacing.drain_timeout,
+            publish(args, &router, step, rate),
+        )
+        .await;
+        let section = with_floor(outcome.section(), &outcome, floors[step].as_ref());
+        outcome.push(&mut report, section);
     }
 
     stop.store(true, Ordering::Relaxed);
@@ -313,7 +185,7 @@ async fn measure_floors(
             let round_rate = rate * args.members as f64 / conns as f64;
             Phase {
                 frames_per_write: 1,
-                rounds: ((round_rate * args.duration.as_secs_f64()).ceil() as u64).max(1),
+                rounds: ((round_rate * args.pacing.duration.as_secs_f64()).ceil() as u64).max(1),
                 round_rate,
             }
         })
@@ -331,106 +203,46 @@ async fn measure_floors(
     Ok(floors)
 }
 
-fn fmt_rate(rate: f64) -> String {
-    if rate.fract() == 0.0 {
-        format!("{rate:.0}")
-    } else {
-        rate.to_string().replace('.', "_")
-    }
+/// A step's section with, under `--floor`, the floor of the step and the
+/// ratio to it.
+fn with_floor(section: Section, outcome: &StepOutcome, floor: Option<&FloorResult>) -> Section {
+    let Some(f) = floor else {
+        return section;
+    };
+    let server_us = outcome.server_us_per_delivery();
+    section
+        .put("floor_us_per_write", round3(f.us_per_write()))
+        .put(
+            "ratio_to_floor",
+            json!((f.cpu_s() > 0.0).then(|| round3(server_us / f.us_per_write()))),
+        )
 }
 
-struct Published {
-    sent: u64,
-    ok_by_room: Vec<u64>,
-    errors: Errors,
-    call: Latency,
-    /// From the first call to the end of the last.
-    window_s: f64,
-}
-
-/// Publishes at `rate` for `args.duration`, rooms in turn.
+/// Publishes at `rate` for `args.pacing.duration`, rooms in turn.
 async fn publish(
     args: &FanoutArgs,
     router: &RouterClient<tonic::transport::Channel>,
     step: usize,
     rate: f64,
 ) -> Published {
-    let total = ((rate * args.duration.as_secs_f64()).round() as u64).max(1);
-    let permits = Arc::new(Semaphore::new(args.max_in_flight.max(1)));
-    let start = tokio::time::Instant::now();
-    let mut calls = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
+    delivery::paced(rate, &args.pacing, args.rooms, |i| {
         let mut router = router.clone();
         let room = (i % args.rooms as u64) as usize;
-        calls.push(tokio::spawn(async move {
-            let t0 = Instant::now();
+        let call = async move {
             let req = PublishRequest {
                 room: format!("fan:room-{room}"),
                 data: format!(r#"{{"s":{step},"t":{},"i":{i}}}"#, now_ns()),
                 key: String::new(),
             };
-            let res = router.publish(req).await;
-            drop(permit);
-            (room, res.map(|_| ()), t0.elapsed())
-        }));
-    }
-    let mut out = Published {
-        sent: total,
-        ok_by_room: vec![0; args.rooms],
-        errors: Errors::default(),
-        call: Latency::default(),
-        window_s: 0.0,
-    };
-    for c in calls {
-        match c.await {
-            Ok((room, Ok(()), d)) => {
-                out.ok_by_room[room] += 1;
-                out.call.record(d);
-            }
-            Ok((_, Err(status), _)) => out
-                .errors
-                .add_kind(&format!("{:?}", status.code()), status.message()),
-            Err(e) => out.errors.add_kind("task", &e.to_string()),
-        }
-    }
-    out.window_s = start.elapsed().as_secs_f64();
-    out
-}
-
-/// Reads one member's frames until `stop`; records each `message`'s
-/// latency in its step. Returns the client for a clean close.
-async fn receive(
-    client: Client,
-    stats: Arc<Vec<Mutex<StepStats>>>,
-    stop: Arc<AtomicBool>,
-) -> Client {
-    loop {
-        match client.next_frame(Duration::from_millis(200)).await {
-            Ok(Some(frame)) if frame["op"] == "message" => {
-                let now = now_ns();
-                let data = &frame["data"];
-                let (Some(step), Some(t)) = (data["s"].as_u64(), data["t"].as_u64()) else {
-                    continue;
-                };
-                if let Some(s) = stats.get(step as usize) {
-                    let mut s = s.lock().expect("stats lock");
-                    s.delivered += 1;
-                    s.latency
-                        .record(Duration::from_nanos(now.saturating_sub(t)));
-                }
-            }
-            Ok(Some(_)) => {}
-            Ok(None) if stop.load(Ordering::Relaxed) => return client,
-            Ok(None) => {}
-            Err(_) => return client,
-        }
-    }
+            router.publish(req).await.map(drop).map_err(|status| {
+                let mut e = Errors::default();
+                e.add_kind(&format!("{:?}", status.code()), status.message());
+                e
+            })
+        };
+        (room, call)
+    })
+    .await
 }
 
 /// `fanout --target socketio`: the same rooms and members as Herald's
@@ -445,17 +257,7 @@ async fn receive(
 /// reports compare key for key) and Redis (`nats_*`, the broker), over the
 /// step and its drain; the emitters' own CPU is `publisher_cpu_s`.
 pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -> Result<Report> {
-    if args.rooms == 0 || args.members == 0 || args.rates.is_empty() {
-        bail!("--rooms, --members and --rates must not be empty");
-    }
-    if args.rates.iter().any(|r| r.is_nan() || *r <= 0.0) {
-        bail!("every rate must be above 0");
-    }
-    let conns = args.rooms * args.members;
-    let limit = crate::idle::raise_fd_limit();
-    if conns as u64 * if args.floor { 2 } else { 1 } + 200 > limit {
-        bail!("{conns} connections need more open files than this process may have ({limit})");
-    }
+    let conns = args.conns()?;
     let urls = peer.sio.urls();
     let mut report = Report::new(
         "fanout",
@@ -467,7 +269,7 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
             "members": args.members,
             "conns": conns,
             "rates": args.rates,
-            "duration_s": args.duration.as_secs_f64(),
+            "duration_s": args.pacing.duration.as_secs_f64(),
             "floor": args.floor,
             "source_addrs": common.source_addrs,
             "redis_url": peer.sio.redis_url(),
@@ -486,10 +288,9 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
     // Receivers: the reader task of each connection counts into the step
     // named by the event (the last slot is the warm-up).
     let warm = args.rates.len();
-    let stats: Arc<Vec<Mutex<StepStats>>> =
-        Arc::new((0..=warm).map(|_| Mutex::default()).collect());
+    let steps = Steps::new(warm + 1);
     let on_event: OnEvent = {
-        let stats = stats.clone();
+        let steps = steps.clone();
         Arc::new(move |event: SioEvent| {
             let Some(step) = event
                 .name
@@ -498,15 +299,11 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
             else {
                 return;
             };
-            let latency = event.latency();
-            if let (Some(s), Some(latency)) = (stats.get(step), latency) {
-                let mut s = s.lock().expect("stats lock");
-                s.delivered += 1;
-                s.latency.record(latency);
+            if let Some(latency) = event.latency() {
+                steps.record(step, latency);
             }
         })
     };
-    let delivered = |step: usize| stats[step].lock().expect("stats lock").delivered;
 
     // Members.
     let sources = common.source_ips();
@@ -530,29 +327,10 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
         .buffer_unordered(args.concurrency.max(1))
         .collect()
         .await;
-    let mut errors = Errors::default();
-    let mut members_of = vec![0u64; args.rooms];
-    let mut clients = Vec::with_capacity(conns);
-    for r in opened {
-        match r {
-            Ok((g, c)) => {
-                members_of[g / args.members] += 1;
-                clients.push(c);
-            }
-            Err((stage, e)) => errors.add_kind(&format!("{stage}: failed"), &e),
-        }
-    }
-    let setup_s = started.elapsed().as_secs_f64();
-    if clients.len() < conns {
-        report.failures.push(format!(
-            "{} of {conns} members could not connect and join: {}",
-            conns - clients.len(),
-            errors.to_json()
-        ));
-    }
+    let members = Members::tally(opened, args.rooms, args.members, started, &mut report);
 
     // Warm-up: one message per room, until every member has it.
-    let expected_warm: u64 = members_of.iter().sum();
+    let expected_warm: u64 = members.members_of.iter().sum();
     let warm_emits = (0..args.rooms).map(|r| {
         let emit = Emit {
             event: format!("s{warm}"),
@@ -563,25 +341,9 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
     for r in futures::future::join_all(warm_emits).await {
         r.context("warm-up emit")?;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while delivered(warm) < expected_warm && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if delivered(warm) < expected_warm {
-        report.failures.push(format!(
-            "warm-up: {} of {expected_warm} deliveries within 10 s",
-            delivered(warm)
-        ));
-    }
-    report.section(
-        "setup",
-        Section::new()
-            .put("members", expected_warm)
-            .put("setup_s", round3(setup_s))
-            .put("warmup_delivered", delivered(warm))
-            .put("errors", errors.total())
-            .put("error_kinds", errors.to_json()),
-    );
+    steps
+        .warm_up(warm, expected_warm, &members, &mut report)
+        .await;
 
     for (step, &rate) in args.rates.iter().enumerate() {
         let meter = peer.meter();
@@ -589,7 +351,7 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
         let emits = (0..args.rooms).map(|r| {
             let emit = Emit {
                 event: format!("s{step}"),
-                ..Emit::new(&format!("fan:room-{r}"), per_room, args.duration)
+                ..Emit::new(&format!("fan:room-{r}"), per_room, args.pacing.duration)
             };
             async move { peer.sio.emit_with(&emit).await }
         });
@@ -613,77 +375,37 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
         }
         let window = window.max(1e-3);
         let sent: u64 = sent_by_room.iter().sum();
-        let expected: u64 = sent_by_room
-            .iter()
-            .zip(&members_of)
-            .map(|(ok, m)| ok * m)
-            .sum();
-        // Drain: until everything arrived, or nothing came for drain_timeout.
-        let mut last = delivered(step);
-        let mut last_change = Instant::now();
-        while last < expected && last_change.elapsed() < args.drain_timeout {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let now = delivered(step);
-            if now != last {
-                last = now;
-                last_change = Instant::now();
-            }
-        }
+        let expected = delivery::expected(&sent_by_room, &members.members_of);
+        steps.drain(step, expected, args.pacing.drain_timeout).await;
         let cpu = meter.stop_with(None);
-        let (got, latency) = {
-            let s = stats[step].lock().expect("stats lock");
-            (s.delivered, s.latency.clone())
-        };
-        let servers_s = cpu.herald_s();
-        let redis_s = cpu.nats_s().unwrap_or(0.0);
-        let per = |s: f64| round3(s * 1e6 / got.max(1) as f64);
-        let server_us = per(servers_s + redis_s);
-        let mut section = Section::new()
-            .put("rate", rate)
-            .put("publishes", sent)
-            .put("publishes_ok", sent)
-            .put("publish_rate", round3(sent as f64 / window))
-            .put("publish_errors", pub_errors.total())
-            .put("publish_error_kinds", pub_errors.to_json())
-            .put("expected", expected)
-            .put("delivered", got)
-            .put("lost", expected.saturating_sub(got))
-            .put("extra", got.saturating_sub(expected))
-            .put("delivered_per_sec", round3(got as f64 / window))
-            .put("latency_ms", latency.summary())
-            .put("herald_cpu_s", round3(servers_s))
-            .put("nats_cpu_s", round3(redis_s))
-            .put("herald_us_per_delivery", per(servers_s))
-            .put("nats_us_per_delivery", per(redis_s))
-            .put("server_us_per_delivery", server_us)
-            .put("bench_cpu_s", round3(cpu.load_s()))
-            .put("publisher_cpu_s", round3(publisher_cpu));
-        if let Some(f) = &floors[step] {
-            section = section
-                .put("floor_us_per_write", round3(f.us_per_write()))
-                .put(
-                    "ratio_to_floor",
-                    json!((f.cpu_s() > 0.0).then(|| round3(server_us / f.us_per_write()))),
-                );
-        }
+        let (delivered, latency) = steps.snapshot(step);
         if pub_errors.total() > 0 {
             report.failures.push(format!(
                 "rate {rate}/s: emitter failed: {}",
                 pub_errors.to_json()
             ));
         }
-        if got < expected {
-            report.notes.push(format!(
-                "rate {rate}/s: {} of {expected} deliveries missing",
-                expected - got
-            ));
-        }
-        report.section(&format!("rate_{}", fmt_rate(rate)), section);
-        report.cpu.push((format!("rate {rate}/s"), cpu));
+        let outcome = StepOutcome {
+            rate,
+            sent,
+            ok: sent,
+            window_s: window,
+            errors: pub_errors,
+            expected,
+            delivered,
+            latency,
+            call: None,
+            cpu,
+        };
+        let section = outcome
+            .section()
+            .put("publisher_cpu_s", round3(publisher_cpu));
+        let section = with_floor(section, &outcome, floors[step].as_ref());
+        outcome.push(&mut report, section);
     }
 
-    futures::stream::iter(clients)
-        .for_each_concurrent(args.concurrency.max(1), |c| async move {
+    futures::stream::iter(members.clients)
+        .for_each_concurrent(args.concurrency.max(1), |(_, c)| async move {
             let _ = c.close().await;
         })
         .await;

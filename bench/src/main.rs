@@ -11,17 +11,21 @@
 //! `--target socketio` runs `idle` and `fanout` against the comparison
 //! peer instead (Socket.IO 4 servers with the Redis adapter, see
 //! `src/socketio.rs` and `peers/socketio/README.md`), reporting the same
-//! keys.
+//! keys; the other scenarios refuse it.
 //!
 //! Scenarios: `churn` (presence churn), `presence-memory` (the presence
 //! view's memory per connection), `idle` (an edge's memory per idle
 //! connection), `floor` (the kernel's cost of a small write, measured with
 //! the same clients), `fanout` (gRPC publish → delivered to many members,
-//! latency and CPU per delivery, optionally as a ratio to the floor). Each
+//! latency and CPU per delivery, optionally as a ratio to the floor),
+//! `chat` (many small rooms whose members publish through their own
+//! connections: delivered/s, loss, latency, CPU per delivery). Each
 //! is a module with a clap `Args` struct and a `run` that returns a
 //! [`report::Report`].
 
+mod chat;
 mod churn;
+mod delivery;
 mod fanout;
 mod floor;
 mod idle;
@@ -92,6 +96,14 @@ enum Scenario {
         #[command(flatten)]
         args: fanout::FanoutArgs,
     },
+    /// Many small rooms whose members publish (client `publish` op) and receive:
+    /// delivered/s, loss, latency, server CPU per delivery.
+    Chat {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: chat::ChatArgs,
+    },
     /// The writer child of `floor` (internal).
     #[command(hide = true)]
     FloorWriter {
@@ -105,6 +117,7 @@ enum Against {
     Churn(churn::ChurnArgs),
     Idle(idle::IdleArgs),
     Fanout(fanout::FanoutArgs),
+    Chat(chat::ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -130,6 +143,7 @@ fn run(cli: Cli) -> Result<bool> {
         Scenario::Churn { common, args } => (common, Against::Churn(args)),
         Scenario::Idle { common, args } => (common, Against::Idle(args)),
         Scenario::Fanout { common, args } => (common, Against::Fanout(args)),
+        Scenario::Chat { common, args } => (common, Against::Chat(args)),
         Scenario::PresenceMemory { args } => return presence_memory::run(&args),
         Scenario::FloorWriter { args } => return floor::writer_main(&args).map(|()| true),
         Scenario::Floor { args } => {
@@ -148,6 +162,7 @@ fn run(cli: Cli) -> Result<bool> {
             Against::Churn(a) => churn::run(a, &common, &target).await,
             Against::Idle(a) => idle::run(a, &common, &target).await,
             Against::Fanout(a) => fanout::run(a, &common, &target).await,
+            Against::Chat(a) => chat::run(a, &common, &target).await,
         }
     })?;
     finish(&mut report, &mut target, &common)
@@ -159,15 +174,20 @@ fn run_socketio(
     args: &Against,
     runtime: tokio::runtime::Runtime,
 ) -> Result<bool> {
-    if matches!(args, Against::Churn(_)) {
-        anyhow::bail!("--target socketio runs `idle` and `fanout` only");
+    match args {
+        Against::Churn(_) => anyhow::bail!("--target socketio runs `idle` and `fanout` only"),
+        Against::Chat(_) => anyhow::bail!(
+            "chat runs against Herald only (--target cluster or --target dev); \
+             --target socketio runs `idle` and `fanout` only"
+        ),
+        Against::Idle(_) | Against::Fanout(_) => {}
     }
     let mut peer = peer::Peer::start(common)?;
     let mut report = runtime.block_on(async {
         match args {
             Against::Idle(a) => idle::run_socketio(a, common, &peer).await,
             Against::Fanout(a) => fanout::run_socketio(a, common, &peer).await,
-            Against::Churn(_) => unreachable!("refused above"),
+            Against::Churn(_) | Against::Chat(_) => unreachable!("refused above"),
         }
     })?;
     report.failures.extend(peer.sio.exited());

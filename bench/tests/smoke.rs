@@ -170,6 +170,29 @@ fn positive(v: &Value, what: &str) -> f64 {
     x
 }
 
+/// Checks step `rate_<rate>` of a `fanout` or `chat` report whose steps
+/// published for 500 ms, each message due at `members` members: every
+/// delivery arrived and was timed. Returns the step.
+fn assert_step_delivered(report: &Value, rate: u64, members: u64) -> &Value {
+    let step = &report["results"][format!("rate_{rate}")];
+    assert_eq!(number(&step["rate"], "rate"), rate as f64, "{step}");
+    let expected = step["expected"].as_u64().expect("expected");
+    assert_eq!(expected, (rate / 2) * members, "{step}");
+    assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
+    assert_eq!(step["lost"], 0, "{step}");
+    assert_eq!(step["extra"], 0, "{step}");
+    positive(&step["delivered_per_sec"], "delivered_per_sec");
+    assert_latency(&step["latency_ms"], "latency_ms", expected);
+    for n in ["server_us_per_delivery", "herald_us_per_delivery"] {
+        assert!(number(&step[n], n) >= 0.0, "{step}");
+    }
+    assert!(
+        report["cpu"][format!("rate {rate}/s")]["herald_s"].is_number(),
+        "{report}"
+    );
+    step
+}
+
 #[test]
 fn idle_reports_rss_per_connection() {
     let report = run_json(&[
@@ -236,29 +259,72 @@ fn fanout_reports_deliveries_latency_and_floor_ratio() {
     assert_eq!(report["params"]["conns"], 6);
     let setup = &report["results"]["setup"];
     assert_eq!(setup["warmup_delivered"], 6, "{setup}");
-    for (key, rate) in [("rate_20", 20.0), ("rate_40", 40.0)] {
-        let step = &report["results"][key];
-        assert_eq!(number(&step["rate"], "rate"), rate, "{step}");
-        let expected = step["expected"].as_u64().expect("expected");
-        // 500 ms at `rate`, each message to 3 members.
-        assert_eq!(expected, (rate as u64 / 2) * 3, "{step}");
-        assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
-        assert_eq!(step["lost"], 0, "{step}");
-        positive(&step["delivered_per_sec"], "delivered_per_sec");
-        assert_latency(&step["latency_ms"], "latency_ms", expected);
-        for n in [
-            "server_us_per_delivery",
-            "herald_us_per_delivery",
-            "floor_us_per_write",
-        ] {
-            assert!(number(&step[n], n) >= 0.0, "{step}");
-        }
+    for rate in [20, 40] {
+        // Each message to the 3 members of its room.
+        let step = assert_step_delivered(&report, rate, 3);
+        assert!(
+            number(&step["floor_us_per_write"], "floor") >= 0.0,
+            "{step}"
+        );
         assert!(step.get("ratio_to_floor").is_some(), "{step}");
-        let floor = &report["results"][format!("floor_{}", rate as u64)];
+        let floor = &report["results"][format!("floor_{rate}")];
         assert_eq!(floor["conns"], 6, "{floor}");
         assert_eq!(floor["missing"], 0, "{floor}");
-        assert!(report["cpu"][format!("rate {rate}/s")]["herald_s"].is_number());
     }
+}
+
+#[test]
+fn chat_counts_every_member_the_sender_included() {
+    let report = run_json(&[
+        "chat",
+        "--target",
+        "dev",
+        "--rooms",
+        "3",
+        "--members",
+        "2",
+        "--rates",
+        "20,40",
+        "--duration",
+        "500ms",
+    ]);
+    assert_eq!(report["params"]["conns"], 6);
+    let setup = &report["results"]["setup"];
+    // One warm-up message per room reaches both members, its sender too.
+    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
+    for rate in [20, 40] {
+        // Each message to both members of its room, its sender included.
+        let step = assert_step_delivered(&report, rate, 2);
+        let publishes = rate / 2;
+        assert_eq!(step["publishes_ok"].as_u64(), Some(publishes), "{step}");
+        assert_eq!(step["publish_errors"], 0, "{step}");
+        assert_latency(&step["publish_call_ms"], "publish_call_ms", publishes);
+        for n in ["server_us_per_publish", "bench_cpu_s"] {
+            assert!(number(&step[n], n) >= 0.0, "{step}");
+        }
+    }
+}
+
+#[test]
+fn chat_refuses_the_socketio_target() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args([
+            "chat",
+            "--target",
+            "socketio",
+            "--rooms",
+            "1",
+            "--members",
+            "1",
+        ])
+        .output()
+        .expect("run herald-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("chat runs against Herald only"),
+        "no clear refusal:\n{stderr}"
+    );
 }
 
 #[path = "../src/socketio.rs"]
@@ -340,22 +406,10 @@ fn fanout_against_socketio_reports_the_same_keys() {
     assert_eq!(report["params"]["edges"], 2);
     let setup = &report["results"]["setup"];
     assert_eq!(setup["warmup_delivered"], 6, "{setup}");
-    for (key, rate) in [("rate_20", 20.0), ("rate_40", 40.0)] {
-        let step = &report["results"][key];
-        assert_eq!(number(&step["rate"], "rate"), rate, "{step}");
-        let expected = step["expected"].as_u64().expect("expected");
-        // 500 ms at `rate` (one emitter per room at rate / 2), each to 3 members.
-        assert_eq!(expected, (rate as u64 / 2) * 3, "{step}");
-        assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
-        assert_eq!(step["lost"], 0, "{step}");
-        positive(&step["delivered_per_sec"], "delivered_per_sec");
-        assert_latency(&step["latency_ms"], "latency_ms", expected);
-        for n in [
-            "server_us_per_delivery",
-            "herald_us_per_delivery",
-            "nats_us_per_delivery",
-            "publisher_cpu_s",
-        ] {
+    for rate in [20, 40] {
+        // One emitter per room at rate / 2, each message to 3 members.
+        let step = assert_step_delivered(&report, rate, 3);
+        for n in ["nats_us_per_delivery", "publisher_cpu_s"] {
             assert!(number(&step[n], n) >= 0.0, "{step}");
         }
         let cpu = &report["cpu"][format!("rate {rate}/s")];

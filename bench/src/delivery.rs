@@ -1,0 +1,456 @@
+//! Measuring published messages as they reach the members of their rooms,
+//! shared by `fanout` and `chat` so that both open members, pace publishes,
+//! count deliveries and report a step with the same keys, the same way.
+//!
+//! Every payload carries `{"s":<step>,"t":<ns since the epoch when it was
+//! sent>,...}`: the receiver counts the delivery in its step and takes its
+//! clock when the frame is parsed, so a delivery that arrives after its step
+//! ended still counts where it belongs.
+
+use std::borrow::Borrow;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use futures::StreamExt as _;
+use herald_client::Client;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::load::Dialer;
+use crate::report::{CpuMeter, CpuPhase, Errors, Latency, Report, Section, round3};
+use crate::target::Target;
+
+/// How long the warm-up's deliveries may take.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How each step publishes and ends.
+#[derive(Args, Debug, Clone)]
+pub struct Pacing {
+    /// How long each step publishes, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Publish calls in flight at most; the rate drops when they are all busy.
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// After a step, how long to wait for the last deliveries once they stop
+    /// coming.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Deliveries of one step.
+#[derive(Default)]
+struct StepStats {
+    delivered: u64,
+    latency: Latency,
+}
+
+/// Deliveries and their latency, per step; clones share the counts.
+#[derive(Clone)]
+pub struct Steps(Arc<Vec<Mutex<StepStats>>>);
+
+impl Steps {
+    pub fn new(steps: usize) -> Steps {
+        Steps(Arc::new((0..steps).map(|_| Mutex::default()).collect()))
+    }
+
+    /// Counts one delivery of `step`; a step out of range is not ours.
+    pub fn record(&self, step: usize, latency: Duration) {
+        if let Some(s) = self.0.get(step) {
+            let mut s = s.lock().expect("stats lock");
+            s.delivered += 1;
+            s.latency.record(latency);
+        }
+    }
+
+    pub fn delivered(&self, step: usize) -> u64 {
+        self.0[step].lock().expect("stats lock").delivered
+    }
+
+    /// The deliveries of `step` so far, and their latency.
+    pub fn snapshot(&self, step: usize) -> (u64, Latency) {
+        let s = self.0[step].lock().expect("stats lock");
+        (s.delivered, s.latency.clone())
+    }
+
+    /// Waits until `step` has `expected` deliveries, or none came for
+    /// `quiet`: the tail is waited for as long as it is still arriving.
+    pub async fn drain(&self, step: usize, expected: u64, quiet: Duration) {
+        let mut last = self.delivered(step);
+        let mut last_change = Instant::now();
+        while last < expected && last_change.elapsed() < quiet {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.delivered(step);
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            }
+        }
+    }
+
+    /// Waits up to 10 s for the warm-up's `expected` deliveries (counted in
+    /// step `warm`), then reports the setup; missing ones fail the run.
+    pub async fn warm_up<C>(
+        &self,
+        warm: usize,
+        expected: u64,
+        members: &Members<C>,
+        report: &mut Report,
+    ) {
+        let deadline = Instant::now() + WARM_UP_TIMEOUT;
+        while self.delivered(warm) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let got = self.delivered(warm);
+        if got < expected {
+            report.failures.push(format!(
+                "warm-up: {got} of {expected} deliveries within {} s",
+                WARM_UP_TIMEOUT.as_secs()
+            ));
+        }
+        report.section(
+            "setup",
+            Section::new()
+                .put("members", members.members_of.iter().sum::<u64>())
+                .put("setup_s", round3(members.setup_s))
+                .put("warmup_delivered", got)
+                .put("errors", members.errors.total())
+                .put("error_kinds", members.errors.to_json()),
+        );
+    }
+}
+
+/// Reads one member's frames until `stop`; counts each `message` in the
+/// step its payload names. Returns the client for a clean close. `C` is a
+/// `Client`, or an `Arc<Client>` when the member also publishes.
+pub async fn receive<C: Borrow<Client>>(client: C, steps: Steps, stop: Arc<AtomicBool>) -> C {
+    loop {
+        match client.borrow().next_frame(Duration::from_millis(200)).await {
+            Ok(Some(frame)) if frame["op"] == "message" => {
+                let now = now_ns();
+                let data = &frame["data"];
+                let (Some(step), Some(t)) = (data["s"].as_u64(), data["t"].as_u64()) else {
+                    continue;
+                };
+                steps.record(step as usize, Duration::from_nanos(now.saturating_sub(t)));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) if stop.load(Ordering::Relaxed) => return client,
+            Ok(None) => {}
+            Err(_) => return client,
+        }
+    }
+}
+
+/// Member `g` connected and joined, or the stage that failed and why.
+pub type Opened<C> = Result<(usize, C), (&'static str, String)>;
+
+/// The members of `rooms` rooms of `per_room` members each, connected.
+pub struct Members<C> {
+    /// `(g, client)`: member `g % per_room` of room `g / per_room`.
+    pub clients: Vec<(usize, C)>,
+    /// Members connected, per room: what each message to it should reach.
+    pub members_of: Vec<u64>,
+    pub errors: Errors,
+    pub setup_s: f64,
+}
+
+impl<C> Members<C> {
+    /// Tallies what opening the members gave; a member that could not
+    /// connect fails the run (the others are still measured).
+    pub fn tally(
+        opened: Vec<Opened<C>>,
+        rooms: usize,
+        per_room: usize,
+        started: Instant,
+        report: &mut Report,
+    ) -> Members<C> {
+        let conns = rooms * per_room;
+        let mut errors = Errors::default();
+        let mut members_of = vec![0u64; rooms];
+        let mut clients = Vec::with_capacity(conns);
+        for r in opened {
+            match r {
+                Ok((g, c)) => {
+                    members_of[g / per_room] += 1;
+                    clients.push((g, c));
+                }
+                Err((stage, e)) => errors.add_kind(&format!("{stage}: failed"), &e),
+            }
+        }
+        if clients.len() < conns {
+            report.failures.push(format!(
+                "{} of {conns} members could not connect and join: {}",
+                conns - clients.len(),
+                errors.to_json()
+            ));
+        }
+        Members {
+            clients,
+            members_of,
+            errors,
+            setup_s: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Connects the members to Herald: member `g` is user `<user>-<g>` on edge
+/// `g % edges` (so a room spans as many edges as it has members, up to all
+/// of them), joined to `<room_prefix>-<g / per_room>`; `concurrency` at a
+/// time.
+pub async fn open_members(
+    target: &Target,
+    dialer: &Dialer,
+    (user, room_prefix): (&str, &str),
+    (rooms, per_room): (usize, usize),
+    concurrency: usize,
+    report: &mut Report,
+) -> Members<Client> {
+    let edges = dialer.edges();
+    let started = Instant::now();
+    let opened: Vec<_> = futures::stream::iter(0..rooms * per_room)
+        .map(|g| {
+            let token = target.token(&format!("{user}-{g}"));
+            let room = format!("{room_prefix}-{}", g / per_room);
+            async move {
+                let (client, _) = dialer
+                    .connect(g % edges, &token)
+                    .await
+                    .map_err(|e| ("connect", e.to_string()))?;
+                match client.request(json!({"op": "join", "room": room})).await {
+                    Ok(r) if r["op"] == "ok" => Ok((g, client)),
+                    Ok(r) => Err(("join", r.to_string())),
+                    Err(e) => Err(("join", e.to_string())),
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    Members::tally(opened, rooms, per_room, started, report)
+}
+
+/// The publishes of one step.
+pub struct Published {
+    pub sent: u64,
+    pub ok_by_room: Vec<u64>,
+    pub errors: Errors,
+    pub call: Latency,
+    /// From the first call to the end of the last.
+    pub window_s: f64,
+}
+
+impl Published {
+    /// Successful publishes × the members of their rooms.
+    pub fn expected(&self, members_of: &[u64]) -> u64 {
+        expected(&self.ok_by_room, members_of)
+    }
+}
+
+/// Deliveries due for `sent_by_room` messages: each reaches every member of
+/// its room.
+pub fn expected(sent_by_room: &[u64], members_of: &[u64]) -> u64 {
+    sent_by_room
+        .iter()
+        .zip(members_of)
+        .map(|(n, m)| n * m)
+        .sum()
+}
+
+/// Makes `rate × duration` publishes at `rate` a second: `publish(i)` gives
+/// the room of publish `i` and the call, which runs as a task of its own,
+/// at most `max_in_flight` at once (the rate drops when all are busy). The
+/// call's errors come back as an [`Errors`] of their own.
+pub async fn paced<F, Fut>(rate: f64, pacing: &Pacing, rooms: usize, mut publish: F) -> Published
+where
+    F: FnMut(u64) -> (usize, Fut),
+    Fut: Future<Output = Result<(), Errors>> + Send + 'static,
+{
+    let total = ((rate * pacing.duration.as_secs_f64()).round() as u64).max(1);
+    let permits = Arc::new(Semaphore::new(pacing.max_in_flight.max(1)));
+    let start = tokio::time::Instant::now();
+    let mut calls = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let (room, call) = publish(i);
+        calls.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let res = call.await;
+            drop(permit);
+            (room, res, t0.elapsed())
+        }));
+    }
+    let mut out = Published {
+        sent: total,
+        ok_by_room: vec![0; rooms],
+        errors: Errors::default(),
+        call: Latency::default(),
+        window_s: 0.0,
+    };
+    for c in calls {
+        match c.await {
+            Ok((room, Ok(()), d)) => {
+                out.ok_by_room[room] += 1;
+                out.call.record(d);
+            }
+            Ok((_, Err(e), _)) => out.errors.merge(&e),
+            Err(e) => out.errors.add_kind("task", &e.to_string()),
+        }
+    }
+    out.window_s = start.elapsed().as_secs_f64();
+    out
+}
+
+/// One step's results.
+pub struct StepOutcome {
+    pub rate: f64,
+    pub sent: u64,
+    pub ok: u64,
+    pub window_s: f64,
+    pub errors: Errors,
+    pub expected: u64,
+    pub delivered: u64,
+    pub latency: Latency,
+    /// The publish call's latency, when the bench makes the call itself.
+    pub call: Option<Latency>,
+    /// Over the step: publishing plus the drain.
+    pub cpu: CpuPhase,
+}
+
+impl StepOutcome {
+    /// Runs step `step` of a Herald target: `publishing`, then the drain of
+    /// its deliveries to `members_of`, with the CPU of both.
+    pub async fn measure(
+        target: &Target,
+        steps: &Steps,
+        (step, rate): (usize, f64),
+        members_of: &[u64],
+        drain_timeout: Duration,
+        publishing: impl Future<Output = Published>,
+    ) -> StepOutcome {
+        let meter = CpuMeter::start(target);
+        let pubs = publishing.await;
+        let expected = pubs.expected(members_of);
+        steps.drain(step, expected, drain_timeout).await;
+        let cpu = meter.stop(target);
+        let (delivered, latency) = steps.snapshot(step);
+        StepOutcome {
+            rate,
+            sent: pubs.sent,
+            ok: pubs.ok_by_room.iter().sum(),
+            window_s: pubs.window_s,
+            errors: pubs.errors,
+            expected,
+            delivered,
+            latency,
+            call: Some(pubs.call),
+            cpu,
+        }
+    }
+
+    /// CPU µs per delivered message of `cpu_s` seconds.
+    fn per_delivery(&self, cpu_s: f64) -> f64 {
+        round3(cpu_s * 1e6 / self.delivered.max(1) as f64)
+    }
+
+    /// CPU seconds of the servers and the broker.
+    pub fn server_s(&self) -> f64 {
+        self.cpu.herald_s() + self.cpu.nats_s().unwrap_or(0.0)
+    }
+
+    pub fn server_us_per_delivery(&self) -> f64 {
+        self.per_delivery(self.server_s())
+    }
+
+    /// The `rate_<r>` section.
+    pub fn section(&self) -> Section {
+        let herald_s = self.cpu.herald_s();
+        let nats_s = self.cpu.nats_s().unwrap_or(0.0);
+        let mut section = Section::new()
+            .put("rate", self.rate)
+            .put("publishes", self.sent)
+            .put("publishes_ok", self.ok)
+            .put("publish_rate", round3(self.sent as f64 / self.window_s))
+            .put("publish_errors", self.errors.total())
+            .put("publish_error_kinds", self.errors.to_json())
+            .put("expected", self.expected)
+            .put("delivered", self.delivered)
+            .put("lost", self.expected.saturating_sub(self.delivered))
+            .put("extra", self.delivered.saturating_sub(self.expected))
+            .put(
+                "delivered_per_sec",
+                round3(self.delivered as f64 / self.window_s),
+            )
+            .put("latency_ms", self.latency.summary());
+        if let Some(call) = &self.call {
+            section = section.put("publish_call_ms", call.summary());
+        }
+        section
+            .put("herald_cpu_s", round3(herald_s))
+            .put("nats_cpu_s", round3(nats_s))
+            .put("herald_us_per_delivery", self.per_delivery(herald_s))
+            .put("nats_us_per_delivery", self.per_delivery(nats_s))
+            .put("server_us_per_delivery", self.server_us_per_delivery())
+            .put("bench_cpu_s", round3(self.cpu.load_s()))
+    }
+
+    /// Adds `section` (this step's, maybe with more keys) and the CPU to the
+    /// report, with a note if deliveries are missing.
+    pub fn push(self, report: &mut Report, section: Section) {
+        let (rate, expected, delivered) = (self.rate, self.expected, self.delivered);
+        if delivered < expected {
+            report.notes.push(format!(
+                "rate {rate}/s: {} of {expected} deliveries missing",
+                expected - delivered
+            ));
+        }
+        report.section(&format!("rate_{}", fmt_rate(rate)), section);
+        report.cpu.push((format!("rate {rate}/s"), self.cpu));
+    }
+}
+
+pub fn fmt_rate(rate: f64) -> String {
+    if rate.fract() == 0.0 {
+        format!("{rate:.0}")
+    } else {
+        rate.to_string().replace('.', "_")
+    }
+}
+
+/// Refuses rooms, members or rates that cannot run, and connections the
+/// bench cannot hold (`sockets_per_member` open files each); returns the
+/// number of members.
+pub fn check_shape(
+    rooms: usize,
+    members: usize,
+    rates: &[f64],
+    sockets_per_member: u64,
+) -> Result<usize> {
+    if rooms == 0 || members == 0 || rates.is_empty() {
+        bail!("--rooms, --members and --rates must not be empty");
+    }
+    if rates.iter().any(|r| r.is_nan() || *r <= 0.0) {
+        bail!("every rate must be above 0");
+    }
+    let conns = rooms * members;
+    let limit = crate::idle::raise_fd_limit();
+    if conns as u64 * sockets_per_member + 200 > limit {
+        bail!("{conns} connections need more open files than this process may have ({limit})");
+    }
+    Ok(conns)
+}
