@@ -79,7 +79,7 @@ async fn dispatch(
             control: control.clone(),
             done,
         };
-        if t.control().push(cmd) {
+        if t.push_control(cmd) {
             pending.push(rx);
         }
     }

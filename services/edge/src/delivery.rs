@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -23,7 +24,6 @@ use herald_wire::CloseCode;
 use herald_wire::frames::disconnect_frame;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// The most bytes gathered into one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -42,37 +42,10 @@ pub enum Out {
     Close { code: CloseCode, reason: String },
 }
 
-/// Why a connection is being closed from outside its own session: slow
-/// consumer, server shutdown, an API call. Whoever closes first wins.
-pub struct Closer {
-    token: CancellationToken,
-    why: OnceLock<(CloseCode, String)>,
-}
-
-impl Closer {
-    fn new() -> Closer {
-        Closer {
-            token: CancellationToken::new(),
-            why: OnceLock::new(),
-        }
-    }
-
-    pub fn close(&self, code: CloseCode, reason: impl Into<String>) {
-        let _ = self.why.set((code, reason.into()));
-        self.token.cancel();
-    }
-
-    pub async fn closed(&self) {
-        self.token.cancelled().await
-    }
-
-    pub fn reason(&self) -> Option<&(CloseCode, String)> {
-        self.why.get()
-    }
-}
-
 /// A cheap handle on one connection: its frame queue and socket, its
-/// control queue (server-side join, leave, disconnect) and its closer.
+/// control actions (server-side join, leave, disconnect) and why it is being
+/// closed from outside its session (slow consumer, server shutdown, an API
+/// call; whoever closes first wins).
 #[derive(Clone)]
 pub struct Outbox {
     /// Unique within this edge; the wire connection id adds the node id.
@@ -81,14 +54,20 @@ pub struct Outbox {
 }
 
 /// Everything of one connection that other tasks reach, in one allocation.
+/// An idle session waits on `attention` alone (besides its socket), because
+/// every future it waits on is part of its task's memory.
 struct Conn {
     stream: TcpStream,
     capacity: usize,
     queue: Mutex<Queue>,
-    control: ControlInbox,
-    closer: Closer,
-    /// Tells the session task that a write stalled.
-    stalled: Notify,
+    /// Rare, so a queue that allocates only when used (a channel's first
+    /// block would cost every idle connection kilobytes).
+    control: Mutex<VecDeque<ControlCmd>>,
+    why: OnceLock<(CloseCode, String)>,
+    /// When the connection's token expires, in seconds since the Unix epoch.
+    expires: AtomicU64,
+    /// Wakes the session: a close, a control action, a stalled write.
+    attention: Notify,
 }
 
 #[derive(Default)]
@@ -169,9 +148,10 @@ impl Outbox {
                 stream,
                 capacity,
                 queue: Mutex::default(),
-                control: ControlInbox::default(),
-                closer: Closer::new(),
-                stalled: Notify::new(),
+                control: Mutex::default(),
+                why: OnceLock::new(),
+                expires: AtomicU64::new(u64::MAX),
+                attention: Notify::new(),
             }),
         }
     }
@@ -180,12 +160,68 @@ impl Outbox {
         &self.conn.stream
     }
 
-    pub fn control(&self) -> &ControlInbox {
-        &self.conn.control
+    pub fn set_expiry(&self, exp: u64) {
+        self.conn.expires.store(exp, Ordering::Relaxed);
     }
 
-    pub fn closer(&self) -> &Closer {
-        &self.conn.closer
+    /// Whether the token expired by `now` (seconds since the Unix epoch).
+    pub fn expired(&self, now: u64) -> bool {
+        self.conn.expires.load(Ordering::Relaxed) <= now
+    }
+
+    /// Closes the connection from outside its session; the first reason wins.
+    pub fn close(&self, code: CloseCode, reason: impl Into<String>) {
+        let _ = self.conn.why.set((code, reason.into()));
+        self.conn.attention.notify_waiters();
+    }
+
+    pub fn close_reason(&self) -> Option<&(CloseCode, String)> {
+        self.conn.why.get()
+    }
+
+    /// Resolves once [`Outbox::close`] was called.
+    pub async fn closed(&self) {
+        loop {
+            let attention = self.attention();
+            tokio::pin!(attention);
+            attention.as_mut().enable();
+            if self.close_reason().is_some() {
+                return;
+            }
+            attention.await;
+        }
+    }
+
+    /// Notified on a close, a control action or a stalled write. Enable it
+    /// before looking at the state, so no wake-up falls in between.
+    pub fn attention(&self) -> tokio::sync::futures::Notified<'_> {
+        self.conn.attention.notified()
+    }
+
+    /// Queues a control action; `false` when the session already has too many waiting.
+    pub fn push_control(&self, cmd: ControlCmd) -> bool {
+        let mut queue = self.conn.control.lock().expect("control queue");
+        if queue.len() >= CONTROL_QUEUE {
+            return false;
+        }
+        queue.push_back(cmd);
+        drop(queue);
+        self.conn.attention.notify_waiters();
+        true
+    }
+
+    pub fn pop_control(&self) -> Option<ControlCmd> {
+        let mut queue = self.conn.control.lock().expect("control queue");
+        let cmd = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 0 {
+            *queue = VecDeque::new();
+        }
+        cmd
+    }
+
+    /// The socket took less than offered: wait for it to be writable, then [`Outbox::resume`].
+    pub fn is_stalled(&self) -> bool {
+        self.lock().stalled
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -206,7 +242,7 @@ impl Outbox {
         }
         if q.frames.len() >= self.conn.capacity {
             drop(q);
-            self.conn.closer.close(
+            self.close(
                 CloseCode::SlowConsumer,
                 "too many messages queued for this connection; it reads too slowly",
             );
@@ -246,23 +282,10 @@ impl Outbox {
                 }
             }
             tokio::select! {
-                _ = self.writable_again() => self.resume(),
-                _ = self.conn.closer.closed() => return false,
+                _ = self.conn.stream.writable() => self.resume(),
+                _ = self.closed() => return false,
             }
         }
-    }
-
-    /// Waits until a stalled write can go on (then call [`Outbox::resume`]).
-    /// Cancel-safe: it only watches.
-    pub async fn writable_again(&self) {
-        loop {
-            let stalled = self.conn.stalled.notified();
-            if self.lock().stalled {
-                break;
-            }
-            stalled.await;
-        }
-        let _ = self.conn.stream.writable().await;
     }
 
     /// Goes on with a stalled write.
@@ -314,7 +337,7 @@ impl Outbox {
 
     fn stall(&self, q: &mut Queue) {
         q.stalled = true;
-        self.conn.stalled.notify_one();
+        self.conn.attention.notify_waiters();
     }
 
     /// Ends the connection's output once its session is over: the close the
@@ -324,7 +347,7 @@ impl Outbox {
     pub async fn finish(&self, flush: Duration) {
         {
             let mut q = self.lock();
-            if let Some((code, reason)) = self.conn.closer.reason().cloned()
+            if let Some((code, reason)) = self.close_reason().cloned()
                 && !q.closing
             {
                 q.frames = VecDeque::new();
@@ -343,7 +366,7 @@ impl Outbox {
                         return;
                     }
                 }
-                self.writable_again().await;
+                let _ = self.conn.stream.writable().await;
                 self.resume();
             }
         };
@@ -373,40 +396,6 @@ pub struct ControlCmd {
 /// Control actions that may wait for one session; more are refused (the
 /// router's call then reports the connection as not confirmed).
 const CONTROL_QUEUE: usize = 16;
-
-/// Control actions waiting for a session. They are rare, so this is a queue
-/// that allocates only when used rather than a channel, whose first block
-/// would cost every idle connection about 3 KiB.
-#[derive(Default)]
-pub struct ControlInbox {
-    queue: std::sync::Mutex<std::collections::VecDeque<ControlCmd>>,
-    notify: tokio::sync::Notify,
-}
-
-impl ControlInbox {
-    /// Queues an action; `false` when the session already has too many waiting.
-    pub fn push(&self, cmd: ControlCmd) -> bool {
-        let mut queue = self.queue.lock().expect("control queue");
-        if queue.len() >= CONTROL_QUEUE {
-            return false;
-        }
-        queue.push_back(cmd);
-        drop(queue);
-        self.notify.notify_one();
-        true
-    }
-
-    /// The next action. Cancel-safe: nothing is taken until it is returned.
-    pub async fn recv(&self) -> ControlCmd {
-        loop {
-            if let Some(cmd) = self.queue.lock().expect("control queue").pop_front() {
-                return cmd;
-            }
-            // A push between the check and this wait left a permit: no wake-up is lost.
-            self.notify.notified().await;
-        }
-    }
-}
 
 /// Appends one unmasked server frame to `buf`.
 pub fn encode_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
@@ -512,7 +501,7 @@ mod tests {
             sent += 1;
             assert!(sent < 10_000, "the queue never filled");
         }
-        assert_eq!(ob.closer().reason().unwrap().0, CloseCode::SlowConsumer);
+        assert_eq!(ob.close_reason().unwrap().0, CloseCode::SlowConsumer);
         let reading = tokio::spawn(async move {
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();

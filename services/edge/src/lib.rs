@@ -215,6 +215,7 @@ pub async fn run(
             }
         });
     }
+    tokio::spawn(expire_tokens(edge.clone()));
     let app = Router::new()
         .route("/ws", get(ws_handler))
         .with_state(edge.clone())
@@ -234,6 +235,21 @@ pub async fn run(
     health.set_draining();
     http_stop.cancel();
     edge.sessions.close();
+    // Sessions do not each watch the shutdown token (an idle connection's
+    // task holds only what it waits on): they are closed from here.
+    let open: Vec<delivery::Outbox> = edge
+        .sessions_by_id
+        .read()
+        .expect("sessions")
+        .values()
+        .cloned()
+        .collect();
+    for outbox in open {
+        outbox.close(
+            herald_wire::CloseCode::ServiceRestart,
+            session::SHUTTING_DOWN,
+        );
+    }
     tracing::info!(
         "edge {} draining: asking {} connections to reconnect elsewhere",
         edge.config.node_id,
@@ -250,6 +266,32 @@ pub async fn run(
     let _ = server.await;
     tracing::info!("edge {} stopped", edge.config.node_id);
     Ok(())
+}
+
+/// Closes connections whose token expired, once a second (token expiry is
+/// in whole seconds). One sweep for the edge rather than a timer in every
+/// session's task: an idle connection's task holds only what it waits on.
+async fn expire_tokens(edge: Arc<Edge>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = edge.shutdown.cancelled() => return,
+        }
+        let now = herald_auth::now_secs();
+        let expired: Vec<delivery::Outbox> = edge
+            .sessions_by_id
+            .read()
+            .expect("sessions")
+            .values()
+            .filter(|o| o.expired(now) && o.close_reason().is_none())
+            .cloned()
+            .collect();
+        for outbox in expired {
+            session::expire(&outbox);
+        }
+    }
 }
 
 fn register_metrics(metrics: &Metrics, m: &EdgeMetrics) {
@@ -338,21 +380,13 @@ async fn ws_handler(
         );
     }
     let tracker = edge.sessions.clone();
-    tracker.spawn(async move {
-        let upgraded = match upgraded.await {
-            Ok(ws) => ws.into_inner().into_inner(),
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "WebSocket upgrade did not complete");
-                return;
-            }
-        };
-        match transport::into_tcp(upgraded) {
-            Ok((stream, already_read)) => {
-                session::serve(edge, stream, already_read, params.token, peer).await
-            }
-            Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream; closed"),
-        }
-    });
+    let fut = session::serve(Box::new(session::Start {
+        edge,
+        upgrade: upgraded,
+        url_token: params.token,
+        peer,
+    }));
+    tracker.spawn(fut);
     response.into_response()
 }
 

@@ -12,58 +12,85 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fastwebsockets::upgrade::UpgradeFut;
 use herald_auth::{AuthError, Claims, Denied, NamespacePolicy};
 use herald_broker::rooms;
 use herald_wire::frames::{self, ClientFrame, FrameError, PresenceEvent, Request, Since};
 use herald_wire::presence::{Change, Control};
 use herald_wire::{CloseCode, ErrorCode, RoomName, subjects};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
+use tokio::io::Interest;
 use tokio::time::Instant;
 
 use crate::Edge;
 use crate::delivery::{Out, Outbox};
 use crate::durable::{self, RoomEntry};
 use crate::interest;
-use crate::transport::{Incoming, Reader};
+use crate::transport::{self, Incoming, Reader};
 
-/// How long cleanup waits for the writer to flush the last frames.
+/// The close reason of every connection when the edge shuts down.
+pub(crate) const SHUTTING_DOWN: &str = "server shutting down; reconnect to another edge";
+
+/// How long cleanup waits for the socket to take the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
 
-pub(crate) async fn serve(
-    edge: Arc<Edge>,
-    stream: TcpStream,
-    already_read: Bytes,
-    url_token: Option<String>,
-    peer: SocketAddr,
-) {
+/// What a new connection starts from, boxed so that the task of an idle
+/// connection does not keep room for it.
+pub(crate) struct Start {
+    pub edge: Arc<Edge>,
+    pub upgrade: UpgradeFut,
+    pub url_token: Option<String>,
+    pub peer: SocketAddr,
+}
+
+/// A connection's task. Connecting (upgrade, authentication, the session's
+/// opening) runs in a boxed future freed once done: an idle connection's
+/// task holds only the session, its reader and what `run` waits on.
+pub(crate) async fn serve(start: Box<Start>) {
+    let Some((outbox, mut reader, session)) = Box::pin(connect(*start)).await else {
+        return;
+    };
+    if let Some(mut session) = session {
+        session.run(&mut reader).await;
+        Box::pin(session.close()).await;
+    }
+    drop(reader);
+    Box::pin(outbox.finish(WRITER_FLUSH)).await;
+}
+
+async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Session>)> {
+    let Start {
+        edge,
+        upgrade,
+        url_token,
+        peer,
+    } = start;
+    let upgraded = match upgrade.await {
+        Ok(ws) => ws.into_inner().into_inner(),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "WebSocket upgrade did not complete");
+            return None;
+        }
+    };
+    let Ok((stream, already_read)) = transport::into_tcp(upgraded) else {
+        tracing::error!(%peer, "upgraded connection is not a TCP stream; closed");
+        return None;
+    };
     let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
     let outbox = Outbox::new(id, stream, edge.config.outbound_queue);
     let mut reader = Reader::new(edge.config.max_message_bytes, &already_read, &outbox);
     drop(already_read);
-    // Boxed: the work of connecting is done once, and an idle connection's
-    // task should not keep room for it.
-    let authenticated = Box::pin(authenticate(&edge, &outbox, &mut reader, url_token)).await;
-    let session = match authenticated {
+    let session = match authenticate(&edge, &outbox, &mut reader, url_token).await {
         Some((claims, connect_id)) => {
             let conn = format!("{}-{id}", edge.config.node_id);
-            Box::pin(Session::open(
-                edge.clone(),
-                outbox.clone(),
-                conn,
-                claims,
-                connect_id,
-            ))
-            .await
+            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
         }
         None => None,
     };
-    if let Some(mut session) = session {
+    if let Some(session) = &session {
         tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
-        session.run(&mut reader).await;
-        Box::pin(session.close()).await;
     }
-    outbox.finish(WRITER_FLUSH).await;
+    Some((outbox, reader, session))
 }
 
 fn reject(outbox: &Outbox, err: &FrameError) {
@@ -119,7 +146,7 @@ async fn authenticate(
                 return None;
             }
             _ = edge.shutdown.cancelled() => {
-                outbox.closer().close(CloseCode::ServiceRestart, "server shutting down; reconnect to another edge");
+                outbox.close(CloseCode::ServiceRestart, SHUTTING_DOWN);
                 return None;
             }
         };
@@ -184,7 +211,6 @@ struct Session {
     claims: Claims,
     user_room: RoomName,
     rooms: HashMap<RoomName, Joined>,
-    expires_at: Instant,
     /// Created on the first presence update, so idle connections carry none.
     meta_limiter: Option<Box<MetaLimiter>>,
     /// A recovering join's live messages, released once its `ok` is queued.
@@ -196,9 +222,12 @@ fn history_epoch(entry: &RoomEntry) -> Option<String> {
     durable::epoch(entry)
 }
 
-fn expiry_instant(exp: u64) -> Instant {
-    let now = herald_auth::now_secs();
-    Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+/// Closes a connection whose token expired: `token_expired`, then 4001.
+/// Expiry is checked by the edge's once-a-second sweep (see `run` in
+/// lib.rs) rather than a timer in every session's task.
+pub(crate) fn expire(outbox: &Outbox) {
+    reject(outbox, &auth_error(None, &AuthError::Expired));
+    outbox.close(CloseCode::Unauthorized, "token expired");
 }
 
 impl Session {
@@ -248,8 +277,13 @@ impl Session {
             .write()
             .expect("sessions")
             .insert(outbox.id, outbox.clone());
+        // Shutdown closes the sessions it finds registered; one registered
+        // just after that sweep sees the shutdown here.
+        if edge.shutdown.is_cancelled() {
+            outbox.close(CloseCode::ServiceRestart, SHUTTING_DOWN);
+        }
+        outbox.set_expiry(claims.exp);
         let session = Session {
-            expires_at: expiry_instant(claims.exp),
             edge,
             outbox,
             conn,
@@ -343,38 +377,48 @@ impl Session {
         (Value::Object(unread), inbox_marker)
     }
 
-    /// Serves requests until the connection ends.
+    /// Serves requests until the connection ends. While idle it waits on its
+    /// socket and its attention signal, nothing else: whatever it waits on is
+    /// memory held by every idle connection's task. Token expiry and server
+    /// shutdown close sessions from outside (see `run` in lib.rs).
     async fn run(&mut self, reader: &mut Reader) {
+        let outbox = self.outbox.clone();
         loop {
-            let incoming = tokio::select! {
-                i = reader.next(self.outbox.stream(), &self.outbox) => i,
-                _ = self.outbox.writable_again() => {
-                    self.outbox.resume();
-                    continue;
-                }
-                cmd = self.outbox.control().recv() => {
-                    let stop = Box::pin(self.act(cmd.control)).await;
-                    let _ = cmd.done.send(());
-                    if stop {
+            let incoming = match reader.take_ready() {
+                Some(incoming) => incoming,
+                None => {
+                    let attention = outbox.attention();
+                    tokio::pin!(attention);
+                    attention.as_mut().enable();
+                    if self.outbox.close_reason().is_some() {
                         return;
                     }
-                    continue;
-                }
-                _ = self.outbox.closer().closed() => return,
-                _ = self.edge.shutdown.cancelled() => {
-                    self.outbox.closer().close(
-                        CloseCode::ServiceRestart,
-                        "server shutting down; reconnect to another edge",
-                    );
-                    return;
-                }
-                _ = tokio::time::sleep_until(self.expires_at) => {
-                    reject(&self.outbox, &auth_error(None, &AuthError::Expired));
-                    self.outbox.push(Out::Close {
-                        code: CloseCode::Unauthorized,
-                        reason: "token expired".into(),
-                    });
-                    return;
+                    if let Some(cmd) = self.outbox.pop_control() {
+                        let stop = Box::pin(self.act(cmd.control)).await;
+                        let _ = cmd.done.send(());
+                        if stop {
+                            return;
+                        }
+                        continue;
+                    }
+                    let interest = if self.outbox.is_stalled() {
+                        Interest::READABLE | Interest::WRITABLE
+                    } else {
+                        Interest::READABLE
+                    };
+                    tokio::select! {
+                        ready = self.outbox.stream().ready(interest) => {
+                            let Ok(ready) = ready else { return };
+                            if ready.is_writable() {
+                                self.outbox.resume();
+                            }
+                            if ready.is_readable() || ready.is_read_closed() || ready.is_error() {
+                                reader.read_once(self.outbox.stream(), &self.outbox);
+                            }
+                            continue;
+                        }
+                        _ = attention => continue,
+                    }
                 }
             };
             self.edge.metrics.frames_in.inc();
@@ -436,7 +480,7 @@ impl Session {
             }
             Control::Disconnect { code, reason, .. } => {
                 let code = CloseCode::from_code(code).unwrap_or(CloseCode::Normal);
-                self.outbox.closer().close(code, reason);
+                self.outbox.close(code, reason);
                 return true;
             }
         }
@@ -596,7 +640,7 @@ impl Session {
             }
             Request::Refresh { token } => match self.edge.config.verifier.verify(&token) {
                 Ok(claims) if claims.sub == self.claims.sub => {
-                    self.expires_at = expiry_instant(claims.exp);
+                    self.outbox.set_expiry(claims.exp);
                     let expires_at = claims.exp;
                     self.claims = claims;
                     Ok(frames::ok_frame(id, json!({"expires_at": expires_at})))

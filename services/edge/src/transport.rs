@@ -145,15 +145,21 @@ impl Reader {
         reader
     }
 
+    /// A frame decoded earlier and not yet handed out.
+    pub fn take_ready(&mut self) -> Option<Incoming> {
+        let incoming = self.ready.pop_front();
+        if self.ready.is_empty() && self.ready.capacity() > 0 {
+            self.ready = VecDeque::new();
+        }
+        incoming
+    }
+
     /// The next frame of interest. Pings are answered and pongs dropped on
     /// the way; a close is answered before `Closed` is returned. Cancel-safe:
     /// the only wait is for readability, and every byte read is kept in `self`.
     pub async fn next(&mut self, stream: &TcpStream, outbox: &Outbox) -> Incoming {
         loop {
-            if let Some(incoming) = self.ready.pop_front() {
-                if self.ready.is_empty() && self.ready.capacity() > 0 {
-                    self.ready = VecDeque::new();
-                }
+            if let Some(incoming) = self.take_ready() {
                 return incoming;
             }
             if self.done {
@@ -167,12 +173,12 @@ impl Reader {
     }
 
     /// One non-blocking read into a stack buffer, decoded at once.
-    fn read_once(&mut self, stream: &TcpStream, outbox: &Outbox) {
+    pub fn read_once(&mut self, stream: &TcpStream, outbox: &Outbox) {
         let mut buf = [0u8; READ_CHUNK];
         match stream.try_read(&mut buf) {
             Ok(0) => self.finish(Incoming::Closed),
             Ok(n) => self.take_in(&mut buf[..n], outbox),
-            // Readiness was stale; `readable` waits again.
+            // Readiness was stale; the caller waits again.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => self.finish(Incoming::Closed),

@@ -185,6 +185,16 @@ async fn bad_tokens_are_refused_with_4001() {
         (Some("token_expired"), Some(4001))
     );
 
+    // Valid at connect, expiring during the session: `token_expired`, then 4001.
+    let (short, _) = Client::connect(&url, &token_with(json!({"sub":"dave","exp": now() + 2})))
+        .await
+        .unwrap();
+    let e = short.recv_op("error", WAIT).await.unwrap();
+    assert_eq!(e["code"], "token_expired", "{e}");
+    let (disconnect, code, _) = short.closed(WAIT).await.unwrap();
+    assert_eq!(code, Some(4001));
+    assert_eq!(disconnect.unwrap()["code"], 4001);
+
     // Garbage in the URL's ?token=.
     let client = Client::open(&format!("{url}?token=garbage")).await.unwrap();
     let (_, code, _) = client.closed(WAIT).await.unwrap();
