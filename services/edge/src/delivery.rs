@@ -117,14 +117,23 @@ pub fn batch<R>(f: impl FnOnce() -> R) -> R {
         // Nested: the outermost batch writes.
         return f();
     }
-    let result = f();
-    let dirty = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
-    for outbox in dirty {
-        let mut q = outbox.lock();
-        q.batched = false;
-        outbox.write(&mut q);
+    // Writes on drop, so that a panicking `f` does not leave this thread in
+    // a batch that never ends (and frames queued that are never written).
+    let _writes = BatchEnd;
+    f()
+}
+
+struct BatchEnd;
+
+impl Drop for BatchEnd {
+    fn drop(&mut self) {
+        let dirty = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
+        for outbox in dirty {
+            let mut q = outbox.lock();
+            q.batched = false;
+            outbox.write(&mut q);
+        }
     }
-    result
 }
 
 /// Registers `outbox` with the running batch; `false` when there is none.

@@ -265,7 +265,7 @@ impl Reader {
                 break;
             }
             let so_far = self.message.as_ref().map_or(0, |m| m.data.len()) as u64;
-            if !control && so_far + len > self.max_message as u64 {
+            if !control && so_far.saturating_add(len) > self.max_message as u64 {
                 self.violation(CloseCode::TooBig, "message larger than this server accepts");
                 break;
             }
@@ -459,6 +459,12 @@ pub(crate) mod tests {
             ),
             (masked(false, OP_PING, b"x"), CloseCode::Policy, "control"),
             (masked(true, 0x3, b"x"), CloseCode::Policy, "opcode"),
+            // A 64-bit length at its largest: refused, no overflow.
+            (
+                vec![0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+                CloseCode::TooBig,
+                "larger",
+            ),
             // Refused from the header alone, before the payload arrives.
             (
                 masked(true, OP_TEXT, &[b'a'; 2000])[..8].to_vec(),
