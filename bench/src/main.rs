@@ -25,6 +25,7 @@
 
 mod chat;
 mod churn;
+mod compare;
 mod delivery;
 mod fanout;
 mod floor;
@@ -152,36 +153,57 @@ fn run(cli: Cli) -> Result<bool> {
             return Ok(report.failures.is_empty());
         }
     };
-    if common.target == TargetKind::Socketio {
-        return run_socketio(&common, &args, runtime()?);
-    }
-    let mut target = Target::start(&common)?;
     let runtime = runtime()?;
-    let mut report = runtime.block_on(async {
-        match &args {
-            Against::Churn(a) => churn::run(a, &common, &target).await,
-            Against::Idle(a) => idle::run(a, &common, &target).await,
-            Against::Fanout(a) => fanout::run(a, &common, &target).await,
-            Against::Chat(a) => chat::run(a, &common, &target).await,
-        }
-    })?;
-    finish(&mut report, &mut target, &common)
+    if common.vs_socketio {
+        return run_side_by_side(&common, &args, &runtime);
+    }
+    let report = if common.target == TargetKind::Socketio {
+        socketio_report(&common, &args, &runtime)?
+    } else {
+        herald_report(&common, &args, &runtime)?
+    };
+    report.emit(common.json.as_deref())?;
+    Ok(report.failures.is_empty())
 }
 
-/// `idle` and `fanout` against the Socket.IO peer (`--target socketio`).
-fn run_socketio(
+/// The scenario against Herald (`--target cluster` or `dev`); everything it
+/// started is stopped when this returns.
+fn herald_report(
     common: &CommonArgs,
     args: &Against,
-    runtime: tokio::runtime::Runtime,
-) -> Result<bool> {
+    runtime: &tokio::runtime::Runtime,
+) -> Result<report::Report> {
+    let mut target = Target::start(common)?;
+    let mut report = runtime.block_on(async {
+        match args {
+            Against::Churn(a) => churn::run(a, common, &target).await,
+            Against::Idle(a) => idle::run(a, common, &target).await,
+            Against::Fanout(a) => fanout::run(a, common, &target).await,
+            Against::Chat(a) => chat::run(a, common, &target).await,
+        }
+    })?;
+    finish(&mut report, &mut target);
+    Ok(report)
+}
+
+fn socketio_only(args: &Against) -> Result<()> {
     match args {
-        Against::Churn(_) => anyhow::bail!("--target socketio runs `idle` and `fanout` only"),
+        Against::Churn(_) => anyhow::bail!("Socket.IO runs `idle` and `fanout` only"),
         Against::Chat(_) => anyhow::bail!(
             "chat runs against Herald only (--target cluster or --target dev); \
-             --target socketio runs `idle` and `fanout` only"
+             Socket.IO runs `idle` and `fanout` only"
         ),
-        Against::Idle(_) | Against::Fanout(_) => {}
+        Against::Idle(_) | Against::Fanout(_) => Ok(()),
     }
+}
+
+/// `idle` and `fanout` against the Socket.IO peer.
+fn socketio_report(
+    common: &CommonArgs,
+    args: &Against,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<report::Report> {
+    socketio_only(args)?;
     let mut peer = peer::Peer::start(common)?;
     let mut report = runtime.block_on(async {
         match args {
@@ -192,19 +214,63 @@ fn run_socketio(
     })?;
     report.failures.extend(peer.sio.exited());
     report.notes.extend(peer.sio.log_problems());
-    report.emit(common.json.as_deref())?;
-    Ok(report.failures.is_empty())
+    Ok(report)
+}
+
+/// `--vs-socketio`: Herald, then Socket.IO (one after the other, so they do
+/// not share the machine), both tables, then the ratios.
+fn run_side_by_side(
+    common: &CommonArgs,
+    args: &Against,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<bool> {
+    socketio_only(args)?;
+    if common.target == TargetKind::Socketio {
+        anyhow::bail!("--vs-socketio compares Herald (--target cluster or dev) with Socket.IO");
+    }
+    let herald = herald_report(common, args, runtime)?;
+    let socketio = socketio_report(
+        &CommonArgs {
+            target: TargetKind::Socketio,
+            ..common.clone()
+        },
+        args,
+        runtime,
+    )?;
+    let compare = compare::ratios(&herald, &socketio);
+    let json = serde_json::json!({
+        "scenario": herald.scenario,
+        "target": compare.target,
+        "failures": herald.failures.iter().map(|f| format!("herald: {f}"))
+            .chain(socketio.failures.iter().map(|f| format!("socketio: {f}")))
+            .collect::<Vec<_>>(),
+        "herald": herald.to_json(),
+        "socketio": socketio.to_json(),
+        "compare": compare.to_json(),
+    });
+    let tables = format!("{}{}{}", herald.table(), socketio.table(), compare.table());
+    match common.json.as_deref() {
+        Some(p) if p == std::path::Path::new("-") => {
+            eprint!("{tables}");
+            println!("{json}");
+        }
+        Some(p) => {
+            print!("{tables}");
+            std::fs::write(p, format!("{json}\n"))
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+        }
+        None => print!("{tables}"),
+    }
+    Ok(herald.failures.is_empty() && socketio.failures.is_empty())
 }
 
 /// What every scenario's report gets at the end: processes that died, log
-/// lines worth a look; then the report is printed.
-fn finish(report: &mut report::Report, target: &mut Target, common: &CommonArgs) -> Result<bool> {
+/// lines worth a look.
+fn finish(report: &mut report::Report, target: &mut Target) {
     report.failures.extend(target.exited());
     report.notes.extend(target.log_problems());
     report.params.insert(
         "herald".into(),
         target.herald_bin.display().to_string().into(),
     );
-    report.emit(common.json.as_deref())?;
-    Ok(report.failures.is_empty())
 }

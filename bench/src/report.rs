@@ -352,6 +352,10 @@ impl Section {
         self
     }
 
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
     fn to_json(&self) -> Value {
         Value::Object(self.0.iter().cloned().collect())
     }

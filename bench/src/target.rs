@@ -71,6 +71,12 @@ pub struct CommonArgs {
     /// Keep the processes' logs (their folder is printed) instead of deleting them.
     #[arg(long)]
     pub keep_logs: bool,
+    /// `idle` and `fanout`: run the same scenario against Herald (`--target`)
+    /// and then against Socket.IO (same clients, same options), and print
+    /// both with the ratios Herald / Socket.IO. `--json` then holds
+    /// `{herald, socketio, compare}`.
+    #[arg(long)]
+    pub vs_socketio: bool,
 }
 
 impl CommonArgs {
@@ -612,6 +618,7 @@ mod tests {
             source_addrs: 3,
             json: None,
             keep_logs: false,
+            vs_socketio: false,
         };
         let ips: Vec<String> = args.source_ips().iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);

@@ -379,6 +379,42 @@ fn idle_against_socketio_reports_the_same_keys() {
 }
 
 #[test]
+fn vs_socketio_runs_both_and_prints_the_ratios() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "idle",
+        "--vs-socketio",
+        "--target",
+        "dev",
+        "--edges",
+        "1",
+        "--redis-url",
+        &url,
+        "--conns",
+        "40",
+        "--settle",
+        "200ms",
+    ]);
+    assert_eq!(report["herald"]["target"], "dev");
+    assert_eq!(report["socketio"]["target"], "socketio");
+    for side in ["herald", "socketio"] {
+        assert_eq!(report[side]["results"]["idle"]["open_at_end"], 40, "{side}");
+    }
+    let rss = &report["compare"]["results"]["idle"]["rss_kib_per_conn"];
+    let (h, s) = (
+        number(&rss["herald"], "herald"),
+        number(&rss["socketio"], "socketio"),
+    );
+    if s != 0.0 {
+        let ratio = number(&rss["herald_over_socketio"], "ratio");
+        assert!((ratio - h / s).abs() < 0.01, "{rss}");
+    }
+}
+
+#[test]
 fn fanout_against_socketio_reports_the_same_keys() {
     if !socketio_available() {
         return;
