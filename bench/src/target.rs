@@ -77,6 +77,10 @@ pub struct CommonArgs {
     /// `{herald, socketio, compare}`.
     #[arg(long)]
     pub vs_socketio: bool,
+    /// An extra argument for every `herald edge` of the cluster, e.g.
+    /// `--edge-arg=--write-delay=2ms` (repeatable).
+    #[arg(long = "edge-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub edge_args: Vec<String>,
 }
 
 impl CommonArgs {
@@ -230,7 +234,7 @@ impl Target {
                 if args.edges == 0 {
                     bail!("--edges must be at least 1");
                 }
-                target.start_cluster(args.edges, args.nats_server.clone())?;
+                target.start_cluster(args.edges, args.nats_server.clone(), &args.edge_args)?;
             }
         }
         Ok(target)
@@ -279,7 +283,12 @@ impl Target {
         Ok(())
     }
 
-    fn start_cluster(&mut self, edges: usize, nats_bin: Option<PathBuf>) -> Result<()> {
+    fn start_cluster(
+        &mut self,
+        edges: usize,
+        nats_bin: Option<PathBuf>,
+        edge_args: &[String],
+    ) -> Result<()> {
         let nats_addr = free_addr();
         let monitor = free_addr();
         let store = self.dir().join("jetstream");
@@ -324,7 +333,7 @@ impl Target {
         for i in 0..edges {
             let listen = free_addr();
             let name = format!("edge-{i}");
-            let args = vec![
+            let mut args = vec![
                 "edge".into(),
                 "--listen".into(),
                 listen.to_string(),
@@ -335,6 +344,7 @@ impl Target {
                 "--jwt-secret".into(),
                 self.secret.clone(),
             ];
+            args.extend(edge_args.iter().cloned());
             self.start_herald(&name, args, listen)?;
             self.edge_urls.push(format!("ws://{listen}/ws"));
         }
@@ -619,6 +629,7 @@ mod tests {
             json: None,
             keep_logs: false,
             vs_socketio: false,
+            edge_args: Vec::new(),
         };
         let ips: Vec<String> = args.source_ips().iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);

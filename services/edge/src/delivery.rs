@@ -105,6 +105,12 @@ thread_local! {
 /// frames queued meanwhile are written once `f` returns, coalesced into one
 /// write per connection.
 pub fn batch<R>(f: impl FnOnce() -> R) -> R {
+    batch_via(None, f)
+}
+
+/// [`batch`], but with a flusher the frames are written at its next tick
+/// instead of when `f` returns (see [`Flusher`]).
+pub fn batch_via<R>(flusher: Option<&Arc<Flusher>>, f: impl FnOnce() -> R) -> R {
     let outer = BATCH.with(|b| {
         let mut b = b.borrow_mut();
         if b.is_some() {
@@ -119,32 +125,76 @@ pub fn batch<R>(f: impl FnOnce() -> R) -> R {
     }
     // Writes on drop, so that a panicking `f` does not leave this thread in
     // a batch that never ends (and frames queued that are never written).
-    let _writes = BatchEnd;
+    let _writes = BatchEnd(flusher.cloned());
     f()
 }
 
-struct BatchEnd;
+struct BatchEnd(Option<Arc<Flusher>>);
 
 impl Drop for BatchEnd {
     fn drop(&mut self) {
         let dirty = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
-        for outbox in dirty {
-            let mut q = outbox.lock();
-            q.batched = false;
-            outbox.write(&mut q);
+        match &self.0 {
+            // Still marked batched: later deliveries join this write.
+            Some(flusher) => flusher.dirty.lock().expect("flusher").extend(dirty),
+            None => write_all(dirty),
         }
     }
 }
 
-/// Registers `outbox` with the running batch; `false` when there is none.
-fn join_batch(outbox: &Outbox) -> bool {
-    BATCH.with(|b| match b.borrow_mut().as_mut() {
-        Some(dirty) => {
+fn write_all(dirty: Vec<Outbox>) {
+    for outbox in dirty {
+        let mut q = outbox.lock();
+        q.batched = false;
+        outbox.write(&mut q);
+    }
+}
+
+/// Room deliveries held for up to `--write-delay`, so that a connection
+/// receiving many messages a second gets several frames per write (the
+/// syscall, ~5 µs here, is most of a delivery's cost). A trade of latency
+/// for CPU, off by default; replies to a client's own requests never wait.
+pub struct Flusher {
+    dirty: Mutex<Vec<Outbox>>,
+}
+
+impl Flusher {
+    /// Writes what waits every `delay`, until `stop` (then once more).
+    pub fn start(delay: Duration, stop: tokio_util::sync::CancellationToken) -> Arc<Flusher> {
+        let flusher = Arc::new(Flusher {
+            dirty: Mutex::default(),
+        });
+        let ticking = flusher.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(delay);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopping = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = stop.cancelled() => true,
+                };
+                let dirty = std::mem::take(&mut *ticking.dirty.lock().expect("flusher"));
+                write_all(dirty);
+                if stopping {
+                    return;
+                }
+            }
+        });
+        flusher
+    }
+}
+
+fn in_batch() -> bool {
+    BATCH.with(|b| b.borrow().is_some())
+}
+
+/// Registers `outbox` with the running batch.
+fn join_batch(outbox: &Outbox) {
+    BATCH.with(|b| {
+        if let Some(dirty) = b.borrow_mut().as_mut() {
             dirty.push(outbox.clone());
-            true
         }
-        None => false,
-    })
+    });
 }
 
 impl Outbox {
@@ -259,14 +309,19 @@ impl Outbox {
         }
         q.closing = matches!(out, Out::Close { .. });
         q.frames.push_back(out);
-        if q.stalled || q.batched {
+        if q.stalled {
             return true;
         }
-        if join_batch(self) {
-            q.batched = true;
-        } else {
-            self.write(&mut q);
+        if in_batch() {
+            if !q.batched {
+                join_batch(self);
+                q.batched = true;
+            }
+            return true;
         }
+        // Outside a batch (a reply, a control frame): now, with whatever a
+        // batch or the flusher still holds for this connection.
+        self.write(&mut q);
         true
     }
 
@@ -498,6 +553,33 @@ mod tests {
             !ob.send(Bytes::from_static(b"late")),
             "closed connections take nothing"
         );
+    }
+
+    #[tokio::test]
+    async fn with_a_write_delay_frames_wait_for_the_tick_and_replies_do_not() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 16);
+        // A tick far away: only a reply can write the held frame.
+        let slow = Flusher::start(Duration::from_secs(3600), stop.clone());
+        tokio::task::yield_now().await;
+        batch_via(Some(&slow), || ob.send(Bytes::from_static(b"a")));
+        assert_eq!(ob.lock().frames.len(), 1, "held for the flusher");
+        ob.send(Bytes::from_static(b"r"));
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x81, 1, b'a', 0x81, 1, b'r']);
+
+        let fast = Flusher::start(Duration::from_millis(5), stop.clone());
+        batch_via(Some(&fast), || {
+            ob.send(Bytes::from_static(b"b"));
+            ob.send(Bytes::from_static(b"c"));
+        });
+        batch_via(Some(&fast), || ob.send(Bytes::from_static(b"d")));
+        let mut got = [0u8; 9];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x81, 1, b'b', 0x81, 1, b'c', 0x81, 1, b'd']);
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-use crate::delivery::Outbox;
+use crate::delivery::{Flusher, Outbox};
 
 /// Messages a pump hands over in one delivery batch, at most: enough to
 /// coalesce a burst into one write per connection, few enough that one
@@ -118,6 +118,8 @@ pub struct Interest<K, S> {
     /// it weakly to find the entry of each message's key.
     table: Arc<Mutex<Table<K, S>>>,
     count: Gauge,
+    /// Set with `--write-delay`: pumps' deliveries wait for its tick.
+    flusher: Option<Arc<Flusher>>,
 }
 
 impl<K, S> Interest<K, S>
@@ -143,7 +145,14 @@ where
                 shards: HashMap::new(),
             })),
             count,
+            flusher: None,
         }
+    }
+
+    /// Pumps' deliveries are written at `flusher`'s ticks rather than at once.
+    pub fn write_delay(mut self, flusher: Arc<Flusher>) -> Interest<K, S> {
+        self.flusher = Some(flusher);
+        self
     }
 
     /// Feeds keys for which `wildcard` names a shard from one subscription
@@ -238,8 +247,9 @@ where
             // The pump keeps only a weak hold: the entry (and with it the
             // pump) goes when its last member leaves.
             let weak = Arc::downgrade(entry);
+            let flusher = self.flusher.clone();
             Pump(tokio::spawn(async move {
-                while pump_batch(&mut sub, |msg| {
+                while pump_batch(&mut sub, flusher.as_ref(), |msg| {
                     if let Some(entry) = weak.upgrade() {
                         handler(msg, &entry);
                     }
@@ -255,8 +265,9 @@ where
         let handler = self.handler.clone();
         let table = Arc::downgrade(&self.table);
         let key_of = self.sharding.as_ref().expect("a sharded interest").key;
+        let flusher = self.flusher.clone();
         Ok(Pump(tokio::spawn(async move {
-            while pump_batch(&mut sub, |msg| {
+            while pump_batch(&mut sub, flusher.as_ref(), |msg| {
                 // A shard dropped while its last batch runs must not feed
                 // keys that a new subscription to it now feeds too.
                 if shard.strong_count() == 0 {
@@ -309,11 +320,15 @@ where
 /// Waits for a message, then hands it and the ones already waiting behind it
 /// (up to [`PUMP_BATCH`]) to `handle` in one delivery batch, so that a burst
 /// costs each connection one write. `false` once the subscription ended.
-async fn pump_batch(sub: &mut Subscription, mut handle: impl FnMut(Message)) -> bool {
+async fn pump_batch(
+    sub: &mut Subscription,
+    flusher: Option<&Arc<Flusher>>,
+    mut handle: impl FnMut(Message),
+) -> bool {
     let Some(first) = sub.next().await else {
         return false;
     };
-    crate::delivery::batch(|| {
+    crate::delivery::batch_via(flusher, || {
         handle(first);
         for _ in 1..PUMP_BATCH {
             match sub.next().now_or_never() {

@@ -67,6 +67,9 @@ pub struct Config {
     pub presence_source: PresenceSource,
     /// How long shutdown waits for connections to close.
     pub drain_timeout: Duration,
+    /// Room deliveries wait up to this long so that a busy connection's
+    /// frames share a write; zero writes at once.
+    pub write_delay: Duration,
     /// Open once durable rooms' storage is set up; the edge is not ready before.
     pub storage: herald_ops::Gate,
 }
@@ -88,6 +91,7 @@ impl Config {
             presence_timeout: Duration::from_secs(3),
             presence_source: PresenceSource::Broker,
             drain_timeout: Duration::from_secs(10),
+            write_delay: Duration::ZERO,
             storage: herald_ops::Gate::open("durable storage"),
         }
     }
@@ -187,15 +191,22 @@ pub async fn run(
             })
         })
     };
+    let mut rooms = interest::Interest::new(
+        broker.clone(),
+        subjects::room,
+        on_room_frame,
+        Some(init_room),
+        edge_metrics.rooms.clone(),
+    )
+    .sharded(subjects::room_shard, subjects::room_from_subject);
+    if !config.write_delay.is_zero() {
+        rooms = rooms.write_delay(delivery::Flusher::start(
+            config.write_delay,
+            shutdown.clone(),
+        ));
+    }
     let edge = Arc::new(Edge {
-        rooms: interest::Interest::new(
-            broker.clone(),
-            subjects::room,
-            on_room_frame,
-            Some(init_room),
-            edge_metrics.rooms.clone(),
-        )
-        .sharded(subjects::room_shard, subjects::room_from_subject),
+        rooms,
         users: Default::default(),
         sessions_by_id: Default::default(),
         broker,

@@ -93,6 +93,11 @@ pub struct EdgeArgs {
     /// Frames queued for one connection before it is closed as a slow consumer.
     #[arg(long, env = "HERALD_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// Hold room messages for up to this long so that a connection receiving
+    /// many a second gets several per write: less CPU per message, that much
+    /// more latency. 0 writes each at once.
+    #[arg(long, env = "HERALD_WRITE_DELAY", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub write_delay: Duration,
     /// How often this edge's presence heartbeat goes out (keep it well under the
     /// presence service's --edge-timeout).
     #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]

@@ -156,6 +156,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 handshake_timeout: args.handshake_timeout,
                 max_message_bytes: args.max_message_bytes,
                 outbound_queue: args.outbound_queue,
+                write_delay: args.write_delay,
                 presence_interval: args.presence_interval,
                 presence_source: presence_source(args.presence.as_deref())?,
                 ..config

@@ -106,3 +106,39 @@ async fn services_can_reach_presence_over_grpc_with_presence_url() {
     let r = ok(&alice, json!({"op":"presence","room":"chat:grpc"})).await;
     assert_eq!(member_users(&r), ["alice"]);
 }
+
+/// `--write-delay` holds room messages for a shared write: they still arrive
+/// all, once and in order, and replies to a client's own requests do not wait
+/// for the delay.
+#[tokio::test]
+async fn a_write_delay_keeps_every_message_in_order() {
+    let mut cluster = Cluster::start(0);
+    cluster.add_edge_with("edge-0", &["--write-delay".into(), "30ms".into()]);
+    cluster.add_edge("edge-1");
+    let alice = connect(&cluster.ws(0), "alice").await;
+    let bob = connect(&cluster.ws(1), "bob").await;
+    ok(&alice, json!({"op":"join","room":"chat:burst"})).await;
+    ok(&bob, json!({"op":"join","room":"chat:burst"})).await;
+    let mut router = cluster.router().await;
+    for i in 0..50 {
+        router
+            .publish(herald_proto::v1::PublishRequest {
+                room: "chat:burst".into(),
+                data: i.to_string(),
+                key: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    // A ping answered while room messages are held: replies go out at once,
+    // after whatever was held for this connection.
+    let pong = alice.request(json!({"op":"ping"})).await.unwrap();
+    assert_eq!(pong["op"], "pong", "{pong}");
+    for c in [&alice, &bob] {
+        for i in 0..50 {
+            let m = c.recv_op("message", WAIT).await.unwrap();
+            assert_eq!(m["data"], i, "{m}");
+        }
+        no_more_messages(c).await;
+    }
+}
