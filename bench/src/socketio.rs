@@ -988,17 +988,25 @@ impl SocketIoPeer {
     }
 }
 
-/// `npm install --no-audit --no-fund` in [`peer_dir`] if `node_modules` is
-/// missing (package-lock.json pins every version).
+/// `npm install --no-audit --no-fund` in [`peer_dir`] unless a finished
+/// install is marked there (package-lock.json pins every version).
 fn npm_install() -> Result<()> {
-    // Peers started by concurrent tests must not install at the same time.
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _once = lock(&INSTALL);
+    // Benches started by concurrent tests are separate processes: a file
+    // lock keeps them from installing at once, and the marker (written only
+    // after npm succeeded) from starting Node on a half-installed tree.
     let dir = peer_dir();
-    if dir.join("node_modules/socket.io").is_dir()
-        && dir.join("node_modules/@socket.io/redis-adapter").is_dir()
-        && dir.join("node_modules/@socket.io/redis-emitter").is_dir()
-    {
+    let lock_path = dir.join(".npm-install.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("could not open {}", lock_path.display()))?;
+    lock_file
+        .lock()
+        .with_context(|| format!("could not lock {}", lock_path.display()))?;
+    let marker = dir.join("node_modules/.herald-install-done");
+    if marker.is_file() {
         return Ok(());
     }
     let npm = std::env::var_os("NPM").map_or_else(|| "npm".into(), PathBuf::from);
@@ -1017,6 +1025,8 @@ fn npm_install() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    std::fs::write(&marker, "npm install finished\n")
+        .with_context(|| format!("could not write {}", marker.display()))?;
     Ok(())
 }
 
