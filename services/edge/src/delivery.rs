@@ -136,7 +136,16 @@ impl Drop for BatchEnd {
         let dirty = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
         match &self.0 {
             // Still marked batched: later deliveries join this write.
-            Some(flusher) => flusher.dirty.lock().expect("flusher").extend(dirty),
+            Some(flusher) => {
+                let mut waiting = flusher.dirty.lock().expect("flusher");
+                match waiting.as_mut() {
+                    Some(waiting) => waiting.extend(dirty),
+                    None => {
+                        drop(waiting);
+                        write_all(dirty);
+                    }
+                }
+            }
             None => write_all(dirty),
         }
     }
@@ -155,14 +164,15 @@ fn write_all(dirty: Vec<Outbox>) {
 /// syscall, ~5 µs here, is most of a delivery's cost). A trade of latency
 /// for CPU, off by default; replies to a client's own requests never wait.
 pub struct Flusher {
-    dirty: Mutex<Vec<Outbox>>,
+    /// `None` once stopped: batches then write at once.
+    dirty: Mutex<Option<Vec<Outbox>>>,
 }
 
 impl Flusher {
     /// Writes what waits every `delay`, until `stop` (then once more).
     pub fn start(delay: Duration, stop: tokio_util::sync::CancellationToken) -> Arc<Flusher> {
         let flusher = Arc::new(Flusher {
-            dirty: Mutex::default(),
+            dirty: Mutex::new(Some(Vec::new())),
         });
         let ticking = flusher.clone();
         tokio::spawn(async move {
@@ -173,8 +183,15 @@ impl Flusher {
                     _ = tick.tick() => false,
                     _ = stop.cancelled() => true,
                 };
-                let dirty = std::mem::take(&mut *ticking.dirty.lock().expect("flusher"));
-                write_all(dirty);
+                let dirty = {
+                    let mut waiting = ticking.dirty.lock().expect("flusher");
+                    if stopping {
+                        waiting.take()
+                    } else {
+                        waiting.as_mut().map(std::mem::take)
+                    }
+                };
+                write_all(dirty.unwrap_or_default());
                 if stopping {
                     return;
                 }
@@ -213,6 +230,11 @@ impl Outbox {
                 attention: Notify::new(),
             }),
         }
+    }
+
+    /// Frames that may wait for this connection.
+    pub fn capacity(&self) -> usize {
+        self.conn.capacity
     }
 
     pub fn stream(&self) -> &TcpStream {
@@ -307,11 +329,16 @@ impl Outbox {
             );
             return false;
         }
-        q.closing = matches!(out, Out::Close { .. });
+        // A close (ours, or the echo of the client's) is the last frame.
+        q.closing = matches!(
+            out,
+            Out::Close { .. }
+                | Out::Control {
+                    opcode: OP_CLOSE,
+                    ..
+                }
+        );
         q.frames.push_back(out);
-        if q.stalled {
-            return true;
-        }
         if in_batch() {
             if !q.batched {
                 join_batch(self);
@@ -333,7 +360,7 @@ impl Outbox {
         loop {
             {
                 let mut q = self.lock();
-                if q.closing || q.broken {
+                if q.closing || q.broken || self.close_reason().is_some() {
                     return false;
                 }
                 if q.frames.len() < self.conn.capacity {
@@ -362,6 +389,9 @@ impl Outbox {
     /// Writes what is queued until the socket takes no more; shuts the write
     /// side down after the last byte of a closing connection.
     fn write(&self, q: &mut Queue) {
+        // Even when stalled: the socket may take more by now, and if it does
+        // not, tokio answers WouldBlock from its readiness without a syscall.
+        q.stalled = false;
         while !q.broken && !q.drained() {
             if q.head.is_empty() {
                 let mut buf = Vec::with_capacity(256);
@@ -392,6 +422,10 @@ impl Outbox {
                     q.head = Vec::new();
                 }
             }
+        }
+        if q.frames.is_empty() && q.frames.capacity() > 16 {
+            // A burst is over: an idle connection keeps no queue memory.
+            q.frames = VecDeque::new();
         }
         if q.closing && q.drained() && !q.shut && !q.broken {
             q.shut = true;
@@ -580,6 +614,69 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [0x81, 1, b'b', 0x81, 1, b'c', 0x81, 1, b'd']);
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_stalled_connection_is_written_again_by_the_next_delivery() {
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 1024);
+        let big = Bytes::from(vec![b'x'; 256 * 1024]);
+        let mut sent = 0;
+        while !ob.is_stalled() {
+            assert!(ob.send(big.clone()));
+            sent += 1;
+        }
+        let reading = tokio::spawn(async move {
+            let mut got = vec![0u8; sent * (big.len() + 10) + 3];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        // Nobody calls `resume`: the client reads, and the next delivery
+        // finds the socket writable again.
+        let unstalled = async {
+            loop {
+                ob.send(Bytes::from_static(b"z"));
+                if !ob.is_stalled() && ob.lock().drained() {
+                    break;
+                }
+                ob.conn.stream.writable().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), unstalled)
+            .await
+            .expect("deliveries write again once the client reads");
+        let got = tokio::time::timeout(Duration::from_secs(20), reading)
+            .await
+            .expect("everything queued reaches the client")
+            .unwrap();
+        assert_eq!(&got[got.len() - 3..], &[0x81, 1, b'z']);
+    }
+
+    #[tokio::test]
+    async fn nothing_follows_the_echo_of_a_clients_close() {
+        let (server, _client) = pair().await;
+        let ob = Outbox::new(1, server, 16);
+        assert!(ob.push(Out::Control {
+            opcode: OP_CLOSE,
+            payload: vec![0x03, 0xe8],
+        }));
+        assert!(!ob.send(Bytes::from_static(b"late")));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_flusher_lets_batches_write_at_once() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 16);
+        let flusher = Flusher::start(Duration::from_secs(3600), stop.clone());
+        stop.cancel();
+        while flusher.dirty.lock().unwrap().is_some() {
+            tokio::task::yield_now().await;
+        }
+        batch_via(Some(&flusher), || ob.send(Bytes::from_static(b"a")));
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x81, 1, b'a']);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use bytes::Bytes;
 use futures::FutureExt;
 use herald_broker::{BoxFuture, BrokerError, Message, SharedBroker, Subscription};
+use herald_wire::CloseCode;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
@@ -37,6 +38,14 @@ impl Slot {
     /// Sends now, or holds the frame while the member recovers.
     pub fn deliver(&mut self, frame: &Bytes) {
         match &mut self.held {
+            // As bounded as the queue: a member that replays slower than
+            // the room goes on is a slow consumer too.
+            Some(held) if held.len() >= self.outbox.capacity() => {
+                self.outbox.close(
+                    CloseCode::SlowConsumer,
+                    "too many messages arrived while this connection caught up; it reads too slowly",
+                );
+            }
             Some(held) => held.push(frame.clone()),
             None => {
                 // A full queue disconnects this member alone; the others go on.
@@ -347,9 +356,11 @@ pub fn release<S>(entry: &Entry<S>, member: u64) {
     if let Some(slot) = members.get_mut(&member)
         && let Some(held) = slot.held.take()
     {
-        for frame in held {
-            slot.outbox.send(frame);
-        }
+        crate::delivery::batch(|| {
+            for frame in held {
+                slot.outbox.send(frame);
+            }
+        });
     }
 }
 
@@ -367,6 +378,23 @@ pub(crate) mod tests {
     use crate::durable::{self, RoomOrder};
 
     /// A member whose deliveries the test reads from the returned socket.
+    #[tokio::test]
+    async fn a_member_held_longer_than_its_queue_is_a_slow_consumer() {
+        let (outbox, _client) = member(1).await;
+        let mut slot = Slot {
+            held: Some(Vec::new()),
+            outbox: outbox.clone(),
+        };
+        let frame = Bytes::from_static(b"m");
+        for _ in 0..outbox.capacity() {
+            slot.deliver(&frame);
+        }
+        assert!(outbox.close_reason().is_none());
+        slot.deliver(&frame);
+        assert_eq!(outbox.close_reason().unwrap().0, CloseCode::SlowConsumer);
+        assert_eq!(slot.held.as_ref().unwrap().len(), outbox.capacity());
+    }
+
     pub(crate) async fn member(id: u64) -> (Outbox, TcpStream) {
         let (server, client) = crate::transport::tests::pair().await;
         (Outbox::new(id, server, 64), client)

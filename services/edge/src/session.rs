@@ -23,7 +23,7 @@ use tokio::io::Interest;
 use tokio::time::Instant;
 
 use crate::Edge;
-use crate::delivery::{Out, Outbox};
+use crate::delivery::{self, Out, Outbox};
 use crate::durable::{self, RoomEntry};
 use crate::interest;
 use crate::transport::{self, Incoming, Reader};
@@ -413,7 +413,10 @@ impl Session {
                                 self.outbox.resume();
                             }
                             if ready.is_readable() || ready.is_read_closed() || ready.is_error() {
-                                reader.read_once(self.outbox.stream(), &self.outbox);
+                                // One write for all the pongs a read may owe.
+                                delivery::batch(|| {
+                                    reader.read_once(self.outbox.stream(), &self.outbox)
+                                });
                             }
                             continue;
                         }
@@ -437,14 +440,16 @@ impl Session {
             match result {
                 Ok(reply) => {
                     self.outbox.send(reply);
-                    if let Some(entry) = self.after_reply.take() {
-                        interest::release(&entry, self.outbox.id);
-                    }
                 }
                 Err(e) => {
                     self.edge.metrics.rejected.inc();
                     reject(&self.outbox, &e);
                 }
+            }
+            // After the reply, whatever it was: a failed recovery must not
+            // leave the room's live messages held for good.
+            if let Some(entry) = self.after_reply.take() {
+                interest::release(&entry, self.outbox.id);
             }
         }
     }

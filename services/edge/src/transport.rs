@@ -28,6 +28,9 @@ use tower::ServiceExt;
 
 use crate::delivery::{OP_CLOSE, OP_PONG, Out, Outbox};
 
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Bytes read from the socket at a time, on the stack of the reading task.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -73,6 +76,10 @@ pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToke
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                // A client that never finishes its request headers does not
+                // keep a socket (and a file descriptor) for long.
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -80,7 +87,8 @@ pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToke
                 _ = conn.as_mut() => {}
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    // A request half sent is not waited for past this.
+                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
                 }
             }
         });
@@ -347,7 +355,7 @@ impl Reader {
             1 => false,
             _ => {
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
-                let known = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+                let known = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
                 known && std::str::from_utf8(&payload[2..]).is_ok()
             }
         };
