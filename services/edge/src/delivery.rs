@@ -97,6 +97,9 @@ impl Queue {
 }
 
 thread_local! {
+    /// Where a write's frames are encoded: one buffer per thread, not per
+    /// write or per connection.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// Connections with frames queued by the batch running on this thread.
     static BATCH: RefCell<Option<Vec<Outbox>>> = const { RefCell::new(None) };
 }
@@ -201,17 +204,18 @@ impl Flusher {
     }
 }
 
-fn in_batch() -> bool {
-    BATCH.with(|b| b.borrow().is_some())
-}
-
-/// Registers `outbox` with the running batch.
-fn join_batch(outbox: &Outbox) {
-    BATCH.with(|b| {
-        if let Some(dirty) = b.borrow_mut().as_mut() {
-            dirty.push(outbox.clone());
+/// Whether a batch runs on this thread; registers `outbox` with it unless
+/// it is `registered` already (one thread-local access per delivery).
+fn join_batch(outbox: &Outbox, registered: bool) -> bool {
+    BATCH.with(|b| match b.borrow_mut().as_mut() {
+        Some(dirty) => {
+            if !registered {
+                dirty.push(outbox.clone());
+            }
+            true
         }
-    });
+        None => false,
+    })
 }
 
 impl Outbox {
@@ -339,11 +343,8 @@ impl Outbox {
                 }
         );
         q.frames.push_back(out);
-        if in_batch() {
-            if !q.batched {
-                join_batch(self);
-                q.batched = true;
-            }
+        if join_batch(self, q.batched) {
+            q.batched = true;
             return true;
         }
         // Outside a batch (a reply, a control frame): now, with whatever a
@@ -381,46 +382,43 @@ impl Outbox {
 
     /// Goes on with a stalled write.
     pub fn resume(&self) {
-        let mut q = self.lock();
-        q.stalled = false;
-        self.write(&mut q);
+        self.write(&mut self.lock());
     }
 
     /// Writes what is queued until the socket takes no more; shuts the write
-    /// side down after the last byte of a closing connection.
+    /// side down after the last byte of a closing connection. Frames are
+    /// encoded into this thread's scratch buffer, so a write the socket takes
+    /// whole allocates nothing; only what it leaves is kept in `head`.
     fn write(&self, q: &mut Queue) {
         // Even when stalled: the socket may take more by now, and if it does
         // not, tokio answers WouldBlock from its readiness without a syscall.
         q.stalled = false;
         while !q.broken && !q.drained() {
-            if q.head.is_empty() {
-                let mut buf = Vec::with_capacity(256);
+            if !q.head.is_empty() {
+                let head = std::mem::take(&mut q.head);
+                if !self.offer(q, &head) {
+                    return;
+                }
+                continue;
+            }
+            let written = SCRATCH.with(|scratch| {
+                let mut buf = scratch.borrow_mut();
+                buf.clear();
                 while buf.len() < MAX_BATCH_BYTES {
                     match q.frames.pop_front() {
                         Some(out) => encode(&mut buf, out),
                         None => break,
                     }
                 }
-                q.head = buf;
-            }
-            match self.conn.stream.try_write(&q.head) {
-                Ok(n) if n == q.head.len() => q.head = Vec::new(),
-                Ok(n) => {
-                    q.head.drain(..n);
-                    self.stall(q);
-                    return;
+                let written = self.offer(q, &buf);
+                if buf.capacity() > 2 * MAX_BATCH_BYTES {
+                    // One huge frame must not stay in every thread's scratch.
+                    *buf = Vec::new();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.stall(q);
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // Reset or gone: the reader sees it too and ends the session.
-                    q.broken = true;
-                    q.frames = VecDeque::new();
-                    q.head = Vec::new();
-                }
+                written
+            });
+            if !written {
+                return;
             }
         }
         if q.frames.is_empty() && q.frames.capacity() > 16 {
@@ -430,6 +428,34 @@ impl Outbox {
         if q.closing && q.drained() && !q.shut && !q.broken {
             q.shut = true;
             let _ = socket2::SockRef::from(&self.conn.stream).shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    /// Offers `bytes` to the socket; `false` when it did not take them all
+    /// (the rest is kept in `head` and the connection stalls) or failed.
+    fn offer(&self, q: &mut Queue, bytes: &[u8]) -> bool {
+        loop {
+            match self.conn.stream.try_write(bytes) {
+                Ok(n) if n == bytes.len() => return true,
+                Ok(n) => {
+                    q.head = bytes[n..].to_vec();
+                    self.stall(q);
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    q.head = bytes.to_vec();
+                    self.stall(q);
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // Reset or gone: the reader sees it too and ends the session.
+                    q.broken = true;
+                    q.frames = VecDeque::new();
+                    q.head = Vec::new();
+                    return false;
+                }
+            }
         }
     }
 
@@ -452,9 +478,7 @@ impl Outbox {
                 q.frames.push_back(Out::Close { code, reason });
             }
             q.closing = true;
-            if !q.stalled {
-                self.write(&mut q);
-            }
+            self.write(&mut q);
         }
         let drained = async {
             loop {

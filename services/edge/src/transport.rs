@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::delivery::{OP_CLOSE, OP_PONG, Out, Outbox};
+use crate::delivery::{OP_CLOSE, OP_PONG, OP_TEXT, Out, Outbox};
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -35,7 +35,6 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 const READ_CHUNK: usize = 16 * 1024;
 
 const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
 const OP_PING: u8 = 0x9;
 
