@@ -126,6 +126,18 @@ struct Edge {
     sessions: TaskTracker,
 }
 
+impl Edge {
+    /// Runs `f` on every open session. `f` must not wait or register
+    /// sessions: the table stays read-locked meanwhile.
+    fn each_session(&self, f: impl FnMut(&delivery::Outbox)) {
+        self.sessions_by_id
+            .read()
+            .expect("sessions")
+            .values()
+            .for_each(f);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
     #[error("{0}")]
@@ -248,19 +260,12 @@ pub async fn run(
     edge.sessions.close();
     // Sessions do not each watch the shutdown token (an idle connection's
     // task holds only what it waits on): they are closed from here.
-    let open: Vec<delivery::Outbox> = edge
-        .sessions_by_id
-        .read()
-        .expect("sessions")
-        .values()
-        .cloned()
-        .collect();
-    for outbox in open {
+    edge.each_session(|outbox| {
         outbox.close(
             herald_wire::CloseCode::ServiceRestart,
             session::SHUTTING_DOWN,
-        );
-    }
+        )
+    });
     tracing::info!(
         "edge {} draining: asking {} connections to reconnect elsewhere",
         edge.config.node_id,
@@ -291,17 +296,11 @@ async fn expire_tokens(edge: Arc<Edge>) {
             _ = edge.shutdown.cancelled() => return,
         }
         let now = herald_auth::now_secs();
-        let expired: Vec<delivery::Outbox> = edge
-            .sessions_by_id
-            .read()
-            .expect("sessions")
-            .values()
-            .filter(|o| o.expired(now) && o.close_reason().is_none())
-            .cloned()
-            .collect();
-        for outbox in expired {
-            session::expire(&outbox);
-        }
+        edge.each_session(|outbox| {
+            if outbox.expired(now) && outbox.close_reason().is_none() {
+                session::expire(outbox);
+            }
+        });
     }
 }
 
