@@ -249,18 +249,7 @@ fn run_side_by_side(
         "compare": compare.to_json(),
     });
     let tables = format!("{}{}{}", herald.table(), socketio.table(), compare.table());
-    match common.json.as_deref() {
-        Some(p) if p == std::path::Path::new("-") => {
-            eprint!("{tables}");
-            println!("{json}");
-        }
-        Some(p) => {
-            print!("{tables}");
-            std::fs::write(p, format!("{json}\n"))
-                .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
-        }
-        None => print!("{tables}"),
-    }
+    report::emit(&tables, &json, common.json.as_deref())?;
     Ok(herald.failures.is_empty() && socketio.failures.is_empty())
 }
 

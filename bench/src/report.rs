@@ -476,24 +476,29 @@ impl Report {
     /// Prints the table, and writes the JSON where `json` says (`-` is one
     /// line on stdout, and the table then goes to stderr).
     pub fn emit(&self, json: Option<&Path>) -> Result<()> {
-        let table = self.table();
-        let line = self.to_json().to_string();
-        match json {
-            Some(p) if p == Path::new("-") => {
-                eprint!("{table}");
-                let mut stdout = std::io::stdout().lock();
-                writeln!(stdout, "{line}")?;
-                stdout.flush()?;
-            }
-            Some(p) => {
-                print!("{table}");
-                std::fs::write(p, format!("{line}\n"))
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
-            None => print!("{table}"),
-        }
-        Ok(())
+        emit(&self.table(), &self.to_json(), json)
     }
+}
+
+/// Prints `table`, and writes `value` as one JSON line to `json` (`-`:
+/// stdout, the table then going to stderr).
+pub fn emit(table: &str, value: &Value, json: Option<&Path>) -> Result<()> {
+    let line = value.to_string();
+    match json {
+        Some(p) if p == Path::new("-") => {
+            eprint!("{table}");
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{line}")?;
+            stdout.flush()?;
+        }
+        Some(p) => {
+            print!("{table}");
+            std::fs::write(p, format!("{line}\n"))
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        None => print!("{table}"),
+    }
+    Ok(())
 }
 
 /// Width of the name column of the table.
