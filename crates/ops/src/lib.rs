@@ -227,6 +227,12 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
     })
 }
 
+/// The connections a gRPC server accepts on `listener`, with Nagle's
+/// algorithm off: a reply must not wait for the peer's delayed ACK.
+pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// The gRPC health service (reporting `names` serving) and server reflection
 /// for the herald.v1 API.
 pub async fn grpc_extras(

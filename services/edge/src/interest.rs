@@ -49,7 +49,7 @@ impl Slot {
             Some(held) => held.push(frame.clone()),
             None => {
                 // A full queue disconnects this member alone; the others go on.
-                self.outbox.send(frame.clone());
+                self.outbox.deliver(frame);
             }
         }
     }
@@ -337,10 +337,17 @@ async fn pump_batch(
     let Some(first) = sub.next().await else {
         return false;
     };
+    let mut next = sub.next().now_or_never();
+    if next.is_none() && flusher.is_none() {
+        // Alone: nothing to coalesce, so each member's frame goes straight
+        // to its socket instead of being queued and written after the pass.
+        handle(first);
+        return true;
+    }
     crate::delivery::batch_via(flusher, || {
         handle(first);
         for _ in 1..PUMP_BATCH {
-            match sub.next().now_or_never() {
+            match next.take().or_else(|| sub.next().now_or_never()) {
                 Some(Some(msg)) => handle(msg),
                 Some(None) => return false,
                 None => break,

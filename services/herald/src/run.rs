@@ -295,7 +295,7 @@ async fn dev(
         .add_service(router.into_server())
         .add_service(presence.grpc_service())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            herald_ops::grpc_incoming(grpc),
             shutdown.clone().cancelled_owned(),
         );
     let ws_addr = listener.local_addr()?;

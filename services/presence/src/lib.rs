@@ -29,7 +29,6 @@ use std::time::Duration;
 use herald_broker::SharedBroker;
 use herald_ops::{Health, ops_routes, serve_http};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use grpc::{MAX_USERS_PER_CALL, MAX_WATCHED};
@@ -176,7 +175,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(presence.grpc_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            herald_ops::grpc_incoming(grpc),
+            stop.clone().cancelled_owned(),
+        );
     let draining = async {
         stop.cancelled().await;
         health.set_draining();

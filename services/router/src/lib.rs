@@ -76,7 +76,7 @@ pub async fn run(
         .add_service(api.into_server())
         .add_service(presence.into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            herald_ops::grpc_incoming(grpc),
             shutdown.clone().cancelled_owned(),
         );
     let http_server = herald_ops::serve_http(
