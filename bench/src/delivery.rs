@@ -276,23 +276,45 @@ where
     F: FnMut(u64) -> (usize, Fut),
     Fut: Future<Output = Result<(), Errors>> + Send + 'static,
 {
+    paced_batches(rate, 1, pacing, rooms, move |i, _| {
+        let (room, call) = publish(i);
+        async move { vec![(room, call.await)] }
+    })
+    .await
+}
+
+/// [`paced`] with `per_call` publishes in each call: `publish(first, n)`
+/// makes publishes `first..first + n` in one call, made every
+/// `per_call / rate` seconds, and gives each one's room and outcome.
+pub async fn paced_batches<F, Fut>(
+    rate: f64,
+    per_call: u64,
+    pacing: &Pacing,
+    rooms: usize,
+    mut publish: F,
+) -> Published
+where
+    F: FnMut(u64, u64) -> Fut,
+    Fut: Future<Output = Vec<(usize, Result<(), Errors>)>> + Send + 'static,
+{
     let total = ((rate * pacing.duration.as_secs_f64()).round() as u64).max(1);
+    let per_call = per_call.max(1);
     let permits = Arc::new(Semaphore::new(pacing.max_in_flight.max(1)));
     let start = tokio::time::Instant::now();
-    let mut calls = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+    let mut calls = Vec::with_capacity(total.div_ceil(per_call) as usize);
+    for first in (0..total).step_by(per_call as usize) {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(first as f64 / rate)).await;
         let permit = permits
             .clone()
             .acquire_owned()
             .await
             .expect("semaphore open");
-        let (room, call) = publish(i);
+        let call = publish(first, per_call.min(total - first));
         calls.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let res = call.await;
+            let outcomes = call.await;
             drop(permit);
-            (room, res, t0.elapsed())
+            (outcomes, t0.elapsed())
         }));
     }
     let mut out = Published {
@@ -304,11 +326,15 @@ where
     };
     for c in calls {
         match c.await {
-            Ok((room, Ok(()), d)) => {
-                out.ok_by_room[room] += 1;
+            Ok((outcomes, d)) => {
                 out.call.record(d);
+                for (room, res) in outcomes {
+                    match res {
+                        Ok(()) => out.ok_by_room[room] += 1,
+                        Err(e) => out.errors.merge(&e),
+                    }
+                }
             }
-            Ok((_, Err(e), _)) => out.errors.merge(&e),
             Err(e) => out.errors.add_kind("task", &e.to_string()),
         }
     }

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use futures::StreamExt as _;
-use herald_proto::v1::PublishRequest;
 use herald_proto::v1::router_client::RouterClient;
+use herald_proto::v1::{PublishBatchRequest, PublishRequest};
 use serde_json::json;
 
 use crate::delivery::{self, Members, Pacing, Published, StepOutcome, Steps, fmt_rate, now_ns};
@@ -63,6 +63,10 @@ pub struct FanoutArgs {
     /// Connections being opened at the same time.
     #[arg(long, default_value_t = 100)]
     pub concurrency: usize,
+    /// Messages per `Router.PublishBatch` call (the rate stays messages per
+    /// second); 1 calls `Router.Publish` for each message. Herald only.
+    #[arg(long, default_value_t = 1)]
+    pub publish_batch: u64,
 }
 
 impl FanoutArgs {
@@ -91,6 +95,7 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
             "rates": args.rates,
             "duration_s": args.pacing.duration.as_secs_f64(),
             "max_in_flight": args.pacing.max_in_flight,
+            "publish_batch": args.publish_batch,
             "floor": args.floor,
             "source_addrs": common.source_addrs,
         }),
@@ -218,29 +223,67 @@ fn with_floor(section: Section, outcome: &StepOutcome, floor: Option<&FloorResul
         )
 }
 
-/// Publishes at `rate` for `args.pacing.duration`, rooms in turn.
+/// Publishes at `rate` for `args.pacing.duration`, rooms in turn, one
+/// `Publish` call per message or `--publish-batch` messages per `PublishBatch`.
 async fn publish(
     args: &FanoutArgs,
     router: &RouterClient<tonic::transport::Channel>,
     step: usize,
     rate: f64,
 ) -> Published {
-    delivery::paced(rate, &args.pacing, args.rooms, |i| {
+    let rooms = args.rooms as u64;
+    let batch = args.publish_batch;
+    delivery::paced_batches(rate, batch, &args.pacing, args.rooms, |first, n| {
         let mut router = router.clone();
-        let room = (i % args.rooms as u64) as usize;
-        let call = async move {
-            let req = PublishRequest {
-                room: format!("fan:room-{room}"),
-                data: format!(r#"{{"s":{step},"t":{},"i":{i}}}"#, now_ns()),
-                key: String::new(),
-            };
-            router.publish(req).await.map(drop).map_err(|status| {
+        let messages: Vec<(usize, PublishRequest)> = (first..first + n)
+            .map(|i| {
+                let room = (i % rooms) as usize;
+                let req = PublishRequest {
+                    room: format!("fan:room-{room}"),
+                    data: format!(r#"{{"s":{step},"t":{},"i":{i}}}"#, now_ns()),
+                    key: String::new(),
+                };
+                (room, req)
+            })
+            .collect();
+        async move {
+            let refused = |status: tonic::Status| {
                 let mut e = Errors::default();
                 e.add_kind(&format!("{:?}", status.code()), status.message());
                 e
-            })
-        };
-        (room, call)
+            };
+            if batch <= 1 {
+                let (room, req) = messages.into_iter().next().expect("one message");
+                return vec![(room, router.publish(req).await.map(drop).map_err(refused))];
+            }
+            let rooms: Vec<usize> = messages.iter().map(|(room, _)| *room).collect();
+            let request = PublishBatchRequest {
+                messages: messages.into_iter().map(|(_, req)| req).collect(),
+            };
+            match router.publish_batch(request).await {
+                Ok(reply) => rooms
+                    .into_iter()
+                    .zip(reply.into_inner().results)
+                    .map(|(room, outcome)| {
+                        let res = match outcome.published {
+                            Some(_) => Ok(()),
+                            None => Err(refused(tonic::Status::new(
+                                tonic::Code::from(outcome.code as i32),
+                                outcome.error,
+                            ))),
+                        };
+                        (room, res)
+                    })
+                    .collect(),
+                Err(status) => {
+                    let e = refused(status);
+                    rooms
+                        .into_iter()
+                        .map(|room| (room, Err(e.clone())))
+                        .collect()
+                }
+            }
+        }
     })
     .await
 }

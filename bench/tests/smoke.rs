@@ -194,6 +194,30 @@ fn assert_step_delivered(report: &Value, rate: u64, members: u64) -> &Value {
 }
 
 #[test]
+fn fanout_publishes_in_batches() {
+    let report = run_json(&[
+        "fanout",
+        "--target",
+        "dev",
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--rates",
+        "40",
+        "--duration",
+        "500ms",
+        "--publish-batch",
+        "6",
+    ]);
+    assert_eq!(report["params"]["publish_batch"], 6);
+    let step = assert_step_delivered(&report, 40, 3);
+    // 20 messages in calls of 6: four calls, the last one of 2.
+    assert_eq!(step["publishes_ok"], 20, "{step}");
+    assert_eq!(step["publish_call_ms"]["count"], 4, "{step}");
+}
+
+#[test]
 fn idle_reports_rss_per_connection() {
     let report = run_json(&[
         "idle", "--target", "dev", "--conns", "40", "--settle", "200ms",

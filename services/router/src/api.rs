@@ -29,6 +29,9 @@ pub struct RouterApi {
     published: Counter,
 }
 
+/// Messages one `PublishBatch` call may carry.
+const MAX_PUBLISH_BATCH: usize = 1000;
+
 /// How long Join/Leave/Disconnect wait for the edges to confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -186,6 +189,40 @@ impl Router for RouterApi {
         self.publish_to(room, &req.data, &req.key)
             .await
             .map(Response::new)
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<PublishBatchRequest>,
+    ) -> Result<Response<PublishBatchReply>, Status> {
+        let messages = request.into_inner().messages;
+        if messages.len() > MAX_PUBLISH_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {MAX_PUBLISH_BATCH} messages; this one has {}",
+                messages.len()
+            )));
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        // One after the other: messages to one room keep the batch's order.
+        for req in messages {
+            let published = match room_arg(&req.room) {
+                Ok(room) => self.publish_to(room, &req.data, &req.key).await,
+                Err(status) => Err(status),
+            };
+            results.push(match published {
+                Ok(reply) => PublishOutcome {
+                    published: Some(reply),
+                    code: 0,
+                    error: String::new(),
+                },
+                Err(status) => PublishOutcome {
+                    published: None,
+                    code: status.code() as u32,
+                    error: status.message().to_string(),
+                },
+            });
+        }
+        Ok(Response::new(PublishBatchReply { results }))
     }
 
     async fn send_to_user(

@@ -450,3 +450,74 @@ async fn a_nats_restart_loses_no_acknowledged_message() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_batch_publishes_in_order_with_an_outcome_per_message() {
+    let (_f, config) = config_file(CONFIG);
+    let cluster = Cluster::start_with(2, &config);
+    let mut router = cluster.router().await;
+    let durable = connect(&cluster.ws(0), "bea").await;
+    ok(&durable, json!({"op":"join","room":"doc:b"})).await;
+    let live = connect(&cluster.ws(1), "bo").await;
+    ok(&live, json!({"op":"join","room":"chat:b"})).await;
+
+    let batch = |messages| herald_proto::v1::PublishBatchRequest { messages };
+    let results = router
+        .publish_batch(batch(vec![
+            publish("doc:b", json!(1), "b-1"),
+            publish("chat:b", json!("a"), ""),
+            publish("doc:b", json!(2), ""),
+            PublishRequest {
+                room: "doc:b".into(),
+                data: "{not json".into(),
+                key: String::new(),
+            },
+            publish("chat:b", json!("b"), ""),
+            publish("doc:b", json!(3), ""),
+            publish("doc:b", json!(1), "b-1"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 7);
+    let offset = |i: usize| {
+        let r = &results[i];
+        assert_eq!((r.code, r.error.as_str()), (0, ""), "message {i}");
+        r.published.as_ref().expect("published").offset
+    };
+    let (first, second, third) = (offset(0), offset(2), offset(5));
+    assert!(first < second && second < third, "{results:?}");
+    assert_eq!(offset(6), first, "a repeated key gives the first offset");
+    assert!(results[3].published.is_none());
+    assert_eq!(results[3].code, tonic::Code::InvalidArgument as u32);
+    assert!(
+        results[3].error.contains("not valid JSON"),
+        "{}",
+        results[3].error
+    );
+
+    let got = receive(&durable, 3).await;
+    assert_eq!(
+        got,
+        vec![(first, json!(1)), (second, json!(2)), (third, json!(3))]
+    );
+    for data in ["a", "b"] {
+        assert_eq!(live.recv_op("message", WAIT).await.unwrap()["data"], data);
+    }
+
+    let e = router
+        .publish_batch(batch(vec![publish("chat:b", json!(0), ""); 1001]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("at most 1000"), "{}", e.message());
+    let empty = router.publish_batch(batch(Vec::new())).await.unwrap();
+    assert!(empty.into_inner().results.is_empty());
+    // Nothing of the refused batch arrived: the next message is the next one.
+    router
+        .publish(publish("chat:b", json!("c"), ""))
+        .await
+        .unwrap();
+    assert_eq!(live.recv_op("message", WAIT).await.unwrap()["data"], "c");
+}
