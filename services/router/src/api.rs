@@ -127,6 +127,12 @@ impl RouterApi {
         RouterServer::new(self)
     }
 
+    /// One `Publish`, alone or as part of a batch.
+    async fn publish_request(&self, req: PublishRequest) -> Result<PublishReply, Status> {
+        self.publish_to(room_arg(&req.room)?, &req.data, &req.key)
+            .await
+    }
+
     async fn publish_to(
         &self,
         room: RoomName,
@@ -184,9 +190,7 @@ impl Router for RouterApi {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishReply>, Status> {
-        let req = request.into_inner();
-        let room = room_arg(&req.room)?;
-        self.publish_to(room, &req.data, &req.key)
+        self.publish_request(request.into_inner())
             .await
             .map(Response::new)
     }
@@ -205,11 +209,7 @@ impl Router for RouterApi {
         let mut results = Vec::with_capacity(messages.len());
         // One after the other: messages to one room keep the batch's order.
         for req in messages {
-            let published = match room_arg(&req.room) {
-                Ok(room) => self.publish_to(room, &req.data, &req.key).await,
-                Err(status) => Err(status),
-            };
-            results.push(match published {
+            results.push(match self.publish_request(req).await {
                 Ok(reply) => PublishOutcome {
                     published: Some(reply),
                     code: 0,
