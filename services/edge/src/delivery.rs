@@ -97,6 +97,33 @@ impl Queue {
     }
 }
 
+/// Starts loading `value`'s memory into the cache without waiting for it.
+///
+/// A fan-out touches each member's state once, between two sends, and at
+/// low rates that state is never in the cache: the miss was the largest
+/// user-space cost of a delivery. A prefetch lets it overlap the previous
+/// member's `send(2)`.
+pub fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // Every cache line the value touches, wherever it starts.
+        let start = (value as *const T).cast::<i8>();
+        let first = start as usize & !63;
+        let end = start as usize + size_of::<T>().max(1);
+        for line in (first..end).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults and reads
+            // nothing into the program; the lines hold `value`.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(start.wrapping_offset(line as isize - start as isize));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 thread_local! {
     /// Where a write's frames are encoded: one buffer per thread, not per
     /// write or per connection.
@@ -308,6 +335,12 @@ impl Outbox {
     /// The socket took less than offered: wait for it to be writable, then [`Outbox::resume`].
     pub fn is_stalled(&self) -> bool {
         self.lock().stalled
+    }
+
+    /// Asks the CPU to fetch this connection's state, so that a fan-out can
+    /// load the next member while the kernel sends to the current one.
+    pub fn prefetch(&self) {
+        prefetch(&*self.conn);
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {

@@ -17,7 +17,8 @@ use herald_broker::history::{HistoryError, SharedHistory};
 use herald_wire::RoomName;
 use herald_wire::frames::{position, with_position};
 
-use crate::interest::{Entry, Slot};
+use crate::delivery;
+use crate::interest::Entry;
 
 /// How long an early message waits for its predecessor before the edge reads
 /// the gap from history.
@@ -111,7 +112,7 @@ fn start(entry: &Arc<RoomEntry>, history: &SharedHistory, started: Order) -> usi
             return 0;
         }
     };
-    crate::delivery::batch(|| {
+    delivery::batch(|| {
         held.into_iter()
             .map(|frame| order_frame(entry, &mut order, history, frame))
             .sum()
@@ -120,10 +121,24 @@ fn start(entry: &Arc<RoomEntry>, history: &SharedHistory, started: Order) -> usi
 
 fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
     let mut members = entry.members.write().expect("members");
-    members
-        .values_mut()
-        .for_each(|m: &mut Slot| m.deliver(frame));
-    members.len()
+    let count = members.len();
+    // Two members ahead, the slot (which holds the pointer to the member's
+    // state); one ahead, the state itself: both misses then overlap a send.
+    let mut slots = members.values_mut();
+    let mut current = slots.next();
+    let mut next = slots.next();
+    while let Some(member) = current {
+        let after = slots.next();
+        if let Some(after) = &after {
+            delivery::prefetch(&**after);
+        }
+        if let Some(next) = &next {
+            next.outbox.prefetch();
+        }
+        member.deliver(frame);
+        (current, next) = (next, after);
+    }
+    count
 }
 
 /// Delivers a frame that arrived on the room's subject; returns how many
@@ -342,6 +357,7 @@ mod tests {
     use herald_broker::history::{Limits, MemoryHistory};
 
     use super::*;
+    use crate::interest::Slot;
     use crate::interest::tests::{member, received, receives_nothing};
 
     fn frame(n: u32) -> Bytes {

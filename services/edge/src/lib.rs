@@ -2,7 +2,7 @@
 //! them, keeps the local room table, and delivers room messages that arrive
 //! through the broker. Edges hold no state that another edge cannot rebuild:
 //! a client may land on any edge and reconnect to any other.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod control;
 mod delivery;
