@@ -438,15 +438,29 @@ impl StepOutcome {
     /// Adds `section` (this step's, maybe with more keys) and the CPU to the
     /// report, with a note if deliveries are missing.
     pub fn push(self, report: &mut Report, section: Section) {
+        self.push_run(report, section, 1);
+    }
+
+    /// [`push`](Self::push) for run `run` of a repeated step: runs after
+    /// the first are `rate_<r>_run<k>` and `rate <r>/s run <k>`.
+    pub fn push_run(self, report: &mut Report, section: Section, run: u32) {
         let (rate, expected, delivered) = (self.rate, self.expected, self.delivered);
+        let (name, label) = if run > 1 {
+            (
+                format!("{}_run{run}", fmt_rate(rate)),
+                format!("rate {rate}/s run {run}"),
+            )
+        } else {
+            (fmt_rate(rate), format!("rate {rate}/s"))
+        };
         if delivered < expected {
             report.notes.push(format!(
-                "rate {rate}/s: {} of {expected} deliveries missing",
+                "{label}: {} of {expected} deliveries missing",
                 expected - delivered
             ));
         }
-        report.section(&format!("rate_{}", fmt_rate(rate)), section);
-        report.cpu.push((format!("rate {rate}/s"), self.cpu));
+        report.section(&format!("rate_{name}"), section);
+        report.cpu.push((label, self.cpu));
     }
 }
 

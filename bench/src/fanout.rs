@@ -67,6 +67,31 @@ pub struct FanoutArgs {
     /// second); 1 calls `Router.Publish` for each message. Herald only.
     #[arg(long, default_value_t = 1)]
     pub publish_batch: u64,
+    /// Runs the list of rates this many times and adds each rate's median
+    /// over the runs (`median_<r>`). The machine's speed drifts from one
+    /// minute to the next; repeated steps, each right after its own floor,
+    /// keep a figure from resting on one sample.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
+}
+
+/// One step of a run: a rate, in round `run` (from 1) of `--repeat`.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    index: usize,
+    rate: f64,
+    run: u32,
+}
+
+impl Step {
+    /// `<r>`, or `<r>_run<k>` after the first round.
+    fn name(&self) -> String {
+        if self.run > 1 {
+            format!("{}_run{}", fmt_rate(self.rate), self.run)
+        } else {
+            fmt_rate(self.rate)
+        }
+    }
 }
 
 impl FanoutArgs {
@@ -75,6 +100,15 @@ impl FanoutArgs {
     fn conns(&self) -> Result<usize> {
         let sockets = if self.floor { 2 } else { 1 };
         delivery::check_shape(self.rooms, self.members, &self.rates, sockets)
+    }
+
+    /// Every step in order: the rates, `--repeat` times over.
+    fn schedule(&self) -> Vec<Step> {
+        (1..=self.repeat)
+            .flat_map(|run| self.rates.iter().map(move |&rate| (run, rate)))
+            .enumerate()
+            .map(|(index, (run, rate))| Step { index, rate, run })
+            .collect()
     }
 }
 
@@ -96,13 +130,15 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
             "duration_s": args.pacing.duration.as_secs_f64(),
             "max_in_flight": args.pacing.max_in_flight,
             "publish_batch": args.publish_batch,
+            "repeat": args.repeat,
             "floor": args.floor,
             "source_addrs": common.source_addrs,
         }),
     );
 
-    // The floor first, while Herald is idle.
-    let floors = measure_floors(args, conns, common, &mut report).await?;
+    // The floor's receivers connect first, while Herald is idle.
+    let mut floors = Floors::start(args, conns, common).await?;
+    let schedule = args.schedule();
 
     // Members.
     let dialer = Dialer::new(target.edge_urls.clone(), common.source_ips());
@@ -117,7 +153,7 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
     .await;
 
     // Receivers: one task per member, all steps (the last slot is the warm-up).
-    let warm = args.rates.len();
+    let warm = schedule.len();
     let steps = Steps::new(warm + 1);
     let stop = Arc::new(AtomicBool::new(false));
     let receivers: Vec<_> = std::mem::take(&mut members.clients)
@@ -146,19 +182,22 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
         .warm_up(warm, expected_warm, &members, &mut report)
         .await;
 
-    for (step, &rate) in args.rates.iter().enumerate() {
+    for &step in &schedule {
+        let floor = floors.before(step, &mut report).await?;
         let outcome = StepOutcome::measure(
             target,
             &steps,
-            (step, rate),
+            (step.index, step.rate),
             &members.members_of,
             args.pacing.drain_timeout,
-            publish(args, &router, step, rate),
+            publish(args, &router, step.index, step.rate),
         )
         .await;
-        let section = with_floor(outcome.section(), &outcome, floors[step].as_ref());
-        outcome.push(&mut report, section);
+        let section = with_floor(outcome.section(), &outcome, floor.as_ref());
+        outcome.push_run(&mut report, section, step.run);
     }
+    floors.finish(&mut report).await;
+    add_medians(&mut report, args);
 
     stop.store(true, Ordering::Relaxed);
     for r in receivers {
@@ -170,42 +209,143 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
 }
 
 /// With `--floor`, the bare-write floor at the same connections and
-/// deliveries per second as each step (a section `floor_<rate>` each).
-async fn measure_floors(
-    args: &FanoutArgs,
+/// deliveries per second as each step, measured right before it (a
+/// section `floor_<r>` each), so that both see the machine as it is then.
+struct Floors {
+    writer: Option<floor::Writer>,
+    members: usize,
     conns: usize,
-    common: &CommonArgs,
-    report: &mut Report,
-) -> Result<Vec<Option<FloorResult>>> {
-    let mut floors: Vec<Option<FloorResult>> = vec![None; args.rates.len()];
-    if !args.floor {
-        return Ok(floors);
-    }
-    let phases: Vec<Phase> = args
-        .rates
-        .iter()
-        .map(|rate| {
-            // Each round writes once to every connection: as many
-            // deliveries a second as the step.
-            let round_rate = rate * args.members as f64 / conns as f64;
-            Phase {
-                frames_per_write: 1,
-                rounds: ((round_rate * args.pacing.duration.as_secs_f64()).ceil() as u64).max(1),
-                round_rate,
-            }
+    duration_s: f64,
+}
+
+impl Floors {
+    /// Connects the floor's receivers (nothing without `--floor`).
+    async fn start(args: &FanoutArgs, conns: usize, common: &CommonArgs) -> Result<Floors> {
+        let writer = if args.floor {
+            Some(floor::Writer::start(conns, &common.source_ips()).await?)
+        } else {
+            None
+        };
+        Ok(Floors {
+            writer,
+            members: args.members,
+            conns,
+            duration_s: args.pacing.duration.as_secs_f64(),
         })
-        .collect();
-    let (results, errors) = floor::measure(conns, &phases, &common.source_ips()).await?;
-    if errors.total() > 0 {
-        report
-            .notes
-            .push(format!("floor receivers: {}", errors.to_json()));
     }
-    for (i, r) in results.into_iter().enumerate() {
-        report.section(&format!("floor_{}", fmt_rate(args.rates[i])), r.section());
-        floors[i] = Some(r);
+
+    /// The floor at `step`'s deliveries per second.
+    async fn before(&mut self, step: Step, report: &mut Report) -> Result<Option<FloorResult>> {
+        let Some(writer) = &mut self.writer else {
+            return Ok(None);
+        };
+        // Each round writes once to every connection: as many deliveries
+        // a second as the step.
+        let round_rate = step.rate * self.members as f64 / self.conns as f64;
+        let result = writer
+            .phase(Phase {
+                frames_per_write: 1,
+                rounds: ((round_rate * self.duration_s).ceil() as u64).max(1),
+                round_rate,
+            })
+            .await?;
+        report.section(&format!("floor_{}", step.name()), result.section());
+        Ok(Some(result))
     }
-    Ok(floors)
+
+    async fn finish(self, report: &mut Report) {
+        let Some(writer) = self.writer else {
+            return;
+        };
+        let errors = writer.finish().await;
+        if errors.total() > 0 {
+            report
+                .notes
+                .push(format!("floor receivers: {}", errors.to_json()));
+        }
+    }
+}
+
+/// Figures of a step that `median_<r>` takes the median of, as (key,
+/// optional field).
+const MEDIAN_OF: &[(&str, Option<&str>)] = &[
+    ("delivered_per_sec", None),
+    ("lost", None),
+    ("herald_us_per_delivery", None),
+    ("nats_us_per_delivery", None),
+    ("server_us_per_delivery", None),
+    ("floor_us_per_write", None),
+    ("ratio_to_floor", None),
+    ("latency_ms", Some("p50")),
+    ("latency_ms", Some("p99")),
+];
+
+/// With `--repeat` above 1, a `median_<r>` section per rate: the median of
+/// each figure over the runs, and the range of the ratio to the floor.
+fn add_medians(report: &mut Report, args: &FanoutArgs) {
+    if args.repeat < 2 {
+        return;
+    }
+    let mut rates = args.rates.clone();
+    rates.dedup();
+    for rate in rates {
+        let first = format!("rate_{}", fmt_rate(rate));
+        let runs: Vec<&Section> = report
+            .results
+            .iter()
+            .filter(|(name, _)| {
+                *name == first
+                    || name
+                        .strip_prefix(&first)
+                        .is_some_and(|rest| rest.starts_with("_run"))
+            })
+            .map(|(_, section)| section)
+            .collect();
+        let mut section = Section::new().put("rate", rate).put("runs", runs.len());
+        let mut latency = serde_json::Map::new();
+        for &(key, field) in MEDIAN_OF {
+            let values: Vec<f64> = runs
+                .iter()
+                .filter_map(|s| {
+                    let v = s.get(key)?;
+                    match field {
+                        Some(f) => v.get(f)?.as_f64(),
+                        None => v.as_f64(),
+                    }
+                })
+                .collect();
+            let Some(m) = median(&values) else {
+                continue;
+            };
+            match field {
+                Some(f) => {
+                    latency.insert(f.to_owned(), json!(round3(m)));
+                }
+                None => section = section.put(key, round3(m)),
+            }
+            if key == "ratio_to_floor" {
+                let (lo, hi) = values
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                section = section.put("ratio_to_floor_range", json!([round3(lo), round3(hi)]));
+            }
+        }
+        if !latency.is_empty() {
+            section = section.put("latency_ms", latency);
+        }
+        report.section(&format!("median_{}", fmt_rate(rate)), section);
+    }
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// A step's section with, under `--floor`, the floor of the step and the
@@ -313,6 +453,7 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
             "conns": conns,
             "rates": args.rates,
             "duration_s": args.pacing.duration.as_secs_f64(),
+            "repeat": args.repeat,
             "floor": args.floor,
             "source_addrs": common.source_addrs,
             "redis_url": peer.sio.redis_url(),
@@ -325,12 +466,13 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
             .push("Redis's pid is unknown: its CPU is not counted".into());
     }
 
-    // The floor first, while the peer is idle.
-    let floors = measure_floors(args, conns, common, &mut report).await?;
+    // The floor's receivers connect first, while the peer is idle.
+    let mut floors = Floors::start(args, conns, common).await?;
+    let schedule = args.schedule();
 
     // Receivers: the reader task of each connection counts into the step
     // named by the event (the last slot is the warm-up).
-    let warm = args.rates.len();
+    let warm = schedule.len();
     let steps = Steps::new(warm + 1);
     let on_event: OnEvent = {
         let steps = steps.clone();
@@ -388,7 +530,13 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
         .warm_up(warm, expected_warm, &members, &mut report)
         .await;
 
-    for (step, &rate) in args.rates.iter().enumerate() {
+    for &Step {
+        index: step,
+        rate,
+        run,
+    } in &schedule
+    {
+        let floor = floors.before(schedule[step], &mut report).await?;
         let meter = peer.meter();
         let per_room = rate / args.rooms as f64;
         let emits = (0..args.rooms).map(|r| {
@@ -443,9 +591,11 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
         let section = outcome
             .section()
             .put("publisher_cpu_s", round3(publisher_cpu));
-        let section = with_floor(section, &outcome, floors[step].as_ref());
-        outcome.push(&mut report, section);
+        let section = with_floor(section, &outcome, floor.as_ref());
+        outcome.push_run(&mut report, section, run);
     }
+    floors.finish(&mut report).await;
+    add_medians(&mut report, args);
 
     futures::stream::iter(members.clients)
         .for_each_concurrent(args.concurrency.max(1), |(_, c)| async move {

@@ -238,89 +238,130 @@ pub async fn measure(
     phases: &[Phase],
     sources: &[IpAddr],
 ) -> Result<(Vec<FloorResult>, Errors)> {
-    if conns == 0 {
-        bail!("--conns must be at least 1");
+    let mut writer = Writer::start(conns, sources).await?;
+    let mut results = Vec::with_capacity(phases.len());
+    for &phase in phases {
+        results.push(writer.phase(phase).await?);
     }
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["floor-writer", "--conns", &conns.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
+    Ok((results, writer.finish().await))
+}
+
+/// A writer child and its receivers, kept between phases so that a
+/// scenario can measure the floor right before each of its own steps.
+pub struct Writer {
+    child: tokio::process::Child,
+    pid: u32,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    conns: usize,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    readers: Vec<tokio::task::JoinHandle<Option<String>>>,
+    errors: Errors,
+}
+
+impl Writer {
+    /// Starts the writer child and connects `conns` receivers to it.
+    pub async fn start(conns: usize, sources: &[IpAddr]) -> Result<Writer> {
+        if conns == 0 {
+            bail!("--conns must be at least 1");
+        }
+        let exe = std::env::current_exe()?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["floor-writer", "--conns", &conns.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        let mut child = cmd.spawn().context("could not start floor-writer")?;
+        let pid = child.id().context("floor-writer has no pid")?;
+        let stdin = child.stdin.take().context("floor-writer stdin")?;
+        let lines = BufReader::new(child.stdout.take().context("floor-writer stdout")?).lines();
+        let mut writer = Writer {
+            child,
+            pid,
+            stdin,
+            lines,
+            conns,
+            received: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            readers: Vec::new(),
+            errors: Errors::default(),
+        };
+        let line = writer.next_line().await?;
+        let addr: SocketAddr = line
+            .strip_prefix("listening ")
+            .context("floor-writer did not say where it listens")?
+            .parse()?;
+        let url = format!("ws://{addr}/ws");
+
+        // Connect the receivers.
+        let opened: Vec<_> = futures::stream::iter(0..conns)
+            .map(|i| {
+                let url = url.clone();
+                let source = sources[i % sources.len()];
+                async move { Client::connect_from(&url, "floor", Some(source)).await }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect()
+            .await;
+        let mut clients = Vec::with_capacity(conns);
+        for c in opened {
+            match c {
+                Ok((client, _)) => clients.push(client),
+                Err(e) => writer.errors.add("connect", &e),
             }
-            Ok(())
-        });
+        }
+        if clients.len() < conns {
+            bail!(
+                "only {} of {conns} receivers could connect to the floor writer: {}",
+                clients.len(),
+                writer.errors.to_json()
+            );
+        }
+        let ready = writer.next_line().await?;
+        if ready != "ready" {
+            bail!("floor-writer: {ready}");
+        }
+        writer.readers = clients
+            .into_iter()
+            .map(|c| {
+                tokio::spawn(count_messages(
+                    c,
+                    writer.received.clone(),
+                    writer.stop.clone(),
+                ))
+            })
+            .collect();
+        Ok(writer)
     }
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().context("could not start floor-writer")?;
-    let pid = child.id().context("floor-writer has no pid")?;
-    let mut stdin = child.stdin.take().context("floor-writer stdin")?;
-    let mut lines = BufReader::new(child.stdout.take().context("floor-writer stdout")?).lines();
-    let mut next_line = async || -> Result<String> {
-        match tokio::time::timeout(Duration::from_secs(600), lines.next_line()).await {
+
+    async fn next_line(&mut self) -> Result<String> {
+        match tokio::time::timeout(Duration::from_secs(600), self.lines.next_line()).await {
             Ok(Ok(Some(line))) => Ok(line),
             Ok(Ok(None)) => bail!("floor-writer ended early"),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => bail!("floor-writer silent for 10 minutes"),
         }
-    };
-    let line = next_line().await?;
-    let addr: SocketAddr = line
-        .strip_prefix("listening ")
-        .context("floor-writer did not say where it listens")?
-        .parse()?;
-    let url = format!("ws://{addr}/ws");
-
-    // Connect the receivers.
-    let mut errors = Errors::default();
-    let opened: Vec<_> = futures::stream::iter(0..conns)
-        .map(|i| {
-            let url = url.clone();
-            let source = sources[i % sources.len()];
-            async move { Client::connect_from(&url, "floor", Some(source)).await }
-        })
-        .buffer_unordered(CONNECT_CONCURRENCY)
-        .collect()
-        .await;
-    let mut clients = Vec::with_capacity(conns);
-    for c in opened {
-        match c {
-            Ok((client, _)) => clients.push(client),
-            Err(e) => errors.add("connect", &e),
-        }
-    }
-    if clients.len() < conns {
-        bail!(
-            "only {} of {conns} receivers could connect to the floor writer: {}",
-            clients.len(),
-            errors.to_json()
-        );
-    }
-    let ready = next_line().await?;
-    if ready != "ready" {
-        bail!("floor-writer: {ready}");
     }
 
-    let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let readers: Vec<_> = clients
-        .into_iter()
-        .map(|c| tokio::spawn(count_messages(c, received.clone(), stop.clone())))
-        .collect();
-
-    let mut results = Vec::new();
-    for &phase in phases {
-        let before = received.load(Ordering::Relaxed);
-        let writer_start = cpu_times(pid).context("floor-writer's /proc/<pid>/stat")?;
+    /// Runs one phase and returns what it cost.
+    pub async fn phase(&mut self, phase: Phase) -> Result<FloorResult> {
+        let before = self.received.load(Ordering::Relaxed);
+        let writer_start = cpu_times(self.pid).context("floor-writer's /proc/<pid>/stat")?;
         let bench_start = cpu_times(std::process::id()).unwrap_or_default();
         let started = Instant::now();
-        stdin
+        self.stdin
             .write_all(
                 format!(
                     "go {} {} {}\n",
@@ -329,9 +370,9 @@ pub async fn measure(
                 .as_bytes(),
             )
             .await?;
-        stdin.flush().await?;
-        let done = next_line().await?;
-        let writer_end = cpu_times(pid).context("floor-writer's /proc/<pid>/stat")?;
+        self.stdin.flush().await?;
+        let done = self.next_line().await?;
+        let writer_end = cpu_times(self.pid).context("floor-writer's /proc/<pid>/stat")?;
         let wall_s = started.elapsed().as_secs_f64();
         let writes: u64 = done
             .strip_prefix("done ")
@@ -340,13 +381,13 @@ pub async fn measure(
         let frames = writes * phase.frames_per_write as u64;
         // Wait for the receivers to read what was written.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while received.load(Ordering::Relaxed) - before < frames && Instant::now() < deadline {
+        while self.received.load(Ordering::Relaxed) - before < frames && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let bench_end = cpu_times(std::process::id()).unwrap_or_default();
-        results.push(FloorResult {
+        Ok(FloorResult {
             phase,
-            conns,
+            conns: self.conns,
             writes,
             frames,
             writer: CpuTimes {
@@ -356,19 +397,23 @@ pub async fn measure(
             wall_s,
             receivers_s: (bench_end.user + bench_end.system)
                 - (bench_start.user + bench_start.system),
-            received: received.load(Ordering::Relaxed) - before,
-        });
+            received: self.received.load(Ordering::Relaxed) - before,
+        })
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = stdin.write_all(b"quit\n").await;
-    drop(stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-    for r in readers {
-        if let Ok(Some(e)) = r.await {
-            errors.add_kind("receiver", &e);
+
+    /// Stops the writer; returns the receivers' errors.
+    pub async fn finish(mut self) -> Errors {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stdin.write_all(b"quit\n").await;
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        for r in self.readers {
+            if let Ok(Some(e)) = r.await {
+                self.errors.add_kind("receiver", &e);
+            }
         }
+        self.errors
     }
-    Ok((results, errors))
 }
 
 /// Reads frames until the connection ends; counts `message` frames. Returns

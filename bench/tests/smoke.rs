@@ -279,6 +279,8 @@ fn fanout_reports_deliveries_latency_and_floor_ratio() {
         "--duration",
         "500ms",
         "--floor",
+        "--repeat",
+        "2",
     ]);
     assert_eq!(report["params"]["conns"], 6);
     let setup = &report["results"]["setup"];
@@ -291,9 +293,28 @@ fn fanout_reports_deliveries_latency_and_floor_ratio() {
             "{step}"
         );
         assert!(step.get("ratio_to_floor").is_some(), "{step}");
-        let floor = &report["results"][format!("floor_{rate}")];
-        assert_eq!(floor["conns"], 6, "{floor}");
-        assert_eq!(floor["missing"], 0, "{floor}");
+        // The second round of the same rate, each step after its own floor.
+        let again = &report["results"][format!("rate_{rate}_run2")];
+        assert_eq!(again["lost"], 0, "{again}");
+        assert_eq!(again["delivered"], step["expected"], "{again}");
+        for name in [format!("floor_{rate}"), format!("floor_{rate}_run2")] {
+            let floor = &report["results"][&name];
+            assert_eq!(floor["conns"], 6, "{name}: {floor}");
+            assert_eq!(floor["missing"], 0, "{name}: {floor}");
+        }
+        let median = &report["results"][format!("median_{rate}")];
+        assert_eq!(median["runs"], 2, "{median}");
+        assert_eq!(median["lost"], 0.0, "{median}");
+        assert!(
+            number(&median["latency_ms"]["p99"], "median p99") > 0.0,
+            "{median}"
+        );
+    }
+    // Each round's step is judged against the floor of its own round.
+    for name in ["20", "40", "20_run2", "40_run2"] {
+        let step = &report["results"][format!("rate_{name}")];
+        let floor = &report["results"][format!("floor_{name}")];
+        assert_eq!(step["floor_us_per_write"], floor["us_per_write"], "{name}");
     }
 }
 
