@@ -26,6 +26,9 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+mod fanout;
+pub use fanout::{Sends, enable as enable_io_uring};
+
 /// The most bytes gathered into one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
@@ -234,6 +237,14 @@ impl Flusher {
 
 /// Whether a batch runs on this thread; registers `outbox` with it unless
 /// it is `registered` already (one thread-local access per delivery).
+/// What [`Outbox::claim`] did with a frame.
+enum Claim<'a> {
+    /// Queued (`true`), or refused because the connection is closing.
+    Done(bool),
+    /// Nothing is queued: the frame may be written now, under this lock.
+    Now(MutexGuard<'a, Queue>),
+}
+
 fn join_batch(outbox: &Outbox, registered: bool) -> bool {
     BATCH.with(|b| match b.borrow_mut().as_mut() {
         Some(dirty) => {
@@ -360,22 +371,34 @@ impl Outbox {
     /// cloned nor queued, and the connection's state is touched once, which
     /// matters when each delivery is a cache miss between two syscalls.
     pub fn deliver(&self, frame: &Bytes) -> bool {
+        match self.claim(frame) {
+            Claim::Done(delivered) => delivered,
+            Claim::Now(mut q) => {
+                self.offer_encoded(&mut q, |_, buf| encode_frame(buf, OP_TEXT, frame));
+                true
+            }
+        }
+    }
+
+    /// Queues `frame` for this connection, unless it can go to the socket
+    /// right now: then the queue comes back locked, for the caller to send
+    /// the frame before anything else can be written.
+    fn claim(&self, frame: &Bytes) -> Claim<'_> {
         let Some(mut q) = self.admit() else {
-            return false;
+            return Claim::Done(false);
         };
         if join_batch(self, q.batched) {
             q.batched = true;
             q.frames.push_back(Out::Text(frame.clone()));
-            return true;
+            return Claim::Done(true);
         }
         if q.drained() {
             q.stalled = false;
-            self.offer_encoded(&mut q, |_, buf| encode_frame(buf, OP_TEXT, frame));
-            return true;
+            return Claim::Now(q);
         }
         q.frames.push_back(Out::Text(frame.clone()));
         self.write(&mut q);
-        true
+        Claim::Done(true)
     }
 
     /// The queue, if it takes another frame; a full one closes the connection.

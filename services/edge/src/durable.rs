@@ -122,6 +122,7 @@ fn start(entry: &Arc<RoomEntry>, history: &SharedHistory, started: Order) -> usi
 fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
     let mut members = entry.members.write().expect("members");
     let count = members.len();
+    let mut sends = delivery::Sends::new(frame);
     // Two members ahead, the slot (which holds the pointer to the member's
     // state); one ahead, the state itself: both misses then overlap a send.
     let mut slots = members.values_mut();
@@ -135,9 +136,10 @@ fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
         if let Some(next) = &next {
             next.outbox.prefetch();
         }
-        member.deliver(frame);
+        member.deliver_in(frame, &mut sends);
         (current, next) = (next, after);
     }
+    drop(sends);
     count
 }
 

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-use crate::delivery::{Flusher, Outbox};
+use crate::delivery::{Flusher, Outbox, Sends};
 
 /// Messages a pump hands over in one delivery batch, at most: enough to
 /// coalesce a burst into one write per connection, few enough that one
@@ -51,6 +51,15 @@ impl Slot {
                 // A full queue disconnects this member alone; the others go on.
                 self.outbox.deliver(frame);
             }
+        }
+    }
+
+    /// [`Slot::deliver`] as one of a fan-out's run of sends.
+    pub fn deliver_in<'a>(&'a mut self, frame: &Bytes, sends: &mut Sends<'a>) {
+        if self.held.is_some() {
+            self.deliver(frame);
+        } else {
+            sends.send(&self.outbox);
         }
     }
 }

@@ -70,6 +70,9 @@ pub struct Config {
     /// Room deliveries wait up to this long so that a busy connection's
     /// frames share a write; zero writes at once.
     pub write_delay: Duration,
+    /// Send a room message to its members through io_uring, many sends per
+    /// submission, where the kernel allows it; off: one send(2) each.
+    pub io_uring: bool,
     /// Open once durable rooms' storage is set up; the edge is not ready before.
     pub storage: herald_ops::Gate,
 }
@@ -92,6 +95,7 @@ impl Config {
             presence_source: PresenceSource::Broker,
             drain_timeout: Duration::from_secs(10),
             write_delay: Duration::ZERO,
+            io_uring: true,
             storage: herald_ops::Gate::open("durable storage"),
         }
     }
@@ -211,6 +215,14 @@ pub async fn run(
         edge_metrics.rooms.clone(),
     )
     .sharded(subjects::room_shard, subjects::room_from_subject);
+    match delivery::enable_io_uring(config.io_uring) {
+        Ok(true) => tracing::info!("room messages go to their members in io_uring batches"),
+        Ok(false) => tracing::info!("io_uring is off (--io-uring=false): one send(2) per member"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "io_uring is not available here; room messages go out with one send(2) per member"
+        ),
+    }
     if !config.write_delay.is_zero() {
         rooms = rooms.write_delay(delivery::Flusher::start(
             config.write_delay,

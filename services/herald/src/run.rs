@@ -157,6 +157,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 max_message_bytes: args.max_message_bytes,
                 outbound_queue: args.outbound_queue,
                 write_delay: args.write_delay,
+                io_uring: args.io_uring,
                 presence_interval: args.presence_interval,
                 presence_source: presence_source(args.presence.as_deref())?,
                 ..config
