@@ -7,14 +7,17 @@ use futures::StreamExt;
 
 use crate::{BoxFuture, Broker, BrokerError, Message, Subscription};
 
-/// How long a subscribe waits for the server to confirm it (a flush round
-/// trip) before reporting the broker unavailable.
+/// How long a subscribe waits for the server to confirm it (a round trip)
+/// before reporting the broker unavailable.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct NatsBroker {
     client: async_nats::Client,
     url: String,
+    /// A subject nobody subscribes to: a request on it comes back as "no
+    /// responders" once the server has read everything sent before it.
+    confirm_subject: String,
 }
 
 impl NatsBroker {
@@ -30,9 +33,15 @@ impl NatsBroker {
             .connect(url)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("{url}: {e}")))?;
+        let unique = client.new_inbox();
+        let confirm_subject = format!(
+            "_HERALD.confirm.{}",
+            unique.rsplit('.').next().unwrap_or(&unique)
+        );
         Ok(NatsBroker {
             client,
             url: url.to_string(),
+            confirm_subject,
         })
     }
 
@@ -41,10 +50,23 @@ impl NatsBroker {
         &self.client
     }
 
+    /// Returns once the server has processed everything this client sent
+    /// before (a subscription, above all). `flush` is not enough: it only
+    /// writes the socket, and a server short of CPU may read another
+    /// client's publish first, which the new subscription would then miss.
+    /// A server reads one client's commands in order, so the answer to a
+    /// request sent after them (here "no responders") proves they are in.
     async fn confirm(&self) -> Result<(), BrokerError> {
-        match tokio::time::timeout(CONFIRM_TIMEOUT, self.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+        let request = self
+            .client
+            .request(self.confirm_subject.clone(), Bytes::new());
+        match tokio::time::timeout(CONFIRM_TIMEOUT, request).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
+                "{} did not confirm: {e}",
+                self.url
+            ))),
             Err(_) => Err(BrokerError::Unavailable(format!(
                 "{} did not confirm within {CONFIRM_TIMEOUT:?}",
                 self.url

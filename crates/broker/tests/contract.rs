@@ -167,8 +167,71 @@ async fn nats_broker_resubscribes_after_a_server_restart() {
         b.is_connected().then_some(())
     })
     .await;
-    // The reconnect re-sends SUB before anything new; a flush proves it landed.
+    // The reconnect re-sends SUB before anything new; a confirmed subscribe
+    // (a round trip) proves it landed.
     b.subscribe("t.probe".into()).await.unwrap();
     b.publish("t.x".into(), "back".into()).await.unwrap();
     assert_eq!(next_payload(&mut sub).await, "back");
+}
+
+/// A proxy to `upstream` that holds what each client sends for `delay`
+/// before passing it on (the server's answers pass at once): a server that
+/// is slow to read one client, as a busy nats-server is.
+async fn slow_proxy(upstream: std::net::SocketAddr, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_rd, &mut client_wr).await;
+            });
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if server_wr.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client_rd.read(&mut buf).await {
+                    let due = tokio::time::Instant::now() + delay;
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// When `subscribe` returns, the server has the subscription: a message
+/// another client publishes right then is not missed, even when the server
+/// reads the subscriber's connection late (a flush of the client's socket
+/// alone would return 300 ms too early here).
+#[tokio::test]
+async fn nats_subscribe_returns_once_the_server_has_the_subscription() {
+    let nats = NatsServer::start().unwrap();
+    let upstream = nats.url().trim_start_matches("nats://").parse().unwrap();
+    let slow_url = slow_proxy(upstream, Duration::from_millis(300)).await;
+    let subscriber = NatsBroker::connect(&slow_url, "slow-subscriber")
+        .await
+        .unwrap();
+    let publisher = NatsBroker::connect(&nats.url(), "publisher").await.unwrap();
+    // The publisher's connection is up before the subscription is made.
+    publisher.subscribe("t.warm".into()).await.unwrap();
+    for i in 0..3 {
+        let subject = format!("t.live.{i}");
+        let mut sub = subscriber.subscribe(subject.clone()).await.unwrap();
+        publisher.publish(subject, "now".into()).await.unwrap();
+        assert_eq!(next_payload(&mut sub).await, "now", "subscription {i}");
+    }
 }
