@@ -11,6 +11,9 @@ use crate::{BoxFuture, Broker, BrokerError, Message, Subscription};
 /// before reporting the broker unavailable.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one confirmation round trip may take before it is sent again.
+const CONFIRM_ATTEMPT: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct NatsBroker {
     client: async_nats::Client,
@@ -56,21 +59,37 @@ impl NatsBroker {
     /// client's publish first, which the new subscription would then miss.
     /// A server reads one client's commands in order, so the answer to a
     /// request sent after them (here "no responders") proves they are in.
+    ///
+    /// A request written into a connection that just died is lost (the
+    /// client notices the death only later, then reconnects and sends its
+    /// subscriptions again), so an unanswered one is sent again, every
+    /// [`CONFIRM_ATTEMPT`], until [`CONFIRM_TIMEOUT`].
     async fn confirm(&self) -> Result<(), BrokerError> {
-        let request = self
-            .client
-            .request(self.confirm_subject.clone(), Bytes::new());
-        match tokio::time::timeout(CONFIRM_TIMEOUT, request).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
-                "{} did not confirm: {e}",
-                self.url
-            ))),
-            Err(_) => Err(BrokerError::Unavailable(format!(
-                "{} did not confirm within {CONFIRM_TIMEOUT:?}",
-                self.url
-            ))),
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        let mut last_error = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(BrokerError::Unavailable(format!(
+                    "{} did not confirm within {CONFIRM_TIMEOUT:?}{last_error}",
+                    self.url
+                )));
+            }
+            let request = self
+                .client
+                .request(self.confirm_subject.clone(), Bytes::new());
+            match tokio::time::timeout(CONFIRM_ATTEMPT.min(left), request).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    return Ok(());
+                }
+                Ok(Err(e)) => {
+                    last_error = format!(": {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // Unanswered: lost with a dying connection, or slow.
+                Err(_) => {}
+            }
         }
     }
 }
