@@ -20,7 +20,8 @@ const FIGURES: &[(&str, Option<&str>)] = &[
     ("latency_ms", Some("p99")),
 ];
 
-fn figure(section: &Section, key: &str, field: Option<&str>) -> Option<f64> {
+/// One figure of a step: `section[key]`, or `section[key][field]`.
+pub fn figure(section: &Section, key: &str, field: Option<&str>) -> Option<f64> {
     let v = section.get(key)?;
     match field {
         Some(f) => v.get(f)?.as_f64(),

@@ -306,13 +306,7 @@ fn add_medians(report: &mut Report, args: &FanoutArgs) {
         for &(key, field) in MEDIAN_OF {
             let values: Vec<f64> = runs
                 .iter()
-                .filter_map(|s| {
-                    let v = s.get(key)?;
-                    match field {
-                        Some(f) => v.get(f)?.as_f64(),
-                        None => v.as_f64(),
-                    }
-                })
+                .filter_map(|s| crate::compare::figure(s, key, field))
                 .collect();
             let Some(m) = median(&values) else {
                 continue;
