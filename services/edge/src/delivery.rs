@@ -235,8 +235,6 @@ impl Flusher {
     }
 }
 
-/// Whether a batch runs on this thread; registers `outbox` with it unless
-/// it is `registered` already (one thread-local access per delivery).
 /// What [`Outbox::claim`] did with a frame.
 enum Claim<'a> {
     /// Queued (`true`), or refused because the connection is closing.
@@ -245,6 +243,8 @@ enum Claim<'a> {
     Now(MutexGuard<'a, Queue>),
 }
 
+/// Whether a batch runs on this thread; registers `outbox` with it unless
+/// it is `registered` already (one thread-local access per delivery).
 fn join_batch(outbox: &Outbox, registered: bool) -> bool {
     BATCH.with(|b| match b.borrow_mut().as_mut() {
         Some(dirty) => {
