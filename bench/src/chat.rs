@@ -22,7 +22,6 @@
 //! peer has no client publish to compare with.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use clap::Args;
@@ -86,32 +85,23 @@ pub async fn run(args: &ChatArgs, common: &CommonArgs, target: &Target) -> Resul
         }),
     );
 
+    let warm = args.rates.len();
+    let steps = Steps::new(warm + 1);
     let dialer = Dialer::new(target.edge_urls.clone(), common.source_ips());
     let mut members = delivery::open_members(
         target,
         &dialer,
         ("chat", "chat:room"),
         (args.rooms, args.members),
-        args.concurrency,
+        (args.concurrency, &steps),
         &mut report,
     )
     .await;
 
-    // Each member is read by its receiver task and written by the publish
-    // calls at once: the client takes both through `&Client`.
-    let warm = args.rates.len();
-    let steps = Steps::new(warm + 1);
-    let stop = Arc::new(AtomicBool::new(false));
+    // Members publish from several calls at once, each through `&Client`.
     let mut senders: Vec<Vec<Arc<Client>>> = vec![Vec::new(); args.rooms];
-    let mut receivers = Vec::with_capacity(conns);
     for (g, c) in std::mem::take(&mut members.clients) {
-        let c = Arc::new(c);
-        senders[g / args.members].push(c.clone());
-        receivers.push(tokio::spawn(delivery::receive(
-            c,
-            steps.clone(),
-            stop.clone(),
-        )));
+        senders[g / args.members].push(Arc::new(c));
     }
 
     // Warm-up: one message per room from its first member, until every
@@ -156,14 +146,7 @@ pub async fn run(args: &ChatArgs, common: &CommonArgs, target: &Target) -> Resul
         outcome.push(&mut report, section);
     }
 
-    stop.store(true, Ordering::Relaxed);
-    drop(senders);
-    let mut clients = Vec::with_capacity(receivers.len());
-    for r in receivers {
-        if let Ok(c) = r.await {
-            clients.extend(Arc::into_inner(c));
-        }
-    }
+    let clients = senders.into_iter().flatten().filter_map(Arc::into_inner);
     futures::stream::iter(clients)
         .for_each_concurrent(args.concurrency.max(1), |c| async move {
             let _ = c.close().await;

@@ -18,8 +18,6 @@
 //! measured first at the same number of connections and the same
 //! deliveries per second, and each step reports its ratio to it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -34,7 +32,7 @@ use crate::floor::{self, FloorResult, Phase};
 use crate::load::Dialer;
 use crate::peer::Peer;
 use crate::report::{Errors, Report, Section, round3};
-use crate::socketio::{Emit, OnEvent, SioClient, SioEvent};
+use crate::socketio::{Emit, SioClient};
 use crate::target::{CommonArgs, Target};
 
 #[derive(Args, Debug, Clone)]
@@ -140,26 +138,20 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
     let mut floors = Floors::start(args, conns, common).await?;
     let schedule = args.schedule();
 
-    // Members.
+    // Members, counting each step's deliveries (the last slot is the
+    // warm-up).
+    let warm = schedule.len();
+    let steps = Steps::new(warm + 1);
     let dialer = Dialer::new(target.edge_urls.clone(), common.source_ips());
     let mut members = delivery::open_members(
         target,
         &dialer,
         ("fan", "fan:room"),
         (args.rooms, args.members),
-        args.concurrency,
+        (args.concurrency, &steps),
         &mut report,
     )
     .await;
-
-    // Receivers: one task per member, all steps (the last slot is the warm-up).
-    let warm = schedule.len();
-    let steps = Steps::new(warm + 1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let receivers: Vec<_> = std::mem::take(&mut members.clients)
-        .into_iter()
-        .map(|(_, c)| tokio::spawn(delivery::receive(c, steps.clone(), stop.clone())))
-        .collect();
 
     let mut router = RouterClient::connect(format!("http://{grpc}"))
         .await
@@ -199,12 +191,11 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
     floors.finish(&mut report).await;
     add_medians(&mut report, args);
 
-    stop.store(true, Ordering::Relaxed);
-    for r in receivers {
-        if let Ok(client) = r.await {
-            let _ = client.close().await;
-        }
-    }
+    futures::stream::iter(std::mem::take(&mut members.clients))
+        .for_each_concurrent(args.concurrency.max(1), |(_, c)| async move {
+            let _ = c.close().await;
+        })
+        .await;
     Ok(report)
 }
 
@@ -468,21 +459,7 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
     // named by the event (the last slot is the warm-up).
     let warm = schedule.len();
     let steps = Steps::new(warm + 1);
-    let on_event: OnEvent = {
-        let steps = steps.clone();
-        Arc::new(move |event: SioEvent| {
-            let Some(step) = event
-                .name
-                .strip_prefix('s')
-                .and_then(|s| s.parse::<usize>().ok())
-            else {
-                return;
-            };
-            if let Some(latency) = event.latency() {
-                steps.record(step, latency);
-            }
-        })
-    };
+    let tap = steps.socketio_tap();
 
     // Members.
     let sources = common.source_ips();
@@ -495,9 +472,9 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
                 "rooms": format!("fan:room-{}", g / args.members),
             });
             let source = sources[g % sources.len()];
-            let on_event = on_event.clone();
+            let tap = tap.clone();
             async move {
-                SioClient::connect(&url, &auth, Some(source), on_event)
+                SioClient::connect_tapped(&url, &auth, Some(source), tap)
                     .await
                     .map(|c| (g, c))
                     .map_err(|e| ("connect", e.to_string()))

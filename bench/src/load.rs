@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use herald_client::{Client, ClientError, Frame};
+use herald_client::{Client, ClientError, Frame, Tap};
 
 /// How long a worker pauses after a failed connect before it tries again,
 /// so that a refusing server is not hammered in a tight loop.
@@ -36,8 +36,26 @@ impl Dialer {
     /// Connects to edge `edge % edges` and authenticates with `token`;
     /// returns the client and its `connected` frame.
     pub async fn connect(&self, edge: usize, token: &str) -> Result<(Client, Frame), ClientError> {
+        Client::connect_from(self.url(edge), token, Some(self.source())).await
+    }
+
+    /// [`Dialer::connect`] with `tap` seeing every frame first.
+    pub async fn connect_tapped(
+        &self,
+        edge: usize,
+        token: &str,
+        tap: Tap,
+    ) -> Result<(Client, Frame), ClientError> {
+        Client::connect_tapped(self.url(edge), token, Some(self.source()), tap).await
+    }
+
+    fn url(&self, edge: usize) -> &str {
+        &self.urls[edge % self.urls.len()]
+    }
+
+    /// The next source address, in turn.
+    fn source(&self) -> IpAddr {
         let i = self.next_source.fetch_add(1, Ordering::Relaxed);
-        let source = self.sources[i % self.sources.len()];
-        Client::connect_from(&self.urls[edge % self.urls.len()], token, Some(source)).await
+        self.sources[i % self.sources.len()]
     }
 }

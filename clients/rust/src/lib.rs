@@ -5,7 +5,9 @@
 //! It therefore favours observability over convenience: every frame the
 //! server sends is kept until the test asks for it, close codes and reasons
 //! are reported exactly, and the raw socket can be abused on purpose
-//! ([`Client::send_text`] with garbage, [`Client::send_binary`]).
+//! ([`Client::send_text`] with garbage, [`Client::send_binary`]). Load
+//! generators that only count messages see frames unparsed instead, through
+//! a [`Tap`].
 //!
 //! Each [`Client`] runs two background tasks. The reader owns the read half
 //! of the socket, answers pings and close frames, hands replies to the
@@ -96,6 +98,14 @@ pub enum ClientError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
+
+/// Sees every text frame from the server on the reader task, before it is
+/// parsed, and returns `true` to take it: a taken frame is neither parsed nor
+/// queued nor handed to a request. For load generators counting room
+/// messages, where parsing and queueing each of 100k frames a second would
+/// cost the machine more CPU than the server spends sending them. It runs on
+/// the reader task, so it must be quick.
+pub type Tap = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
 /// An unsolicited frame, or the description of a protocol violation, kept in
 /// arrival order so that errors surface where they happened.
@@ -229,7 +239,7 @@ impl Client {
     /// ephemeral ports long before the server runs out of capacity.
     pub async fn open_from(url: &str, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
         let opened = transport::open_websocket(url, local_ip, Some(SUBPROTOCOL)).await?;
-        Ok(Self::start(opened))
+        Ok(Self::start(opened, None))
     }
 
     /// [`Client::open`], then `{"op":"connect","id":N,"token":token}`; returns
@@ -248,6 +258,21 @@ impl Client {
         local_ip: Option<IpAddr>,
     ) -> Result<(Client, Frame), ClientError> {
         let client = Self::open_from(url, local_ip).await?;
+        let connected = client.authenticate(token, DEFAULT_TIMEOUT).await?;
+        Ok((client, connected))
+    }
+
+    /// [`Client::connect_from`] with `tap` looking at every frame first,
+    /// from the `connected` reply on: it must leave alone the replies the
+    /// caller awaits.
+    pub async fn connect_tapped(
+        url: &str,
+        token: &str,
+        local_ip: Option<IpAddr>,
+        tap: Tap,
+    ) -> Result<(Client, Frame), ClientError> {
+        let opened = transport::open_websocket(url, local_ip, Some(SUBPROTOCOL)).await?;
+        let client = Self::start(opened, Some(tap));
         let connected = client.authenticate(token, DEFAULT_TIMEOUT).await?;
         Ok((client, connected))
     }
@@ -405,7 +430,7 @@ impl Client {
     }
 
     /// Starts the reader and writer tasks on a socket just opened.
-    fn start(opened: transport::Opened) -> Client {
+    fn start(opened: transport::Opened, tap: Option<Tap>) -> Client {
         let transport::Opened {
             reader,
             writer: write,
@@ -419,7 +444,13 @@ impl Client {
         let (writer, write_rx) = mpsc::unbounded_channel();
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let writer_task = tokio::spawn(write_loop(write, write_rx));
-        let reader_task = tokio::spawn(read_loop(reader, shared.clone(), writer.clone(), inbox_tx));
+        let reader_task = tokio::spawn(read_loop(
+            reader,
+            shared.clone(),
+            writer.clone(),
+            inbox_tx,
+            tap,
+        ));
         Client {
             shared,
             writer,
@@ -552,6 +583,7 @@ async fn read_loop(
     shared: Arc<Shared>,
     writer: mpsc::UnboundedSender<WriteCmd>,
     inbox: mpsc::UnboundedSender<Incoming>,
+    tap: Option<Tap>,
 ) {
     // Pongs and close echoes are queued, not awaited: the reader must keep
     // draining the socket even while a large write is in progress.
@@ -570,6 +602,7 @@ async fn read_loop(
             }
         };
         match frame.opcode {
+            OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}
             OpCode::Text => match serde_json::from_slice::<Frame>(&frame.payload) {
                 Ok(value) => deliver(&shared, &inbox, value),
                 Err(e) => {

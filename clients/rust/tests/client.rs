@@ -251,6 +251,46 @@ async fn recv_op_keeps_the_frames_it_skips_in_order() {
 }
 
 #[tokio::test]
+async fn a_tap_takes_the_frames_it_wants_before_they_are_parsed() {
+    let base = start().await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tap: herald_client::Tap = {
+        let seen = seen.clone();
+        Arc::new(move |frame: &[u8]| {
+            // The script's frames are `json!` objects, keys sorted.
+            let text = String::from_utf8_lossy(frame).into_owned();
+            let take = text.contains(r#""op":"message""#);
+            seen.lock().unwrap().push(text);
+            take
+        })
+    };
+    let (client, connected) = Client::connect_tapped(&format!("{base}/ws"), "good", None, tap)
+        .await
+        .unwrap();
+    assert_eq!(connected["op"], "connected");
+    client.request(json!({"op": "two"})).await.unwrap();
+    client.request(json!({"op": "frag"})).await.unwrap();
+
+    // The tap saw every frame, the reassembled fragments as one; the
+    // messages it took are not queued, the presence event it left is.
+    let seen: Vec<Value> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    let ops: Vec<&str> = seen.iter().map(|f| f["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        ops,
+        ["connected", "presence", "message", "ok", "message", "ok"]
+    );
+    assert_eq!(seen[4]["data"].as_str().map(str::len), Some(3000));
+    let presence = client.next_frame(WAIT).await.unwrap().unwrap();
+    assert_eq!(presence["op"], "presence");
+    assert!(client.next_frame(QUIET).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn concurrent_requests_get_their_own_replies() {
     let (client, _) = connected_client().await;
     let client = Arc::new(client);
