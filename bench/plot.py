@@ -4,6 +4,8 @@
     python3 bench/plot.py herald-fanout.json socketio-fanout.json \
         [-o docs/bench-latency.png]
 
+A `fanout --vs-socketio` report counts as its two reports.
+
 One pair of lines per system (the report's target and edges; the steps of
 several files of the same system are merged): p99 (solid) and p50 (dashed)
 end-to-end latency of each `rate_<r>` step against its delivered messages
@@ -59,12 +61,14 @@ def main():
     for path in args.reports:
         with open(path) as f:
             report = json.load(f)
-        if report.get("scenario") != "fanout":
-            raise SystemExit(f"{path}: not a fanout report")
-        pts = steps(report)
-        if not pts:
-            raise SystemExit(f"{path}: no rate steps with latencies")
-        systems.setdefault(label(report), []).extend(pts)
+        both = [report[k] for k in ("herald", "socketio") if k in report]
+        for report in both or [report]:
+            if report.get("scenario") != "fanout":
+                raise SystemExit(f"{path}: not a fanout report")
+            pts = steps(report)
+            if not pts:
+                raise SystemExit(f"{path}: no rate steps with latencies")
+            systems.setdefault(label(report), []).extend(pts)
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
