@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -186,11 +186,7 @@ impl Drop for BatchEnd {
 }
 
 fn write_all(dirty: Vec<Outbox>) {
-    for outbox in dirty {
-        let mut q = outbox.lock();
-        q.batched = false;
-        outbox.write(&mut q);
-    }
+    fanout::write_all(&dirty);
 }
 
 /// Room deliveries held for up to `--write-delay`, so that a connection
@@ -358,6 +354,17 @@ impl Outbox {
         self.conn.queue.lock().expect("connection queue")
     }
 
+    /// The queue, unless another thread holds it. A thread that holds other
+    /// connections' queues (a run of sends) must not wait for one: two runs
+    /// could each wait for a queue the other holds.
+    fn try_lock(&self) -> Option<MutexGuard<'_, Queue>> {
+        match self.conn.queue.try_lock() {
+            Ok(q) => Some(q),
+            Err(TryLockError::WouldBlock) => None,
+            Err(TryLockError::Poisoned(_)) => panic!("connection queue poisoned"),
+        }
+    }
+
     /// Queues a frame. A full queue means the client reads slower than its
     /// rooms produce: it is disconnected with 4009 rather than letting the
     /// queue (and the edge's memory) grow without bound.
@@ -371,7 +378,7 @@ impl Outbox {
     /// cloned nor queued, and the connection's state is touched once, which
     /// matters when each delivery is a cache miss between two syscalls.
     pub fn deliver(&self, frame: &Bytes) -> bool {
-        match self.claim(frame) {
+        match self.claim(self.lock(), frame) {
             Claim::Done(delivered) => delivered,
             Claim::Now(mut q) => {
                 self.offer_encoded(&mut q, |_, buf| encode_frame(buf, OP_TEXT, frame));
@@ -380,11 +387,12 @@ impl Outbox {
         }
     }
 
-    /// Queues `frame` for this connection, unless it can go to the socket
-    /// right now: then the queue comes back locked, for the caller to send
-    /// the frame before anything else can be written.
-    fn claim(&self, frame: &Bytes) -> Claim<'_> {
-        let Some(mut q) = self.admit() else {
+    /// Queues `frame` for this connection (`q` is its queue, locked),
+    /// unless it can go to the socket right now: then the queue comes back
+    /// locked, for the caller to send the frame before anything else can be
+    /// written.
+    fn claim<'q>(&self, q: MutexGuard<'q, Queue>, frame: &Bytes) -> Claim<'q> {
+        let Some(mut q) = self.admit(q) else {
             return Claim::Done(false);
         };
         if join_batch(self, q.batched) {
@@ -401,9 +409,9 @@ impl Outbox {
         Claim::Done(true)
     }
 
-    /// The queue, if it takes another frame; a full one closes the connection.
-    fn admit(&self) -> Option<MutexGuard<'_, Queue>> {
-        let q = self.lock();
+    /// The queue `q` back, if it takes another frame; a full one closes the
+    /// connection.
+    fn admit<'q>(&self, q: MutexGuard<'q, Queue>) -> Option<MutexGuard<'q, Queue>> {
         if q.closing || q.broken {
             return None;
         }
@@ -419,7 +427,7 @@ impl Outbox {
     }
 
     pub fn push(&self, out: Out) -> bool {
-        let Some(mut q) = self.admit() else {
+        let Some(mut q) = self.admit(self.lock()) else {
             return false;
         };
         // A close (ours, or the echo of the client's) is the last frame.
@@ -490,14 +498,7 @@ impl Outbox {
                 }
                 continue;
             }
-            let written = self.offer_encoded(q, |q, buf| {
-                while buf.len() < MAX_BATCH_BYTES {
-                    let Some(out) = q.frames.pop_front() else {
-                        break;
-                    };
-                    encode(buf, out);
-                }
-            });
+            let written = self.offer_encoded(q, encode_queued);
             if !written {
                 return;
             }
@@ -609,6 +610,17 @@ impl Outbox {
             q.frames = VecDeque::new();
             q.head = Vec::new();
         }
+    }
+}
+
+/// Moves queued frames into `buf`, encoded, up to one write's worth.
+fn encode_queued(q: &mut Queue, buf: &mut Vec<u8>) {
+    let start = buf.len();
+    while buf.len() - start < MAX_BATCH_BYTES {
+        let Some(out) = q.frames.pop_front() else {
+            break;
+        };
+        encode(buf, out);
     }
 }
 

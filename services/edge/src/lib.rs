@@ -70,8 +70,9 @@ pub struct Config {
     /// Room deliveries wait up to this long so that a busy connection's
     /// frames share a write; zero writes at once.
     pub write_delay: Duration,
-    /// Send a room message to its members through io_uring, many sends per
-    /// submission, where the kernel allows it; off: one send(2) each.
+    /// Send room messages to their members (lone messages and batch ends)
+    /// through io_uring, many sends per submission, where the kernel allows
+    /// it; off: one send(2) each.
     pub io_uring: bool,
     /// Open once durable rooms' storage is set up; the edge is not ready before.
     pub storage: herald_ops::Gate,
@@ -216,7 +217,7 @@ pub async fn run(
     )
     .sharded(subjects::room_shard, subjects::room_from_subject);
     match delivery::enable_io_uring(config.io_uring) {
-        Ok(true) => tracing::info!("room messages go to their members in io_uring batches"),
+        Ok(true) => tracing::info!("room messages go to their members in io_uring runs of sends"),
         Ok(false) => tracing::info!("io_uring is off (--io-uring=false): one send(2) per member"),
         Err(e) => tracing::warn!(
             error = %e,

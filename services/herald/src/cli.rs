@@ -98,8 +98,8 @@ pub struct EdgeArgs {
     /// more latency. 0 writes each at once.
     #[arg(long, env = "HERALD_WRITE_DELAY", value_parser = humantime::parse_duration, default_value = "0s")]
     pub write_delay: Duration,
-    /// Hand a room message's sends to the kernel in batches through
-    /// io_uring (one write per member still); false: one send(2) per member.
+    /// Hand room messages' sends to the kernel in runs through io_uring
+    /// (each member still gets its own write); false: one send(2) per member.
     /// Falls back by itself where the kernel or a seccomp profile refuses it.
     #[arg(long, env = "HERALD_IO_URING", default_value_t = true, action = clap::ArgAction::Set)]
     pub io_uring: bool,

@@ -1,6 +1,8 @@
 //! One room message to many members: the frame is encoded once and handed to
 //! the kernel for a whole run of members in one io_uring submission, instead
-//! of one `send(2)` per member.
+//! of one `send(2)` per member. The end of a batch (several messages taken
+//! off the broker at once, coalesced into one write per connection) hands
+//! its writes to the kernel the same way, in [`write_all`].
 //!
 //! Each member still gets its own write (the kernel's cost per write is the
 //! floor of a delivery), but the run shares one entry into the kernel and one
@@ -13,6 +15,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd as _;
 use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,12 +24,17 @@ use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
 use smallvec::SmallVec;
 
-use super::{Claim, OP_TEXT, Outbox, Queue, encode_frame};
+use super::{Claim, OP_TEXT, Outbox, Queue, encode_frame, encode_queued};
 
 /// Members sent to by one submission. Their queues stay locked until it
 /// returns (about a millisecond for 128 sends here), so that nothing else is
-/// written to those sockets in between.
+/// written to those sockets in between. A run never waits for a queue that
+/// another thread holds (see [`lock_next`]).
 const RUN: usize = 128;
+
+/// The most bytes a run of batch-end writes encodes before it is submitted
+/// (each connection's write is at most 64 KiB, the run up to [`RUN`] of them).
+const RUN_BYTES: usize = 1024 * 1024;
 
 /// Whether fan-outs use io_uring: set once at start-up by [`enable`].
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -90,7 +98,14 @@ impl<'a> Sends<'a> {
     /// Delivers the frame to `outbox`: queued if the connection has
     /// something waiting (or a batch is open), otherwise sent with the run.
     pub fn send(&mut self, outbox: &'a Outbox) {
-        let mut q = match outbox.claim(self.frame) {
+        let q = match lock_next(outbox, !self.run.is_empty()) {
+            Some(q) => q,
+            None => {
+                self.flush();
+                outbox.lock()
+            }
+        };
+        let mut q = match outbox.claim(q, self.frame) {
             Claim::Done(_) => return,
             Claim::Now(q) => q,
         };
@@ -101,18 +116,11 @@ impl<'a> Sends<'a> {
         if self.wire.is_empty() {
             encode_frame(&mut self.wire, OP_TEXT, self.frame);
         }
-        let fd = types::Fd(outbox.conn.stream.as_raw_fd());
-        let entry = opcode::Send::new(fd, self.wire.as_ptr(), self.wire.len() as u32)
-            // Never parked in the kernel: a full socket answers EAGAIN
-            // at once, and the member goes on through `offer`.
-            .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(self.run.len() as u64);
-        // SAFETY: the send reads `wire`, which is neither changed nor
-        // dropped until `flush` has reaped this send's completion.
+        // SAFETY: `wire` is neither changed nor dropped until `flush` has
+        // reaped this send's completion.
         #[allow(unsafe_code)]
-        let pushed = unsafe { ring.submission().push(&entry) };
-        if pushed.is_err() {
+        let pushed = unsafe { push_send(ring, outbox, &self.wire, self.run.len()) };
+        if !pushed {
             // The ring's queue is as long as a run, so this does not happen;
             // if it did, the plain write is still right.
             outbox.offer(&mut q, &self.wire);
@@ -130,59 +138,20 @@ impl<'a> Sends<'a> {
         if self.run.is_empty() {
             return;
         }
-        let mut sent = [i32::MIN; RUN];
-        let mut reaped = 0;
         let ring = self
             .ring
             .as_mut()
             .expect("a run is only filled with a ring");
-        while reaped < self.run.len() {
-            match ring.submit_and_wait(self.run.len() - reaped) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.abandon(&e);
-                    return;
+        match complete(ring, self.run.len()) {
+            Ok(sent) => {
+                for (i, (mut q, outbox)) in self.run.drain(..).enumerate() {
+                    settle(outbox, &mut q, &self.wire, sent[i]);
                 }
             }
-            for cqe in ring.completion() {
-                if let Some(slot) = sent.get_mut(cqe.user_data() as usize) {
-                    *slot = cqe.result();
-                    reaped += 1;
-                }
+            Err(e) => {
+                self.ring = None;
+                abandon(&e, self.run.drain(..));
             }
-        }
-        let whole = self.wire.len() as i32;
-        for (i, (mut q, outbox)) in self.run.drain(..).enumerate() {
-            match sent[i] {
-                n if n == whole => {}
-                // Taken in part: the rest the plain way, which stalls the
-                // connection if the socket is full.
-                n if n > 0 => {
-                    outbox.offer(&mut q, &self.wire[n as usize..]);
-                }
-                // Nothing taken (a full socket, or an error that the plain
-                // write meets again and marks the connection broken with).
-                _ => {
-                    outbox.offer(&mut q, &self.wire);
-                }
-            }
-        }
-    }
-
-    /// The ring failed in a way it should not: whether the run's frames
-    /// went out is unknown, so their connections are closed (a client that
-    /// reconnects recovers from its last position) and io_uring is off.
-    fn abandon(&mut self, e: &io::Error) {
-        tracing::error!(error = %e, members = self.run.len(), "io_uring submission failed; closing the connections it may have left half-sent and turning io_uring off");
-        ENABLED.store(false, Ordering::Relaxed);
-        self.ring = None;
-        for (q, outbox) in self.run.drain(..) {
-            drop(q);
-            outbox.close(
-                herald_wire::CloseCode::Internal,
-                "a delivery to this connection may have been cut short; reconnect to resume",
-            );
         }
     }
 }
@@ -193,11 +162,179 @@ impl Drop for Sends<'_> {
         if let Some(ring) = self.ring.take() {
             RING.with(|r| *r.borrow_mut() = Some(ring));
         }
-        let mut wire = std::mem::take(&mut self.wire);
-        if wire.capacity() <= 64 * 1024 {
-            wire.clear();
-            WIRE.with(|w| *w.borrow_mut() = wire);
+        keep_wire(std::mem::take(&mut self.wire));
+    }
+}
+
+/// The queue of the next member of a run; `None` if the run `holding` locks
+/// already and another thread holds this one: then the caller sends its run
+/// (releasing them) before it waits, so that two threads' runs never wait
+/// for each other.
+fn lock_next(outbox: &Outbox, holding: bool) -> Option<MutexGuard<'_, Queue>> {
+    if holding {
+        outbox.try_lock()
+    } else {
+        Some(outbox.lock())
+    }
+}
+
+/// Queues `bytes` to go to `outbox`'s socket as send `i` of a run; `false`
+/// if the ring's queue is full.
+///
+/// # Safety
+///
+/// `bytes` must stay alive and unchanged until [`complete`] has reaped the
+/// send: the kernel reads them while the submission runs.
+#[allow(unsafe_code)]
+unsafe fn push_send(ring: &mut IoUring, outbox: &Outbox, bytes: &[u8], i: usize) -> bool {
+    let fd = types::Fd(outbox.conn.stream.as_raw_fd());
+    let entry = opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32)
+        // Never parked in the kernel: a full socket answers EAGAIN at once,
+        // and the member goes on through `offer`.
+        .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(i as u64);
+    // SAFETY: the caller keeps `bytes` as they are until the completion.
+    unsafe { ring.submission().push(&entry) }.is_ok()
+}
+
+/// Submits the `n` sends pushed since the last call and waits for all of
+/// them: what send `i` returned is at `[i]` (bytes taken, or `-errno`).
+fn complete(ring: &mut IoUring, n: usize) -> io::Result<[i32; RUN]> {
+    let mut sent = [i32::MIN; RUN];
+    let mut reaped = 0;
+    while reaped < n {
+        match ring.submit_and_wait(n - reaped) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
+        for cqe in ring.completion() {
+            if let Some(slot) = sent.get_mut(cqe.user_data() as usize) {
+                *slot = cqe.result();
+                reaped += 1;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Finishes a send that took `sent` of `bytes`: the rest goes the plain
+/// way, which stalls the connection if the socket is full; nothing taken (a
+/// full socket, or an error that the plain write meets again and marks the
+/// connection broken with) means all of it. Whether the socket has it all.
+fn settle(outbox: &Outbox, q: &mut Queue, bytes: &[u8], sent: i32) -> bool {
+    match usize::try_from(sent) {
+        Ok(n) if n == bytes.len() => true,
+        Ok(n) if n > 0 => outbox.offer(q, &bytes[n..]),
+        _ => outbox.offer(q, bytes),
+    }
+}
+
+/// The ring failed in a way it should not: whether the run's frames went
+/// out is unknown, so their connections are closed (a client that
+/// reconnects recovers from its last position) and io_uring is off.
+fn abandon<'a>(
+    e: &io::Error,
+    run: impl ExactSizeIterator<Item = (MutexGuard<'a, Queue>, &'a Outbox)>,
+) {
+    tracing::error!(error = %e, members = run.len(), "io_uring submission failed; closing the connections it may have left half-sent and turning io_uring off");
+    ENABLED.store(false, Ordering::Relaxed);
+    for (q, outbox) in run {
+        drop(q);
+        outbox.close(
+            herald_wire::CloseCode::Internal,
+            "a delivery to this connection may have been cut short; reconnect to resume",
+        );
+    }
+}
+
+/// One connection's write in a run: its queue (locked until the write is
+/// settled) and where its bytes are in the run's buffer.
+type Write<'a> = (MutexGuard<'a, Queue>, &'a Outbox, Range<usize>);
+
+/// Writes what a batch queued for each of `dirty`: each connection's frames
+/// in one write, as many connections as fit in a run per io_uring
+/// submission. A connection with a write already under way (a stalled
+/// rest), and every connection where there is no ring, gets the plain write.
+pub(super) fn write_all(dirty: &[Outbox]) {
+    let Some(mut ring) = RING.with(|r| r.borrow_mut().take()) else {
+        for outbox in dirty {
+            let mut q = outbox.lock();
+            q.batched = false;
+            outbox.write(&mut q);
+        }
+        return;
+    };
+    let mut wire = WIRE.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    let mut next = 0;
+    let mut run: SmallVec<[Write<'_>; RUN]> = SmallVec::new();
+    let mut ring_ok = true;
+    loop {
+        wire.clear();
+        while let Some(outbox) = dirty.get(next) {
+            // A queue another thread holds: this run goes first.
+            let Some(mut q) = lock_next(outbox, !run.is_empty()) else {
+                break;
+            };
+            next += 1;
+            q.batched = false;
+            if !ring_ok || !q.head.is_empty() || q.broken || q.frames.is_empty() {
+                outbox.write(&mut q);
+                continue;
+            }
+            let start = wire.len();
+            encode_queued(&mut q, &mut wire);
+            run.push((q, outbox, start..wire.len()));
+            if run.len() == RUN || wire.len() >= RUN_BYTES {
+                break;
+            }
+        }
+        if run.is_empty() {
+            break;
+        }
+        // Every write of the run is encoded: `wire` does not move from here
+        // until the sends are reaped.
+        let mut pushed = 0;
+        for (i, (_, outbox, range)) in run.iter().enumerate() {
+            // SAFETY: `wire` is neither changed nor dropped before
+            // `complete` below has reaped these sends.
+            #[allow(unsafe_code)]
+            let ok = unsafe { push_send(&mut ring, outbox, &wire[range.clone()], i) };
+            if !ok {
+                break;
+            }
+            pushed += 1;
+        }
+        match complete(&mut ring, pushed) {
+            Ok(sent) => {
+                for (i, (mut q, outbox, range)) in run.drain(..).enumerate() {
+                    // A send never pushed is `i32::MIN`: all of it, plainly.
+                    if settle(outbox, &mut q, &wire[range], sent[i]) {
+                        // The frames past this write's 64 KiB, and the
+                        // shutdown of a closing connection.
+                        outbox.write(&mut q);
+                    }
+                }
+            }
+            Err(e) => {
+                ring_ok = false;
+                abandon(&e, run.drain(..).map(|(q, outbox, _)| (q, outbox)));
+            }
+        }
+    }
+    if ring_ok {
+        RING.with(|r| *r.borrow_mut() = Some(ring));
+    }
+    keep_wire(wire);
+}
+
+/// Gives the encoding buffer back to this thread, unless it grew too big to
+/// keep.
+fn keep_wire(mut wire: Vec<u8>) {
+    if wire.capacity() <= RUN_BYTES + 64 * 1024 {
+        wire.clear();
+        WIRE.with(|w| *w.borrow_mut() = wire);
     }
 }
 
@@ -277,6 +414,154 @@ mod tests {
         nothing_more(&mut clients[1]).await;
     }
 
+    #[tokio::test]
+    async fn a_batch_end_writes_each_members_frames_once_in_order_in_runs() {
+        enable(true).expect("io_uring is not available on this machine");
+        let (outboxes, mut clients) = members(RUN + 5).await;
+        let big = Bytes::from(vec![b'b'; 40_000]);
+        crate::delivery::batch(|| {
+            for ob in &outboxes {
+                ob.deliver(&Bytes::from_static(b"one"));
+                ob.deliver(&Bytes::from_static(b"two"));
+            }
+            // Past one write's 64 KiB: the rest follows the plain way.
+            outboxes[RUN].deliver(&big);
+            outboxes[RUN].deliver(&big);
+            outboxes[RUN].deliver(&Bytes::from_static(b"end"));
+        });
+        for (i, client) in clients.iter_mut().enumerate() {
+            assert_eq!(read_exactly(client, 10).await, b"\x81\x03one\x81\x03two");
+            if i == RUN {
+                for _ in 0..2 {
+                    let got = read_exactly(client, 4 + big.len()).await;
+                    assert_eq!(&got[..4], &[0x81, 126, 0x9c, 0x40]);
+                    assert!(got[4..].iter().all(|&b| b == b'b'));
+                }
+                assert_eq!(read_exactly(client, 5).await, b"\x81\x03end");
+            }
+        }
+        for ob in &outboxes {
+            assert!(!ob.is_stalled());
+        }
+        nothing_more(&mut clients[0]).await;
+        nothing_more(&mut clients[RUN]).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_end_leaves_a_full_socket_stalled_with_the_rest() {
+        enable(true).expect("io_uring is not available on this machine");
+        let (outboxes, mut clients) = members(2).await;
+        let filled = fill(&outboxes[0]);
+        let frame = Bytes::from(vec![b'm'; 60_000]);
+        crate::delivery::batch(|| {
+            for ob in &outboxes {
+                ob.deliver(&frame);
+            }
+        });
+        assert!(outboxes[0].is_stalled(), "the full socket stalls");
+        assert!(!outboxes[1].is_stalled(), "the other member got it whole");
+        let resuming = resume_while_stalled(&outboxes[0]);
+        let got = read_exactly(&mut clients[0], filled + 4 + frame.len()).await;
+        assert!(got[..filled].iter().all(|&b| b == b'.'));
+        assert_eq!(&got[filled..filled + 4], &[0x81, 126, 0xea, 0x60]);
+        resuming.await.unwrap();
+        nothing_more(&mut clients[0]).await;
+        assert_eq!(
+            read_exactly(&mut clients[1], 4 + frame.len()).await.len(),
+            60_004
+        );
+    }
+
+    /// Two runs holding queues must never wait for each other: a run that
+    /// meets a queue held elsewhere sends what it has (releasing those
+    /// queues) before it waits. Here the test holds `x`, and a fan-out to
+    /// `[y, x]` on another thread must let go of `y` while it waits.
+    #[tokio::test]
+    // Holding `x` while another thread's run waits for it is the point.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_fan_out_lets_go_of_its_run_before_it_waits_for_a_queue() {
+        enable(true).expect("io_uring is not available on this machine");
+        let (outboxes, mut clients) = members(2).await;
+        let (x, y) = (outboxes[0].clone(), outboxes[1].clone());
+        let held_x = outboxes[0].lock();
+        let fanning = std::thread::spawn(move || {
+            let frame = Bytes::from_static(b"hi");
+            let mut sends = Sends::new(&frame);
+            sends.send(&y);
+            sends.send(&x);
+        });
+        assert_eq!(read_exactly(&mut clients[1], 4).await, b"\x81\x02hi");
+        free_soon(&outboxes[1]).await;
+        drop(held_x);
+        fanning.join().unwrap();
+        assert_eq!(read_exactly(&mut clients[0], 4).await, b"\x81\x02hi");
+    }
+
+    /// The same for the writes at the end of a batch.
+    #[tokio::test]
+    // Holding `x` while another thread's run waits for it is the point.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_batch_end_lets_go_of_its_run_before_it_waits_for_a_queue() {
+        enable(true).expect("io_uring is not available on this machine");
+        let (outboxes, mut clients) = members(2).await;
+        let (x, y) = (outboxes[0].clone(), outboxes[1].clone());
+        let (queued, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let writing = std::thread::spawn(move || {
+            crate::delivery::batch(|| {
+                y.deliver(&Bytes::from_static(b"hi"));
+                x.deliver(&Bytes::from_static(b"hi"));
+                queued.0.send(()).unwrap();
+                go.1.recv().unwrap();
+            });
+        });
+        queued.1.recv().unwrap();
+        let held_x = outboxes[0].lock();
+        go.0.send(()).unwrap();
+        assert_eq!(read_exactly(&mut clients[1], 4).await, b"\x81\x02hi");
+        free_soon(&outboxes[1]).await;
+        drop(held_x);
+        writing.join().unwrap();
+        assert_eq!(read_exactly(&mut clients[0], 4).await, b"\x81\x02hi");
+    }
+
+    /// Waits until `outbox`'s queue is free, failing after 10 s (the run
+    /// that held it is still settling its sends right after they arrive).
+    async fn free_soon(outbox: &Outbox) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while outbox.try_lock().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue stayed held: its run waited for another queue while holding it"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Fills `outbox`'s socket behind its back; returns the bytes it took.
+    fn fill(outbox: &Outbox) -> usize {
+        let filler = vec![b'.'; 16 * 1024];
+        let mut filled = 0;
+        let sock = socket2::SockRef::from(&outbox.conn.stream);
+        loop {
+            match sock.send_with_flags(&filler, libc::MSG_DONTWAIT) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return filled,
+                Err(e) => panic!("filling the socket: {e}"),
+            }
+        }
+    }
+
+    /// The session's part: write on whenever the socket drains.
+    fn resume_while_stalled(outbox: &Outbox) -> tokio::task::JoinHandle<()> {
+        let stalled = outbox.clone();
+        tokio::spawn(async move {
+            while stalled.is_stalled() {
+                stalled.conn.stream.writable().await.unwrap();
+                stalled.resume();
+            }
+        })
+    }
+
     /// A socket that is full (or takes part of the frame) leaves the rest
     /// queued: the connection stalls, and once the client reads it gets the
     /// frame whole, once, after what was on the wire before.
@@ -284,30 +569,13 @@ mod tests {
     async fn a_full_socket_gets_the_rest_of_the_frame_once_its_client_reads() {
         enable(true).expect("io_uring is not available on this machine");
         let (outboxes, mut clients) = members(2).await;
-        // Fill the first member's socket behind the outbox's back.
-        let filler = vec![b'.'; 16 * 1024];
-        let mut filled = 0;
-        let sock = socket2::SockRef::from(&outboxes[0].conn.stream);
-        loop {
-            match sock.send_with_flags(&filler, libc::MSG_DONTWAIT) {
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => panic!("filling the socket: {e}"),
-            }
-        }
+        let filled = fill(&outboxes[0]);
         let frame = Bytes::from(vec![b'm'; 60_000]);
         fan_out(&frame, &outboxes, true);
         assert!(outboxes[0].is_stalled(), "the full socket stalls");
         assert!(!outboxes[1].is_stalled(), "the other member got it whole");
 
-        // The session's part: write on whenever the socket drains.
-        let stalled = outboxes[0].clone();
-        let resuming = tokio::spawn(async move {
-            while stalled.is_stalled() {
-                stalled.conn.stream.writable().await.unwrap();
-                stalled.resume();
-            }
-        });
+        let resuming = resume_while_stalled(&outboxes[0]);
         let got = read_exactly(&mut clients[0], filled + 4 + frame.len()).await;
         assert!(got[..filled].iter().all(|&b| b == b'.'));
         assert_eq!(&got[filled..filled + 4], &[0x81, 126, 0xea, 0x60]);
