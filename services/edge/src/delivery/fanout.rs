@@ -474,54 +474,58 @@ mod tests {
 
     /// Two runs holding queues must never wait for each other: a run that
     /// meets a queue held elsewhere sends what it has (releasing those
-    /// queues) before it waits. Here the test holds `x`, and a fan-out to
-    /// `[y, x]` on another thread must let go of `y` while it waits.
-    #[tokio::test]
+    /// queues) before it waits. `deliver` runs on another thread with
+    /// `(x, y)` and calls `hold` once it is about to deliver to `[y, x]`; from
+    /// then on the test holds `x`, and `y` must get its frame and be let go
+    /// of while the run waits for `x`.
     // Holding `x` while another thread's run waits for it is the point.
     #[allow(clippy::await_holding_lock)]
-    async fn a_fan_out_lets_go_of_its_run_before_it_waits_for_a_queue() {
+    async fn lets_go_of_y_while_it_waits_for_x(
+        deliver: impl FnOnce(Outbox, Outbox, &dyn Fn()) + Send + 'static,
+    ) {
         enable(true).expect("io_uring is not available on this machine");
         let (outboxes, mut clients) = members(2).await;
         let (x, y) = (outboxes[0].clone(), outboxes[1].clone());
-        let held_x = outboxes[0].lock();
-        let fanning = std::thread::spawn(move || {
-            let frame = Bytes::from_static(b"hi");
-            let mut sends = Sends::new(&frame);
-            sends.send(&y);
-            sends.send(&x);
-        });
-        assert_eq!(read_exactly(&mut clients[1], 4).await, b"\x81\x02hi");
-        free_soon(&outboxes[1]).await;
-        drop(held_x);
-        fanning.join().unwrap();
-        assert_eq!(read_exactly(&mut clients[0], 4).await, b"\x81\x02hi");
-    }
-
-    /// The same for the writes at the end of a batch.
-    #[tokio::test]
-    // Holding `x` while another thread's run waits for it is the point.
-    #[allow(clippy::await_holding_lock)]
-    async fn a_batch_end_lets_go_of_its_run_before_it_waits_for_a_queue() {
-        enable(true).expect("io_uring is not available on this machine");
-        let (outboxes, mut clients) = members(2).await;
-        let (x, y) = (outboxes[0].clone(), outboxes[1].clone());
-        let (queued, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
-        let writing = std::thread::spawn(move || {
-            crate::delivery::batch(|| {
-                y.deliver(&Bytes::from_static(b"hi"));
-                x.deliver(&Bytes::from_static(b"hi"));
-                queued.0.send(()).unwrap();
-                go.1.recv().unwrap();
+        let (ready, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        let (ready_tx, go_rx) = (ready.0, go.1);
+        let delivering = std::thread::spawn(move || {
+            deliver(x, y, &|| {
+                ready_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
             });
         });
-        queued.1.recv().unwrap();
+        ready.1.recv().unwrap();
         let held_x = outboxes[0].lock();
         go.0.send(()).unwrap();
         assert_eq!(read_exactly(&mut clients[1], 4).await, b"\x81\x02hi");
         free_soon(&outboxes[1]).await;
         drop(held_x);
-        writing.join().unwrap();
+        delivering.join().unwrap();
         assert_eq!(read_exactly(&mut clients[0], 4).await, b"\x81\x02hi");
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_lets_go_of_its_run_before_it_waits_for_a_queue() {
+        lets_go_of_y_while_it_waits_for_x(|x, y, hold| {
+            hold();
+            let frame = Bytes::from_static(b"hi");
+            let mut sends = Sends::new(&frame);
+            sends.send(&y);
+            sends.send(&x);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_end_lets_go_of_its_run_before_it_waits_for_a_queue() {
+        lets_go_of_y_while_it_waits_for_x(|x, y, hold| {
+            crate::delivery::batch(|| {
+                y.deliver(&Bytes::from_static(b"hi"));
+                x.deliver(&Bytes::from_static(b"hi"));
+                hold();
+            });
+        })
+        .await;
     }
 
     /// Waits until `outbox`'s queue is free, failing after 10 s (the run
