@@ -148,7 +148,17 @@ impl Gate {
 pub type Metrics = Arc<Mutex<Registry>>;
 
 pub fn new_metrics() -> Metrics {
-    Arc::new(Mutex::new(Registry::with_prefix("herald")))
+    let mut registry = Registry::with_prefix("herald");
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let workers = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        workers.set(i64::try_from(runtime.metrics().num_workers()).unwrap_or(i64::MAX));
+        registry.register(
+            "runtime_worker_threads",
+            "Threads running this process's async work (--worker-threads)",
+            workers,
+        );
+    }
+    Arc::new(Mutex::new(registry))
 }
 
 #[derive(Clone)]

@@ -1,5 +1,6 @@
 //! Wiring: logging, signals, and each subcommand's services.
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -27,13 +28,22 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Token(_) => unreachable!("handled above"),
     };
     init_logging(common.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let threads = common.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        NonZeroUsize::get,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("herald: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!("running on {threads} worker thread(s)");
     match runtime.block_on(serve(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<ConfigError>() => {

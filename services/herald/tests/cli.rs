@@ -143,3 +143,26 @@ fn the_example_configuration_is_accepted() {
     let mut dev = herald_test_support::Herald::start("herald dev", &args, ws).unwrap();
     dev.stop(std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn worker_threads_sets_the_runtimes_threads_and_refuses_zero() {
+    let o = herald(&["dev", "--worker-threads", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--worker-threads"), "{}", stderr(&o));
+
+    let ws = herald_test_support::free_addr();
+    let grpc = herald_test_support::free_addr();
+    let args: Vec<String> = ["dev", "--worker-threads", "1", "--listen"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([ws.to_string(), "--grpc-listen".into(), grpc.to_string()])
+        .collect();
+    let mut dev = herald_test_support::Herald::start("herald dev", &args, ws).unwrap();
+    let (status, metrics) = herald_test_support::http_get(ws, "/metrics").unwrap();
+    dev.stop(std::time::Duration::from_secs(5));
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("herald_runtime_worker_threads 1\n"),
+        "{metrics}"
+    );
+}
