@@ -381,10 +381,16 @@ impl Outbox {
         match self.claim(self.lock(), frame) {
             Claim::Done(delivered) => delivered,
             Claim::Now(mut q) => {
-                self.offer_encoded(&mut q, |_, buf| encode_frame(buf, OP_TEXT, frame));
+                self.write_now(&mut q, frame);
                 true
             }
         }
+    }
+
+    /// Writes `frame` alone to the socket, for a claim that came back
+    /// [`Claim::Now`].
+    fn write_now(&self, q: &mut Queue, frame: &Bytes) {
+        self.offer_encoded(q, |_, buf| encode_frame(buf, OP_TEXT, frame));
     }
 
     /// Queues `frame` for this connection (`q` is its queue, locked),

@@ -110,7 +110,7 @@ impl<'a> Sends<'a> {
             Claim::Now(q) => q,
         };
         let Some(ring) = &mut self.ring else {
-            outbox.offer_encoded(&mut q, |_, buf| encode_frame(buf, OP_TEXT, self.frame));
+            outbox.write_now(&mut q, self.frame);
             return;
         };
         if self.wire.is_empty() {
