@@ -21,20 +21,31 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_wire::CloseCode;
-use herald_wire::frames::disconnect_frame;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::framing::{OP_CLOSE, OP_TEXT, encode_close, encode_frame};
+
 mod fanout;
+#[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
+mod uring;
+#[cfg(not(all(target_os = "linux", not(herald_no_io_uring))))]
+#[path = "delivery/no_uring.rs"]
+mod uring;
+
 pub use fanout::{Sends, enable as enable_io_uring};
+
+/// Flags of every plain send: a peer that is gone must not raise SIGPIPE.
+/// (Rust programs ignore SIGPIPE from the start; the flag says so where the
+/// kernel has it.)
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_FLAGS: i32 = 0;
 
 /// The most bytes gathered into one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
-
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PONG: u8 = 0xA;
 
 /// What a connection is sent, in queue order.
 pub enum Out {
@@ -176,17 +187,13 @@ impl Drop for BatchEnd {
                     Some(waiting) => waiting.extend(dirty),
                     None => {
                         drop(waiting);
-                        write_all(dirty);
+                        fanout::write_all(&dirty);
                     }
                 }
             }
-            None => write_all(dirty),
+            None => fanout::write_all(&dirty),
         }
     }
-}
-
-fn write_all(dirty: Vec<Outbox>) {
-    fanout::write_all(&dirty);
 }
 
 /// Room deliveries held for up to `--write-delay`, so that a connection
@@ -221,7 +228,7 @@ impl Flusher {
                         waiting.as_mut().map(std::mem::take)
                     }
                 };
-                write_all(dirty.unwrap_or_default());
+                fanout::write_all(&dirty.unwrap_or_default());
                 if stopping {
                     return;
                 }
@@ -546,7 +553,7 @@ impl Outbox {
         let mut rest = bytes;
         let mut told = false;
         loop {
-            match socket.send_with_flags(rest, libc::MSG_NOSIGNAL) {
+            match socket.send_with_flags(rest, SEND_FLAGS) {
                 Ok(n) if n == rest.len() => return true,
                 Ok(n) if n > 0 => rest = &rest[n..],
                 Ok(_) => {}
@@ -648,52 +655,11 @@ pub struct ControlCmd {
 /// router's call then reports the connection as not confirmed).
 const CONTROL_QUEUE: usize = 16;
 
-/// Appends one unmasked server frame to `buf`.
-pub fn encode_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    buf.push(0x80 | opcode);
-    let len = payload.len();
-    if len < 126 {
-        buf.push(len as u8);
-    } else if len <= u16::MAX as usize {
-        buf.push(126);
-        buf.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        buf.push(127);
-        buf.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    buf.extend_from_slice(payload);
-}
-
-fn encode_close(buf: &mut Vec<u8>, code: CloseCode, reason: &str) {
-    encode_frame(buf, OP_TEXT, &disconnect_frame(code, reason));
-    // A close frame's reason may hold at most 123 bytes.
-    let mut cut = reason.len().min(123);
-    while !reason.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let mut payload = code.code().to_be_bytes().to_vec();
-    payload.extend_from_slice(&reason.as_bytes()[..cut]);
-    encode_frame(buf, OP_CLOSE, &payload);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::transport::tests::pair;
     use tokio::io::AsyncReadExt;
-
-    #[test]
-    fn frames_get_the_rfc6455_length_forms() {
-        let mut b = Vec::new();
-        encode_frame(&mut b, OP_TEXT, b"hi");
-        assert_eq!(b, [0x81, 2, b'h', b'i']);
-        let mut b = Vec::new();
-        encode_frame(&mut b, OP_TEXT, &[0; 300]);
-        assert_eq!(&b[..4], &[0x81, 126, 1, 44]);
-        let mut b = Vec::new();
-        encode_frame(&mut b, OP_TEXT, &vec![0; 70_000]);
-        assert_eq!(&b[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
-    }
 
     /// Splits what a client received into (opcode, payload) frames.
     fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {

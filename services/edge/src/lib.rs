@@ -7,6 +7,7 @@
 mod control;
 mod delivery;
 mod durable;
+mod framing;
 mod interest;
 mod presence;
 mod session;

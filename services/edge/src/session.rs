@@ -25,8 +25,9 @@ use tokio::time::Instant;
 use crate::Edge;
 use crate::delivery::{self, Out, Outbox};
 use crate::durable::{self, RoomEntry};
+use crate::framing::{Incoming, Reader};
 use crate::interest;
-use crate::transport::{self, Incoming, Reader};
+use crate::transport;
 
 /// The close reason of every connection when the edge shuts down.
 pub(crate) const SHUTTING_DOWN: &str = "server shutting down; reconnect to another edge";

@@ -6,70 +6,61 @@
 //!
 //! Each member still gets its own write (the kernel's cost per write is the
 //! floor of a delivery), but the run shares one entry into the kernel and one
-//! return from it: on this class of machine that took about a quarter off
-//! the cost of each write. The sends are non-blocking and complete inside
-//! the submission; a member whose socket takes less than the whole frame goes
-//! on through [`Outbox::offer`] like any short write. Where io_uring is not
-//! available (an old kernel, a seccomp profile that forbids it), or turned
-//! off with `--io-uring=false`, each member gets a plain `send(2)`.
+//! return from it (measured in `docs/benchmarks.md`). The sends are
+//! non-blocking and complete inside the submission; a member whose socket
+//! takes less than the whole frame goes on through [`Outbox::offer`] like any
+//! short write. Where io_uring is not available (another system than Linux,
+//! an old kernel, a seccomp profile that forbids it), or turned off with
+//! `--io-uring=false`, each member gets a plain `send(2)`.
+//!
+//! The ring and the buffer the kernel reads belong to [`super::uring`]
+//! while a run is in the kernel; this module only decides who is in a run.
 
 use std::cell::RefCell;
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::AsFd as _;
 use std::sync::MutexGuard;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use io_uring::{IoUring, opcode, types};
 use smallvec::SmallVec;
 
-use super::{Claim, OP_TEXT, Outbox, Queue, encode_frame, encode_queued};
+use super::uring::{self, Ring, Sent};
+use super::{Claim, Outbox, Queue, encode_queued};
+use crate::framing::{OP_TEXT, encode_frame};
 
 /// Members sent to by one submission. Their queues stay locked until it
-/// returns (about a millisecond for 128 sends here), so that nothing else is
-/// written to those sockets in between. A run never waits for a queue that
-/// another thread holds (see [`lock_next`]).
-const RUN: usize = 128;
+/// returns, so that nothing else is written to those sockets in between. A
+/// run never waits for a queue that another thread holds (see
+/// [`lock_next`]).
+pub(super) const RUN: usize = 128;
 
 /// The most bytes a run of batch-end writes encodes before it is submitted
 /// (each connection's write is at most 64 KiB, the run up to [`RUN`] of them).
 const RUN_BYTES: usize = 1024 * 1024;
 
-/// Whether fan-outs use io_uring: set once at start-up by [`enable`].
-static ENABLED: AtomicBool = AtomicBool::new(false);
-
 thread_local! {
-    /// Each worker thread's ring, made on its first fan-out; `None` inside
-    /// a fan-out (which takes it) or where it could not be made.
-    static RING: RefCell<Option<IoUring>> = RefCell::new(make_ring());
-    /// Each worker thread's buffer for the encoded frame.
+    /// Each worker thread's buffer for a run's bytes, between runs.
     static WIRE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn make_ring() -> Option<IoUring> {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return None;
-    }
-    match IoUring::new(RUN as u32) {
-        Ok(ring) => Some(ring),
-        Err(e) => {
-            tracing::warn!(error = %e, "io_uring ring could not be made for this thread; its fan-outs use one send(2) per member");
-            None
-        }
+fn take_wire() -> Vec<u8> {
+    WIRE.with(|w| std::mem::take(&mut *w.borrow_mut()))
+}
+
+/// Gives a run's buffer back to this thread once the kernel is done with it,
+/// unless it grew too big to keep.
+fn keep_wire(mut wire: Vec<u8>) {
+    if wire.capacity() <= RUN_BYTES + 64 * 1024 {
+        wire.clear();
+        WIRE.with(|w| *w.borrow_mut() = wire);
     }
 }
 
-/// Turns io_uring fan-outs on (if this kernel lets the process make a
-/// ring) or off; returns whether they are on, or why not.
-pub fn enable(on: bool) -> Result<bool, io::Error> {
-    if !on {
-        ENABLED.store(false, Ordering::Relaxed);
-        return Ok(false);
-    }
-    IoUring::new(RUN as u32)?;
-    ENABLED.store(true, Ordering::Relaxed);
-    Ok(true)
+/// Turns io_uring runs on (if this kernel lets the process make a ring) or
+/// off; returns whether they are on, or why not.
+pub fn enable(on: bool) -> io::Result<bool> {
+    uring::enable(on)
 }
 
 /// The members of one fan-out that can be written to now, in runs of
@@ -77,9 +68,10 @@ pub fn enable(on: bool) -> Result<bool, io::Error> {
 /// the `Sends` is dropped.
 pub struct Sends<'a> {
     frame: &'a Bytes,
-    ring: Option<IoUring>,
-    /// `frame` as a WebSocket frame, encoded on the first send; unchanged
-    /// until every send that points into it has completed.
+    /// `None` where there is no ring, and for good once a run failed.
+    ring: Option<Ring>,
+    /// `frame` as a WebSocket frame, encoded on the first send. While a run
+    /// is in the kernel, [`Ring::send_all`] owns it.
     wire: Vec<u8>,
     /// The members of the run being filled, their queues locked.
     run: SmallVec<[(MutexGuard<'a, Queue>, &'a Outbox); RUN]>,
@@ -87,10 +79,16 @@ pub struct Sends<'a> {
 
 impl<'a> Sends<'a> {
     pub fn new(frame: &'a Bytes) -> Sends<'a> {
+        let ring = Ring::take();
+        let wire = if ring.is_some() {
+            take_wire()
+        } else {
+            Vec::new()
+        };
         Sends {
             frame,
-            ring: RING.with(|r| r.borrow_mut().take()),
-            wire: WIRE.with(|w| std::mem::take(&mut *w.borrow_mut())),
+            ring,
+            wire,
             run: SmallVec::new(),
         }
     }
@@ -109,22 +107,12 @@ impl<'a> Sends<'a> {
             Claim::Done(_) => return,
             Claim::Now(q) => q,
         };
-        let Some(ring) = &mut self.ring else {
+        if self.ring.is_none() {
             outbox.write_now(&mut q, self.frame);
             return;
-        };
+        }
         if self.wire.is_empty() {
             encode_frame(&mut self.wire, OP_TEXT, self.frame);
-        }
-        // SAFETY: `wire` is neither changed nor dropped until `flush` has
-        // reaped this send's completion.
-        #[allow(unsafe_code)]
-        let pushed = unsafe { push_send(ring, outbox, &self.wire, self.run.len()) };
-        if !pushed {
-            // The ring's queue is as long as a run, so this does not happen;
-            // if it did, the plain write is still right.
-            outbox.offer(&mut q, &self.wire);
-            return;
         }
         self.run.push((q, outbox));
         if self.run.len() == RUN {
@@ -138,20 +126,28 @@ impl<'a> Sends<'a> {
         if self.run.is_empty() {
             return;
         }
-        let ring = self
-            .ring
-            .as_mut()
-            .expect("a run is only filled with a ring");
-        match complete(ring, self.run.len()) {
-            Ok(sent) => {
+        let ring = self.ring.take().expect("a run is only filled with a ring");
+        let wire = std::mem::take(&mut self.wire);
+        let whole = 0..wire.len();
+        let sends = self
+            .run
+            .iter()
+            .map(|(_, outbox)| (outbox.conn.stream.as_fd(), whole.clone()));
+        match ring.send_all(wire, sends) {
+            Ok(Sent {
+                ring,
+                wire,
+                results,
+            }) => {
                 for (i, (mut q, outbox)) in self.run.drain(..).enumerate() {
-                    settle(outbox, &mut q, &self.wire, sent[i]);
+                    settle(outbox, &mut q, &wire, results[i]);
                 }
+                self.ring = Some(ring);
+                self.wire = wire;
             }
-            Err(e) => {
-                self.ring = None;
-                abandon(&e, self.run.drain(..));
-            }
+            // The ring and the buffer are gone: the members after this run
+            // get plain sends.
+            Err(e) => abandon(&e, self.run.drain(..)),
         }
     }
 }
@@ -160,9 +156,9 @@ impl Drop for Sends<'_> {
     fn drop(&mut self) {
         self.flush();
         if let Some(ring) = self.ring.take() {
-            RING.with(|r| *r.borrow_mut() = Some(ring));
+            ring.put_back();
+            keep_wire(std::mem::take(&mut self.wire));
         }
-        keep_wire(std::mem::take(&mut self.wire));
     }
 }
 
@@ -176,47 +172,6 @@ fn lock_next(outbox: &Outbox, holding: bool) -> Option<MutexGuard<'_, Queue>> {
     } else {
         Some(outbox.lock())
     }
-}
-
-/// Queues `bytes` to go to `outbox`'s socket as send `i` of a run; `false`
-/// if the ring's queue is full.
-///
-/// # Safety
-///
-/// `bytes` must stay alive and unchanged until [`complete`] has reaped the
-/// send: the kernel reads them while the submission runs.
-#[allow(unsafe_code)]
-unsafe fn push_send(ring: &mut IoUring, outbox: &Outbox, bytes: &[u8], i: usize) -> bool {
-    let fd = types::Fd(outbox.conn.stream.as_raw_fd());
-    let entry = opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32)
-        // Never parked in the kernel: a full socket answers EAGAIN at once,
-        // and the member goes on through `offer`.
-        .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(i as u64);
-    // SAFETY: the caller keeps `bytes` as they are until the completion.
-    unsafe { ring.submission().push(&entry) }.is_ok()
-}
-
-/// Submits the `n` sends pushed since the last call and waits for all of
-/// them: what send `i` returned is at `[i]` (bytes taken, or `-errno`).
-fn complete(ring: &mut IoUring, n: usize) -> io::Result<[i32; RUN]> {
-    let mut sent = [i32::MIN; RUN];
-    let mut reaped = 0;
-    while reaped < n {
-        match ring.submit_and_wait(n - reaped) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-        for cqe in ring.completion() {
-            if let Some(slot) = sent.get_mut(cqe.user_data() as usize) {
-                *slot = cqe.result();
-                reaped += 1;
-            }
-        }
-    }
-    Ok(sent)
 }
 
 /// Finishes a send that took `sent` of `bytes`: the rest goes the plain
@@ -233,13 +188,14 @@ fn settle(outbox: &Outbox, q: &mut Queue, bytes: &[u8], sent: i32) -> bool {
 
 /// The ring failed in a way it should not: whether the run's frames went
 /// out is unknown, so their connections are closed (a client that
-/// reconnects recovers from its last position) and io_uring is off.
+/// reconnects recovers from its last position) and io_uring is turned off
+/// for every thread.
 fn abandon<'a>(
     e: &io::Error,
     run: impl ExactSizeIterator<Item = (MutexGuard<'a, Queue>, &'a Outbox)>,
 ) {
     tracing::error!(error = %e, members = run.len(), "io_uring submission failed; closing the connections it may have left half-sent and turning io_uring off");
-    ENABLED.store(false, Ordering::Relaxed);
+    uring::disable();
     for (q, outbox) in run {
         drop(q);
         outbox.close(
@@ -256,20 +212,25 @@ type Write<'a> = (MutexGuard<'a, Queue>, &'a Outbox, Range<usize>);
 /// Writes what a batch queued for each of `dirty`: each connection's frames
 /// in one write, as many connections as fit in a run per io_uring
 /// submission. A connection with a write already under way (a stalled
-/// rest), and every connection where there is no ring, gets the plain write.
+/// rest), and every connection once there is no ring, gets the plain write.
 pub(super) fn write_all(dirty: &[Outbox]) {
-    let Some(mut ring) = RING.with(|r| r.borrow_mut().take()) else {
-        for outbox in dirty {
-            let mut q = outbox.lock();
-            q.batched = false;
-            outbox.write(&mut q);
-        }
-        return;
-    };
-    let mut wire = WIRE.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    let mut next = 0;
+    if let Some(ring) = Ring::take() {
+        next = write_runs(dirty, ring);
+    }
+    for outbox in &dirty[next..] {
+        let mut q = outbox.lock();
+        q.batched = false;
+        outbox.write(&mut q);
+    }
+}
+
+/// [`write_all`]'s io_uring part: writes `dirty` in runs until all are
+/// written or a run fails; returns how many were written.
+fn write_runs(dirty: &[Outbox], mut ring: Ring) -> usize {
+    let mut wire = take_wire();
     let mut next = 0;
     let mut run: SmallVec<[Write<'_>; RUN]> = SmallVec::new();
-    let mut ring_ok = true;
     loop {
         wire.clear();
         while let Some(outbox) = dirty.get(next) {
@@ -279,7 +240,7 @@ pub(super) fn write_all(dirty: &[Outbox]) {
             };
             next += 1;
             q.batched = false;
-            if !ring_ok || !q.head.is_empty() || q.broken || q.frames.is_empty() {
+            if !q.head.is_empty() || q.broken || q.frames.is_empty() {
                 outbox.write(&mut q);
                 continue;
             }
@@ -293,49 +254,30 @@ pub(super) fn write_all(dirty: &[Outbox]) {
         if run.is_empty() {
             break;
         }
-        // Every write of the run is encoded: `wire` does not move from here
-        // until the sends are reaped.
-        let mut pushed = 0;
-        for (i, (_, outbox, range)) in run.iter().enumerate() {
-            // SAFETY: `wire` is neither changed nor dropped before
-            // `complete` below has reaped these sends.
-            #[allow(unsafe_code)]
-            let ok = unsafe { push_send(&mut ring, outbox, &wire[range.clone()], i) };
-            if !ok {
-                break;
-            }
-            pushed += 1;
-        }
-        match complete(&mut ring, pushed) {
+        let sends = run
+            .iter()
+            .map(|(_, outbox, range)| (outbox.conn.stream.as_fd(), range.clone()));
+        match ring.send_all(wire, sends) {
             Ok(sent) => {
                 for (i, (mut q, outbox, range)) in run.drain(..).enumerate() {
                     // A send never pushed is `i32::MIN`: all of it, plainly.
-                    if settle(outbox, &mut q, &wire[range], sent[i]) {
+                    if settle(outbox, &mut q, &sent.wire[range], sent.results[i]) {
                         // The frames past this write's 64 KiB, and the
                         // shutdown of a closing connection.
                         outbox.write(&mut q);
                     }
                 }
+                (ring, wire) = (sent.ring, sent.wire);
             }
             Err(e) => {
-                ring_ok = false;
                 abandon(&e, run.drain(..).map(|(q, outbox, _)| (q, outbox)));
+                return next;
             }
         }
     }
-    if ring_ok {
-        RING.with(|r| *r.borrow_mut() = Some(ring));
-    }
+    ring.put_back();
     keep_wire(wire);
-}
-
-/// Gives the encoding buffer back to this thread, unless it grew too big to
-/// keep.
-fn keep_wire(mut wire: Vec<u8>) {
-    if wire.capacity() <= RUN_BYTES + 64 * 1024 {
-        wire.clear();
-        WIRE.with(|w| *w.borrow_mut() = wire);
-    }
+    next
 }
 
 #[cfg(test)]
@@ -347,6 +289,23 @@ mod tests {
 
     use super::*;
     use crate::transport::tests::pair;
+
+    /// Tests that need io_uring on, or turn it off, take turns: it is one
+    /// switch for the whole process.
+    static RINGS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Turns io_uring on; `false` (and a note) where this machine refuses it
+    /// (a seccomp profile, an old kernel, not Linux): the tests then check
+    /// the plain path, which must give the same bytes.
+    fn ring_here() -> bool {
+        match enable(true) {
+            Ok(on) => on,
+            Err(e) => {
+                eprintln!("io_uring is not available here ({e}); checking the plain path");
+                false
+            }
+        }
+    }
 
     async fn members(n: usize) -> (Vec<Outbox>, Vec<TcpStream>) {
         let mut outboxes = Vec::new();
@@ -361,14 +320,7 @@ mod tests {
 
     fn fan_out(frame: &Bytes, outboxes: &[Outbox], ring: bool) {
         let mut sends = Sends::new(frame);
-        if ring {
-            assert!(
-                sends.ring.is_some(),
-                "io_uring is not available on this machine"
-            );
-        } else {
-            sends.ring = None;
-        }
+        assert_eq!(sends.ring.is_some(), ring, "a ring where one was asked for");
         for ob in outboxes {
             sends.send(ob);
         }
@@ -391,11 +343,12 @@ mod tests {
 
     #[tokio::test]
     async fn every_member_gets_each_frame_once_in_order_across_runs() {
-        enable(true).expect("io_uring is not available on this machine");
+        let _rings = RINGS.lock().await;
+        let ring = ring_here();
         // More members than one run holds.
         let (outboxes, mut clients) = members(RUN + 5).await;
-        fan_out(&Bytes::from_static(b"first"), &outboxes, true);
-        fan_out(&Bytes::from_static(b"second"), &outboxes, true);
+        fan_out(&Bytes::from_static(b"first"), &outboxes, ring);
+        fan_out(&Bytes::from_static(b"second"), &outboxes, ring);
         for client in &mut clients {
             let got = read_exactly(client, 7 + 8).await;
             assert_eq!(got, b"\x81\x05first\x81\x06second");
@@ -406,6 +359,8 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_ring_each_member_gets_a_plain_send() {
+        let _rings = RINGS.lock().await;
+        enable(false).unwrap();
         let (outboxes, mut clients) = members(3).await;
         fan_out(&Bytes::from_static(b"hello"), &outboxes, false);
         for client in &mut clients {
@@ -416,7 +371,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_end_writes_each_members_frames_once_in_order_in_runs() {
-        enable(true).expect("io_uring is not available on this machine");
+        let _rings = RINGS.lock().await;
+        ring_here();
         let (outboxes, mut clients) = members(RUN + 5).await;
         let big = Bytes::from(vec![b'b'; 40_000]);
         crate::delivery::batch(|| {
@@ -470,7 +426,8 @@ mod tests {
     async fn lets_go_of_y_while_it_waits_for_x(
         deliver: impl FnOnce(Outbox, Outbox, &dyn Fn()) + Send + 'static,
     ) {
-        enable(true).expect("io_uring is not available on this machine");
+        let _rings = RINGS.lock().await;
+        ring_here();
         let (outboxes, mut clients) = members(2).await;
         let (x, y) = (outboxes[0].clone(), outboxes[1].clone());
         let (ready, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
@@ -559,7 +516,10 @@ mod tests {
     #[tokio::test]
     async fn a_full_socket_gets_the_rest_of_the_frame_once_its_client_reads() {
         a_full_socket_gets_the_rest_once_it_drains(|frame, outboxes| {
-            fan_out(frame, outboxes, true);
+            let mut sends = Sends::new(frame);
+            for ob in outboxes {
+                sends.send(ob);
+            }
         })
         .await;
     }
@@ -567,7 +527,8 @@ mod tests {
     /// `deliver` sends one 60 KB frame to two members, the first with a
     /// socket filled behind its outbox's back.
     async fn a_full_socket_gets_the_rest_once_it_drains(deliver: impl FnOnce(&Bytes, &[Outbox])) {
-        enable(true).expect("io_uring is not available on this machine");
+        let _rings = RINGS.lock().await;
+        ring_here();
         let (outboxes, mut clients) = members(2).await;
         let filled = fill(&outboxes[0]);
         let frame = Bytes::from(vec![b'm'; 60_000]);
@@ -584,5 +545,81 @@ mod tests {
         nothing_more(&mut clients[0]).await;
         let other = read_exactly(&mut clients[1], 4 + frame.len()).await;
         assert_eq!(&other[..4], &[0x81, 126, 0xea, 0x60]);
+    }
+
+    #[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
+    /// A run that fails once the kernel has its sends (the worst case: the
+    /// kernel may still read the buffer) must never give that buffer back
+    /// for reuse, must not reuse the ring, and turns io_uring off on every
+    /// thread; the run's members are told to reconnect.
+    async fn a_failed_run_sets_its_buffer_aside(deliver: impl FnOnce(&[Outbox])) {
+        let _rings = RINGS.lock().await;
+        if !ring_here() {
+            return;
+        }
+        // Another thread that made its ring before the failure.
+        let (made, check) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        let (made_tx, check_rx) = (made.0, check.1);
+        let other = std::thread::spawn(move || {
+            Ring::take().expect("a ring on the other thread").put_back();
+            made_tx.send(()).unwrap();
+            check_rx.recv().unwrap();
+            Ring::take().is_some()
+        });
+        made.1.recv().unwrap();
+
+        let (outboxes, _clients) = members(3).await;
+        // This thread's run buffer, at an address the test knows.
+        WIRE.with(|w| *w.borrow_mut() = Vec::with_capacity(64 * 1024));
+        let buffer = WIRE.with(|w| w.borrow().as_ptr() as usize);
+        uring::inject::fail_next_run();
+        deliver(&outboxes);
+
+        assert_eq!(
+            uring::inject::leaked_buffers(),
+            [buffer],
+            "the failed run's buffer is set aside"
+        );
+        let kept = WIRE.with(|w| (w.borrow().capacity(), w.borrow().as_ptr() as usize));
+        assert!(
+            kept.0 == 0 || kept.1 != buffer,
+            "the failed run's buffer was handed back for the next run"
+        );
+        for ob in &outboxes {
+            assert_eq!(
+                ob.close_reason().map(|r| r.0),
+                Some(herald_wire::CloseCode::Internal),
+                "a member of the failed run is told to reconnect"
+            );
+        }
+        assert!(Ring::take().is_none(), "this thread's ring is not reused");
+        check.0.send(()).unwrap();
+        assert!(
+            !other.join().unwrap(),
+            "io_uring is off on the other thread too"
+        );
+        ring_here();
+    }
+
+    #[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
+    #[tokio::test]
+    async fn a_fan_out_whose_submission_fails_never_reuses_its_buffer() {
+        a_failed_run_sets_its_buffer_aside(|outboxes| {
+            fan_out(&Bytes::from_static(b"lost?"), outboxes, true);
+        })
+        .await;
+    }
+
+    #[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
+    #[tokio::test]
+    async fn a_batch_end_whose_submission_fails_never_reuses_its_buffer() {
+        a_failed_run_sets_its_buffer_aside(|outboxes| {
+            crate::delivery::batch(|| {
+                for ob in outboxes {
+                    ob.deliver(&Bytes::from_static(b"lost?"));
+                }
+            });
+        })
+        .await;
     }
 }
