@@ -391,7 +391,7 @@ pub(crate) mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::durable::{self, RoomOrder};
+    use crate::room::{self, RoomOrder};
 
     /// A member whose deliveries the test reads from the returned socket.
     #[tokio::test]
@@ -469,12 +469,12 @@ pub(crate) mod tests {
     ) -> Interest<String, RoomOrder> {
         let history: SharedHistory = Arc::new(MemoryHistory::new());
         let handler: Handler<RoomOrder> = Arc::new(move |msg, entry| {
-            durable::on_frame(entry, &history, msg.payload);
+            room::on_frame(entry, &history, msg.payload);
         });
         let init = init.or_else(|| {
             let history: SharedHistory = Arc::new(MemoryHistory::new());
             Some(Arc::new(move |_, entry: Arc<Entry<RoomOrder>>| {
-                durable::init_ephemeral(&entry, &history);
+                room::init_ephemeral(&entry, &history);
                 Box::pin(async { Ok(()) }) as BoxFuture<'static, _>
             }))
         });
@@ -556,7 +556,7 @@ pub(crate) mod tests {
                         started.notify_one();
                         may_end.notified().await;
                     }
-                    durable::init_ephemeral(&entry, &history);
+                    room::init_ephemeral(&entry, &history);
                     Ok(())
                 })
             })

@@ -6,10 +6,10 @@
 
 mod control;
 mod delivery;
-mod durable;
 mod framing;
 mod interest;
 mod presence;
+mod room;
 mod session;
 mod transport;
 
@@ -120,7 +120,7 @@ struct Edge {
     config: Config,
     broker: SharedBroker,
     history: SharedHistory,
-    rooms: interest::Interest<RoomName, durable::RoomOrder>,
+    rooms: interest::Interest<RoomName, room::RoomOrder>,
     /// Local connections by user, for control messages naming a user.
     users: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     /// Every open session, for control messages naming one connection.
@@ -181,28 +181,28 @@ pub async fn run(
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
         .await?;
-    let on_room_frame: interest::Handler<durable::RoomOrder> = {
+    let on_room_frame: interest::Handler<room::RoomOrder> = {
         let (history, delivered) = (history.clone(), edge_metrics.delivered.clone());
         Arc::new(move |msg, entry| {
-            let n = durable::on_frame(entry, &history, msg.payload);
+            let n = room::on_frame(entry, &history, msg.payload);
             delivered.inc_by(n as u64);
         })
     };
     // Every room, durable or not, is started here: frames that its shard's
     // subscription brought before this ran were held and go out now.
-    let init_room: interest::Init<RoomName, durable::RoomOrder> = {
+    let init_room: interest::Init<RoomName, room::RoomOrder> = {
         let (history, policy) = (history.clone(), config.policy.clone());
         let delivered = edge_metrics.delivered.clone();
         Arc::new(move |room: RoomName, entry| {
             let (history, delivered) = (history.clone(), delivered.clone());
-            let durable = is_durable(&policy, &room);
+            let durable = policy.is_durable(room.namespace());
             Box::pin(async move {
                 let n = if durable {
-                    durable::init(&history, room, &entry)
+                    room::init(&history, room, &entry)
                         .await
                         .map_err(|e| BrokerError::Unavailable(e.to_string()))?
                 } else {
-                    durable::init_ephemeral(&entry, &history)
+                    room::init_ephemeral(&entry, &history)
                 };
                 delivered.inc_by(n as u64);
                 Ok(())
@@ -412,12 +412,6 @@ async fn ws_handler(
     }));
     tracker.spawn(fut);
     response.into_response()
-}
-
-/// Whether `room` keeps history: its namespace is configured durable, or it
-/// is a personal room (the offline inbox).
-pub fn is_durable(policy: &herald_auth::Policy, room: &RoomName) -> bool {
-    policy.is_durable(room.namespace())
 }
 
 /// Milliseconds since the Unix epoch.

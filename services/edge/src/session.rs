@@ -24,9 +24,9 @@ use tokio::time::Instant;
 
 use crate::Edge;
 use crate::delivery::{self, Out, Outbox};
-use crate::durable::{self, RoomEntry};
 use crate::framing::{Incoming, Reader};
 use crate::interest;
+use crate::room::{self, RoomEntry};
 use crate::transport;
 
 /// The close reason of every connection when the edge shuts down.
@@ -218,11 +218,6 @@ struct Session {
     after_reply: Option<Arc<RoomEntry>>,
 }
 
-/// The epoch of a durable room's entry.
-fn history_epoch(entry: &RoomEntry) -> Option<String> {
-    durable::epoch(entry)
-}
-
 /// Closes a connection whose token expired: `token_expired`, then 4001.
 /// Expiry is checked by the edge's once-a-second sweep (see `run` in
 /// lib.rs) rather than a timer in every session's task.
@@ -313,7 +308,7 @@ impl Session {
                 return None;
             }
         };
-        let inbox_last = durable::last(&inbox).unwrap_or(0);
+        let inbox_last = room::last(&inbox).unwrap_or(0);
         let (unread, inbox_marker) = session.unread(inbox_last).await;
         let mut connected = json!({
             "conn": session.conn,
@@ -329,10 +324,9 @@ impl Session {
             .outbox
             .send(frames::event_frame("connected", connected));
         // Right after `connected`: everything in the inbox after the read marker.
-        let epoch = history_epoch(&inbox);
+        let epoch = room::epoch(&inbox);
         let since = epoch.as_deref().map(|e| (e, inbox_marker));
-        if let Err(e) =
-            durable::recover(&inbox, &session.edge.history, session.outbox.id, since).await
+        if let Err(e) = room::recover(&inbox, &session.edge.history, session.outbox.id, since).await
         {
             session.outbox.send(frames::error_frame(
                 None,
@@ -531,7 +525,7 @@ impl Session {
                         .check_publish(&self.claims, room.as_str()),
                 )?;
                 let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
-                let durable = crate::is_durable(&self.edge.config.policy, &room);
+                let durable = self.edge.config.policy.is_durable(room.namespace());
                 let published = rooms::publish(
                     &self.edge.broker,
                     &self.edge.history,
@@ -674,9 +668,9 @@ impl Session {
         policy: &NamespacePolicy,
         meta: Option<Value>,
         since: Option<Since>,
-    ) -> Result<durable::Recovery, FrameError> {
+    ) -> Result<room::Recovery, FrameError> {
         let unavailable = |e: String| FrameError::new(id, ErrorCode::Unavailable, e);
-        let durable = crate::is_durable(&self.edge.config.policy, room);
+        let durable = self.edge.config.policy.is_durable(room.namespace());
         let presence = policy.presence && !room.is_personal();
         let joined = Joined {
             presence,
@@ -724,7 +718,7 @@ impl Session {
         }
         if !durable {
             // Ephemeral rooms keep no history: nothing to recover from.
-            return Ok(durable::Recovery {
+            return Ok(room::Recovery {
                 epoch: String::new(),
                 offset: 0,
                 recovered: false,
@@ -732,7 +726,7 @@ impl Session {
             });
         }
         let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
-        let recovery = durable::recover(&entry, &self.edge.history, self.outbox.id, since).await;
+        let recovery = room::recover(&entry, &self.edge.history, self.outbox.id, since).await;
         if hold {
             self.after_reply = Some(entry);
         }
@@ -751,7 +745,7 @@ impl Session {
     }
 
     fn durable_only(&self, id: Option<u64>, room: &RoomName) -> Result<(), FrameError> {
-        if crate::is_durable(&self.edge.config.policy, room) {
+        if self.edge.config.policy.is_durable(room.namespace()) {
             Ok(())
         } else {
             Err(FrameError::new(

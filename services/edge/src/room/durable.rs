@@ -1,0 +1,240 @@
+//! Durable rooms on this edge: live messages put back in offset order, gaps
+//! filled from history, and recovery of a joining member from its last
+//! offset, so a client sees every message exactly once and in order
+//! whichever edge it lands on.
+//!
+//! Each stored message names the room's previous offset (`prev`), so the
+//! edge knows the next one it must deliver: a message whose `prev` is the
+//! last delivered offset goes out at once; one that arrives early waits
+//! until its predecessor arrives or, after a short wait, is read from history.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_broker::history::{HistoryError, SharedHistory};
+use herald_wire::RoomName;
+use herald_wire::frames::{position, with_position};
+
+use super::{RoomEntry, fan_out};
+
+/// How long an early message waits for its predecessor before the edge reads
+/// the gap from history.
+const GAP_WAIT: Duration = Duration::from_millis(200);
+/// Messages read from history per request.
+const PAGE: usize = 500;
+
+/// Where a durable room's delivery stands on this edge.
+pub(super) struct Durable {
+    room: RoomName,
+    pub(super) epoch: String,
+    /// The last offset delivered to the room's members.
+    pub(super) last: u64,
+    /// Early messages by the offset they follow.
+    early: BTreeMap<u64, (u64, Bytes)>,
+    filling: bool,
+}
+
+impl Durable {
+    /// Reads where the room's history stands.
+    pub(super) async fn load(
+        history: &SharedHistory,
+        room: RoomName,
+    ) -> Result<Durable, HistoryError> {
+        let epoch = history.epoch(room.namespace()).await?;
+        let last = history.latest(&room).await?;
+        Ok(Durable {
+            room,
+            epoch,
+            last,
+            early: BTreeMap::new(),
+            filling: false,
+        })
+    }
+
+    /// Delivers `frame` if it is the next in order (with the early ones
+    /// that follow it), holds it if it is early, drops it if it was
+    /// delivered; returns how many deliveries that made.
+    pub(super) fn order(
+        &mut self,
+        entry: &Arc<RoomEntry>,
+        history: &SharedHistory,
+        frame: Bytes,
+    ) -> usize {
+        let Some((offset, prev)) = position(&frame) else {
+            // Presence events and read markers are not part of the order.
+            return fan_out(entry, &frame);
+        };
+        if offset <= self.last {
+            return 0;
+        }
+        if prev > self.last {
+            self.early.insert(prev, (offset, frame));
+            if !self.filling {
+                self.filling = true;
+                tokio::spawn(fill_gap(entry.clone(), history.clone()));
+            }
+            return 0;
+        }
+        let mut sent = fan_out(entry, &frame);
+        self.last = offset;
+        sent += drain_early(entry, self);
+        sent
+    }
+}
+
+/// Delivers early messages that now follow the last delivered one.
+fn drain_early(entry: &RoomEntry, d: &mut Durable) -> usize {
+    let mut sent = 0;
+    loop {
+        // Drop what was delivered meanwhile (read from history).
+        while let Some((&prev, &(offset, _))) = d.early.first_key_value() {
+            if offset <= d.last {
+                d.early.remove(&prev);
+            } else {
+                break;
+            }
+        }
+        match d.early.first_key_value() {
+            Some((&prev, _)) if prev <= d.last => {
+                let (offset, frame) = d.early.remove(&prev).expect("present");
+                sent += fan_out(entry, &frame);
+                d.last = offset;
+            }
+            _ => return sent,
+        }
+    }
+}
+
+/// Reads from history what an early message skipped over.
+async fn fill_gap(entry: Arc<RoomEntry>, history: SharedHistory) {
+    loop {
+        tokio::time::sleep(GAP_WAIT).await;
+        let (room, last) = {
+            let mut order = entry.state.0.lock().expect("room order");
+            let Some(d) = order.durable_mut() else {
+                return;
+            };
+            if d.early.is_empty() {
+                d.filling = false;
+                return;
+            }
+            (d.room.clone(), d.last)
+        };
+        match history.read(&room, last, PAGE).await {
+            Ok(stored) => {
+                let mut order = entry.state.0.lock().expect("room order");
+                let Some(d) = order.durable_mut() else {
+                    return;
+                };
+                for m in stored {
+                    if m.offset > d.last {
+                        let frame = with_position(&m.payload, &d.epoch, m.offset, m.prev);
+                        fan_out(&entry, &frame);
+                        d.last = m.offset;
+                    }
+                }
+                drain_early(&entry, d);
+            }
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "could not read a gap from history; retrying")
+            }
+        }
+    }
+}
+
+/// What a recovering join found.
+pub struct Recovery {
+    pub epoch: String,
+    /// The room's last offset when the member joined.
+    pub offset: u64,
+    pub recovered: bool,
+    pub missed: u64,
+}
+
+/// For a member that joined held: sends it the stored messages after `since`
+/// up to what the room had delivered when it joined, then (by the caller's
+/// [`crate::interest::release`]) what arrived meanwhile. `since` is `None`
+/// for a plain join (nothing is replayed).
+pub async fn recover(
+    entry: &RoomEntry,
+    history: &SharedHistory,
+    member: u64,
+    since: Option<(&str, u64)>,
+) -> Result<Recovery, HistoryError> {
+    let (room, epoch, upto) = {
+        let order = entry.state.0.lock().expect("room order");
+        let d = order.durable().expect("a durable room");
+        // Held frames up to `last` will come from history: drop them.
+        let mut members = entry.members.write().expect("members");
+        if let Some(held) = members.get_mut(&member).and_then(|s| s.held.as_mut()) {
+            held.retain(|f| position(f).is_none_or(|(offset, _)| offset > d.last));
+        }
+        (d.room.clone(), d.epoch.clone(), d.last)
+    };
+    let Some((since_epoch, since)) = since else {
+        return Ok(Recovery {
+            epoch,
+            offset: upto,
+            recovered: false,
+            missed: 0,
+        });
+    };
+    if since_epoch != epoch {
+        return Ok(Recovery {
+            epoch,
+            offset: upto,
+            recovered: false,
+            missed: 0,
+        });
+    }
+    let outbox = entry
+        .members
+        .read()
+        .expect("members")
+        .get(&member)
+        .map(|s| s.outbox.clone());
+    let Some(outbox) = outbox else {
+        return Ok(Recovery {
+            epoch,
+            offset: upto,
+            recovered: false,
+            missed: 0,
+        });
+    };
+    let mut after = since;
+    let mut recovered = true;
+    let mut missed = 0;
+    'pages: while after < upto {
+        let page = history.read(&room, after, PAGE).await?;
+        if page.is_empty() {
+            // Messages up to `upto` existed but are no longer kept.
+            recovered = false;
+            break;
+        }
+        for m in page {
+            if m.offset > upto {
+                break 'pages;
+            }
+            if after == since && m.prev > since {
+                // The history no longer reaches back to `since`.
+                recovered = false;
+            }
+            if !outbox
+                .send_waiting(with_position(&m.payload, &epoch, m.offset, m.prev))
+                .await
+            {
+                break 'pages;
+            }
+            missed += 1;
+            after = m.offset;
+        }
+    }
+    Ok(Recovery {
+        epoch,
+        offset: upto,
+        recovered,
+        missed,
+    })
+}

@@ -1,0 +1,238 @@
+//! Rooms on this edge: each room's delivery order and the fan-out of its
+//! messages to the local members. Frames arrive on the room's subject
+//! (`interest` keeps the subscriptions and the member lists); an ephemeral
+//! room passes them on as they come, a durable one puts them back in offset
+//! order first (`durable`). Every room, durable or not, is fanned out here.
+
+mod durable;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use herald_broker::history::{HistoryError, SharedHistory};
+use herald_wire::RoomName;
+
+pub use durable::{Recovery, recover};
+
+use crate::delivery;
+use crate::interest::Entry;
+
+/// A room's entry in the edge's table: its members and its order.
+pub type RoomEntry = Entry<RoomOrder>;
+
+/// The delivery order of one room on this edge. Every room starts awaiting
+/// its init ([`init`] or [`init_ephemeral`]), which must run for frames to
+/// flow.
+#[derive(Default)]
+pub struct RoomOrder(Mutex<Order>);
+
+enum Order {
+    /// Frames wait here, in arrival order, until the room's init says how to
+    /// order them. A subscription shared by many rooms (a shard of personal
+    /// rooms) is live before a newly joined room's init has read where its
+    /// history stands, so its messages may come first.
+    AwaitingInit(Vec<Bytes>),
+    /// Frames go out as they arrive.
+    Ephemeral,
+    Durable(durable::Durable),
+}
+
+impl Default for Order {
+    fn default() -> Order {
+        Order::AwaitingInit(Vec::new())
+    }
+}
+
+impl Order {
+    fn durable(&self) -> Option<&durable::Durable> {
+        match self {
+            Order::Durable(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn durable_mut(&mut self) -> Option<&mut durable::Durable> {
+        match self {
+            Order::Durable(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// Reads where a durable room's history stands, once the subscription is
+/// live, then delivers in order what arrived meanwhile. Returns how many
+/// deliveries that made.
+pub async fn init(
+    history: &SharedHistory,
+    room: RoomName,
+    entry: &Arc<RoomEntry>,
+) -> Result<usize, HistoryError> {
+    let durable = durable::Durable::load(history, room).await?;
+    Ok(start(entry, history, Order::Durable(durable)))
+}
+
+/// Starts an ephemeral room: what arrived before goes out now, in order.
+pub fn init_ephemeral(entry: &Arc<RoomEntry>, history: &SharedHistory) -> usize {
+    start(entry, history, Order::Ephemeral)
+}
+
+fn start(entry: &Arc<RoomEntry>, history: &SharedHistory, started: Order) -> usize {
+    let mut order = entry.state.0.lock().expect("room order");
+    let held = match std::mem::replace(&mut *order, started) {
+        Order::AwaitingInit(held) => held,
+        // Started before: keep its position rather than rewind it.
+        previous => {
+            *order = previous;
+            return 0;
+        }
+    };
+    delivery::batch(|| {
+        held.into_iter()
+            .map(|frame| order_frame(entry, &mut order, history, frame))
+            .sum()
+    })
+}
+
+/// Delivers a frame that arrived on the room's subject; returns how many
+/// members it went to.
+pub fn on_frame(entry: &Arc<RoomEntry>, history: &SharedHistory, frame: Bytes) -> usize {
+    let mut order = entry.state.0.lock().expect("room order");
+    order_frame(entry, &mut order, history, frame)
+}
+
+fn order_frame(
+    entry: &Arc<RoomEntry>,
+    order: &mut Order,
+    history: &SharedHistory,
+    frame: Bytes,
+) -> usize {
+    match order {
+        Order::AwaitingInit(held) => {
+            held.push(frame);
+            0
+        }
+        Order::Ephemeral => fan_out(entry, &frame),
+        Order::Durable(d) => d.order(entry, history, frame),
+    }
+}
+
+/// Sends `frame` to every member of the room; returns how many there are.
+fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
+    let mut members = entry.members.write().expect("members");
+    let count = members.len();
+    let mut sends = delivery::Sends::new(frame);
+    // Two members ahead, the slot (which holds the pointer to the member's
+    // state); one ahead, the state itself: both misses then overlap a send.
+    let mut slots = members.values_mut();
+    let mut current = slots.next();
+    let mut next = slots.next();
+    while let Some(member) = current {
+        let after = slots.next();
+        if let Some(after) = &after {
+            delivery::prefetch(&**after);
+        }
+        if let Some(next) = &next {
+            next.outbox.prefetch();
+        }
+        member.deliver_in(frame, &mut sends);
+        (current, next) = (next, after);
+    }
+    drop(sends);
+    count
+}
+
+/// The epoch of a durable room (`None` for an ephemeral one).
+pub fn epoch(entry: &RoomEntry) -> Option<String> {
+    let order = entry.state.0.lock().expect("room order");
+    order.durable().map(|d| d.epoch.clone())
+}
+
+/// The last offset delivered in a durable room (`None` for an ephemeral one).
+pub fn last(entry: &RoomEntry) -> Option<u64> {
+    let order = entry.state.0.lock().expect("room order");
+    order.durable().map(|d| d.last)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use herald_broker::history::{Limits, MemoryHistory};
+
+    use super::*;
+    use crate::interest::Slot;
+    use crate::interest::tests::{member, received, receives_nothing};
+    use herald_wire::frames::with_position;
+
+    fn frame(n: u32) -> Bytes {
+        Bytes::from(format!(r#"{{"op":"message","n":{n}}}"#))
+    }
+
+    async fn entry_with_member() -> (Arc<RoomEntry>, tokio::net::TcpStream) {
+        let entry = RoomEntry::new();
+        let (outbox, client) = member(1).await;
+        let slot = Slot { outbox, held: None };
+        entry.members.write().unwrap().insert(1, slot);
+        (entry, client)
+    }
+
+    #[tokio::test]
+    async fn an_ephemeral_room_holds_frames_until_init_then_passes_them() {
+        let history: SharedHistory = Arc::new(MemoryHistory::new());
+        let (entry, mut client) = entry_with_member().await;
+        assert_eq!(on_frame(&entry, &history, frame(1)), 0);
+        assert_eq!(on_frame(&entry, &history, frame(2)), 0);
+        receives_nothing(&mut client).await;
+        assert_eq!(init_ephemeral(&entry, &history), 2);
+        assert_eq!(on_frame(&entry, &history, frame(3)), 1);
+        assert_eq!(
+            received(&mut client, 3).await,
+            [
+                r#"{"op":"message","n":1}"#,
+                r#"{"op":"message","n":2}"#,
+                r#"{"op":"message","n":3}"#
+            ]
+        );
+        // A second start changes nothing.
+        assert_eq!(init_ephemeral(&entry, &history), 0);
+        assert_eq!(epoch(&entry), None);
+    }
+
+    #[tokio::test]
+    async fn a_durable_room_orders_frames_held_before_init() {
+        let history: SharedHistory = Arc::new(MemoryHistory::new());
+        let limits = Limits {
+            max_messages_per_room: 100,
+            max_age: Duration::from_secs(3600),
+        };
+        history.ensure_namespace("doc", limits).await.unwrap();
+        let room = RoomName::parse("doc:a").unwrap();
+        let stored = history.append(&room, frame(1), None).await.unwrap();
+        let (epoch, o1) = (stored.epoch, stored.offset);
+        let at = |n, offset, prev| with_position(&frame(n), &epoch, offset, prev);
+        let (entry, mut client) = entry_with_member().await;
+        // Held in arrival order: one the store already had when init read
+        // it, one early, a presence event (not ordered), its predecessor.
+        let event = Bytes::from_static(br#"{"op":"presence"}"#);
+        for f in [
+            at(1, o1, 0),
+            at(3, o1 + 2, o1 + 1),
+            event.clone(),
+            at(2, o1 + 1, o1),
+        ] {
+            assert_eq!(on_frame(&entry, &history, f), 0);
+        }
+        receives_nothing(&mut client).await;
+        assert_eq!(init(&history, room, &entry).await.unwrap(), 3);
+        assert_eq!(last(&entry), Some(o1 + 2));
+        // A repeat of a delivered offset is dropped.
+        assert_eq!(on_frame(&entry, &history, at(3, o1 + 2, o1 + 1)), 0);
+        let got = received(&mut client, 3).await;
+        let expected = [event, at(2, o1 + 1, o1), at(3, o1 + 2, o1 + 1)];
+        assert_eq!(
+            got,
+            expected.map(|f| String::from_utf8(f.to_vec()).unwrap())
+        );
+        receives_nothing(&mut client).await;
+    }
+}
