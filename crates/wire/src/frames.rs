@@ -1,4 +1,6 @@
-//! Client frames: one JSON object per WebSocket text frame, each with an `op`.
+//! Client frames: one JSON object per WebSocket text frame, each with an `op`;
+//! and the server frames that are not replies (`message`, `presence`,
+//! `error`, `disconnect`; replies are in [`crate::reply`]).
 //! Parsing turns every malformed input into a [`FrameError`] with the
 //! contract's code and a plain-words message, keeping the request `id` when
 //! it can be read so the client can match the error to its request.
@@ -205,7 +207,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
     Ok(ClientFrame { id, request })
 }
 
-fn to_bytes(value: &impl Serialize) -> Bytes {
+pub(crate) fn to_bytes(value: &impl Serialize) -> Bytes {
     // Serializing these plain structs cannot fail: no maps with non-string
     // keys, no custom serializers that error.
     Bytes::from(serde_json::to_vec(value).expect("frame serializes"))
@@ -306,20 +308,6 @@ impl PresenceEvent {
     }
 }
 
-/// `{"op":"ok","id":N, ...fields}`; `fields` must serialize to a JSON object
-/// (or `()` for none).
-pub fn ok_frame(id: Option<u64>, fields: serde_json::Value) -> Bytes {
-    let mut obj = serde_json::Map::new();
-    obj.insert("op".into(), "ok".into());
-    if let Some(id) = id {
-        obj.insert("id".into(), id.into());
-    }
-    if let serde_json::Value::Object(extra) = fields {
-        obj.extend(extra);
-    }
-    to_bytes(&obj)
-}
-
 /// `{"op":"error",...}`.
 pub fn error_frame(
     id: Option<u64>,
@@ -362,26 +350,6 @@ pub fn disconnect_frame(code: CloseCode, reason: &str) -> Bytes {
         reason,
         reconnect: code.reconnect(),
     })
-}
-
-/// `{"op":"pong","id":N}`.
-pub fn pong_frame(id: Option<u64>) -> Bytes {
-    let mut obj = serde_json::Map::new();
-    obj.insert("op".into(), "pong".into());
-    if let Some(id) = id {
-        obj.insert("id".into(), id.into());
-    }
-    to_bytes(&obj)
-}
-
-/// Any other server frame: `op` plus the fields of `fields` (a JSON object).
-pub fn event_frame(op: &str, fields: serde_json::Value) -> Bytes {
-    let mut obj = serde_json::Map::new();
-    obj.insert("op".into(), op.into());
-    if let serde_json::Value::Object(extra) = fields {
-        obj.extend(extra);
-    }
-    to_bytes(&obj)
 }
 
 #[cfg(test)]
@@ -484,8 +452,6 @@ mod tests {
             v,
             json!({"op":"message","room":"chat:lobby","data":{"text":"hi"},"from":"bob","ts":7})
         );
-        let v: Value = serde_json::from_slice(&ok_frame(Some(3), json!({"offset": 0}))).unwrap();
-        assert_eq!(v, json!({"op":"ok","id":3,"offset":0}));
         let v: Value = serde_json::from_slice(&error_frame(
             None,
             ErrorCode::RateLimited,
@@ -525,7 +491,5 @@ mod tests {
             json!({"op":"message","room":"chat:lobby","data":{"text":"hi"},"from":"bob","ts":7,"epoch":"e\"1","offset":42,"prev":40})
         );
         assert_eq!(position(&placed), Some((42, 40)));
-        let v: Value = serde_json::from_slice(&pong_frame(Some(1))).unwrap();
-        assert_eq!(v, json!({"op":"pong","id":1}));
     }
 }

@@ -7,9 +7,11 @@
 pub mod codes;
 pub mod frames;
 pub mod presence;
+pub mod reply;
 pub mod room;
 pub mod subjects;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use frames::{ClientFrame, FrameError, Request, Since};
+pub use reply::Reply;
 pub use room::{RoomError, RoomName};
