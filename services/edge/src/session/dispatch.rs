@@ -1,0 +1,95 @@
+//! Which code serves which request: one arm per op of protocol v1, each
+//! handing the request to the part of the session that owns it (rooms,
+//! presence, history), and the server API's control actions.
+
+use herald_wire::frames::{ClientFrame, FrameError, Request};
+use herald_wire::presence::Control;
+use herald_wire::{CloseCode, ErrorCode, Reply, RoomName};
+
+use super::Session;
+use super::handshake::auth_error;
+use crate::interest;
+
+impl Session {
+    /// Serves one request.
+    pub(super) async fn handle(&mut self, frame: ClientFrame) -> Result<Reply, FrameError> {
+        let id = frame.id;
+        match frame.request {
+            Request::Connect { .. } => Err(FrameError::new(
+                id,
+                ErrorCode::BadRequest,
+                "already connected; open a new connection to change user",
+            )),
+            Request::Ping => Ok(Reply::Pong),
+            Request::Join { room, since, meta } => self.join(id, room, since, meta).await,
+            Request::Leave { room } => self.leave(id, room).await,
+            Request::Publish { room, data, key } => self.publish(id, room, data, key).await,
+            Request::Presence { room } => self.presence(id, room).await,
+            Request::PresenceSet { room, meta } => self.presence_set(id, room, meta).await,
+            Request::History { room, since, limit } => self.history(id, room, since, limit).await,
+            Request::Read { room, offset } => self.read(id, room, offset).await,
+            Request::Refresh { token } => self.refresh(id, &token),
+        }
+    }
+
+    /// A new token for the same user pushes the connection's expiry back.
+    fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<Reply, FrameError> {
+        match self.edge.config.verifier.verify(token) {
+            Ok(claims) if claims.sub == self.claims.sub => {
+                self.outbox.set_expiry(claims.exp);
+                let expires_at = claims.exp;
+                self.claims = claims;
+                Ok(Reply::Refreshed(herald_wire::reply::Refreshed {
+                    expires_at,
+                }))
+            }
+            Ok(claims) => Err(FrameError::new(
+                id,
+                ErrorCode::Forbidden,
+                format!(
+                    "the new token is for user {}, this connection is {}",
+                    claims.sub, self.claims.sub
+                ),
+            )),
+            Err(e) => Err(auth_error(id, &e)),
+        }
+    }
+
+    /// Acts on a control message from the server API; `true` ends the session.
+    pub(super) async fn act(&mut self, control: Control) -> bool {
+        match control {
+            Control::Join { room, .. } => match RoomName::parse(&room) {
+                Ok(room) if !room.is_personal() => {
+                    // The server decides: claims do not apply, the namespace's presence settings do.
+                    let policy = self
+                        .edge
+                        .config
+                        .policy
+                        .namespace(room.namespace())
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Err(e) = self.join_room(None, &room, &policy, None, None).await {
+                        tracing::warn!(conn = %self.conn, %room, error = %e, "server-side join failed");
+                    }
+                    if let Some(entry) = self.after_reply.take() {
+                        interest::release(&entry, self.outbox.id);
+                    }
+                }
+                _ => {
+                    tracing::warn!(conn = %self.conn, %room, "server-side join of an invalid room ignored")
+                }
+            },
+            Control::Leave { room, .. } => {
+                if let Ok(room) = RoomName::parse(&room) {
+                    self.leave_room(&room).await;
+                }
+            }
+            Control::Disconnect { code, reason, .. } => {
+                let code = CloseCode::from_code(code).unwrap_or(CloseCode::Normal);
+                self.outbox.close(code, reason);
+                return true;
+            }
+        }
+        false
+    }
+}

@@ -1,0 +1,163 @@
+//! From the upgrade to an authenticated session: the WebSocket upgrade
+//! completes, the connection gets its outbox and reader, and the client
+//! proves who it is with a `connect` (or `?token=`) within the handshake
+//! timeout. Everything else before that is answered with `unauthorized`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fastwebsockets::upgrade::UpgradeFut;
+use herald_auth::{AuthError, Claims};
+use herald_wire::frames::{self, ClientFrame, FrameError, Request};
+use herald_wire::{CloseCode, ErrorCode};
+use tokio::time::Instant;
+
+use super::{SHUTTING_DOWN, Session, reject};
+use crate::Edge;
+use crate::delivery::{Out, Outbox};
+use crate::framing::{Incoming, Reader};
+use crate::transport;
+
+/// What a new connection starts from, boxed so that the task of an idle
+/// connection does not keep room for it.
+pub(crate) struct Start {
+    pub edge: Arc<Edge>,
+    pub upgrade: UpgradeFut,
+    pub url_token: Option<String>,
+    pub peer: SocketAddr,
+}
+
+/// Completes the upgrade and authenticates; `None` if the connection is
+/// gone before it has an outbox. The session is `None` when the client was
+/// refused (its outbox then holds the refusal and the close).
+pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Session>)> {
+    let Start {
+        edge,
+        upgrade,
+        url_token,
+        peer,
+    } = start;
+    let upgraded = match upgrade.await {
+        Ok(ws) => ws.into_inner().into_inner(),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "WebSocket upgrade did not complete");
+            return None;
+        }
+    };
+    let Ok((stream, already_read)) = transport::into_tcp(upgraded) else {
+        tracing::error!(%peer, "upgraded connection is not a TCP stream; closed");
+        return None;
+    };
+    let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
+    let outbox = Outbox::new(id, stream, edge.config.outbound_queue);
+    let mut reader = Reader::new(edge.config.max_message_bytes, &already_read, &outbox);
+    drop(already_read);
+    let session = match authenticate(&edge, &outbox, &mut reader, url_token).await {
+        Some((claims, connect_id)) => {
+            let conn = format!("{}-{id}", edge.config.node_id);
+            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
+        }
+        None => None,
+    };
+    if let Some(session) = &session {
+        tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected");
+    }
+    Some((outbox, reader, session))
+}
+
+/// The error frame for a token that was refused.
+pub(super) fn auth_error(id: Option<u64>, e: &AuthError) -> FrameError {
+    match e {
+        AuthError::Expired => FrameError::new(
+            id,
+            ErrorCode::TokenExpired,
+            "the token has expired; get a new one and connect again",
+        ),
+        AuthError::Invalid(why) => FrameError::new(
+            id,
+            ErrorCode::Unauthorized,
+            format!("token rejected: {why}"),
+        ),
+    }
+}
+
+pub(super) fn binary_refused() -> FrameError {
+    FrameError::new(
+        None,
+        ErrorCode::BadRequest,
+        "binary frames are not accepted; send JSON in text frames",
+    )
+}
+
+/// Waits for a valid `connect` (or checks the `?token=`); answers everything
+/// else with `unauthorized`. Returns the claims and the `connect` request id.
+async fn authenticate(
+    edge: &Edge,
+    outbox: &Outbox,
+    reader: &mut Reader,
+    url_token: Option<String>,
+) -> Option<(Claims, Option<u64>)> {
+    let refuse = |err: FrameError| {
+        reject(outbox, &err);
+        outbox.push(Out::Close {
+            code: CloseCode::Unauthorized,
+            reason: err.message.clone(),
+        });
+        None
+    };
+    if let Some(token) = url_token {
+        return match edge.config.verifier.verify(&token) {
+            Ok(claims) => Some((claims, None)),
+            Err(e) => refuse(auth_error(None, &e)),
+        };
+    }
+    let deadline = Instant::now() + edge.config.handshake_timeout;
+    loop {
+        let incoming = tokio::select! {
+            i = reader.next(outbox.stream(), outbox) => i,
+            _ = tokio::time::sleep_until(deadline) => {
+                outbox.push(Out::Close {
+                    code: CloseCode::Unauthorized,
+                    reason: format!("no valid connect within {:?}", edge.config.handshake_timeout),
+                });
+                return None;
+            }
+            _ = edge.shutdown.cancelled() => {
+                outbox.close(CloseCode::ServiceRestart, SHUTTING_DOWN);
+                return None;
+            }
+        };
+        match incoming {
+            Incoming::Text(text) => match frames::parse(&text) {
+                Ok(ClientFrame {
+                    id,
+                    request: Request::Connect { token, .. },
+                }) => {
+                    return match edge.config.verifier.verify(&token) {
+                        Ok(claims) => Some((claims, id)),
+                        Err(e) => refuse(auth_error(id, &e)),
+                    };
+                }
+                Ok(other) => reject(
+                    outbox,
+                    &FrameError::new(
+                        other.id,
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "`{}` before `connect`: send {{\"op\":\"connect\",\"token\":...}} first",
+                            other.request.op()
+                        ),
+                    ),
+                ),
+                Err(e) => reject(outbox, &e),
+            },
+            Incoming::Binary => reject(outbox, &binary_refused()),
+            Incoming::Closed => return None,
+            Incoming::Violation(code, reason) => {
+                outbox.push(Out::Close { code, reason });
+                return None;
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! A session's rooms: joining (with recovery in durable rooms), leaving,
+//! publishing, and the namespace policy that decides who may do which.
+
+use herald_auth::{Denied, NamespacePolicy};
+use herald_broker::rooms;
+use herald_wire::frames::{self, FrameError, PresenceEvent, Since};
+use herald_wire::presence::Change;
+use herald_wire::reply::{Joined as JoinedReply, Position};
+use herald_wire::{ErrorCode, Reply, RoomName};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::{Joined, Session};
+use crate::room::{self, Recovery};
+
+impl Session {
+    /// `join`: checks the policy and the meta, joins, and answers with where
+    /// the room stands (and what was recovered).
+    pub(super) async fn join(
+        &mut self,
+        id: Option<u64>,
+        room: RoomName,
+        since: Option<Since>,
+        meta: Option<Box<RawValue>>,
+    ) -> Result<Reply, FrameError> {
+        let policy = self.may_join(id, &room)?.clone();
+        let meta = self.meta(id, meta.as_deref())?;
+        let r = self.join_room(id, &room, &policy, meta, since).await?;
+        Ok(Reply::Joined(JoinedReply {
+            epoch: r.epoch,
+            offset: r.offset,
+            recovered: r.recovered,
+            missed: r.missed,
+        }))
+    }
+
+    /// `leave`: any room but the personal one.
+    pub(super) async fn leave(
+        &mut self,
+        id: Option<u64>,
+        room: RoomName,
+    ) -> Result<Reply, FrameError> {
+        if room == self.user_room {
+            return Err(FrameError::new(
+                id,
+                ErrorCode::Forbidden,
+                "the personal room is kept for the whole connection",
+            ));
+        }
+        self.leave_room(&room).await;
+        Ok(Reply::Done)
+    }
+
+    /// `publish`: to every member on every edge; a durable room stores the
+    /// message first and the reply says where.
+    pub(super) async fn publish(
+        &mut self,
+        id: Option<u64>,
+        room: RoomName,
+        data: Box<RawValue>,
+        key: Option<String>,
+    ) -> Result<Reply, FrameError> {
+        let policy = &self.edge.config.policy;
+        self.allowed(id, policy.check_publish(&self.claims, room.as_str()))?;
+        let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
+        let durable = policy.is_durable(room.namespace());
+        let published = rooms::publish(
+            &self.edge.broker,
+            &self.edge.history,
+            &room,
+            durable,
+            frame,
+            key.as_deref(),
+        )
+        .await
+        .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
+        self.edge.metrics.published.inc();
+        if durable {
+            Ok(Reply::Published(Position {
+                epoch: published.epoch,
+                offset: published.offset,
+            }))
+        } else {
+            Ok(Reply::Done)
+        }
+    }
+
+    /// Joins `room` (idempotent; a repeat with `meta` updates it). The
+    /// subscription is live and the join announced before this returns. In a
+    /// durable room, `since` replays the messages after it; what arrives live
+    /// meanwhile is held in `after_reply`, released once the reply is queued.
+    pub(super) async fn join_room(
+        &mut self,
+        id: Option<u64>,
+        room: &RoomName,
+        policy: &NamespacePolicy,
+        meta: Option<Value>,
+        since: Option<Since>,
+    ) -> Result<Recovery, FrameError> {
+        let unavailable = |e: String| FrameError::new(id, ErrorCode::Unavailable, e);
+        let durable = self.edge.config.policy.is_durable(room.namespace());
+        let presence = policy.presence && !room.is_personal();
+        let joined = Joined {
+            presence,
+            events: presence && policy.presence_events,
+        };
+        let existing = if *room == self.user_room {
+            Some(joined)
+        } else {
+            self.rooms.get(room).copied()
+        };
+        if let Some(existing) = existing {
+            if let (true, Some(meta)) = (existing.presence, meta.clone()) {
+                self.update_meta(room, existing, meta).await;
+            }
+        } else if self.rooms.len() >= self.edge.config.max_rooms_per_conn {
+            return Err(FrameError::new(
+                id,
+                ErrorCode::TooLarge,
+                format!(
+                    "this connection is already in {} rooms, the most allowed",
+                    self.rooms.len()
+                ),
+            ));
+        }
+        let hold = durable && since.is_some();
+        // A member already in the room is held again while it catches up.
+        let entry = self
+            .edge
+            .rooms
+            .join(room, &self.outbox, hold)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if existing.is_none() {
+            self.rooms.insert(room.clone(), joined);
+            if presence {
+                self.edge.reporter.report(Change::Join {
+                    conn: self.conn.clone(),
+                    room: room.to_string(),
+                    meta: meta.clone(),
+                    quiet: !joined.events,
+                });
+            }
+            self.announce(room, joined, PresenceEvent::Join, meta.as_ref())
+                .await;
+        }
+        if !durable {
+            // Ephemeral rooms keep no history: nothing to recover from.
+            return Ok(Recovery {
+                epoch: String::new(),
+                offset: 0,
+                recovered: false,
+                missed: 0,
+            });
+        }
+        let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
+        let recovery = room::recover(&entry, &self.edge.history, self.outbox.id, since).await;
+        if hold {
+            self.after_reply = Some(entry);
+        }
+        recovery.map_err(|e| unavailable(e.to_string()))
+    }
+
+    /// Leaves a room: the leave is announced to its members, then the
+    /// membership dropped. Leaving a room the connection is not in does nothing.
+    pub(super) async fn leave_room(&mut self, room: &RoomName) {
+        let Some(joined) = self.rooms.remove(room) else {
+            return;
+        };
+        self.announce(room, joined, PresenceEvent::Leave, None)
+            .await;
+        if joined.presence {
+            self.edge.reporter.report(Change::Leave {
+                conn: self.conn.clone(),
+                room: room.to_string(),
+            });
+        }
+        self.edge.rooms.leave(room, self.outbox.id);
+    }
+
+    /// Reading a room (presence, history, markers) takes the right to join it.
+    pub(super) fn may_join(
+        &self,
+        id: Option<u64>,
+        room: &RoomName,
+    ) -> Result<&NamespacePolicy, FrameError> {
+        self.allowed(
+            id,
+            self.edge
+                .config
+                .policy
+                .check_join(&self.claims, room.as_str()),
+        )
+    }
+
+    /// History and read markers belong to durable rooms.
+    pub(super) fn durable_only(&self, id: Option<u64>, room: &RoomName) -> Result<(), FrameError> {
+        if self.edge.config.policy.is_durable(room.namespace()) {
+            Ok(())
+        } else {
+            Err(FrameError::new(
+                id,
+                ErrorCode::NotFound,
+                format!(
+                    "{room} keeps no history: history and read markers belong to durable rooms"
+                ),
+            ))
+        }
+    }
+
+    fn allowed<'p>(
+        &self,
+        id: Option<u64>,
+        decision: Result<&'p NamespacePolicy, Denied>,
+    ) -> Result<&'p NamespacePolicy, FrameError> {
+        decision.map_err(|d| {
+            let code = match d {
+                Denied::UnknownNamespace(_) => ErrorCode::NotFound,
+                Denied::Forbidden(_) => ErrorCode::Forbidden,
+            };
+            FrameError::new(id, code, d.message())
+        })
+    }
+}
