@@ -26,9 +26,6 @@
 //! client: 41, then a close frame           disconnect
 //! ```
 
-// The bench uses part of this module in each scenario, the tests another.
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
