@@ -199,3 +199,67 @@ impl Drop for ChildProcess {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sh -c script` as "sh", its log in the returned temp dir (which
+    /// must outlive the process).
+    fn sh(script: &str) -> (ChildProcess, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script]);
+        let p = ChildProcess::spawn("sh", cmd, dir.path().join("log")).unwrap();
+        (p, dir)
+    }
+
+    #[test]
+    fn waits_for_a_printed_line() {
+        let (mut p, _dir) = sh("echo one; echo ready; exec sleep 30");
+        p.wait_for_line("ready", Duration::from_secs(10)).unwrap();
+        assert_eq!(p.output(), "one\nready\n");
+        assert_eq!(p.tail(1), "ready");
+        assert!(p.died().is_none());
+    }
+
+    #[test]
+    fn an_early_exit_fails_the_wait_with_the_output() {
+        let (mut p, _dir) = sh("echo bad config >&2; exit 3");
+        let err = p
+            .wait_for_line("ready", Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sh exited with exit status: 3 before it printed \"ready\""),
+            "{err}"
+        );
+        assert!(err.contains("bad config"), "{err}");
+        assert!(p.died().unwrap().contains("bad config"));
+    }
+
+    /// The state letter of `/proc/<pid>/stat`: `Z` once killed and not reaped.
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].chars().next()
+    }
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        let pid = std::thread::spawn(|| {
+            let (p, dir) = sh("exec sleep 30");
+            let pid = p.pid();
+            // Neither killed nor reaped by us: only the kernel can end it.
+            std::mem::forget(p);
+            drop(dir);
+            pid
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state(pid).is_some_and(|s| s != 'Z') {
+            assert!(Instant::now() < deadline, "{pid} still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
