@@ -228,30 +228,8 @@ impl Target {
         up?;
         let nats_url = format!("nats://{nats_addr}");
 
-        let (grpc, http) = (free_addr(), free_addr());
-        let args = vec![
-            "presence".into(),
-            "--grpc-listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--nats".into(),
-            nats_url.clone(),
-        ];
-        self.start_herald("presence", args, http)?;
-
-        let (grpc, http) = (free_addr(), free_addr());
-        let args = vec![
-            "router".into(),
-            "--grpc-listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--nats".into(),
-            nats_url.clone(),
-        ];
-        self.start_herald("router", args, http)?;
-        self.router_grpc = Some(grpc);
+        self.start_backend("presence", &nats_url)?;
+        self.router_grpc = Some(self.start_backend("router", &nats_url)?);
 
         for i in 0..edges {
             let listen = free_addr();
@@ -272,6 +250,23 @@ impl Target {
             self.edge_urls.push(format!("ws://{listen}/ws"));
         }
         Ok(())
+    }
+
+    /// Starts `herald <service>` (presence or router) on a free gRPC and a
+    /// free HTTP port; returns the gRPC address.
+    fn start_backend(&mut self, service: &str, nats_url: &str) -> Result<SocketAddr> {
+        let (grpc, http) = (free_addr(), free_addr());
+        let args = vec![
+            service.into(),
+            "--grpc-listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--nats".into(),
+            nats_url.into(),
+        ];
+        self.start_herald(service, args, http)?;
+        Ok(grpc)
     }
 
     /// One line saying what runs.
