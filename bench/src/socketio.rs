@@ -26,16 +26,12 @@
 //! client: 41, then a close frame           disconnect
 //! ```
 
-// The bench uses part of this module in each scenario, the tests another.
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -46,6 +42,7 @@ use herald_client::transport::{
     self, CloseInfo, Reader, WriteCmd, open_websocket, parse_close, write_loop,
 };
 use herald_client::{ClientError, Tap};
+use herald_test_support::{ChildProcess, die_with_parent};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -710,82 +707,6 @@ pub fn redis_pid(url: &str) -> Option<u32> {
         .and_then(|p| p.trim().parse().ok())
 }
 
-/// A child process, killed on drop, its output in a log file.
-struct PeerProc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl PeerProc {
-    fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Result<PeerProc> {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-        // and exec. The child dies with the thread that started it.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("could not start {name} ({cmd:?})"))?;
-        Ok(PeerProc {
-            name: name.to_owned(),
-            child,
-            log,
-        })
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        let out = self.output();
-        let all: Vec<&str> = out.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    fn wait_for_line(&mut self, line: &str) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited with {status} before printing {line:?}:\n{}",
-                    self.name,
-                    self.tail(40)
-                );
-            }
-            if self.output().lines().any(|l| l == line) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not print {line:?} within {READY_TIMEOUT:?}:\n{}",
-                    self.name,
-                    self.tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl Drop for PeerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What one run of `emitter.js` did.
 #[derive(Debug, Clone)]
 pub struct EmitReport {
@@ -824,7 +745,7 @@ impl Emit {
 /// Socket.IO server processes (`node server.js`) on free loopback ports,
 /// joined by the Redis adapter; killed on drop.
 pub struct SocketIoPeer {
-    servers: Vec<PeerProc>,
+    servers: Vec<ChildProcess>,
     addrs: Vec<SocketAddr>,
     redis_url: String,
     /// The adapter's channel prefix, unique to this peer so that runs sharing
@@ -885,8 +806,9 @@ impl SocketIoPeer {
                 .env_remove("DEBUG")
                 .envs(env.iter().copied());
             let name = format!("socketio-{i}");
-            let mut proc = PeerProc::spawn(&name, cmd, peer.dir.path())?;
-            let ready = proc.wait_for_line(&format!("listening on {}", addr.port()));
+            let log = peer.dir.path().join(format!("{name}.log"));
+            let mut proc = ChildProcess::spawn(&name, cmd, log)?;
+            let ready = proc.wait_for_line(&format!("listening on {}", addr.port()), READY_TIMEOUT);
             peer.servers.push(proc);
             ready?;
             peer.addrs.push(addr);
@@ -909,7 +831,7 @@ impl SocketIoPeer {
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.servers
             .iter()
-            .map(|p| (p.name.clone(), p.child.id()))
+            .map(|p| (p.name().to_owned(), p.pid()))
             .collect()
     }
 
@@ -930,7 +852,7 @@ impl SocketIoPeer {
     /// Runs `emitter.js` as described by `emit` and waits for it to finish
     /// (its start-up, ~0.2 s, comes before the first message).
     pub async fn emit_with(&self, emit: &Emit) -> Result<EmitReport> {
-        let mut cmd = tokio::process::Command::new(node_bin());
+        let mut cmd = Command::new(node_bin());
         cmd.arg(peer_dir().join("emitter.js"))
             .args(["--room", &emit.room])
             .args(["--rate", &emit.rate.to_string()])
@@ -941,18 +863,13 @@ impl SocketIoPeer {
             .env("REDIS_URL", &self.redis_url)
             .env("SIO_KEY", &self.key)
             .env_remove("NODE_OPTIONS")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        // SAFETY: as in `PeerProc::spawn`.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let out = cmd.output().await.context("could not run emitter.js")?;
+            .stdin(Stdio::null());
+        die_with_parent(&mut cmd);
+        let out = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("could not run emitter.js")?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
@@ -977,17 +894,10 @@ impl SocketIoPeer {
     /// Servers that have exited (they should all still run), with the end of
     /// their output.
     pub fn exited(&mut self) -> Vec<String> {
-        let mut dead = Vec::new();
-        for p in &mut self.servers {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                dead.push(format!(
-                    "{} exited with {status} during the run:\n{}",
-                    p.name,
-                    p.tail(30)
-                ));
-            }
-        }
-        dead
+        self.servers
+            .iter_mut()
+            .filter_map(ChildProcess::died)
+            .collect()
     }
 
     /// Lines the servers printed besides `listening on ...` (Node prints
@@ -1003,7 +913,7 @@ impl SocketIoPeer {
             if other.is_empty() {
                 continue;
             }
-            let mut note = format!("{} printed {} other line(s)", p.name, other.len());
+            let mut note = format!("{} printed {} other line(s)", p.name(), other.len());
             for line in other.iter().take(3) {
                 let line: String = line.chars().take(300).collect();
                 note.push_str("\n    ");

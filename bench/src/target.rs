@@ -4,14 +4,13 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use herald_test_support::{free_addr, http_get, nats_server_bin};
+use herald_test_support::{ChildProcess, free_addr, http_get, nats_server_bin};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -98,91 +97,17 @@ pub enum Role {
     Nats,
 }
 
-/// A child process, killed on drop, its output in a log file.
+/// A started process and what it is.
 struct Proc {
-    name: String,
     role: Role,
-    child: Child,
-    log: PathBuf,
+    process: ChildProcess,
 }
 
 impl Proc {
-    fn spawn(name: &str, role: Role, mut cmd: Command, dir: &Path) -> Result<Proc> {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-        // and exec. The child is killed if the bench dies without cleaning up
-        // (the children are spawned from the main thread, which lives as long
-        // as the bench).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("could not start {name} ({cmd:?})"))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            role,
-            child,
-            log,
-        })
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        let out = self.output();
-        let all: Vec<&str> = out.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Polls `ready` until it holds; fails if the process exits first or
-    /// `READY_TIMEOUT` passes. Start-up only: nothing is measured meanwhile.
-    fn wait_until(&mut self, what: &str, ready: impl Fn() -> bool) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited with {status} before {what}:\n{}",
-                    self.name,
-                    self.tail(40)
-                );
-            }
-            if ready() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} not {what} within {READY_TIMEOUT:?}:\n{}",
-                    self.name,
-                    self.tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    fn wait_ready(&mut self, http: SocketAddr) -> Result<()> {
-        self.wait_until("ready", || {
-            matches!(http_get(http, "/readyz"), Ok((200, _)))
-        })
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Starts `cmd` as `name`, its output in `<dir>/<name>.log`.
+    fn spawn(name: &str, role: Role, cmd: Command, dir: &Path) -> Result<Proc> {
+        let process = ChildProcess::spawn(name, cmd, dir.join(format!("{name}.log")))?;
+        Ok(Proc { role, process })
     }
 }
 
@@ -260,7 +185,7 @@ impl Target {
     fn start_herald(&mut self, name: &str, args: Vec<String>, http: SocketAddr) -> Result<()> {
         let cmd = self.herald(&args);
         let mut proc = Proc::spawn(name, Role::Herald, cmd, self.dir())?;
-        let ready = proc.wait_ready(http);
+        let ready = proc.process.wait_ready(http, READY_TIMEOUT);
         self.procs.push(proc);
         ready
     }
@@ -298,37 +223,13 @@ impl Target {
             .arg(&store);
         self.nats_monitor = Some(monitor);
         let mut nats = Proc::spawn("nats-server", Role::Nats, cmd, self.dir())?;
-        let up = nats.wait_until("listening", || {
-            std::net::TcpStream::connect_timeout(&nats_addr, Duration::from_millis(200)).is_ok()
-        });
+        let up = nats.process.wait_listening(nats_addr, READY_TIMEOUT);
         self.procs.push(nats);
         up?;
         let nats_url = format!("nats://{nats_addr}");
 
-        let (grpc, http) = (free_addr(), free_addr());
-        let args = vec![
-            "presence".into(),
-            "--grpc-listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--nats".into(),
-            nats_url.clone(),
-        ];
-        self.start_herald("presence", args, http)?;
-
-        let (grpc, http) = (free_addr(), free_addr());
-        let args = vec![
-            "router".into(),
-            "--grpc-listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--nats".into(),
-            nats_url.clone(),
-        ];
-        self.start_herald("router", args, http)?;
-        self.router_grpc = Some(grpc);
+        self.start_backend("presence", &nats_url)?;
+        self.router_grpc = Some(self.start_backend("router", &nats_url)?);
 
         for i in 0..edges {
             let listen = free_addr();
@@ -349,6 +250,23 @@ impl Target {
             self.edge_urls.push(format!("ws://{listen}/ws"));
         }
         Ok(())
+    }
+
+    /// Starts `herald <service>` (presence or router) on a free gRPC and a
+    /// free HTTP port; returns the gRPC address.
+    fn start_backend(&mut self, service: &str, nats_url: &str) -> Result<SocketAddr> {
+        let (grpc, http) = (free_addr(), free_addr());
+        let args = vec![
+            service.into(),
+            "--grpc-listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--nats".into(),
+            nats_url.into(),
+        ];
+        self.start_herald(service, args, http)?;
+        Ok(grpc)
     }
 
     /// One line saying what runs.
@@ -382,9 +300,9 @@ impl Target {
             pid: std::process::id(),
         }];
         probes.extend(self.procs.iter().map(|p| CpuProbe {
-            name: p.name.clone(),
+            name: p.process.name().to_owned(),
             role: Some(p.role),
-            pid: p.child.id(),
+            pid: p.process.pid(),
         }));
         probes
     }
@@ -398,8 +316,8 @@ impl Target {
         };
         self.procs
             .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.child.id())
+            .find(|p| p.process.name() == name)
+            .map(|p| p.process.pid())
     }
 
     /// nats-server's message and subscription counters (cluster only).
@@ -427,17 +345,10 @@ impl Target {
     /// Processes that have exited (they should all still run), with the end
     /// of their output.
     pub fn exited(&mut self) -> Vec<String> {
-        let mut dead = Vec::new();
-        for p in &mut self.procs {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                dead.push(format!(
-                    "{} exited with {status} during the run:\n{}",
-                    p.name,
-                    p.tail(30)
-                ));
-            }
-        }
-        dead
+        self.procs
+            .iter_mut()
+            .filter_map(|p| p.process.died())
+            .collect()
     }
 
     /// The WARN and ERROR lines the processes logged, a few per process,
@@ -445,7 +356,7 @@ impl Target {
     pub fn log_problems(&self) -> Vec<String> {
         let mut notes = Vec::new();
         for p in &self.procs {
-            let out = p.output();
+            let out = p.process.output();
             let bad: Vec<&str> = out
                 .lines()
                 .filter(|l| {
@@ -459,7 +370,11 @@ impl Target {
             if bad.is_empty() {
                 continue;
             }
-            let mut note = format!("{} logged {} warning/error line(s)", p.name, bad.len());
+            let mut note = format!(
+                "{} logged {} warning/error line(s)",
+                p.process.name(),
+                bad.len()
+            );
             for line in bad.iter().take(3) {
                 let line: String = line.chars().take(300).collect();
                 let _ = write!(note, "\n    {line}");
@@ -589,6 +504,8 @@ fn clock_ticks() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]

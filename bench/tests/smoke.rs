@@ -7,6 +7,7 @@
 
 use std::process::Command;
 
+use herald_bench::socketio;
 use serde_json::Value;
 
 fn number(v: &Value, what: &str) -> f64 {
@@ -371,9 +372,6 @@ fn chat_refuses_the_socketio_target() {
         "no clear refusal:\n{stderr}"
     );
 }
-
-#[path = "../src/socketio.rs"]
-mod socketio;
 
 /// The Redis of the Socket.IO peer: `$HERALD_BENCH_REDIS`, else the local one.
 fn redis_url() -> String {

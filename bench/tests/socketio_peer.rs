@@ -11,9 +11,6 @@
 //! cargo test --release -p herald-bench --test socketio_peer -- --ignored --nocapture --test-threads 1
 //! ```
 
-#[path = "../src/socketio.rs"]
-mod socketio;
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use herald_bench::socketio::{self, SioClient, SioEvent, SocketIoPeer};
 use serde_json::{Value, json};
-use socketio::{SioClient, SioEvent, SocketIoPeer};
 
 fn redis_url() -> String {
     std::env::var("HERALD_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -3,15 +3,22 @@
 //! ports with temporary directories, so a test can kill and restart them.
 //! Everything is cleaned up on drop; the process's output is printed when a
 //! test fails, so a failure shows what the servers said.
+//!
+//! [`ChildProcess`] is the one way Herald's tests and its bench run a child
+//! process.
+
+mod process;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tempfile::TempDir;
+
+pub use process::{ChildProcess, die_with_parent};
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -24,19 +31,6 @@ pub fn free_port() -> u16 {
 /// A free `127.0.0.1:port` address.
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listened on {addr} within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
@@ -92,81 +86,12 @@ pub fn nats_server_bin() -> PathBuf {
     PathBuf::from("/usr/sbin/nats-server")
 }
 
-/// A child process whose output goes to a temp file, killed on drop.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("could not start {name} ({cmd:?})"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        })
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self, grace: Duration) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("----- output of {} -----\n{}", self.name, self.output());
-        }
-    }
-}
-
 /// A real `nats-server` with JetStream on a free port and a temp store.
 pub struct NatsServer {
     port: u16,
+    // Before `dir`, which holds its log: fields drop in order.
+    proc: ChildProcess,
     dir: TempDir,
-    proc: Proc,
 }
 
 impl NatsServer {
@@ -174,16 +99,18 @@ impl NatsServer {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let proc = Self::spawn(port, &dir)?;
-        let server = NatsServer { port, dir, proc };
-        wait_for_tcp(server.addr(), Duration::from_secs(10))?;
-        Ok(server)
+        Ok(NatsServer { port, proc, dir })
     }
 
-    fn spawn(port: u16, dir: &TempDir) -> Result<Proc> {
+    /// Starts nats-server on `port` and waits until it listens.
+    fn spawn(port: u16, dir: &TempDir) -> Result<ChildProcess> {
         let mut cmd = Command::new(nats_server_bin());
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path().join("store"));
-        Proc::spawn("nats-server", cmd, dir.path().join("nats.log"))
+        let mut proc = ChildProcess::spawn("nats-server", cmd, dir.path().join("nats.log"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        proc.wait_listening(addr, Duration::from_secs(10))?;
+        Ok(proc)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -196,14 +123,14 @@ impl NatsServer {
 
     /// `kill -9`: no goodbye to clients.
     pub fn kill(&mut self) {
-        self.proc.kill9();
+        self.proc.kill();
     }
 
     /// Starts the server again on the same port with the same store.
     pub fn restart(&mut self) -> Result<()> {
-        self.proc.kill9();
+        self.proc.kill();
         self.proc = Self::spawn(self.port, &self.dir)?;
-        wait_for_tcp(self.addr(), Duration::from_secs(10))
+        Ok(())
     }
 }
 
@@ -229,7 +156,7 @@ pub fn herald_bin() -> PathBuf {
 
 /// One running `herald <subcommand>` process.
 pub struct Herald {
-    proc: Proc,
+    proc: ChildProcess,
     _dir: TempDir,
     /// The HTTP address with `/healthz`, `/readyz` and `/metrics`.
     pub http: SocketAddr,
@@ -243,43 +170,18 @@ impl Herald {
         cmd.args(args)
             .env("RUST_LOG", "info,herald=debug")
             .env_remove("HERALD_CONFIG");
-        let proc = Proc::spawn(name, cmd, dir.path().join("herald.log"))?;
-        let mut h = Herald {
+        let mut proc = ChildProcess::spawn(name, cmd, dir.path().join("herald.log"))?;
+        proc.wait_ready(http, Duration::from_secs(20))?;
+        Ok(Herald {
             proc,
             _dir: dir,
             http,
-        };
-        h.wait_ready(Duration::from_secs(20))?;
-        Ok(h)
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.proc.exited() {
-                bail!(
-                    "{} exited with {status} before it was ready:\n{}",
-                    self.proc.name,
-                    self.proc.output()
-                );
-            }
-            if let Ok((200, _)) = http_get(self.http, "/readyz") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} was not ready within {timeout:?}:\n{}",
-                    self.proc.name,
-                    self.proc.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        })
     }
 
     /// `kill -9`.
     pub fn kill(&mut self) {
-        self.proc.kill9();
+        self.proc.kill();
     }
 
     /// SIGTERM, then `kill -9` after `grace`.

@@ -1,0 +1,202 @@
+//! The scenarios as subcommands, and running one: start what it runs
+//! against (Herald, the Socket.IO peer, or both one after the other), run
+//! it, and emit the report.
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use crate::target::{CommonArgs, Target, TargetKind};
+use crate::{chat, churn, compare, fanout, floor, idle, peer, presence_memory, report};
+
+/// What to run: the subcommands of `herald-bench`.
+#[derive(Subcommand, Debug)]
+pub enum Scenario {
+    /// Presence churn: connect → join → close loops per second, and join-to-visible
+    /// latency of presence events on every edge.
+    Churn {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: churn::ChurnArgs,
+    },
+    /// Memory of one presence replica's view per connection and room membership
+    /// (in-process; starts nothing).
+    PresenceMemory {
+        #[command(flatten)]
+        args: presence_memory::PresenceMemoryArgs,
+    },
+    /// RSS of one edge per idle authenticated connection (after one ping each).
+    Idle {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: idle::IdleArgs,
+    },
+    /// The kernel's cost of one small write on this machine: a bare writer
+    /// process writes a ~100-byte frame to many connections (starts no Herald).
+    Floor {
+        #[command(flatten)]
+        args: floor::FloorCmd,
+    },
+    /// Router.Publish over gRPC → delivered to rooms of many members: delivered/s,
+    /// loss, latency, server CPU per delivery (optionally vs the floor).
+    Fanout {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: fanout::FanoutArgs,
+    },
+    /// Many small rooms whose members publish (client `publish` op) and receive:
+    /// delivered/s, loss, latency, server CPU per delivery.
+    Chat {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: chat::ChatArgs,
+    },
+    /// The writer child of `floor` (internal).
+    #[command(hide = true)]
+    FloorWriter {
+        #[command(flatten)]
+        args: floor::WriterArgs,
+    },
+}
+
+/// What runs against a started target.
+enum Against {
+    Churn(churn::ChurnArgs),
+    Idle(idle::IdleArgs),
+    Fanout(fanout::FanoutArgs),
+    Chat(chat::ChatArgs),
+}
+
+/// Runs the scenario; `Ok(false)` when the report lists failures.
+pub fn run(scenario: Scenario) -> Result<bool> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let (common, args) = match scenario {
+        Scenario::Churn { common, args } => (common, Against::Churn(args)),
+        Scenario::Idle { common, args } => (common, Against::Idle(args)),
+        Scenario::Fanout { common, args } => (common, Against::Fanout(args)),
+        Scenario::Chat { common, args } => (common, Against::Chat(args)),
+        Scenario::PresenceMemory { args } => return presence_memory::run(&args),
+        Scenario::FloorWriter { args } => return floor::writer_main(&args).map(|()| true),
+        Scenario::Floor { args } => {
+            let report = runtime()?.block_on(floor::run(&args))?;
+            report.emit(args.json.as_deref())?;
+            return Ok(report.failures.is_empty());
+        }
+    };
+    let runtime = runtime()?;
+    if common.vs_socketio {
+        return run_side_by_side(&common, &args, &runtime);
+    }
+    let report = if common.target == TargetKind::Socketio {
+        socketio_report(&common, &args, &runtime)?
+    } else {
+        herald_report(&common, &args, &runtime)?
+    };
+    report.emit(common.json.as_deref())?;
+    Ok(report.failures.is_empty())
+}
+
+/// The scenario against Herald (`--target cluster` or `dev`); everything it
+/// started is stopped when this returns.
+fn herald_report(
+    common: &CommonArgs,
+    args: &Against,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<report::Report> {
+    let mut target = Target::start(common)?;
+    let mut report = runtime.block_on(async {
+        match args {
+            Against::Churn(a) => churn::run(a, common, &target).await,
+            Against::Idle(a) => idle::run(a, common, &target).await,
+            Against::Fanout(a) => fanout::run(a, common, &target).await,
+            Against::Chat(a) => chat::run(a, common, &target).await,
+        }
+    })?;
+    finish(&mut report, &mut target);
+    Ok(report)
+}
+
+fn socketio_only(args: &Against) -> Result<()> {
+    match args {
+        Against::Churn(_) => anyhow::bail!("Socket.IO runs `idle` and `fanout` only"),
+        Against::Chat(_) => anyhow::bail!(
+            "chat runs against Herald only (--target cluster or --target dev); \
+             Socket.IO runs `idle` and `fanout` only"
+        ),
+        Against::Idle(_) | Against::Fanout(_) => Ok(()),
+    }
+}
+
+/// `idle` and `fanout` against the Socket.IO peer.
+fn socketio_report(
+    common: &CommonArgs,
+    args: &Against,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<report::Report> {
+    socketio_only(args)?;
+    let mut peer = peer::Peer::start(common)?;
+    let mut report = runtime.block_on(async {
+        match args {
+            Against::Idle(a) => idle::run_socketio(a, common, &peer).await,
+            Against::Fanout(a) => fanout::run_socketio(a, common, &peer).await,
+            Against::Churn(_) | Against::Chat(_) => unreachable!("refused above"),
+        }
+    })?;
+    report.failures.extend(peer.sio.exited());
+    report.notes.extend(peer.sio.log_problems());
+    Ok(report)
+}
+
+/// `--vs-socketio`: Herald, then Socket.IO (one after the other, so they do
+/// not share the machine), both tables, then the ratios.
+fn run_side_by_side(
+    common: &CommonArgs,
+    args: &Against,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<bool> {
+    socketio_only(args)?;
+    if common.target == TargetKind::Socketio {
+        anyhow::bail!("--vs-socketio compares Herald (--target cluster or dev) with Socket.IO");
+    }
+    let herald = herald_report(common, args, runtime)?;
+    let socketio = socketio_report(
+        &CommonArgs {
+            target: TargetKind::Socketio,
+            ..common.clone()
+        },
+        args,
+        runtime,
+    )?;
+    let compare = compare::ratios(&herald, &socketio);
+    let json = serde_json::json!({
+        "scenario": herald.scenario,
+        "target": compare.target,
+        "failures": herald.failures.iter().map(|f| format!("herald: {f}"))
+            .chain(socketio.failures.iter().map(|f| format!("socketio: {f}")))
+            .collect::<Vec<_>>(),
+        "herald": herald.to_json(),
+        "socketio": socketio.to_json(),
+        "compare": compare.to_json(),
+    });
+    let tables = format!("{}{}{}", herald.table(), socketio.table(), compare.table());
+    report::emit(&tables, &json, common.json.as_deref())?;
+    Ok(herald.failures.is_empty() && socketio.failures.is_empty())
+}
+
+/// What every scenario's report gets at the end: processes that died, log
+/// lines worth a look.
+fn finish(report: &mut report::Report, target: &mut Target) {
+    report.failures.extend(target.exited());
+    report.notes.extend(target.log_problems());
+    report.params.insert(
+        "herald".into(),
+        target.herald_bin.display().to_string().into(),
+    );
+}
