@@ -2,8 +2,8 @@
 //! that drain it. Frames arrive already encoded (one encoding per message per
 //! edge, shared by every recipient as `Bytes`); the delivering task adds the
 //! few bytes of WebSocket header and writes to the socket itself, without
-//! waking a writer task, because on this class of machine the syscall and the
-//! wake-up, not the encoding, are the cost of a delivery. Inside a [`batch`]
+//! waking a writer task, because the syscall and the wake-up, not the
+//! encoding, are the cost of a delivery. Inside a [`batch`]
 //! (a run of messages a room's pump took off the broker at once) frames are
 //! only queued, and each connection gets one write for all of them.
 //!
@@ -198,8 +198,9 @@ impl Drop for BatchEnd {
 
 /// Room deliveries held for up to `--write-delay`, so that a connection
 /// receiving many messages a second gets several frames per write (the
-/// syscall, ~5 µs here, is most of a delivery's cost). A trade of latency
-/// for CPU, off by default; replies to a client's own requests never wait.
+/// syscall is most of a delivery's cost; `docs/benchmarks.md` has the
+/// figures). A trade of latency for CPU, off by default; replies to a
+/// client's own requests never wait.
 pub struct Flusher {
     /// `None` once stopped: batches then write at once.
     dirty: Mutex<Option<Vec<Outbox>>>,
@@ -546,7 +547,7 @@ impl Outbox {
     ///
     /// The write is a plain `send(2)` on the socket, not tokio's `try_write`:
     /// tokio's readiness lives in a separate allocation, one more cache miss
-    /// per delivery (measured at ~3 % of an edge's CPU when fanning out).
+    /// per delivery, which showed in an edge's CPU when fanning out.
     /// tokio is told of a full socket only when it is full, before stalling.
     fn offer(&self, q: &mut Queue, bytes: &[u8]) -> bool {
         let socket = socket2::SockRef::from(&self.conn.stream);

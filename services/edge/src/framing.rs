@@ -1,11 +1,11 @@
 //! WebSocket framing (RFC 6455) of client connections once upgraded: the
 //! decoding of what clients send and the encoding of what the edge sends.
 //!
-//! An idle connection must cost next to nothing (the bar is 4 KiB of RSS
-//! each), so the reader holds no buffer while nothing arrives: it waits for
-//! the socket to be readable, reads into a buffer on the stack, decodes every
-//! whole frame there, and keeps only the bytes of a frame that arrived in
-//! pieces, freeing them once the frame is whole. (fastwebsockets' reader
+//! An idle connection must cost next to nothing (`docs/benchmarks.md`,
+//! `idle`), so the reader holds no buffer while nothing arrives: it waits
+//! for the socket to be readable, reads into a buffer on the stack, decodes
+//! every whole frame there, and keeps only the bytes of a frame that arrived
+//! in pieces, freeing them once the frame is whole. (fastwebsockets' reader
 //! keeps an 8 KiB buffer per connection for life.) Server frames are written
 //! unmasked straight into the caller's buffer.
 
