@@ -26,7 +26,7 @@ use axum::routing::get;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use herald_auth::{Policy, Verifier};
 use herald_broker::history::SharedHistory;
-use herald_broker::{BrokerError, SharedBroker};
+use herald_broker::SharedBroker;
 use herald_ops::{Health, Metrics};
 use herald_wire::{RoomName, subjects};
 use prometheus_client::metrics::counter::Counter;
@@ -181,42 +181,13 @@ pub async fn run(
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
         .await?;
-    let on_room_frame: interest::Handler<room::RoomOrder> = {
-        let (history, delivered) = (history.clone(), edge_metrics.delivered.clone());
-        Arc::new(move |msg, entry| {
-            let n = room::on_frame(entry, &history, msg.payload);
-            delivered.inc_by(n as u64);
-        })
-    };
-    // Every room, durable or not, is started here: frames that its shard's
-    // subscription brought before this ran were held and go out now.
-    let init_room: interest::Init<RoomName, room::RoomOrder> = {
-        let (history, policy) = (history.clone(), config.policy.clone());
-        let delivered = edge_metrics.delivered.clone();
-        Arc::new(move |room: RoomName, entry| {
-            let (history, delivered) = (history.clone(), delivered.clone());
-            let durable = policy.is_durable(room.namespace());
-            Box::pin(async move {
-                let n = if durable {
-                    room::init(&history, room, &entry)
-                        .await
-                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?
-                } else {
-                    room::init_ephemeral(&entry, &history)
-                };
-                delivered.inc_by(n as u64);
-                Ok(())
-            })
-        })
-    };
-    let mut rooms = interest::Interest::new(
+    let mut rooms = room::table(
         broker.clone(),
-        subjects::room,
-        on_room_frame,
-        Some(init_room),
+        history.clone(),
+        config.policy.clone(),
+        edge_metrics.delivered.clone(),
         edge_metrics.rooms.clone(),
-    )
-    .sharded(subjects::room_shard, subjects::room_from_subject);
+    );
     match delivery::enable_io_uring(config.io_uring) {
         Ok(true) => tracing::info!("room messages go to their members in io_uring runs of sends"),
         Ok(false) => tracing::info!("io_uring is off (--io-uring=false): one send(2) per member"),

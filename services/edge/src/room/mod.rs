@@ -9,16 +9,64 @@ mod durable;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use herald_auth::Policy;
 use herald_broker::history::{HistoryError, SharedHistory};
-use herald_wire::RoomName;
+use herald_broker::{BrokerError, SharedBroker};
+use herald_wire::{RoomName, subjects};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 pub use durable::{Recovery, recover};
 
 use crate::delivery;
-use crate::interest::Entry;
+use crate::interest::{self, Entry, Interest};
 
 /// A room's entry in the edge's table: its members and its order.
 pub type RoomEntry = Entry<RoomOrder>;
+
+/// The edge's room table: a subscription per room with local members (one
+/// per shard for personal rooms), each message put in order and fanned out
+/// to them. `delivered` counts deliveries, `count` the rooms.
+pub fn table(
+    broker: SharedBroker,
+    history: SharedHistory,
+    policy: Policy,
+    delivered: Counter,
+    count: Gauge,
+) -> Interest<RoomName, RoomOrder> {
+    let on_room_frame: interest::Handler<RoomOrder> = {
+        let (history, delivered) = (history.clone(), delivered.clone());
+        Arc::new(move |msg, entry| {
+            let n = on_frame(entry, &history, msg.payload);
+            delivered.inc_by(n as u64);
+        })
+    };
+    // Every room, durable or not, is started here: frames that its shard's
+    // subscription brought before this ran were held and go out now.
+    let init_room: interest::Init<RoomName, RoomOrder> = Arc::new(move |room: RoomName, entry| {
+        let (history, delivered) = (history.clone(), delivered.clone());
+        let durable = policy.is_durable(room.namespace());
+        Box::pin(async move {
+            let n = if durable {
+                init(&history, room, &entry)
+                    .await
+                    .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+            } else {
+                init_ephemeral(&entry, &history)
+            };
+            delivered.inc_by(n as u64);
+            Ok(())
+        })
+    });
+    Interest::new(
+        broker,
+        subjects::room,
+        on_room_frame,
+        Some(init_room),
+        count,
+    )
+    .sharded(subjects::room_shard, subjects::room_from_subject)
+}
 
 /// The delivery order of one room on this edge. Every room starts awaiting
 /// its init ([`init`] or [`init_ephemeral`]), which must run for frames to
