@@ -25,7 +25,7 @@ use std::sync::MutexGuard;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::uring::{self, Ring, Sent};
+use super::uring::{self, Ring};
 use super::{Claim, Outbox, Queue, encode_queued};
 use crate::framing::{OP_TEXT, encode_frame};
 
@@ -34,6 +34,15 @@ use crate::framing::{OP_TEXT, encode_frame};
 /// run never waits for a queue that another thread holds (see
 /// [`lock_next`]).
 pub(super) const RUN: usize = 128;
+
+/// A run that completed: the ring and the buffer, free to use again, and
+/// what each send returned (bytes taken, `-errno`, or `i32::MIN` for a send
+/// the ring had no room for).
+pub(super) struct Sent {
+    pub ring: Ring,
+    pub wire: Vec<u8>,
+    pub results: [i32; RUN],
+}
 
 /// The most bytes a run of batch-end writes encodes before it is submitted
 /// (each connection's write is at most 64 KiB, the run up to [`RUN`] of them).

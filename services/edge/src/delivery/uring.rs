@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{IoUring, opcode, types};
 
-use super::fanout::RUN;
+use super::fanout::{RUN, Sent};
 
 /// Whether runs use io_uring: set at start-up by [`enable`], cleared for
 /// every thread by [`disable`] when a ring fails.
@@ -56,15 +56,6 @@ pub fn disable() {
 /// One thread's ring, taken for a run. Give it back with [`Ring::put_back`];
 /// a ring that is dropped instead is closed.
 pub struct Ring(IoUring);
-
-/// A run that completed: the ring and the buffer, free to use again, and
-/// what each send returned (bytes taken, `-errno`, or `i32::MIN` for a send
-/// the ring had no room for).
-pub struct Sent {
-    pub ring: Ring,
-    pub wire: Vec<u8>,
-    pub results: [i32; RUN],
-}
 
 impl Ring {
     /// This thread's ring, if io_uring is on and the kernel let this thread
