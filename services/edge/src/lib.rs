@@ -145,9 +145,9 @@ impl Edge {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Broker(#[from] herald_broker::BrokerError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -199,7 +199,7 @@ pub async fn run(
                 let n = if durable {
                     durable::init(&history, room, &entry)
                         .await
-                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+                        .map_err(BrokerError::unavailable)?
                 } else {
                     durable::init_ephemeral(&entry, &history)
                 };

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_broker::{BrokerError, SharedBroker};
+use herald_broker::{BrokerError, SharedBroker, chain};
 use herald_proto::v1::presence_client::PresenceClient;
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
 use herald_wire::presence::{Change, ConnState, EdgeReport, RoomState};
@@ -271,7 +271,7 @@ impl ReportTask {
             .await
         {
             // Replicas notice the gap from the next heartbeat and ask for a snapshot.
-            tracing::warn!(error = %e, "could not report presence; replicas will resync");
+            tracing::warn!(error = %chain(&e), "could not report presence; replicas will resync");
         }
     }
 }

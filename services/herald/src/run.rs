@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHistory};
-use herald_broker::{MemoryBroker, NatsBroker, SharedBroker};
+use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, Common, LogFormat, TokenArgs};
@@ -141,7 +141,7 @@ fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) -> her
                     }
                     Err(e) => {
                         if !warned {
-                            tracing::warn!(namespace = %ns, error = %e, "durable namespace storage not ready; retrying");
+                            tracing::warn!(namespace = %ns, error = %chain(&e), "durable namespace storage not ready; retrying");
                             warned = true;
                         }
                         tokio::time::sleep(std::time::Duration::from_secs(2)).await;

@@ -26,7 +26,7 @@ mod watch;
 use std::error::Error;
 use std::time::Duration;
 
-use herald_broker::SharedBroker;
+use herald_broker::{SharedBroker, chain};
 use herald_ops::{Health, ops_routes, serve_http};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -137,7 +137,7 @@ pub async fn run(
         match Presence::start(config.clone(), broker.clone(), stop.clone()).await {
             Ok(p) => break p,
             Err(e) => {
-                tracing::warn!(error = %e, broker = %broker.describe(), "presence could not start; retrying");
+                tracing::warn!(error = %chain(&e), broker = %broker.describe(), "presence could not start; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => {
                         http_server.await??;
