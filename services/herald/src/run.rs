@@ -191,7 +191,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let config = herald_router::Config {
                 storage: ensure_durable(history.clone(), namespaces.durable),
                 policy: namespaces.policy,
-                presence: args.presence,
+                presence: presence_source(args.presence.as_deref())?,
                 ..Default::default()
             };
             herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await
@@ -258,16 +258,16 @@ fn edge_config(
     ))
 }
 
-fn presence_source(url: Option<&str>) -> Result<herald_edge::PresenceSource, ConfigError> {
-    let Some(url) = url else {
-        return Ok(herald_edge::PresenceSource::Broker);
-    };
-    let channel = tonic::transport::Channel::from_shared(url.to_string())
-        .map_err(|e| ConfigError(format!("--presence {url}: not a valid URL: {e}")))?
-        .connect_lazy();
-    Ok(herald_edge::PresenceSource::Grpc(
-        herald_proto::v1::presence_client::PresenceClient::new(channel),
-    ))
+/// Where `--presence` sends presence queries: the edge's member lists and
+/// the router's `Presence` API read it the same way.
+fn presence_source(url: Option<&str>) -> Result<herald_presence_client::Source, ConfigError> {
+    herald_presence_client::Source::from_url(url).map_err(|e| {
+        ConfigError(format!(
+            "--presence {}: {}",
+            url.unwrap_or_default(),
+            chain(&e)
+        ))
+    })
 }
 
 async fn dev(
@@ -289,7 +289,7 @@ async fn dev(
     let presence =
         herald_presence::Presence::start(Default::default(), broker.clone(), shutdown.clone())
             .await?;
-    let front = herald_router::PresenceFront::new(broker.clone(), &Default::default())?;
+    let front = herald_router::PresenceFront::new(broker.clone(), &Default::default());
     let router = herald_router::RouterApi::new(
         broker.clone(),
         history.clone(),
