@@ -13,6 +13,43 @@ use crate::config::{self, ConfigError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Why a command stopped. Configuration problems are told apart from
+/// failures while serving by their type, so that each gets its exit status.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("configuration error")]
+    Config(#[source] ConfigError),
+    #[error(transparent)]
+    Failed(BoxError),
+}
+
+impl From<ConfigError> for RunError {
+    fn from(e: ConfigError) -> RunError {
+        RunError::Config(e)
+    }
+}
+
+/// The errors a service stops with, once serving: each a failure, never a
+/// configuration problem.
+macro_rules! failures {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RunError {
+            fn from(e: $t) -> RunError {
+                RunError::Failed(e.into())
+            }
+        }
+    )*};
+}
+failures!(
+    std::io::Error,
+    tonic::transport::Error,
+    herald_broker::BrokerError,
+    herald_broker::history::HistoryError,
+    herald_edge::EdgeError,
+    herald_router::RouterError,
+    herald_presence::PresenceError
+);
+
 /// Exit code for bad configuration (the same as clap's usage errors).
 const EXIT_CONFIG: u8 = 2;
 
@@ -46,18 +83,15 @@ pub fn main(cli: Cli) -> ExitCode {
     tracing::info!("running on {threads} worker thread(s)");
     match runtime.block_on(serve(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<ConfigError>() => {
-            eprintln!("herald: configuration error: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
         Err(e) => {
-            eprintln!("herald: {e}");
-            ExitCode::FAILURE
+            eprintln!("herald: {}", chain(&e));
+            match e {
+                RunError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                RunError::Failed(_) => ExitCode::FAILURE,
+            }
         }
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -116,10 +150,10 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), BoxError> {
+async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), ConfigError> {
     let broker = NatsBroker::connect(url, name)
         .await
-        .map_err(|e| ConfigError(format!("--nats {url}: {e}")))?;
+        .map_err(|e| ConfigError::caused(format!("--nats {url}"), e))?;
     let history: SharedHistory = Arc::new(JetStreamHistory::new(broker.client().clone()));
     Ok((Arc::new(broker), history))
 }
@@ -154,7 +188,7 @@ fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) -> her
     gate
 }
 
-async fn serve(command: Command) -> Result<(), BoxError> {
+async fn serve(command: Command) -> Result<(), RunError> {
     let shutdown = shutdown_on_signal();
     let metrics = herald_ops::new_metrics();
     match command {
@@ -194,7 +228,8 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 presence: presence_source(args.presence.as_deref())?,
                 ..Default::default()
             };
-            herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await
+            herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await?;
+            Ok(())
         }
         Command::Presence(args) => {
             config::policy(&args.common)?;
@@ -212,7 +247,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let gone = if args.kube {
                 let client = herald_kube::client()
                     .await
-                    .map_err(|e| ConfigError(format!("--kube: {e}")))?;
+                    .map_err(|e| ConfigError::caused("--kube", e))?;
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
                 let watch = herald_kube::PodWatchConfig {
                     namespace: args.kube_namespace,
@@ -240,7 +275,8 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 &format!("herald-presence {}", config.replica_id),
             )
             .await?;
-            herald_presence::run(config, broker, grpc, http, gone, shutdown).await
+            herald_presence::run(config, broker, grpc, http, gone, shutdown).await?;
+            Ok(())
         }
         Command::Token(_) => unreachable!("handled before the runtime starts"),
     }
@@ -261,20 +297,15 @@ fn edge_config(
 /// Where `--presence` sends presence queries: the edge's member lists and
 /// the router's `Presence` API read it the same way.
 fn presence_source(url: Option<&str>) -> Result<herald_presence_client::Source, ConfigError> {
-    herald_presence_client::Source::from_url(url).map_err(|e| {
-        ConfigError(format!(
-            "--presence {}: {}",
-            url.unwrap_or_default(),
-            chain(&e)
-        ))
-    })
+    herald_presence_client::Source::from_url(url)
+        .map_err(|e| ConfigError::caused(format!("--presence {}", url.unwrap_or_default()), e))
 }
 
 async fn dev(
     args: crate::cli::DevArgs,
     metrics: herald_ops::Metrics,
     shutdown: CancellationToken,
-) -> Result<(), BoxError> {
+) -> Result<(), RunError> {
     let namespaces = config::namespaces(&args.common)?;
     let config = edge_config(&args.common, "dev".into(), true)?;
     let using_dev_secret = args.common.jwt_secret.is_none() && args.common.jwt_public_key.is_none();

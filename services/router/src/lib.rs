@@ -43,6 +43,15 @@ impl Default for Config {
     }
 }
 
+/// Why the router stopped serving. Each variant is its cause itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Grpc(#[from] tonic::transport::Error),
+}
+
 /// Serves `herald.v1.Router` and `herald.v1.Presence` (plus gRPC health and
 /// reflection) on `grpc`, and `/healthz`, `/readyz`, `/metrics` on `http`,
 /// until `shutdown`.
@@ -54,7 +63,7 @@ pub async fn run(
     http: TcpListener,
     metrics: Metrics,
     shutdown: CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), RouterError> {
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
     config.storage.add_to(&health);
