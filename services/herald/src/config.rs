@@ -10,7 +10,7 @@ use herald_auth::{DurablePolicy, NamespacePolicy, Policy, Verifier};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
-use crate::cli::Common;
+use crate::cli::{Common, Keys};
 
 /// The secret `herald dev` and `herald token` use when none is given. It is
 /// public: fine on a laptop, never for anything reachable by others.
@@ -132,8 +132,8 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
 
 /// The token verifier. `dev_default` lets `herald dev` fall back to the
 /// development secret; every other service needs a key.
-pub fn verifier(common: &Common, dev_default: bool) -> Result<Verifier, ConfigError> {
-    let public = match &common.jwt_public_key {
+pub fn verifier(keys: &Keys, dev_default: bool) -> Result<Verifier, ConfigError> {
+    let public = match &keys.jwt_public_key {
         Some(path) => Some(std::fs::read(path).map_err(|e| {
             ConfigError::caused(
                 format!("--jwt-public-key {}: cannot read it", path.display()),
@@ -142,7 +142,7 @@ pub fn verifier(common: &Common, dev_default: bool) -> Result<Verifier, ConfigEr
         })?),
         None => None,
     };
-    let secret = match (&common.jwt_secret, &public) {
+    let secret = match (&keys.jwt_secret, &public) {
         (Some(s), _) => Some(s.clone()),
         (None, None) if dev_default => Some(DEV_SECRET.to_string()),
         (None, None) => {

@@ -8,7 +8,7 @@ use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHist
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, Common, LogFormat, TokenArgs};
+use crate::cli::{Cli, Command, Common, Keys, LogFormat, TokenArgs};
 use crate::config::{self, ConfigError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -195,7 +195,12 @@ async fn serve(command: Command) -> Result<(), RunError> {
         Command::Dev(args) => dev(args, metrics, shutdown).await,
         Command::Edge(args) => {
             let namespaces = config::namespaces(&args.common)?;
-            let config = edge_config(&args.common, config::node_id(args.node_id)?, false)?;
+            let config = edge_config(
+                &args.common,
+                &args.keys,
+                config::node_id(args.node_id)?,
+                false,
+            )?;
             let config = herald_edge::Config {
                 handshake_timeout: args.handshake_timeout,
                 max_message_bytes: args.max_message_bytes,
@@ -284,12 +289,13 @@ async fn serve(command: Command) -> Result<(), RunError> {
 
 fn edge_config(
     common: &Common,
+    keys: &Keys,
     node_id: String,
     dev: bool,
 ) -> Result<herald_edge::Config, ConfigError> {
     Ok(herald_edge::Config::new(
         node_id,
-        config::verifier(common, dev)?,
+        config::verifier(keys, dev)?,
         config::policy(common)?,
     ))
 }
@@ -307,8 +313,8 @@ async fn dev(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let namespaces = config::namespaces(&args.common)?;
-    let config = edge_config(&args.common, "dev".into(), true)?;
-    let using_dev_secret = args.common.jwt_secret.is_none() && args.common.jwt_public_key.is_none();
+    let config = edge_config(&args.common, &args.keys, "dev".into(), true)?;
+    let using_dev_secret = args.keys.jwt_secret.is_none() && args.keys.jwt_public_key.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
     let broker: SharedBroker = Arc::new(MemoryBroker::new());
