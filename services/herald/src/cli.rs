@@ -57,8 +57,8 @@ pub struct Common {
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Threads that run the service's work; default: one per CPU the process
-    /// may use. Fewer threads wake each other less: a router given 1 used
-    /// less CPU per call on a 2-core machine.
+    /// may use. Fewer threads wake each other less, which can save CPU on a
+    /// small machine (docs/benchmarks.md measures a router both ways).
     #[arg(long, env = "HERALD_WORKER_THREADS")]
     pub worker_threads: Option<NonZeroUsize>,
 }
