@@ -12,6 +12,7 @@
 //! [`history`] module, behind its own trait.
 #![forbid(unsafe_code)]
 
+mod error;
 pub mod history;
 mod memory;
 mod nats;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 
+pub use error::{Cause, Chain, cause, chain};
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
 
@@ -45,14 +47,21 @@ pub struct Message {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error("the message broker is not reachable: {0}")]
-    Unavailable(String),
+    #[error("the message broker is not reachable")]
+    Unavailable(#[source] Cause),
     #[error("no reply within {0:?}")]
     Timeout(Duration),
     #[error("nobody is listening on `{0}`")]
     NoResponders(String),
-    #[error("the message broker refused the operation: {0}")]
-    Failed(String),
+    #[error("the message broker refused the operation")]
+    Failed(#[source] Cause),
+}
+
+impl BrokerError {
+    /// Unreachable, because of `e`.
+    pub fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BrokerError {
+        BrokerError::Unavailable(cause(e))
+    }
 }
 
 pub trait Broker: Send + Sync + 'static {

@@ -194,7 +194,9 @@ impl Broker for MemoryBroker {
             });
             match tokio::time::timeout(timeout, sub.next()).await {
                 Ok(Some(m)) => Ok(m.payload),
-                Ok(None) => Err(BrokerError::Failed("reply inbox closed".into())),
+                Ok(None) => Err(BrokerError::Failed(crate::error::said(
+                    "the reply inbox closed",
+                ))),
                 Err(_) => Err(BrokerError::Timeout(timeout)),
             }
         })

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::error::{Cause, During, cause, said};
 use crate::{BoxFuture, Broker, BrokerError, Message, Subscription};
 
 /// How long a subscribe waits for the server to confirm it (a round trip)
@@ -35,7 +36,7 @@ impl NatsBroker {
             .request_timeout(Some(Duration::from_secs(5)))
             .connect(url)
             .await
-            .map_err(|e| BrokerError::Unavailable(format!("{url}: {e}")))?;
+            .map_err(BrokerError::unavailable)?;
         let unique = client.new_inbox();
         let confirm_subject = format!(
             "_HERALD.confirm.{}",
@@ -66,14 +67,15 @@ impl NatsBroker {
     /// [`CONFIRM_ATTEMPT`], until [`CONFIRM_TIMEOUT`].
     async fn confirm(&self) -> Result<(), BrokerError> {
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
-        let mut last_error = String::new();
+        let mut last_error: Option<Cause> = None;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                return Err(BrokerError::Unavailable(format!(
-                    "{} did not confirm within {CONFIRM_TIMEOUT:?}{last_error}",
-                    self.url
-                )));
+                let what = format!("{} did not confirm within {CONFIRM_TIMEOUT:?}", self.url);
+                return Err(BrokerError::Unavailable(match last_error {
+                    Some(source) => cause(During { what, source }),
+                    None => said(what),
+                }));
             }
             let request = self
                 .client
@@ -84,7 +86,7 @@ impl NatsBroker {
                     return Ok(());
                 }
                 Ok(Err(e)) => {
-                    last_error = format!(": {e}");
+                    last_error = Some(cause(e));
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 // Unanswered: lost with a dying connection, or slow.
@@ -102,17 +104,13 @@ fn convert(sub: async_nats::Subscriber) -> Subscription {
     }))
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Unavailable(e.to_string())
-}
-
 impl Broker for NatsBroker {
     fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             self.client
                 .publish(subject, payload)
                 .await
-                .map_err(unavailable)
+                .map_err(BrokerError::unavailable)
         })
     }
 
@@ -126,13 +124,17 @@ impl Broker for NatsBroker {
             self.client
                 .publish_with_reply(subject, reply, payload)
                 .await
-                .map_err(unavailable)
+                .map_err(BrokerError::unavailable)
         })
     }
 
     fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
         Box::pin(async move {
-            let sub = self.client.subscribe(subject).await.map_err(unavailable)?;
+            let sub = self
+                .client
+                .subscribe(subject)
+                .await
+                .map_err(BrokerError::unavailable)?;
             self.confirm().await?;
             Ok(convert(sub))
         })
@@ -148,7 +150,7 @@ impl Broker for NatsBroker {
                 .client
                 .queue_subscribe(subject, group)
                 .await
-                .map_err(unavailable)?;
+                .map_err(BrokerError::unavailable)?;
             self.confirm().await?;
             Ok(convert(sub))
         })
@@ -173,9 +175,9 @@ impl Broker for NatsBroker {
                     }
                     async_nats::RequestErrorKind::InvalidSubject
                     | async_nats::RequestErrorKind::MaxPayloadExceeded => {
-                        BrokerError::Failed(e.to_string())
+                        BrokerError::Failed(cause(e))
                     }
-                    _ => unavailable(e),
+                    _ => BrokerError::unavailable(e),
                 }),
             }
         })

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use herald_wire::frames::with_position;
 use herald_wire::{RoomName, subjects};
 
-use crate::SharedBroker;
 use crate::history::{HistoryError, SharedHistory, Stored};
+use crate::{BrokerError, SharedBroker, chain};
 
 /// Most messages one history page holds (`history` op, `Router.History`).
 pub const MAX_HISTORY_PAGE: u32 = 500;
@@ -26,11 +26,13 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// Why a message was not published. Each variant is its cause itself: its
+/// message already says what a publisher needs to know.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
-    #[error("message not sent: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
     History(#[from] HistoryError),
 }
 
@@ -46,10 +48,7 @@ pub async fn publish(
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
     if !durable {
-        broker
-            .publish(subjects::room(room), frame)
-            .await
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        broker.publish(subjects::room(room), frame).await?;
         return Ok(Published {
             epoch: String::new(),
             offset: 0,
@@ -63,7 +62,7 @@ pub async fn publish(
         if let Err(e) = broker.publish(subjects::room(room), live).await {
             // Stored, so acknowledged: edges read it from history when the
             // next message shows the gap, and recovering clients get it.
-            tracing::warn!(%room, offset = stored.offset, error = %e, "stored message not sent live");
+            tracing::warn!(%room, offset = stored.offset, error = %chain(&e), "stored message not sent live");
         }
     }
     Ok(Published {

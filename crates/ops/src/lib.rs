@@ -227,14 +227,29 @@ pub async fn serve_http(
     .await
 }
 
-/// Binds `addr`, with an error that names what could not be bound.
+/// Binds `addr`, with an error that names what could not be bound (and
+/// keeps the system's reason as its cause).
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    TcpListener::bind(addr).await.map_err(|source| {
         std::io::Error::new(
-            e.kind(),
-            format!("could not listen for {what} on {addr}: {e}"),
+            source.kind(),
+            BindError {
+                what: what.to_string(),
+                addr,
+                source,
+            },
         )
     })
+}
+
+/// See [`bind`].
+#[derive(Debug, thiserror::Error)]
+#[error("could not listen for {what} on {addr}")]
+struct BindError {
+    what: String,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
 }
 
 /// The connections a gRPC server accepts on `listener`, with Nagle's

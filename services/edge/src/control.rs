@@ -101,7 +101,7 @@ async fn dispatch(
         };
         let payload = Bytes::from(serde_json::to_vec(&ack).expect("ack serializes"));
         if let Err(e) = broker.publish(reply, payload).await {
-            tracing::warn!(error = %e, "could not acknowledge a control message");
+            tracing::warn!(error = %herald_broker::chain(&e), "could not acknowledge a control message");
         }
     }
 }

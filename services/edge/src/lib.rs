@@ -146,9 +146,9 @@ impl Edge {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Broker(#[from] herald_broker::BrokerError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -4,8 +4,9 @@
 //! report notices, and a snapshot of the whole state answers a replica that
 //! asks (after a gap, or after it restarted).
 //!
-//! Member lists are read from the presence service, asking it to include this
-//! edge's own changes up to now (read-your-writes for the asking client).
+//! Member lists are read from the presence service (through the shared
+//! presence client), asking it to include this edge's own changes up to now
+//! (read-your-writes for the asking client).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,30 +14,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_broker::{BrokerError, SharedBroker};
-use herald_proto::v1::presence_client::PresenceClient;
+use herald_broker::{BrokerError, SharedBroker, chain};
+use herald_presence_client::{PresenceQuery, QueryError};
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
 use herald_wire::presence::{Change, ConnState, EdgeReport, RoomState};
 use herald_wire::subjects;
-use prost::Message as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Where member lists are read from.
-#[derive(Clone)]
-pub enum PresenceSource {
-    /// Any presence replica, found through the broker.
-    Broker,
-    /// A presence service's gRPC address (`--presence URL`).
-    Grpc(PresenceClient<tonic::transport::Channel>),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    #[error("the presence service did not answer: {0}")]
-    Unavailable(String),
-}
+pub use herald_presence_client::Source as PresenceSource;
 
 struct Seq {
     last: u64,
@@ -48,9 +36,7 @@ struct Seq {
 pub struct Reporter {
     node: Arc<str>,
     seq: Arc<Mutex<Seq>>,
-    broker: SharedBroker,
-    source: PresenceSource,
-    query_timeout: Duration,
+    query: PresenceQuery,
 }
 
 impl Reporter {
@@ -69,9 +55,7 @@ impl Reporter {
         let reporter = Reporter {
             node: node.into(),
             seq: Arc::new(Mutex::new(Seq { last: 0, tx })),
-            broker: broker.clone(),
-            source,
-            query_timeout,
+            query: PresenceQuery::new(broker.clone(), source, query_timeout),
         };
         let mut task = ReportTask {
             node: node.to_string(),
@@ -130,31 +114,7 @@ impl Reporter {
             after_node: self.node.to_string(),
             after_seq: self.last_seq(),
         };
-        match &self.source {
-            PresenceSource::Broker => {
-                let bytes = self
-                    .broker
-                    .request(
-                        subjects::PRESENCE_QUERY_ROOM_MEMBERS.into(),
-                        Bytes::from(req.encode_to_vec()),
-                        self.query_timeout,
-                    )
-                    .await
-                    .map_err(|e| QueryError::Unavailable(e.to_string()))?;
-                RoomMembersReply::decode(bytes)
-                    .map_err(|e| QueryError::Unavailable(format!("unreadable answer: {e}")))
-            }
-            PresenceSource::Grpc(client) => {
-                let mut client = client.clone();
-                let mut request = tonic::Request::new(req);
-                request.set_timeout(self.query_timeout);
-                client
-                    .room_members(request)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| QueryError::Unavailable(s.message().to_string()))
-            }
-        }
+        self.query.room_members(req).await
     }
 }
 
@@ -271,7 +231,7 @@ impl ReportTask {
             .await
         {
             // Replicas notice the gap from the next heartbeat and ask for a snapshot.
-            tracing::warn!(error = %e, "could not report presence; replicas will resync");
+            tracing::warn!(error = %chain(&e), "could not report presence; replicas will resync");
         }
     }
 }

@@ -36,14 +36,20 @@ pub enum Command {
     Token(TokenArgs),
 }
 
+/// The keys client tokens are verified with: for the commands that hold
+/// client connections (`dev`, `edge`).
 #[derive(Args, Debug, Clone)]
-pub struct Common {
+pub struct Keys {
     /// HS256 secret that client tokens are signed with.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// PEM public key (RS256, ES256 or EdDSA) or JWKS file that client tokens are verified with.
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
     /// Configuration file (TOML) with namespace policies; without it every namespace is open.
     #[arg(long, env = "HERALD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -51,8 +57,8 @@ pub struct Common {
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Threads that run the service's work; default: one per CPU the process
-    /// may use. Fewer threads wake each other less: a router given 1 used
-    /// less CPU per call on a 2-core machine.
+    /// may use. Fewer threads wake each other less, which can save CPU on a
+    /// small machine (docs/benchmarks.md measures a router both ways).
     #[arg(long, env = "HERALD_WORKER_THREADS")]
     pub worker_threads: Option<NonZeroUsize>,
 }
@@ -71,6 +77,8 @@ pub struct DevArgs {
     /// Address for the gRPC API (Router and Presence).
     #[arg(long, env = "HERALD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
+    #[command(flatten)]
+    pub keys: Keys,
     #[command(flatten)]
     pub common: Common,
 }
@@ -113,6 +121,8 @@ pub struct EdgeArgs {
     /// presence service's --edge-timeout).
     #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub presence_interval: Duration,
+    #[command(flatten)]
+    pub keys: Keys,
     #[command(flatten)]
     pub common: Common,
 }

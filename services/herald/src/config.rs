@@ -10,7 +10,7 @@ use herald_auth::{DurablePolicy, NamespacePolicy, Policy, Verifier};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
-use crate::cli::Common;
+use crate::cli::{Common, Keys};
 
 /// The secret `herald dev` and `herald token` use when none is given. It is
 /// public: fine on a laptop, never for anything reachable by others.
@@ -42,13 +42,34 @@ pub struct Namespaces {
     pub durable: Vec<(String, Limits)>,
 }
 
-/// A configuration problem, reported before the process starts serving.
-#[derive(Debug)]
-pub struct ConfigError(pub String);
+/// A configuration problem, reported before the process starts serving:
+/// which flag or file, what is wrong with it, and the cause underneath.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct ConfigError {
+    what: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
 
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl ConfigError {
+    /// A problem Herald found itself, said in full by `what`.
+    pub fn new(what: impl Into<String>) -> ConfigError {
+        ConfigError {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// `what` is wrong because of `source`.
+    pub fn caused(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> ConfigError {
+        ConfigError {
+            what: what.into(),
+            source: Some(source.into()),
+        }
     }
 }
 
@@ -61,10 +82,10 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
         None => FileConfig::default(),
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("--config {}: cannot read it: {e}", path.display()))
+                ConfigError::caused(format!("--config {}: cannot read it", path.display()), e)
             })?;
             toml::from_str(&text)
-                .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?
+                .map_err(|e| ConfigError::caused(format!("--config {}", path.display()), e))?
         }
     };
     let at = || {
@@ -76,22 +97,24 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
     };
     let inbox = file.inbox.clone().unwrap_or_else(default_inbox);
     let policy = if common.config.is_some() {
-        Policy::from_namespaces(file.namespaces)
-            .map_err(|e| ConfigError(format!("{}: {e}", at())))?
+        Policy::from_namespaces(file.namespaces).map_err(|e| ConfigError::caused(at(), e))?
     } else {
         Policy::open()
     };
     let mut durable = Vec::new();
     for (ns, d) in policy.durable_namespaces(&inbox) {
         let max_age: Duration = humantime::parse_duration(&d.history_ttl).map_err(|e| {
-            ConfigError(format!(
-                "{}: history_ttl {:?} of namespace {ns}: {e} (write e.g. \"24h\" or \"30d\")",
-                at(),
-                d.history_ttl
-            ))
+            ConfigError::caused(
+                format!(
+                    "{}: history_ttl {:?} of namespace {ns} is not a duration (write e.g. \"24h\" or \"30d\")",
+                    at(),
+                    d.history_ttl
+                ),
+                e,
+            )
         })?;
         if d.history_size == 0 {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::new(format!(
                 "{}: history_size of namespace {ns} must be at least 1",
                 at()
             )));
@@ -109,23 +132,22 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
 
 /// The token verifier. `dev_default` lets `herald dev` fall back to the
 /// development secret; every other service needs a key.
-pub fn verifier(common: &Common, dev_default: bool) -> Result<Verifier, ConfigError> {
-    let public = match &common.jwt_public_key {
+pub fn verifier(keys: &Keys, dev_default: bool) -> Result<Verifier, ConfigError> {
+    let public = match &keys.jwt_public_key {
         Some(path) => Some(std::fs::read(path).map_err(|e| {
-            ConfigError(format!(
-                "--jwt-public-key {}: cannot read it: {e}",
-                path.display()
-            ))
+            ConfigError::caused(
+                format!("--jwt-public-key {}: cannot read it", path.display()),
+                e,
+            )
         })?),
         None => None,
     };
-    let secret = match (&common.jwt_secret, &public) {
+    let secret = match (&keys.jwt_secret, &public) {
         (Some(s), _) => Some(s.clone()),
         (None, None) if dev_default => Some(DEV_SECRET.to_string()),
         (None, None) => {
-            return Err(ConfigError(
-                "no JWT key: give --jwt-secret (HS256) or --jwt-public-key FILE (RS256, ES256, EdDSA or JWKS)"
-                    .into(),
+            return Err(ConfigError::new(
+                "no JWT key: give --jwt-secret (HS256) or --jwt-public-key FILE (RS256, ES256, EdDSA or JWKS)",
             ));
         }
         (None, Some(_)) => None,
@@ -136,7 +158,7 @@ pub fn verifier(common: &Common, dev_default: bool) -> Result<Verifier, ConfigEr
         } else {
             "--jwt-secret"
         };
-        ConfigError(format!("{flag}: {e}"))
+        ConfigError::caused(flag, e)
     })
 }
 
@@ -150,7 +172,7 @@ pub fn node_id(given: Option<String>) -> Result<String, ConfigError> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
-                Err(ConfigError(format!(
+                Err(ConfigError::new(format!(
                     "--node-id {id:?}: use 1 to 64 letters, digits, `-` or `_`"
                 )))
             } else {
@@ -171,7 +193,7 @@ mod tests {
         assert!(
             node_id(Some("a.b".into()))
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("--node-id")
         );
         assert!(node_id(None).unwrap().starts_with("edge-"));

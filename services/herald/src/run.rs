@@ -5,13 +5,50 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHistory};
-use herald_broker::{MemoryBroker, NatsBroker, SharedBroker};
+use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, Common, LogFormat, TokenArgs};
+use crate::cli::{Cli, Command, Common, Keys, LogFormat, TokenArgs};
 use crate::config::{self, ConfigError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a command stopped. Configuration problems are told apart from
+/// failures while serving by their type, so that each gets its exit status.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("configuration error")]
+    Config(#[source] ConfigError),
+    #[error(transparent)]
+    Failed(BoxError),
+}
+
+impl From<ConfigError> for RunError {
+    fn from(e: ConfigError) -> RunError {
+        RunError::Config(e)
+    }
+}
+
+/// The errors a service stops with, once serving: each a failure, never a
+/// configuration problem.
+macro_rules! failures {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RunError {
+            fn from(e: $t) -> RunError {
+                RunError::Failed(e.into())
+            }
+        }
+    )*};
+}
+failures!(
+    std::io::Error,
+    tonic::transport::Error,
+    herald_broker::BrokerError,
+    herald_broker::history::HistoryError,
+    herald_edge::EdgeError,
+    herald_router::RouterError,
+    herald_presence::PresenceError
+);
 
 /// Exit code for bad configuration (the same as clap's usage errors).
 const EXIT_CONFIG: u8 = 2;
@@ -46,18 +83,15 @@ pub fn main(cli: Cli) -> ExitCode {
     tracing::info!("running on {threads} worker thread(s)");
     match runtime.block_on(serve(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<ConfigError>() => {
-            eprintln!("herald: configuration error: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
         Err(e) => {
-            eprintln!("herald: {e}");
-            ExitCode::FAILURE
+            eprintln!("herald: {}", chain(&e));
+            match e {
+                RunError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                RunError::Failed(_) => ExitCode::FAILURE,
+            }
         }
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -116,10 +150,10 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), BoxError> {
+async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), ConfigError> {
     let broker = NatsBroker::connect(url, name)
         .await
-        .map_err(|e| ConfigError(format!("--nats {url}: {e}")))?;
+        .map_err(|e| ConfigError::caused(format!("--nats {url}"), e))?;
     let history: SharedHistory = Arc::new(JetStreamHistory::new(broker.client().clone()));
     Ok((Arc::new(broker), history))
 }
@@ -141,7 +175,7 @@ fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) -> her
                     }
                     Err(e) => {
                         if !warned {
-                            tracing::warn!(namespace = %ns, error = %e, "durable namespace storage not ready; retrying");
+                            tracing::warn!(namespace = %ns, error = %chain(&e), "durable namespace storage not ready; retrying");
                             warned = true;
                         }
                         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -154,14 +188,19 @@ fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) -> her
     gate
 }
 
-async fn serve(command: Command) -> Result<(), BoxError> {
+async fn serve(command: Command) -> Result<(), RunError> {
     let shutdown = shutdown_on_signal();
     let metrics = herald_ops::new_metrics();
     match command {
         Command::Dev(args) => dev(args, metrics, shutdown).await,
         Command::Edge(args) => {
             let namespaces = config::namespaces(&args.common)?;
-            let config = edge_config(&args.common, config::node_id(args.node_id)?, false)?;
+            let config = edge_config(
+                &args.common,
+                &args.keys,
+                config::node_id(args.node_id)?,
+                false,
+            )?;
             let config = herald_edge::Config {
                 handshake_timeout: args.handshake_timeout,
                 max_message_bytes: args.max_message_bytes,
@@ -191,10 +230,11 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let config = herald_router::Config {
                 storage: ensure_durable(history.clone(), namespaces.durable),
                 policy: namespaces.policy,
-                presence: args.presence,
+                presence: presence_source(args.presence.as_deref())?,
                 ..Default::default()
             };
-            herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await
+            herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await?;
+            Ok(())
         }
         Command::Presence(args) => {
             config::policy(&args.common)?;
@@ -212,7 +252,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             let gone = if args.kube {
                 let client = herald_kube::client()
                     .await
-                    .map_err(|e| ConfigError(format!("--kube: {e}")))?;
+                    .map_err(|e| ConfigError::caused("--kube", e))?;
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
                 let watch = herald_kube::PodWatchConfig {
                     namespace: args.kube_namespace,
@@ -240,7 +280,8 @@ async fn serve(command: Command) -> Result<(), BoxError> {
                 &format!("herald-presence {}", config.replica_id),
             )
             .await?;
-            herald_presence::run(config, broker, grpc, http, gone, shutdown).await
+            herald_presence::run(config, broker, grpc, http, gone, shutdown).await?;
+            Ok(())
         }
         Command::Token(_) => unreachable!("handled before the runtime starts"),
     }
@@ -248,36 +289,32 @@ async fn serve(command: Command) -> Result<(), BoxError> {
 
 fn edge_config(
     common: &Common,
+    keys: &Keys,
     node_id: String,
     dev: bool,
 ) -> Result<herald_edge::Config, ConfigError> {
     Ok(herald_edge::Config::new(
         node_id,
-        config::verifier(common, dev)?,
+        config::verifier(keys, dev)?,
         config::policy(common)?,
     ))
 }
 
-fn presence_source(url: Option<&str>) -> Result<herald_edge::PresenceSource, ConfigError> {
-    let Some(url) = url else {
-        return Ok(herald_edge::PresenceSource::Broker);
-    };
-    let channel = tonic::transport::Channel::from_shared(url.to_string())
-        .map_err(|e| ConfigError(format!("--presence {url}: not a valid URL: {e}")))?
-        .connect_lazy();
-    Ok(herald_edge::PresenceSource::Grpc(
-        herald_proto::v1::presence_client::PresenceClient::new(channel),
-    ))
+/// Where `--presence` sends presence queries: the edge's member lists and
+/// the router's `Presence` API read it the same way.
+fn presence_source(url: Option<&str>) -> Result<herald_presence_client::Source, ConfigError> {
+    herald_presence_client::Source::from_url(url)
+        .map_err(|e| ConfigError::caused(format!("--presence {}", url.unwrap_or_default()), e))
 }
 
 async fn dev(
     args: crate::cli::DevArgs,
     metrics: herald_ops::Metrics,
     shutdown: CancellationToken,
-) -> Result<(), BoxError> {
+) -> Result<(), RunError> {
     let namespaces = config::namespaces(&args.common)?;
-    let config = edge_config(&args.common, "dev".into(), true)?;
-    let using_dev_secret = args.common.jwt_secret.is_none() && args.common.jwt_public_key.is_none();
+    let config = edge_config(&args.common, &args.keys, "dev".into(), true)?;
+    let using_dev_secret = args.keys.jwt_secret.is_none() && args.keys.jwt_public_key.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
     let broker: SharedBroker = Arc::new(MemoryBroker::new());
@@ -289,7 +326,7 @@ async fn dev(
     let presence =
         herald_presence::Presence::start(Default::default(), broker.clone(), shutdown.clone())
             .await?;
-    let front = herald_router::PresenceFront::new(broker.clone(), &Default::default())?;
+    let front = herald_router::PresenceFront::new(broker.clone(), &Default::default());
     let router = herald_router::RouterApi::new(
         broker.clone(),
         history.clone(),

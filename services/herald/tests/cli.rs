@@ -33,6 +33,30 @@ fn help_lists_every_subcommand() {
 }
 
 #[test]
+fn only_the_commands_that_hold_clients_take_token_keys() {
+    for sub in ["dev", "edge"] {
+        let o = herald(&[sub, "--help"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains("--jwt-secret") && text.contains("--jwt-public-key"),
+            "{sub}: {text}"
+        );
+    }
+    for sub in ["router", "presence"] {
+        let o = herald(&[sub, "--help"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{sub}: {}", stderr(&o));
+        assert!(
+            !text.contains("--jwt"),
+            "{sub} lists a key it never reads: {text}"
+        );
+    }
+    let o = herald(&["router", "--jwt-secret", "s"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--jwt-secret"), "{}", stderr(&o));
+}
+
+#[test]
 fn token_mints_a_jwt_for_the_given_user() {
     let o = herald(&["token", "--sub", "alice", "--ttl", "2h", "--room", "chat:*"]);
     assert!(o.status.success(), "{}", stderr(&o));

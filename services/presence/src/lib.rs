@@ -23,10 +23,9 @@ mod service;
 pub mod view;
 mod watch;
 
-use std::error::Error;
 use std::time::Duration;
 
-use herald_broker::SharedBroker;
+use herald_broker::{SharedBroker, chain};
 use herald_ops::{Health, ops_routes, serve_http};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -102,6 +101,18 @@ impl Presence {
     }
 }
 
+/// Why the standalone presence process stopped serving. Each variant is its
+/// cause itself.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// How long to wait before trying the broker again when start-up fails.
 const START_RETRY: Duration = Duration::from_secs(1);
 
@@ -119,7 +130,7 @@ pub async fn run(
     http: TcpListener,
     mut gone_nodes: Option<tokio::sync::mpsc::Receiver<String>>,
     shutdown: CancellationToken,
-) -> Result<(), Box<dyn Error + Send + Sync>> {
+) -> Result<(), PresenceError> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     // Stops everything here on shutdown, or when one server fails.
@@ -137,7 +148,7 @@ pub async fn run(
         match Presence::start(config.clone(), broker.clone(), stop.clone()).await {
             Ok(p) => break p,
             Err(e) => {
-                tracing::warn!(error = %e, broker = %broker.describe(), "presence could not start; retrying");
+                tracing::warn!(error = %chain(&e), broker = %broker.describe(), "presence could not start; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => {
                         http_server.await??;

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_broker::{BrokerError, Message, SharedBroker, Subscription};
+use herald_broker::{BrokerError, Message, SharedBroker, Subscription, chain};
 use herald_proto::v1::{
     PresenceEvent, RoomMembersReply, RoomMembersRequest, UserStatus, UserStatusReply,
     UserStatusRequest,
@@ -428,7 +428,7 @@ impl Actor {
         let report: EdgeReport = match serde_json::from_slice(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable presence report");
+                tracing::warn!(subject = %msg.subject, error = %chain(&e), "ignoring an unreadable presence report");
                 return;
             }
         };
@@ -447,7 +447,7 @@ impl Actor {
                 self.decide(now);
             }
             Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable replica heartbeat");
+                tracing::warn!(subject = %msg.subject, error = %chain(&e), "ignoring an unreadable replica heartbeat");
             }
         }
     }
@@ -596,7 +596,7 @@ impl Actor {
                     self.publish(subjects::room(&room), frame);
                 }
                 Err(e) => {
-                    tracing::warn!(room = %ev.room, error = %e, "not announcing a leave in a room with an invalid name");
+                    tracing::warn!(room = %ev.room, error = %chain(&e), "not announcing a leave in a room with an invalid name");
                 }
             }
         }
@@ -680,7 +680,7 @@ impl Actor {
 async fn publish_in_order(broker: SharedBroker, mut outgoing: mpsc::Receiver<(String, Bytes)>) {
     while let Some((subject, payload)) = outgoing.recv().await {
         if let Err(e) = broker.publish(subject.clone(), payload).await {
-            tracing::warn!(%subject, error = %e, "presence could not publish");
+            tracing::warn!(%subject, error = %chain(&e), "presence could not publish");
         }
     }
 }
@@ -811,7 +811,7 @@ async fn serve_queries(
                 return;
             };
             if let Err(e) = broker.publish(reply_to, reply).await {
-                tracing::warn!(subject = %msg.subject, error = %e, "could not send a presence reply");
+                tracing::warn!(subject = %msg.subject, error = %chain(&e), "could not send a presence reply");
             }
         });
     }
@@ -824,14 +824,14 @@ async fn answer(presence: &Presence, msg: &Message) -> Option<Bytes> {
         subjects::PRESENCE_QUERY_ROOM_MEMBERS => match RoomMembersRequest::decode(payload) {
             Ok(req) => presence.try_room_members(req).await.ok()?.encode_to_vec(),
             Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable presence query");
+                tracing::warn!(subject = %msg.subject, error = %chain(&e), "ignoring an unreadable presence query");
                 return None;
             }
         },
         subjects::PRESENCE_QUERY_USER_STATUS => match UserStatusRequest::decode(payload) {
             Ok(req) => presence.try_user_status(req).await.ok()?.encode_to_vec(),
             Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "ignoring an unreadable presence query");
+                tracing::warn!(subject = %msg.subject, error = %chain(&e), "ignoring an unreadable presence query");
                 return None;
             }
         },

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use herald_auth::Policy;
 use herald_broker::SharedBroker;
 use herald_broker::history::SharedHistory;
-use herald_broker::rooms;
+use herald_broker::{chain, rooms};
 use herald_ops::Metrics;
 use herald_proto::v1::presence_server::Presence as _;
 use herald_proto::v1::router_server::{Router, RouterServer};
@@ -80,18 +80,17 @@ impl RouterApi {
     /// acknowledgements.
     async fn control(&self, control: &Control, mut nodes: HashSet<String>) -> Result<u32, Status> {
         let inbox = format!("_INBOX.herald-router.{:016x}", rand::random::<u64>());
-        let unavailable = |e: herald_broker::BrokerError| Status::unavailable(e.to_string());
         let mut acks = self
             .broker
             .subscribe(inbox.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable("subscribe to control acknowledgements", &e))?;
         let payload = Bytes::from(serde_json::to_vec(control).expect("control serializes"));
         for node in &nodes {
             self.broker
                 .publish_with_reply(subjects::node_control(node), inbox.clone(), payload.clone())
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| unavailable("send a control message", &e))?;
         }
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         let mut acted = 0;
@@ -156,13 +155,20 @@ impl RouterApi {
             Some(key),
         )
         .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+        .map_err(|e| unavailable("publish", &e))?;
         self.published.inc();
         Ok(PublishReply {
             epoch: published.epoch,
             offset: published.offset,
         })
     }
+}
+
+/// `UNAVAILABLE` with the error's plain message for the caller; the causes
+/// under it go to the log, for the operator who can act on them.
+fn unavailable(what: &str, e: &(dyn std::error::Error + 'static)) -> Status {
+    tracing::warn!(error = %chain(e), "{what} failed");
+    Status::unavailable(e.to_string())
 }
 
 /// The fields of a stored `message` frame that `HistoryMessage` carries.
@@ -339,7 +345,7 @@ impl Router for RouterApi {
         let since = req.since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
         let (epoch, stored) = rooms::history_page(&self.history, &room, since, Some(req.limit))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| unavailable("read history", &e))?;
         let messages = stored
             .into_iter()
             .filter_map(|m| {

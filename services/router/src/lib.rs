@@ -23,9 +23,9 @@ pub use presence_front::PresenceFront;
 pub struct Config {
     /// Namespace policies: which rooms are durable.
     pub policy: herald_auth::Policy,
-    /// A presence service's gRPC address; without it presence queries go to
-    /// any presence replica through the broker.
-    pub presence: Option<String>,
+    /// Where presence queries go: any presence replica through the broker,
+    /// or a presence service's gRPC address (`--presence`).
+    pub presence: herald_presence_client::Source,
     /// How long a presence query may take.
     pub presence_timeout: Duration,
     /// Open once durable rooms' storage is set up; the router is not ready before.
@@ -36,11 +36,20 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             policy: herald_auth::Policy::open(),
-            presence: None,
+            presence: herald_presence_client::Source::Broker,
             presence_timeout: Duration::from_secs(3),
             storage: herald_ops::Gate::open("durable storage"),
         }
     }
+}
+
+/// Why the router stopped serving. Each variant is its cause itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Grpc(#[from] tonic::transport::Error),
 }
 
 /// Serves `herald.v1.Router` and `herald.v1.Presence` (plus gRPC health and
@@ -54,11 +63,11 @@ pub async fn run(
     http: TcpListener,
     metrics: Metrics,
     shutdown: CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), RouterError> {
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
     config.storage.add_to(&health);
-    let presence = PresenceFront::new(broker.clone(), &config)?;
+    let presence = PresenceFront::new(broker.clone(), &config);
     let api = RouterApi::new(
         broker.clone(),
         history,

@@ -49,6 +49,7 @@ use super::{
     check_user, kv_decode, kv_encode,
 };
 use crate::BoxFuture;
+use crate::error::{During, cause};
 
 /// Bounds every JetStream API request and publish acknowledgement.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -163,7 +164,7 @@ impl JetStreamHistory {
         }
         match tokio::time::timeout(CONNECT_WAIT, self.client.flush()).await {
             Ok(Ok(())) if self.client.connection_state() == State::Connected => Ok(()),
-            _ => Err(HistoryError::Unavailable(format!(
+            _ => Err(HistoryError::unreachable(format!(
                 "not connected to NATS (waited {CONNECT_WAIT:?})"
             ))),
         }
@@ -171,14 +172,23 @@ impl JetStreamHistory {
 
     /// Classifies a client error: while disconnected, or after a timeout, the
     /// store is unavailable; anything else the server refused.
-    fn fail(&self, what: &str, e: impl std::fmt::Display) -> HistoryError {
-        let msg = format!("{what}: {e}");
+    fn fail(
+        &self,
+        what: &str,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> HistoryError {
+        let e = e.into();
         // async-nats reports timeouts as a `TimedOut` kind in a dozen error
         // types; all of them print "timed out".
-        if self.client.connection_state() != State::Connected || msg.contains("timed out") {
-            HistoryError::Unavailable(msg)
+        let timed_out = e.to_string().contains("timed out");
+        let during = cause(During {
+            what: what.to_string(),
+            source: cause(e),
+        });
+        if self.client.connection_state() != State::Connected || timed_out {
+            HistoryError::Unavailable(during)
         } else {
-            HistoryError::Failed(msg)
+            HistoryError::Failed(during)
         }
     }
 
@@ -225,7 +235,7 @@ impl JetStreamHistory {
             .map_err(|e| self.fail(&format!("stream {}", wanted.name), e))?;
         let current = stream.cached_info().config.clone();
         if current.subjects != wanted.subjects {
-            return Err(HistoryError::Failed(format!(
+            return Err(HistoryError::refused(format!(
                 "stream {} captures {:?}, not {:?}: namespaces that differ only in case or in \
                  `-`/`_` cannot both be durable",
                 wanted.name, current.subjects, wanted.subjects
@@ -260,13 +270,13 @@ impl JetStreamHistory {
             if err.get("code").and_then(|c| c.as_u64()) == Some(404) {
                 return Ok(None);
             }
-            return Err(HistoryError::Failed(format!("stream info {name}: {err}")));
+            return Err(HistoryError::refused(format!("stream info {name}: {err}")));
         }
         let created = info
             .get("created")
             .and_then(|c| c.as_str())
             .ok_or_else(|| {
-                HistoryError::Failed(format!("stream info {name} has no creation time"))
+                HistoryError::refused(format!("stream info {name} has no creation time"))
             })?;
         // "2026-11-25T21:47:55.447147089Z" → "20261125T214755447147089Z".
         Ok(Some(
@@ -288,7 +298,7 @@ impl JetStreamHistory {
                 tracing::warn!(stream = %name, "history stream is missing; recreating it");
                 self.create_or_update(&ns.config).await?;
                 self.fetch_epoch(name).await?.ok_or_else(|| {
-                    HistoryError::Failed(format!("stream {name} vanished again after creation"))
+                    HistoryError::refused(format!("stream {name} vanished again after creation"))
                 })?
             }
         };
@@ -308,7 +318,7 @@ impl JetStreamHistory {
             .find(|(other, n)| other.as_str() != ns && n.config.name == wanted.name)
             .map(|(other, _)| other.clone())
         {
-            return Err(HistoryError::Failed(format!(
+            return Err(HistoryError::refused(format!(
                 "namespaces `{ns}` and `{other}` would share stream {}",
                 wanted.name
             )));
@@ -361,7 +371,7 @@ impl JetStreamHistory {
         let mut last = tokio::time::timeout(ROOM_LOCK_TIMEOUT, slot.lock())
             .await
             .map_err(|_| {
-                HistoryError::Unavailable(format!(
+                HistoryError::unreachable(format!(
                     "earlier appends to {room} did not finish within {ROOM_LOCK_TIMEOUT:?}"
                 ))
             })?;
@@ -444,7 +454,7 @@ impl JetStreamHistory {
             }
         }
         *last = None;
-        Err(HistoryError::Unavailable(format!(
+        Err(HistoryError::unreachable(format!(
             "{attempts} attempts in {APPEND_CONTENTION_LIMIT:?} to append to {room} all lost to concurrent appends"
         )))
     }
@@ -543,9 +553,12 @@ impl JetStreamHistory {
         messages
             .into_iter()
             .map(|m| {
-                let info = m
-                    .info()
-                    .map_err(|e| HistoryError::Failed(format!("message metadata: {e}")))?;
+                let info = m.info().map_err(|e| {
+                    HistoryError::Failed(cause(During {
+                        what: "read message metadata".into(),
+                        source: cause(e),
+                    }))
+                })?;
                 Ok(Stored {
                     offset: info.stream_sequence,
                     prev: m.headers.as_ref().map_or(0, |h| header_u64(h, PREV_HEADER)),
@@ -650,7 +663,7 @@ impl JetStreamHistory {
                 return Ok(offset);
             }
         }
-        Err(HistoryError::Failed(format!(
+        Err(HistoryError::refused(format!(
             "marker of {user} in {room}: too many concurrent updates"
         )))
     }
@@ -694,7 +707,7 @@ impl JetStreamHistory {
         tokio::time::timeout(OP_TIMEOUT, op)
             .await
             .unwrap_or_else(|_| {
-                Err(HistoryError::Unavailable(format!(
+                Err(HistoryError::unreachable(format!(
                     "{what}: no answer within {OP_TIMEOUT:?}"
                 )))
             })

@@ -41,6 +41,7 @@ use bytes::Bytes;
 use herald_wire::room::{MAX_NAMESPACE_LEN, RoomName};
 
 use crate::BoxFuture;
+use crate::error::{Cause, said};
 
 pub use jetstream::{JetStreamHistory, MARKER_BUCKET, PREV_HEADER, room_subject, stream_name};
 pub use memory::MemoryHistory;
@@ -102,14 +103,26 @@ pub enum HistoryError {
     /// The store is not reachable. Nothing was stored, except after an
     /// acknowledgement timeout, when the outcome is unknown: retrying with
     /// the same idempotency key is safe within the dedup window.
-    #[error("the history store is not reachable: {0}")]
-    Unavailable(String),
+    #[error("the history store is not reachable")]
+    Unavailable(#[source] Cause),
     /// The room's namespace was not set up as durable
     /// ([`History::ensure_namespace`]).
     #[error("namespace `{0}` is not durable")]
     NotDurable(String),
-    #[error("the history store refused the operation: {0}")]
-    Failed(String),
+    #[error("the history store refused the operation")]
+    Failed(#[source] Cause),
+}
+
+impl HistoryError {
+    /// Refused, for the reason `why` that Herald found itself.
+    fn refused(why: impl Into<String>) -> HistoryError {
+        HistoryError::Failed(said(why))
+    }
+
+    /// Not reachable, as `why` says.
+    fn unreachable(why: impl Into<String>) -> HistoryError {
+        HistoryError::Unavailable(said(why))
+    }
 }
 
 /// A shared handle to whichever history store the process runs on.
@@ -194,7 +207,7 @@ fn check_namespace(ns: &str) -> Result<(), HistoryError> {
     if ok {
         Ok(())
     } else {
-        Err(HistoryError::Failed(format!(
+        Err(HistoryError::refused(format!(
             "`{ns}` is not a valid namespace (1 to {MAX_NAMESPACE_LEN} letters, digits, `_` or `-`)"
         )))
     }
@@ -202,7 +215,7 @@ fn check_namespace(ns: &str) -> Result<(), HistoryError> {
 
 fn check_user(user: &str) -> Result<(), HistoryError> {
     if user.is_empty() {
-        Err(HistoryError::Failed("empty user id".into()))
+        Err(HistoryError::refused("empty user id"))
     } else {
         Ok(())
     }

@@ -138,7 +138,7 @@ async fn fill_gap(entry: Arc<RoomEntry>, history: SharedHistory) {
                 drain_early(&entry, d);
             }
             Err(e) => {
-                tracing::warn!(%room, error = %e, "could not read a gap from history; retrying")
+                tracing::warn!(%room, error = %herald_broker::chain(&e), "could not read a gap from history; retrying")
             }
         }
     }

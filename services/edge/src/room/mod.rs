@@ -50,7 +50,7 @@ pub fn table(
             let n = if durable {
                 init(&history, room, &entry)
                     .await
-                    .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+                    .map_err(BrokerError::unavailable)?
             } else {
                 init_ephemeral(&entry, &history)
             };

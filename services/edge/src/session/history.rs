@@ -4,14 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use herald_broker::history::HistoryError;
+use herald_broker::chain;
 use herald_broker::rooms;
 use herald_wire::frames::{self, FrameError, Since};
 use herald_wire::reply::{HistoryPage, ReadEvent, ReadState};
-use herald_wire::{ErrorCode, Reply, RoomName, subjects};
+use herald_wire::{Reply, RoomName, subjects};
 use serde_json::value::RawValue;
 
-use super::Session;
+use super::{Session, unavailable};
 
 impl Session {
     /// `history`: a page of a durable room's stored messages, each with its
@@ -28,7 +28,7 @@ impl Session {
         let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
         let (epoch, stored) = rooms::history_page(&self.edge.history, &room, since, limit)
             .await
-            .map_err(|e| unavailable(id, e))?;
+            .map_err(|e| unavailable(&self.conn, id, &e))?;
         let messages = stored
             .iter()
             .filter_map(|m| {
@@ -54,11 +54,11 @@ impl Session {
         let marker = history
             .set_marker(&self.claims.sub, &room, offset)
             .await
-            .map_err(|e| unavailable(id, e))?;
+            .map_err(|e| unavailable(&self.conn, id, &e))?;
         let unread = history
             .count_after(&room, marker)
             .await
-            .map_err(|e| unavailable(id, e))?;
+            .map_err(|e| unavailable(&self.conn, id, &e))?;
         let event = ReadEvent {
             room: room.to_string(),
             offset: marker,
@@ -70,7 +70,7 @@ impl Session {
             .publish(subjects::room(&self.user_room), event.to_frame())
             .await
         {
-            tracing::warn!(user = %self.claims.sub, error = %e, "read marker not shown to other devices");
+            tracing::warn!(user = %self.claims.sub, error = %chain(&e), "read marker not shown to other devices");
         }
         Ok(Reply::Read(ReadState {
             offset: marker,
@@ -89,7 +89,7 @@ impl Session {
         let mut rooms = match history.markers(&self.claims.sub).await {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(user = %self.claims.sub, error = %e, "read markers unavailable");
+                tracing::warn!(user = %self.claims.sub, error = %chain(&e), "read markers unavailable");
                 return (unread, 0);
             }
         };
@@ -109,8 +109,4 @@ impl Session {
         }
         (unread, inbox_marker)
     }
-}
-
-fn unavailable(id: Option<u64>, e: HistoryError) -> FrameError {
-    FrameError::new(id, ErrorCode::Unavailable, e.to_string())
 }

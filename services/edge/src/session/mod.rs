@@ -15,10 +15,12 @@ mod presence;
 mod rooms;
 
 use std::collections::HashMap;
+use std::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
 use herald_auth::{AuthError, Claims};
+use herald_broker::chain;
 use herald_wire::frames::{self, FrameError};
 use herald_wire::presence::Change;
 use herald_wire::reply::Connected;
@@ -56,6 +58,13 @@ pub(crate) async fn serve(start: Box<Start>) {
 
 fn reject(outbox: &Outbox, err: &FrameError) {
     outbox.send(err.to_frame());
+}
+
+/// `unavailable` for request `id` of connection `conn`: the client is told
+/// the plain message, the log gets every cause under it.
+fn unavailable(conn: &str, id: Option<u64>, e: &(dyn Error + 'static)) -> FrameError {
+    tracing::warn!(conn, error = %chain(e), "a request could not be served now");
+    FrameError::new(id, ErrorCode::Unavailable, e.to_string())
 }
 
 /// Closes a connection whose token expired: `token_expired`, then 4001.
@@ -160,6 +169,7 @@ impl Session {
         let inbox = match joined.await {
             Ok(inbox) => inbox,
             Err(e) => {
+                tracing::warn!(conn = %session.conn, error = %chain(&e), "the inbox could not be joined");
                 refuse(
                     &session.outbox,
                     ErrorCode::Unavailable,

@@ -11,7 +11,7 @@ use herald_wire::{ErrorCode, Reply, RoomName, subjects};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Joined, Session};
+use super::{Joined, Session, unavailable};
 
 /// One connection's allowance of presence updates.
 pub(super) type MetaLimiter = governor::DefaultDirectRateLimiter;
@@ -32,7 +32,7 @@ impl Session {
             .reporter
             .room_members(room.as_str())
             .await
-            .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
+            .map_err(|e| unavailable(&self.conn, id, &e))?;
         Ok(Reply::Members(Members {
             room: room.to_string(),
             members: reply.members.into_iter().map(member).collect(),
@@ -87,7 +87,7 @@ impl Session {
         let frame =
             frames::presence_frame(room.as_str(), event, &self.claims.sub, &self.conn, meta);
         if let Err(e) = self.edge.broker.publish(subjects::room(room), frame).await {
-            tracing::warn!(conn = %self.conn, %room, error = %e, "presence event not sent");
+            tracing::warn!(conn = %self.conn, %room, error = %herald_broker::chain(&e), "presence event not sent");
         }
     }
 

@@ -10,7 +10,7 @@ use herald_wire::{ErrorCode, Reply, RoomName};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Joined, Session};
+use super::{Joined, Session, unavailable};
 use crate::room::{self, Recovery};
 
 impl Session {
@@ -73,7 +73,7 @@ impl Session {
             key.as_deref(),
         )
         .await
-        .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| unavailable(&self.conn, id, &e))?;
         self.edge.metrics.published.inc();
         if durable {
             Ok(Reply::Published(Position {
@@ -97,7 +97,6 @@ impl Session {
         meta: Option<Value>,
         since: Option<Since>,
     ) -> Result<Recovery, FrameError> {
-        let unavailable = |e: String| FrameError::new(id, ErrorCode::Unavailable, e);
         let durable = self.edge.config.policy.is_durable(room.namespace());
         let presence = policy.presence && !room.is_personal();
         let joined = Joined {
@@ -130,7 +129,7 @@ impl Session {
             .rooms
             .join(room, &self.outbox, hold)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| unavailable(&self.conn, id, &e))?;
         if existing.is_none() {
             self.rooms.insert(room.clone(), joined);
             if presence {
@@ -158,7 +157,7 @@ impl Session {
         if hold {
             self.after_reply = Some(entry);
         }
-        recovery.map_err(|e| unavailable(e.to_string()))
+        recovery.map_err(|e| unavailable(&self.conn, id, &e))
     }
 
     /// Leaves a room: the leave is announced to its members, then the

@@ -1,0 +1,142 @@
+//! Asking the presence service who is in a room and which users are online,
+//! for the edge (a client's `presence` request) and the router (the
+//! `Presence` API it fronts for backends). The question goes to any presence
+//! replica as a broker request, or, given `--presence URL`, to that presence
+//! service over gRPC: the same question and the same answer either way.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_broker::{BrokerError, SharedBroker};
+use herald_proto::v1::presence_client::PresenceClient;
+use herald_proto::v1::{RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest};
+use herald_wire::subjects;
+use prost::Message;
+use tonic::transport::Channel;
+
+/// Where presence queries go.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Any presence replica, found through the broker.
+    Broker,
+    /// A presence service's gRPC address (`--presence URL`).
+    Grpc(PresenceClient<Channel>),
+}
+
+impl Source {
+    /// The presence service at `url`, or any replica through the broker
+    /// without one. Connects on the first query, so a service that starts
+    /// before presence does is not refused.
+    pub fn from_url(url: Option<&str>) -> Result<Source, InvalidUrl> {
+        let Some(url) = url else {
+            return Ok(Source::Broker);
+        };
+        let channel = Channel::from_shared(url.to_string()).map_err(InvalidUrl)?;
+        Ok(Source::Grpc(PresenceClient::new(channel.connect_lazy())))
+    }
+}
+
+/// A presence URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("not a valid URL")]
+pub struct InvalidUrl(#[source] tonic::codegen::http::uri::InvalidUri);
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No replica answered through the broker in time, or the broker is
+    /// unreachable.
+    #[error("no presence replica answered")]
+    NoAnswer(#[source] BrokerError),
+    /// A replica answered something that is not the expected reply.
+    #[error("the presence answer was unreadable")]
+    Unreadable(#[source] prost::DecodeError),
+    /// The presence service's gRPC status, whole, so that a front can pass it
+    /// on unchanged. Its message says the rest.
+    #[error("the presence service did not answer: {}", .0.message())]
+    Grpc(tonic::Status),
+}
+
+/// Asks presence; cheap to clone.
+#[derive(Clone)]
+pub struct PresenceQuery {
+    broker: SharedBroker,
+    source: Source,
+    timeout: Duration,
+}
+
+impl PresenceQuery {
+    /// Queries to `source`, each given up after `timeout`.
+    pub fn new(broker: SharedBroker, source: Source, timeout: Duration) -> PresenceQuery {
+        PresenceQuery {
+            broker,
+            source,
+            timeout,
+        }
+    }
+
+    /// The gRPC client when queries go to one presence service directly
+    /// (for what only it serves, such as `Presence.Watch`).
+    pub fn grpc(&self) -> Option<&PresenceClient<Channel>> {
+        match &self.source {
+            Source::Broker => None,
+            Source::Grpc(client) => Some(client),
+        }
+    }
+
+    /// The room's members cluster-wide (with `after_node`/`after_seq`, as of
+    /// that edge's change at least).
+    pub async fn room_members(
+        &self,
+        req: RoomMembersRequest,
+    ) -> Result<RoomMembersReply, QueryError> {
+        match &self.source {
+            Source::Broker => self.ask(subjects::PRESENCE_QUERY_ROOM_MEMBERS, req).await,
+            Source::Grpc(client) => client
+                .clone()
+                .room_members(self.request(req))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(QueryError::Grpc),
+        }
+    }
+
+    /// Whether each user is online, and their connections.
+    pub async fn user_status(&self, req: UserStatusRequest) -> Result<UserStatusReply, QueryError> {
+        match &self.source {
+            Source::Broker => self.ask(subjects::PRESENCE_QUERY_USER_STATUS, req).await,
+            Source::Grpc(client) => client
+                .clone()
+                .user_status(self.request(req))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(QueryError::Grpc),
+        }
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// Replicas answer broker queries in the gRPC API's own encoding, so one
+    /// reply type serves both ways.
+    async fn ask<Req: Message, Rep: Message + Default>(
+        &self,
+        subject: &str,
+        req: Req,
+    ) -> Result<Rep, QueryError> {
+        let bytes = self
+            .broker
+            .request(
+                subject.to_string(),
+                Bytes::from(req.encode_to_vec()),
+                self.timeout,
+            )
+            .await
+            .map_err(QueryError::NoAnswer)?;
+        Rep::decode(bytes).map_err(QueryError::Unreadable)
+    }
+}
