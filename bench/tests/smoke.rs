@@ -238,12 +238,14 @@ fn idle_reports_rss_per_connection() {
 
 #[test]
 fn floor_reports_cpu_per_write_for_each_phase() {
+    // Rounds enough that each phase lasts milliseconds: `wall_s` is
+    // reported to the millisecond, and 20 rounds could take less than half.
     let report = run_json(&[
         "floor",
         "--conns",
         "20",
         "--rounds",
-        "20",
+        "400",
         "--round-rate",
         "0",
         "--frames-per-write",

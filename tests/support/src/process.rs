@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+#[cfg(target_os = "linux")]
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,7 +22,8 @@ const TAIL_LINES: usize = 60;
 /// that starts it ends, so that a test or bench that dies without cleaning
 /// up (a timeout, Ctrl-C, `kill -9`) leaves no servers behind. Spawn from a
 /// thread that outlives the child: a test's own thread, the bench's main
-/// thread.
+/// thread. Linux only; elsewhere children are only killed on drop.
+#[cfg(target_os = "linux")]
 pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork
     // and exec.
@@ -34,6 +36,9 @@ pub fn die_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+#[cfg(not(target_os = "linux"))]
+pub fn die_with_parent(_cmd: &mut Command) {}
 
 /// A child process whose output (stdout and stderr) goes to a log file;
 /// killed on drop, when its output is printed if the thread is panicking
@@ -245,6 +250,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn a_child_dies_with_the_thread_that_started_it() {
         let pid = std::thread::spawn(|| {
             let (p, dir) = sh("exec sleep 30");
