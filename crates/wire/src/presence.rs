@@ -7,6 +7,8 @@
 //! ([`crate::subjects::presence_from_edge`]), so a subscriber sees deltas,
 //! heartbeats and snapshots in the order the edge sent them.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -109,6 +111,108 @@ pub struct RoomState {
     /// As [`Change::Join`]'s `quiet`: the room announces no presence events.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quiet: bool,
+}
+
+/// What an edge has reported of its connections: the state that each
+/// [`Change`] in turn leaves behind, so that a snapshot is exactly that
+/// state as of the last change. A change naming a connection that is not
+/// there changes nothing.
+#[derive(Debug, Default, Clone)]
+pub struct Reported {
+    conns: HashMap<String, ReportedConn>,
+}
+
+#[derive(Debug, Clone)]
+struct ReportedConn {
+    user: String,
+    since_ms: u64,
+    rooms: Vec<RoomState>,
+}
+
+impl Reported {
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Connect {
+                conn,
+                user,
+                since_ms,
+            } => {
+                let entry = ReportedConn {
+                    user: user.clone(),
+                    since_ms: *since_ms,
+                    rooms: Vec::new(),
+                };
+                self.conns.insert(conn.clone(), entry);
+            }
+            Change::Disconnect { conn } => {
+                self.conns.remove(conn);
+            }
+            Change::Join {
+                conn,
+                room,
+                meta,
+                quiet,
+            } => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.rooms.retain(|r| r.room != *room);
+                    c.rooms.push(RoomState {
+                        room: room.clone(),
+                        meta: meta.clone(),
+                        quiet: *quiet,
+                    });
+                }
+            }
+            Change::Leave { conn, room } => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.rooms.retain(|r| r.room != *room);
+                }
+            }
+            Change::Meta { conn, room, meta } => {
+                let joined = self
+                    .conns
+                    .get_mut(conn)
+                    .and_then(|c| c.rooms.iter_mut().find(|r| r.room == *room));
+                if let Some(r) = joined {
+                    r.meta = Some(meta.clone());
+                }
+            }
+        }
+    }
+
+    /// How many connections there are.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// The rooms `conn` is in.
+    pub fn rooms(&self, conn: &str) -> impl Iterator<Item = &str> {
+        self.conns
+            .get(conn)
+            .into_iter()
+            .flat_map(|c| c.rooms.iter().map(|r| r.room.as_str()))
+    }
+
+    /// Every connection and its rooms, as a snapshot reports them, in the
+    /// order of their ids (so that what a replica derives from it comes out
+    /// in the same order every time).
+    pub fn snapshot(&self) -> Vec<ConnState> {
+        let mut conns: Vec<ConnState> = self
+            .conns
+            .iter()
+            .map(|(conn, c)| ConnState {
+                conn: conn.clone(),
+                user: c.user.clone(),
+                since_ms: c.since_ms,
+                rooms: c.rooms.clone(),
+            })
+            .collect();
+        conns.sort_unstable_by(|a, b| a.conn.cmp(&b.conn));
+        conns
+    }
 }
 
 /// A user's online/offline transition, as published on
@@ -220,5 +324,53 @@ mod tests {
             serde_json::to_value(&quiet_state).unwrap(),
             json!({"room":"audit:x","quiet":true})
         );
+    }
+
+    #[test]
+    fn reported_state_is_what_the_changes_leave() {
+        let mut r = Reported::default();
+        let join = |conn: &str, room: &str, meta| Change::Join {
+            conn: conn.into(),
+            room: room.into(),
+            meta,
+            quiet: false,
+        };
+        r.apply(&Change::Connect {
+            conn: "e1-1".into(),
+            user: "ann".into(),
+            since_ms: 5,
+        });
+        r.apply(&join("e1-1", "chat:a", None));
+        r.apply(&join("e1-1", "chat:b", None));
+        r.apply(&Change::Meta {
+            conn: "e1-1".into(),
+            room: "chat:b".into(),
+            meta: json!({"typing": true}),
+        });
+        r.apply(&Change::Leave {
+            conn: "e1-1".into(),
+            room: "chat:a".into(),
+        });
+        // Changes for a connection that is not there change nothing.
+        r.apply(&join("e1-9", "chat:a", None));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.rooms("e1-1").collect::<Vec<_>>(), ["chat:b"]);
+        assert_eq!(
+            r.snapshot(),
+            [ConnState {
+                conn: "e1-1".into(),
+                user: "ann".into(),
+                since_ms: 5,
+                rooms: vec![RoomState {
+                    room: "chat:b".into(),
+                    meta: Some(json!({"typing": true})),
+                    quiet: false,
+                }],
+            }]
+        );
+        r.apply(&Change::Disconnect {
+            conn: "e1-1".into(),
+        });
+        assert!(r.is_empty());
     }
 }

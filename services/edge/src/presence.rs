@@ -8,7 +8,6 @@
 //! presence client), asking it to include this edge's own changes up to now
 //! (read-your-writes for the asking client).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,9 +16,8 @@ use bytes::Bytes;
 use herald_broker::{BrokerError, SharedBroker, chain};
 use herald_presence_client::{PresenceQuery, QueryError};
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
-use herald_wire::presence::{Change, ConnState, EdgeReport, RoomState};
+use herald_wire::presence::{Change, EdgeReport, Reported};
 use herald_wire::subjects;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +61,7 @@ impl Reporter {
             broker,
             started_ms: crate::now_ms(),
             seq: 0,
-            conns: HashMap::new(),
+            reported: Reported::default(),
         };
         let handle = tokio::spawn(async move {
             let mut rx = rx;
@@ -118,13 +116,6 @@ impl Reporter {
     }
 }
 
-struct ConnEntry {
-    user: String,
-    since_ms: u64,
-    /// Room → (meta, quiet).
-    rooms: HashMap<String, (Option<Value>, bool)>,
-}
-
 /// Owns the reported state, so a snapshot is exactly the state as of its number.
 struct ReportTask {
     node: String,
@@ -132,50 +123,12 @@ struct ReportTask {
     broker: SharedBroker,
     started_ms: u64,
     seq: u64,
-    conns: HashMap<String, ConnEntry>,
+    reported: Reported,
 }
 
 impl ReportTask {
     async fn apply(&mut self, seq: u64, change: Change) {
-        match &change {
-            Change::Connect {
-                conn,
-                user,
-                since_ms,
-            } => {
-                self.conns.insert(
-                    conn.clone(),
-                    ConnEntry {
-                        user: user.clone(),
-                        since_ms: *since_ms,
-                        rooms: HashMap::new(),
-                    },
-                );
-            }
-            Change::Disconnect { conn } => {
-                self.conns.remove(conn);
-            }
-            Change::Join {
-                conn,
-                room,
-                meta,
-                quiet,
-            } => {
-                if let Some(c) = self.conns.get_mut(conn) {
-                    c.rooms.insert(room.clone(), (meta.clone(), *quiet));
-                }
-            }
-            Change::Leave { conn, room } => {
-                if let Some(c) = self.conns.get_mut(conn) {
-                    c.rooms.remove(room);
-                }
-            }
-            Change::Meta { conn, room, meta } => {
-                if let Some((m, _)) = self.conns.get_mut(conn).and_then(|c| c.rooms.get_mut(room)) {
-                    *m = Some(meta.clone());
-                }
-            }
-        }
+        self.reported.apply(&change);
         self.seq = seq;
         let report = EdgeReport::Delta {
             node: self.node.clone(),
@@ -190,30 +143,13 @@ impl ReportTask {
             node: self.node.clone(),
             seq: self.seq,
             started_ms: self.started_ms,
-            conns: self.conns.len() as u64,
+            conns: self.reported.len() as u64,
         };
         self.send(&report).await;
     }
 
     async fn send_snapshot(&self) {
-        let conns = self
-            .conns
-            .iter()
-            .map(|(conn, c)| ConnState {
-                conn: conn.clone(),
-                user: c.user.clone(),
-                since_ms: c.since_ms,
-                rooms: c
-                    .rooms
-                    .iter()
-                    .map(|(room, (meta, quiet))| RoomState {
-                        room: room.clone(),
-                        meta: meta.clone(),
-                        quiet: *quiet,
-                    })
-                    .collect(),
-            })
-            .collect();
+        let conns = self.reported.snapshot();
         let report = EdgeReport::Snapshot {
             node: self.node.clone(),
             seq: self.seq,

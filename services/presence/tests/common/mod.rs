@@ -4,7 +4,6 @@
 //! for queries and for the messages presence publishes.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,7 +17,7 @@ use herald_presence::{
     Config, RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest,
 };
 use herald_test_support::{NatsServer, eventually, http_get};
-use herald_wire::presence::{Change, ConnState, EdgeReport, RoomState, UserEvent};
+use herald_wire::presence::{Change, EdgeReport, Reported, UserEvent};
 use herald_wire::subjects;
 use prost::Message as _;
 use tokio::sync::Mutex;
@@ -93,7 +92,7 @@ pub struct EdgeInner {
 #[derive(Default)]
 pub struct EdgeState {
     pub seq: u64,
-    conns: BTreeMap<String, ConnState>,
+    reported: Reported,
 }
 
 impl EdgeInner {
@@ -113,7 +112,7 @@ impl EdgeInner {
             node: self.node.clone(),
             seq: st.seq,
             started_ms: self.started_ms,
-            conns: st.conns.values().cloned().collect(),
+            conns: st.reported.snapshot(),
         })
         .await;
     }
@@ -124,7 +123,7 @@ impl EdgeInner {
             node: self.node.clone(),
             seq: st.seq,
             started_ms: self.started_ms,
-            conns: st.conns.len() as u64,
+            conns: st.reported.len() as u64,
         })
         .await;
     }
@@ -197,50 +196,7 @@ impl FakeEdge {
     async fn record(&self, change: Change, send: bool) -> u64 {
         let mut st = self.inner.state.lock().await;
         st.seq += 1;
-        match &change {
-            Change::Connect {
-                conn,
-                user,
-                since_ms,
-            } => {
-                st.conns.insert(
-                    conn.clone(),
-                    ConnState {
-                        conn: conn.clone(),
-                        user: user.clone(),
-                        since_ms: *since_ms,
-                        rooms: Vec::new(),
-                    },
-                );
-            }
-            Change::Join {
-                conn,
-                room,
-                meta,
-                quiet,
-            } => {
-                st.conns.get_mut(conn).unwrap().rooms.push(RoomState {
-                    room: room.clone(),
-                    meta: meta.clone(),
-                    quiet: *quiet,
-                });
-            }
-            Change::Leave { conn, room } => {
-                st.conns
-                    .get_mut(conn)
-                    .unwrap()
-                    .rooms
-                    .retain(|r| &r.room != room);
-            }
-            Change::Disconnect { conn } => {
-                st.conns.remove(conn);
-            }
-            Change::Meta { conn, room, meta } => {
-                let c = st.conns.get_mut(conn).unwrap();
-                let r = c.rooms.iter_mut().find(|r| &r.room == room).unwrap();
-                r.meta = Some(meta.clone());
-            }
-        }
+        st.reported.apply(&change);
         if send {
             self.inner
                 .publish(EdgeReport::Delta {
@@ -285,11 +241,7 @@ impl FakeEdge {
     pub async fn close(&self, conn: &str) -> u64 {
         let rooms: Vec<String> = {
             let st = self.inner.state.lock().await;
-            st.conns[conn]
-                .rooms
-                .iter()
-                .map(|r| r.room.clone())
-                .collect()
+            st.reported.rooms(conn).map(str::to_owned).collect()
         };
         for room in rooms {
             self.leave(conn, &room).await;
