@@ -13,17 +13,12 @@ mod room;
 mod session;
 mod transport;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use fastwebsockets::upgrade::IncomingUpgrade;
 use herald_auth::{Policy, Verifier};
 use herald_broker::SharedBroker;
 use herald_broker::history::SharedHistory;
@@ -31,7 +26,6 @@ use herald_ops::{Health, Metrics};
 use herald_wire::{RoomName, subjects};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -225,7 +219,7 @@ pub async fn run(
     }
     tokio::spawn(expire_tokens(edge.clone()));
     let app = Router::new()
-        .route("/ws", get(ws_handler))
+        .route("/ws", get(transport::ws_handler))
         .with_state(edge.clone())
         .merge(herald_ops::ops_routes(health.clone(), metrics));
     let addr = listener.local_addr()?;
@@ -331,58 +325,6 @@ fn register_metrics(metrics: &Metrics, m: &EdgeMetrics) {
         "Messages queued to local members",
         m.delivered.clone(),
     );
-}
-
-#[derive(Deserialize)]
-struct WsParams {
-    token: Option<String>,
-}
-
-async fn ws_handler(
-    State(edge): State<Arc<Edge>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(params): Query<WsParams>,
-    headers: HeaderMap,
-    upgrade: IncomingUpgrade,
-) -> Response {
-    if edge.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this edge is shutting down; connect to another one\n",
-        )
-            .into_response();
-    }
-    let offers_v1 = headers
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == "herald.v1");
-    let (mut response, upgraded) = match upgrade.upgrade() {
-        Ok(u) => u,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("WebSocket upgrade failed: {e}\n"),
-            )
-                .into_response();
-        }
-    };
-    if offers_v1 {
-        response.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static("herald.v1"),
-        );
-    }
-    let tracker = edge.sessions.clone();
-    let fut = session::serve(Box::new(session::Start {
-        edge,
-        upgrade: upgraded,
-        url_token: params.token,
-        peer,
-    }));
-    tracker.spawn(fut);
-    response.into_response()
 }
 
 /// Milliseconds since the Unix epoch.

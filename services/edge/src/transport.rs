@@ -1,18 +1,27 @@
-//! The edge's HTTP/1.1 server. It speaks HTTP/1.1 only (WebSocket upgrades
-//! need nothing else), so an upgraded connection gives back its plain
-//! `TcpStream`, which the session reads (through `framing`) and the delivery
-//! path writes without a task of its own. fastwebsockets does the handshake.
+//! The edge's HTTP/1.1 server and its WebSocket route, `GET /ws`. It speaks
+//! HTTP/1.1 only (WebSocket upgrades need nothing else), so an upgraded
+//! connection gives back its plain `TcpStream`, which the session reads
+//! (through `framing`) and the delivery path writes without a task of its
+//! own. fastwebsockets does the handshake.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fastwebsockets::upgrade::IncomingUpgrade;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+
+use crate::{Edge, session};
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -82,6 +91,58 @@ pub fn into_tcp(upgraded: Upgraded) -> Result<(TcpStream, bytes::Bytes), Upgrade
     upgraded
         .downcast::<TokioIo<TcpStream>>()
         .map(|parts| (parts.io.into_inner(), parts.read_buf))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WsParams {
+    token: Option<String>,
+}
+
+pub(crate) async fn ws_handler(
+    State(edge): State<Arc<Edge>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    upgrade: IncomingUpgrade,
+) -> Response {
+    if edge.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this edge is shutting down; connect to another one\n",
+        )
+            .into_response();
+    }
+    let offers_v1 = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "herald.v1");
+    let (mut response, upgraded) = match upgrade.upgrade() {
+        Ok(u) => u,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("WebSocket upgrade failed: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    if offers_v1 {
+        response.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("herald.v1"),
+        );
+    }
+    let tracker = edge.sessions.clone();
+    let fut = session::serve(Box::new(session::Start {
+        edge,
+        upgrade: upgraded,
+        url_token: params.token,
+        peer,
+    }));
+    tracker.spawn(fut);
+    response.into_response()
 }
 
 #[cfg(test)]
