@@ -99,6 +99,10 @@ struct Session {
 }
 
 impl Session {
+    /// Registers an authenticated connection (presence, the user's other
+    /// connections, the session table), joins its personal room and answers
+    /// `connected`, then sends what the inbox holds after the read marker.
+    /// `None` when the connection was refused instead.
     async fn open(
         edge: Arc<Edge>,
         outbox: Outbox,
@@ -196,6 +200,7 @@ impl Session {
         let since = epoch.as_deref().map(|e| (e, inbox_marker));
         if let Err(e) = room::recover(&inbox, &session.edge.history, session.outbox.id, since).await
         {
+            tracing::warn!(conn = %session.conn, error = %chain(&e), "the inbox could not be read");
             let message = format!("the inbox could not be read now ({e}); reconnect to get it");
             reject(
                 &session.outbox,
