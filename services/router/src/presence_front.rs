@@ -3,7 +3,7 @@
 //! service named by `--presence` (the shared presence client decides).
 
 use herald_broker::SharedBroker;
-use herald_presence_client::{PresenceQuery, QueryError};
+use herald_presence_client::{PresenceQuery, QueryError, check_room_members, check_user_status};
 use herald_proto::v1::presence_server::{Presence, PresenceServer};
 use herald_proto::v1::*;
 use tonic::{Request, Response, Status};
@@ -44,8 +44,7 @@ impl Presence for PresenceFront {
         request: Request<RoomMembersRequest>,
     ) -> Result<Response<RoomMembersReply>, Status> {
         let req = request.into_inner();
-        herald_wire::RoomName::parse(&req.room)
-            .map_err(|e| Status::invalid_argument(format!("room: {e}")))?;
+        check_room_members(&req)?;
         self.query
             .room_members(req)
             .await
@@ -58,9 +57,7 @@ impl Presence for PresenceFront {
         request: Request<UserStatusRequest>,
     ) -> Result<Response<UserStatusReply>, Status> {
         let req = request.into_inner();
-        if req.users.is_empty() {
-            return Err(Status::invalid_argument("users is empty"));
-        }
+        check_user_status(&req)?;
         self.query
             .user_status(req)
             .await
