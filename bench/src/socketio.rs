@@ -27,7 +27,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -37,7 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
 use herald_client::transport::{
     self, CloseInfo, Reader, WriteCmd, open_websocket, parse_close, write_loop,
 };
@@ -140,13 +139,7 @@ struct Shared {
 
 impl Shared {
     fn closed_error(&self) -> ClientError {
-        match lock(&self.close).as_ref() {
-            Some(info) => info.to_error(),
-            None => ClientError::Closed {
-                code: None,
-                reason: "connection closed".into(),
-            },
-        }
+        transport::closed_error(&self.close)
     }
 
     fn violate(&self, what: String) {
@@ -393,30 +386,7 @@ impl SioClient {
     }
 
     async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
-        if self.is_closed() {
-            return Err(self.shared.closed_error());
-        }
-        let (ack, acked) = oneshot::channel();
-        if self
-            .writer
-            .send(WriteCmd {
-                frame,
-                ack: Some(ack),
-            })
-            .is_err()
-        {
-            return Err(self.shared.closed_error());
-        }
-        match acked.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) | Err(_) if self.is_closed() => Err(self.shared.closed_error()),
-            Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
-            Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(ClientError::Closed {
-                code: None,
-                reason: "connection closed".into(),
-            }),
-            Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
-        }
+        transport::write_frame(&self.writer, &self.shared.close, frame).await
     }
 
     /// Starts the reader and writer tasks on a socket just opened (no
@@ -480,19 +450,10 @@ async fn read_loop(
     on_event: OnEvent,
     tap: Option<Tap>,
 ) {
-    let mut obligated = |frame: WsFrame<'static>| {
-        let _ = writer.send(WriteCmd { frame, ack: None });
-        std::future::ready(Ok::<(), Infallible>(()))
-    };
     let info = loop {
-        let frame = match ws.read_frame(&mut obligated).await {
+        let frame = match transport::read_frame(&mut ws, &writer).await {
             Ok(frame) => frame,
-            Err(e) => {
-                break CloseInfo {
-                    code: None,
-                    reason: format!("connection lost without a close frame: {e}"),
-                };
-            }
+            Err(lost) => break lost,
         };
         match frame.opcode {
             OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}

@@ -37,14 +37,13 @@
 pub mod transport;
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -124,9 +123,7 @@ struct Shared {
 
 impl Shared {
     fn closed_error(&self) -> ClientError {
-        lock(&self.close)
-            .as_ref()
-            .map_or_else(|| closed("connection closed"), CloseInfo::to_error)
+        transport::closed_error(&self.close)
     }
 }
 
@@ -134,13 +131,6 @@ impl Shared {
 /// holds consistent data.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn closed(reason: &str) -> ClientError {
-    ClientError::Closed {
-        code: None,
-        reason: reason.to_owned(),
-    }
 }
 
 /// Unsolicited frames: the channel from the reader, plus the frames that a
@@ -552,29 +542,7 @@ impl Client {
     }
 
     async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
-        if let Some(info) = lock(&self.shared.close).as_ref() {
-            return Err(info.to_error());
-        }
-        let (ack, acked) = oneshot::channel();
-        if self
-            .writer
-            .send(WriteCmd {
-                frame,
-                ack: Some(ack),
-            })
-            .is_err()
-        {
-            return Err(self.shared.closed_error());
-        }
-        match acked.await {
-            Ok(Ok(())) => Ok(()),
-            // A write failing because the server closed is reported as the
-            // close, which is what the caller needs to know.
-            Ok(Err(_)) | Err(_) if self.is_closed() => Err(self.shared.closed_error()),
-            Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
-            Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(closed("connection closed")),
-            Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
-        }
+        transport::write_frame(&self.writer, &self.shared.close, frame).await
     }
 }
 
@@ -585,21 +553,10 @@ async fn read_loop(
     inbox: mpsc::UnboundedSender<Incoming>,
     tap: Option<Tap>,
 ) {
-    // Pongs and close echoes are queued, not awaited: the reader must keep
-    // draining the socket even while a large write is in progress.
-    let mut obligated = |frame: WsFrame<'static>| {
-        let _ = writer.send(WriteCmd { frame, ack: None });
-        std::future::ready(Ok::<(), Infallible>(()))
-    };
     let info = loop {
-        let frame = match ws.read_frame(&mut obligated).await {
+        let frame = match transport::read_frame(&mut ws, &writer).await {
             Ok(frame) => frame,
-            Err(e) => {
-                break CloseInfo {
-                    code: None,
-                    reason: format!("connection lost without a close frame: {e}"),
-                };
-            }
+            Err(lost) => break lost,
         };
         match frame.opcode {
             OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}

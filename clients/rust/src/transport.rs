@@ -6,9 +6,9 @@
 //! [`open_websocket`] does the TCP connect (optionally from a chosen source
 //! address, always with `TCP_NODELAY`) and the HTTP/1 upgrade with hyper,
 //! and splits the socket into a [`Reader`] and a [`Writer`]. The caller then
-//! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s, and its
-//! own read loop over the reader, ending it with [`parse_close`] when a close
-//! frame arrives.
+//! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s (or
+//! [`write_frame`] for one frame and its outcome), and its own read loop over
+//! [`read_frame`], ending it with [`parse_close`] when a close frame arrives.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), herald_client::ClientError> {
@@ -26,7 +26,9 @@
 //! # Ok(()) }
 //! ```
 
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use fastwebsockets::{
@@ -262,6 +264,78 @@ pub async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<Wr
             let _ = ack.send(result);
         }
     }
+}
+
+/// Sends `frame` through `writer` (the commands of a [`write_loop`]) and
+/// waits until it is written. `close` is where the read loop records how the
+/// connection ended: a write failing because the server closed is reported
+/// as that close, which is what the caller needs to know.
+pub async fn write_frame(
+    writer: &mpsc::UnboundedSender<WriteCmd>,
+    close: &Mutex<Option<CloseInfo>>,
+    frame: Frame<'static>,
+) -> Result<(), ClientError> {
+    let is_closed = || {
+        close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    };
+    if is_closed() {
+        return Err(closed_error(close));
+    }
+    let (ack, acked) = oneshot::channel();
+    if writer
+        .send(WriteCmd {
+            frame,
+            ack: Some(ack),
+        })
+        .is_err()
+    {
+        return Err(closed_error(close));
+    }
+    match acked.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) if is_closed() => Err(closed_error(close)),
+        Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
+        Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(connection_closed()),
+        Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+/// The close recorded in `close` as an error, or a bare "connection closed"
+/// while none is.
+pub fn closed_error(close: &Mutex<Option<CloseInfo>>) -> ClientError {
+    close
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map_or_else(connection_closed, CloseInfo::to_error)
+}
+
+fn connection_closed() -> ClientError {
+    ClientError::Closed {
+        code: None,
+        reason: "connection closed".into(),
+    }
+}
+
+/// The next whole frame from `ws`, or how the connection ended when the
+/// socket is lost without a close frame. The pongs and close echoes the
+/// server is owed are queued on `writer`, not awaited: the reader must keep
+/// draining the socket even while a large write is in progress.
+pub async fn read_frame(
+    ws: &mut Reader,
+    writer: &mpsc::UnboundedSender<WriteCmd>,
+) -> Result<Frame<'static>, CloseInfo> {
+    let mut obligated = |frame: Frame<'static>| {
+        let _ = writer.send(WriteCmd { frame, ack: None });
+        std::future::ready(Ok::<(), Infallible>(()))
+    };
+    ws.read_frame(&mut obligated).await.map_err(|e| CloseInfo {
+        code: None,
+        reason: format!("connection lost without a close frame: {e}"),
+    })
 }
 
 /// How a connection ended.
