@@ -36,7 +36,7 @@
 
 pub mod transport;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,9 +46,8 @@ use std::time::Duration;
 use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
-use crate::transport::{CloseInfo, Reader, WriteCmd, parse_close, write_loop};
+use crate::transport::{CloseInfo, Driver, Reader, Waiters, Waiting, WriteCmd, parse_close};
 
 /// The WebSocket subprotocol the client offers.
 pub const SUBPROTOCOL: &str = "herald.v1";
@@ -115,7 +114,7 @@ struct Shared {
     /// Requests waiting for a reply, by id. `None` once the reader stopped,
     /// so that a request registered after that fails at once instead of
     /// waiting out its timeout.
-    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>,
+    pending: Waiters<Frame>,
     /// Set by the reader when it stops, before `pending` is cleared, so a
     /// woken request always finds the reason.
     close: Mutex<Option<CloseInfo>>,
@@ -169,33 +168,16 @@ fn op_of(frame: &Frame) -> Option<&str> {
     frame.get("op").and_then(Value::as_str)
 }
 
-/// Removes a request's entry from `pending` however the request ends,
-/// including when the caller drops the future.
-struct PendingGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(pending) = lock(&self.shared.pending).as_mut() {
-            pending.remove(&self.id);
-        }
-    }
-}
-
 /// A connection to a Herald edge. `Send + Sync` (`&Client` is enough for
 /// every operation but [`Client::close`]); dropping it aborts the connection
 /// without a close frame.
 pub struct Client {
     shared: Arc<Shared>,
-    writer: mpsc::UnboundedSender<WriteCmd>,
+    driver: Driver,
     inbox: tokio::sync::Mutex<Inbox>,
     next_id: AtomicU64,
     protocol: Option<String>,
     local_addr: SocketAddr,
-    reader_task: JoinHandle<()>,
-    writer_task: JoinHandle<()>,
 }
 
 impl fmt::Debug for Client {
@@ -205,13 +187,6 @@ impl fmt::Debug for Client {
             .field("protocol", &self.protocol)
             .field("closed", &lock(&self.shared.close).as_ref())
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.reader_task.abort();
-        self.writer_task.abort();
     }
 }
 
@@ -321,7 +296,8 @@ impl Client {
             Ok(Err(_)) => Err(self.shared.closed_error()),
             Err(_) => Err(ClientError::Timeout(format!(
                 "no reply to {} (id {}) within {timeout:?}",
-                req["op"], guard.id
+                req["op"],
+                guard.id()
             ))),
         }
     }
@@ -401,22 +377,10 @@ impl Client {
     /// server to answer it. Closing a connection the server already closed
     /// is not an error.
     pub async fn close(mut self) -> Result<(), ClientError> {
-        match self.write(WsFrame::close(1000, b"")).await {
-            Ok(()) => {}
-            Err(ClientError::Closed { .. }) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        // Waiting for the server's echo completes the closing handshake;
-        // dropping right away would reset the socket under the server and
-        // make it log an abnormal closure.
-        tokio::time::timeout(DEFAULT_TIMEOUT, &mut self.reader_task)
+        let frames = [WsFrame::close(1000, b"")];
+        self.driver
+            .close(&self.shared.close, frames, DEFAULT_TIMEOUT)
             .await
-            .map(drop)
-            .map_err(|_| {
-                ClientError::Timeout(format!(
-                    "server did not answer the close frame within {DEFAULT_TIMEOUT:?}"
-                ))
-            })
     }
 
     /// Starts the reader and writer tasks on a socket just opened.
@@ -428,22 +392,17 @@ impl Client {
             local_addr,
         } = opened;
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Some(HashMap::new())),
+            pending: Waiters::default(),
             close: Mutex::new(None),
         });
-        let (writer, write_rx) = mpsc::unbounded_channel();
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_loop(write, write_rx));
-        let reader_task = tokio::spawn(read_loop(
-            reader,
-            shared.clone(),
-            writer.clone(),
-            inbox_tx,
-            tap,
-        ));
+        let reading = shared.clone();
+        let driver = Driver::spawn(write, |writer| {
+            read_loop(reader, reading, writer, inbox_tx, tap)
+        });
         Client {
             shared,
-            writer,
+            driver,
             inbox: tokio::sync::Mutex::new(Inbox {
                 rx: inbox_rx,
                 held: VecDeque::new(),
@@ -451,8 +410,6 @@ impl Client {
             next_id: AtomicU64::new(1),
             protocol,
             local_addr,
-            reader_task,
-            writer_task,
         }
     }
 
@@ -462,7 +419,7 @@ impl Client {
     fn register(
         &self,
         req: &mut Value,
-    ) -> Result<(PendingGuard<'_>, oneshot::Receiver<Frame>), ClientError> {
+    ) -> Result<(Waiting<'_, Frame>, oneshot::Receiver<Frame>), ClientError> {
         let object = req
             .as_object_mut()
             .filter(|o| o.get("op").is_some_and(Value::is_string))
@@ -471,18 +428,10 @@ impl Client {
             })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         object.insert("id".into(), id.into());
-        let (tx, rx) = oneshot::channel();
-        match lock(&self.shared.pending).as_mut() {
-            Some(pending) => pending.insert(id, tx),
-            None => return Err(self.shared.closed_error()),
-        };
-        Ok((
-            PendingGuard {
-                shared: &self.shared,
-                id,
-            },
-            rx,
-        ))
+        self.shared
+            .pending
+            .wait(id)
+            .ok_or_else(|| self.shared.closed_error())
     }
 
     async fn authenticate(&self, token: &str, timeout: Duration) -> Result<Frame, ClientError> {
@@ -542,7 +491,7 @@ impl Client {
     }
 
     async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
-        transport::write_frame(&self.writer, &self.shared.close, frame).await
+        self.driver.write(&self.shared.close, frame).await
     }
 }
 
@@ -584,7 +533,7 @@ async fn read_loop(
     *lock(&shared.close) = Some(info);
     // Dropping the waiters wakes every pending request; they find the close
     // info recorded just above.
-    lock(&shared.pending).take();
+    shared.pending.close();
 }
 
 /// Hands a frame to the request waiting for its id, else queues it.
@@ -592,7 +541,7 @@ fn deliver(shared: &Shared, inbox: &mpsc::UnboundedSender<Incoming>, frame: Fram
     let waiter = frame
         .get("id")
         .and_then(Value::as_u64)
-        .and_then(|id| lock(&shared.pending).as_mut()?.remove(&id));
+        .and_then(|id| shared.pending.take(id));
     let frame = match waiter {
         // The waiter may have timed out since; then the late reply is kept
         // like any other frame.

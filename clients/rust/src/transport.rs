@@ -9,6 +9,8 @@
 //! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s (or
 //! [`write_frame`] for one frame and its outcome), and its own read loop over
 //! [`read_frame`], ending it with [`parse_close`] when a close frame arrives.
+//! A [`Driver`] runs both tasks for a client handle, and [`Waiters`] hands
+//! each answer the read loop sees to the caller waiting for its id.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), herald_client::ClientError> {
@@ -26,9 +28,11 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{
@@ -41,6 +45,7 @@ use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::{ClientError, OPEN_TIMEOUT};
 
@@ -266,6 +271,78 @@ pub async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<Wr
     }
 }
 
+/// The two tasks that drive an open WebSocket, [`write_loop`] and the
+/// client's own read loop, and the way to the first: what a protocol
+/// client's handle holds. Dropping it aborts both, so a dropped handle leaves
+/// nothing running (and sends no close frame).
+pub struct Driver {
+    writer: mpsc::UnboundedSender<WriteCmd>,
+    reader_task: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+impl Driver {
+    /// Runs `ws` under [`write_loop`], and the read loop that `read` makes of
+    /// a sender of write commands (for the pongs and close echoes it owes).
+    pub fn spawn<R>(ws: Writer, read: impl FnOnce(mpsc::UnboundedSender<WriteCmd>) -> R) -> Driver
+    where
+        R: Future<Output = ()> + Send + 'static,
+    {
+        let (writer, commands) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_loop(ws, commands));
+        let reader_task = tokio::spawn(read(writer.clone()));
+        Driver {
+            writer,
+            reader_task,
+            writer_task,
+        }
+    }
+
+    /// [`write_frame`] on this connection.
+    pub async fn write(
+        &self,
+        close: &Mutex<Option<CloseInfo>>,
+        frame: Frame<'static>,
+    ) -> Result<(), ClientError> {
+        write_frame(&self.writer, close, frame).await
+    }
+
+    /// Writes `frames` (a close frame last) and waits up to `timeout` for the
+    /// read loop to end with the server's echo: that completes the closing
+    /// handshake, where dropping right away would reset the socket under the
+    /// server and make it log an abnormal closure. A connection the server
+    /// already closed is not an error.
+    pub async fn close(
+        &mut self,
+        close: &Mutex<Option<CloseInfo>>,
+        frames: impl IntoIterator<Item = Frame<'static>>,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        for frame in frames {
+            match self.write(close, frame).await {
+                Ok(()) => {}
+                Err(ClientError::Closed { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        tokio::time::timeout(timeout, &mut self.reader_task)
+            .await
+            .map(drop)
+            .map_err(|_| {
+                ClientError::Timeout(format!(
+                    "server did not answer the close frame within {timeout:?}"
+                ))
+            })
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+        self.writer_task.abort();
+    }
+}
+
 /// Sends `frame` through `writer` (the commands of a [`write_loop`]) and
 /// waits until it is written. `close` is where the read loop records how the
 /// connection ended: a write failing because the server closed is reported
@@ -336,6 +413,69 @@ pub async fn read_frame(
         code: None,
         reason: format!("connection lost without a close frame: {e}"),
     })
+}
+
+/// Callers waiting for the answer that carries their id (a Herald request's
+/// reply, a Socket.IO ack), shared by a client handle and its read loop. The
+/// read loop [`close`](Waiters::close)s it when it stops: every waiting
+/// caller wakes, and one that comes later fails at once instead of waiting
+/// out its timeout.
+pub struct Waiters<T> {
+    by_id: Mutex<Option<HashMap<u64, oneshot::Sender<T>>>>,
+}
+
+impl<T> Default for Waiters<T> {
+    fn default() -> Self {
+        Waiters {
+            by_id: Mutex::new(Some(HashMap::new())),
+        }
+    }
+}
+
+impl<T> Waiters<T> {
+    /// Nothing under the lock can panic half-way, so a poisoned lock still
+    /// holds consistent data.
+    fn by_id(&self) -> MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<T>>>> {
+        self.by_id.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for the answer `id`: registered before the question is sent, so
+    /// the answer cannot overtake it, and unregistered however the wait ends
+    /// (when the guard drops). `None` once closed.
+    pub fn wait(&self, id: u64) -> Option<(Waiting<'_, T>, oneshot::Receiver<T>)> {
+        let (tx, rx) = oneshot::channel();
+        self.by_id().as_mut()?.insert(id, tx);
+        Some((Waiting { waiters: self, id }, rx))
+    }
+
+    /// The caller waiting for `id`, if there is one.
+    pub fn take(&self, id: u64) -> Option<oneshot::Sender<T>> {
+        self.by_id().as_mut()?.remove(&id)
+    }
+
+    /// Wakes every waiting caller and refuses new ones.
+    pub fn close(&self) {
+        self.by_id().take();
+    }
+}
+
+/// A caller's registration in [`Waiters`]; dropping it removes the entry.
+pub struct Waiting<'a, T> {
+    waiters: &'a Waiters<T>,
+    id: u64,
+}
+
+impl<T> Waiting<'_, T> {
+    /// The id whose answer is awaited.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        self.waiters.take(self.id);
+    }
 }
 
 /// How a connection ended.
