@@ -334,63 +334,50 @@ struct Measured {
 /// The `idle` section and failures, the same for every target; `name_errors`
 /// adds the error kinds to the failure line.
 fn finish(report: &mut Report, m: Measured, name_errors: bool) {
-    let Measured {
-        wanted,
-        opened,
-        opened_half,
-        still_open,
-        rss_before,
-        rss_half,
-        rss_all,
-        rss_after_close,
-        connect_s,
-        client_rss,
-        errors,
-        cpu,
-    } = m;
     let kib = |b: f64| round3(b / 1024.0);
-    let per_conn = (rss_all as f64 - rss_before as f64) / opened.max(1) as f64;
-    let marginal = (rss_all as f64 - rss_half as f64) / (opened - opened_half).max(1) as f64;
-    if opened < wanted {
-        let mut line = format!("{} of {} connections failed", wanted - opened, wanted);
+    let per_conn = (m.rss_all as f64 - m.rss_before as f64) / m.opened.max(1) as f64;
+    let marginal =
+        (m.rss_all as f64 - m.rss_half as f64) / (m.opened - m.opened_half).max(1) as f64;
+    if m.opened < m.wanted {
+        let mut line = format!("{} of {} connections failed", m.wanted - m.opened, m.wanted);
         if name_errors {
-            line.push_str(&format!(": {}", errors.to_json()));
+            line.push_str(&format!(": {}", m.errors.to_json()));
         }
         report.failures.push(line);
     }
-    if still_open < opened {
+    if m.still_open < m.opened {
         report.failures.push(format!(
             "{} connections were closed by the server while idle",
-            opened - still_open
+            m.opened - m.still_open
         ));
     }
     let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
     report.section(
         "idle",
         Section::new()
-            .put("conns", opened)
-            .put("open_at_end", still_open)
+            .put("conns", m.opened)
+            .put("open_at_end", m.still_open)
             .put("rss_kib_per_conn", kib(per_conn))
             .put("rss_kib_per_conn_second_half", kib(marginal))
             .put("bar_kib_per_conn", 4.0)
-            .put("edge_rss_mib_before", mib(rss_before))
-            .put("edge_rss_mib_half", mib(rss_half))
-            .put("edge_rss_mib_all", mib(rss_all))
-            .put("edge_rss_mib_after_close", mib(rss_after_close))
+            .put("edge_rss_mib_before", mib(m.rss_before))
+            .put("edge_rss_mib_half", mib(m.rss_half))
+            .put("edge_rss_mib_all", mib(m.rss_all))
+            .put("edge_rss_mib_after_close", mib(m.rss_after_close))
             .put(
                 "connects_per_sec",
-                round3(opened as f64 / connect_s.max(1e-3)),
+                round3(m.opened as f64 / m.connect_s.max(1e-3)),
             )
             .put(
                 "edge_cpu_us_per_connect",
-                round3(cpu.herald_s() * 1e6 / opened.max(1) as f64),
+                round3(m.cpu.herald_s() * 1e6 / m.opened.max(1) as f64),
             )
             .put(
                 "bench_rss_kib_per_conn",
-                Value::from(kib(client_rss as f64 / opened.max(1) as f64)),
+                Value::from(kib(m.client_rss as f64 / m.opened.max(1) as f64)),
             )
-            .put("errors", errors.total())
-            .put("error_kinds", errors.to_json()),
+            .put("errors", m.errors.total())
+            .put("error_kinds", m.errors.to_json()),
     );
-    report.cpu.push(("connect and ping".into(), cpu));
+    report.cpu.push(("connect and ping".into(), m.cpu));
 }
