@@ -27,14 +27,14 @@ impl PresenceFront {
     }
 }
 
-/// A presence service's own status passes through unchanged; the router
-/// answers for the broker's side itself.
-fn status(e: QueryError) -> Status {
-    match e {
+/// A query's answer as the front's. A presence service's own status passes
+/// through unchanged; the router answers for the broker's side itself.
+fn answer<T>(result: Result<T, QueryError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| match e {
         QueryError::NoAnswer(_) => Status::unavailable(e.to_string()),
         QueryError::Unreadable(_) => Status::internal(e.to_string()),
         QueryError::Grpc(status) => status,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -45,11 +45,7 @@ impl Presence for PresenceFront {
     ) -> Result<Response<RoomMembersReply>, Status> {
         let req = request.into_inner();
         check_room_members(&req)?;
-        self.query
-            .room_members(req)
-            .await
-            .map(Response::new)
-            .map_err(status)
+        answer(self.query.room_members(req).await)
     }
 
     async fn user_status(
@@ -58,11 +54,7 @@ impl Presence for PresenceFront {
     ) -> Result<Response<UserStatusReply>, Status> {
         let req = request.into_inner();
         check_user_status(&req)?;
-        self.query
-            .user_status(req)
-            .await
-            .map(Response::new)
-            .map_err(status)
+        answer(self.query.user_status(req).await)
     }
 
     type WatchStream = tonic::codec::Streaming<PresenceEvent>;
