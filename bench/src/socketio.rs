@@ -28,6 +28,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +36,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
+use fastwebsockets::{Frame as WsFrame, Payload};
 use herald_client::transport::{
-    self, CloseInfo, Driver, Reader, Waiters, WriteCmd, open_websocket, parse_close,
+    self, CloseInfo, Driver, Message, Reader, Waiters, WriteCmd, open_websocket,
 };
 use herald_client::{ClientError, Tap};
 use herald_test_support::{ChildProcess, die_with_parent};
@@ -400,54 +401,50 @@ async fn read_loop(
     on_event: OnEvent,
     tap: Option<Tap>,
 ) {
-    let info = loop {
-        let frame = match transport::read_frame(&mut ws, &writer).await {
-            Ok(frame) => frame,
-            Err(lost) => break lost,
-        };
-        match frame.opcode {
-            OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}
-            OpCode::Text => {
-                let text = &frame.payload[..];
-                match text.first() {
-                    // Engine.IO open.
-                    Some(b'0') => match serde_json::from_slice(&text[1..]) {
-                        Ok(open) => {
-                            let _ = control.send(Control::Open(open));
-                        }
-                        Err(e) => shared.violate(format!("bad open packet ({e}): {}", shown(text))),
-                    },
-                    // Engine.IO close.
-                    Some(b'1') => {
-                        break CloseInfo {
-                            code: None,
-                            reason: "the server sent an Engine.IO close packet".into(),
-                        };
-                    }
-                    // Ping ("2", or "2probe" during an upgrade): answer pong
-                    // with the same data.
-                    Some(b'2') => {
-                        let mut pong = text.to_vec();
-                        pong[0] = b'3';
-                        let _ = writer.send(WriteCmd {
-                            frame: WsFrame::text(Payload::Owned(pong)),
-                            ack: None,
-                        });
-                    }
-                    Some(b'4') => socketio_packet(&text[1..], &shared, &control, &on_event),
-                    // Pong, noop.
-                    Some(b'3' | b'6') => {}
-                    _ => shared.violate(format!("unknown Engine.IO packet: {}", shown(text))),
-                }
+    let info = transport::read_messages(&mut ws, &writer, tap.as_ref(), |message| {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(data) => {
+                shared.violate(format!(
+                    "binary frame ({} bytes): binary packets are not supported",
+                    data.len()
+                ));
+                return ControlFlow::Continue(());
             }
-            OpCode::Binary => shared.violate(format!(
-                "binary frame ({} bytes): binary packets are not supported",
-                frame.payload.len()
-            )),
-            OpCode::Close => break parse_close(&frame.payload),
-            _ => {}
+        };
+        match text.first() {
+            // Engine.IO open.
+            Some(b'0') => match serde_json::from_slice(&text[1..]) {
+                Ok(open) => {
+                    let _ = control.send(Control::Open(open));
+                }
+                Err(e) => shared.violate(format!("bad open packet ({e}): {}", shown(text))),
+            },
+            // Engine.IO close.
+            Some(b'1') => {
+                return ControlFlow::Break(CloseInfo {
+                    code: None,
+                    reason: "the server sent an Engine.IO close packet".into(),
+                });
+            }
+            // Ping ("2", or "2probe" during an upgrade): answer pong with the
+            // same data.
+            Some(b'2') => {
+                let mut pong = text.to_vec();
+                pong[0] = b'3';
+                let _ = writer.send(WriteCmd {
+                    frame: WsFrame::text(Payload::Owned(pong)),
+                    ack: None,
+                });
+            }
+            Some(b'4') => socketio_packet(&text[1..], &shared, &control, &on_event),
+            // Pong, noop.
+            Some(b'3' | b'6') => {}
+            _ => shared.violate(format!("unknown Engine.IO packet: {}", shown(text))),
         }
-    };
+        ControlFlow::Continue(())
+    })
+    .await;
     *lock(&shared.close) = Some(info);
     shared.acks.close();
 }

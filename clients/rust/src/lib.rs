@@ -39,15 +39,16 @@ pub mod transport;
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
+use fastwebsockets::{Frame as WsFrame, Payload};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::transport::{CloseInfo, Driver, Reader, Waiters, Waiting, WriteCmd, parse_close};
+use crate::transport::{CloseInfo, Driver, Message, Reader, Waiters, Waiting, WriteCmd};
 
 /// The WebSocket subprotocol the client offers.
 pub const SUBPROTOCOL: &str = "herald.v1";
@@ -502,34 +503,27 @@ async fn read_loop(
     inbox: mpsc::UnboundedSender<Incoming>,
     tap: Option<Tap>,
 ) {
-    let info = loop {
-        let frame = match transport::read_frame(&mut ws, &writer).await {
-            Ok(frame) => frame,
-            Err(lost) => break lost,
-        };
-        match frame.opcode {
-            OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}
-            OpCode::Text => match serde_json::from_slice::<Frame>(&frame.payload) {
-                Ok(value) => deliver(&shared, &inbox, value),
+    let info = transport::read_messages(&mut ws, &writer, tap.as_ref(), |message| {
+        let violation = match message {
+            Message::Text(text) => match serde_json::from_slice::<Frame>(text) {
+                Ok(value) => {
+                    deliver(&shared, &inbox, value);
+                    return ControlFlow::Continue(());
+                }
                 Err(e) => {
-                    let text = String::from_utf8_lossy(&frame.payload);
+                    let text = String::from_utf8_lossy(text);
                     let shown: String = text.chars().take(200).collect();
-                    let _ = inbox.send(Err(format!(
-                        "server sent a text frame that is not JSON ({e}): {shown:?}"
-                    )));
+                    format!("server sent a text frame that is not JSON ({e}): {shown:?}")
                 }
             },
-            OpCode::Binary => {
-                let _ = inbox.send(Err(format!(
-                    "server sent a binary frame ({} bytes)",
-                    frame.payload.len()
-                )));
+            Message::Binary(data) => {
+                format!("server sent a binary frame ({} bytes)", data.len())
             }
-            OpCode::Close => break parse_close(&frame.payload),
-            // Pings are answered by fastwebsockets; pongs need nothing.
-            _ => {}
-        }
-    };
+        };
+        let _ = inbox.send(Err(violation));
+        ControlFlow::Continue(())
+    })
+    .await;
     *lock(&shared.close) = Some(info);
     // Dropping the waiters wakes every pending request; they find the close
     // info recorded just above.

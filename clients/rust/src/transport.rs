@@ -7,8 +7,8 @@
 //! address, always with `TCP_NODELAY`) and the HTTP/1 upgrade with hyper,
 //! and splits the socket into a [`Reader`] and a [`Writer`]. The caller then
 //! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s (or
-//! [`write_frame`] for one frame and its outcome), and its own read loop over
-//! [`read_frame`], ending it with [`parse_close`] when a close frame arrives.
+//! [`write_frame`] for one frame and its outcome), and reads the messages
+//! with [`read_messages`] until the connection ends.
 //! A [`Driver`] runs both tasks for a client handle, and [`Waiters`] hands
 //! each answer the read loop sees to the caller waiting for its id.
 //!
@@ -31,6 +31,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::{ClientError, OPEN_TIMEOUT};
+use crate::{ClientError, OPEN_TIMEOUT, Tap};
 
 /// The upgraded connection both halves share.
 pub type Stream = TokioIo<Upgraded>;
@@ -397,22 +398,51 @@ fn connection_closed() -> ClientError {
     }
 }
 
-/// The next whole frame from `ws`, or how the connection ended when the
-/// socket is lost without a close frame. The pongs and close echoes the
-/// server is owed are queued on `writer`, not awaited: the reader must keep
-/// draining the socket even while a large write is in progress.
-pub async fn read_frame(
+/// A whole data message from the server, for [`read_messages`].
+pub enum Message<'a> {
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+/// Reads `ws` until the connection ends, and returns how it did: the
+/// server's close frame, the socket lost without one, or what `on_message`
+/// ended it with. Each text message goes to `tap` first (one it takes goes
+/// no further), then, like each binary one, to `on_message`. The pongs and
+/// close echoes the server is owed are queued on `writer`, not awaited: the
+/// reader must keep draining the socket even while a large write is in
+/// progress.
+pub async fn read_messages(
     ws: &mut Reader,
     writer: &mpsc::UnboundedSender<WriteCmd>,
-) -> Result<Frame<'static>, CloseInfo> {
+    tap: Option<&Tap>,
+    mut on_message: impl FnMut(Message<'_>) -> ControlFlow<CloseInfo>,
+) -> CloseInfo {
     let mut obligated = |frame: Frame<'static>| {
         let _ = writer.send(WriteCmd { frame, ack: None });
         std::future::ready(Ok::<(), Infallible>(()))
     };
-    ws.read_frame(&mut obligated).await.map_err(|e| CloseInfo {
-        code: None,
-        reason: format!("connection lost without a close frame: {e}"),
-    })
+    loop {
+        let frame = match ws.read_frame(&mut obligated).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                return CloseInfo {
+                    code: None,
+                    reason: format!("connection lost without a close frame: {e}"),
+                };
+            }
+        };
+        let flow = match frame.opcode {
+            OpCode::Text if tap.is_some_and(|tap| tap(&frame.payload)) => ControlFlow::Continue(()),
+            OpCode::Text => on_message(Message::Text(&frame.payload)),
+            OpCode::Binary => on_message(Message::Binary(&frame.payload)),
+            OpCode::Close => return parse_close(&frame.payload),
+            // Pings are answered by fastwebsockets; pongs need nothing.
+            _ => ControlFlow::Continue(()),
+        };
+        if let ControlFlow::Break(info) = flow {
+            return info;
+        }
+    }
 }
 
 /// Callers waiting for the answer that carries their id (a Herald request's
