@@ -3,6 +3,8 @@
 //! `Presence` API it fronts for backends). The question goes to any presence
 //! replica as a broker request, or, given `--presence URL`, to that presence
 //! service over gRPC: the same question and the same answer either way.
+//! Every server of that API checks the requests with the same
+//! [`check_room_members`] and [`check_user_status`].
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
