@@ -147,11 +147,7 @@ pub async fn run(args: &ChatArgs, common: &CommonArgs, target: &Target) -> Resul
     }
 
     let clients = senders.into_iter().flatten().filter_map(Arc::into_inner);
-    futures::stream::iter(clients)
-        .for_each_concurrent(args.concurrency.max(1), |c| async move {
-            let _ = c.close().await;
-        })
-        .await;
+    delivery::close_all(clients, args.concurrency).await;
     Ok(report)
 }
 

@@ -195,6 +195,43 @@ impl Steps {
     }
 }
 
+/// A connection a run holds, whichever system it talks to.
+pub trait Connection: Send {
+    /// Whether the server (or the network) ended it.
+    fn is_closed(&self) -> bool;
+    /// Ends the connection properly; a failure to do so is no result's
+    /// business, the run is over.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+impl Connection for Client {
+    fn is_closed(&self) -> bool {
+        Client::is_closed(self)
+    }
+
+    async fn close(self) {
+        let _ = Client::close(self).await;
+    }
+}
+
+impl Connection for crate::socketio::SioClient {
+    fn is_closed(&self) -> bool {
+        crate::socketio::SioClient::is_closed(self)
+    }
+
+    async fn close(self) {
+        let _ = crate::socketio::SioClient::close(self).await;
+    }
+}
+
+/// Closes `conns`, `concurrency` at a time, so that a run's end does not
+/// open thousands of close handshakes at once.
+pub async fn close_all<C: Connection>(conns: impl IntoIterator<Item = C>, concurrency: usize) {
+    futures::stream::iter(conns)
+        .for_each_concurrent(concurrency.max(1), Connection::close)
+        .await;
+}
+
 /// Member `g` connected and joined, or the stage that failed and why.
 pub type Opened<C> = Result<(usize, C), (&'static str, String)>;
 

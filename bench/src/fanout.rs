@@ -191,11 +191,8 @@ pub async fn run(args: &FanoutArgs, common: &CommonArgs, target: &Target) -> Res
     floors.finish(&mut report).await;
     add_medians(&mut report, args);
 
-    futures::stream::iter(std::mem::take(&mut members.clients))
-        .for_each_concurrent(args.concurrency.max(1), |(_, c)| async move {
-            let _ = c.close().await;
-        })
-        .await;
+    let clients = std::mem::take(&mut members.clients).into_iter();
+    delivery::close_all(clients.map(|(_, c)| c), args.concurrency).await;
     Ok(report)
 }
 
@@ -568,10 +565,7 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
     floors.finish(&mut report).await;
     add_medians(&mut report, args);
 
-    futures::stream::iter(members.clients)
-        .for_each_concurrent(args.concurrency.max(1), |(_, c)| async move {
-            let _ = c.close().await;
-        })
-        .await;
+    let clients = members.clients.into_iter().map(|(_, c)| c);
+    delivery::close_all(clients, args.concurrency).await;
     Ok(report)
 }

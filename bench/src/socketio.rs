@@ -26,10 +26,9 @@
 //! client: 41, then a close frame           disconnect
 //! ```
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,15 +36,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
+use fastwebsockets::{Frame as WsFrame, Payload};
 use herald_client::transport::{
-    self, CloseInfo, Reader, WriteCmd, open_websocket, parse_close, write_loop,
+    self, CloseInfo, Driver, Message, Reader, Waiters, WriteCmd, open_websocket,
 };
 use herald_client::{ClientError, Tap};
 use herald_test_support::{ChildProcess, die_with_parent};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 
 /// How long the Socket.IO handshake (Engine.IO open, then CONNECT) and an
 /// ack may take; the same as `herald_client::DEFAULT_TIMEOUT`.
@@ -132,7 +130,7 @@ enum Control {
 
 struct Shared {
     /// Acks awaited, by id; `None` once the reader stopped.
-    acks: Mutex<Option<HashMap<u64, oneshot::Sender<Vec<Value>>>>>,
+    acks: Waiters<Vec<Value>>,
     close: Mutex<Option<CloseInfo>>,
     /// The first thing the server sent that this client does not understand.
     violation: Mutex<Option<String>>,
@@ -140,13 +138,7 @@ struct Shared {
 
 impl Shared {
     fn closed_error(&self) -> ClientError {
-        match lock(&self.close).as_ref() {
-            Some(info) => info.to_error(),
-            None => ClientError::Closed {
-                code: None,
-                reason: "connection closed".into(),
-            },
-        }
+        transport::closed_error(&self.close)
     }
 
     fn violate(&self, what: String) {
@@ -158,32 +150,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Removes an ack's entry however the wait ends.
-struct AckGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for AckGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(acks) = lock(&self.shared.acks).as_mut() {
-            acks.remove(&self.id);
-        }
-    }
-}
-
 /// A Socket.IO connection (root namespace, WebSocket transport). Dropping it
 /// aborts the connection without a close frame; [`SioClient::close`] ends it
 /// properly.
 pub struct SioClient {
     shared: Arc<Shared>,
-    writer: mpsc::UnboundedSender<WriteCmd>,
+    driver: Driver,
     next_ack: AtomicU64,
     engine_sid: String,
     sid: String,
     local_addr: SocketAddr,
-    reader_task: JoinHandle<()>,
-    writer_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for SioClient {
@@ -192,13 +168,6 @@ impl std::fmt::Debug for SioClient {
             .field("sid", &self.sid)
             .field("local_addr", &self.local_addr)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for SioClient {
-    fn drop(&mut self) {
-        self.reader_task.abort();
-        self.writer_task.abort();
     }
 }
 
@@ -320,14 +289,8 @@ impl SioClient {
         timeout: Duration,
     ) -> Result<Vec<Value>, ClientError> {
         let id = self.next_ack.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        match lock(&self.shared.acks).as_mut() {
-            Some(acks) => acks.insert(id, tx),
-            None => return Err(self.failure()),
-        };
-        let _guard = AckGuard {
-            shared: &self.shared,
-            id,
+        let Some((_waiting, rx)) = self.shared.acks.wait(id) else {
+            return Err(self.failure());
         };
         self.send_text(format!("42{id}{}", event_array(event, args)))
             .await?;
@@ -358,24 +321,13 @@ impl SioClient {
     /// waits up to [`DEFAULT_TIMEOUT`] for the server's close. Closing a
     /// connection the server already closed is not an error.
     pub async fn close(mut self) -> Result<(), ClientError> {
-        for frame in [
+        let frames = [
             WsFrame::text(Payload::Owned(b"41".to_vec())),
             WsFrame::close(1000, b""),
-        ] {
-            match self.write(frame).await {
-                Ok(()) => {}
-                Err(ClientError::Closed { .. }) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-        tokio::time::timeout(DEFAULT_TIMEOUT, &mut self.reader_task)
+        ];
+        self.driver
+            .close(&self.shared.close, frames, DEFAULT_TIMEOUT)
             .await
-            .map(drop)
-            .map_err(|_| {
-                ClientError::Timeout(format!(
-                    "server did not answer the close frame within {DEFAULT_TIMEOUT:?}"
-                ))
-            })
     }
 
     /// Sends a raw Engine.IO packet (any text).
@@ -393,30 +345,7 @@ impl SioClient {
     }
 
     async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
-        if self.is_closed() {
-            return Err(self.shared.closed_error());
-        }
-        let (ack, acked) = oneshot::channel();
-        if self
-            .writer
-            .send(WriteCmd {
-                frame,
-                ack: Some(ack),
-            })
-            .is_err()
-        {
-            return Err(self.shared.closed_error());
-        }
-        match acked.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) | Err(_) if self.is_closed() => Err(self.shared.closed_error()),
-            Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
-            Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(ClientError::Closed {
-                code: None,
-                reason: "connection closed".into(),
-            }),
-            Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
-        }
+        self.driver.write(&self.shared.close, frame).await
     }
 
     /// Starts the reader and writer tasks on a socket just opened (no
@@ -433,31 +362,23 @@ impl SioClient {
             ..
         } = opened;
         let shared = Arc::new(Shared {
-            acks: Mutex::new(Some(HashMap::new())),
+            acks: Waiters::default(),
             close: Mutex::new(None),
             violation: Mutex::new(None),
         });
-        let (writer, write_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_loop(write, write_rx));
-        let reader_task = tokio::spawn(read_loop(
-            reader,
-            shared.clone(),
-            writer.clone(),
-            control_tx,
-            on_event,
-            tap,
-        ));
+        let reading = shared.clone();
+        let driver = Driver::spawn(write, |writer| {
+            read_loop(reader, reading, writer, control_tx, on_event, tap)
+        });
         (
             SioClient {
                 shared,
-                writer,
+                driver,
                 next_ack: AtomicU64::new(1),
                 engine_sid: String::new(),
                 sid: String::new(),
                 local_addr,
-                reader_task,
-                writer_task,
             },
             control_rx,
         )
@@ -480,65 +401,52 @@ async fn read_loop(
     on_event: OnEvent,
     tap: Option<Tap>,
 ) {
-    let mut obligated = |frame: WsFrame<'static>| {
-        let _ = writer.send(WriteCmd { frame, ack: None });
-        std::future::ready(Ok::<(), Infallible>(()))
-    };
-    let info = loop {
-        let frame = match ws.read_frame(&mut obligated).await {
-            Ok(frame) => frame,
-            Err(e) => {
-                break CloseInfo {
-                    code: None,
-                    reason: format!("connection lost without a close frame: {e}"),
-                };
+    let info = transport::read_messages(&mut ws, &writer, tap.as_ref(), |message| {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(data) => {
+                shared.violate(format!(
+                    "binary frame ({} bytes): binary packets are not supported",
+                    data.len()
+                ));
+                return ControlFlow::Continue(());
             }
         };
-        match frame.opcode {
-            OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}
-            OpCode::Text => {
-                let text = &frame.payload[..];
-                match text.first() {
-                    // Engine.IO open.
-                    Some(b'0') => match serde_json::from_slice(&text[1..]) {
-                        Ok(open) => {
-                            let _ = control.send(Control::Open(open));
-                        }
-                        Err(e) => shared.violate(format!("bad open packet ({e}): {}", shown(text))),
-                    },
-                    // Engine.IO close.
-                    Some(b'1') => {
-                        break CloseInfo {
-                            code: None,
-                            reason: "the server sent an Engine.IO close packet".into(),
-                        };
-                    }
-                    // Ping ("2", or "2probe" during an upgrade): answer pong
-                    // with the same data.
-                    Some(b'2') => {
-                        let mut pong = text.to_vec();
-                        pong[0] = b'3';
-                        let _ = writer.send(WriteCmd {
-                            frame: WsFrame::text(Payload::Owned(pong)),
-                            ack: None,
-                        });
-                    }
-                    Some(b'4') => socketio_packet(&text[1..], &shared, &control, &on_event),
-                    // Pong, noop.
-                    Some(b'3' | b'6') => {}
-                    _ => shared.violate(format!("unknown Engine.IO packet: {}", shown(text))),
+        match text.first() {
+            // Engine.IO open.
+            Some(b'0') => match serde_json::from_slice(&text[1..]) {
+                Ok(open) => {
+                    let _ = control.send(Control::Open(open));
                 }
+                Err(e) => shared.violate(format!("bad open packet ({e}): {}", shown(text))),
+            },
+            // Engine.IO close.
+            Some(b'1') => {
+                return ControlFlow::Break(CloseInfo {
+                    code: None,
+                    reason: "the server sent an Engine.IO close packet".into(),
+                });
             }
-            OpCode::Binary => shared.violate(format!(
-                "binary frame ({} bytes): binary packets are not supported",
-                frame.payload.len()
-            )),
-            OpCode::Close => break parse_close(&frame.payload),
-            _ => {}
+            // Ping ("2", or "2probe" during an upgrade): answer pong with the
+            // same data.
+            Some(b'2') => {
+                let mut pong = text.to_vec();
+                pong[0] = b'3';
+                let _ = writer.send(WriteCmd {
+                    frame: WsFrame::text(Payload::Owned(pong)),
+                    ack: None,
+                });
+            }
+            Some(b'4') => socketio_packet(&text[1..], &shared, &control, &on_event),
+            // Pong, noop.
+            Some(b'3' | b'6') => {}
+            _ => shared.violate(format!("unknown Engine.IO packet: {}", shown(text))),
         }
-    };
+        ControlFlow::Continue(())
+    })
+    .await;
     *lock(&shared.close) = Some(info);
-    lock(&shared.acks).take();
+    shared.acks.close();
 }
 
 /// One Socket.IO packet (the Engine.IO message's data): type digit, optional
@@ -585,8 +493,7 @@ fn socketio_packet(
         // ACK: [args...] for the emit with that id.
         b'3' => match (id, serde_json::from_slice::<Vec<Value>>(rest)) {
             (Some(id), Ok(args)) => {
-                let waiter = lock(&shared.acks).as_mut().and_then(|a| a.remove(&id));
-                if let Some(waiter) = waiter {
+                if let Some(waiter) = shared.acks.take(id) {
                     let _ = waiter.send(args);
                 }
             }
@@ -991,14 +898,13 @@ mod tests {
     #[test]
     fn packets_reach_the_callback_and_the_acks() {
         let shared = Shared {
-            acks: Mutex::new(Some(HashMap::new())),
+            acks: Waiters::default(),
             close: Mutex::new(None),
             violation: Mutex::new(None),
         };
         let (control, mut control_rx) = mpsc::unbounded_channel();
         let (on_event, mut events) = event_channel();
-        let (tx, mut ack) = oneshot::channel();
-        lock(&shared.acks).as_mut().unwrap().insert(12, tx);
+        let (_waiting, mut ack) = shared.acks.wait(12).unwrap();
 
         socketio_packet(br#"0{"sid":"abc"}"#, &shared, &control, &on_event);
         socketio_packet(

@@ -25,40 +25,21 @@ fn assert_latency(v: &Value, what: &str, count: u64) {
 
 #[test]
 fn churn_against_herald_dev_reports_table_and_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let json_path = dir.path().join("churn.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
-        .args([
-            "churn",
-            "--target",
-            "dev",
-            "--workers",
-            "2",
-            "--rooms",
-            "4",
-            "--duration",
-            "1s",
-            "--samples",
-            "5",
-            "--json",
-        ])
-        .arg(&json_path)
-        .output()
-        .expect("run herald-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "herald-bench failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    let (report, stdout) = run_json_printing(&[
+        "churn",
+        "--target",
+        "dev",
+        "--workers",
+        "2",
+        "--rooms",
+        "4",
+        "--duration",
+        "1s",
+        "--samples",
+        "5",
+    ]);
     assert!(stdout.contains("connects_per_sec"), "no table:\n{stdout}");
-
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    assert_eq!(report["scenario"], "churn");
     assert_eq!(report["target"], "dev");
-    assert_eq!(report["failures"], Value::Array(vec![]), "{report}");
     assert_eq!(report["params"]["workers"], 2);
 
     let churn = &report["results"]["churn"];
@@ -140,9 +121,14 @@ fn json_dash_prints_one_json_line_on_stdout() {
     );
 }
 
-/// Runs `herald-bench args... --json FILE`, checks it succeeded, and returns
-/// the report.
+/// Runs `herald-bench args... --json FILE`, checks it succeeded without
+/// failures, and returns the report.
 fn run_json(args: &[&str]) -> Value {
+    run_json_printing(args).0
+}
+
+/// [`run_json`], also returning what the bench printed on stdout.
+fn run_json_printing(args: &[&str]) -> (Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
@@ -162,13 +148,21 @@ fn run_json(args: &[&str]) -> Value {
         serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(report["scenario"], args[0], "{report}");
     assert_eq!(report["failures"], Value::Array(vec![]), "{report}");
-    report
+    (report, stdout.into_owned())
 }
 
 fn positive(v: &Value, what: &str) -> f64 {
     let x = number(v, what);
     assert!(x > 0.0, "{what} is not positive: {v}");
     x
+}
+
+/// Checks that a `fanout` or `chat` report opened six members and that its
+/// warm-up reached every one of them.
+fn assert_six_members_warmed(report: &Value) {
+    assert_eq!(report["params"]["conns"], 6);
+    let setup = &report["results"]["setup"];
+    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
 }
 
 /// Checks step `rate_<rate>` of a `fanout` or `chat` report whose steps
@@ -223,6 +217,12 @@ fn idle_reports_rss_per_connection() {
     let report = run_json(&[
         "idle", "--target", "dev", "--conns", "40", "--settle", "200ms",
     ]);
+    assert_idle_of_40(&report, "herald-dev");
+}
+
+/// The `idle` section of a run with `--conns 40`, the same keys for every
+/// target; `server` is the process whose CPU the connects are charged to.
+fn assert_idle_of_40(report: &Value, server: &str) {
     let idle = &report["results"]["idle"];
     assert_eq!(idle["conns"], 40, "{idle}");
     assert_eq!(idle["open_at_end"], 40, "{idle}");
@@ -233,7 +233,7 @@ fn idle_reports_rss_per_connection() {
     positive(&idle["edge_rss_mib_before"], "edge_rss_mib_before");
     positive(&idle["edge_rss_mib_all"], "edge_rss_mib_all");
     positive(&idle["connects_per_sec"], "connects_per_sec");
-    assert!(report["cpu"]["connect and ping"]["processes"]["herald-dev"].is_number());
+    assert!(report["cpu"]["connect and ping"]["processes"][server].is_number());
 }
 
 #[test]
@@ -285,9 +285,7 @@ fn fanout_reports_deliveries_latency_and_floor_ratio() {
         "--repeat",
         "2",
     ]);
-    assert_eq!(report["params"]["conns"], 6);
-    let setup = &report["results"]["setup"];
-    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
+    assert_six_members_warmed(&report);
     for rate in [20, 40] {
         // Each message to the 3 members of its room.
         let step = assert_step_delivered(&report, rate, 3);
@@ -336,10 +334,8 @@ fn chat_counts_every_member_the_sender_included() {
         "--duration",
         "500ms",
     ]);
-    assert_eq!(report["params"]["conns"], 6);
-    let setup = &report["results"]["setup"];
     // One warm-up message per room reaches both members, its sender too.
-    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
+    assert_six_members_warmed(&report);
     for rate in [20, 40] {
         // Each message to both members of its room, its sender included.
         let step = assert_step_delivered(&report, rate, 2);
@@ -411,16 +407,7 @@ fn idle_against_socketio_reports_the_same_keys() {
         "200ms",
     ]);
     assert_eq!(report["target"], "socketio");
-    let idle = &report["results"]["idle"];
-    assert_eq!(idle["conns"], 40, "{idle}");
-    assert_eq!(idle["open_at_end"], 40, "{idle}");
-    assert_eq!(idle["errors"], 0, "{idle}");
-    number(&idle["rss_kib_per_conn"], "rss_kib_per_conn");
-    number(&idle["rss_kib_per_conn_second_half"], "second half");
-    positive(&idle["edge_rss_mib_before"], "edge_rss_mib_before");
-    positive(&idle["edge_rss_mib_all"], "edge_rss_mib_all");
-    positive(&idle["connects_per_sec"], "connects_per_sec");
-    assert!(report["cpu"]["connect and ping"]["processes"]["socketio-0"].is_number());
+    assert_idle_of_40(&report, "socketio-0");
 }
 
 #[test]
@@ -483,10 +470,8 @@ fn fanout_against_socketio_reports_the_same_keys() {
         "500ms",
     ]);
     assert_eq!(report["target"], "socketio");
-    assert_eq!(report["params"]["conns"], 6);
     assert_eq!(report["params"]["edges"], 2);
-    let setup = &report["results"]["setup"];
-    assert_eq!(setup["warmup_delivered"], 6, "{setup}");
+    assert_six_members_warmed(&report);
     for rate in [20, 40] {
         // One emitter per room at rate / 2, each message to 3 members.
         let step = assert_step_delivered(&report, rate, 3);

@@ -36,20 +36,19 @@
 
 pub mod transport;
 
-use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
+use fastwebsockets::{Frame as WsFrame, Payload};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
-use crate::transport::{CloseInfo, Reader, WriteCmd, parse_close, write_loop};
+use crate::transport::{CloseInfo, Driver, Message, Reader, Waiters, Waiting, WriteCmd};
 
 /// The WebSocket subprotocol the client offers.
 pub const SUBPROTOCOL: &str = "herald.v1";
@@ -116,7 +115,7 @@ struct Shared {
     /// Requests waiting for a reply, by id. `None` once the reader stopped,
     /// so that a request registered after that fails at once instead of
     /// waiting out its timeout.
-    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>,
+    pending: Waiters<Frame>,
     /// Set by the reader when it stops, before `pending` is cleared, so a
     /// woken request always finds the reason.
     close: Mutex<Option<CloseInfo>>,
@@ -124,9 +123,7 @@ struct Shared {
 
 impl Shared {
     fn closed_error(&self) -> ClientError {
-        lock(&self.close)
-            .as_ref()
-            .map_or_else(|| closed("connection closed"), CloseInfo::to_error)
+        transport::closed_error(&self.close)
     }
 }
 
@@ -134,13 +131,6 @@ impl Shared {
 /// holds consistent data.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn closed(reason: &str) -> ClientError {
-    ClientError::Closed {
-        code: None,
-        reason: reason.to_owned(),
-    }
 }
 
 /// Unsolicited frames: the channel from the reader, plus the frames that a
@@ -179,33 +169,16 @@ fn op_of(frame: &Frame) -> Option<&str> {
     frame.get("op").and_then(Value::as_str)
 }
 
-/// Removes a request's entry from `pending` however the request ends,
-/// including when the caller drops the future.
-struct PendingGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(pending) = lock(&self.shared.pending).as_mut() {
-            pending.remove(&self.id);
-        }
-    }
-}
-
 /// A connection to a Herald edge. `Send + Sync` (`&Client` is enough for
 /// every operation but [`Client::close`]); dropping it aborts the connection
 /// without a close frame.
 pub struct Client {
     shared: Arc<Shared>,
-    writer: mpsc::UnboundedSender<WriteCmd>,
+    driver: Driver,
     inbox: tokio::sync::Mutex<Inbox>,
     next_id: AtomicU64,
     protocol: Option<String>,
     local_addr: SocketAddr,
-    reader_task: JoinHandle<()>,
-    writer_task: JoinHandle<()>,
 }
 
 impl fmt::Debug for Client {
@@ -215,13 +188,6 @@ impl fmt::Debug for Client {
             .field("protocol", &self.protocol)
             .field("closed", &lock(&self.shared.close).as_ref())
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.reader_task.abort();
-        self.writer_task.abort();
     }
 }
 
@@ -331,7 +297,8 @@ impl Client {
             Ok(Err(_)) => Err(self.shared.closed_error()),
             Err(_) => Err(ClientError::Timeout(format!(
                 "no reply to {} (id {}) within {timeout:?}",
-                req["op"], guard.id
+                req["op"],
+                guard.id()
             ))),
         }
     }
@@ -411,22 +378,10 @@ impl Client {
     /// server to answer it. Closing a connection the server already closed
     /// is not an error.
     pub async fn close(mut self) -> Result<(), ClientError> {
-        match self.write(WsFrame::close(1000, b"")).await {
-            Ok(()) => {}
-            Err(ClientError::Closed { .. }) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        // Waiting for the server's echo completes the closing handshake;
-        // dropping right away would reset the socket under the server and
-        // make it log an abnormal closure.
-        tokio::time::timeout(DEFAULT_TIMEOUT, &mut self.reader_task)
+        let frames = [WsFrame::close(1000, b"")];
+        self.driver
+            .close(&self.shared.close, frames, DEFAULT_TIMEOUT)
             .await
-            .map(drop)
-            .map_err(|_| {
-                ClientError::Timeout(format!(
-                    "server did not answer the close frame within {DEFAULT_TIMEOUT:?}"
-                ))
-            })
     }
 
     /// Starts the reader and writer tasks on a socket just opened.
@@ -438,22 +393,17 @@ impl Client {
             local_addr,
         } = opened;
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Some(HashMap::new())),
+            pending: Waiters::default(),
             close: Mutex::new(None),
         });
-        let (writer, write_rx) = mpsc::unbounded_channel();
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_loop(write, write_rx));
-        let reader_task = tokio::spawn(read_loop(
-            reader,
-            shared.clone(),
-            writer.clone(),
-            inbox_tx,
-            tap,
-        ));
+        let reading = shared.clone();
+        let driver = Driver::spawn(write, |writer| {
+            read_loop(reader, reading, writer, inbox_tx, tap)
+        });
         Client {
             shared,
-            writer,
+            driver,
             inbox: tokio::sync::Mutex::new(Inbox {
                 rx: inbox_rx,
                 held: VecDeque::new(),
@@ -461,8 +411,6 @@ impl Client {
             next_id: AtomicU64::new(1),
             protocol,
             local_addr,
-            reader_task,
-            writer_task,
         }
     }
 
@@ -472,7 +420,7 @@ impl Client {
     fn register(
         &self,
         req: &mut Value,
-    ) -> Result<(PendingGuard<'_>, oneshot::Receiver<Frame>), ClientError> {
+    ) -> Result<(Waiting<'_, Frame>, oneshot::Receiver<Frame>), ClientError> {
         let object = req
             .as_object_mut()
             .filter(|o| o.get("op").is_some_and(Value::is_string))
@@ -481,18 +429,10 @@ impl Client {
             })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         object.insert("id".into(), id.into());
-        let (tx, rx) = oneshot::channel();
-        match lock(&self.shared.pending).as_mut() {
-            Some(pending) => pending.insert(id, tx),
-            None => return Err(self.shared.closed_error()),
-        };
-        Ok((
-            PendingGuard {
-                shared: &self.shared,
-                id,
-            },
-            rx,
-        ))
+        self.shared
+            .pending
+            .wait(id)
+            .ok_or_else(|| self.shared.closed_error())
     }
 
     async fn authenticate(&self, token: &str, timeout: Duration) -> Result<Frame, ClientError> {
@@ -552,29 +492,7 @@ impl Client {
     }
 
     async fn write(&self, frame: WsFrame<'static>) -> Result<(), ClientError> {
-        if let Some(info) = lock(&self.shared.close).as_ref() {
-            return Err(info.to_error());
-        }
-        let (ack, acked) = oneshot::channel();
-        if self
-            .writer
-            .send(WriteCmd {
-                frame,
-                ack: Some(ack),
-            })
-            .is_err()
-        {
-            return Err(self.shared.closed_error());
-        }
-        match acked.await {
-            Ok(Ok(())) => Ok(()),
-            // A write failing because the server closed is reported as the
-            // close, which is what the caller needs to know.
-            Ok(Err(_)) | Err(_) if self.is_closed() => Err(self.shared.closed_error()),
-            Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
-            Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(closed("connection closed")),
-            Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
-        }
+        self.driver.write(&self.shared.close, frame).await
     }
 }
 
@@ -585,49 +503,31 @@ async fn read_loop(
     inbox: mpsc::UnboundedSender<Incoming>,
     tap: Option<Tap>,
 ) {
-    // Pongs and close echoes are queued, not awaited: the reader must keep
-    // draining the socket even while a large write is in progress.
-    let mut obligated = |frame: WsFrame<'static>| {
-        let _ = writer.send(WriteCmd { frame, ack: None });
-        std::future::ready(Ok::<(), Infallible>(()))
-    };
-    let info = loop {
-        let frame = match ws.read_frame(&mut obligated).await {
-            Ok(frame) => frame,
-            Err(e) => {
-                break CloseInfo {
-                    code: None,
-                    reason: format!("connection lost without a close frame: {e}"),
-                };
-            }
-        };
-        match frame.opcode {
-            OpCode::Text if tap.as_ref().is_some_and(|tap| tap(&frame.payload)) => {}
-            OpCode::Text => match serde_json::from_slice::<Frame>(&frame.payload) {
-                Ok(value) => deliver(&shared, &inbox, value),
+    let info = transport::read_messages(&mut ws, &writer, tap.as_ref(), |message| {
+        let violation = match message {
+            Message::Text(text) => match serde_json::from_slice::<Frame>(text) {
+                Ok(value) => {
+                    deliver(&shared, &inbox, value);
+                    return ControlFlow::Continue(());
+                }
                 Err(e) => {
-                    let text = String::from_utf8_lossy(&frame.payload);
+                    let text = String::from_utf8_lossy(text);
                     let shown: String = text.chars().take(200).collect();
-                    let _ = inbox.send(Err(format!(
-                        "server sent a text frame that is not JSON ({e}): {shown:?}"
-                    )));
+                    format!("server sent a text frame that is not JSON ({e}): {shown:?}")
                 }
             },
-            OpCode::Binary => {
-                let _ = inbox.send(Err(format!(
-                    "server sent a binary frame ({} bytes)",
-                    frame.payload.len()
-                )));
+            Message::Binary(data) => {
+                format!("server sent a binary frame ({} bytes)", data.len())
             }
-            OpCode::Close => break parse_close(&frame.payload),
-            // Pings are answered by fastwebsockets; pongs need nothing.
-            _ => {}
-        }
-    };
+        };
+        let _ = inbox.send(Err(violation));
+        ControlFlow::Continue(())
+    })
+    .await;
     *lock(&shared.close) = Some(info);
     // Dropping the waiters wakes every pending request; they find the close
     // info recorded just above.
-    lock(&shared.pending).take();
+    shared.pending.close();
 }
 
 /// Hands a frame to the request waiting for its id, else queues it.
@@ -635,7 +535,7 @@ fn deliver(shared: &Shared, inbox: &mpsc::UnboundedSender<Incoming>, frame: Fram
     let waiter = frame
         .get("id")
         .and_then(Value::as_u64)
-        .and_then(|id| lock(&shared.pending).as_mut()?.remove(&id));
+        .and_then(|id| shared.pending.take(id));
     let frame = match waiter {
         // The waiter may have timed out since; then the late reply is kept
         // like any other frame.

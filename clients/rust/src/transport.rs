@@ -6,9 +6,11 @@
 //! [`open_websocket`] does the TCP connect (optionally from a chosen source
 //! address, always with `TCP_NODELAY`) and the HTTP/1 upgrade with hyper,
 //! and splits the socket into a [`Reader`] and a [`Writer`]. The caller then
-//! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s, and its
-//! own read loop over the reader, ending it with [`parse_close`] when a close
-//! frame arrives.
+//! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s (or
+//! [`write_frame`] for one frame and its outcome), and reads the messages
+//! with [`read_messages`] until the connection ends.
+//! A [`Driver`] runs both tasks for a client handle, and [`Waiters`] hands
+//! each answer the read loop sees to the caller waiting for its id.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), herald_client::ClientError> {
@@ -26,7 +28,12 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{
@@ -39,8 +46,9 @@ use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
-use crate::{ClientError, OPEN_TIMEOUT};
+use crate::{ClientError, OPEN_TIMEOUT, Tap};
 
 /// The upgraded connection both halves share.
 pub type Stream = TokioIo<Upgraded>;
@@ -261,6 +269,242 @@ pub async fn write_loop(mut ws: Writer, mut commands: mpsc::UnboundedReceiver<Wr
         if let Some(ack) = ack {
             let _ = ack.send(result);
         }
+    }
+}
+
+/// The two tasks that drive an open WebSocket, [`write_loop`] and the
+/// client's own read loop, and the way to the first: what a protocol
+/// client's handle holds. Dropping it aborts both, so a dropped handle leaves
+/// nothing running (and sends no close frame).
+pub struct Driver {
+    writer: mpsc::UnboundedSender<WriteCmd>,
+    reader_task: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+impl Driver {
+    /// Runs `ws` under [`write_loop`], and the read loop that `read` makes of
+    /// a sender of write commands (for the pongs and close echoes it owes).
+    pub fn spawn<R>(ws: Writer, read: impl FnOnce(mpsc::UnboundedSender<WriteCmd>) -> R) -> Driver
+    where
+        R: Future<Output = ()> + Send + 'static,
+    {
+        let (writer, commands) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_loop(ws, commands));
+        let reader_task = tokio::spawn(read(writer.clone()));
+        Driver {
+            writer,
+            reader_task,
+            writer_task,
+        }
+    }
+
+    /// [`write_frame`] on this connection.
+    pub async fn write(
+        &self,
+        close: &Mutex<Option<CloseInfo>>,
+        frame: Frame<'static>,
+    ) -> Result<(), ClientError> {
+        write_frame(&self.writer, close, frame).await
+    }
+
+    /// Writes `frames` (a close frame last) and waits up to `timeout` for the
+    /// read loop to end with the server's echo: that completes the closing
+    /// handshake, where dropping right away would reset the socket under the
+    /// server and make it log an abnormal closure. A connection the server
+    /// already closed is not an error.
+    pub async fn close(
+        &mut self,
+        close: &Mutex<Option<CloseInfo>>,
+        frames: impl IntoIterator<Item = Frame<'static>>,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        for frame in frames {
+            match self.write(close, frame).await {
+                Ok(()) => {}
+                Err(ClientError::Closed { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        tokio::time::timeout(timeout, &mut self.reader_task)
+            .await
+            .map(drop)
+            .map_err(|_| {
+                ClientError::Timeout(format!(
+                    "server did not answer the close frame within {timeout:?}"
+                ))
+            })
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+        self.writer_task.abort();
+    }
+}
+
+/// Sends `frame` through `writer` (the commands of a [`write_loop`]) and
+/// waits until it is written. `close` is where the read loop records how the
+/// connection ended: a write failing because the server closed is reported
+/// as that close, which is what the caller needs to know.
+pub async fn write_frame(
+    writer: &mpsc::UnboundedSender<WriteCmd>,
+    close: &Mutex<Option<CloseInfo>>,
+    frame: Frame<'static>,
+) -> Result<(), ClientError> {
+    let is_closed = || {
+        close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    };
+    if is_closed() {
+        return Err(closed_error(close));
+    }
+    let (ack, acked) = oneshot::channel();
+    if writer
+        .send(WriteCmd {
+            frame,
+            ack: Some(ack),
+        })
+        .is_err()
+    {
+        return Err(closed_error(close));
+    }
+    match acked.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) if is_closed() => Err(closed_error(close)),
+        Ok(Err(WebSocketError::IoError(e))) => Err(ClientError::Io(e)),
+        Ok(Err(WebSocketError::ConnectionClosed)) | Err(_) => Err(connection_closed()),
+        Ok(Err(e)) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+/// The close recorded in `close` as an error, or a bare "connection closed"
+/// while none is.
+pub fn closed_error(close: &Mutex<Option<CloseInfo>>) -> ClientError {
+    close
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map_or_else(connection_closed, CloseInfo::to_error)
+}
+
+fn connection_closed() -> ClientError {
+    ClientError::Closed {
+        code: None,
+        reason: "connection closed".into(),
+    }
+}
+
+/// A whole data message from the server, for [`read_messages`].
+pub enum Message<'a> {
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+/// Reads `ws` until the connection ends, and returns how it did: the
+/// server's close frame, the socket lost without one, or what `on_message`
+/// ended it with. Each text message goes to `tap` first (one it takes goes
+/// no further), then, like each binary one, to `on_message`. The pongs and
+/// close echoes the server is owed are queued on `writer`, not awaited: the
+/// reader must keep draining the socket even while a large write is in
+/// progress.
+pub async fn read_messages(
+    ws: &mut Reader,
+    writer: &mpsc::UnboundedSender<WriteCmd>,
+    tap: Option<&Tap>,
+    mut on_message: impl FnMut(Message<'_>) -> ControlFlow<CloseInfo>,
+) -> CloseInfo {
+    let mut obligated = |frame: Frame<'static>| {
+        let _ = writer.send(WriteCmd { frame, ack: None });
+        std::future::ready(Ok::<(), Infallible>(()))
+    };
+    loop {
+        let frame = match ws.read_frame(&mut obligated).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                return CloseInfo {
+                    code: None,
+                    reason: format!("connection lost without a close frame: {e}"),
+                };
+            }
+        };
+        let flow = match frame.opcode {
+            OpCode::Text if tap.is_some_and(|tap| tap(&frame.payload)) => ControlFlow::Continue(()),
+            OpCode::Text => on_message(Message::Text(&frame.payload)),
+            OpCode::Binary => on_message(Message::Binary(&frame.payload)),
+            OpCode::Close => return parse_close(&frame.payload),
+            // Pings are answered by fastwebsockets; pongs need nothing.
+            _ => ControlFlow::Continue(()),
+        };
+        if let ControlFlow::Break(info) = flow {
+            return info;
+        }
+    }
+}
+
+/// Callers waiting for the answer that carries their id (a Herald request's
+/// reply, a Socket.IO ack), shared by a client handle and its read loop. The
+/// read loop [`close`](Waiters::close)s it when it stops: every waiting
+/// caller wakes, and one that comes later fails at once instead of waiting
+/// out its timeout.
+pub struct Waiters<T> {
+    by_id: Mutex<Option<HashMap<u64, oneshot::Sender<T>>>>,
+}
+
+impl<T> Default for Waiters<T> {
+    fn default() -> Self {
+        Waiters {
+            by_id: Mutex::new(Some(HashMap::new())),
+        }
+    }
+}
+
+impl<T> Waiters<T> {
+    /// Nothing under the lock can panic half-way, so a poisoned lock still
+    /// holds consistent data.
+    fn by_id(&self) -> MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<T>>>> {
+        self.by_id.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for the answer `id`: registered before the question is sent, so
+    /// the answer cannot overtake it, and unregistered however the wait ends
+    /// (when the guard drops). `None` once closed.
+    pub fn wait(&self, id: u64) -> Option<(Waiting<'_, T>, oneshot::Receiver<T>)> {
+        let (tx, rx) = oneshot::channel();
+        self.by_id().as_mut()?.insert(id, tx);
+        Some((Waiting { waiters: self, id }, rx))
+    }
+
+    /// The caller waiting for `id`, if there is one.
+    pub fn take(&self, id: u64) -> Option<oneshot::Sender<T>> {
+        self.by_id().as_mut()?.remove(&id)
+    }
+
+    /// Wakes every waiting caller and refuses new ones.
+    pub fn close(&self) {
+        self.by_id().take();
+    }
+}
+
+/// A caller's registration in [`Waiters`]; dropping it removes the entry.
+pub struct Waiting<'a, T> {
+    waiters: &'a Waiters<T>,
+    id: u64,
+}
+
+impl<T> Waiting<'_, T> {
+    /// The id whose answer is awaited.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        self.waiters.take(self.id);
     }
 }
 

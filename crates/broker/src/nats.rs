@@ -94,6 +94,19 @@ impl NatsBroker {
             }
         }
     }
+
+    /// A plain or queue subscription, handed out only once [`confirm`]ed, so
+    /// that no message published after `subscribe` returns is missed.
+    ///
+    /// [`confirm`]: NatsBroker::confirm
+    async fn confirmed(
+        &self,
+        subscribe: impl Future<Output = Result<async_nats::Subscriber, async_nats::SubscribeError>>,
+    ) -> Result<Subscription, BrokerError> {
+        let sub = subscribe.await.map_err(BrokerError::unavailable)?;
+        self.confirm().await?;
+        Ok(convert(sub))
+    }
 }
 
 fn convert(sub: async_nats::Subscriber) -> Subscription {
@@ -129,15 +142,7 @@ impl Broker for NatsBroker {
     }
 
     fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
-        Box::pin(async move {
-            let sub = self
-                .client
-                .subscribe(subject)
-                .await
-                .map_err(BrokerError::unavailable)?;
-            self.confirm().await?;
-            Ok(convert(sub))
-        })
+        Box::pin(self.confirmed(self.client.subscribe(subject)))
     }
 
     fn queue_subscribe(
@@ -145,15 +150,7 @@ impl Broker for NatsBroker {
         subject: String,
         group: String,
     ) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
-        Box::pin(async move {
-            let sub = self
-                .client
-                .queue_subscribe(subject, group)
-                .await
-                .map_err(BrokerError::unavailable)?;
-            self.confirm().await?;
-            Ok(convert(sub))
-        })
+        Box::pin(self.confirmed(self.client.queue_subscribe(subject, group)))
     }
 
     fn request(

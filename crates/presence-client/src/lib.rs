@@ -3,6 +3,8 @@
 //! `Presence` API it fronts for backends). The question goes to any presence
 //! replica as a broker request, or, given `--presence URL`, to that presence
 //! service over gRPC: the same question and the same answer either way.
+//! Every server of that API checks the requests with the same
+//! [`check_room_members`] and [`check_user_status`].
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -11,8 +13,9 @@ use bytes::Bytes;
 use herald_broker::{BrokerError, SharedBroker};
 use herald_proto::v1::presence_client::PresenceClient;
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest};
-use herald_wire::subjects;
+use herald_wire::{RoomName, subjects};
 use prost::Message;
+use tonic::Status;
 use tonic::transport::Channel;
 
 /// Where presence queries go.
@@ -58,6 +61,25 @@ pub enum QueryError {
     Grpc(tonic::Status),
 }
 
+/// Refuses a `RoomMembers` request that names no valid room, for every
+/// server of `herald.v1.Presence`, so the presence service and the router
+/// that fronts it answer bad input alike.
+pub fn check_room_members(req: &RoomMembersRequest) -> Result<(), Status> {
+    RoomName::parse(&req.room).map_err(|e| Status::invalid_argument(format!("room: {e}")))?;
+    Ok(())
+}
+
+/// Refuses a `UserStatus` request that names no user (see
+/// [`check_room_members`]).
+pub fn check_user_status(req: &UserStatusRequest) -> Result<(), Status> {
+    if req.users.is_empty() {
+        return Err(Status::invalid_argument(
+            "users is empty: name at least one user",
+        ));
+    }
+    Ok(())
+}
+
 /// Asks presence; cheap to clone.
 #[derive(Clone)]
 pub struct PresenceQuery {
@@ -93,12 +115,7 @@ impl PresenceQuery {
     ) -> Result<RoomMembersReply, QueryError> {
         match &self.source {
             Source::Broker => self.ask(subjects::PRESENCE_QUERY_ROOM_MEMBERS, req).await,
-            Source::Grpc(client) => client
-                .clone()
-                .room_members(self.request(req))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(QueryError::Grpc),
+            Source::Grpc(client) => answer(client.clone().room_members(self.request(req)).await),
         }
     }
 
@@ -106,12 +123,7 @@ impl PresenceQuery {
     pub async fn user_status(&self, req: UserStatusRequest) -> Result<UserStatusReply, QueryError> {
         match &self.source {
             Source::Broker => self.ask(subjects::PRESENCE_QUERY_USER_STATUS, req).await,
-            Source::Grpc(client) => client
-                .clone()
-                .user_status(self.request(req))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(QueryError::Grpc),
+            Source::Grpc(client) => answer(client.clone().user_status(self.request(req)).await),
         }
     }
 
@@ -139,4 +151,11 @@ impl PresenceQuery {
             .map_err(QueryError::NoAnswer)?;
         Rep::decode(bytes).map_err(QueryError::Unreadable)
     }
+}
+
+/// A gRPC answer as a query's: the status is kept whole for fronts to pass on.
+fn answer<T>(result: Result<tonic::Response<T>, Status>) -> Result<T, QueryError> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(QueryError::Grpc)
 }

@@ -4,6 +4,7 @@
 //! turns the actor's per-watcher event queue into a server stream.
 
 use futures::stream::BoxStream;
+use herald_presence_client::{check_room_members, check_user_status};
 use herald_proto::v1::presence_server;
 use herald_proto::v1::{
     PresenceEvent, RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest,
@@ -42,7 +43,7 @@ impl presence_server::Presence for PresenceApi {
         request: Request<RoomMembersRequest>,
     ) -> Result<Response<RoomMembersReply>, Status> {
         let req = request.into_inner();
-        RoomName::parse(&req.room).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        check_room_members(&req)?;
         let reply = self.presence.try_room_members(req).await.map_err(stopped)?;
         Ok(Response::new(reply))
     }
@@ -52,11 +53,7 @@ impl presence_server::Presence for PresenceApi {
         request: Request<UserStatusRequest>,
     ) -> Result<Response<UserStatusReply>, Status> {
         let req = request.into_inner();
-        if req.users.is_empty() {
-            return Err(Status::invalid_argument(
-                "users is empty: name at least one user",
-            ));
-        }
+        check_user_status(&req)?;
         if req.users.len() > MAX_USERS_PER_CALL {
             return Err(Status::invalid_argument(format!(
                 "{} users asked at once; the limit is {MAX_USERS_PER_CALL}",

@@ -3,7 +3,7 @@
 //! service named by `--presence` (the shared presence client decides).
 
 use herald_broker::SharedBroker;
-use herald_presence_client::{PresenceQuery, QueryError};
+use herald_presence_client::{PresenceQuery, QueryError, check_room_members, check_user_status};
 use herald_proto::v1::presence_server::{Presence, PresenceServer};
 use herald_proto::v1::*;
 use tonic::{Request, Response, Status};
@@ -27,14 +27,14 @@ impl PresenceFront {
     }
 }
 
-/// A presence service's own status passes through unchanged; the router
-/// answers for the broker's side itself.
-fn status(e: QueryError) -> Status {
-    match e {
+/// A query's answer as the front's. A presence service's own status passes
+/// through unchanged; the router answers for the broker's side itself.
+fn answer<T>(result: Result<T, QueryError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| match e {
         QueryError::NoAnswer(_) => Status::unavailable(e.to_string()),
         QueryError::Unreadable(_) => Status::internal(e.to_string()),
         QueryError::Grpc(status) => status,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -44,13 +44,8 @@ impl Presence for PresenceFront {
         request: Request<RoomMembersRequest>,
     ) -> Result<Response<RoomMembersReply>, Status> {
         let req = request.into_inner();
-        herald_wire::RoomName::parse(&req.room)
-            .map_err(|e| Status::invalid_argument(format!("room: {e}")))?;
-        self.query
-            .room_members(req)
-            .await
-            .map(Response::new)
-            .map_err(status)
+        check_room_members(&req)?;
+        answer(self.query.room_members(req).await)
     }
 
     async fn user_status(
@@ -58,14 +53,8 @@ impl Presence for PresenceFront {
         request: Request<UserStatusRequest>,
     ) -> Result<Response<UserStatusReply>, Status> {
         let req = request.into_inner();
-        if req.users.is_empty() {
-            return Err(Status::invalid_argument("users is empty"));
-        }
-        self.query
-            .user_status(req)
-            .await
-            .map(Response::new)
-            .map_err(status)
+        check_user_status(&req)?;
+        answer(self.query.user_status(req).await)
     }
 
     type WatchStream = tonic::codec::Streaming<PresenceEvent>;
