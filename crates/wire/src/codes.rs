@@ -83,10 +83,13 @@ pub enum CloseCode {
     Forbidden,
     RateLimited,
     SlowConsumer,
+    /// Nothing (no frame, no pong) arrived from the client for the edge's
+    /// idle timeout: it is taken for gone.
+    IdleTimeout,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 10] = [
+    pub const ALL: [CloseCode; 11] = [
         CloseCode::Normal,
         CloseCode::Policy,
         CloseCode::TooBig,
@@ -97,6 +100,7 @@ impl CloseCode {
         CloseCode::Forbidden,
         CloseCode::RateLimited,
         CloseCode::SlowConsumer,
+        CloseCode::IdleTimeout,
     ];
 
     pub fn code(self) -> u16 {
@@ -111,6 +115,7 @@ impl CloseCode {
             CloseCode::Forbidden => 4003,
             CloseCode::RateLimited => 4008,
             CloseCode::SlowConsumer => 4009,
+            CloseCode::IdleTimeout => 4010,
         }
     }
 
@@ -129,7 +134,8 @@ impl CloseCode {
             | CloseCode::ServiceRestart
             | CloseCode::TryAgainLater
             | CloseCode::RateLimited
-            | CloseCode::SlowConsumer => true,
+            | CloseCode::SlowConsumer
+            | CloseCode::IdleTimeout => true,
         }
     }
 }
@@ -165,7 +171,9 @@ mod tests {
         let codes: Vec<_> = CloseCode::ALL.iter().map(|c| c.code()).collect();
         assert_eq!(
             codes,
-            [1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009]
+            [
+                1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009, 4010
+            ]
         );
         let unique: HashSet<_> = codes.iter().collect();
         assert_eq!(unique.len(), codes.len());

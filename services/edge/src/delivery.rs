@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::framing::{OP_CLOSE, OP_TEXT, encode_close, encode_frame};
+use crate::framing::{OP_CLOSE, OP_PING, OP_TEXT, encode_close, encode_frame};
 
 mod fanout;
 #[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
@@ -81,6 +81,9 @@ struct Conn {
     why: OnceLock<(CloseCode, String)>,
     /// When the connection's token expires, in seconds since the Unix epoch.
     expires: AtomicU64,
+    /// When something last arrived from the client, on the edge's clock
+    /// (`liveness::now`).
+    heard: AtomicU32,
     /// Wakes the session: a close, a control action, a stalled write.
     attention: Notify,
 }
@@ -274,6 +277,7 @@ impl Outbox {
                 control: Mutex::default(),
                 why: OnceLock::new(),
                 expires: AtomicU64::new(u64::MAX),
+                heard: AtomicU32::new(crate::liveness::now()),
                 attention: Notify::new(),
             }),
         }
@@ -290,6 +294,27 @@ impl Outbox {
 
     pub fn set_expiry(&self, exp: u64) {
         self.conn.expires.store(exp, Ordering::Relaxed);
+    }
+
+    /// Something arrived from the client: it is alive.
+    pub fn heard_now(&self) {
+        self.conn
+            .heard
+            .store(crate::liveness::now(), Ordering::Relaxed);
+    }
+
+    /// When something last arrived from the client (`liveness::now`).
+    pub fn heard(&self) -> u32 {
+        self.conn.heard.load(Ordering::Relaxed)
+    }
+
+    /// Queues a WebSocket ping; the client's pong (or anything else it
+    /// sends) shows it is alive.
+    pub fn ping(&self) {
+        self.push(Out::Control {
+            opcode: OP_PING,
+            payload: Vec::new(),
+        });
     }
 
     /// Whether the token expired by `now` (seconds since the Unix epoch).

@@ -25,7 +25,7 @@ const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
+pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
 /// What the reader produced.
@@ -107,7 +107,10 @@ impl Reader {
         let mut buf = [0u8; READ_CHUNK];
         match stream.try_read(&mut buf) {
             Ok(0) => self.finish(Incoming::Closed),
-            Ok(n) => self.take_in(&mut buf[..n], outbox),
+            Ok(n) => {
+                outbox.heard_now();
+                self.take_in(&mut buf[..n], outbox);
+            }
             // Readiness was stale; the caller waits again.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

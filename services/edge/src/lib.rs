@@ -8,6 +8,7 @@ mod control;
 mod delivery;
 mod framing;
 mod interest;
+mod liveness;
 mod presence;
 mod room;
 mod session;
@@ -41,8 +42,12 @@ pub struct Config {
     pub policy: Policy,
     /// How long a new connection may take to send a valid `connect`.
     pub handshake_timeout: Duration,
-    /// The heartbeat interval announced to clients in `connected`.
+    /// How often each connection is pinged; announced to clients in
+    /// `connected` as `heartbeat_ms`. Whole seconds.
     pub heartbeat: Duration,
+    /// A connection from which nothing has arrived for this long is closed
+    /// (4010). Whole seconds, longer than `heartbeat`.
+    pub idle_timeout: Duration,
     /// Largest client message accepted; a larger one closes with 1009.
     pub max_message_bytes: usize,
     /// Frames queued for one connection before it is closed as a slow consumer (4009).
@@ -81,6 +86,7 @@ impl Config {
             policy,
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
             max_message_bytes: 64 * 1024,
             outbound_queue: 1024,
             max_rooms_per_conn: 256,
@@ -217,7 +223,8 @@ pub async fn run(
             }
         });
     }
-    tokio::spawn(expire_tokens(edge.clone()));
+    liveness::start_clock();
+    tokio::spawn(liveness::sweep(edge.clone()));
     let app = Router::new()
         .route("/ws", get(transport::ws_handler))
         .with_state(edge.clone())
@@ -231,7 +238,12 @@ pub async fn run(
         edge.broker.describe()
     );
     let http_stop = CancellationToken::new();
-    let server = tokio::spawn(transport::serve(listener, app, http_stop.clone()));
+    let server = tokio::spawn(transport::serve(
+        listener,
+        app,
+        edge.config.heartbeat,
+        http_stop.clone(),
+    ));
 
     shutdown.cancelled().await;
     health.set_draining();
@@ -261,26 +273,6 @@ pub async fn run(
     let _ = server.await;
     tracing::info!("edge {} stopped", edge.config.node_id);
     Ok(())
-}
-
-/// Closes connections whose token expired, once a second (token expiry is
-/// in whole seconds). One sweep for the edge rather than a timer in every
-/// session's task: an idle connection's task holds only what it waits on.
-async fn expire_tokens(edge: Arc<Edge>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = edge.shutdown.cancelled() => return,
-        }
-        let now = herald_auth::now_secs();
-        edge.each_session(|outbox| {
-            if outbox.expired(now) && outbox.close_reason().is_none() {
-                session::expire(outbox);
-            }
-        });
-    }
 }
 
 fn register_metrics(metrics: &Metrics, m: &EdgeMetrics) {

@@ -26,10 +26,16 @@ use crate::{Edge, session};
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `router` over HTTP/1.1 on `listener` until `stop`, then lets each
+/// Serves `router` over HTTP/1.1 on `listener` until `stop`, with TCP
+/// keepalive probes after `keepalive` of quiet, then lets each
 /// connection finish its request. Upgraded connections live on in their own
 /// tasks and are not waited for here.
-pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    keepalive: std::time::Duration,
+    stop: CancellationToken,
+) {
     let conns = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -47,6 +53,11 @@ pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToke
         // Replies and small frames go out at once: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs hold some of them back ~40 ms.
         let _ = stream.set_nodelay(true);
+        // The kernel probes a connection that has been quiet this long, which
+        // keeps NAT mappings alive and ends sockets whose peer vanished
+        // before it ever authenticated (the pings cover sessions).
+        let _ = socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
         let router = router.clone();
         let stop = stop.clone();
         conns.spawn(async move {

@@ -69,6 +69,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// How an edge notices clients that are gone without closing.
+#[derive(Args, Debug)]
+pub struct LivenessArgs {
+    /// How often the edge pings each client (a WebSocket ping), announced to
+    /// clients as `heartbeat_ms`; whole seconds, at least 1s.
+    #[arg(long, env = "HERALD_HEARTBEAT", value_parser = humantime::parse_duration, default_value = "25s")]
+    pub heartbeat: Duration,
+    /// Close a connection from which nothing (no frame, no pong) has arrived
+    /// for this long; whole seconds, longer than --heartbeat. Default: twice
+    /// the heartbeat plus 10s.
+    #[arg(long, env = "HERALD_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Address for WebSocket clients (/ws) and /healthz, /readyz, /metrics.
@@ -77,6 +91,8 @@ pub struct DevArgs {
     /// Address for the gRPC API (Router and Presence).
     #[arg(long, env = "HERALD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
     #[command(flatten)]
     pub keys: Keys,
     #[command(flatten)]
@@ -121,6 +137,8 @@ pub struct EdgeArgs {
     /// presence service's --edge-timeout).
     #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub presence_interval: Duration,
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
     #[command(flatten)]
     pub keys: Keys,
     #[command(flatten)]

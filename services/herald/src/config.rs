@@ -10,7 +10,7 @@ use herald_auth::{DurablePolicy, NamespacePolicy, Policy, Verifier};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
-use crate::cli::{Common, Keys};
+use crate::cli::{Common, Keys, LivenessArgs};
 
 /// The secret `herald dev` and `herald token` use when none is given. It is
 /// public: fine on a laptop, never for anything reachable by others.
@@ -71,6 +71,31 @@ impl ConfigError {
             source: Some(source.into()),
         }
     }
+}
+
+/// The edge's heartbeat and idle timeout (`--heartbeat`, `--idle-timeout`):
+/// whole seconds, since the edge checks its connections once a second, and
+/// a timeout longer than the heartbeat, or every quiet client would be
+/// closed before its first ping.
+pub fn liveness(args: &LivenessArgs) -> Result<(Duration, Duration), ConfigError> {
+    let heartbeat = args.heartbeat;
+    if heartbeat < Duration::from_secs(1) || heartbeat.subsec_nanos() != 0 {
+        return Err(ConfigError::new(format!(
+            "--heartbeat {}: give whole seconds, at least 1s",
+            humantime::format_duration(heartbeat)
+        )));
+    }
+    let idle = args
+        .idle_timeout
+        .unwrap_or(2 * heartbeat + Duration::from_secs(10));
+    if idle <= heartbeat || idle.subsec_nanos() != 0 {
+        return Err(ConfigError::new(format!(
+            "--idle-timeout {}: give whole seconds, longer than --heartbeat ({})",
+            humantime::format_duration(idle),
+            humantime::format_duration(heartbeat)
+        )));
+    }
+    Ok((heartbeat, idle))
 }
 
 pub fn policy(common: &Common) -> Result<Policy, ConfigError> {

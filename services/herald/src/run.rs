@@ -8,7 +8,7 @@ use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHist
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, Common, Keys, LogFormat, TokenArgs};
+use crate::cli::{Cli, Command, Common, Keys, LivenessArgs, LogFormat, TokenArgs};
 use crate::config::{self, ConfigError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -198,6 +198,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
             let config = edge_config(
                 &args.common,
                 &args.keys,
+                &args.liveness,
                 config::node_id(args.node_id)?,
                 false,
             )?;
@@ -290,14 +291,20 @@ async fn serve(command: Command) -> Result<(), RunError> {
 fn edge_config(
     common: &Common,
     keys: &Keys,
+    liveness: &LivenessArgs,
     node_id: String,
     dev: bool,
 ) -> Result<herald_edge::Config, ConfigError> {
-    Ok(herald_edge::Config::new(
-        node_id,
-        config::verifier(keys, dev)?,
-        config::policy(common)?,
-    ))
+    let (heartbeat, idle_timeout) = config::liveness(liveness)?;
+    Ok(herald_edge::Config {
+        heartbeat,
+        idle_timeout,
+        ..herald_edge::Config::new(
+            node_id,
+            config::verifier(keys, dev)?,
+            config::policy(common)?,
+        )
+    })
 }
 
 /// Where `--presence` sends presence queries: the edge's member lists and
@@ -313,7 +320,7 @@ async fn dev(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let namespaces = config::namespaces(&args.common)?;
-    let config = edge_config(&args.common, &args.keys, "dev".into(), true)?;
+    let config = edge_config(&args.common, &args.keys, &args.liveness, "dev".into(), true)?;
     let using_dev_secret = args.keys.jwt_secret.is_none() && args.keys.jwt_public_key.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;

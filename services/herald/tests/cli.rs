@@ -190,3 +190,30 @@ fn worker_threads_sets_the_runtimes_threads_and_refuses_zero() {
         "{metrics}"
     );
 }
+
+#[test]
+fn heartbeat_and_idle_timeout_are_checked_and_named() {
+    for (args, named) in [
+        (&["--heartbeat", "500ms"][..], "--heartbeat 500ms"),
+        (
+            &["--heartbeat", "10s", "--idle-timeout", "10s"][..],
+            "--idle-timeout 10s",
+        ),
+        (
+            &["--idle-timeout", "90500ms"][..],
+            "--idle-timeout 1m 30s 500ms",
+        ),
+    ] {
+        let mut argv = vec![
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ];
+        argv.extend_from_slice(args);
+        let o = herald(&argv);
+        assert_eq!(o.status.code(), Some(2), "{argv:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(named), "{argv:?}: {}", stderr(&o));
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use herald_broker::{Broker, NatsBroker};
-use herald_proto::v1::{RoomMembersRequest, UserStatusRequest, WatchRequest};
+use herald_proto::v1::{RoomMembersRequest, UserStatusRequest};
 use herald_test_support::eventually;
 use herald_wire::presence::{UserEvent, UserTransition};
 use serde_json::json;
@@ -71,40 +71,6 @@ impl UserEvents {
     fn count(&self) -> usize {
         self.0.lock().unwrap().len()
     }
-}
-
-/// Collects a Watch stream's events in the background.
-fn watch(
-    mut client: PresenceClient,
-    rooms: &[&str],
-    users: &[&str],
-) -> Arc<Mutex<Vec<herald_proto::v1::PresenceEvent>>> {
-    let req = WatchRequest {
-        rooms: rooms.iter().map(|r| r.to_string()).collect(),
-        users: users.iter().map(|u| u.to_string()).collect(),
-    };
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = events.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    tokio::spawn(async move {
-        let mut stream = client.watch(req).await.expect("watch").into_inner();
-        let _ = ready_tx.send(());
-        while let Ok(Some(e)) = stream.message().await {
-            sink.lock().unwrap().push(e);
-        }
-    });
-    let _ = ready_rx.recv_timeout(WAIT);
-    events
-}
-
-fn transitions(events: &Mutex<Vec<herald_proto::v1::PresenceEvent>>, user: &str) -> Vec<String> {
-    events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.user == user && e.room.is_empty())
-        .map(|e| e.event.clone())
-        .collect()
 }
 
 #[tokio::test]

@@ -4,9 +4,11 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_client::Client;
+use herald_proto::v1::WatchRequest;
 use herald_test_support::{Herald, NatsServer, free_addr};
 use serde_json::{Value, json};
 
@@ -295,4 +297,41 @@ pub fn member_users(reply: &Value) -> Vec<String> {
         .collect();
     users.sort();
     users
+}
+
+/// Collects a Watch stream's events in the background.
+pub fn watch(
+    mut client: PresenceClient,
+    rooms: &[&str],
+    users: &[&str],
+) -> Arc<Mutex<Vec<herald_proto::v1::PresenceEvent>>> {
+    let req = WatchRequest {
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        users: users.iter().map(|u| u.to_string()).collect(),
+    };
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        let mut stream = client.watch(req).await.expect("watch").into_inner();
+        let _ = ready_tx.send(());
+        while let Ok(Some(e)) = stream.message().await {
+            sink.lock().unwrap().push(e);
+        }
+    });
+    let _ = ready_rx.recv_timeout(WAIT);
+    events
+}
+
+pub fn transitions(
+    events: &Mutex<Vec<herald_proto::v1::PresenceEvent>>,
+    user: &str,
+) -> Vec<String> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.user == user && e.room.is_empty())
+        .map(|e| e.event.clone())
+        .collect()
 }
