@@ -77,6 +77,11 @@ pub trait Broker: Send + Sync + 'static {
         payload: Bytes,
     ) -> BoxFuture<'_, Result<(), BrokerError>>;
 
+    /// Returns once the broker has received everything this client
+    /// published before the call: a process about to exit must not leave its
+    /// last messages in a buffer.
+    fn confirm(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+
     /// Subscribes to `subject` (wildcards allowed). When this returns, the
     /// subscription is live: every message published afterwards, by anyone,
     /// reaches it. Dropping the subscription unsubscribes.

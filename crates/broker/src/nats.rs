@@ -65,7 +65,7 @@ impl NatsBroker {
     /// client notices the death only later, then reconnects and sends its
     /// subscriptions again), so an unanswered one is sent again, every
     /// [`CONFIRM_ATTEMPT`], until [`CONFIRM_TIMEOUT`].
-    async fn confirm(&self) -> Result<(), BrokerError> {
+    async fn round_trip(&self) -> Result<(), BrokerError> {
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         let mut last_error: Option<Cause> = None;
         loop {
@@ -95,16 +95,17 @@ impl NatsBroker {
         }
     }
 
-    /// A plain or queue subscription, handed out only once [`confirm`]ed, so
-    /// that no message published after `subscribe` returns is missed.
+    /// A plain or queue subscription, handed out only once confirmed by a
+    /// [`round_trip`], so that no message published after `subscribe`
+    /// returns is missed.
     ///
-    /// [`confirm`]: NatsBroker::confirm
+    /// [`round_trip`]: NatsBroker::round_trip
     async fn confirmed(
         &self,
         subscribe: impl Future<Output = Result<async_nats::Subscriber, async_nats::SubscribeError>>,
     ) -> Result<Subscription, BrokerError> {
         let sub = subscribe.await.map_err(BrokerError::unavailable)?;
-        self.confirm().await?;
+        self.round_trip().await?;
         Ok(convert(sub))
     }
 }
@@ -139,6 +140,10 @@ impl Broker for NatsBroker {
                 .await
                 .map_err(BrokerError::unavailable)
         })
+    }
+
+    fn confirm(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(self.round_trip())
     }
 
     fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>> {

@@ -176,13 +176,21 @@ async fn nats_broker_resubscribes_after_a_server_restart() {
 
 /// A proxy to `upstream` that holds what each client sends for `delay`
 /// before passing it on (the server's answers pass at once): a server that
-/// is slow to read one client, as a busy nats-server is.
-async fn slow_proxy(upstream: std::net::SocketAddr, delay: Duration) -> String {
+/// is slow to read one client, as a busy nats-server is. Setting the flag
+/// it returns cuts every connection: what it still holds is lost, as with a
+/// process that exits before its last bytes left.
+async fn slow_proxy(
+    upstream: std::net::SocketAddr,
+    delay: Duration,
+) -> (String, Arc<std::sync::atomic::AtomicBool>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("nats://{}", listener.local_addr().unwrap());
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutting = cut.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let cut = cutting.clone();
             let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
             let (mut client_rd, mut client_wr) = client.into_split();
             let (mut server_rd, mut server_wr) = server.into_split();
@@ -194,6 +202,9 @@ async fn slow_proxy(upstream: std::net::SocketAddr, delay: Duration) -> String {
             tokio::spawn(async move {
                 while let Some((due, bytes)) = rx.recv().await {
                     tokio::time::sleep_until(due).await;
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
                     if server_wr.write_all(&bytes).await.is_err() {
                         return;
                     }
@@ -210,7 +221,7 @@ async fn slow_proxy(upstream: std::net::SocketAddr, delay: Duration) -> String {
             });
         }
     });
-    url
+    (url, cut)
 }
 
 /// When `subscribe` returns, the server has the subscription: a message
@@ -221,7 +232,7 @@ async fn slow_proxy(upstream: std::net::SocketAddr, delay: Duration) -> String {
 async fn nats_subscribe_returns_once_the_server_has_the_subscription() {
     let nats = NatsServer::start().unwrap();
     let upstream = nats.url().trim_start_matches("nats://").parse().unwrap();
-    let slow_url = slow_proxy(upstream, Duration::from_millis(300)).await;
+    let (slow_url, _cut) = slow_proxy(upstream, Duration::from_millis(300)).await;
     let subscriber = NatsBroker::connect(&slow_url, "slow-subscriber")
         .await
         .unwrap();
@@ -233,5 +244,34 @@ async fn nats_subscribe_returns_once_the_server_has_the_subscription() {
         let mut sub = subscriber.subscribe(subject.clone()).await.unwrap();
         publisher.publish(subject, "now".into()).await.unwrap();
         assert_eq!(next_payload(&mut sub).await, "now", "subscription {i}");
+    }
+}
+
+/// When `confirm` returns, the server has everything published before it:
+/// the publisher may go (its connection cut, as when its process exits)
+/// and nothing is lost, even when the server reads it late.
+#[tokio::test]
+async fn nats_confirm_returns_once_the_server_has_what_was_published() {
+    let nats = NatsServer::start().unwrap();
+    let upstream = nats.url().trim_start_matches("nats://").parse().unwrap();
+    let (slow_url, cut) = slow_proxy(upstream, Duration::from_millis(300)).await;
+    let subscriber = NatsBroker::connect(&nats.url(), "subscriber")
+        .await
+        .unwrap();
+    let mut sub = subscriber.subscribe("t.last".into()).await.unwrap();
+    let publisher = NatsBroker::connect(&slow_url, "slow-publisher")
+        .await
+        .unwrap();
+    for i in 0..50u32 {
+        publisher
+            .publish("t.last".into(), Bytes::from(i.to_string()))
+            .await
+            .unwrap();
+    }
+    publisher.confirm().await.unwrap();
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(publisher);
+    for i in 0..50u32 {
+        assert_eq!(next_payload(&mut sub).await, Bytes::from(i.to_string()));
     }
 }

@@ -250,23 +250,37 @@ pub async fn run(
     http_stop.cancel();
     edge.sessions.close();
     // Sessions do not each watch the shutdown token (an idle connection's
-    // task holds only what it waits on): they are closed from here.
+    // task holds only what it waits on): they are closed from here. One
+    // still authenticating sees the shutdown when it opens.
+    let mut asked = 0;
     edge.each_session(|outbox| {
+        asked += 1;
         outbox.close(
             herald_wire::CloseCode::ServiceRestart,
             session::SHUTTING_DOWN,
         )
     });
     tracing::info!(
-        "edge {} draining: asking {} connections to reconnect elsewhere",
+        "edge {} draining: asked {asked} connections to reconnect elsewhere (1012); {} tasks to wait for",
         edge.config.node_id,
-        edge.metrics.connections.get()
+        edge.sessions.len()
     );
+    let drain_started = tokio::time::Instant::now();
     if tokio::time::timeout(edge.config.drain_timeout, edge.sessions.wait())
         .await
         .is_err()
     {
-        tracing::warn!("drain timeout passed with connections still open; closing anyway");
+        tracing::warn!(
+            "drain timeout ({:?}) passed with {} connections still open; closing anyway",
+            edge.config.drain_timeout,
+            edge.sessions.len()
+        );
+    } else {
+        tracing::info!(
+            "edge {} drained in {:?}: every connection closed",
+            edge.config.node_id,
+            drain_started.elapsed()
+        );
     }
     reporter_stop.cancel();
     let _ = reporter_task.await;

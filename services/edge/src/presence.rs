@@ -21,6 +21,9 @@ use herald_wire::subjects;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// How long an exiting edge waits for the broker to confirm its last reports.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Where member lists are read from.
 pub use herald_presence_client::Source as PresenceSource;
 
@@ -83,6 +86,7 @@ impl Reporter {
                             task.apply(seq, change).await;
                         }
                         task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }).await;
+                        task.confirm_sent().await;
                         break;
                     }
                 }
@@ -157,6 +161,28 @@ impl ReportTask {
             conns,
         };
         self.send(&report).await;
+    }
+
+    /// Waits until NATS has every report sent so far: the process is about
+    /// to exit, and reports left in the client's buffer would be lost (the
+    /// presence service would then keep this edge's users online until it
+    /// reaps the silent edge, instead of one grace period).
+    async fn confirm_sent(&self) {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.broker.confirm()).await {
+            Ok(Ok(())) => tracing::info!(
+                node = %self.node,
+                reports = self.seq,
+                connections_left = self.reported.len(),
+                "presence reports and goodbye confirmed by the broker"
+            ),
+            Ok(Err(e)) => tracing::warn!(
+                error = %chain(&e),
+                "the broker did not confirm the last presence reports; replicas will reap this edge after their edge timeout"
+            ),
+            Err(_) => tracing::warn!(
+                "the broker did not confirm the last presence reports within {CONFIRM_TIMEOUT:?}; replicas will reap this edge after their edge timeout"
+            ),
+        }
     }
 
     async fn send(&self, report: &EdgeReport) {

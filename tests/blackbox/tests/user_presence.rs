@@ -386,3 +386,63 @@ async fn watch_delivers_a_rooms_events_in_order() {
         assert_eq!(meta["v"], i, "events out of order: {got:?}");
     }
 }
+
+/// SIGTERM of an edge whose clients do not come back: the edge announces
+/// every connection's end before it exits, so each user goes offline one
+/// grace period later, not when the presence service would have reaped the
+/// silent edge.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_edges_users_go_offline_one_grace_period_later() {
+    let edge_timeout = Duration::from_secs(20);
+    let mut spec = spec(2, 1);
+    spec.presence_args = vec![
+        "--presence-grace".into(),
+        format!("{}ms", GRACE.as_millis()),
+        "--edge-timeout".into(),
+        format!("{}s", edge_timeout.as_secs()),
+    ];
+    let mut cluster = Cluster::start_spec(spec);
+    let nats_events = UserEvents::record(&cluster).await;
+    let users: Vec<String> = (0..200).map(|i| format!("drained-{i}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        let client = connect(&cluster.ws(0), user).await;
+        ok(&client, json!({"op":"join","room":"chat:drain"})).await;
+        clients.push(client);
+    }
+    eventually(WAIT, "every user online", || async {
+        users
+            .iter()
+            .all(|u| nats_events.of(u).len() == 1)
+            .then_some(())
+    })
+    .await;
+
+    let terminated_at = Instant::now();
+    cluster.edges[0].stop(Duration::from_secs(15));
+    let log = cluster.edges[0].output();
+    for said in [
+        "asked 200 connections to reconnect elsewhere",
+        "every connection closed",
+        "presence reports and goodbye confirmed by the broker",
+    ] {
+        assert!(log.contains(said), "the drain log lacks {said:?}:\n{log}");
+    }
+    eventually(GRACE + WAIT, "every user offline", || async {
+        users
+            .iter()
+            .all(|u| nats_events.of(u).len() == 2)
+            .then_some(())
+    })
+    .await;
+    for user in &users {
+        let events = nats_events.of(user);
+        assert_eq!(events[1].1, UserTransition::Offline, "{user}");
+        let after = events[1].0 - terminated_at;
+        assert!(
+            after >= GRACE - Duration::from_millis(100) && after <= GRACE + Duration::from_secs(1),
+            "{user} went offline {after:?} after SIGTERM; the grace period is {GRACE:?}"
+        );
+    }
+    drop(clients);
+}
