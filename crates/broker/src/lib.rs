@@ -55,6 +55,10 @@ pub enum BrokerError {
     NoResponders(String),
     #[error("the message broker refused the operation")]
     Failed(#[source] Cause),
+    /// Permanent: larger than the broker takes (NATS's `max_payload`).
+    /// Retrying the same message cannot succeed.
+    #[error("the message is {size} bytes; the broker takes at most {limit}")]
+    TooLarge { size: usize, limit: usize },
 }
 
 impl BrokerError {

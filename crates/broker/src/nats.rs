@@ -121,10 +121,19 @@ fn convert(sub: async_nats::Subscriber) -> Subscription {
 impl Broker for NatsBroker {
     fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
+            let size = payload.len();
             self.client
                 .publish(subject, payload)
                 .await
-                .map_err(BrokerError::unavailable)
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                        BrokerError::TooLarge {
+                            size,
+                            limit: self.client.max_payload(),
+                        }
+                    }
+                    _ => BrokerError::unavailable(e),
+                })
         })
     }
 

@@ -36,6 +36,18 @@ pub enum PublishError {
     History(#[from] HistoryError),
 }
 
+impl PublishError {
+    /// Whether the message is too large for the broker or the store: a
+    /// permanent error, not a reason to retry.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Broker(BrokerError::TooLarge { .. })
+                | PublishError::History(HistoryError::TooLarge { .. })
+        )
+    }
+}
+
 /// Publishes `frame` (a `message` frame from `herald_wire::frames::message_frame`)
 /// to `room`. For a durable room, `key` deduplicates: a repeat returns the
 /// first call's offset and publishes nothing.

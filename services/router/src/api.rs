@@ -155,7 +155,13 @@ impl RouterApi {
             Some(key),
         )
         .await
-        .map_err(|e| unavailable("publish", &e))?;
+        .map_err(|e| {
+            if e.is_too_large() {
+                Status::invalid_argument(e.to_string())
+            } else {
+                unavailable("publish", &e)
+            }
+        })?;
         self.published.inc();
         Ok(PublishReply {
             epoch: published.epoch,

@@ -403,6 +403,13 @@ impl JetStreamHistory {
                 .await;
             let acked = match sent {
                 Ok(ack) => ack.await,
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    *last = None;
+                    return Err(HistoryError::TooLarge {
+                        size: payload.len(),
+                        limit: self.client.max_payload(),
+                    });
+                }
                 Err(e) => {
                     *last = None;
                     return Err(self.fail(&format!("publish to {subject}"), e));

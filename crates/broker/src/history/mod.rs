@@ -111,6 +111,10 @@ pub enum HistoryError {
     NotDurable(String),
     #[error("the history store refused the operation")]
     Failed(#[source] Cause),
+    /// Permanent: larger than the store takes (NATS's `max_payload`, with
+    /// the headers that linearise the room). Nothing was stored.
+    #[error("the message is {size} bytes; the history store takes at most {limit}")]
+    TooLarge { size: usize, limit: usize },
 }
 
 impl HistoryError {

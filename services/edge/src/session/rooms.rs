@@ -73,7 +73,13 @@ impl Session {
             key.as_deref(),
         )
         .await
-        .map_err(|e| unavailable(&self.conn, id, &e))?;
+        .map_err(|e| {
+            if e.is_too_large() {
+                FrameError::new(id, ErrorCode::TooLarge, e.to_string())
+            } else {
+                unavailable(&self.conn, id, &e)
+            }
+        })?;
         self.edge.metrics.published.inc();
         if durable {
             Ok(Reply::Published(Position {
