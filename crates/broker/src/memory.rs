@@ -12,9 +12,14 @@ use tokio_stream_shim::ReceiverStream;
 
 use crate::{BoxFuture, Broker, BrokerError, Message, Subscription, subject_matches};
 
-/// Messages a subscriber may have waiting before new ones are dropped, as a
-/// NATS server drops messages for a slow consumer.
+/// Messages a subscriber may have waiting. One that falls further behind
+/// is a slow consumer: its subscription is closed (it gets what was already
+/// queued, then the end), as a NATS server closes a slow consumer, rather
+/// than losing messages one by one for as long as the flood lasts.
 const SUBSCRIBER_CAPACITY: usize = 65_536;
+
+/// Slow consumers are logged at most this often, with a count.
+const LOG_EVERY: Duration = Duration::from_secs(1);
 
 struct Sub {
     id: u64,
@@ -63,6 +68,18 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Ends subscription `id`: its subscriber gets what is queued, then the end.
+    fn close(&mut self, id: u64) {
+        for list in self.exact.values_mut().chain(self.prefix.values_mut()) {
+            list.retain(|s| s.id != id);
+        }
+        self.wildcard.retain(|s| s.id != id);
+        self.exact.retain(|_, l| !l.is_empty());
+        self.prefix.retain(|_, l| !l.is_empty());
+    }
+}
+
 fn prune(subs: &mut HashMap<String, Vec<Sub>>, key: &str) {
     if let Some(list) = subs.get_mut(key) {
         list.retain(|s| !s.tx.is_closed());
@@ -82,6 +99,35 @@ fn single_wildcard_prefix(pattern: &str) -> Option<&str> {
 pub struct MemoryBroker {
     table: Arc<Mutex<Table>>,
     ids: Arc<AtomicU64>,
+    slow: Arc<SlowConsumers>,
+}
+
+/// Subscriptions closed for falling behind: a count, and when the log last
+/// said so.
+#[derive(Default)]
+struct SlowConsumers {
+    closed: AtomicU64,
+    logged: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl SlowConsumers {
+    fn closed(&self, pattern: &str) {
+        let total = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut logged = self.logged.lock().expect("slow consumer log");
+        let now = std::time::Instant::now();
+        let since = match *logged {
+            Some((at, _)) if now.duration_since(at) < LOG_EVERY => return,
+            Some((_, count)) => total - count,
+            None => total,
+        };
+        *logged = Some((now, total));
+        tracing::warn!(
+            pattern,
+            closed_since_last_report = since,
+            closed_in_all = total,
+            "an in-memory subscriber fell {SUBSCRIBER_CAPACITY} messages behind; its subscription is closed, as NATS closes a slow consumer"
+        );
+    }
 }
 
 impl MemoryBroker {
@@ -124,11 +170,21 @@ impl MemoryBroker {
         for members in groups.values() {
             plain.push(members[pick % members.len()]);
         }
+        let mut slow = Vec::new();
         for s in plain {
-            if s.tx.try_send(msg.clone()).is_err() {
-                tracing::warn!(subject = %msg.subject, sub = s.id, "in-memory subscriber is full; message dropped");
+            if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(msg.clone()) {
+                slow.push((s.id, s.pattern.clone()));
             }
         }
+        for (id, pattern) in slow {
+            t.close(id);
+            self.slow.closed(&pattern);
+        }
+    }
+
+    /// How many subscriptions were closed as slow consumers.
+    pub fn slow_consumers(&self) -> u64 {
+        self.slow.closed.load(Ordering::Relaxed)
     }
 
     fn has_subscriber(&self, subject: &str) -> bool {
@@ -236,5 +292,51 @@ mod tokio_stream_shim {
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
             self.0.poll_recv(cx)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscriber that stops reading gets what was queued, then the end of
+    /// its subscription; one that reads misses nothing.
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_closed_and_others_are_not() {
+        let broker = MemoryBroker::new();
+        let mut stalled = broker.subscribe("t.flood".into()).await.unwrap();
+        let mut reading = broker.subscribe("t.>".into()).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = 0u64;
+            while let Some(m) = reading.next().await {
+                got += 1;
+                if m.payload == "last" {
+                    return got;
+                }
+            }
+            got
+        });
+        for i in 0..SUBSCRIBER_CAPACITY + 10 {
+            broker
+                .publish("t.flood".into(), Bytes::from(i.to_string()))
+                .await
+                .unwrap();
+            // Let the reader keep up, as a subscriber that is not slow does.
+            if i % 1024 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        broker
+            .publish("t.flood".into(), "last".into())
+            .await
+            .unwrap();
+        assert_eq!(broker.slow_consumers(), 1);
+        let mut queued = 0;
+        while let Some(m) = stalled.next().await {
+            assert_eq!(m.payload, Bytes::from(queued.to_string()), "in order");
+            queued += 1;
+        }
+        assert_eq!(queued, SUBSCRIBER_CAPACITY, "the queue, then the end");
+        assert_eq!(reader.await.unwrap(), SUBSCRIBER_CAPACITY as u64 + 11);
     }
 }

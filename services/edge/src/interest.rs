@@ -266,6 +266,9 @@ where
             // pump) goes when its last member leaves.
             let weak = Arc::downgrade(entry);
             let flusher = self.flusher.clone();
+            let table = Arc::downgrade(&self.table);
+            let count = self.count.clone();
+            let key = key.clone();
             Pump(tokio::spawn(async move {
                 while pump_batch(&mut sub, flusher.as_ref(), |msg| {
                     if let Some(entry) = weak.upgrade() {
@@ -274,16 +277,22 @@ where
                 })
                 .await
                 {}
+                // The broker ended a subscription the key still needs.
+                if let (Some(table), Some(entry)) = (table.upgrade(), weak.upgrade()) {
+                    cut_off(&table, &count, |k, e| *k == key && Arc::ptr_eq(e, &entry));
+                }
             }))
         }))
     }
 
     async fn shard_pump(&self, subject: String, shard: Weak<Shard>) -> Result<Pump, BrokerError> {
-        let mut sub = self.broker.subscribe(subject).await?;
+        let mut sub = self.broker.subscribe(subject.clone()).await?;
         let handler = self.handler.clone();
         let table = Arc::downgrade(&self.table);
         let key_of = self.sharding.as_ref().expect("a sharded interest").key;
         let flusher = self.flusher.clone();
+        let wildcard = self.sharding.as_ref().expect("a sharded interest").wildcard;
+        let count = self.count.clone();
         Ok(Pump(tokio::spawn(async move {
             while pump_batch(&mut sub, flusher.as_ref(), |msg| {
                 // A shard dropped while its last batch runs must not feed
@@ -304,6 +313,17 @@ where
             })
             .await
             {}
+            // The broker ended a subscription that the shard's keys still
+            // need: every one of them is cut off.
+            if let (Some(table), Some(shard)) = (table.upgrade(), shard.upgrade()) {
+                let of_shard = |k: &K| wildcard(k).as_deref() == Some(subject.as_str());
+                table
+                    .lock()
+                    .expect("interest table")
+                    .shards
+                    .retain(|_, (_, s)| !Arc::ptr_eq(s, &shard));
+                cut_off(&table, &count, |k, _| of_shard(k));
+            }
         })))
     }
 
@@ -332,6 +352,50 @@ where
                 shard.remove();
             }
         }
+    }
+}
+
+/// Takes the keys that `which` picks out of the table and closes their
+/// members with 4009, after the broker ended the subscription that fed them
+/// (the in-memory broker closes a subscriber that falls too far behind, as
+/// NATS closes a slow consumer). The members reconnect and join again, and
+/// the first join subscribes anew.
+fn cut_off<K, S>(
+    table: &Mutex<Table<K, S>>,
+    count: &Gauge,
+    which: impl Fn(&K, &Arc<Entry<S>>) -> bool,
+) where
+    K: Eq + Hash,
+{
+    let cut: Vec<Arc<Entry<S>>> = {
+        let mut table = table.lock().expect("interest table");
+        let mut cut = Vec::new();
+        table.keys.retain(|k, e| {
+            let hit = which(k, e);
+            if hit {
+                cut.push(e.clone());
+            }
+            !hit
+        });
+        cut
+    };
+    let mut members = 0;
+    for entry in &cut {
+        count.dec();
+        for slot in entry.members.read().expect("members").values() {
+            members += 1;
+            slot.outbox.close(
+                CloseCode::SlowConsumer,
+                "messages arrived faster than this edge could take them; reconnect to resume",
+            );
+        }
+    }
+    if !cut.is_empty() {
+        tracing::warn!(
+            keys = cut.len(),
+            members,
+            "the broker ended a subscription that local members needed; they are closed with 4009 and will reconnect"
+        );
     }
 }
 
@@ -487,6 +551,44 @@ pub(crate) mod tests {
             .publish(subject.into(), Bytes::from_static(payload.as_bytes()))
             .await
             .unwrap();
+    }
+
+    /// When the broker ends a subscription that members still need (the
+    /// in-memory broker closes a subscriber that fell too far behind, as NATS
+    /// closes a slow consumer), those members are closed with 4009, their
+    /// keys leave the table, and the next join subscribes anew.
+    #[tokio::test]
+    async fn members_of_a_subscription_the_broker_ended_are_closed_and_may_rejoin() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let rooms = rooms(&broker, None);
+        let (own, sharded) = ("own".to_string(), "2:a".to_string());
+        // Queues deep enough that only the broker's bound is met.
+        let (server, _c1) = crate::transport::tests::pair().await;
+        let m1 = Outbox::new(1, server, 1 << 20);
+        let (server, _c2) = crate::transport::tests::pair().await;
+        let m2 = Outbox::new(2, server, 1 << 20);
+        rooms.join(&own, &m1, false).await.unwrap();
+        rooms.join(&sharded, &m2, false).await.unwrap();
+        // Faster than the pumps can take them: this task does not yield.
+        for _ in 0..70_000 {
+            publish(&broker, "t.own.own", "x").await;
+            publish(&broker, "t.shard.2.a", "x").await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while m1.close_reason().is_none() || m2.close_reason().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "members not closed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for m in [&m1, &m2] {
+            assert_eq!(m.close_reason().unwrap().0, CloseCode::SlowConsumer);
+        }
+        assert!(rooms.table.lock().unwrap().keys.is_empty());
+        assert!(rooms.table.lock().unwrap().shards.is_empty());
+
+        let (m3, mut c3) = member(3).await;
+        rooms.join(&own, &m3, false).await.unwrap();
+        publish(&broker, "t.own.own", "again").await;
+        assert_eq!(received(&mut c3, 1).await, ["again"]);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHistory};
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
@@ -330,9 +331,14 @@ async fn dev(
         history.ensure_namespace(&ns, limits).await?;
     }
 
+    // The edge runs in this process: it cannot die alone, so presence never
+    // reaps it, however late its heartbeats are under load.
+    let presence_config = herald_presence::Config {
+        edge_timeout: Duration::MAX,
+        ..Default::default()
+    };
     let presence =
-        herald_presence::Presence::start(Default::default(), broker.clone(), shutdown.clone())
-            .await?;
+        herald_presence::Presence::start(presence_config, broker.clone(), shutdown.clone()).await?;
     let front = herald_router::PresenceFront::new(broker.clone(), &Default::default());
     let router = herald_router::RouterApi::new(
         broker.clone(),
