@@ -126,6 +126,12 @@ impl NatsServer {
         self.proc.kill();
     }
 
+    /// Its process id, for a test that stops it (`SIGSTOP`) as a stalled
+    /// server would be.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Starts the server again on the same port with the same store.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();

@@ -1,0 +1,66 @@
+//! A stalled NATS server (stopped with SIGSTOP: its sockets stay open, so
+//! only silence tells) is noticed within seconds: the edges and the router
+//! report not ready while it lasts, and ready again once it is back.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_test_support::{eventually, http_get};
+
+/// The client pings every 600 ms and gives up after two unanswered pings.
+const NOTICED_WITHIN: Duration = Duration::from_secs(2);
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+fn ready(addr: std::net::SocketAddr) -> bool {
+    matches!(http_get(addr, "/readyz"), Ok((200, _)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_nats_server_makes_the_edges_not_ready_until_it_is_back() {
+    let cluster = Cluster::start(2);
+    for &edge in &cluster.edge_addrs {
+        assert!(ready(edge));
+    }
+    signal(cluster.nats.pid(), "-STOP");
+    let stopped_at = Instant::now();
+    for &edge in &cluster.edge_addrs {
+        eventually(
+            NOTICED_WITHIN + Duration::from_secs(1),
+            "edge not ready",
+            || async { (!ready(edge)).then_some(()) },
+        )
+        .await;
+    }
+    let noticed_after = stopped_at.elapsed();
+    signal(cluster.nats.pid(), "-CONT");
+    for &edge in &cluster.edge_addrs {
+        eventually(WAIT, "edge ready again", || async {
+            ready(edge).then_some(())
+        })
+        .await;
+    }
+    assert!(
+        noticed_after <= NOTICED_WITHIN + Duration::from_secs(1),
+        "the stall was noticed after {noticed_after:?}"
+    );
+    // The cluster works again: a message goes through.
+    let alice = connect(&cluster.ws(0), "alice").await;
+    ok(&alice, serde_json::json!({"op":"join","room":"chat:back"})).await;
+    ok(
+        &alice,
+        serde_json::json!({"op":"publish","room":"chat:back","data":"hi"}),
+    )
+    .await;
+    let m = alice.recv_op("message", WAIT).await.unwrap();
+    assert_eq!(m["data"], "hi");
+}
