@@ -19,6 +19,18 @@ use tokio_util::sync::CancellationToken;
 
 pub use prometheus_client;
 
+/// Why a router or presence process stopped serving. Each variant is its
+/// cause itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Readiness of one process. Ready when started, not draining, and every
 /// dependency check passes.
 #[derive(Clone)]

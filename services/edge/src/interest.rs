@@ -546,6 +546,20 @@ pub(crate) mod tests {
             .sharded(wildcard, key_of)
     }
 
+    /// Joins `member` to `key` and checks that a message published on
+    /// `subject` then reaches its client: the key is fed (again).
+    async fn fed_after_join(
+        rooms: &Interest<String, RoomOrder>,
+        broker: &SharedBroker,
+        key: &String,
+        (member, client): (&Outbox, &mut TcpStream),
+        subject: &str,
+    ) {
+        rooms.join(key, member, false).await.unwrap();
+        publish(broker, subject, "again").await;
+        assert_eq!(received(client, 1).await, ["again"]);
+    }
+
     async fn publish(broker: &SharedBroker, subject: &str, payload: &'static str) {
         broker
             .publish(subject.into(), Bytes::from_static(payload.as_bytes()))
@@ -586,9 +600,7 @@ pub(crate) mod tests {
         assert!(rooms.table.lock().unwrap().shards.is_empty());
 
         let (m3, mut c3) = member(3).await;
-        rooms.join(&own, &m3, false).await.unwrap();
-        publish(&broker, "t.own.own", "again").await;
-        assert_eq!(received(&mut c3, 1).await, ["again"]);
+        fed_after_join(&rooms, &broker, &own, (&m3, &mut c3), "t.own.own").await;
     }
 
     #[tokio::test]
@@ -638,9 +650,7 @@ pub(crate) mod tests {
         }
         assert!(unsubscribed, "the shard subscription outlived its last key");
 
-        rooms.join(&a, &m1, false).await.unwrap();
-        publish(&broker, "t.shard.1.a", "again").await;
-        assert_eq!(received(&mut c1, 1).await, ["again"]);
+        fed_after_join(&rooms, &broker, &a, (&m1, &mut c1), "t.shard.1.a").await;
     }
 
     #[tokio::test]

@@ -69,6 +69,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the commands that hold client connections (`dev`, `edge`) take
+/// about those clients: the keys their tokens are verified with, and how
+/// clients gone without closing are noticed.
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub keys: Keys,
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
+}
+
 /// How an edge notices clients that are gone without closing.
 #[derive(Args, Debug)]
 pub struct LivenessArgs {
@@ -92,9 +103,7 @@ pub struct DevArgs {
     #[arg(long, env = "HERALD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
     #[command(flatten)]
-    pub liveness: LivenessArgs,
-    #[command(flatten)]
-    pub keys: Keys,
+    pub clients: ClientArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -138,9 +147,7 @@ pub struct EdgeArgs {
     #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub presence_interval: Duration,
     #[command(flatten)]
-    pub liveness: LivenessArgs,
-    #[command(flatten)]
-    pub keys: Keys,
+    pub clients: ClientArgs,
     #[command(flatten)]
     pub common: Common,
 }

@@ -9,7 +9,7 @@ use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHist
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, Common, Keys, LivenessArgs, LogFormat, TokenArgs};
+use crate::cli::{Cli, ClientArgs, Command, Common, LogFormat, TokenArgs};
 use crate::config::{self, ConfigError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,8 +47,7 @@ failures!(
     herald_broker::BrokerError,
     herald_broker::history::HistoryError,
     herald_edge::EdgeError,
-    herald_router::RouterError,
-    herald_presence::PresenceError
+    herald_ops::ServeError
 );
 
 /// Exit code for bad configuration (the same as clap's usage errors).
@@ -198,8 +197,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
             let namespaces = config::namespaces(&args.common)?;
             let config = edge_config(
                 &args.common,
-                &args.keys,
-                &args.liveness,
+                &args.clients,
                 config::node_id(args.node_id)?,
                 false,
             )?;
@@ -291,18 +289,17 @@ async fn serve(command: Command) -> Result<(), RunError> {
 
 fn edge_config(
     common: &Common,
-    keys: &Keys,
-    liveness: &LivenessArgs,
+    clients: &ClientArgs,
     node_id: String,
     dev: bool,
 ) -> Result<herald_edge::Config, ConfigError> {
-    let (heartbeat, idle_timeout) = config::liveness(liveness)?;
+    let (heartbeat, idle_timeout) = config::liveness(&clients.liveness)?;
     Ok(herald_edge::Config {
         heartbeat,
         idle_timeout,
         ..herald_edge::Config::new(
             node_id,
-            config::verifier(keys, dev)?,
+            config::verifier(&clients.keys, dev)?,
             config::policy(common)?,
         )
     })
@@ -321,8 +318,9 @@ async fn dev(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let namespaces = config::namespaces(&args.common)?;
-    let config = edge_config(&args.common, &args.keys, &args.liveness, "dev".into(), true)?;
-    let using_dev_secret = args.keys.jwt_secret.is_none() && args.keys.jwt_public_key.is_none();
+    let config = edge_config(&args.common, &args.clients, "dev".into(), true)?;
+    let keys = &args.clients.keys;
+    let using_dev_secret = keys.jwt_secret.is_none() && keys.jwt_public_key.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
     let broker: SharedBroker = Arc::new(MemoryBroker::new());

@@ -101,18 +101,6 @@ impl Presence {
     }
 }
 
-/// Why the standalone presence process stopped serving. Each variant is its
-/// cause itself.
-#[derive(Debug, thiserror::Error)]
-pub enum PresenceError {
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Grpc(#[from] tonic::transport::Error),
-    #[error(transparent)]
-    Task(#[from] tokio::task::JoinError),
-}
-
 /// How long to wait before trying the broker again when start-up fails.
 const START_RETRY: Duration = Duration::from_secs(1);
 
@@ -130,7 +118,7 @@ pub async fn run(
     http: TcpListener,
     mut gone_nodes: Option<tokio::sync::mpsc::Receiver<String>>,
     shutdown: CancellationToken,
-) -> Result<(), PresenceError> {
+) -> Result<(), herald_ops::ServeError> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     // Stops everything here on shutdown, or when one server fails.

@@ -43,15 +43,6 @@ impl Default for Config {
     }
 }
 
-/// Why the router stopped serving. Each variant is its cause itself.
-#[derive(Debug, thiserror::Error)]
-pub enum RouterError {
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Grpc(#[from] tonic::transport::Error),
-}
-
 /// Serves `herald.v1.Router` and `herald.v1.Presence` (plus gRPC health and
 /// reflection) on `grpc`, and `/healthz`, `/readyz`, `/metrics` on `http`,
 /// until `shutdown`.
@@ -63,7 +54,7 @@ pub async fn run(
     http: TcpListener,
     metrics: Metrics,
     shutdown: CancellationToken,
-) -> Result<(), RouterError> {
+) -> Result<(), herald_ops::ServeError> {
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
     config.storage.add_to(&health);

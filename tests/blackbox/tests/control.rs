@@ -4,19 +4,9 @@
 mod common;
 
 use common::*;
-use herald_proto::v1::{
-    DisconnectRequest, JoinRequest, LeaveRequest, PublishRequest, disconnect_request,
-};
+use herald_proto::v1::{DisconnectRequest, JoinRequest, LeaveRequest, disconnect_request};
 use herald_test_support::eventually;
 use serde_json::json;
-
-fn publish(room: &str, data: &str) -> PublishRequest {
-    PublishRequest {
-        room: room.into(),
-        data: data.into(),
-        key: String::new(),
-    }
-}
 
 #[tokio::test]
 async fn router_join_leave_and_disconnect_act_on_every_device() {
@@ -53,7 +43,7 @@ async fn router_join_leave_and_disconnect_act_on_every_device() {
         .unwrap();
     // Join has returned: the very next message reaches both devices.
     router
-        .publish(publish("chat:news", r#""first""#))
+        .publish(publish_request("chat:news", r#""first""#))
         .await
         .unwrap();
     for device in [&phone, &laptop] {
@@ -74,7 +64,7 @@ async fn router_join_leave_and_disconnect_act_on_every_device() {
         .await
         .unwrap();
     router
-        .publish(publish("chat:news", r#""second""#))
+        .publish(publish_request("chat:news", r#""second""#))
         .await
         .unwrap();
     no_more_messages(&phone).await;

@@ -9,18 +9,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use herald_proto::v1::{PublishBatchRequest, PublishRequest, UserStatusRequest};
+use herald_proto::v1::{PublishBatchRequest, UserStatusRequest};
 use serde_json::json;
 
 const FLOOD_FOR: Duration = Duration::from_secs(4);
-
-fn publish(room: &str, data: String) -> PublishRequest {
-    PublishRequest {
-        room: room.into(),
-        data,
-        key: String::new(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn herald_dev_holds_under_a_publish_flood() {
@@ -38,7 +30,7 @@ async fn herald_dev_holds_under_a_publish_flood() {
             let mut sent = 0u64;
             while Instant::now() < stop_at {
                 let messages = (0..1000)
-                    .map(|i| publish("chat:flood", i.to_string()))
+                    .map(|i| publish_request("chat:flood", i.to_string()))
                     .collect();
                 let batch = PublishBatchRequest { messages };
                 if router.publish_batch(batch).await.is_ok() {
@@ -53,7 +45,7 @@ async fn herald_dev_holds_under_a_publish_flood() {
     let mut n = 0u64;
     while Instant::now() < stop_at {
         router
-            .publish(publish("chat:calm", n.to_string()))
+            .publish(publish_request("chat:calm", n.to_string()))
             .await
             .expect("the calm room's publish is answered during the flood");
         let m = calm

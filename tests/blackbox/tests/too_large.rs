@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use herald_proto::v1::{PublishBatchRequest, PublishRequest, SendToUserRequest};
+use herald_proto::v1::{PublishBatchRequest, SendToUserRequest};
 use serde_json::json;
 use tonic::Code;
 
@@ -19,14 +19,6 @@ durable = { history_size = 100, history_ttl = "1h" }
 
 /// nats-server's default `max_payload`.
 const LIMIT: &str = "1048576";
-
-fn publish(room: &str, data: &str) -> PublishRequest {
-    PublishRequest {
-        room: room.into(),
-        data: data.into(),
-        key: String::new(),
-    }
-}
 
 #[tokio::test]
 async fn a_message_over_the_brokers_max_payload_is_refused_as_too_large_on_every_path() {
@@ -46,7 +38,10 @@ async fn a_message_over_the_brokers_max_payload_is_refused_as_too_large_on_every
     let mut router = cluster.router().await;
 
     for room in ["chat:big", "doc:big"] {
-        let e = router.publish(publish(room, &big)).await.unwrap_err();
+        let e = router
+            .publish(publish_request(room, big.as_str()))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{room}: {e:?}");
         assert!(e.message().contains(LIMIT), "{room}: {e:?}");
     }
@@ -63,7 +58,10 @@ async fn a_message_over_the_brokers_max_payload_is_refused_as_too_large_on_every
 
     let batch = router
         .publish_batch(PublishBatchRequest {
-            messages: vec![publish("chat:big", "\"small\""), publish("chat:big", &big)],
+            messages: vec![
+                publish_request("chat:big", "\"small\""),
+                publish_request("chat:big", big.as_str()),
+            ],
         })
         .await
         .unwrap()
@@ -89,7 +87,7 @@ async fn a_message_over_the_brokers_max_payload_is_refused_as_too_large_on_every
     let m = bystander.recv_op("message", WAIT).await.unwrap();
     assert_eq!(m["data"], "small");
     router
-        .publish(publish("doc:big", "\"after\""))
+        .publish(publish_request("doc:big", "\"after\""))
         .await
         .unwrap();
     let m = bystander.recv_op("message", WAIT).await.unwrap();

@@ -287,6 +287,15 @@ pub fn config_file(text: &str) -> (tempfile::NamedTempFile, Vec<String>) {
     (f, args)
 }
 
+/// A `Router.Publish` of `data` (JSON text) to `room`, without a key.
+pub fn publish_request(room: &str, data: impl Into<String>) -> herald_proto::v1::PublishRequest {
+    herald_proto::v1::PublishRequest {
+        room: room.into(),
+        data: data.into(),
+        key: String::new(),
+    }
+}
+
 /// Users listed by a `presence` reply.
 pub fn member_users(reply: &Value) -> Vec<String> {
     let mut users: Vec<String> = reply["members"]
