@@ -158,6 +158,8 @@ impl Presence {
                 leaving: false,
             },
             config: config.clone(),
+            hearing: true,
+            broker: broker.clone(),
         };
         let tick = config
             .sync_retry
@@ -371,6 +373,10 @@ struct Actor {
     recent: Recent,
     heartbeat: ReplicaHeartbeat,
     config: Config,
+    /// Whether the broker connection is up, and so whether the replica can
+    /// hear the edges; it was down at the last tick when `false`.
+    hearing: bool,
+    broker: SharedBroker,
 }
 
 impl Actor {
@@ -531,6 +537,30 @@ impl Actor {
     }
 
     fn on_tick(&mut self) {
+        // A replica cut off from the broker hears no edge: their silence
+        // says nothing, so the view is frozen (no edge reaped, no grace
+        // ended, no event) until it hears them again.
+        let hearing = self.broker.is_connected();
+        if !hearing {
+            if self.hearing {
+                tracing::warn!(
+                    replica = %self.config.replica_id,
+                    "lost the broker; the presence view is frozen until it is back (no edge is reaped, no event is sent)"
+                );
+            }
+            self.hearing = false;
+            return;
+        }
+        if !self.hearing {
+            self.hearing = true;
+            let fx = self.view.heard_again(Instant::now());
+            tracing::info!(
+                replica = %self.config.replica_id,
+                edges = fx.len(),
+                "the broker is back; asked every edge for a snapshot, and only what really changed becomes an event"
+            );
+            self.carry_out(fx);
+        }
         let (fx, reaped) = self.view.tick(Instant::now());
         for (node, conns) in &reaped {
             tracing::info!(%node, conns, "an edge sent no presence report in time; removed it and its connections");

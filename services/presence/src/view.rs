@@ -228,6 +228,22 @@ impl View {
         self.sync_all_at = Some(now);
     }
 
+    /// The replica hears the broker again after losing it: nothing it did
+    /// not hear meanwhile says an edge went silent, so every edge gets a
+    /// whole `edge_timeout` again from now, and is asked for a snapshot, whose
+    /// diff against the view turns into events only what really changed.
+    pub fn heard_again(&mut self, now: Instant) -> Vec<Effect> {
+        for node in self.nodes.values_mut() {
+            node.last_seen = now;
+        }
+        self.sync_all_at = Some(now);
+        let mut ids: Vec<&String> = self.nodes.keys().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|node| Effect::AskSync { node: node.clone() })
+            .collect()
+    }
+
     /// Whether the warm-up is over.
     pub fn is_warm(&self, now: Instant) -> bool {
         now >= self.warm_until

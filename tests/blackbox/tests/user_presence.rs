@@ -446,3 +446,63 @@ async fn a_drained_edges_users_go_offline_one_grace_period_later() {
     }
     drop(clients);
 }
+
+/// nats-server stalls (SIGSTOP) for longer than the edge timeout while
+/// clients sit in rooms on two edges: the presence service, cut off too,
+/// freezes its view instead of reaping the silent edges, so nobody hears a
+/// false `leave` or `offline`, during the stall or after it, and the member
+/// list is whole again soon after the server resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_broker_makes_presence_wait_not_lie() {
+    let cluster = Cluster::start_spec(spec(2, 1));
+    let nats_events = UserEvents::record(&cluster).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let client = connect(&cluster.ws(i % 2), &format!("sitter-{i}")).await;
+        ok(&client, json!({"op":"join","room":"chat:stall"})).await;
+        clients.push(client);
+    }
+    let members = |reply: &serde_json::Value| member_users(reply).len();
+    eventually(WAIT, "all 20 in the member list", || async {
+        let r = ok(&clients[0], json!({"op":"presence","room":"chat:stall"})).await;
+        (members(&r) == 20).then_some(())
+    })
+    .await;
+    eventually(WAIT, "all 20 online", || async {
+        (nats_events.count() == 20).then_some(())
+    })
+    .await;
+    // Drain the joins each client saw, to watch for leaves from here on.
+    for c in &clients {
+        while c.recv_op("presence", QUIET).await.is_ok() {}
+    }
+
+    let pid = cluster.nats.pid().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    // Twice the edge timeout.
+    tokio::time::sleep(EDGE_TIMEOUT * 2).await;
+    signal("-CONT");
+
+    eventually(WAIT, "the member list whole after the stall", || async {
+        let r = ok(&clients[1], json!({"op":"presence","room":"chat:stall"})).await;
+        (members(&r) == 20).then_some(())
+    })
+    .await;
+    // Longer than a grace period and an edge timeout: nothing false comes.
+    tokio::time::sleep(GRACE + EDGE_TIMEOUT).await;
+    assert_eq!(nats_events.count(), 20, "online/offline after the stall");
+    for c in &clients {
+        if let Ok(e) = c.recv_op("presence", QUIET).await {
+            panic!("a presence event after the stall: {e}");
+        }
+    }
+}

@@ -505,6 +505,33 @@ fn a_delta_numbered_one_starts_a_new_incarnation() {
 }
 
 #[test]
+fn edges_silent_while_the_replica_could_not_hear_are_asked_not_reaped() {
+    let t0 = Instant::now();
+    let mut v = view();
+    feed(
+        &mut v,
+        t0,
+        [
+            delta("e1", 1, connect("c1", "ada")),
+            delta("e1", 2, join("c1", "chat:a", None)),
+            delta("e2", 1, connect("d1", "bo")),
+        ],
+    );
+    // The broker was gone for longer than the edge timeout.
+    let back = t0 + TIMEOUT + secs(5);
+    assert_eq!(asks(v.heard_again(back)), ["e1", "e2"]);
+    let (fx, reaped) = v.tick(back + secs(1));
+    assert!(reaped.is_empty(), "{reaped:?}");
+    assert!(events(fx).is_empty());
+    assert_eq!(members(&v, "chat:a"), ["c1"]);
+    v.assert_consistent();
+    // Edges that stay silent after that are reaped as ever.
+    let (_, mut reaped) = v.tick(back + TIMEOUT);
+    reaped.sort();
+    assert_eq!(reaped, [("e1".to_string(), 1), ("e2".to_string(), 1)]);
+}
+
+#[test]
 fn silent_edges_are_reaped_and_goodbye_removes_at_once() {
     let t0 = Instant::now();
     let mut v = view();
