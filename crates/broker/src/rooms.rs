@@ -59,6 +59,16 @@ pub async fn publish(
     frame: Bytes,
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
+    // While the broker is unreachable a publish would only wait in the
+    // client's buffer: it might go out after the reconnect, or be lost, and
+    // either way an answer now would be a guess. Nothing is sent.
+    if !broker.is_connected() {
+        return Err(BrokerError::Unavailable(crate::error::said(format!(
+            "{} is not connected; nothing was published",
+            broker.describe()
+        )))
+        .into());
+    }
     if !durable {
         broker.publish(subjects::room(room), frame).await?;
         return Ok(Published {

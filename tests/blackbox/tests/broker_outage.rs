@@ -64,3 +64,63 @@ async fn a_stalled_nats_server_makes_the_edges_not_ready_until_it_is_back() {
     let m = alice.recv_op("message", WAIT).await.unwrap();
     assert_eq!(m["data"], "hi");
 }
+
+/// While NATS is down, a publish is refused at once with `UNAVAILABLE`
+/// (nothing is sent), and a refused message is never delivered after the
+/// server is back; one published after that is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_while_nats_is_down_is_refused_and_never_delivered() {
+    let mut cluster = Cluster::start(1);
+    let member = connect(&cluster.ws(0), "mo").await;
+    ok(
+        &member,
+        serde_json::json!({"op":"join","room":"chat:outage"}),
+    )
+    .await;
+    let mut router = cluster.router().await;
+    router
+        .publish(publish_request("chat:outage", "\"before\""))
+        .await
+        .unwrap();
+    let m = member.recv_op("message", WAIT).await.unwrap();
+    assert_eq!(m["data"], "before");
+
+    cluster.nats.kill();
+    for &edge in &cluster.edge_addrs {
+        eventually(WAIT, "edge not ready", || async {
+            (!ready(edge)).then_some(())
+        })
+        .await;
+    }
+    let e = router
+        .publish(publish_request("chat:outage", "\"during\""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("not reachable"), "{e:?}");
+
+    cluster.nats.restart().unwrap();
+    for &edge in &cluster.edge_addrs {
+        eventually(WAIT, "edge ready again", || async {
+            ready(edge).then_some(())
+        })
+        .await;
+    }
+    // The edge's room subscription is back once a publish reaches it.
+    eventually(WAIT, "a message after the restart", || async {
+        let mut router = cluster.router().await;
+        router
+            .publish(publish_request("chat:outage", "\"after\""))
+            .await
+            .ok()?;
+        member
+            .recv_op("message", Duration::from_millis(500))
+            .await
+            .ok()
+    })
+    .await;
+    // Whatever arrived, "during" never did.
+    while let Ok(m) = member.recv_op("message", QUIET).await {
+        assert_ne!(m["data"], "during", "a refused message was delivered");
+    }
+}
