@@ -19,6 +19,10 @@ const GRACE: Duration = Duration::from_millis(1500);
 const EDGE_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn spec(edges: usize, presences: usize) -> Spec {
+    spec_with_edge_timeout(edges, presences, EDGE_TIMEOUT)
+}
+
+fn spec_with_edge_timeout(edges: usize, presences: usize, edge_timeout: Duration) -> Spec {
     Spec {
         edges,
         presences,
@@ -27,7 +31,7 @@ fn spec(edges: usize, presences: usize) -> Spec {
             "--presence-grace".into(),
             format!("{}ms", GRACE.as_millis()),
             "--edge-timeout".into(),
-            format!("{}ms", EDGE_TIMEOUT.as_millis()),
+            format!("{}ms", edge_timeout.as_millis()),
         ],
         ..Spec::default()
     }
@@ -393,15 +397,7 @@ async fn watch_delivers_a_rooms_events_in_order() {
 /// silent edge.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drained_edges_users_go_offline_one_grace_period_later() {
-    let edge_timeout = Duration::from_secs(20);
-    let mut spec = spec(2, 1);
-    spec.presence_args = vec![
-        "--presence-grace".into(),
-        format!("{}ms", GRACE.as_millis()),
-        "--edge-timeout".into(),
-        format!("{}s", edge_timeout.as_secs()),
-    ];
-    let mut cluster = Cluster::start_spec(spec);
+    let mut cluster = Cluster::start_spec(spec_with_edge_timeout(2, 1, Duration::from_secs(20)));
     let nats_events = UserEvents::record(&cluster).await;
     let users: Vec<String> = (0..200).map(|i| format!("drained-{i}")).collect();
     let mut clients = Vec::new();
@@ -467,14 +463,7 @@ async fn a_stalled_broker_makes_presence_wait_not_lie() {
     // An edge timeout with room for a loaded machine: the replica notices
     // the stall by its client's pings within 2 s, well inside it.
     let edge_timeout = Duration::from_secs(5);
-    let mut spec = spec(2, 1);
-    spec.presence_args = vec![
-        "--presence-grace".into(),
-        format!("{}ms", GRACE.as_millis()),
-        "--edge-timeout".into(),
-        format!("{}s", edge_timeout.as_secs()),
-    ];
-    let cluster = Cluster::start_spec(spec);
+    let cluster = Cluster::start_spec(spec_with_edge_timeout(2, 1, edge_timeout));
     let nats_events = UserEvents::record(&cluster).await;
     let mut clients = Vec::new();
     for i in 0..20 {
