@@ -30,6 +30,7 @@ use futures::Stream;
 pub use error::{Cause, Chain, cause, chain};
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
+pub use nats::RESUME_SETTLE;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -59,6 +60,14 @@ pub enum BrokerError {
     /// Retrying the same message cannot succeed.
     #[error("the message is {size} bytes; the broker takes at most {limit}")]
     TooLarge { size: usize, limit: usize },
+    /// Sent, but the broker's receipt was not confirmed (the connection was
+    /// lost, or the server did not answer in time): the message may or may
+    /// not have been published. Unlike [`BrokerError::Unavailable`], which
+    /// means nothing was sent.
+    #[error(
+        "the message broker did not confirm the message: it may or may not have been published"
+    )]
+    Unconfirmed(#[source] Cause),
 }
 
 impl BrokerError {
@@ -81,10 +90,22 @@ pub trait Broker: Send + Sync + 'static {
         payload: Bytes,
     ) -> BoxFuture<'_, Result<(), BrokerError>>;
 
+    /// Where this client's connection to the broker stands: take it before
+    /// publishing, then [`Broker::confirm`] it.
+    fn mark(&self) -> Mark;
+
+    /// Like [`Broker::mark`], but refuses (`Unavailable`) when a publish now
+    /// could not be confirmed truthfully: the broker is unreachable, or it
+    /// came back less than [`RESUME_SETTLE`] ago, before every other process
+    /// could be listening again. Nothing is to be sent then.
+    fn publishable(&self) -> Result<Mark, BrokerError>;
+
     /// Returns once the broker has received everything this client
-    /// published before the call: a process about to exit must not leave its
-    /// last messages in a buffer.
-    fn confirm(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+    /// published since `since` was taken, on the same connection. Concurrent
+    /// calls share one round trip. `Unconfirmed` when the connection was
+    /// lost in between (what was sent may or may not have arrived) or the
+    /// broker did not answer in time.
+    fn confirm(&self, since: Mark) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Subscribes to `subject` (wildcards allowed). When this returns, the
     /// subscription is live: every message published afterwards, by anyone,
@@ -113,6 +134,12 @@ pub trait Broker: Send + Sync + 'static {
     /// A human-readable name for logs: "nats://..." or "in-memory".
     fn describe(&self) -> String;
 }
+
+/// A point in the life of a client's broker connection ([`Broker::mark`]):
+/// which connection (the n-th since the process started) carried what was
+/// published after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(pub(crate) u64);
 
 /// A live subscription: a stream of messages. Unsubscribes when dropped.
 pub struct Subscription {

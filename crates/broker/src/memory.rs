@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream_shim::ReceiverStream;
 
-use crate::{BoxFuture, Broker, BrokerError, Message, Subscription, subject_matches};
+use crate::{BoxFuture, Broker, BrokerError, Mark, Message, Subscription, subject_matches};
 
 /// Messages a subscriber may have waiting. One that falls further behind
 /// is a slow consumer: its subscription is closed (it gets what was already
@@ -258,7 +258,15 @@ impl Broker for MemoryBroker {
         })
     }
 
-    fn confirm(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn mark(&self) -> Mark {
+        Mark(0)
+    }
+
+    fn publishable(&self) -> Result<Mark, BrokerError> {
+        Ok(Mark(0))
+    }
+
+    fn confirm(&self, _since: Mark) -> BoxFuture<'_, Result<(), BrokerError>> {
         // A publish is delivered before it returns.
         Box::pin(async { Ok(()) })
     }

@@ -1,12 +1,16 @@
 //! The NATS broker of a cluster (async-nats, core NATS).
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::error::{Cause, During, cause, said};
-use crate::{BoxFuture, Broker, BrokerError, Message, Subscription};
+use crate::{BoxFuture, Broker, BrokerError, Mark, Message, Subscription};
 
 /// How long a subscribe waits for the server to confirm it (a round trip)
 /// before reporting the broker unavailable.
@@ -21,6 +25,27 @@ const CONFIRM_ATTEMPT: Duration = Duration::from_secs(1);
 /// reports itself disconnected (readiness fails) and starts reconnecting.
 const PING_INTERVAL: Duration = Duration::from_millis(600);
 
+/// The longest pause between two attempts to reach a server that went away
+/// (plus up to [`RECONNECT_JITTER`]). Short and flat, not the client's
+/// default backoff of up to 4 s: every Herald process must be back within
+/// [`RESUME_SETTLE`] of the server's return.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(250);
+
+/// Spreads the reconnects of many processes apart.
+const RECONNECT_JITTER: Duration = Duration::from_millis(100);
+
+/// How long after reconnecting a process refuses to publish
+/// ([`Broker::publishable`]). A message published the moment this process
+/// is back would reach no edge that is not back yet, and be acknowledged
+/// all the same; every process retries every [`RECONNECT_MAX_DELAY`] +
+/// [`RECONNECT_JITTER`] at most, so after this long the others listen again.
+pub const RESUME_SETTLE: Duration = Duration::from_secs(1);
+
+/// How often a pending confirmation checks that its connection still
+/// stands, so that a lost connection is answered at once rather than after
+/// [`CONFIRM_TIMEOUT`].
+const CONFIRM_CHECK: Duration = Duration::from_millis(50);
+
 #[derive(Clone)]
 pub struct NatsBroker {
     client: async_nats::Client,
@@ -28,6 +53,12 @@ pub struct NatsBroker {
     /// A subject nobody subscribes to: a request on it comes back as "no
     /// responders" once the server has read everything sent before it.
     confirm_subject: String,
+    /// The callers of [`Broker::confirm`] waiting for the next shared round
+    /// trip.
+    confirmations: mpsc::UnboundedSender<oneshot::Sender<Result<u64, Cause>>>,
+    /// The connect count and time of the latest connect the client reported
+    /// (its events arrive a moment after the count moves).
+    connected: Arc<Mutex<(u64, Instant)>>,
 }
 
 impl NatsBroker {
@@ -35,12 +66,22 @@ impl NatsBroker {
     /// trying in the background (the process reports not ready meanwhile),
     /// so that a pod can start before NATS does.
     pub async fn connect(url: &str, name: &str) -> Result<NatsBroker, BrokerError> {
+        let connected = Arc::new(Mutex::new((0u64, Instant::now())));
+        let on_event = connected.clone();
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .reconnect_delay_callback(reconnect_delay)
             .ping_interval(PING_INTERVAL)
             .request_timeout(Some(Duration::from_secs(5)))
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    let mut connected = on_event.lock().expect("connect record");
+                    *connected = (connected.0 + 1, Instant::now());
+                }
+                async {}
+            })
             .connect(url)
             .await
             .map_err(BrokerError::unavailable)?;
@@ -49,11 +90,24 @@ impl NatsBroker {
             "_HERALD.confirm.{}",
             unique.rsplit('.').next().unwrap_or(&unique)
         );
+        let (confirmations, waiting) = mpsc::unbounded_channel();
+        tokio::spawn(confirm_in_turn(
+            client.clone(),
+            confirm_subject.clone(),
+            waiting,
+        ));
         Ok(NatsBroker {
             client,
             url: url.to_string(),
             confirm_subject,
+            confirmations,
+            connected,
         })
+    }
+
+    /// How many times the client has connected, the first time included.
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Acquire)
     }
 
     /// The underlying client, for JetStream.
@@ -117,6 +171,69 @@ impl NatsBroker {
     }
 }
 
+/// Pause before reconnect attempt `attempts` (1 for the first): at once, then
+/// a growing but short pause with jitter, never over
+/// [`RECONNECT_MAX_DELAY`] + [`RECONNECT_JITTER`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let step = Duration::from_millis(50).saturating_mul(attempts as u32);
+    let jitter = RECONNECT_JITTER.mul_f64(rand::random::<f64>());
+    step.min(RECONNECT_MAX_DELAY) + jitter
+}
+
+/// Serves [`Broker::confirm`]: one round trip at a time, shared by every
+/// caller that was waiting when it started (their messages were all handed
+/// to the client before they asked, so the round trip follows them). Each
+/// caller learns the connect count at the answer, to compare with its mark.
+async fn confirm_in_turn(
+    client: async_nats::Client,
+    subject: String,
+    mut waiting: mpsc::UnboundedReceiver<oneshot::Sender<Result<u64, Cause>>>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = waiting.recv().await {
+        batch.push(first);
+        while let Ok(next) = waiting.try_recv() {
+            batch.push(next);
+        }
+        let outcome = one_round_trip(&client, &subject).await;
+        for caller in batch.drain(..) {
+            let _ = caller.send(outcome.clone());
+        }
+    }
+}
+
+/// One request that the server answers "no responders" once it has read
+/// everything the client sent before. Not sent again when unanswered: a
+/// second request might travel on a new connection, which proves nothing
+/// about the old one. Returns the connect count seen with the answer.
+async fn one_round_trip(client: &async_nats::Client, subject: &str) -> Result<u64, Cause> {
+    let connects = || client.statistics().connects.load(Ordering::Acquire);
+    let before = connects();
+    let request = client.request(subject.to_string(), Bytes::new());
+    let lost = async {
+        loop {
+            tokio::time::sleep(CONFIRM_CHECK).await;
+            if client.connection_state() != async_nats::connection::State::Connected
+                || connects() != before
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        answer = tokio::time::timeout(CONFIRM_TIMEOUT, request) => match answer {
+            Ok(Ok(_)) => Ok(connects()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(connects()),
+            Ok(Err(e)) => Err(cause(e)),
+            Err(_) => Err(said(format!("no answer within {CONFIRM_TIMEOUT:?}"))),
+        },
+        () = lost => Err(said("the connection was lost before the server confirmed")),
+    }
+}
+
 fn convert(sub: async_nats::Subscriber) -> Subscription {
     Subscription::new(sub.map(|m| Message {
         subject: m.subject.to_string(),
@@ -158,8 +275,56 @@ impl Broker for NatsBroker {
         })
     }
 
-    fn confirm(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(self.round_trip())
+    fn mark(&self) -> Mark {
+        Mark(self.connects())
+    }
+
+    fn publishable(&self) -> Result<Mark, BrokerError> {
+        // Read first: if the connection changes after this, `confirm` sees it.
+        let mark = self.mark();
+        let refuse = |why: String| Err(BrokerError::Unavailable(said(why)));
+        if !self.is_connected() {
+            return refuse(format!(
+                "{} is not connected; nothing was published",
+                self.url
+            ));
+        }
+        if mark.0 > 1 {
+            let (seen, at) = *self.connected.lock().expect("connect record");
+            let since = at.elapsed();
+            if seen < mark.0 || since < RESUME_SETTLE {
+                return refuse(format!(
+                    "{} reconnected {} ms ago; publishing resumes {} ms after a reconnect, once every edge listens again; nothing was published",
+                    self.url,
+                    if seen < mark.0 { 0 } else { since.as_millis() },
+                    RESUME_SETTLE.as_millis()
+                ));
+            }
+        }
+        Ok(mark)
+    }
+
+    fn confirm(&self, since: Mark) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let outcome = match self.confirmations.send(tx) {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(said("the confirming task ended"))),
+                Err(_) => Err(said("the confirming task ended")),
+            };
+            match outcome {
+                Ok(connects) if connects == since.0 => Ok(()),
+                Ok(_) => Err(BrokerError::Unconfirmed(said(format!(
+                    "the connection to {} was lost and made again after the message was sent",
+                    self.url
+                )))),
+                Err(e) => Err(BrokerError::Unconfirmed(cause(During {
+                    what: format!("confirming with {}", self.url),
+                    source: e,
+                }))),
+            }
+        })
     }
 
     fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>> {

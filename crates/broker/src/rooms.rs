@@ -37,6 +37,16 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Whether the message was sent but not confirmed: it may or may not
+    /// have been published (a durable one retried with the same key tells).
+    pub fn is_unconfirmed(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Broker(BrokerError::Unconfirmed(_))
+                | PublishError::History(HistoryError::Unconfirmed(_))
+        )
+    }
+
     /// Whether the message is too large for the broker or the store: a
     /// permanent error, not a reason to retry.
     pub fn is_too_large(&self) -> bool {
@@ -49,8 +59,13 @@ impl PublishError {
 }
 
 /// Publishes `frame` (a `message` frame from `herald_wire::frames::message_frame`)
-/// to `room`. For a durable room, `key` deduplicates: a repeat returns the
-/// first call's offset and publishes nothing.
+/// to `room`, and returns once the broker confirmed it. For a durable room,
+/// `key` deduplicates: a repeat returns the first call's offset and
+/// publishes nothing.
+///
+/// `Unavailable` means nothing was published; `Unconfirmed` (in either
+/// error type) means the outcome is unknown, and a durable publish retried
+/// with the same `key` finds out.
 pub async fn publish(
     broker: &SharedBroker,
     history: &SharedHistory,
@@ -59,16 +74,67 @@ pub async fn publish(
     frame: Bytes,
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
-    // While the broker is unreachable a publish would only wait in the
-    // client's buffer: it might go out after the reconnect, or be lost, and
-    // either way an answer now would be a guess. Nothing is sent.
-    if !broker.is_connected() {
-        return Err(BrokerError::Unavailable(crate::error::said(format!(
-            "{} is not connected; nothing was published",
-            broker.describe()
-        )))
-        .into());
+    let mark = broker.publishable()?;
+    let published = send(broker, history, room, durable, frame, key).await?;
+    if !durable {
+        broker.confirm(mark).await?;
     }
+    Ok(published)
+}
+
+/// Publishes one message after another, in order, each as [`publish`]
+/// would, but confirms the ephemeral ones with one round trip at the end.
+pub async fn publish_all(
+    broker: &SharedBroker,
+    history: &SharedHistory,
+    messages: Vec<Outgoing<'_>>,
+) -> Vec<Result<Published, PublishError>> {
+    let mark = match broker.publishable() {
+        Ok(mark) => mark,
+        Err(e) => {
+            return messages
+                .into_iter()
+                .map(|_| Err(e.clone().into()))
+                .collect();
+        }
+    };
+    let mut results = Vec::new();
+    let mut ephemeral = Vec::new();
+    for m in messages {
+        let sent = send(broker, history, m.room, m.durable, m.frame, m.key).await;
+        if sent.is_ok() && !m.durable {
+            ephemeral.push(results.len());
+        }
+        results.push(sent);
+    }
+    if !ephemeral.is_empty()
+        && let Err(e) = broker.confirm(mark).await
+    {
+        for i in ephemeral {
+            results[i] = Err(e.clone().into());
+        }
+    }
+    results
+}
+
+/// One message of [`publish_all`], as [`publish`] takes it.
+pub struct Outgoing<'a> {
+    pub room: &'a RoomName,
+    pub durable: bool,
+    pub frame: Bytes,
+    pub key: Option<&'a str>,
+}
+
+/// Hands one message to the broker (ephemeral rooms: not yet confirmed) or
+/// the store (durable rooms: stored when this returns).
+async fn send(
+    broker: &SharedBroker,
+    history: &SharedHistory,
+    room: &RoomName,
+    durable: bool,
+    frame: Bytes,
+    key: Option<&str>,
+) -> Result<Published, PublishError> {
     if !durable {
         broker.publish(subjects::room(room), frame).await?;
         return Ok(Published {

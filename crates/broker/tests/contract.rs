@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_broker::{Broker, BrokerError, MemoryBroker, NatsBroker, SharedBroker};
-use herald_test_support::NatsServer;
+use herald_test_support::{NatsServer, Proxy, eventually};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -16,6 +16,17 @@ async fn next_payload(sub: &mut herald_broker::Subscription) -> Bytes {
         .expect("a message within 5 s")
         .expect("subscription open")
         .payload
+}
+
+/// A broker on `url` whose connection is up (`connect` returns at once and
+/// connects in the background).
+async fn connected(url: &str, name: &str) -> NatsBroker {
+    let b = NatsBroker::connect(url, name).await.unwrap();
+    eventually(Duration::from_secs(10), "connected", || async {
+        b.is_connected().then_some(())
+    })
+    .await;
+    b
 }
 
 async fn contract(b: SharedBroker) {
@@ -174,56 +185,6 @@ async fn nats_broker_resubscribes_after_a_server_restart() {
     assert_eq!(next_payload(&mut sub).await, "back");
 }
 
-/// A proxy to `upstream` that holds what each client sends for `delay`
-/// before passing it on (the server's answers pass at once): a server that
-/// is slow to read one client, as a busy nats-server is. Setting the flag
-/// it returns cuts every connection: what it still holds is lost, as with a
-/// process that exits before its last bytes left.
-async fn slow_proxy(
-    upstream: std::net::SocketAddr,
-    delay: Duration,
-) -> (String, Arc<std::sync::atomic::AtomicBool>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("nats://{}", listener.local_addr().unwrap());
-    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let cutting = cut.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let cut = cutting.clone();
-            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
-            let (mut client_rd, mut client_wr) = client.into_split();
-            let (mut server_rd, mut server_wr) = server.into_split();
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut server_rd, &mut client_wr).await;
-            });
-            let (tx, mut rx) =
-                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-            tokio::spawn(async move {
-                while let Some((due, bytes)) = rx.recv().await {
-                    tokio::time::sleep_until(due).await;
-                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
-                        return;
-                    }
-                    if server_wr.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n @ 1..) = client_rd.read(&mut buf).await {
-                    let due = tokio::time::Instant::now() + delay;
-                    if tx.send((due, buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, cut)
-}
-
 /// When `subscribe` returns, the server has the subscription: a message
 /// another client publishes right then is not missed, even when the server
 /// reads the subscriber's connection late (a flush of the client's socket
@@ -231,9 +192,8 @@ async fn slow_proxy(
 #[tokio::test]
 async fn nats_subscribe_returns_once_the_server_has_the_subscription() {
     let nats = NatsServer::start().unwrap();
-    let upstream = nats.url().trim_start_matches("nats://").parse().unwrap();
-    let (slow_url, _cut) = slow_proxy(upstream, Duration::from_millis(300)).await;
-    let subscriber = NatsBroker::connect(&slow_url, "slow-subscriber")
+    let proxy = Proxy::start(nats.addr(), Duration::from_millis(300)).await;
+    let subscriber = NatsBroker::connect(&proxy.nats_url(), "slow-subscriber")
         .await
         .unwrap();
     let publisher = NatsBroker::connect(&nats.url(), "publisher").await.unwrap();
@@ -253,25 +213,120 @@ async fn nats_subscribe_returns_once_the_server_has_the_subscription() {
 #[tokio::test]
 async fn nats_confirm_returns_once_the_server_has_what_was_published() {
     let nats = NatsServer::start().unwrap();
-    let upstream = nats.url().trim_start_matches("nats://").parse().unwrap();
-    let (slow_url, cut) = slow_proxy(upstream, Duration::from_millis(300)).await;
-    let subscriber = NatsBroker::connect(&nats.url(), "subscriber")
-        .await
-        .unwrap();
+    let proxy = Proxy::start(nats.addr(), Duration::from_millis(300)).await;
+    let subscriber = connected(&nats.url(), "subscriber").await;
     let mut sub = subscriber.subscribe("t.last".into()).await.unwrap();
-    let publisher = NatsBroker::connect(&slow_url, "slow-publisher")
-        .await
-        .unwrap();
+    let publisher = connected(&proxy.nats_url(), "slow-publisher").await;
+    let mark = publisher.publishable().unwrap();
     for i in 0..50u32 {
         publisher
             .publish("t.last".into(), Bytes::from(i.to_string()))
             .await
             .unwrap();
     }
-    publisher.confirm().await.unwrap();
-    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    publisher.confirm(mark).await.unwrap();
+    proxy.cut();
     drop(publisher);
     for i in 0..50u32 {
         assert_eq!(next_payload(&mut sub).await, Bytes::from(i.to_string()));
     }
+}
+
+/// Concurrent confirmations share round trips: a hundred publishers
+/// confirming at once cost a handful of requests, not a hundred.
+#[tokio::test]
+async fn nats_confirmations_share_one_round_trip() {
+    let nats = NatsServer::start().unwrap();
+    let subscriber = connected(&nats.url(), "subscriber").await;
+    let mut sub = subscriber.subscribe("t.many".into()).await.unwrap();
+    let publisher = connected(&nats.url(), "publisher").await;
+    let sent = |b: &NatsBroker| {
+        b.client()
+            .statistics()
+            .out_messages
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = sent(&publisher);
+    let publishes = (0..100u32).map(|i| {
+        let publisher = &publisher;
+        async move {
+            let mark = publisher.publishable()?;
+            publisher
+                .publish("t.many".into(), Bytes::from(i.to_string()))
+                .await?;
+            publisher.confirm(mark).await
+        }
+    });
+    for outcome in futures::future::join_all(publishes).await {
+        outcome.unwrap();
+    }
+    let requests = sent(&publisher) - before - 100;
+    assert!(
+        (1..=5).contains(&requests),
+        "{requests} confirmation requests for 100 publishes"
+    );
+    for _ in 0..100 {
+        next_payload(&mut sub).await;
+    }
+}
+
+/// A publish whose connection is lost before the server confirms it is
+/// `Unconfirmed`, never `Ok` (it may or may not have arrived), and a
+/// publish asked for while disconnected is refused before anything is sent.
+#[tokio::test]
+async fn nats_confirm_over_a_lost_connection_is_unconfirmed() {
+    let nats = NatsServer::start().unwrap();
+    let proxy = Proxy::start(nats.addr(), Duration::from_millis(300)).await;
+    let publisher = connected(&proxy.nats_url(), "cut-publisher").await;
+    let mark = publisher.publishable().unwrap();
+    publisher
+        .publish("t.lost".into(), "gone".into())
+        .await
+        .unwrap();
+    proxy.cut();
+    let err = publisher.confirm(mark).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unconfirmed(_)), "{err:?}");
+    eventually(Duration::from_secs(10), "the client notices", || async {
+        (!publisher.is_connected()).then_some(())
+    })
+    .await;
+    let refused = publisher.publishable().unwrap_err();
+    assert!(
+        matches!(refused, BrokerError::Unavailable(_)),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("not reachable"), "{refused}");
+}
+
+/// After a server restart, a process refuses to publish until every other
+/// process has had time to reconnect and subscribe again: a message it
+/// published earlier would be confirmed yet reach nobody. Once it accepts,
+/// a subscriber that came back receives what it publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_publishing_resumes_only_once_others_can_listen_again() {
+    let mut nats = NatsServer::start().unwrap();
+    let subscriber = connected(&nats.url(), "subscriber").await;
+    let mut sub = subscriber.subscribe("t.back".into()).await.unwrap();
+    let publisher = connected(&nats.url(), "publisher").await;
+    let first = publisher.publishable().expect("first connect: no wait");
+    nats.restart().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the publisher reconnected",
+        || async { (publisher.is_connected() && publisher.mark() != first).then_some(()) },
+    )
+    .await;
+    let refused = publisher.publishable().unwrap_err();
+    let why = herald_broker::chain(&refused).to_string();
+    assert!(why.contains("reconnected"), "{why}");
+    let mark = eventually(Duration::from_secs(5), "publishing resumes", || async {
+        publisher.publishable().ok()
+    })
+    .await;
+    publisher
+        .publish("t.back".into(), "hello".into())
+        .await
+        .unwrap();
+    publisher.confirm(mark).await.unwrap();
+    assert_eq!(next_payload(&mut sub).await, "hello");
 }

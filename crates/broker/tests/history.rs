@@ -11,7 +11,7 @@ use herald_broker::NatsBroker;
 use herald_broker::history::{
     HistoryError, JetStreamHistory, Limits, MemoryHistory, SharedHistory, Stored,
 };
-use herald_test_support::{NatsServer, eventually};
+use herald_test_support::{NatsServer, Proxy, eventually};
 use herald_wire::room::RoomName;
 
 fn room(name: &str) -> RoomName {
@@ -490,14 +490,21 @@ async fn jetstream_down_is_unavailable_then_recovers() {
     append(&h, &r, "before").await;
 
     env.nats.as_mut().unwrap().kill();
-    // Either the client already saw the connection drop (2 s connect wait),
-    // or the publish went out and its acknowledgement times out (5 s).
+    // Either the client already saw the connection drop (2 s connect wait:
+    // nothing sent), or the publish went out and its acknowledgement never
+    // came (maybe stored).
     let started = tokio::time::Instant::now();
     let err = h
         .append(&r, "while down".into(), Some("k"))
         .await
         .unwrap_err();
-    assert!(matches!(err, HistoryError::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            HistoryError::Unavailable(_) | HistoryError::Unconfirmed(_)
+        ),
+        "{err:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "{:?}",
@@ -532,4 +539,39 @@ async fn jetstream_down_is_unavailable_then_recovers() {
     for w in stored.windows(2) {
         assert_eq!(w[1].prev, w[0].offset);
     }
+}
+
+/// An append the store received but whose acknowledgement was lost is
+/// neither "stored" nor "not stored": it is answered `Unconfirmed`, and the
+/// retry with the same key that the error asks for returns the stored
+/// offset, with one copy kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_append_is_unconfirmed_and_its_retry_keeps_one_copy() {
+    let nats = NatsServer::start().unwrap();
+    let proxy = Proxy::start(nats.addr(), Duration::ZERO).await;
+    let broker = NatsBroker::connect(&proxy.nats_url(), "lost-ack-test")
+        .await
+        .unwrap();
+    let h: SharedHistory = Arc::new(JetStreamHistory::new(broker.client().clone()));
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let r = room("chat:a");
+    h.append(&r, "first".into(), Some("k0")).await.unwrap();
+
+    proxy.mute(true);
+    let err = h.append(&r, "maybe".into(), Some("k1")).await.unwrap_err();
+    assert!(matches!(err, HistoryError::Unconfirmed(_)), "{err:?}");
+    assert!(err.to_string().contains("same key"), "{err}");
+    proxy.mute(false);
+
+    let retried = eventually(Duration::from_secs(20), "the retried append", || async {
+        h.append(&r, "maybe".into(), Some("k1")).await.ok()
+    })
+    .await;
+    assert!(
+        retried.duplicate,
+        "the first attempt was stored: {retried:?}"
+    );
+    let stored = h.read(&r, 0, 10).await.unwrap();
+    assert_eq!(payloads(&stored), ["first", "maybe"]);
+    assert_eq!(stored[1].offset, retried.offset);
 }

@@ -21,14 +21,20 @@ pub enum ErrorCode {
     RateLimited,
     /// The frame or a field in it is over its size limit.
     TooLarge,
-    /// A dependency (broker, store) cannot serve this right now; retry later.
+    /// A dependency (broker, store) cannot serve this right now; nothing
+    /// was done; retry later.
     Unavailable,
+    /// The message was sent but its receipt was never confirmed (the broker
+    /// or the store went away at that moment): it may or may not have been
+    /// published. Retrying with the same `key` publishes it at most once and
+    /// answers with its offset (durable rooms).
+    OutcomeUnknown,
     /// A bug or an unexpected failure on the server.
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::TokenExpired,
@@ -37,6 +43,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::TooLarge,
         ErrorCode::Unavailable,
+        ErrorCode::OutcomeUnknown,
         ErrorCode::Internal,
     ];
 
@@ -50,6 +57,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::Internal => "internal",
         }
     }
@@ -58,7 +66,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal
+            ErrorCode::RateLimited
+                | ErrorCode::Unavailable
+                | ErrorCode::OutcomeUnknown
+                | ErrorCode::Internal
         )
     }
 }
@@ -159,6 +170,7 @@ mod tests {
                 "rate_limited",
                 "too_large",
                 "unavailable",
+                "outcome_unknown",
                 "internal"
             ]
         );

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_broker::{BrokerError, SharedBroker, chain};
+use herald_broker::{BrokerError, Mark, SharedBroker, chain};
 use herald_presence_client::{PresenceQuery, QueryError};
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
 use herald_wire::presence::{Change, EdgeReport, Reported};
@@ -82,11 +82,12 @@ impl Reporter {
                     _ = tick.tick() => task.send_heartbeat().await,
                     _ = shutdown.cancelled() => {
                         // Sessions report their leaves while closing; take them all, then say goodbye.
+                        let mark = task.broker.mark();
                         while let Ok((seq, change)) = rx.try_recv() {
                             task.apply(seq, change).await;
                         }
                         task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }).await;
-                        task.confirm_sent().await;
+                        task.confirm_sent(mark).await;
                         break;
                     }
                 }
@@ -167,8 +168,8 @@ impl ReportTask {
     /// to exit, and reports left in the client's buffer would be lost (the
     /// presence service would then keep this edge's users online until it
     /// reaps the silent edge, instead of one grace period).
-    async fn confirm_sent(&self) {
-        match tokio::time::timeout(CONFIRM_TIMEOUT, self.broker.confirm()).await {
+    async fn confirm_sent(&self, since: Mark) {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.broker.confirm(since)).await {
             Ok(Ok(())) => tracing::info!(
                 node = %self.node,
                 reports = self.seq,

@@ -138,13 +138,7 @@ impl RouterApi {
         data: &str,
         key: &str,
     ) -> Result<PublishReply, Status> {
-        let data = RawValue::from_string(data.to_string())
-            .map_err(|e| Status::invalid_argument(format!("data is not valid JSON: {e}")))?;
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let frame: Bytes = frames::message_frame(&room, &data, "server", ts);
+        let frame = self.frame(&room, data)?;
         let durable = self.policy.is_durable(room.namespace());
         let published = rooms::publish(
             &self.broker,
@@ -154,10 +148,35 @@ impl RouterApi {
             frame,
             Some(key),
         )
-        .await
-        .map_err(|e| {
+        .await;
+        self.answer(published)
+    }
+
+    /// The `message` frame the API publishes: `data` from "server", now.
+    fn frame(&self, room: &RoomName, data: &str) -> Result<Bytes, Status> {
+        let data = RawValue::from_string(data.to_string())
+            .map_err(|e| Status::invalid_argument(format!("data is not valid JSON: {e}")))?;
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Ok(frames::message_frame(room, &data, "server", ts))
+    }
+
+    /// The reply to one publish, or its error as a status: a size error is
+    /// permanent (`INVALID_ARGUMENT`), an unknown outcome is
+    /// `DEADLINE_EXCEEDED` (gRPC's "may have completed"), anything else
+    /// `UNAVAILABLE` (nothing was published).
+    fn answer(
+        &self,
+        published: Result<rooms::Published, rooms::PublishError>,
+    ) -> Result<PublishReply, Status> {
+        let published = published.map_err(|e| {
             if e.is_too_large() {
                 Status::invalid_argument(e.to_string())
+            } else if e.is_unconfirmed() {
+                tracing::warn!(error = %chain(&e), "a publish's outcome is unknown");
+                Status::deadline_exceeded(e.to_string())
             } else {
                 unavailable("publish", &e)
             }
@@ -218,22 +237,50 @@ impl Router for RouterApi {
                 messages.len()
             )));
         }
-        let mut results = Vec::with_capacity(messages.len());
-        // One after the other: messages to one room keep the batch's order.
-        for req in messages {
-            results.push(match self.publish_request(req).await {
-                Ok(reply) => PublishOutcome {
-                    published: Some(reply),
-                    code: 0,
-                    error: String::new(),
-                },
-                Err(status) => PublishOutcome {
-                    published: None,
-                    code: status.code() as u32,
-                    error: status.message().to_string(),
-                },
+        // Bad messages are answered in place; the others go out one after
+        // the other, in the call's order, with one confirmation for them all.
+        let checked: Vec<Result<(RoomName, Bytes, bool, String), Status>> = messages
+            .into_iter()
+            .map(|req| {
+                let room = room_arg(&req.room)?;
+                let frame = self.frame(&room, &req.data)?;
+                let durable = self.policy.is_durable(room.namespace());
+                Ok((room, frame, durable, req.key))
+            })
+            .collect();
+        let mut outgoing = Vec::with_capacity(checked.len());
+        for (room, frame, durable, key) in checked.iter().flatten() {
+            outgoing.push(rooms::Outgoing {
+                room,
+                durable: *durable,
+                frame: frame.clone(),
+                key: Some(key),
             });
         }
+        let mut published = rooms::publish_all(&self.broker, &self.history, outgoing)
+            .await
+            .into_iter();
+        let results = checked
+            .iter()
+            .map(|c| {
+                let outcome = match c {
+                    Ok(_) => self.answer(published.next().expect("one outcome per message")),
+                    Err(status) => Err(status.clone()),
+                };
+                match outcome {
+                    Ok(reply) => PublishOutcome {
+                        published: Some(reply),
+                        code: 0,
+                        error: String::new(),
+                    },
+                    Err(status) => PublishOutcome {
+                        published: None,
+                        code: status.code() as u32,
+                        error: status.message().to_string(),
+                    },
+                }
+            })
+            .collect();
         Ok(Response::new(PublishBatchReply { results }))
     }
 

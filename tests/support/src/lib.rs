@@ -8,6 +8,7 @@
 //! process.
 
 mod process;
+mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +20,7 @@ use anyhow::{Context, Result};
 use tempfile::TempDir;
 
 pub use process::{ChildProcess, die_with_parent};
+pub use proxy::Proxy;
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {

@@ -192,6 +192,25 @@ impl JetStreamHistory {
         }
     }
 
+    /// Classifies the failure of an append that was sent: a refusal from
+    /// the stream (it answered: nothing stored) or no answer at all (a
+    /// timeout, a lost connection: maybe stored).
+    fn unacknowledged(&self, what: &str, e: jetstream::context::PublishError) -> HistoryError {
+        // Every other kind is an answer from the server (or a refusal before
+        // sending): the stream did not store it.
+        let answered = !matches!(
+            e.kind(),
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+        );
+        if answered {
+            return self.fail(what, e);
+        }
+        HistoryError::Unconfirmed(cause(During {
+            what: what.to_string(),
+            source: cause(e),
+        }))
+    }
+
     fn namespace(&self, ns: &str) -> Result<Arc<Namespace>, HistoryError> {
         self.namespaces
             .read()
@@ -456,7 +475,7 @@ impl JetStreamHistory {
                 }
                 Err(e) => {
                     *last = None;
-                    return Err(self.fail(&format!("publish to {subject}"), e));
+                    return Err(self.unacknowledged(&format!("append to {subject}"), e));
                 }
             }
         }

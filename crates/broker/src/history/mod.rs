@@ -100,11 +100,17 @@ pub struct Stored {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HistoryError {
-    /// The store is not reachable. Nothing was stored, except after an
-    /// acknowledgement timeout, when the outcome is unknown: retrying with
-    /// the same idempotency key is safe within the dedup window.
+    /// The store is not reachable. Nothing was stored.
     #[error("the history store is not reachable")]
     Unavailable(#[source] Cause),
+    /// An append was sent but its acknowledgement never came (a timeout, a
+    /// lost connection): it may or may not be stored. Retrying with the same
+    /// idempotency key within the dedup window stores it at most once and
+    /// returns its offset.
+    #[error(
+        "the history store did not acknowledge the message: it may or may not be stored; retry with the same key to find out"
+    )]
+    Unconfirmed(#[source] Cause),
     /// The room's namespace was not set up as durable
     /// ([`History::ensure_namespace`]).
     #[error("namespace `{0}` is not durable")]

@@ -2,7 +2,7 @@
 //! publishing, and the namespace policy that decides who may do which.
 
 use herald_auth::{Denied, NamespacePolicy};
-use herald_broker::rooms;
+use herald_broker::{chain, rooms};
 use herald_wire::frames::{self, FrameError, PresenceEvent, Since};
 use herald_wire::presence::Change;
 use herald_wire::reply::{Joined as JoinedReply, Position};
@@ -76,6 +76,9 @@ impl Session {
         .map_err(|e| {
             if e.is_too_large() {
                 FrameError::new(id, ErrorCode::TooLarge, e.to_string())
+            } else if e.is_unconfirmed() {
+                tracing::warn!(conn = %self.conn, error = %chain(&e), "a publish's outcome is unknown");
+                FrameError::new(id, ErrorCode::OutcomeUnknown, e.to_string())
             } else {
                 unavailable(&self.conn, id, &e)
             }
