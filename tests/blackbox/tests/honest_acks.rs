@@ -1,5 +1,5 @@
-//! Acknowledgements that stay true across a nats-server killed with
-//! `kill -9` and started again, under steady traffic from a client and from
+//! Acknowledgements that stay true across a nats-server that hangs
+//! (`SIGSTOP`), is killed with `kill -9` and started again, under steady traffic from a client and from
 //! `Router.Publish`, to an ephemeral and a durable room: every `ok` was
 //! delivered to every member connected throughout, no `unavailable` one
 //! was, and a durable publish retried with its key until `ok` is delivered
@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::*;
 use herald_client::Client;
 use herald_proto::v1::{HistoryRequest, PublishRequest, router_client::RouterClient};
-use herald_test_support::eventually;
+use herald_test_support::{eventually, http_get};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -35,6 +35,14 @@ const ANSWER_WAIT: Duration = Duration::from_secs(15);
 
 /// Time between two publishes of one publisher.
 const PACE: Duration = Duration::from_millis(25);
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
 
 /// What the publishers were told, by message id.
 #[derive(Default)]
@@ -275,6 +283,15 @@ async fn acknowledgements_hold_across_a_nats_kill_and_restart() {
         (told.lock().unwrap().ok.len() >= 40).then_some(())
     })
     .await;
+    // The server hangs first, then dies: what was sent to it meanwhile is
+    // lost, and whoever was told `ok` for it was lied to.
+    signal(cluster.nats.pid(), "-STOP");
+    for &edge in &cluster.edge_addrs {
+        eventually(WAIT, "the edge notices the hang", || async {
+            (!matches!(http_get(edge, "/readyz"), Ok((200, _)))).then_some(())
+        })
+        .await;
+    }
     cluster.nats.kill();
     eventually(Duration::from_secs(10), "publishes are refused", || async {
         (told.lock().unwrap().unavailable.len() >= 4).then_some(())
