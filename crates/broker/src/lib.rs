@@ -29,8 +29,8 @@ use futures::Stream;
 
 pub use error::{Cause, Chain, cause, chain};
 pub use memory::MemoryBroker;
-pub use nats::NatsBroker;
 pub use nats::RESUME_SETTLE;
+pub use nats::{NatsBroker, NatsSecurity};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -1,5 +1,6 @@
 //! The NATS broker of a cluster (async-nats, core NATS).
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,9 +67,21 @@ impl NatsBroker {
     /// trying in the background (the process reports not ready meanwhile),
     /// so that a pod can start before NATS does.
     pub async fn connect(url: &str, name: &str) -> Result<NatsBroker, BrokerError> {
+        NatsBroker::connect_with(url, name, &NatsSecurity::default()).await
+    }
+
+    /// [`NatsBroker::connect`] with credentials and TLS. A file that cannot
+    /// be read is an error at once (`Failed`, naming it), not a reconnect
+    /// loop.
+    pub async fn connect_with(
+        url: &str,
+        name: &str,
+        security: &NatsSecurity,
+    ) -> Result<NatsBroker, BrokerError> {
         let connected = Arc::new(Mutex::new((0u64, Instant::now())));
         let on_event = connected.clone();
-        let client = async_nats::ConnectOptions::new()
+        let options = security.apply(async_nats::ConnectOptions::new()).await?;
+        let client = options
             .name(name)
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -168,6 +181,54 @@ impl NatsBroker {
         let sub = subscribe.await.map_err(BrokerError::unavailable)?;
         self.round_trip().await?;
         Ok(convert(sub))
+    }
+}
+
+/// How a process proves itself to NATS and checks the server: a
+/// credentials file (JWT and NKey seed, as `nsc` writes it) and TLS. All
+/// optional; any TLS file makes TLS required.
+#[derive(Debug, Clone, Default)]
+pub struct NatsSecurity {
+    pub creds: Option<PathBuf>,
+    /// CA certificate(s) (PEM) the server's certificate is checked against.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl NatsSecurity {
+    async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, BrokerError> {
+        let unreadable = |what: &str, path: &Path, e: std::io::Error| {
+            BrokerError::Failed(cause(During {
+                what: format!("reading the NATS {what} {}", path.display()),
+                source: cause(e),
+            }))
+        };
+        if let Some(path) = &self.creds {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| unreadable("credentials file", path, e))?;
+        }
+        for path in self
+            .tls_ca
+            .iter()
+            .chain(self.tls_cert.iter().flat_map(|(c, k)| [c, k]))
+        {
+            std::fs::metadata(path).map_err(|e| unreadable("TLS file", path, e))?;
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.tls_cert {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(options)
     }
 }
 

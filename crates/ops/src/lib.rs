@@ -293,3 +293,39 @@ pub async fn grpc_extras(
         .expect("the built-in descriptor set is valid");
     (service, reporter, reflection)
 }
+
+/// The first step of a graceful stop, for the gRPC services: once
+/// `shutdown` fires, `/readyz` and every gRPC health status (`services` and
+/// the overall `""`) turn not serving at once, and the returned token is
+/// cancelled `delay` later, when the servers are to stop. Meanwhile they
+/// serve as before, so that load balancers and gRPC clients move away
+/// before anything is refused.
+pub fn drain_after(
+    shutdown: &CancellationToken,
+    health: Health,
+    reporter: tonic_health::server::HealthReporter,
+    services: &'static [&'static str],
+    delay: std::time::Duration,
+    who: &'static str,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let stopping = stop.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        health.set_draining();
+        for name in services.iter().chain(&[""]) {
+            reporter
+                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        if !delay.is_zero() {
+            tracing::info!(
+                "{who} draining: not ready and gRPC health NOT_SERVING; still serving for {delay:?} while clients move away"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        stopping.cancel();
+    });
+    stop
+}

@@ -335,20 +335,24 @@ pub fn error_frame(
 }
 
 /// `{"op":"disconnect",...}`, sent right before the close frame with the same
-/// code.
-pub fn disconnect_frame(code: CloseCode, reason: &str) -> Bytes {
+/// code. `reconnect_after_ms`, when given, tells a client that reconnects
+/// how long to wait first (a draining edge spreads its clients' returns).
+pub fn disconnect_frame(code: CloseCode, reason: &str, reconnect_after_ms: Option<u64>) -> Bytes {
     #[derive(Serialize)]
     struct Disconnect<'a> {
         op: &'static str,
         code: u16,
         reason: &'a str,
         reconnect: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reconnect_after_ms: Option<u64>,
     }
     to_bytes(&Disconnect {
         op: "disconnect",
         code: code.code(),
         reason,
         reconnect: code.reconnect(),
+        reconnect_after_ms,
     })
 }
 
@@ -463,12 +467,21 @@ mod tests {
             v,
             json!({"op":"error","code":"rate_limited","message":"slow down","retry_after_ms":50})
         );
-        let v: Value =
-            serde_json::from_slice(&disconnect_frame(CloseCode::ServiceRestart, "draining"))
-                .unwrap();
+        let v: Value = serde_json::from_slice(&disconnect_frame(
+            CloseCode::ServiceRestart,
+            "draining",
+            Some(250),
+        ))
+        .unwrap();
         assert_eq!(
             v,
-            json!({"op":"disconnect","code":1012,"reason":"draining","reconnect":true})
+            json!({"op":"disconnect","code":1012,"reason":"draining","reconnect":true,"reconnect_after_ms":250})
+        );
+        let v: Value =
+            serde_json::from_slice(&disconnect_frame(CloseCode::Forbidden, "no", None)).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"disconnect","code":4003,"reason":"no","reconnect":false})
         );
         let v: Value = serde_json::from_slice(&presence_frame(
             "chat:x",

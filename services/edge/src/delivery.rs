@@ -54,7 +54,34 @@ pub enum Out {
     /// A control frame (pong, close echo) that the WebSocket reader owes the peer.
     Control { opcode: u8, payload: Vec<u8> },
     /// `disconnect` + close frame, after everything queued before it.
-    Close { code: CloseCode, reason: String },
+    /// Boxed: rare, and the queue holds many of the other kinds.
+    Close(Box<Closing>),
+}
+
+impl Out {
+    pub fn close(code: CloseCode, reason: impl Into<String>) -> Out {
+        Out::Close(Box::new(Closing::new(code, reason)))
+    }
+}
+
+/// Why the server closes a connection: the code and reason of its
+/// `disconnect` frame and close frame, and for a client that reconnects,
+/// how long to wait first.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub code: CloseCode,
+    pub reason: String,
+    pub reconnect_after_ms: Option<u32>,
+}
+
+impl Closing {
+    pub fn new(code: CloseCode, reason: impl Into<String>) -> Closing {
+        Closing {
+            code,
+            reason: reason.into(),
+            reconnect_after_ms: None,
+        }
+    }
 }
 
 /// A cheap handle on one connection: its frame queue and socket, its
@@ -78,7 +105,8 @@ struct Conn {
     /// Rare, so a queue that allocates only when used (a channel's first
     /// block would cost every idle connection kilobytes).
     control: Mutex<VecDeque<ControlCmd>>,
-    why: OnceLock<(CloseCode, String)>,
+    /// Boxed: an open connection pays one pointer for it.
+    why: OnceLock<Box<Closing>>,
     /// When the connection's token expires, in seconds since the Unix epoch.
     expires: AtomicU64,
     /// When something last arrived from the client, on the edge's clock
@@ -324,12 +352,17 @@ impl Outbox {
 
     /// Closes the connection from outside its session; the first reason wins.
     pub fn close(&self, code: CloseCode, reason: impl Into<String>) {
-        let _ = self.conn.why.set((code, reason.into()));
+        self.close_as(Closing::new(code, reason));
+    }
+
+    /// [`Outbox::close`], with every detail of the `disconnect` frame.
+    pub fn close_as(&self, closing: Closing) {
+        let _ = self.conn.why.set(Box::new(closing));
         self.conn.attention.notify_waiters();
     }
 
-    pub fn close_reason(&self) -> Option<&(CloseCode, String)> {
-        self.conn.why.get()
+    pub fn close_reason(&self) -> Option<&Closing> {
+        self.conn.why.get().map(|c| &**c)
     }
 
     /// Resolves once [`Outbox::close`] was called.
@@ -472,7 +505,7 @@ impl Outbox {
         // A close (ours, or the echo of the client's) is the last frame.
         q.closing = matches!(
             out,
-            Out::Close { .. }
+            Out::Close(_)
                 | Out::Control {
                     opcode: OP_CLOSE,
                     ..
@@ -622,11 +655,11 @@ impl Outbox {
     pub async fn finish(&self, flush: Duration) {
         {
             let mut q = self.lock();
-            if let Some((code, reason)) = self.close_reason().cloned()
+            if let Some(closing) = self.close_reason().cloned()
                 && !q.closing
             {
                 q.frames = VecDeque::new();
-                q.frames.push_back(Out::Close { code, reason });
+                q.frames.push_back(Out::Close(Box::new(closing)));
             }
             q.closing = true;
             self.write(&mut q);
@@ -667,7 +700,7 @@ fn encode(buf: &mut Vec<u8>, out: Out) {
     match out {
         Out::Text(b) => encode_frame(buf, OP_TEXT, &b),
         Out::Control { opcode, payload } => encode_frame(buf, opcode, &payload),
-        Out::Close { code, reason } => encode_close(buf, code, &reason),
+        Out::Close(closing) => encode_close(buf, &closing),
     }
 }
 
@@ -716,10 +749,7 @@ mod tests {
             assert!(ob.lock().batched);
             assert_eq!(ob.lock().frames.len(), 2);
         });
-        ob.push(Out::Close {
-            code: CloseCode::Unauthorized,
-            reason: "bad token".into(),
-        });
+        ob.push(Out::close(CloseCode::Unauthorized, "bad token"));
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         let got = frames(&got);
@@ -834,7 +864,7 @@ mod tests {
             sent += 1;
             assert!(sent < 10_000, "the queue never filled");
         }
-        assert_eq!(ob.close_reason().unwrap().0, CloseCode::SlowConsumer);
+        assert_eq!(ob.close_reason().unwrap().code, CloseCode::SlowConsumer);
         let reading = tokio::spawn(async move {
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();

@@ -16,7 +16,7 @@ use herald_wire::CloseCode;
 use herald_wire::frames::disconnect_frame;
 use tokio::net::TcpStream;
 
-use crate::delivery::{Out, Outbox};
+use crate::delivery::{Closing, Out, Outbox};
 
 /// Bytes read from the socket at a time, on the stack of the reading task.
 const READ_CHUNK: usize = 16 * 1024;
@@ -312,8 +312,13 @@ pub fn encode_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
-pub fn encode_close(buf: &mut Vec<u8>, code: CloseCode, reason: &str) {
-    encode_frame(buf, OP_TEXT, &disconnect_frame(code, reason));
+pub fn encode_close(buf: &mut Vec<u8>, close: &Closing) {
+    let (code, reason) = (close.code, close.reason.as_str());
+    encode_frame(
+        buf,
+        OP_TEXT,
+        &disconnect_frame(code, reason, close.reconnect_after_ms.map(u64::from)),
+    );
     // A close frame's reason may hold at most 123 bytes.
     let mut cut = reason.len().min(123);
     while !reason.is_char_boundary(cut) {

@@ -471,7 +471,7 @@ pub(crate) mod tests {
         }
         assert!(outbox.close_reason().is_none());
         slot.deliver(&frame);
-        assert_eq!(outbox.close_reason().unwrap().0, CloseCode::SlowConsumer);
+        assert_eq!(outbox.close_reason().unwrap().code, CloseCode::SlowConsumer);
         assert_eq!(slot.held.as_ref().unwrap().len(), outbox.capacity());
     }
 
@@ -594,7 +594,7 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         for m in [&m1, &m2] {
-            assert_eq!(m.close_reason().unwrap().0, CloseCode::SlowConsumer);
+            assert_eq!(m.close_reason().unwrap().code, CloseCode::SlowConsumer);
         }
         assert!(rooms.table.lock().unwrap().keys.is_empty());
         assert!(rooms.table.lock().unwrap().shards.is_empty());

@@ -6,6 +6,7 @@
 
 mod control;
 mod delivery;
+mod drain;
 mod framing;
 mod interest;
 mod liveness;
@@ -65,7 +66,14 @@ pub struct Config {
     pub presence_timeout: Duration,
     /// Where member lists are read from.
     pub presence_source: PresenceSource,
-    /// How long shutdown waits for connections to close.
+    /// After the shutdown signal, how long the edge keeps accepting while
+    /// it reports not ready, so that load balancers stop sending clients.
+    pub drain_delay: Duration,
+    /// Clients are told to reconnect elsewhere at random moments over this
+    /// window, not all at once.
+    pub drain_window: Duration,
+    /// How long, after the last client was told, shutdown waits for
+    /// connections to close.
     pub drain_timeout: Duration,
     /// Room deliveries wait up to this long so that a busy connection's
     /// frames share a write; zero writes at once.
@@ -95,7 +103,9 @@ impl Config {
             presence_interval: Duration::from_secs(2),
             presence_timeout: Duration::from_secs(3),
             presence_source: PresenceSource::Broker,
-            drain_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+            drain_window: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
             write_delay: Duration::ZERO,
             io_uring: true,
             storage: herald_ops::Gate::open("durable storage"),
@@ -128,6 +138,8 @@ struct Edge {
     reporter: presence::Reporter,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
+    /// Cancelled when connections start closing: after the shutdown signal
+    /// and the drain delay.
     shutdown: CancellationToken,
     sessions: TaskTracker,
 }
@@ -196,10 +208,13 @@ pub async fn run(
             "io_uring is not available here; room messages go out with one send(2) per member"
         ),
     }
+    // What the edge's parts see as the shutdown: the moment the drain delay
+    // is over and connections start closing.
+    let closing = CancellationToken::new();
     if !config.write_delay.is_zero() {
         rooms = rooms.write_delay(delivery::Flusher::start(
             config.write_delay,
-            shutdown.clone(),
+            closing.clone(),
         ));
     }
     let edge = Arc::new(Edge {
@@ -211,7 +226,7 @@ pub async fn run(
         reporter,
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,
-        shutdown: shutdown.clone(),
+        shutdown: closing.clone(),
         sessions: TaskTracker::new(),
         config,
     });
@@ -247,24 +262,18 @@ pub async fn run(
 
     shutdown.cancelled().await;
     health.set_draining();
+    if !edge.config.drain_delay.is_zero() {
+        tracing::info!(
+            "edge {} draining: not ready; still accepting for {:?} while load balancers notice",
+            edge.config.node_id,
+            edge.config.drain_delay
+        );
+        tokio::time::sleep(edge.config.drain_delay).await;
+    }
+    closing.cancel();
     http_stop.cancel();
     edge.sessions.close();
-    // Sessions do not each watch the shutdown token (an idle connection's
-    // task holds only what it waits on): they are closed from here. One
-    // still authenticating sees the shutdown when it opens.
-    let mut asked = 0;
-    edge.each_session(|outbox| {
-        asked += 1;
-        outbox.close(
-            herald_wire::CloseCode::ServiceRestart,
-            session::SHUTTING_DOWN,
-        )
-    });
-    tracing::info!(
-        "edge {} draining: asked {asked} connections to reconnect elsewhere (1012); {} tasks to wait for",
-        edge.config.node_id,
-        edge.sessions.len()
-    );
+    drain::spread(&edge).await;
     let drain_started = tokio::time::Instant::now();
     if tokio::time::timeout(edge.config.drain_timeout, edge.sessions.wait())
         .await
@@ -277,7 +286,7 @@ pub async fn run(
         );
     } else {
         tracing::info!(
-            "edge {} drained in {:?}: every connection closed",
+            "edge {} drained: every connection closed {:?} after the last was told",
             edge.config.node_id,
             drain_started.elapsed()
         );

@@ -63,6 +63,57 @@ pub struct Common {
     pub worker_threads: Option<NonZeroUsize>,
 }
 
+/// How a cluster process reaches NATS.
+#[derive(Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated: the client moves to another when
+    /// one goes away.
+    #[arg(long = "nats", env = "HERALD_NATS", value_name = "URLS")]
+    pub urls: String,
+    /// NATS credentials file (user JWT and NKey seed, as `nsc` writes it).
+    #[arg(long, env = "HERALD_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate(s), PEM, that the NATS server's certificate is checked
+    /// against; makes TLS required.
+    #[arg(long, env = "HERALD_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate, PEM, for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(
+        long,
+        env = "HERALD_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires = "nats_tls_key"
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key, PEM (with --nats-tls-cert).
+    #[arg(
+        long,
+        env = "HERALD_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+/// What happens between SIGTERM and exit.
+#[derive(Args, Debug, Clone)]
+pub struct DrainArgs {
+    /// After SIGTERM, keep serving this long while reporting not ready
+    /// (/readyz 503, gRPC health NOT_SERVING), so that load balancers stop
+    /// sending new work before anything closes.
+    #[arg(long, env = "HERALD_DRAIN_DELAY", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub drain_delay: Duration,
+}
+
+/// How durable namespaces are stored (processes that create the storage).
+#[derive(Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// JetStream replicas of each durable namespace's stream and of the read
+    /// markers' bucket: 3 on a NATS cluster, 1 on a single server.
+    #[arg(long, env = "HERALD_STREAM_REPLICAS", default_value = "1")]
+    pub stream_replicas: NonZeroUsize,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -113,9 +164,8 @@ pub struct EdgeArgs {
     /// Address for WebSocket clients (/ws) and /healthz, /readyz, /metrics.
     #[arg(long, env = "HERALD_LISTEN")]
     pub listen: SocketAddr,
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "HERALD_NATS")]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// This edge's id in the cluster (unique per running edge; the pod name in Kubernetes).
     #[arg(long, env = "HERALD_NODE_ID")]
     pub node_id: Option<String>,
@@ -146,6 +196,15 @@ pub struct EdgeArgs {
     /// presence service's --edge-timeout).
     #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub presence_interval: Duration,
+    /// After SIGTERM and --drain-delay, clients are told to reconnect
+    /// elsewhere (1012) at random moments spread over this window, not all
+    /// at once; the edge exits once they are gone.
+    #[arg(long, env = "HERALD_DRAIN_WINDOW", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub drain_window: Duration,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
     #[command(flatten)]
     pub clients: ClientArgs,
     #[command(flatten)]
@@ -157,9 +216,8 @@ pub struct RouterArgs {
     /// Address for the gRPC API.
     #[arg(long, env = "HERALD_GRPC_LISTEN")]
     pub grpc_listen: SocketAddr,
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "HERALD_NATS")]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Address for /healthz, /readyz, /metrics.
     #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "0.0.0.0:8081")]
     pub http_listen: SocketAddr,
@@ -167,6 +225,10 @@ pub struct RouterArgs {
     /// directly instead of through NATS.
     #[arg(long, env = "HERALD_PRESENCE")]
     pub presence: Option<String>,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -176,9 +238,8 @@ pub struct PresenceArgs {
     /// Address for the gRPC Presence API.
     #[arg(long, env = "HERALD_GRPC_LISTEN")]
     pub grpc_listen: SocketAddr,
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "HERALD_NATS")]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Address for /healthz, /readyz, /metrics.
     #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "0.0.0.0:8082")]
     pub http_listen: SocketAddr,
@@ -207,6 +268,8 @@ pub struct PresenceArgs {
         default_value = "app.kubernetes.io/component=edge"
     )]
     pub kube_selector: String,
+    #[command(flatten)]
+    pub drain: DrainArgs,
     #[command(flatten)]
     pub common: Common,
 }

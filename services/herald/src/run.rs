@@ -9,7 +9,7 @@ use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHist
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, ClientArgs, Command, Common, LogFormat, TokenArgs};
+use crate::cli::{Cli, ClientArgs, Command, Common, LogFormat, NatsArgs, TokenArgs};
 use crate::config::{self, ConfigError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -150,11 +150,23 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn nats(url: &str, name: &str) -> Result<(SharedBroker, SharedHistory), ConfigError> {
-    let broker = NatsBroker::connect(url, name)
+/// The broker and the durable store of a cluster process, on NATS;
+/// `replicas` for the streams it creates.
+async fn nats(
+    args: &NatsArgs,
+    name: &str,
+    replicas: usize,
+) -> Result<(SharedBroker, SharedHistory), ConfigError> {
+    let security = herald_broker::NatsSecurity {
+        creds: args.nats_creds.clone(),
+        tls_ca: args.nats_tls_ca.clone(),
+        tls_cert: args.nats_tls_cert.clone().zip(args.nats_tls_key.clone()),
+    };
+    let broker = NatsBroker::connect_with(&args.urls, name, &security)
         .await
-        .map_err(|e| ConfigError::caused(format!("--nats {url}"), e))?;
-    let history: SharedHistory = Arc::new(JetStreamHistory::new(broker.client().clone()));
+        .map_err(|e| ConfigError::caused(format!("--nats {}", args.urls), e))?;
+    let history: SharedHistory =
+        Arc::new(JetStreamHistory::new(broker.client().clone()).with_replicas(replicas));
     Ok((Arc::new(broker), history))
 }
 
@@ -209,11 +221,17 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 io_uring: args.io_uring,
                 presence_interval: args.presence_interval,
                 presence_source: presence_source(args.presence.as_deref())?,
+                drain_delay: args.drain.drain_delay,
+                drain_window: args.drain_window,
                 ..config
             };
             let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
-            let (broker, history) =
-                nats(&args.nats, &format!("herald-edge {}", config.node_id)).await?;
+            let (broker, history) = nats(
+                &args.nats,
+                &format!("herald-edge {}", config.node_id),
+                args.storage.stream_replicas.get(),
+            )
+            .await?;
             let config = herald_edge::Config {
                 storage: ensure_durable(history.clone(), namespaces.durable),
                 ..config
@@ -226,11 +244,17 @@ async fn serve(command: Command) -> Result<(), RunError> {
             let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
             let http =
                 herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
-            let (broker, history) = nats(&args.nats, "herald-router").await?;
+            let (broker, history) = nats(
+                &args.nats,
+                "herald-router",
+                args.storage.stream_replicas.get(),
+            )
+            .await?;
             let config = herald_router::Config {
                 storage: ensure_durable(history.clone(), namespaces.durable),
                 policy: namespaces.policy,
                 presence: presence_source(args.presence.as_deref())?,
+                drain_delay: args.drain.drain_delay,
                 ..Default::default()
             };
             herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await?;
@@ -247,6 +271,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 replica_id: args
                     .replica_id
                     .unwrap_or_else(herald_presence::random_replica_id),
+                drain_delay: args.drain.drain_delay,
                 ..Default::default()
             };
             let gone = if args.kube {
@@ -278,6 +303,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
             let (broker, _) = nats(
                 &args.nats,
                 &format!("herald-presence {}", config.replica_id),
+                1,
             )
             .await?;
             herald_presence::run(config, broker, grpc, http, gone, shutdown).await?;

@@ -66,6 +66,9 @@ pub struct Config {
     /// Events a `Presence.Watch` stream may have queued; a watcher that falls
     /// further behind has its stream ended with `RESOURCE_EXHAUSTED`.
     pub watch_queue: usize,
+    /// After the shutdown signal, how long the service keeps serving while
+    /// it reports not ready.
+    pub drain_delay: Duration,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             replica_timeout: Duration::from_secs(3),
             warmup: Duration::from_secs(3),
             watch_queue: 1024,
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -121,8 +125,8 @@ pub async fn run(
 ) -> Result<(), herald_ops::ServeError> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-    // Stops everything here on shutdown, or when one server fails.
-    let stop = shutdown.child_token();
+    // Stops everything here after the drain delay, or when one server fails.
+    let stop = CancellationToken::new();
     let health = Health::new();
     let metrics = herald_ops::new_metrics();
     health.add_check("broker", herald_broker::readiness(&broker));
@@ -138,7 +142,8 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!(error = %chain(&e), broker = %broker.describe(), "presence could not start; retrying");
                 tokio::select! {
-                    _ = stop.cancelled() => {
+                    _ = shutdown.cancelled() => {
+                        stop.cancel();
                         http_server.await??;
                         return Ok(());
                     }
@@ -168,8 +173,23 @@ pub async fn run(
         });
     }
 
-    let (health_service, reporter, reflection) =
-        herald_ops::grpc_extras(&["herald.v1.Presence"]).await;
+    const SERVICES: &[&str] = &["herald.v1.Presence"];
+    let (health_service, reporter, reflection) = herald_ops::grpc_extras(SERVICES).await;
+    {
+        let drained = herald_ops::drain_after(
+            &shutdown,
+            health.clone(),
+            reporter,
+            SERVICES,
+            config.drain_delay,
+            "presence",
+        );
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            drained.cancelled().await;
+            stop.cancel();
+        });
+    }
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -178,16 +198,6 @@ pub async fn run(
             herald_ops::grpc_incoming(grpc),
             stop.clone().cancelled_owned(),
         );
-    let draining = async {
-        stop.cancelled().await;
-        health.set_draining();
-        reporter
-            .set_service_status(
-                "herald.v1.Presence",
-                tonic_health::ServingStatus::NotServing,
-            )
-            .await;
-    };
     health.set_started();
     tracing::info!(
         grpc = %grpc_addr,
@@ -195,14 +205,8 @@ pub async fn run(
         broker = %broker.describe(),
         "presence serving gRPC on {grpc_addr} and /healthz /readyz /metrics on {http_addr}"
     );
-    let (grpc_result, ()) = tokio::join!(
-        async {
-            let r = grpc_server.await;
-            stop.cancel();
-            r
-        },
-        draining
-    );
+    let grpc_result = grpc_server.await;
+    stop.cancel();
     let http_result = http_server.await;
     grpc_result?;
     http_result??;

@@ -30,6 +30,9 @@ pub struct Config {
     pub presence_timeout: Duration,
     /// Open once durable rooms' storage is set up; the router is not ready before.
     pub storage: herald_ops::Gate,
+    /// After the shutdown signal, how long the router keeps serving while it
+    /// reports not ready.
+    pub drain_delay: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             presence: herald_presence_client::Source::Broker,
             presence_timeout: Duration::from_secs(3),
             storage: herald_ops::Gate::open("durable storage"),
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -66,8 +70,16 @@ pub async fn run(
         presence.clone(),
         &metrics,
     );
-    let (health_svc, reporter, reflection) =
-        herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
+    const SERVICES: &[&str] = &["herald.v1.Router", "herald.v1.Presence"];
+    let (health_svc, reporter, reflection) = herald_ops::grpc_extras(SERVICES).await;
+    let stop = herald_ops::drain_after(
+        &shutdown,
+        health.clone(),
+        reporter,
+        SERVICES,
+        config.drain_delay,
+        "router",
+    );
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let grpc_server = tonic::transport::Server::builder()
@@ -77,30 +89,16 @@ pub async fn run(
         .add_service(presence.into_server())
         .serve_with_incoming_shutdown(
             herald_ops::grpc_incoming(grpc),
-            shutdown.clone().cancelled_owned(),
+            stop.clone().cancelled_owned(),
         );
-    let http_server = herald_ops::serve_http(
-        http,
-        herald_ops::ops_routes(health.clone(), metrics),
-        shutdown.clone(),
-    );
+    let http_server =
+        herald_ops::serve_http(http, herald_ops::ops_routes(health.clone(), metrics), stop);
     health.set_started();
     tracing::info!(
         "router serving gRPC (herald.v1.Router, herald.v1.Presence) on {grpc_addr}, health on http://{http_addr}/healthz, broker: {}",
         broker.describe()
     );
-    let drain = {
-        let health = health.clone();
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            health.set_draining();
-            reporter
-                .set_not_serving::<herald_proto::v1::router_server::RouterServer<RouterApi>>()
-                .await;
-        }
-    };
-    let (g, h, ()) = tokio::join!(grpc_server, http_server, drain);
+    let (g, h) = tokio::join!(grpc_server, http_server);
     g?;
     h?;
     tracing::info!("router stopped");

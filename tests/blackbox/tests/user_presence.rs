@@ -391,20 +391,33 @@ async fn watch_delivers_a_rooms_events_in_order() {
     }
 }
 
-/// SIGTERM of an edge whose clients do not come back: the edge announces
-/// every connection's end before it exits, so each user goes offline one
-/// grace period later, not when the presence service would have reaped the
-/// silent edge.
+/// SIGTERM of an edge whose clients do not come back: the edge tells them
+/// to reconnect elsewhere (1012, with a `reconnect_after_ms` hint) at moments
+/// spread over its drain window, and announces every connection's end
+/// before it exits, so each user goes offline one grace period after its own
+/// disconnect, not when the presence service would have reaped the silent
+/// edge.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drained_edges_users_go_offline_one_grace_period_later() {
-    let mut cluster = Cluster::start_spec(spec_with_edge_timeout(2, 1, Duration::from_secs(20)));
+    const WINDOW: Duration = Duration::from_secs(3);
+    let mut cluster = Cluster::start_spec(spec_with_edge_timeout(1, 1, Duration::from_secs(20)));
+    cluster.add_edge_with(
+        "edge-drained",
+        &["--drain-window".into(), format!("{}ms", WINDOW.as_millis())],
+    );
     let nats_events = UserEvents::record(&cluster).await;
     let users: Vec<String> = (0..200).map(|i| format!("drained-{i}")).collect();
-    let mut clients = Vec::new();
+    let mut told = Vec::new();
     for user in &users {
-        let client = connect(&cluster.ws(0), user).await;
+        let client = connect(&cluster.ws(1), user).await;
         ok(&client, json!({"op":"join","room":"chat:drain"})).await;
-        clients.push(client);
+        told.push(tokio::spawn(async move {
+            let frame = client
+                .recv_op("disconnect", Duration::from_secs(30))
+                .await
+                .expect("a disconnect frame");
+            (Instant::now(), frame, client)
+        }));
     }
     eventually(WAIT, "every user online", || async {
         users
@@ -415,15 +428,31 @@ async fn a_drained_edges_users_go_offline_one_grace_period_later() {
     .await;
 
     let terminated_at = Instant::now();
-    cluster.edges[0].stop(Duration::from_secs(15));
-    let log = cluster.edges[0].output();
+    cluster.edges[1].stop(WINDOW + Duration::from_secs(10));
+    let log = cluster.edges[1].output();
     for said in [
-        "asked 200 connections to reconnect elsewhere",
+        "telling 200 connections to reconnect elsewhere (1012), spread over 3s",
+        "told 200 connections to reconnect elsewhere",
         "every connection closed",
         "presence reports and goodbye confirmed by the broker",
     ] {
         assert!(log.contains(said), "the drain log lacks {said:?}:\n{log}");
     }
+    let mut disconnected = Vec::new();
+    for t in told {
+        let (at, frame, _client) = t.await.unwrap();
+        assert_eq!(frame["code"], 1012, "{frame}");
+        assert_eq!(frame["reconnect"], true, "{frame}");
+        assert!(frame["reconnect_after_ms"].as_u64().is_some(), "{frame}");
+        disconnected.push(at);
+    }
+    let first = *disconnected.iter().min().unwrap() - terminated_at;
+    let last = *disconnected.iter().max().unwrap() - terminated_at;
+    eprintln!("disconnects from {first:?} to {last:?} after SIGTERM; window {WINDOW:?}");
+    assert!(
+        last - first >= WINDOW / 2 && last <= WINDOW + Duration::from_secs(1),
+        "disconnects not spread over the window: from {first:?} to {last:?}"
+    );
     eventually(GRACE + WAIT, "every user offline", || async {
         users
             .iter()
@@ -431,16 +460,15 @@ async fn a_drained_edges_users_go_offline_one_grace_period_later() {
             .then_some(())
     })
     .await;
-    for user in &users {
+    for (user, told_at) in users.iter().zip(&disconnected) {
         let events = nats_events.of(user);
         assert_eq!(events[1].1, UserTransition::Offline, "{user}");
-        let after = events[1].0 - terminated_at;
+        let after = events[1].0 - *told_at;
         assert!(
             after >= GRACE - Duration::from_millis(100) && after <= GRACE + Duration::from_secs(1),
-            "{user} went offline {after:?} after SIGTERM; the grace period is {GRACE:?}"
+            "{user} went offline {after:?} after its disconnect; the grace period is {GRACE:?}"
         );
     }
-    drop(clients);
 }
 
 /// How many users are in `room` as `client` sees it; `None` while presence

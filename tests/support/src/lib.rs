@@ -197,6 +197,20 @@ impl Herald {
         self.proc.terminate(grace);
     }
 
+    /// Sends `sig` (`-TERM`, `-STOP`, ...) and returns at once.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.proc.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {}", self.proc.pid());
+    }
+
+    /// How it ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.exited()
+    }
+
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
         self.proc.output()

@@ -596,7 +596,7 @@ mod tests {
         );
         for ob in &outboxes {
             assert_eq!(
-                ob.close_reason().map(|r| r.0),
+                ob.close_reason().map(|r| r.code),
                 Some(herald_wire::CloseCode::Internal),
                 "a member of the failed run is told to reconnect"
             );

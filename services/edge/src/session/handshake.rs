@@ -100,10 +100,7 @@ async fn authenticate(
 ) -> Option<(Claims, Option<u64>)> {
     let refuse = |err: FrameError| {
         reject(outbox, &err);
-        outbox.push(Out::Close {
-            code: CloseCode::Unauthorized,
-            reason: err.message.clone(),
-        });
+        outbox.push(Out::close(CloseCode::Unauthorized, err.message.clone()));
         None
     };
     if let Some(token) = url_token {
@@ -117,10 +114,7 @@ async fn authenticate(
         let incoming = tokio::select! {
             i = reader.next(outbox.stream(), outbox) => i,
             _ = tokio::time::sleep_until(deadline) => {
-                outbox.push(Out::Close {
-                    code: CloseCode::Unauthorized,
-                    reason: format!("no valid connect within {:?}", edge.config.handshake_timeout),
-                });
+                outbox.push(Out::close(CloseCode::Unauthorized, format!("no valid connect within {:?}", edge.config.handshake_timeout)));
                 return None;
             }
             _ = edge.shutdown.cancelled() => {
@@ -155,7 +149,7 @@ async fn authenticate(
             Incoming::Binary => reject(outbox, &binary_refused()),
             Incoming::Closed => return None,
             Incoming::Violation(code, reason) => {
-                outbox.push(Out::Close { code, reason });
+                outbox.push(Out::close(code, reason));
                 return None;
             }
         }

@@ -112,10 +112,7 @@ impl Session {
     ) -> Option<Session> {
         let refuse = |outbox: &Outbox, code, message: String, close, reason: &str| {
             reject(outbox, &FrameError::new(connect_id, code, message));
-            outbox.push(Out::Close {
-                code: close,
-                reason: reason.into(),
-            });
+            outbox.push(Out::close(close, reason));
         };
         let user_room = match RoomName::user(&claims.sub) {
             Ok(r) => r,
@@ -272,7 +269,7 @@ impl Session {
                 Incoming::Binary => Err(handshake::binary_refused()),
                 Incoming::Closed => return,
                 Incoming::Violation(code, reason) => {
-                    self.outbox.push(Out::Close { code, reason });
+                    self.outbox.push(Out::close(code, reason));
                     return;
                 }
             };
