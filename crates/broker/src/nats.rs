@@ -80,6 +80,7 @@ impl NatsBroker {
     ) -> Result<NatsBroker, BrokerError> {
         let connected = Arc::new(Mutex::new((0u64, Instant::now())));
         let on_event = connected.clone();
+        let servers = server_list(url)?;
         let options = security.apply(async_nats::ConnectOptions::new()).await?;
         let client = options
             .name(name)
@@ -95,7 +96,7 @@ impl NatsBroker {
                 }
                 async {}
             })
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(BrokerError::unavailable)?;
         let unique = client.new_inbox();
@@ -182,6 +183,29 @@ impl NatsBroker {
         self.round_trip().await?;
         Ok(convert(sub))
     }
+}
+
+/// `urls`, comma-separated, as the client's server pool (it moves to
+/// another server when one goes away). The client itself reads one URL
+/// per string.
+fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BrokerError> {
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse().map_err(|e| {
+                BrokerError::Failed(cause(During {
+                    what: format!("reading the NATS server URL `{u}`"),
+                    source: cause(e),
+                }))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err(BrokerError::Failed(said("no NATS server URL was given")));
+    }
+    Ok(servers)
 }
 
 /// How a process proves itself to NATS and checks the server: a
@@ -433,5 +457,24 @@ impl Broker for NatsBroker {
 
     fn describe(&self) -> String {
         format!("NATS at {}", self.url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_is_comma_separated_and_every_url_is_checked() {
+        let servers = server_list("nats://a:4222, nats://b:4223,").unwrap();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[1].port(), 4223);
+        let e = server_list("nats://a:4222,nats://b:nope").unwrap_err();
+        assert!(
+            crate::chain(&e).to_string().contains("`nats://b:nope`"),
+            "{}",
+            crate::chain(&e)
+        );
+        assert!(server_list(" , ").is_err());
     }
 }

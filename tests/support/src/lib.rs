@@ -88,9 +88,12 @@ pub fn nats_server_bin() -> PathBuf {
     PathBuf::from("/usr/sbin/nats-server")
 }
 
-/// A real `nats-server` with JetStream on a free port and a temp store.
+/// A real `nats-server` with JetStream on a free port and a temp store;
+/// alone, or one node of a cluster ([`NatsServer::start_cluster`]).
 pub struct NatsServer {
     port: u16,
+    /// Arguments besides the port and the store: a cluster node's name and routes.
+    extra: Vec<String>,
     // Before `dir`, which holds its log: fields drop in order.
     proc: ChildProcess,
     dir: TempDir,
@@ -100,15 +103,69 @@ impl NatsServer {
     pub fn start() -> Result<NatsServer> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
-        let proc = Self::spawn(port, &dir)?;
-        Ok(NatsServer { port, proc, dir })
+        let proc = Self::spawn(port, &[], &dir)?;
+        Ok(NatsServer {
+            port,
+            extra: Vec::new(),
+            proc,
+            dir,
+        })
+    }
+
+    /// A cluster of `n` nodes with JetStream, joined by routes on loopback;
+    /// returns once every node has seen the others and JetStream has a
+    /// meta leader (a stream with 3 replicas can be created).
+    pub fn start_cluster(n: usize) -> Result<Vec<NatsServer>> {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let all_routes = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let dir = tempfile::tempdir()?;
+            let port = free_port();
+            let extra = vec![
+                "--server_name".to_string(),
+                format!("n{i}"),
+                "--cluster_name".to_string(),
+                "herald-test".to_string(),
+                "--cluster".to_string(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".to_string(),
+                all_routes.clone(),
+            ];
+            let proc = Self::spawn(port, &extra, &dir)?;
+            nodes.push(NatsServer {
+                port,
+                extra,
+                proc,
+                dir,
+            });
+        }
+        for node in &mut nodes {
+            let log = node.dir.path().join("nats.log");
+            node.proc.wait_until(
+                "its JetStream cluster had a leader",
+                Duration::from_secs(30),
+                || {
+                    std::fs::read_to_string(&log).is_ok_and(|out| {
+                        out.contains("JetStream cluster new metadata leader")
+                            || out.contains("Self is new JetStream cluster metadata leader")
+                    })
+                },
+            )?;
+        }
+        Ok(nodes)
     }
 
     /// Starts nats-server on `port` and waits until it listens.
-    fn spawn(port: u16, dir: &TempDir) -> Result<ChildProcess> {
+    fn spawn(port: u16, extra: &[String], dir: &TempDir) -> Result<ChildProcess> {
         let mut cmd = Command::new(nats_server_bin());
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path().join("store"));
+            .arg(dir.path().join("store"))
+            .args(extra);
         let mut proc = ChildProcess::spawn("nats-server", cmd, dir.path().join("nats.log"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         proc.wait_listening(addr, Duration::from_secs(10))?;
@@ -137,7 +194,7 @@ impl NatsServer {
     /// Starts the server again on the same port with the same store.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = Self::spawn(self.port, &self.dir)?;
+        self.proc = Self::spawn(self.port, &self.extra, &self.dir)?;
         Ok(())
     }
 }

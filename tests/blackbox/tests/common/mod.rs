@@ -54,12 +54,18 @@ pub struct Spec {
     /// Arguments for every process (e.g. `--config FILE`).
     pub common: Vec<String>,
     pub edge_args: Vec<String>,
+    pub router_args: Vec<String>,
     pub presence_args: Vec<String>,
+    /// NATS nodes: 0 or 1 for one server, 3 for a cluster.
+    pub nats_nodes: usize,
 }
 
 /// A cluster of real processes joined by a real nats-server.
 pub struct Cluster {
+    /// The (first) NATS node.
     pub nats: NatsServer,
+    /// The other nodes of a NATS cluster.
+    pub more_nats: Vec<NatsServer>,
     pub edges: Vec<Herald>,
     pub edge_addrs: Vec<SocketAddr>,
     pub router: Herald,
@@ -67,6 +73,8 @@ pub struct Cluster {
     pub presences: Vec<Herald>,
     pub presence_grpcs: Vec<SocketAddr>,
     presence_argv: Vec<(Vec<String>, SocketAddr)>,
+    /// `--nats` for every process: each node's URL, comma-separated.
+    pub nats_urls: String,
     spec: Spec,
 }
 
@@ -88,7 +96,19 @@ impl Cluster {
     }
 
     pub fn start_spec(spec: Spec) -> Cluster {
-        let nats = NatsServer::start().expect("start nats-server");
+        let (nats, more_nats) = if spec.nats_nodes > 1 {
+            let mut nodes =
+                NatsServer::start_cluster(spec.nats_nodes).expect("start a NATS cluster");
+            let first = nodes.remove(0);
+            (first, nodes)
+        } else {
+            (NatsServer::start().expect("start nats-server"), Vec::new())
+        };
+        let urls = std::iter::once(&nats)
+            .chain(&more_nats)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",");
         let router_grpc = free_addr();
         let router_http = free_addr();
         let mut args = vec![
@@ -98,12 +118,15 @@ impl Cluster {
             s("--http-listen"),
             s(router_http),
             s("--nats"),
-            nats.url(),
+            urls.clone(),
         ];
         args.extend_from_slice(&spec.common);
+        args.extend_from_slice(&spec.router_args);
         let router = Herald::start("router", &args, router_http).expect("start router");
         let mut cluster = Cluster {
             nats,
+            more_nats,
+            nats_urls: urls,
             edges: Vec::new(),
             edge_addrs: Vec::new(),
             router,
@@ -123,7 +146,7 @@ impl Cluster {
                 s("--http-listen"),
                 s(http),
                 s("--nats"),
-                cluster.nats.url(),
+                cluster.nats_urls.clone(),
                 s("--replica-id"),
                 format!("presence-{i}"),
             ];
@@ -147,12 +170,26 @@ impl Cluster {
     /// An edge with `extra` arguments besides the cluster's.
     pub fn add_edge_with(&mut self, node: &str, extra: &[String]) {
         let addr = free_addr();
+        let edge = self.edge_process(node, addr, extra);
+        self.edges.push(edge);
+        self.edge_addrs.push(addr);
+    }
+
+    /// Stops edge `i` (SIGTERM, waiting up to `grace` for it to drain and
+    /// exit) and starts a new one on the same address as `node`, as a
+    /// Deployment's new pod replaces an old one.
+    pub fn replace_edge(&mut self, i: usize, node: &str, grace: Duration) {
+        self.edges[i].stop(grace);
+        self.edges[i] = self.edge_process(node, self.edge_addrs[i], &[]);
+    }
+
+    fn edge_process(&self, node: &str, addr: SocketAddr, extra: &[String]) -> Herald {
         let mut args = vec![
             s("edge"),
             s("--listen"),
             s(addr),
             s("--nats"),
-            self.nats.url(),
+            self.nats_urls.clone(),
             s("--node-id"),
             s(node),
             s("--jwt-secret"),
@@ -161,9 +198,7 @@ impl Cluster {
         args.extend_from_slice(&self.spec.common);
         args.extend_from_slice(&self.spec.edge_args);
         args.extend_from_slice(extra);
-        let edge = Herald::start(node, &args, addr).expect("start edge");
-        self.edges.push(edge);
-        self.edge_addrs.push(addr);
+        Herald::start(node, &args, addr).expect("start edge")
     }
 
     /// Stops presence replica `i` (SIGTERM) and starts it again on the same ports.
