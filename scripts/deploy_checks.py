@@ -2,6 +2,8 @@
 """The deployment checks behind scripts/check-deploy.sh.
 
     deploy_checks.py check         lint, render and validate the chart, k8s/dev and k8s/base
+    deploy_checks.py all           the checks, then the self-test (scripts/test_deploy_checks.py)
+    deploy_checks.py self-test     the self-test alone
     deploy_checks.py render-base   write k8s/base/herald.yaml from the chart
 
 Every check appends plain-words problems to a list; an empty list is a pass.
@@ -190,6 +192,30 @@ def check_base_in_step(chart: Path = CHART, manifest: Path = BASE_MANIFEST) -> l
     return []
 
 
+# Values whose contents are free-form maps or lists: the README lists them whole.
+README_LEAVES = {"config", "commonLabels", "extraEnv", "podAnnotations", "podLabels", "nodeSelector",
+                 "tolerations", "affinity", "annotations", "labels", "resources", "imagePullSecrets"}
+
+
+def check_readme_values(chart: Path = CHART) -> list[str]:
+    """The chart README's table names every value of values.yaml."""
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    readme = (chart / "README.md").read_text()
+    paths: list[str] = []
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, x in d.items():
+            p = f"{prefix}.{k}" if prefix else k
+            if isinstance(x, dict) and k not in README_LEAVES:
+                walk(x, p)
+            else:
+                paths.append(p)
+
+    walk(values, "")
+    return [f"charts/herald/README.md: the values table has no row for `{p}`"
+            for p in paths if f"| `{p}` |" not in readme]
+
+
 def kustomize(overlay: Path) -> list[tuple[str, dict]]:
     kubectl = Path(sys.executable).parent / "kubectl"
     out = subprocess.run([str(kubectl), "kustomize", str(overlay)], capture_output=True, text=True)
@@ -237,7 +263,18 @@ class Results:
         sys.stdout.flush()
 
 
-def run_checks() -> int:
+def run_self_test() -> tuple[int, int]:
+    """scripts/test_deploy_checks.py: (passed, failed)."""
+    import unittest
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    print("Self-test: the checks must pass on this chart and fail on broken ones")
+    suite = unittest.defaultTestLoader.loadTestsFromName("test_deploy_checks")
+    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors)
+    return result.testsRun - failed, failed
+
+
+def run_checks(self_test: bool = False) -> int:
     print(f"Kubernetes versions validated against: {', '.join(KUBE_VERSIONS)}")
     results = Results()
     skipped: set[str] = set()
@@ -250,18 +287,30 @@ def run_checks() -> int:
     t = time.monotonic()
     results.report("kubectl kustomize k8s/dev: render, validate", check_dev(DEV_OVERLAY, skipped), t)
     t = time.monotonic()
+    results.report("charts/herald/README.md has a row for every value", check_readme_values(), t)
+    t = time.monotonic()
     results.report("k8s/base/herald.yaml is in step with the chart", check_base_in_step(), t)
     if skipped:
         print("Not in kubernetes-validate (CRDs), checked by hand for apiVersion, kind, metadata and spec: "
               + ", ".join(sorted(skipped)))
-    print(f"deploy checks: {results.passed} passed, {results.failed} failed")
-    return 1 if results.failed else 0
+    passed, failed = results.passed, results.failed
+    if self_test:
+        p, f = run_self_test()
+        passed, failed = passed + p, failed + f
+    print(f"deploy checks: {passed} passed, {failed} failed")
+    return 1 if failed else 0
 
 
 def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else "check"
     if command == "check":
         return run_checks()
+    if command == "all":
+        return run_checks(self_test=True)
+    if command == "self-test":
+        passed, failed = run_self_test()
+        print(f"self-test: {passed} passed, {failed} failed")
+        return 1 if failed else 0
     if command == "render-base":
         BASE_MANIFEST.write_text(base_manifest_text())
         print(f"wrote {BASE_MANIFEST.relative_to(REPO)}")

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Writes charts/herald/files/seccomp-herald-io-uring.json: the container
-runtimes' default seccomp profile plus the three io_uring calls the edge uses.
+runtimes' default seccomp profile plus the two io_uring calls the edge makes.
 
-Input: moby's `seccomp/default.json` (github.com/moby/profiles), the profile
-Docker and containerd's RuntimeDefault are made from. Its conditional rules
+Input: `seccomp/default.json` of moby's `profiles` repository, the profile
+Docker uses and containerd's RuntimeDefault follows. Its conditional rules
 are resolved here for Herald's pods (every capability dropped; amd64, arm64
 and their 32-bit modes), because a Localhost profile is read in the OCI
 format, which has no conditions: a condition left in would be ignored and its
@@ -16,7 +16,7 @@ import sys
 
 ARCHES = {"amd64", "x86", "x32", "arm64", "arm"}
 SCMP_ARCHES = ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
-IO_URING = ["io_uring_enter", "io_uring_register", "io_uring_setup"]
+IO_URING = ["io_uring_enter", "io_uring_setup"]  # what the edge calls; not io_uring_register
 
 
 def applies(rule):

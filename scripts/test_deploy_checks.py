@@ -2,7 +2,7 @@
 FAIL on a broken one. Each test copies the chart to a temporary folder, breaks
 one thing, and runs the very functions scripts/check-deploy.sh runs.
 
-Run by scripts/check-deploy.sh (or: target/deploy-venv/bin/python -m unittest scripts/test_deploy_checks.py).
+Run by scripts/check-deploy.sh (alone: scripts/check-deploy.sh --self-test).
 """
 import shutil
 import sys
@@ -104,6 +104,12 @@ class DeployChecks(unittest.TestCase):
         self.assertFailsWith(dc.check_base_in_step(dc.CHART, stale), "render-k8s.sh")
         self.edit("values.yaml", "heartbeat: 25s", "heartbeat: 30s")
         self.assertFailsWith(dc.check_base_in_step(self.chart, dc.BASE_MANIFEST), "not what the chart renders")
+
+    # A value missing from the README's table.
+    def test_undocumented_value_fails(self):
+        self.assertEqual(dc.check_readme_values(self.chart), [])
+        self.edit("values.yaml", "  heartbeat: 25s", "  heartbeat: 25s\n  newKnob: 1")
+        self.assertFailsWith(dc.check_readme_values(self.chart), "edge.newKnob")
 
     # A broken dev overlay.
     def test_dev_overlay_with_invalid_object_fails(self):
