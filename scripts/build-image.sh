@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --binary) [ $# -ge 2 ] || fail "--binary needs a path"; binary="$2"; shift 2 ;;
     --tag) [ $# -ge 2 ] || fail "--tag needs a name"; tag="$2"; shift 2 ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) fail "unknown argument $1 (usage: scripts/build-image.sh [--binary PATH] [--tag NAME])" ;;
   esac
 done
