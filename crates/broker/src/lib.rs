@@ -37,6 +37,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A shared handle to whichever broker the process runs on.
 pub type SharedBroker = Arc<dyn Broker>;
 
+/// Message headers (NATS headers): the trace context, when tracing is on.
+pub type Headers = async_nats::HeaderMap;
+
 /// A message as a subscriber receives it.
 #[derive(Debug, Clone)]
 pub struct Message {
@@ -44,6 +47,7 @@ pub struct Message {
     pub payload: Bytes,
     /// Where to send the answer, for requests.
     pub reply: Option<String>,
+    pub headers: Option<Headers>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,6 +85,15 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes `payload` on `subject`. Messages from one publisher reach each
     /// subscriber in the order they were published.
     fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// [`Broker::publish`] with headers, which subscribers receive with the
+    /// message.
+    fn publish_with_headers(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Publishes with a reply subject (the request half of request/reply).
     fn publish_with_reply(

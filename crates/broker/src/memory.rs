@@ -10,7 +10,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream_shim::ReceiverStream;
 
-use crate::{BoxFuture, Broker, BrokerError, Mark, Message, Subscription, subject_matches};
+use crate::{
+    BoxFuture, Broker, BrokerError, Headers, Mark, Message, Subscription, subject_matches,
+};
 
 /// Messages a subscriber may have waiting. One that falls further behind
 /// is a slow consumer: its subscription is closed (it gets what was already
@@ -199,6 +201,22 @@ impl Broker for MemoryBroker {
             subject,
             payload,
             reply: None,
+            headers: None,
+        });
+        Box::pin(async { Ok(()) })
+    }
+
+    fn publish_with_headers(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.deliver(Message {
+            subject,
+            payload,
+            reply: None,
+            headers: Some(headers),
         });
         Box::pin(async { Ok(()) })
     }
@@ -213,6 +231,7 @@ impl Broker for MemoryBroker {
             subject,
             payload,
             reply: Some(reply),
+            headers: None,
         });
         Box::pin(async { Ok(()) })
     }
@@ -247,6 +266,7 @@ impl Broker for MemoryBroker {
                 subject,
                 payload,
                 reply: Some(inbox),
+                headers: None,
             });
             match tokio::time::timeout(timeout, sub.next()).await {
                 Ok(Some(m)) => Ok(m.payload),

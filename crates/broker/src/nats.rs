@@ -324,6 +324,7 @@ fn convert(sub: async_nats::Subscriber) -> Subscription {
         subject: m.subject.to_string(),
         payload: m.payload,
         reply: m.reply.map(|r| r.to_string()),
+        headers: m.headers,
     }))
 }
 
@@ -333,6 +334,29 @@ impl Broker for NatsBroker {
             let size = payload.len();
             self.client
                 .publish(subject, payload)
+                .await
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                        BrokerError::TooLarge {
+                            size,
+                            limit: self.client.max_payload(),
+                        }
+                    }
+                    _ => BrokerError::unavailable(e),
+                })
+        })
+    }
+
+    fn publish_with_headers(
+        &self,
+        subject: String,
+        headers: crate::Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let size = payload.len();
+            self.client
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| match e.kind() {
                     async_nats::client::PublishErrorKind::MaxPayloadExceeded => {

@@ -8,7 +8,8 @@ use herald_wire::frames::with_position;
 use herald_wire::{RoomName, subjects};
 
 use crate::history::{HistoryError, SharedHistory, Stored};
-use crate::{BrokerError, SharedBroker, chain};
+use crate::{BrokerError, Headers, SharedBroker, chain};
+use tracing::Instrument;
 
 /// Most messages one history page holds (`history` op, `Router.History`).
 pub const MAX_HISTORY_PAGE: u32 = 500;
@@ -136,7 +137,7 @@ async fn send(
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
     if !durable {
-        broker.publish(subjects::room(room), frame).await?;
+        publish_traced(broker, subjects::room(room), frame).await?;
         return Ok(Published {
             epoch: String::new(),
             offset: 0,
@@ -144,10 +145,21 @@ async fn send(
         });
     }
     let key = key.filter(|k| !k.is_empty());
-    let stored = history.append(room, frame.clone(), key).await?;
+    let append = tracing::info_span!(
+        target: herald_telemetry::TARGET,
+        "history.append",
+        otel.kind = "client",
+        room = %room,
+        offset = tracing::field::Empty,
+    );
+    let stored = history
+        .append(room, frame.clone(), key)
+        .instrument(append.clone())
+        .await?;
+    append.record("offset", stored.offset);
     if !stored.duplicate {
         let live = with_position(&frame, &stored.epoch, stored.offset, stored.prev);
-        if let Err(e) = broker.publish(subjects::room(room), live).await {
+        if let Err(e) = publish_traced(broker, subjects::room(room), live).await {
             // Stored, so acknowledged: edges read it from history when the
             // next message shows the gap, and recovering clients get it.
             tracing::warn!(%room, offset = stored.offset, error = %chain(&e), "stored message not sent live");
@@ -158,6 +170,34 @@ async fn send(
         offset: stored.offset,
         duplicate: stored.duplicate,
     })
+}
+
+/// Publishes `payload` to a room's `subject` in a producer span of its own
+/// (a child of the current span), whose trace context travels in the
+/// message's headers so that each edge's fan-out joins the trace. Without
+/// tracing, a plain publish.
+async fn publish_traced(
+    broker: &SharedBroker,
+    subject: String,
+    payload: Bytes,
+) -> Result<(), BrokerError> {
+    let span = tracing::info_span!(
+        target: herald_telemetry::TARGET,
+        "nats.publish",
+        otel.name = %format_args!("publish {subject}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.destination.name = %subject,
+    );
+    if span.is_disabled() {
+        return broker.publish(subject, payload).await;
+    }
+    let mut headers = Headers::new();
+    herald_telemetry::inject(&span, |key, value| headers.insert(key, value.as_str()));
+    broker
+        .publish_with_headers(subject, headers, payload)
+        .instrument(span)
+        .await
 }
 
 /// A page of `room`'s history after `since` (from the start when `since` is

@@ -80,6 +80,9 @@ pub fn check_user_status(req: &UserStatusRequest) -> Result<(), Status> {
     Ok(())
 }
 
+/// How long one try of a query through the broker waits before asking again.
+const QUERY_ATTEMPT: Duration = Duration::from_millis(750);
+
 /// Asks presence; cheap to clone.
 #[derive(Clone)]
 pub struct PresenceQuery {
@@ -140,16 +143,29 @@ impl PresenceQuery {
         subject: &str,
         req: Req,
     ) -> Result<Rep, QueryError> {
-        let bytes = self
-            .broker
-            .request(
-                subject.to_string(),
-                Bytes::from(req.encode_to_vec()),
-                self.timeout,
-            )
-            .await
-            .map_err(QueryError::NoAnswer)?;
-        Rep::decode(bytes).map_err(QueryError::Unreadable)
+        let payload = Bytes::from(req.encode_to_vec());
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // A query is a read: asking again is harmless. An unanswered one
+        // went to a replica that is gone or cut off (a subscription the
+        // server has not yet dropped after a NATS stall, say), and the next
+        // try reaches a live one, so the answer does not wait out the
+        // whole timeout.
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = QUERY_ATTEMPT.min(left);
+            match self
+                .broker
+                .request(subject.to_string(), payload.clone(), attempt)
+                .await
+            {
+                Ok(bytes) => return Rep::decode(bytes).map_err(QueryError::Unreadable),
+                Err(BrokerError::Timeout(_)) if attempt < left => continue,
+                Err(BrokerError::Timeout(_)) => {
+                    return Err(QueryError::NoAnswer(BrokerError::Timeout(self.timeout)));
+                }
+                Err(e) => return Err(QueryError::NoAnswer(e)),
+            }
+        }
     }
 }
 

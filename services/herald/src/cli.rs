@@ -61,6 +61,34 @@ pub struct Common {
     /// small machine (docs/benchmarks.md measures a router both ways).
     #[arg(long, env = "HERALD_WORKER_THREADS")]
     pub worker_threads: Option<NonZeroUsize>,
+    #[command(flatten)]
+    pub traces: TraceArgs,
+}
+
+/// Trace export (OpenTelemetry, OTLP over gRPC): the standard `OTEL_*`
+/// variables, or these flags. Without an endpoint nothing is exported.
+#[derive(Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// OTLP/gRPC endpoint that spans are exported to, e.g. http://otel-collector:4317.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans; default herald-edge, herald-router,
+    /// herald-presence or herald-dev.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+    /// Sampler: always_on, always_off, traceidratio, parentbased_always_on
+    /// (the default), parentbased_always_off, parentbased_traceidratio.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER")]
+    pub traces_sampler: Option<String>,
+    /// The sampler's ratio, for the *traceidratio samplers (0 to 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub traces_sampler_arg: Option<String>,
+    /// More resource attributes: key=value,key=value.
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES")]
+    pub otel_resource_attributes: Option<String>,
+    /// Export nothing, even with an endpoint.
+    #[arg(long, env = "OTEL_SDK_DISABLED", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub otel_sdk_disabled: bool,
 }
 
 /// How a cluster process reaches NATS.

@@ -53,10 +53,32 @@ failures!(
 /// Exit code for bad configuration (the same as clap's usage errors).
 const EXIT_CONFIG: u8 = 2;
 
-pub fn main(cli: Cli) -> ExitCode {
+pub fn main(mut cli: Cli) -> ExitCode {
     if let Command::Token(args) = &cli.command {
         return token(args);
     }
+    // The process's name in the cluster is settled first: logs and traces
+    // carry it from the first line.
+    let (service, instance) = match &mut cli.command {
+        Command::Dev(_) => ("herald-dev", "dev".to_string()),
+        Command::Edge(a) => (
+            "herald-edge",
+            a.node_id
+                .get_or_insert_with(|| format!("edge-{:08x}", rand::random::<u32>()))
+                .clone(),
+        ),
+        Command::Router(_) => (
+            "herald-router",
+            format!("router-{:08x}", rand::random::<u32>()),
+        ),
+        Command::Presence(a) => (
+            "herald-presence",
+            a.replica_id
+                .get_or_insert_with(herald_presence::random_replica_id)
+                .clone(),
+        ),
+        Command::Token(_) => unreachable!("handled above"),
+    };
     let common = match &cli.command {
         Command::Dev(a) => &a.common,
         Command::Edge(a) => &a.common,
@@ -64,7 +86,26 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Presence(a) => &a.common,
         Command::Token(_) => unreachable!("handled above"),
     };
-    init_logging(common.log_format);
+    let traces = &common.traces;
+    let settings = herald_telemetry::Settings {
+        endpoint: traces.otlp_endpoint.clone(),
+        disabled: traces.otel_sdk_disabled,
+        service_name: traces
+            .otel_service_name
+            .clone()
+            .unwrap_or_else(|| service.to_string()),
+        instance_id: instance,
+        sampler: traces.traces_sampler.clone(),
+        sampler_arg: traces.traces_sampler_arg.clone(),
+        resource_attributes: traces.otel_resource_attributes.clone(),
+    };
+    let telemetry = match init_logging(common.log_format, &settings) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("herald: {}", chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let threads = common.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         NonZeroUsize::get,
@@ -81,7 +122,11 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     tracing::info!("running on {threads} worker thread(s)");
-    match runtime.block_on(serve(cli.command)) {
+    let outcome = runtime.block_on(serve(cli.command));
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {}", chain(&e));
@@ -93,17 +138,48 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr (`RUST_LOG` filters them) and, when an OTLP endpoint is
+/// configured, exports Herald's spans. The log filter never enables the
+/// spans' target: without an exporter no layer wants them, and they cost
+/// nothing where they are written.
+fn init_logging(
+    format: LogFormat,
+    settings: &herald_telemetry::Settings,
+) -> Result<Option<herald_telemetry::Telemetry>, herald_telemetry::TelemetryError> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(
+            format!("{}=off", herald_telemetry::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let mut layers: Vec<Boxed> = vec![match format {
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+    }];
+    let telemetry = match herald_telemetry::init(settings)? {
+        Some((telemetry, layer)) => {
+            layers.push(layer);
+            Some(telemetry)
+        }
+        None => None,
+    };
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(endpoint) = settings.endpoint.as_deref().filter(|_| telemetry.is_some()) {
+        tracing::info!(
+            service = %settings.service_name,
+            "exporting traces to {endpoint} (OTLP/gRPC) as {}",
+            settings.service_name
+        );
     }
+    Ok(telemetry)
 }
 
 fn token(args: &TokenArgs) -> ExitCode {
@@ -375,6 +451,7 @@ async fn dev(
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
     let grpc_server = tonic::transport::Server::builder()
+        .layer(herald_telemetry::GrpcServerSpans)
         .add_service(health)
         .add_service(reflection)
         .add_service(router.into_server())

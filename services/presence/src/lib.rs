@@ -191,6 +191,7 @@ pub async fn run(
         });
     }
     let grpc_server = tonic::transport::Server::builder()
+        .layer(herald_telemetry::GrpcServerSpans)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(presence.grpc_service())

@@ -83,6 +83,7 @@ pub async fn run(
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let grpc_server = tonic::transport::Server::builder()
+        .layer(herald_telemetry::GrpcServerSpans)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(api.into_server())

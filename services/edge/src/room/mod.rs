@@ -37,7 +37,11 @@ pub fn table(
     let on_room_frame: interest::Handler<RoomOrder> = {
         let (history, delivered) = (history.clone(), delivered.clone());
         Arc::new(move |msg, entry| {
-            let n = on_frame(entry, &history, msg.payload);
+            let span = fanout_span(&msg);
+            let bytes = msg.payload.len();
+            let n = span.in_scope(|| on_frame(entry, &history, msg.payload));
+            span.record("members", n);
+            span.record("bytes", n * bytes);
             delivered.inc_by(n as u64);
         })
     };
@@ -66,6 +70,27 @@ pub fn table(
         count,
     )
     .sharded(subjects::room_shard, subjects::room_from_subject)
+}
+
+/// The exported span of one room message's fan-out on this edge: one per
+/// message, not per member, child of the publisher's span when the message
+/// carries a trace context. Disabled (a branch) when traces are not
+/// exported.
+fn fanout_span(msg: &herald_broker::Message) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: herald_telemetry::TARGET,
+        "room.fanout",
+        otel.name = %format_args!("fanout {}", msg.subject),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.destination.name = %msg.subject,
+        members = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+    );
+    if let Some(headers) = &msg.headers {
+        herald_telemetry::extract(&span, |key| headers.get(key).map(|v| v.as_str()));
+    }
+    span
 }
 
 /// The delivery order of one room on this edge. Every room starts awaiting

@@ -6,6 +6,8 @@ use herald_wire::frames::{ClientFrame, FrameError, Request};
 use herald_wire::presence::Control;
 use herald_wire::{CloseCode, ErrorCode, Reply, RoomName};
 
+use tracing::Instrument;
+
 use super::Session;
 use super::handshake::auth_error;
 use crate::interest;
@@ -21,15 +23,41 @@ impl Session {
                 "already connected; open a new connection to change user",
             )),
             Request::Ping => Ok(Reply::Pong),
-            Request::Join { room, since, meta } => self.join(id, room, since, meta).await,
+            Request::Join { room, since, meta } => {
+                let span = self.span("join", &room);
+                self.join(id, room, since, meta).instrument(span).await
+            }
             Request::Leave { room } => self.leave(id, room).await,
-            Request::Publish { room, data, key } => self.publish(id, room, data, key).await,
+            Request::Publish { room, data, key } => {
+                let span = self.span("publish", &room);
+                self.publish(id, room, data, key).instrument(span).await
+            }
             Request::Presence { room } => self.presence(id, room).await,
-            Request::PresenceSet { room, meta } => self.presence_set(id, room, meta).await,
-            Request::History { room, since, limit } => self.history(id, room, since, limit).await,
+            Request::PresenceSet { room, meta } => {
+                let span = self.span("presence_set", &room);
+                self.presence_set(id, room, meta).instrument(span).await
+            }
+            Request::History { room, since, limit } => {
+                let span = self.span("history", &room);
+                self.history(id, room, since, limit).instrument(span).await
+            }
             Request::Read { room, offset } => self.read(id, room, offset).await,
             Request::Refresh { token } => self.refresh(id, &token),
         }
+    }
+
+    /// The exported span of client command `op` (a disabled span, at the
+    /// cost of a branch, when traces are not exported).
+    fn span(&self, op: &'static str, room: &RoomName) -> tracing::Span {
+        tracing::info_span!(
+            target: herald_telemetry::TARGET,
+            "client.command",
+            otel.name = op,
+            otel.kind = "server",
+            room = %room,
+            conn = %self.conn,
+            user = %self.claims.sub,
+        )
     }
 
     /// A new token for the same user pushes the connection's expiry back.

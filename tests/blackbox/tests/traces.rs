@@ -1,0 +1,241 @@
+//! One OpenTelemetry trace from a backend's publish to every edge: a
+//! collector in this test process (OTLP/gRPC, the collector's own
+//! `TraceService`) receives the spans of a router, a presence replica and
+//! two edges, and each room message's spans share the publisher's trace id
+//! and hang off the right parents.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use herald_test_support::eventually;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+/// A span as the collector received it, with the process that sent it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    instance: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    attributes: Vec<(String, String)>,
+}
+
+impl Got {
+    fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Got>>>);
+
+fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(i)) => i.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        Some(AnyValue::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut got = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let resource: Vec<(String, String)> = rs
+                .resource
+                .map(|r| r.attributes)
+                .unwrap_or_default()
+                .iter()
+                .map(|kv| (kv.key.clone(), text(&kv.value)))
+                .collect();
+            let find = |key: &str| {
+                resource
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    got.push(Got {
+                        service: find("service.name"),
+                        instance: find("service.instance.id"),
+                        name: span.name.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent: hex(&span.parent_span_id),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|kv| (kv.key.clone(), text(&kv.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn start_collector() -> (SocketAddr, Collector) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let collector = Collector::default();
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (addr, collector)
+}
+
+/// The spans of `trace_id` received so far.
+fn of_trace(collector: &Collector, trace_id: &str) -> Vec<Got> {
+    collector
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.trace_id == trace_id)
+        .cloned()
+        .collect()
+}
+
+const WAIT_SPANS: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_is_one_trace_from_the_backend_to_every_edge() {
+    let (addr, collector) = start_collector().await;
+    let cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        common: vec!["--otlp-endpoint".into(), format!("http://{addr}")],
+        ..Spec::default()
+    });
+    let members = [
+        connect(&cluster.ws(0), "tia").await,
+        connect(&cluster.ws(1), "tom").await,
+    ];
+    for m in &members {
+        ok(m, json!({"op":"join","room":"chat:traced"})).await;
+    }
+
+    // A backend's call, in a trace of its own.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut router = cluster.router().await;
+    let mut req = tonic::Request::new(publish_request("chat:traced", "\"traced\""));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    router.publish(req).await.unwrap();
+    for m in &members {
+        assert_eq!(m.recv_op("message", WAIT).await.unwrap()["data"], "traced");
+    }
+
+    let spans = eventually(WAIT_SPANS, "both edges' fan-out spans", || async {
+        let spans = of_trace(&collector, trace_id);
+        let fanouts = spans.iter().filter(|s| s.service == "herald-edge").count();
+        (fanouts >= 2).then_some(spans)
+    })
+    .await;
+    let server = spans
+        .iter()
+        .find(|s| s.service == "herald-router" && s.name == "herald.v1.Router/Publish")
+        .unwrap_or_else(|| panic!("no router server span: {spans:#?}"));
+    assert_eq!(
+        server.parent, caller_span,
+        "the router's span hangs off the caller's"
+    );
+    let publish = spans
+        .iter()
+        .find(|s| s.service == "herald-router" && s.name.starts_with("publish "))
+        .unwrap_or_else(|| panic!("no NATS publish span: {spans:#?}"));
+    assert_eq!(
+        publish.parent, server.span_id,
+        "the NATS publish is the call's child"
+    );
+    let mut edges: Vec<&str> = Vec::new();
+    for fanout in spans.iter().filter(|s| s.service == "herald-edge") {
+        assert!(fanout.name.starts_with("fanout "), "{fanout:?}");
+        assert_eq!(
+            fanout.parent, publish.span_id,
+            "a fan-out hangs off the publish: {fanout:?}"
+        );
+        assert_eq!(fanout.attr("members"), Some("1"), "{fanout:?}");
+        edges.push(&fanout.instance);
+    }
+    edges.sort();
+    assert_eq!(edges, ["edge-0", "edge-1"], "one fan-out span on each edge");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_publish_is_one_trace_reaching_the_other_edge() {
+    let (addr, collector) = start_collector().await;
+    let cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        common: vec!["--otlp-endpoint".into(), format!("http://{addr}")],
+        ..Spec::default()
+    });
+    let writer = connect(&cluster.ws(0), "wil").await;
+    let reader = connect(&cluster.ws(1), "rae").await;
+    ok(&reader, json!({"op":"join","room":"chat:client-traced"})).await;
+    ok(
+        &writer,
+        json!({"op":"publish","room":"chat:client-traced","data":"hi"}),
+    )
+    .await;
+    assert_eq!(reader.recv_op("message", WAIT).await.unwrap()["data"], "hi");
+
+    let (command, fanout) = eventually(WAIT_SPANS, "the command's trace on edge-1", || async {
+        let all = collector.0.lock().unwrap().clone();
+        let command = all.iter().find(|s| {
+            s.instance == "edge-0"
+                && s.name == "publish"
+                && s.attr("room") == Some("chat:client-traced")
+        })?;
+        let fanout = all
+            .iter()
+            .find(|s| s.instance == "edge-1" && s.trace_id == command.trace_id)?;
+        Some((command.clone(), fanout.clone()))
+    })
+    .await;
+    let spans = of_trace(&collector, &command.trace_id);
+    let publish = spans
+        .iter()
+        .find(|s| s.name.starts_with("publish ") && s.instance == "edge-0")
+        .unwrap_or_else(|| panic!("no NATS publish span: {spans:#?}"));
+    assert_eq!(publish.parent, command.span_id);
+    assert_eq!(fanout.parent, publish.span_id);
+    assert_eq!(fanout.attr("members"), Some("1"));
+}
