@@ -34,6 +34,7 @@ mod fanout;
 mod floor;
 mod idle;
 mod load;
+mod otlp;
 mod peer;
 mod presence_memory;
 mod report;

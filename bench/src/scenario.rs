@@ -193,6 +193,11 @@ fn run_side_by_side(
 /// What every scenario's report gets at the end: processes that died, log
 /// lines worth a look.
 fn finish(report: &mut report::Report, target: &mut Target) {
+    if let Some(sink) = &target.otlp_sink {
+        report
+            .notes
+            .push(format!("the OTLP sink received {} spans", sink.spans()));
+    }
     report.failures.extend(target.exited());
     report.notes.extend(target.log_problems());
     report.params.insert(

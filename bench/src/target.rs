@@ -80,6 +80,14 @@ pub struct CommonArgs {
     /// `--edge-arg=--write-delay=2ms` (repeatable).
     #[arg(long = "edge-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub edge_args: Vec<String>,
+    /// An extra argument for every Herald process (edges, router, presence,
+    /// or `herald dev`), e.g. `--herald-arg=--traces-sampler=always_on`.
+    #[arg(long = "herald-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub herald_args: Vec<String>,
+    /// Export traces from every Herald process to an OTLP sink in the bench
+    /// (counted, then dropped), to measure what tracing costs.
+    #[arg(long)]
+    pub otlp_sink: bool,
 }
 
 impl CommonArgs {
@@ -128,6 +136,10 @@ pub struct Target {
     /// Where `herald.v1.Router` is served: the router's gRPC port, or
     /// `herald dev`'s.
     pub router_grpc: Option<SocketAddr>,
+    /// Arguments for every Herald process (`--herald-arg`, and the sink's endpoint).
+    herald_args: Vec<String>,
+    /// Where the processes export traces (`--otlp-sink`).
+    pub otlp_sink: Option<crate::otlp::OtlpSink>,
 }
 
 impl Target {
@@ -141,6 +153,14 @@ impl Target {
         }
         let dir = tempfile::Builder::new().prefix("herald-bench-").tempdir()?;
         let secret = format!("herald-bench-{}-{}", std::process::id(), now_secs());
+        let otlp_sink = match args.otlp_sink {
+            true => Some(crate::otlp::OtlpSink::start()?),
+            false => None,
+        };
+        let mut herald_args = args.herald_args.clone();
+        if let Some(sink) = &otlp_sink {
+            herald_args.push(format!("--otlp-endpoint=http://{}", sink.addr));
+        }
         let mut target = Target {
             kind: args.target,
             edge_urls: Vec::new(),
@@ -151,6 +171,8 @@ impl Target {
             herald_bin,
             nats_monitor: None,
             router_grpc: None,
+            herald_args,
+            otlp_sink,
         };
         match args.target {
             TargetKind::Dev => target.start_dev()?,
@@ -182,7 +204,8 @@ impl Target {
         cmd
     }
 
-    fn start_herald(&mut self, name: &str, args: Vec<String>, http: SocketAddr) -> Result<()> {
+    fn start_herald(&mut self, name: &str, mut args: Vec<String>, http: SocketAddr) -> Result<()> {
+        args.extend(self.herald_args.iter().cloned());
         let cmd = self.herald(&args);
         let mut proc = Proc::spawn(name, Role::Herald, cmd, self.dir())?;
         let ready = proc.process.wait_ready(http, READY_TIMEOUT);
@@ -547,6 +570,8 @@ mod tests {
             keep_logs: false,
             vs_socketio: false,
             edge_args: Vec::new(),
+            herald_args: Vec::new(),
+            otlp_sink: false,
         };
         let ips: Vec<String> = args.source_ips().iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
