@@ -430,7 +430,7 @@ impl Broker for NatsBroker {
         payload: Bytes,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
-        Box::pin(async move {
+        Box::pin(crate::metrics::timed_request(async move {
             let req = async_nats::Request::new()
                 .payload(payload)
                 .timeout(Some(timeout));
@@ -448,7 +448,7 @@ impl Broker for NatsBroker {
                     _ => BrokerError::unavailable(e),
                 }),
             }
-        })
+        }))
     }
 
     fn is_connected(&self) -> bool {

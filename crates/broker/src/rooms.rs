@@ -144,7 +144,7 @@ async fn send(
         });
     }
     let key = key.filter(|k| !k.is_empty());
-    let stored = history.append(room, frame.clone(), key).await?;
+    let stored = crate::metrics::timed_append(history.append(room, frame.clone(), key)).await?;
     if !stored.duplicate {
         let live = with_position(&frame, &stored.epoch, stored.offset, stored.prev);
         if let Err(e) = broker.publish(subjects::room(room), live).await {

@@ -4,6 +4,9 @@
 //! gRPC services the standard health service and server reflection.
 #![forbid(unsafe_code)]
 
+mod grpc_metrics;
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use grpc_metrics::GrpcMetricsLayer;
 pub use prometheus_client;
 
 /// Why a router or presence process stopped serving. Each variant is its

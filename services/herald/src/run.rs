@@ -375,6 +375,7 @@ async fn dev(
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
     let grpc_server = tonic::transport::Server::builder()
+        .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
         .add_service(health)
         .add_service(reflection)
         .add_service(router.into_server())
