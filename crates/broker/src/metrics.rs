@@ -76,7 +76,7 @@ impl prometheus_client::collector::Collector for Connected {
             prometheus_client::metrics::gauge::ConstGauge::new(i64::from(self.0.is_connected()));
         let metric = encoder.encode_descriptor(
             "broker_connected",
-            "1 while the connection to the broker (NATS) is up, 0 while it is not",
+            "1 while the connection to the broker (NATS) is up, 0 while it is not.",
             None,
             gauge.metric_type(),
         )?;

@@ -69,6 +69,11 @@ pub fn register(metrics: &Metrics) {
         "messages_out",
         "Room messages delivered to members on this edge (one per member), by namespace",
     );
+    // Every code from the start, so that a rate is 0 rather than absent
+    // until the first such close.
+    for code in CODES.iter().chain(&["client"]) {
+        drop(hot.disconnects.get_or_create(&CodeLabel { code }));
+    }
     reg.register(
         "edge_disconnects",
         "Connections ended, by the close code the edge sent (\"client\": the client closed or went away)",
@@ -91,7 +96,7 @@ pub fn register(metrics: &Metrics) {
     );
     reg.register_collector(ScrapeGauge::new(
         "process_resident_memory_bytes",
-        "Resident memory of this process (/proc/self/statm)",
+        "Resident memory of this process (/proc/self/statm).",
         resident_bytes,
     ));
 }
@@ -184,21 +189,17 @@ pub fn disconnected(code: Option<CloseCode>) {
     HOT.disconnects.get_or_create(&CodeLabel { code }).inc();
 }
 
+/// The close codes the edge sends (`herald_wire::CloseCode`), as labels.
+const CODES: [&str; 11] = [
+    "1000", "1008", "1009", "1011", "1012", "1013", "4001", "4003", "4008", "4009", "4010",
+];
+
 fn code_label(code: CloseCode) -> &'static str {
-    match code.code() {
-        1000 => "1000",
-        1008 => "1008",
-        1009 => "1009",
-        1011 => "1011",
-        1012 => "1012",
-        1013 => "1013",
-        4001 => "4001",
-        4003 => "4003",
-        4008 => "4008",
-        4009 => "4009",
-        4010 => "4010",
-        _ => "other",
-    }
+    CODES
+        .iter()
+        .find(|c| c.parse() == Ok(code.code()))
+        .copied()
+        .unwrap_or("other")
 }
 
 /// What the liveness sweep found queued: the total and the largest count of

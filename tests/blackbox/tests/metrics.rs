@@ -479,7 +479,19 @@ async fn every_metric_the_dashboards_query_is_exported() {
     assert!(files >= 2, "the overview and the per-edge dashboard");
     assert!(wanted.len() > 10, "too few metrics found: {wanted:?}");
 
+    // A cluster that served a message: families with labels (by namespace,
+    // by gRPC method) have no series before their first event.
     let (cluster, _config) = start_cluster();
+    let alice = connect(&cluster.ws(0), "alice").await;
+    ok(&alice, json!({"op":"join","room":"chat:a"})).await;
+    ok(&alice, json!({"op":"publish","room":"chat:a","data":1})).await;
+    cluster
+        .router()
+        .await
+        .publish(publish_request("chat:a", "2"))
+        .await
+        .expect("publish");
+    receive(&alice, "chat:a", 2).await;
     let mut exported = BTreeSet::new();
     for addr in cluster
         .edge_addrs
