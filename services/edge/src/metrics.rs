@@ -61,12 +61,12 @@ pub fn register(metrics: &Metrics) {
     );
     hot.messages_in.register(
         &mut reg,
-        "messages_in",
-        "Messages published to rooms by clients of this edge (router: through the gRPC API), by namespace",
+        "edge_messages_in",
+        "Messages published to rooms by clients of this edge, by namespace",
     );
     hot.messages_out.register(
         &mut reg,
-        "messages_out",
+        "edge_messages_out",
         "Room messages delivered to members on this edge (one per member), by namespace",
     );
     // Every code from the start, so that a rate is 0 rather than absent

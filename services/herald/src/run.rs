@@ -65,6 +65,12 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Token(_) => unreachable!("handled above"),
     };
     init_logging(common.log_format);
+    if common.heap_profile
+        && let Err(e) = crate::heap::enable()
+    {
+        eprintln!("herald: {}", chain(&e));
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let threads = common.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         NonZeroUsize::get,

@@ -55,8 +55,8 @@ impl RouterApi {
         );
         messages_in.register(
             &mut registry,
-            "messages_in",
-            "Messages published to rooms through the gRPC API (edges: by their clients), by namespace",
+            "router_messages_in",
+            "Messages published to rooms through the gRPC API, by namespace",
         );
         drop(registry);
         RouterApi {

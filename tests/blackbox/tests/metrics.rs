@@ -24,11 +24,14 @@ durable = { history_size = 1000, history_ttl = "1h" }
 [namespaces.chat]
 "#;
 
+/// A sample's labels.
+type Labels = BTreeMap<String, String>;
+
 /// One scrape: samples by name, each with its labels and value, and the
 /// declared type of every family (`# TYPE`).
 #[derive(Debug, Default)]
 struct Scrape {
-    samples: BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>,
+    samples: BTreeMap<String, Vec<(Labels, f64)>>,
     types: BTreeMap<String, String>,
 }
 
@@ -107,7 +110,7 @@ impl Scrape {
     }
 }
 
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
+fn parse_labels(text: &str) -> Labels {
     let mut labels = BTreeMap::new();
     let mut rest = text;
     while let Some((key, after)) = rest.split_once("=\"") {
@@ -313,26 +316,26 @@ async fn metrics_count_what_a_scripted_scenario_did() {
     // alice's member list was one NATS request to presence.
     assert!(edge0.sum("herald_broker_request_duration_seconds_count", &[]) >= 1.0);
     assert_eq!(
-        edge0.sum("herald_messages_out_total", &[("namespace", "chat")]),
+        edge0.sum("herald_edge_messages_out_total", &[("namespace", "chat")]),
         8.0
     );
     assert_eq!(
-        edge1.sum("herald_messages_out_total", &[("namespace", "chat")]),
+        edge1.sum("herald_edge_messages_out_total", &[("namespace", "chat")]),
         16.0
     );
     assert_eq!(
-        edge0.sum("herald_messages_out_total", &[("namespace", "doc")]),
+        edge0.sum("herald_edge_messages_out_total", &[("namespace", "doc")]),
         2.0
     );
     assert_eq!(
-        edge1.sum("herald_messages_out_total", &[("namespace", "doc")]),
+        edge1.sum("herald_edge_messages_out_total", &[("namespace", "doc")]),
         2.0
     );
     assert_eq!(
-        edge0.sum("herald_messages_in_total", &[("namespace", "chat")]),
+        edge0.sum("herald_edge_messages_in_total", &[("namespace", "chat")]),
         5.0
     );
-    assert_eq!(edge1.sum("herald_messages_in_total", &[]), 0.0);
+    assert_eq!(edge1.sum("herald_edge_messages_in_total", &[]), 0.0);
     assert_eq!(edge0.sum("herald_edge_connections", &[]), 1.0);
     assert_eq!(edge1.sum("herald_edge_connections", &[]), 2.0);
 
@@ -350,11 +353,11 @@ async fn metrics_count_what_a_scripted_scenario_did() {
     assert_eq!(publishes("OK"), 5.0, "{router_metrics:?}");
     assert_eq!(publishes("InvalidArgument"), 1.0);
     assert_eq!(
-        router_metrics.sum("herald_messages_in_total", &[("namespace", "chat")]),
+        router_metrics.sum("herald_router_messages_in_total", &[("namespace", "chat")]),
         3.0
     );
     assert_eq!(
-        router_metrics.sum("herald_messages_in_total", &[("namespace", "doc")]),
+        router_metrics.sum("herald_router_messages_in_total", &[("namespace", "doc")]),
         2.0
     );
     assert_eq!(
@@ -411,6 +414,28 @@ async fn metrics_count_what_a_scripted_scenario_did() {
     assert!(closed, "the slow consumer was not closed with 4009");
     drop(slow);
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn herald_dev_declares_each_metric_once() {
+    // The edge, the router's API and the broker share one registry there: a
+    // name registered twice would make Prometheus refuse the whole scrape.
+    let dev = Dev::start();
+    let (status, text) = http_get(dev.ws_addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{text}");
+    let mut seen = BTreeSet::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = line.split(' ').next().unwrap();
+        assert!(
+            seen.insert(name.to_string()),
+            "{name} declared twice:\n{text}"
+        );
+    }
+    assert!(
+        seen.contains("herald_edge_publish_to_write_seconds"),
+        "{text}"
+    );
+    assert!(seen.contains("herald_router_published"), "{text}");
 }
 
 /// The metric names a PromQL query mentions: every `herald_` identifier
