@@ -15,6 +15,7 @@
 mod error;
 pub mod history;
 mod memory;
+mod metrics;
 mod nats;
 pub mod rooms;
 
@@ -29,6 +30,7 @@ use futures::Stream;
 
 pub use error::{Cause, Chain, cause, chain};
 pub use memory::MemoryBroker;
+pub use metrics::register_metrics;
 pub use nats::RESUME_SETTLE;
 pub use nats::{NatsBroker, NatsSecurity};
 

@@ -454,7 +454,7 @@ impl Broker for NatsBroker {
         payload: Bytes,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
-        Box::pin(async move {
+        Box::pin(crate::metrics::timed_request(async move {
             let req = async_nats::Request::new()
                 .payload(payload)
                 .timeout(Some(timeout));
@@ -472,7 +472,7 @@ impl Broker for NatsBroker {
                     _ => BrokerError::unavailable(e),
                 }),
             }
-        })
+        }))
     }
 
     fn is_connected(&self) -> bool {

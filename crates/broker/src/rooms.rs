@@ -152,8 +152,7 @@ async fn send(
         room = %room,
         offset = tracing::field::Empty,
     );
-    let stored = history
-        .append(room, frame.clone(), key)
+    let stored = crate::metrics::timed_append(history.append(room, frame.clone(), key))
         .instrument(append.clone())
         .await?;
     append.record("offset", stored.offset);

@@ -4,6 +4,9 @@
 //! gRPC services the standard health service and server reflection.
 #![forbid(unsafe_code)]
 
+mod grpc_metrics;
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use grpc_metrics::GrpcMetricsLayer;
 pub use prometheus_client;
 
 /// Why a router or presence process stopped serving. Each variant is its
@@ -173,6 +177,16 @@ pub fn new_metrics() -> Metrics {
     Arc::new(Mutex::new(registry))
 }
 
+/// Routes the binary adds to every service's HTTP port (`/debug/pprof/heap`
+/// with `--heap-profile`), set once before the services build their routes.
+static DEBUG_ROUTES: std::sync::OnceLock<Router> = std::sync::OnceLock::new();
+
+/// Adds `routes` to what [`ops_routes`] serves from now on; `false` if
+/// routes were set before (they stay).
+pub fn set_debug_routes(routes: Router) -> bool {
+    DEBUG_ROUTES.set(routes).is_ok()
+}
+
 #[derive(Clone)]
 struct OpsState {
     health: Health,
@@ -187,6 +201,13 @@ pub fn ops_routes<S: Clone + Send + Sync + 'static>(health: Health, metrics: Met
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(OpsState { health, metrics })
+        .merge(
+            DEBUG_ROUTES
+                .get()
+                .cloned()
+                .unwrap_or_default()
+                .with_state(()),
+        )
 }
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {

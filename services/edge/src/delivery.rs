@@ -134,6 +134,9 @@ struct Queue {
     broken: bool,
     /// Registered with the current batch: written when it ends.
     batched: bool,
+    /// The code of the close frame queued by [`Outbox::push`], if any (it
+    /// fits in the padding after the flags: no cost per connection).
+    sent_close: Option<CloseCode>,
 }
 
 impl Queue {
@@ -205,6 +208,12 @@ pub fn batch_via<R>(flusher: Option<&Arc<Flusher>>, f: impl FnOnce() -> R) -> R 
     f()
 }
 
+/// Whether a batch runs on this thread: what is queued now is written when
+/// it ends.
+pub fn in_batch() -> bool {
+    BATCH.with(|b| b.borrow().is_some())
+}
+
 struct BatchEnd(Option<Arc<Flusher>>);
 
 impl Drop for BatchEnd {
@@ -215,14 +224,24 @@ impl Drop for BatchEnd {
             Some(flusher) => {
                 let mut waiting = flusher.dirty.lock().expect("flusher");
                 match waiting.as_mut() {
-                    Some(waiting) => waiting.extend(dirty),
+                    Some(waiting) => {
+                        waiting.extend(dirty);
+                        // Under the `dirty` lock, so that the tick that
+                        // writes these connections takes these stamps too.
+                        let stamps = crate::metrics::take_pending();
+                        flusher.stamps.lock().expect("flusher").extend(stamps);
+                    }
                     None => {
                         drop(waiting);
                         fanout::write_all(&dirty);
+                        crate::metrics::batch_written();
                     }
                 }
             }
-            None => fanout::write_all(&dirty),
+            None => {
+                fanout::write_all(&dirty);
+                crate::metrics::batch_written();
+            }
         }
     }
 }
@@ -235,6 +254,8 @@ impl Drop for BatchEnd {
 pub struct Flusher {
     /// `None` once stopped: batches then write at once.
     dirty: Mutex<Option<Vec<Outbox>>>,
+    /// Publish times of the messages those writes carry (see `metrics`).
+    stamps: Mutex<Vec<u64>>,
 }
 
 impl Flusher {
@@ -242,6 +263,7 @@ impl Flusher {
     pub fn start(delay: Duration, stop: tokio_util::sync::CancellationToken) -> Arc<Flusher> {
         let flusher = Arc::new(Flusher {
             dirty: Mutex::new(Some(Vec::new())),
+            stamps: Mutex::new(Vec::new()),
         });
         let ticking = flusher.clone();
         tokio::spawn(async move {
@@ -252,15 +274,17 @@ impl Flusher {
                     _ = tick.tick() => false,
                     _ = stop.cancelled() => true,
                 };
-                let dirty = {
+                let (dirty, stamps) = {
                     let mut waiting = ticking.dirty.lock().expect("flusher");
+                    let stamps = std::mem::take(&mut *ticking.stamps.lock().expect("flusher"));
                     if stopping {
-                        waiting.take()
+                        (waiting.take(), stamps)
                     } else {
-                        waiting.as_mut().map(std::mem::take)
+                        (waiting.as_mut().map(std::mem::take), stamps)
                     }
                 };
                 fanout::write_all(&dirty.unwrap_or_default());
+                crate::metrics::written(&stamps);
                 if stopping {
                     return;
                 }
@@ -511,6 +535,9 @@ impl Outbox {
                     ..
                 }
         );
+        if let Out::Close(closing) = &out {
+            q.sent_close = Some(closing.code);
+        }
         q.frames.push_back(out);
         if join_batch(self, q.batched) {
             q.batched = true;
@@ -547,6 +574,22 @@ impl Outbox {
                 _ = self.closed() => return false,
             }
         }
+    }
+
+    /// What waits in the queue: frames, and bytes (of those frames, and
+    /// encoded but not yet taken by the socket). For the liveness sweep.
+    pub fn queued(&self) -> (usize, usize) {
+        let q = self.lock();
+        let bytes = q
+            .frames
+            .iter()
+            .map(|out| match out {
+                Out::Text(b) => b.len(),
+                Out::Control { payload, .. } => payload.len(),
+                Out::Close(closing) => closing.reason.len(),
+            })
+            .sum::<usize>();
+        (q.frames.len(), bytes + q.head.len())
     }
 
     /// Goes on with a stalled write.
@@ -655,6 +698,10 @@ impl Outbox {
     pub async fn finish(&self, flush: Duration) {
         {
             let mut q = self.lock();
+            crate::metrics::disconnected(match self.close_reason() {
+                Some(closing) if !q.closing => Some(closing.code),
+                _ => q.sent_close,
+            });
             if let Some(closing) = self.close_reason().cloned()
                 && !q.closing
             {
@@ -719,6 +766,12 @@ mod tests {
     use super::*;
     use crate::transport::tests::pair;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn the_close_code_costs_an_idle_connection_nothing() {
+        // `sent_close` sits in the padding after the flags.
+        assert_eq!(std::mem::size_of::<Queue>(), 64);
+    }
 
     /// Splits what a client received into (opcode, payload) frames.
     fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {

@@ -10,6 +10,7 @@ mod drain;
 mod framing;
 mod interest;
 mod liveness;
+mod metrics;
 mod presence;
 mod room;
 mod session;
@@ -190,6 +191,8 @@ pub async fn run(
     .await?;
     let edge_metrics = EdgeMetrics::default();
     register_metrics(&metrics, &edge_metrics);
+    metrics::register(&metrics);
+    herald_broker::register_metrics(&mut metrics.lock().expect("metrics registry"), &broker);
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
         .await?;

@@ -51,9 +51,12 @@ pub async fn sweep(edge: Arc<Edge>) {
         let now = now_secs as u32;
         let slot = second % heartbeat;
         second += 1;
+        let mut queues = crate::metrics::QueueSample::default();
         // One write per connection for whatever this sweep sends it.
         delivery::batch(|| {
             edge.each_session(|outbox| {
+                let (frames, bytes) = outbox.queued();
+                queues.add(frames, bytes);
                 if outbox.close_reason().is_some() {
                     return;
                 }
@@ -74,6 +77,7 @@ pub async fn sweep(edge: Arc<Edge>) {
                 }
             })
         });
+        queues.publish();
     }
 }
 

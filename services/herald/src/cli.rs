@@ -61,6 +61,10 @@ pub struct Common {
     /// small machine (docs/benchmarks.md measures a router both ways).
     #[arg(long, env = "HERALD_WORKER_THREADS")]
     pub worker_threads: Option<NonZeroUsize>,
+    /// Sample the heap and serve `GET /debug/pprof/heap` (pprof) on the HTTP
+    /// port; needs a herald built with `--features heap-profile`.
+    #[arg(long, env = "HERALD_HEAP_PROFILE")]
+    pub heap_profile: bool,
     #[command(flatten)]
     pub traces: TraceArgs,
 }

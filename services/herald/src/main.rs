@@ -2,10 +2,14 @@
 //! all in one process with an in-memory broker; `herald edge`, `herald router`
 //! and `herald presence` are the processes of a cluster joined by NATS;
 //! `herald token` mints development tokens.
-#![forbid(unsafe_code)]
+// The heap-profile build names jemalloc's options symbol (`heap`); the
+// default build has no unsafe code at all.
+#![cfg_attr(not(feature = "heap-profile"), forbid(unsafe_code))]
+#![cfg_attr(feature = "heap-profile", deny(unsafe_code))]
 
 mod cli;
 mod config;
+mod heap;
 mod run;
 
 use clap::Parser;

@@ -106,6 +106,12 @@ pub fn main(mut cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if common.heap_profile
+        && let Err(e) = crate::heap::enable()
+    {
+        eprintln!("herald: {}", chain(&e));
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let threads = common.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         NonZeroUsize::get,
@@ -460,6 +466,7 @@ async fn dev(
     let grpc_addr = grpc.local_addr()?;
     let grpc_server = tonic::transport::Server::builder()
         .layer(herald_telemetry::GrpcServerSpans)
+        .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
         .add_service(health)
         .add_service(reflection)
         .add_service(router.into_server())

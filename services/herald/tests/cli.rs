@@ -217,3 +217,17 @@ fn heartbeat_and_idle_timeout_are_checked_and_named() {
         assert!(stderr(&o).contains(named), "{argv:?}: {}", stderr(&o));
     }
 }
+
+/// The default build has no heap profiler: asking for one is a
+/// configuration error, before anything binds.
+#[cfg(not(feature = "heap-profile"))]
+#[test]
+fn heap_profile_needs_the_feature() {
+    let o = herald(&["dev", "--heap-profile", "--listen", "127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--heap-profile") && err.contains("heap-profile feature"),
+        "{err}"
+    );
+}

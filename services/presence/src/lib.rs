@@ -130,6 +130,7 @@ pub async fn run(
     let health = Health::new();
     let metrics = herald_ops::new_metrics();
     health.add_check("broker", herald_broker::readiness(&broker));
+    herald_broker::register_metrics(&mut metrics.lock().expect("metrics registry"), &broker);
     let http_server = tokio::spawn(serve_http(
         http,
         ops_routes(health.clone(), metrics.clone()),
@@ -192,6 +193,7 @@ pub async fn run(
     }
     let grpc_server = tonic::transport::Server::builder()
         .layer(herald_telemetry::GrpcServerSpans)
+        .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(presence.grpc_service())

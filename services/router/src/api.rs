@@ -9,6 +9,7 @@ use herald_broker::SharedBroker;
 use herald_broker::history::SharedHistory;
 use herald_broker::{chain, rooms};
 use herald_ops::Metrics;
+use herald_ops::metrics::NamespaceCounters;
 use herald_proto::v1::presence_server::Presence as _;
 use herald_proto::v1::router_server::{Router, RouterServer};
 use herald_proto::v1::*;
@@ -27,6 +28,7 @@ pub struct RouterApi {
     policy: Policy,
     presence: PresenceFront,
     published: Counter,
+    messages_in: NamespaceCounters,
 }
 
 /// Messages one `PublishBatch` call may carry.
@@ -44,17 +46,26 @@ impl RouterApi {
         metrics: &Metrics,
     ) -> RouterApi {
         let published = Counter::default();
-        metrics.lock().expect("metrics registry").register(
+        let messages_in = NamespaceCounters::default();
+        let mut registry = metrics.lock().expect("metrics registry");
+        registry.register(
             "router_published",
             "Messages published through Router.Publish and Router.SendToUser",
             published.clone(),
         );
+        messages_in.register(
+            &mut registry,
+            "router_messages_in",
+            "Messages published to rooms through the gRPC API, by namespace",
+        );
+        drop(registry);
         RouterApi {
             broker,
             history,
             policy,
             presence,
             published,
+            messages_in,
         }
     }
 
@@ -149,7 +160,7 @@ impl RouterApi {
             Some(key),
         )
         .await;
-        self.answer(published)
+        self.answer(&room, published)
     }
 
     /// The `message` frame the API publishes: `data` from "server", now.
@@ -169,6 +180,7 @@ impl RouterApi {
     /// `UNAVAILABLE` (nothing was published).
     fn answer(
         &self,
+        room: &RoomName,
         published: Result<rooms::Published, rooms::PublishError>,
     ) -> Result<PublishReply, Status> {
         let published = published.map_err(|e| {
@@ -182,6 +194,7 @@ impl RouterApi {
             }
         })?;
         self.published.inc();
+        self.messages_in.inc_by(room.namespace(), 1);
         Ok(PublishReply {
             epoch: published.epoch,
             offset: published.offset,
@@ -264,7 +277,9 @@ impl Router for RouterApi {
             .iter()
             .map(|c| {
                 let outcome = match c {
-                    Ok(_) => self.answer(published.next().expect("one outcome per message")),
+                    Ok((room, ..)) => {
+                        self.answer(room, published.next().expect("one outcome per message"))
+                    }
                     Err(status) => Err(status.clone()),
                 };
                 match outcome {

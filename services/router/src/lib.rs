@@ -61,6 +61,7 @@ pub async fn run(
 ) -> Result<(), herald_ops::ServeError> {
     let health = Health::new();
     health.add_check("broker", herald_broker::readiness(&broker));
+    herald_broker::register_metrics(&mut metrics.lock().expect("metrics registry"), &broker);
     config.storage.add_to(&health);
     let presence = PresenceFront::new(broker.clone(), &config);
     let api = RouterApi::new(
@@ -84,6 +85,7 @@ pub async fn run(
     let http_addr = http.local_addr()?;
     let grpc_server = tonic::transport::Server::builder()
         .layer(herald_telemetry::GrpcServerSpans)
+        .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(api.into_server())

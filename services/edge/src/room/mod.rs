@@ -211,6 +211,7 @@ fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
         (current, next) = (next, after);
     }
     drop(sends);
+    crate::metrics::fanned_out(frame, count, delivery::in_batch());
     count
 }
 

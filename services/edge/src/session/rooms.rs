@@ -84,6 +84,7 @@ impl Session {
             }
         })?;
         self.edge.metrics.published.inc();
+        crate::metrics::published(room.namespace());
         if durable {
             Ok(Reply::Published(Position {
                 epoch: published.epoch,
