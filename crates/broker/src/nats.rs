@@ -119,6 +119,18 @@ impl NatsBroker {
         })
     }
 
+    /// A publish of `size` bytes that the client refused: too large for the
+    /// server (permanent), or not sent at all.
+    fn publish_error(&self, size: usize, e: async_nats::client::PublishError) -> BrokerError {
+        match e.kind() {
+            async_nats::client::PublishErrorKind::MaxPayloadExceeded => BrokerError::TooLarge {
+                size,
+                limit: self.client.max_payload(),
+            },
+            _ => BrokerError::unavailable(e),
+        }
+    }
+
     /// How many times the client has connected, the first time included.
     fn connects(&self) -> u64 {
         self.client.statistics().connects.load(Ordering::Acquire)
@@ -335,15 +347,7 @@ impl Broker for NatsBroker {
             self.client
                 .publish(subject, payload)
                 .await
-                .map_err(|e| match e.kind() {
-                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                        BrokerError::TooLarge {
-                            size,
-                            limit: self.client.max_payload(),
-                        }
-                    }
-                    _ => BrokerError::unavailable(e),
-                })
+                .map_err(|e| self.publish_error(size, e))
         })
     }
 
@@ -358,15 +362,7 @@ impl Broker for NatsBroker {
             self.client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(|e| match e.kind() {
-                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                        BrokerError::TooLarge {
-                            size,
-                            limit: self.client.max_payload(),
-                        }
-                    }
-                    _ => BrokerError::unavailable(e),
-                })
+                .map_err(|e| self.publish_error(size, e))
         })
     }
 
