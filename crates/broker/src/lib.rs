@@ -135,6 +135,24 @@ pub trait Broker: Send + Sync + 'static {
         group: String,
     ) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
 
+    /// [`Broker::publish_with_reply`] with headers.
+    fn publish_with_reply_and_headers(
+        &self,
+        subject: String,
+        reply: String,
+        headers: Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// [`Broker::request`] with headers, which the responder receives.
+    fn request_with_headers(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Bytes, BrokerError>>;
+
     /// Sends a request and waits for the first reply.
     fn request(
         &self,

@@ -195,6 +195,36 @@ impl MemoryBroker {
     }
 }
 
+impl MemoryBroker {
+    /// A request: the reply comes on an inbox of its own.
+    async fn ask(
+        &self,
+        subject: String,
+        headers: Option<Headers>,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, BrokerError> {
+        if !self.has_subscriber(&subject) {
+            return Err(BrokerError::NoResponders(subject));
+        }
+        let inbox = format!("_INBOX.{}", self.ids.fetch_add(1, Ordering::Relaxed));
+        let mut sub = self.add(inbox.clone(), None);
+        self.deliver(Message {
+            subject,
+            payload,
+            reply: Some(inbox),
+            headers,
+        });
+        match tokio::time::timeout(timeout, sub.next()).await {
+            Ok(Some(m)) => Ok(m.payload),
+            Ok(None) => Err(BrokerError::Failed(crate::error::said(
+                "the reply inbox closed",
+            ))),
+            Err(_) => Err(BrokerError::Timeout(timeout)),
+        }
+    }
+}
+
 impl Broker for MemoryBroker {
     fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>> {
         self.deliver(Message {
@@ -250,32 +280,39 @@ impl Broker for MemoryBroker {
         Box::pin(async { Ok(sub) })
     }
 
+    fn publish_with_reply_and_headers(
+        &self,
+        subject: String,
+        reply: String,
+        headers: Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.deliver(Message {
+            subject,
+            payload,
+            reply: Some(reply),
+            headers: Some(headers),
+        });
+        Box::pin(async { Ok(()) })
+    }
+
+    fn request_with_headers(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
+        Box::pin(self.ask(subject, Some(headers), payload, timeout))
+    }
+
     fn request(
         &self,
         subject: String,
         payload: Bytes,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
-        Box::pin(async move {
-            if !self.has_subscriber(&subject) {
-                return Err(BrokerError::NoResponders(subject));
-            }
-            let inbox = format!("_INBOX.{}", self.ids.fetch_add(1, Ordering::Relaxed));
-            let mut sub = self.add(inbox.clone(), None);
-            self.deliver(Message {
-                subject,
-                payload,
-                reply: Some(inbox),
-                headers: None,
-            });
-            match tokio::time::timeout(timeout, sub.next()).await {
-                Ok(Some(m)) => Ok(m.payload),
-                Ok(None) => Err(BrokerError::Failed(crate::error::said(
-                    "the reply inbox closed",
-                ))),
-                Err(_) => Err(BrokerError::Timeout(timeout)),
-            }
-        })
+        Box::pin(self.ask(subject, None, payload, timeout))
     }
 
     fn mark(&self) -> Mark {

@@ -444,16 +444,65 @@ impl Broker for NatsBroker {
         Box::pin(self.confirmed(self.client.queue_subscribe(subject, group)))
     }
 
+    fn publish_with_reply_and_headers(
+        &self,
+        subject: String,
+        reply: String,
+        headers: crate::Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.client
+                .publish_with_reply_and_headers(subject, reply, headers, payload)
+                .await
+                .map_err(BrokerError::unavailable)
+        })
+    }
+
+    fn request_with_headers(
+        &self,
+        subject: String,
+        headers: crate::Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
+        Box::pin(self.ask(subject, Some(headers), payload, timeout))
+    }
+
     fn request(
         &self,
         subject: String,
         payload: Bytes,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
-        Box::pin(crate::metrics::timed_request(async move {
-            let req = async_nats::Request::new()
+        Box::pin(self.ask(subject, None, payload, timeout))
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn describe(&self) -> String {
+        format!("NATS at {}", self.url)
+    }
+}
+
+impl NatsBroker {
+    /// A request, timed for the metrics, its failure told apart by cause.
+    async fn ask(
+        &self,
+        subject: String,
+        headers: Option<crate::Headers>,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, BrokerError> {
+        crate::metrics::timed_request(async move {
+            let mut req = async_nats::Request::new()
                 .payload(payload)
                 .timeout(Some(timeout));
+            if let Some(headers) = headers {
+                req = req.headers(headers);
+            }
             match self.client.send_request(subject.clone(), req).await {
                 Ok(m) => Ok(m.payload),
                 Err(e) => Err(match e.kind() {
@@ -468,15 +517,8 @@ impl Broker for NatsBroker {
                     _ => BrokerError::unavailable(e),
                 }),
             }
-        }))
-    }
-
-    fn is_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
-    fn describe(&self) -> String {
-        format!("NATS at {}", self.url)
+        })
+        .await
     }
 }
 

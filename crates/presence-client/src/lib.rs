@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_broker::{BrokerError, SharedBroker};
+use herald_broker::{BrokerError, Headers, SharedBroker};
 use herald_proto::v1::presence_client::PresenceClient;
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest};
 use herald_wire::{RoomName, subjects};
@@ -145,6 +145,13 @@ impl PresenceQuery {
     ) -> Result<Rep, QueryError> {
         let payload = Bytes::from(req.encode_to_vec());
         let deadline = tokio::time::Instant::now() + self.timeout;
+        // The caller's trace (a gRPC call, a client's command) goes along.
+        let mut headers: Option<Headers> = None;
+        herald_telemetry::inject(&tracing::Span::current(), |key, value| {
+            headers
+                .get_or_insert_with(Headers::new)
+                .insert(key, value.as_str());
+        });
         // A query is a read: asking again is harmless. An unanswered one
         // went to a replica that is gone or cut off (a subscription the
         // server has not yet dropped after a NATS stall, say), and the next
@@ -153,11 +160,24 @@ impl PresenceQuery {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let attempt = QUERY_ATTEMPT.min(left);
-            match self
-                .broker
-                .request(subject.to_string(), payload.clone(), attempt)
-                .await
-            {
+            let asked = match &headers {
+                None => {
+                    self.broker
+                        .request(subject.to_string(), payload.clone(), attempt)
+                        .await
+                }
+                Some(h) => {
+                    self.broker
+                        .request_with_headers(
+                            subject.to_string(),
+                            h.clone(),
+                            payload.clone(),
+                            attempt,
+                        )
+                        .await
+                }
+            };
+            match asked {
                 Ok(bytes) => return Rep::decode(bytes).map_err(QueryError::Unreadable),
                 Err(BrokerError::Timeout(_)) if attempt < left => continue,
                 Err(BrokerError::Timeout(_)) => {

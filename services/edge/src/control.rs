@@ -21,6 +21,20 @@ const ACT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Handles a control message addressed to this edge.
 pub fn on_control(edge: &Edge, msg: Message) {
+    let span = tracing::info_span!(
+        target: herald_telemetry::TARGET,
+        "control",
+        otel.kind = "consumer",
+        messaging.destination.name = %msg.subject,
+    );
+    if let Some(headers) = &msg.headers {
+        herald_telemetry::extract(&span, |key| headers.get(key).map(|v| v.as_str()));
+    }
+    span.in_scope(|| act_on(edge, msg));
+}
+
+/// Hands one control message to the sessions it names.
+fn act_on(edge: &Edge, msg: Message) {
     let control: Control = match serde_json::from_slice(&msg.payload) {
         Ok(c) => c,
         Err(e) => {

@@ -31,6 +31,7 @@ use prost::Message as _;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::Config;
 use crate::cluster::{Election, Published, Recent, ReplicaHeartbeat, Role};
@@ -835,9 +836,18 @@ async fn serve_queries(
         };
         let presence = presence.clone();
         let broker = broker.clone();
+        let span = tracing::info_span!(
+            target: herald_telemetry::TARGET,
+            "presence.query",
+            otel.name = %msg.subject,
+            otel.kind = "server",
+        );
+        if let Some(headers) = &msg.headers {
+            herald_telemetry::extract(&span, |key| headers.get(key).map(|v| v.as_str()));
+        }
         tokio::spawn(async move {
             let _permit = permit;
-            let Some(reply) = answer(&presence, &msg).await else {
+            let Some(reply) = answer(&presence, &msg).instrument(span).await else {
                 return;
             };
             if let Err(e) = broker.publish(reply_to, reply).await {

@@ -99,7 +99,12 @@ impl RouterApi {
         let payload = Bytes::from(serde_json::to_vec(control).expect("control serializes"));
         for node in &nodes {
             self.broker
-                .publish_with_reply(subjects::node_control(node), inbox.clone(), payload.clone())
+                .publish_with_reply_and_headers(
+                    subjects::node_control(node),
+                    inbox.clone(),
+                    trace_headers(),
+                    payload.clone(),
+                )
                 .await
                 .map_err(|e| unavailable("send a control message", &e))?;
         }
@@ -200,6 +205,17 @@ impl RouterApi {
             offset: published.offset,
         })
     }
+}
+
+/// The current span's trace context as NATS headers (empty when traces
+/// are not exported), for the edges' side of a control action to join the
+/// call's trace.
+fn trace_headers() -> herald_broker::Headers {
+    let mut headers = herald_broker::Headers::new();
+    herald_telemetry::inject(&tracing::Span::current(), |key, value| {
+        headers.insert(key, value.as_str())
+    });
+    headers
 }
 
 /// `UNAVAILABLE` with the error's plain message for the caller; the causes

@@ -239,3 +239,85 @@ async fn a_client_publish_is_one_trace_reaching_the_other_edge() {
     assert_eq!(fanout.parent, publish.span_id);
     assert_eq!(fanout.attr("members"), Some("1"));
 }
+
+/// Control actions and presence queries cross NATS in the caller's trace
+/// too: a `Router.Join` reaches the edge holding the user as a `control`
+/// span, a `RoomMembers` through the router reaches a presence replica as a
+/// `presence.query` span, each the child of the router's server span.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_actions_and_presence_queries_join_the_callers_trace() {
+    let (addr, collector) = start_collector().await;
+    let cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        common: vec!["--otlp-endpoint".into(), format!("http://{addr}")],
+        ..Spec::default()
+    });
+    let uma = connect(&cluster.ws(1), "uma").await;
+    let mut router = cluster.router().await;
+
+    let join_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut req = tonic::Request::new(herald_proto::v1::JoinRequest {
+        user: "uma".into(),
+        room: "chat:moved".into(),
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{join_trace}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    router.join(req).await.unwrap();
+
+    let query_trace = "5b8efff798038103d269b633813fc60c";
+    let mut presence = herald_proto::v1::presence_client::PresenceClient::connect(format!(
+        "http://{}",
+        cluster.router_grpc
+    ))
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(herald_proto::v1::RoomMembersRequest {
+        room: "chat:moved".into(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{query_trace}-eee19b7ec3c1b174-01")
+            .parse()
+            .unwrap(),
+    );
+    let members = presence.room_members(req).await.unwrap().into_inner();
+    assert_eq!(members.members.len(), 1, "{members:?}");
+    drop(uma);
+
+    let (control, join) = eventually(WAIT_SPANS, "the edge's control span", || async {
+        let spans = of_trace(&collector, join_trace);
+        let control = spans.iter().find(|s| s.name == "control")?.clone();
+        let join = spans
+            .iter()
+            .find(|s| s.name == "herald.v1.Router/Join")?
+            .clone();
+        Some((control, join))
+    })
+    .await;
+    assert_eq!(control.instance, "edge-1", "{control:?}");
+    assert_eq!(control.parent, join.span_id);
+
+    let (query, call) = eventually(WAIT_SPANS, "the replica's query span", || async {
+        let spans = of_trace(&collector, query_trace);
+        let query = spans
+            .iter()
+            .find(|s| s.service == "herald-presence")?
+            .clone();
+        let call = spans
+            .iter()
+            .find(|s| s.name == "herald.v1.Presence/RoomMembers")?
+            .clone();
+        Some((query, call))
+    })
+    .await;
+    assert_eq!(
+        query.name, "herald.presence.query.room_members",
+        "{query:?}"
+    );
+    assert_eq!(query.parent, call.span_id);
+}

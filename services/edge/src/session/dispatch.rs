@@ -32,7 +32,10 @@ impl Session {
                 let span = self.span("publish", &room);
                 self.publish(id, room, data, key).instrument(span).await
             }
-            Request::Presence { room } => self.presence(id, room).await,
+            Request::Presence { room } => {
+                let span = self.span("presence", &room);
+                self.presence(id, room).instrument(span).await
+            }
             Request::PresenceSet { room, meta } => {
                 let span = self.span("presence_set", &room);
                 self.presence_set(id, room, meta).instrument(span).await
