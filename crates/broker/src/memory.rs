@@ -196,6 +196,23 @@ impl MemoryBroker {
 }
 
 impl MemoryBroker {
+    /// Every kind of publish: delivered before this returns.
+    fn post(
+        &self,
+        subject: String,
+        reply: Option<String>,
+        headers: Option<Headers>,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.deliver(Message {
+            subject,
+            payload,
+            reply,
+            headers,
+        });
+        Box::pin(async { Ok(()) })
+    }
+
     /// A request: the reply comes on an inbox of its own.
     async fn ask(
         &self,
@@ -227,13 +244,7 @@ impl MemoryBroker {
 
 impl Broker for MemoryBroker {
     fn publish(&self, subject: String, payload: Bytes) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.deliver(Message {
-            subject,
-            payload,
-            reply: None,
-            headers: None,
-        });
-        Box::pin(async { Ok(()) })
+        self.post(subject, None, None, payload)
     }
 
     fn publish_with_headers(
@@ -242,13 +253,7 @@ impl Broker for MemoryBroker {
         headers: Headers,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.deliver(Message {
-            subject,
-            payload,
-            reply: None,
-            headers: Some(headers),
-        });
-        Box::pin(async { Ok(()) })
+        self.post(subject, None, Some(headers), payload)
     }
 
     fn publish_with_reply(
@@ -257,13 +262,7 @@ impl Broker for MemoryBroker {
         reply: String,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.deliver(Message {
-            subject,
-            payload,
-            reply: Some(reply),
-            headers: None,
-        });
-        Box::pin(async { Ok(()) })
+        self.post(subject, Some(reply), None, payload)
     }
 
     fn subscribe(&self, subject: String) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
@@ -287,13 +286,7 @@ impl Broker for MemoryBroker {
         headers: Headers,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.deliver(Message {
-            subject,
-            payload,
-            reply: Some(reply),
-            headers: Some(headers),
-        });
-        Box::pin(async { Ok(()) })
+        self.post(subject, Some(reply), Some(headers), payload)
     }
 
     fn request_with_headers(
