@@ -35,6 +35,11 @@ pub struct NamespacePolicy {
     /// History kept for the namespace's rooms; reserved for durable rooms.
     #[serde(default)]
     pub durable: Option<DurablePolicy>,
+    /// Live `message` frames carry the W3C `traceparent` of their publish
+    /// (when it is in a sampled trace), so a client's own telemetry can
+    /// join the trace.
+    #[serde(default)]
+    pub traceparent: bool,
 }
 
 /// How much history a durable namespace keeps.
@@ -63,6 +68,7 @@ impl Default for NamespacePolicy {
             publish: true,
             join: any(),
             durable: None,
+            traceparent: false,
         }
     }
 }
@@ -173,6 +179,11 @@ impl Policy {
                 .is_some_and(|p| p.durable.is_some())
     }
 
+    /// Whether live `message` frames of `namespace` carry their `traceparent`.
+    pub fn sends_traceparent(&self, namespace: &str) -> bool {
+        self.namespace(namespace).is_some_and(|p| p.traceparent)
+    }
+
     /// Every durable namespace and how much it keeps, the personal namespace
     /// (the inbox: `inbox` limits) included.
     pub fn durable_namespaces(&self, inbox: &DurablePolicy) -> Vec<(String, DurablePolicy)> {
@@ -267,6 +278,7 @@ fn user_policy() -> NamespacePolicy {
         publish: false,
         join: Vec::new(),
         durable: None,
+        traceparent: false,
     }
 }
 

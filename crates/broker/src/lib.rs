@@ -42,6 +42,18 @@ pub type SharedBroker = Arc<dyn Broker>;
 /// Message headers (NATS headers): the trace context, when tracing is on.
 pub type Headers = async_nats::HeaderMap;
 
+/// The trace context of `span` as message headers, for the subscriber's
+/// span to join the trace; `None`, at no cost, when traces are not exported.
+pub fn trace_headers(span: &tracing::Span) -> Option<Headers> {
+    let mut headers: Option<Headers> = None;
+    herald_telemetry::inject(span, |key, value| {
+        headers
+            .get_or_insert_with(Headers::new)
+            .insert(key, value.as_str());
+    });
+    headers
+}
+
 /// A message as a subscriber receives it.
 #[derive(Debug, Clone)]
 pub struct Message {
@@ -96,6 +108,20 @@ pub trait Broker: Send + Sync + 'static {
         headers: Headers,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// [`Broker::publish_with_headers`] when there are headers (a trace
+    /// context), [`Broker::publish`] otherwise.
+    fn publish_maybe_headers(
+        &self,
+        subject: String,
+        headers: Option<Headers>,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        match headers {
+            Some(headers) => self.publish_with_headers(subject, headers, payload),
+            None => self.publish(subject, payload),
+        }
+    }
 
     /// Publishes with a reply subject (the request half of request/reply).
     fn publish_with_reply(

@@ -7,28 +7,28 @@
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use prometheus_client::metrics::histogram::Histogram;
+use herald_telemetry::{TracedHistogram, observe_traced};
 use prometheus_client::registry::Registry;
 
 use crate::SharedBroker;
 
 /// The buckets every Herald latency histogram uses, in seconds (the same as
 /// `herald_ops::metrics::latency_buckets`; this crate does not depend on
-/// the services' crate).
-fn latency_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+/// the services' crate), keeping the caller's trace as exemplar.
+fn latency_histogram() -> TracedHistogram {
+    TracedHistogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.0005, 2.0, 16,
     ))
 }
 
-static REQUESTS: LazyLock<Histogram> = LazyLock::new(latency_histogram);
-static APPENDS: LazyLock<Histogram> = LazyLock::new(latency_histogram);
+static REQUESTS: LazyLock<TracedHistogram> = LazyLock::new(latency_histogram);
+static APPENDS: LazyLock<TracedHistogram> = LazyLock::new(latency_histogram);
 
 /// Times a NATS request, from sending to its answer (or its failure).
 pub(crate) async fn timed_request<T>(request: impl Future<Output = T>) -> T {
     let started = Instant::now();
     let answer = request.await;
-    REQUESTS.observe(started.elapsed().as_secs_f64());
+    observe_traced(&REQUESTS, started.elapsed().as_secs_f64());
     answer
 }
 
@@ -36,7 +36,7 @@ pub(crate) async fn timed_request<T>(request: impl Future<Output = T>) -> T {
 pub(crate) async fn timed_append<T>(append: impl Future<Output = T>) -> T {
     let started = Instant::now();
     let stored = append.await;
-    APPENDS.observe(started.elapsed().as_secs_f64());
+    observe_traced(&APPENDS, started.elapsed().as_secs_f64());
     stored
 }
 

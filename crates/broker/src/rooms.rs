@@ -4,11 +4,11 @@
 //! its position only once stored: nothing is acknowledged that was not kept.
 
 use bytes::Bytes;
-use herald_wire::frames::with_position;
+use herald_wire::frames::{with_position, with_traceparent};
 use herald_wire::{RoomName, subjects};
 
 use crate::history::{HistoryError, SharedHistory, Stored};
-use crate::{BrokerError, Headers, SharedBroker, chain};
+use crate::{BrokerError, SharedBroker, chain};
 use tracing::Instrument;
 
 /// Most messages one history page holds (`history` op, `Router.History`).
@@ -25,6 +25,16 @@ pub struct Published {
     pub offset: u64,
     /// The idempotency key was seen before: nothing new was published.
     pub duplicate: bool,
+}
+
+/// How a namespace's messages go out (from its policy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Stored first, then sent with its position.
+    pub durable: bool,
+    /// The live frame carries the `traceparent` of its NATS publish, when
+    /// that is in an exported, sampled trace.
+    pub traceparent: bool,
 }
 
 /// Why a message was not published. Each variant is its cause itself: its
@@ -71,13 +81,13 @@ pub async fn publish(
     broker: &SharedBroker,
     history: &SharedHistory,
     room: &RoomName,
-    durable: bool,
+    delivery: Delivery,
     frame: Bytes,
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
     let mark = broker.publishable()?;
-    let published = send(broker, history, room, durable, frame, key).await?;
-    if !durable {
+    let published = send(broker, history, room, delivery, frame, key).await?;
+    if !delivery.durable {
         broker.confirm(mark).await?;
     }
     Ok(published)
@@ -102,8 +112,8 @@ pub async fn publish_all(
     let mut results = Vec::new();
     let mut ephemeral = Vec::new();
     for m in messages {
-        let sent = send(broker, history, m.room, m.durable, m.frame, m.key).await;
-        if sent.is_ok() && !m.durable {
+        let sent = send(broker, history, m.room, m.delivery, m.frame, m.key).await;
+        if sent.is_ok() && !m.delivery.durable {
             ephemeral.push(results.len());
         }
         results.push(sent);
@@ -121,7 +131,7 @@ pub async fn publish_all(
 /// One message of [`publish_all`], as [`publish`] takes it.
 pub struct Outgoing<'a> {
     pub room: &'a RoomName,
-    pub durable: bool,
+    pub delivery: Delivery,
     pub frame: Bytes,
     pub key: Option<&'a str>,
 }
@@ -132,12 +142,13 @@ async fn send(
     broker: &SharedBroker,
     history: &SharedHistory,
     room: &RoomName,
-    durable: bool,
+    delivery: Delivery,
     frame: Bytes,
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
-    if !durable {
-        publish_traced(broker, subjects::room(room), frame).await?;
+    let to_clients = delivery.traceparent;
+    if !delivery.durable {
+        publish_traced(broker, subjects::room(room), frame, to_clients).await?;
         return Ok(Published {
             epoch: String::new(),
             offset: 0,
@@ -158,7 +169,7 @@ async fn send(
     append.record("offset", stored.offset);
     if !stored.duplicate {
         let live = with_position(&frame, &stored.epoch, stored.offset, stored.prev);
-        if let Err(e) = publish_traced(broker, subjects::room(room), live).await {
+        if let Err(e) = publish_traced(broker, subjects::room(room), live, to_clients).await {
             // Stored, so acknowledged: edges read it from history when the
             // next message shows the gap, and recovering clients get it.
             tracing::warn!(%room, offset = stored.offset, error = %chain(&e), "stored message not sent live");
@@ -173,12 +184,14 @@ async fn send(
 
 /// Publishes `payload` to a room's `subject` in a producer span of its own
 /// (a child of the current span), whose trace context travels in the
-/// message's headers so that each edge's fan-out joins the trace. Without
+/// message's headers so that each edge's fan-out joins the trace (and, with
+/// `to_clients`, in the frame, for the members' own telemetry). Without
 /// tracing, a plain publish.
 async fn publish_traced(
     broker: &SharedBroker,
     subject: String,
-    payload: Bytes,
+    mut payload: Bytes,
+    to_clients: bool,
 ) -> Result<(), BrokerError> {
     let span = tracing::info_span!(
         target: herald_telemetry::TARGET,
@@ -191,12 +204,27 @@ async fn publish_traced(
     if span.is_disabled() {
         return broker.publish(subject, payload).await;
     }
-    let mut headers = Headers::new();
-    herald_telemetry::inject(&span, |key, value| headers.insert(key, value.as_str()));
+    let headers = crate::trace_headers(&span);
+    if to_clients
+        && let Some(tp) = headers.as_ref().and_then(|h| h.get("traceparent"))
+        && sampled(tp.as_str())
+    {
+        payload = with_traceparent(&payload, tp.as_str());
+    }
     broker
-        .publish_with_headers(subject, headers, payload)
+        .publish_maybe_headers(subject, headers, payload)
         .instrument(span)
         .await
+}
+
+/// Whether a `traceparent`'s flags say sampled: a trace nobody keeps is
+/// not worth a client's continuing.
+fn sampled(traceparent: &str) -> bool {
+    traceparent
+        .rsplit('-')
+        .next()
+        .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+        .is_some_and(|flags| flags & 1 == 1)
 }
 
 /// A page of `room`'s history after `since` (from the start when `since` is
@@ -218,6 +246,45 @@ pub async fn history_page(
         0 => DEFAULT_HISTORY_PAGE,
         n => n.min(MAX_HISTORY_PAGE),
     };
-    let stored = history.read(room, after, limit as usize).await?;
+    let stored = read(history, room, after, limit as usize).await?;
     Ok((epoch, stored))
+}
+
+/// Reads at most `limit` of `room`'s stored messages after offset `after`,
+/// in a `history.read` span (a client's `history` or recovery, an edge
+/// filling a gap).
+pub async fn read(
+    history: &SharedHistory,
+    room: &RoomName,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Stored>, HistoryError> {
+    let span = tracing::info_span!(
+        target: herald_telemetry::TARGET,
+        "history.read",
+        otel.kind = "client",
+        room = %room,
+        after,
+        messages = tracing::field::Empty,
+    );
+    let stored = history
+        .read(room, after, limit)
+        .instrument(span.clone())
+        .await?;
+    span.record("messages", stored.len());
+    Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sampled;
+
+    #[test]
+    fn only_sampled_traces_go_to_clients() {
+        let id = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+        assert!(sampled(&format!("{id}-01")));
+        assert!(sampled(&format!("{id}-03")), "other flags do not matter");
+        assert!(!sampled(&format!("{id}-00")));
+        assert!(!sampled("garbage"));
+    }
 }

@@ -4,7 +4,8 @@
 //! handler needs to know. A call is timed from its request to its final
 //! status: the `grpc-status` of a trailers-only answer (an error), or the
 //! trailers after the last message. A streaming call (`Presence.Watch`)
-//! is therefore timed for as long as the stream lasts.
+//! is therefore timed for as long as the stream lasts. A call in an
+//! exported trace leaves its trace id as its bucket's exemplar.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +16,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
+
+use herald_telemetry::{TraceExemplar, TracedHistogram};
 
 use crate::Metrics;
 
@@ -26,7 +28,7 @@ struct CallLabels {
     grpc_code: &'static str,
 }
 
-type Calls = Family<CallLabels, Histogram, fn() -> Histogram>;
+type Calls = Family<CallLabels, TracedHistogram, fn() -> TracedHistogram>;
 
 /// Times every call of the server it wraps (`Server::builder().layer(..)`).
 #[derive(Clone)]
@@ -37,7 +39,7 @@ pub struct GrpcMetricsLayer {
 impl GrpcMetricsLayer {
     /// Registers `herald_grpc_server_handling_seconds` in `metrics`.
     pub fn new(metrics: &Metrics) -> GrpcMetricsLayer {
-        let calls: Calls = Family::new_with_constructor(crate::metrics::latency_histogram);
+        let calls: Calls = Family::new_with_constructor(crate::metrics::traced_latency_histogram);
         metrics.lock().expect("metrics registry").register(
             "grpc_server_handling_seconds",
             "gRPC calls served, from the request to the final status, by service, method and status code",
@@ -93,6 +95,8 @@ where
             method: method.to_string(),
             started: Instant::now(),
             done: false,
+            // The span layer outside this one calls it in the call's span.
+            trace: herald_telemetry::exemplar(&tracing::Span::current()),
         };
         let answer = self.inner.call(req);
         Box::pin(async move {
@@ -113,6 +117,7 @@ struct Call {
     method: String,
     started: Instant,
     done: bool,
+    trace: Option<TraceExemplar>,
 }
 
 impl Call {
@@ -125,9 +130,11 @@ impl Call {
             grpc_method: std::mem::take(&mut self.method),
             grpc_code: code,
         };
-        self.calls
-            .get_or_create(&labels)
-            .observe(self.started.elapsed().as_secs_f64());
+        self.calls.get_or_create(&labels).observe(
+            self.started.elapsed().as_secs_f64(),
+            self.trace.take(),
+            None,
+        );
     }
 }
 

@@ -25,6 +25,12 @@ pub fn latency_histogram() -> Histogram {
     Histogram::new(latency_buckets())
 }
 
+/// A histogram with [`latency_buckets`] that keeps exemplars (the trace
+/// of a bucket's latest observation): for latencies observed per call.
+pub fn traced_latency_histogram() -> herald_telemetry::TracedHistogram {
+    herald_telemetry::TracedHistogram::new(latency_buckets())
+}
+
 /// A gauge whose value is read when `/metrics` is scraped, for figures that
 /// already live elsewhere (a connection's state, the process's memory):
 /// nothing is updated on any hot path.

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_broker::{BrokerError, Headers, SharedBroker};
+use herald_broker::{BrokerError, SharedBroker};
 use herald_proto::v1::presence_client::PresenceClient;
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest};
 use herald_wire::{RoomName, subjects};
@@ -146,12 +146,7 @@ impl PresenceQuery {
         let payload = Bytes::from(req.encode_to_vec());
         let deadline = tokio::time::Instant::now() + self.timeout;
         // The caller's trace (a gRPC call, a client's command) goes along.
-        let mut headers: Option<Headers> = None;
-        herald_telemetry::inject(&tracing::Span::current(), |key, value| {
-            headers
-                .get_or_insert_with(Headers::new)
-                .insert(key, value.as_str());
-        });
+        let headers = herald_broker::trace_headers(&tracing::Span::current());
         // A query is a read: asking again is harmless. An unanswered one
         // went to a replica that is gone or cut off (a subscription the
         // server has not yet dropped after a NATS stall, say), and the next

@@ -58,6 +58,8 @@ where
         extract(&span, |key| {
             req.headers().get(key).and_then(|v| v.to_str().ok())
         });
-        Either::Right(self.inner.call(req).instrument(span))
+        // Inner layers (the latency histogram) see the call's span when called.
+        let answer = span.in_scope(|| self.inner.call(req));
+        Either::Right(answer.instrument(span))
     }
 }

@@ -10,7 +10,10 @@
 //! - The W3C trace context (`traceparent`, `tracestate`) crosses process
 //!   boundaries in gRPC metadata ([`GrpcServerSpans`]) and NATS headers
 //!   ([`inject`], [`extract`]).
+//! - Latency histograms observed inside a trace keep its id as an exemplar
+//!   ([`exemplar`]), for dashboards to link a slow bucket to a trace.
 
+mod exemplar;
 mod grpc;
 mod logs;
 
@@ -31,6 +34,7 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::registry::LookupSpan;
 
+pub use exemplar::{TraceExemplar, TracedHistogram, exemplar, observe_traced};
 pub use grpc::GrpcServerSpans;
 pub use logs::{SpanStack, WithTraceIds, remember_dispatch};
 

@@ -248,6 +248,19 @@ pub fn with_position(frame: &[u8], epoch: &str, offset: u64, prev: u64) -> Bytes
     Bytes::from(out)
 }
 
+/// A live `message` frame (from [`message_frame`] or [`with_position`])
+/// with the W3C `traceparent` of its publish appended, for the client's own
+/// telemetry to continue the trace.
+pub fn with_traceparent(frame: &[u8], traceparent: &str) -> Bytes {
+    debug_assert_eq!(frame.last(), Some(&b'}'));
+    let mut out = Vec::with_capacity(frame.len() + traceparent.len() + 20);
+    out.extend_from_slice(&frame[..frame.len() - 1]);
+    out.extend_from_slice(b",\"traceparent\":");
+    out.extend_from_slice(&serde_json::to_vec(traceparent).expect("a string serializes"));
+    out.push(b'}');
+    Bytes::from(out)
+}
+
 /// The position of a durable message frame, or `None` for any other frame.
 pub fn position(frame: &[u8]) -> Option<(u64, u64)> {
     #[derive(Deserialize)]
@@ -504,5 +517,21 @@ mod tests {
             json!({"op":"message","room":"chat:lobby","data":{"text":"hi"},"from":"bob","ts":7,"epoch":"e\"1","offset":42,"prev":40})
         );
         assert_eq!(position(&placed), Some((42, 40)));
+
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = with_traceparent(&placed, tp);
+        let v: Value = serde_json::from_slice(&traced).unwrap();
+        assert_eq!(v["traceparent"], tp);
+        assert_eq!(v["offset"], 42);
+        assert_eq!(
+            position(&traced),
+            Some((42, 40)),
+            "the position still reads"
+        );
+        let v: Value = serde_json::from_slice(&with_traceparent(&plain, tp)).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"message","room":"chat:lobby","data":{"text":"hi"},"from":"bob","ts":7,"traceparent":tp})
+        );
     }
 }

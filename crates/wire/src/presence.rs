@@ -58,6 +58,30 @@ impl EdgeReport {
             | EdgeReport::Goodbye { seq, .. } => *seq,
         }
     }
+
+    /// What the report says, in a word (`join`, `snapshot`, ...), for
+    /// logs and traces.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EdgeReport::Delta { change, .. } => change.kind(),
+            EdgeReport::Heartbeat { .. } => "heartbeat",
+            EdgeReport::Snapshot { .. } => "snapshot",
+            EdgeReport::Goodbye { .. } => "goodbye",
+        }
+    }
+}
+
+impl Change {
+    /// The change's wire `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Connect { .. } => "connect",
+            Change::Disconnect { .. } => "disconnect",
+            Change::Join { .. } => "join",
+            Change::Leave { .. } => "leave",
+            Change::Meta { .. } => "meta",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -297,6 +321,39 @@ mod tests {
         assert_eq!(serde_json::from_value::<EdgeReport>(v).unwrap(), r);
         assert_eq!(r.node(), "e1");
         assert_eq!(r.seq(), 3);
+        assert_eq!(r.kind(), "join");
+    }
+
+    #[test]
+    fn a_changes_kind_is_its_wire_type() {
+        let conn = || "e1-1".to_string();
+        let room = || "chat:x".to_string();
+        for change in [
+            Change::Connect {
+                conn: conn(),
+                user: "u".into(),
+                since_ms: 1,
+            },
+            Change::Disconnect { conn: conn() },
+            Change::Join {
+                conn: conn(),
+                room: room(),
+                meta: None,
+                quiet: false,
+            },
+            Change::Leave {
+                conn: conn(),
+                room: room(),
+            },
+            Change::Meta {
+                conn: conn(),
+                room: room(),
+                meta: json!(1),
+            },
+        ] {
+            let v = serde_json::to_value(&change).unwrap();
+            assert_eq!(v["type"], change.kind(), "{v}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald_broker::{Message, SharedBroker};
 use herald_wire::presence::{Control, ControlAck};
+use tracing::Instrument;
 
 use crate::Edge;
 use crate::delivery::{ControlCmd, Outbox};
@@ -70,13 +71,16 @@ fn act_on(edge: &Edge, msg: Message) {
             .filter_map(|id| sessions.get(id).cloned())
             .collect()
     };
-    tokio::spawn(dispatch(
-        edge.broker.clone(),
-        edge.config.node_id.clone(),
-        msg,
-        control,
-        targets,
-    ));
+    tokio::spawn(
+        dispatch(
+            edge.broker.clone(),
+            edge.config.node_id.clone(),
+            msg,
+            control,
+            targets,
+        )
+        .in_current_span(),
+    );
 }
 
 async fn dispatch(
@@ -92,6 +96,7 @@ async fn dispatch(
         let cmd = ControlCmd {
             control: control.clone(),
             done,
+            span: tracing::Span::current(),
         };
         if t.push_control(cmd) {
             pending.push(rx);

@@ -755,6 +755,9 @@ fn encode(buf: &mut Vec<u8>, out: Out) {
 pub struct ControlCmd {
     pub control: herald_wire::presence::Control,
     pub done: tokio::sync::oneshot::Sender<()>,
+    /// The control message's span, so the session's action (and the
+    /// presence change it reports) stays in the caller's trace.
+    pub span: tracing::Span,
 }
 
 /// Control actions that may wait for one session; more are refused (the

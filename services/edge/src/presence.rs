@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_broker::{BrokerError, Mark, SharedBroker, chain};
+use herald_broker::{BrokerError, Headers, Mark, SharedBroker, chain};
 use herald_presence_client::{PresenceQuery, QueryError};
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
 use herald_wire::presence::{Change, EdgeReport, Reported};
@@ -27,9 +27,14 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Where member lists are read from.
 pub use herald_presence_client::Source as PresenceSource;
 
+/// A numbered change, with the trace context of the command or control
+/// action that made it (when traces are exported), so the presence
+/// replica's update joins that trace.
+type Numbered = (u64, Change, Option<Headers>);
+
 struct Seq {
     last: u64,
-    tx: mpsc::UnboundedSender<(u64, Change)>,
+    tx: mpsc::UnboundedSender<Numbered>,
 }
 
 /// Handle used by sessions to report changes and to read member lists.
@@ -74,7 +79,7 @@ impl Reporter {
             loop {
                 tokio::select! {
                     change = rx.recv() => match change {
-                        Some((seq, change)) => task.apply(seq, change).await,
+                        Some((seq, change, trace)) => task.apply(seq, change, trace).await,
                         None => break,
                     },
                     Some(_) = sync_all.next() => task.send_snapshot().await,
@@ -83,10 +88,10 @@ impl Reporter {
                     _ = shutdown.cancelled() => {
                         // Sessions report their leaves while closing; take them all, then say goodbye.
                         let mark = task.broker.mark();
-                        while let Ok((seq, change)) = rx.try_recv() {
-                            task.apply(seq, change).await;
+                        while let Ok((seq, change, trace)) = rx.try_recv() {
+                            task.apply(seq, change, trace).await;
                         }
-                        task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }).await;
+                        task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }, None).await;
                         task.confirm_sent(mark).await;
                         break;
                     }
@@ -98,10 +103,11 @@ impl Reporter {
 
     /// Reports a change; returns its number.
     pub fn report(&self, change: Change) -> u64 {
+        let trace = herald_broker::trace_headers(&tracing::Span::current());
         let mut s = self.seq.lock().expect("presence seq");
         s.last += 1;
         // Numbered and queued under one lock, so numbers go out in order.
-        let _ = s.tx.send((s.last, change));
+        let _ = s.tx.send((s.last, change, trace));
         s.last
     }
 
@@ -132,7 +138,7 @@ struct ReportTask {
 }
 
 impl ReportTask {
-    async fn apply(&mut self, seq: u64, change: Change) {
+    async fn apply(&mut self, seq: u64, change: Change, trace: Option<Headers>) {
         self.reported.apply(&change);
         self.seq = seq;
         let report = EdgeReport::Delta {
@@ -140,7 +146,7 @@ impl ReportTask {
             seq,
             change,
         };
-        self.send(&report).await;
+        self.send(&report, trace).await;
     }
 
     async fn send_heartbeat(&self) {
@@ -150,7 +156,7 @@ impl ReportTask {
             started_ms: self.started_ms,
             conns: self.reported.len() as u64,
         };
-        self.send(&report).await;
+        self.send(&report, None).await;
     }
 
     async fn send_snapshot(&self) {
@@ -161,7 +167,7 @@ impl ReportTask {
             started_ms: self.started_ms,
             conns,
         };
-        self.send(&report).await;
+        self.send(&report, None).await;
     }
 
     /// Waits until NATS has every report sent so far: the process is about
@@ -186,11 +192,11 @@ impl ReportTask {
         }
     }
 
-    async fn send(&self, report: &EdgeReport) {
+    async fn send(&self, report: &EdgeReport, trace: Option<Headers>) {
         let payload = serde_json::to_vec(report).expect("reports serialize");
         if let Err(e) = self
             .broker
-            .publish(self.subject.clone(), Bytes::from(payload))
+            .publish_maybe_headers(self.subject.clone(), trace, Bytes::from(payload))
             .await
         {
             // Replicas notice the gap from the next heartbeat and ask for a snapshot.

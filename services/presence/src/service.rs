@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_broker::{BrokerError, Message, SharedBroker, Subscription, chain};
+use herald_broker::{BrokerError, Headers, Message, SharedBroker, Subscription, chain};
 use herald_proto::v1::{
     PresenceEvent, RoomMembersReply, RoomMembersRequest, UserStatus, UserStatusReply,
     UserStatusRequest,
@@ -366,7 +366,7 @@ struct Actor {
     view: View,
     parked: Parked,
     /// Messages for [`publish_in_order`].
-    publish: mpsc::Sender<(String, Bytes)>,
+    publish: mpsc::Sender<Outgoing>,
     metrics: ViewMetrics,
     watchers: Watchers,
     election: Election,
@@ -411,7 +411,7 @@ impl Actor {
                 Some(cmd) = commands.recv() => self.on_command(cmd),
                 _ = sleep_until(grace) => {
                     let fx = self.view.expire(Instant::now());
-                    self.carry_out(fx);
+                    self.carry_out_in_span("presence.expire", fx);
                     self.update_metrics();
                 }
                 _ = tick.tick() => self.on_tick(),
@@ -440,7 +440,10 @@ impl Actor {
             }
         };
         let node = report.node().to_string();
+        let span = update_span(&report, msg.headers.as_ref());
+        let _entered = span.enter();
         let fx = self.view.apply(report, Instant::now());
+        span.record("effects", fx.len());
         self.carry_out(fx);
         self.release(&node);
         self.update_metrics();
@@ -520,7 +523,7 @@ impl Actor {
             Command::Reap { node, reply } => {
                 let (fx, conns) = self.view.reap(&node, Instant::now());
                 tracing::info!(%node, conns, "an edge's pod is gone; removed it and its connections");
-                self.carry_out(fx);
+                self.carry_out_in_span("presence.reap", fx);
                 self.release(&node);
                 self.update_metrics();
                 let _ = reply.send(conns);
@@ -566,7 +569,7 @@ impl Actor {
         for (node, conns) in &reaped {
             tracing::info!(%node, conns, "an edge sent no presence report in time; removed it and its connections");
         }
-        self.carry_out(fx);
+        self.carry_out_in_span("presence.reap", fx);
         for (node, _) in reaped {
             self.release(&node);
         }
@@ -595,6 +598,22 @@ impl Actor {
             let _ = w.reply.send(self.view.room_members(&w.room));
         }
         self.metrics.parked.set(self.parked.len as i64);
+    }
+
+    /// Carries out effects nobody's request caused (a grace period ended, an
+    /// edge was reaped) in a trace of their own, when there are any: the
+    /// leaves they announce then reach the edges' fan-out spans.
+    fn carry_out_in_span(&mut self, name: &'static str, fx: Vec<Effect>) {
+        if fx.is_empty() {
+            return;
+        }
+        let span = tracing::info_span!(
+            target: herald_telemetry::TARGET,
+            "presence.view",
+            otel.name = name,
+            effects = fx.len(),
+        );
+        span.in_scope(|| self.carry_out(fx));
     }
 
     fn carry_out(&mut self, fx: Vec<Effect>) {
@@ -685,12 +704,14 @@ impl Actor {
         self.watchers.user_event(&proto.user, &proto);
     }
 
-    /// Queues a message for the publishing task; drops it when the queue is
-    /// full (the broker has been stalled for a long while).
+    /// Queues a message for the publishing task, in the current span's
+    /// trace; drops it when the queue is full (the broker has been stalled
+    /// for a long while).
     fn publish(&self, subject: String, payload: Bytes) {
-        if let Err(e) = self.publish.try_send((subject, payload)) {
+        let trace = herald_broker::trace_headers(&tracing::Span::current());
+        if let Err(e) = self.publish.try_send((subject, payload, trace)) {
             self.metrics.publish_dropped.inc();
-            if let mpsc::error::TrySendError::Full((subject, _)) = e {
+            if let mpsc::error::TrySendError::Full((subject, _, _)) = e {
                 tracing::warn!(%subject, "the presence publishing queue is full; message dropped");
             }
         }
@@ -708,12 +729,41 @@ impl Actor {
 
 /// Publishes the actor's messages one after another, in order; ends when the
 /// actor has stopped and everything queued went out.
-async fn publish_in_order(broker: SharedBroker, mut outgoing: mpsc::Receiver<(String, Bytes)>) {
-    while let Some((subject, payload)) = outgoing.recv().await {
-        if let Err(e) = broker.publish(subject.clone(), payload).await {
+async fn publish_in_order(broker: SharedBroker, mut outgoing: mpsc::Receiver<Outgoing>) {
+    while let Some((subject, payload, trace)) = outgoing.recv().await {
+        if let Err(e) = broker
+            .publish_maybe_headers(subject.clone(), trace, payload)
+            .await
+        {
             tracing::warn!(%subject, error = %chain(&e), "presence could not publish");
         }
     }
+}
+
+/// A message for [`publish_in_order`], with the trace it belongs to.
+type Outgoing = (String, Bytes, Option<Headers>);
+
+/// The exported span of applying an edge's report to the view, child of
+/// the client command or control action that made the change (its trace
+/// context comes in the report's headers). Heartbeats, which change
+/// nothing most of the time, get none.
+fn update_span(report: &EdgeReport, headers: Option<&Headers>) -> tracing::Span {
+    if matches!(report, EdgeReport::Heartbeat { .. }) {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: herald_telemetry::TARGET,
+        "presence.update",
+        otel.name = %format_args!("presence.update {}", report.kind()),
+        otel.kind = "consumer",
+        node = %report.node(),
+        seq = report.seq(),
+        effects = tracing::field::Empty,
+    );
+    if let Some(headers) = headers {
+        herald_telemetry::extract(&span, |key| headers.get(key).map(|v| v.as_str()));
+    }
+    span
 }
 
 fn now_ms() -> u64 {

@@ -102,7 +102,7 @@ impl RouterApi {
                 .publish_with_reply_and_headers(
                     subjects::node_control(node),
                     inbox.clone(),
-                    trace_headers(),
+                    herald_broker::trace_headers(&tracing::Span::current()).unwrap_or_default(),
                     payload.clone(),
                 )
                 .await
@@ -155,17 +155,24 @@ impl RouterApi {
         key: &str,
     ) -> Result<PublishReply, Status> {
         let frame = self.frame(&room, data)?;
-        let durable = self.policy.is_durable(room.namespace());
         let published = rooms::publish(
             &self.broker,
             &self.history,
             &room,
-            durable,
+            self.delivery(&room),
             frame,
             Some(key),
         )
         .await;
         self.answer(&room, published)
+    }
+
+    /// How `room`'s messages go out, by its namespace's policy.
+    fn delivery(&self, room: &RoomName) -> rooms::Delivery {
+        rooms::Delivery {
+            durable: self.policy.is_durable(room.namespace()),
+            traceparent: self.policy.sends_traceparent(room.namespace()),
+        }
     }
 
     /// The `message` frame the API publishes: `data` from "server", now.
@@ -205,17 +212,6 @@ impl RouterApi {
             offset: published.offset,
         })
     }
-}
-
-/// The current span's trace context as NATS headers (empty when traces
-/// are not exported), for the edges' side of a control action to join the
-/// call's trace.
-fn trace_headers() -> herald_broker::Headers {
-    let mut headers = herald_broker::Headers::new();
-    herald_telemetry::inject(&tracing::Span::current(), |key, value| {
-        headers.insert(key, value.as_str())
-    });
-    headers
 }
 
 /// `UNAVAILABLE` with the error's plain message for the caller; the causes
@@ -268,20 +264,19 @@ impl Router for RouterApi {
         }
         // Bad messages are answered in place; the others go out one after
         // the other, in the call's order, with one confirmation for them all.
-        let checked: Vec<Result<(RoomName, Bytes, bool, String), Status>> = messages
+        let checked: Vec<Result<(RoomName, Bytes, String), Status>> = messages
             .into_iter()
             .map(|req| {
                 let room = room_arg(&req.room)?;
                 let frame = self.frame(&room, &req.data)?;
-                let durable = self.policy.is_durable(room.namespace());
-                Ok((room, frame, durable, req.key))
+                Ok((room, frame, req.key))
             })
             .collect();
         let mut outgoing = Vec::with_capacity(checked.len());
-        for (room, frame, durable, key) in checked.iter().flatten() {
+        for (room, frame, key) in checked.iter().flatten() {
             outgoing.push(rooms::Outgoing {
                 room,
-                durable: *durable,
+                delivery: self.delivery(room),
                 frame: frame.clone(),
                 key: Some(key),
             });

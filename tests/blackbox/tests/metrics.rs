@@ -54,7 +54,7 @@ impl Scrape {
             if line.starts_with('#') || line.is_empty() {
                 continue;
             }
-            // An exemplar would follow ` # `; Herald writes none yet.
+            // An exemplar (a trace id) follows ` # `.
             let line = line.split(" # ").next().unwrap();
             let (series, value) = line.rsplit_once(' ').expect("series value");
             let value: f64 = match value {

@@ -2,7 +2,8 @@
 //! collector in this test process (OTLP/gRPC, the collector's own
 //! `TraceService`) receives the spans of a router, a presence replica and
 //! two edges, and each room message's spans share the publisher's trace id
-//! and hang off the right parents.
+//! and hang off the right parents; the call's latency histogram keeps the
+//! trace id as an exemplar.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use herald_test_support::eventually;
+use herald_test_support::{eventually, http_get};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -136,9 +137,15 @@ const WAIT_SPANS: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_is_one_trace_from_the_backend_to_every_edge() {
     let (addr, collector) = start_collector().await;
+    // `chat` messages tell clients their trace, for the browser's own telemetry.
+    let (_file, mut common) = config_file(
+        "[namespaces.chat]\ntraceparent = true\n\n\
+         [namespaces.doc]\ndurable = { history_size = 10, history_ttl = \"1h\" }\n",
+    );
+    common.extend(["--otlp-endpoint".into(), format!("http://{addr}")]);
     let cluster = Cluster::start_spec(Spec {
         edges: 2,
-        common: vec!["--otlp-endpoint".into(), format!("http://{addr}")],
+        common,
         ..Spec::default()
     });
     let members = [
@@ -159,8 +166,11 @@ async fn a_publish_is_one_trace_from_the_backend_to_every_edge() {
         format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
     );
     router.publish(req).await.unwrap();
+    let mut frames = Vec::new();
     for m in &members {
-        assert_eq!(m.recv_op("message", WAIT).await.unwrap()["data"], "traced");
+        let frame = m.recv_op("message", WAIT).await.unwrap();
+        assert_eq!(frame["data"], "traced");
+        frames.push(frame);
     }
 
     let spans = eventually(WAIT_SPANS, "both edges' fan-out spans", || async {
@@ -195,8 +205,42 @@ async fn a_publish_is_one_trace_from_the_backend_to_every_edge() {
         assert_eq!(fanout.attr("members"), Some("1"), "{fanout:?}");
         edges.push(&fanout.instance);
     }
+    for frame in &frames {
+        assert_eq!(
+            frame["traceparent"],
+            format!("00-{trace_id}-{}-01", publish.span_id),
+            "the client's message continues the trace from the publish"
+        );
+    }
     edges.sort();
     assert_eq!(edges, ["edge-0", "edge-1"], "one fan-out span on each edge");
+
+    // A client's history read is a span of its command's trace.
+    ok(&members[0], json!({"op":"history","room":"doc:notes"})).await;
+    let (command, read) = eventually(WAIT_SPANS, "the history read's span", || async {
+        let all = collector.0.lock().unwrap().clone();
+        let command = all.iter().find(|s| s.name == "history")?;
+        let read = all.iter().find(|s| s.name == "history.read")?;
+        Some((command.clone(), read.clone()))
+    })
+    .await;
+    assert_eq!(read.parent, command.span_id, "{read:?}");
+    assert_eq!(read.trace_id, command.trace_id, "{read:?}");
+    assert_eq!(read.attr("room"), Some("doc:notes"), "{read:?}");
+    assert_eq!(read.attr("messages"), Some("0"), "{read:?}");
+
+    // The call's latency bucket links to its trace (an OpenMetrics exemplar).
+    let (status, text) = http_get(cluster.router.http, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{text}");
+    let exemplar = format!("# {{trace_id=\"{trace_id}\"}}");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("herald_grpc_server_handling_seconds_bucket")
+                && l.contains("grpc_method=\"Publish\"")
+                && l.contains(&exemplar)
+        ),
+        "no Publish latency bucket with the trace as exemplar:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -215,7 +259,13 @@ async fn a_client_publish_is_one_trace_reaching_the_other_edge() {
         json!({"op":"publish","room":"chat:client-traced","data":"hi"}),
     )
     .await;
-    assert_eq!(reader.recv_op("message", WAIT).await.unwrap()["data"], "hi");
+    let frame = reader.recv_op("message", WAIT).await.unwrap();
+    assert_eq!(frame["data"], "hi");
+    assert_eq!(
+        frame.get("traceparent"),
+        None,
+        "namespaces tell clients their traces only when configured to"
+    );
 
     let (command, fanout) = eventually(WAIT_SPANS, "the command's trace on edge-1", || async {
         let all = collector.0.lock().unwrap().clone();
@@ -238,11 +288,31 @@ async fn a_client_publish_is_one_trace_reaching_the_other_edge() {
     assert_eq!(publish.parent, command.span_id);
     assert_eq!(fanout.parent, publish.span_id);
     assert_eq!(fanout.attr("members"), Some("1"));
+
+    // The reader's join changed the presence view: the replica's update is
+    // in the join command's trace.
+    let (join, update) = eventually(WAIT_SPANS, "the view update of rae's join", || async {
+        let all = collector.0.lock().unwrap().clone();
+        let join = all.iter().find(|s| {
+            s.instance == "edge-1"
+                && s.name == "join"
+                && s.attr("room") == Some("chat:client-traced")
+        })?;
+        let update = all
+            .iter()
+            .find(|s| s.service == "herald-presence" && s.trace_id == join.trace_id)?;
+        Some((join.clone(), update.clone()))
+    })
+    .await;
+    assert_eq!(update.name, "presence.update join", "{update:?}");
+    assert_eq!(update.parent, join.span_id, "{update:?}");
+    assert_eq!(update.attr("node"), Some("edge-1"), "{update:?}");
 }
 
 /// Control actions and presence queries cross NATS in the caller's trace
 /// too: a `Router.Join` reaches the edge holding the user as a `control`
-/// span, a `RoomMembers` through the router reaches a presence replica as a
+/// span (and the join it makes, the presence replica as a view update), a
+/// `RoomMembers` through the router reaches a presence replica as a
 /// `presence.query` span, each the child of the router's server span.
 #[tokio::test(flavor = "multi_thread")]
 async fn control_actions_and_presence_queries_join_the_callers_trace() {
@@ -301,6 +371,16 @@ async fn control_actions_and_presence_queries_join_the_callers_trace() {
     .await;
     assert_eq!(control.instance, "edge-1", "{control:?}");
     assert_eq!(control.parent, join.span_id);
+    // The session's join, acted on in its own task, changed the presence
+    // view in the same trace.
+    let update = eventually(WAIT_SPANS, "the replica's view update", || async {
+        of_trace(&collector, join_trace)
+            .into_iter()
+            .find(|s| s.service == "herald-presence" && s.name.starts_with("presence.update"))
+    })
+    .await;
+    assert_eq!(update.name, "presence.update join", "{update:?}");
+    assert_eq!(update.parent, control.span_id, "{update:?}");
 
     let (query, call) = eventually(WAIT_SPANS, "the replica's query span", || async {
         let spans = of_trace(&collector, query_trace);

@@ -122,7 +122,7 @@ async fn fill_gap(entry: Arc<RoomEntry>, history: SharedHistory) {
             }
             (d.room.clone(), d.last)
         };
-        match history.read(&room, last, PAGE).await {
+        match herald_broker::rooms::read(&history, &room, last, PAGE).await {
             Ok(stored) => {
                 let mut order = entry.state.0.lock().expect("room order");
                 let Some(d) = order.durable_mut() else {
@@ -207,7 +207,7 @@ pub async fn recover(
     let mut recovered = true;
     let mut missed = 0;
     'pages: while after < upto {
-        let page = history.read(&room, after, PAGE).await?;
+        let page = herald_broker::rooms::read(history, &room, after, PAGE).await?;
         if page.is_empty() {
             // Messages up to `upto` existed but are no longer kept.
             recovered = false;

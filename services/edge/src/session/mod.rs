@@ -26,6 +26,7 @@ use herald_wire::presence::Change;
 use herald_wire::reply::Connected;
 use herald_wire::{CloseCode, ErrorCode, RoomName};
 use tokio::io::Interest;
+use tracing::Instrument;
 
 pub(crate) use handshake::Start;
 
@@ -225,7 +226,7 @@ impl Session {
                         return;
                     }
                     if let Some(cmd) = self.outbox.pop_control() {
-                        let stop = Box::pin(self.act(cmd.control)).await;
+                        let stop = Box::pin(self.act(cmd.control).instrument(cmd.span)).await;
                         let _ = cmd.done.send(());
                         if stop {
                             return;

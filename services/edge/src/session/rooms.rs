@@ -64,11 +64,15 @@ impl Session {
         self.allowed(id, policy.check_publish(&self.claims, room.as_str()))?;
         let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
         let durable = policy.is_durable(room.namespace());
+        let delivery = rooms::Delivery {
+            durable,
+            traceparent: policy.sends_traceparent(room.namespace()),
+        };
         let published = rooms::publish(
             &self.edge.broker,
             &self.edge.history,
             &room,
-            durable,
+            delivery,
             frame,
             key.as_deref(),
         )
