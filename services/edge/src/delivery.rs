@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::Duration;
 
+use crate::socket::Socket;
 use bytes::Bytes;
 use herald_wire::CloseCode;
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::framing::{OP_CLOSE, OP_PING, OP_TEXT, encode_close, encode_frame};
@@ -99,7 +99,7 @@ pub struct Outbox {
 /// An idle session waits on `attention` alone (besides its socket), because
 /// every future it waits on is part of its task's memory.
 struct Conn {
-    stream: TcpStream,
+    stream: Socket,
     capacity: usize,
     queue: Mutex<Queue>,
     /// Rare, so a queue that allocates only when used (a channel's first
@@ -319,11 +319,11 @@ fn join_batch(outbox: &Outbox, registered: bool) -> bool {
 impl Outbox {
     /// The handle of a new connection writing to `stream`; `capacity` frames
     /// may wait at most.
-    pub fn new(id: u64, stream: TcpStream, capacity: usize) -> Outbox {
+    pub fn new(id: u64, stream: impl Into<Socket>, capacity: usize) -> Outbox {
         Outbox {
             id,
             conn: Arc::new(Conn {
-                stream,
+                stream: stream.into(),
                 capacity,
                 queue: Mutex::default(),
                 control: Mutex::default(),
@@ -340,7 +340,7 @@ impl Outbox {
         self.conn.capacity
     }
 
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &Socket {
         &self.conn.stream
     }
 

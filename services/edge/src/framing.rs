@@ -14,9 +14,9 @@ use std::io;
 
 use herald_wire::CloseCode;
 use herald_wire::frames::disconnect_frame;
-use tokio::net::TcpStream;
 
 use crate::delivery::{Closing, Out, Outbox};
+use crate::socket::Socket;
 
 /// Bytes read from the socket at a time, on the stack of the reading task.
 const READ_CHUNK: usize = 16 * 1024;
@@ -87,7 +87,7 @@ impl Reader {
     /// The next frame of interest. Pings are answered and pongs dropped on
     /// the way; a close is answered before `Closed` is returned. Cancel-safe:
     /// the only wait is for readability, and every byte read is kept in `self`.
-    pub async fn next(&mut self, stream: &TcpStream, outbox: &Outbox) -> Incoming {
+    pub async fn next(&mut self, stream: &Socket, outbox: &Outbox) -> Incoming {
         loop {
             if let Some(incoming) = self.take_ready() {
                 return incoming;
@@ -103,7 +103,7 @@ impl Reader {
     }
 
     /// One non-blocking read into a stack buffer, decoded at once.
-    pub fn read_once(&mut self, stream: &TcpStream, outbox: &Outbox) {
+    pub fn read_once(&mut self, stream: &Socket, outbox: &Outbox) {
         let mut buf = [0u8; READ_CHUNK];
         match stream.try_read(&mut buf) {
             Ok(0) => self.finish(Incoming::Closed),
@@ -334,6 +334,7 @@ mod tests {
     use super::*;
     use crate::transport::tests::pair;
     use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
 
     #[test]
     fn frames_get_the_rfc6455_length_forms() {
@@ -480,6 +481,28 @@ mod tests {
             r.next(ob.stream(), &ob).await,
             Incoming::Text(b"{}".to_vec())
         );
+        drop(client);
+        assert_eq!(r.next(ob.stream(), &ob).await, Incoming::Closed);
+    }
+
+    /// A relayed connection (one end of a socket pair) reads, answers pings
+    /// and ends like a TCP one.
+    #[tokio::test]
+    async fn a_relayed_socket_reads_answers_and_ends_the_same() {
+        use tokio::io::AsyncWriteExt;
+        let (server, mut client) = tokio::net::UnixStream::pair().unwrap();
+        let ob = Outbox::new(1, server, 16);
+        let mut r = Reader::new(1000, &[], &ob);
+        let mut bytes = masked(true, OP_PING, b"hb");
+        bytes.extend(masked(true, OP_TEXT, b"{}"));
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(
+            r.next(ob.stream(), &ob).await,
+            Incoming::Text(b"{}".to_vec())
+        );
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0x8A, 2, b'h', b'b'], "the ping is answered");
         drop(client);
         assert_eq!(r.next(ob.stream(), &ob).await, Incoming::Closed);
     }

@@ -14,6 +14,7 @@ mod metrics;
 mod presence;
 mod room;
 mod session;
+mod socket;
 mod transport;
 
 use std::sync::Arc;

@@ -16,11 +16,12 @@ use fastwebsockets::upgrade::IncomingUpgrade;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::socket::Socket;
 use crate::{Edge, session};
 
 /// How long a client may take to send its request headers.
@@ -95,13 +96,17 @@ pub async fn serve(
     conns.wait().await;
 }
 
-/// The TCP stream under an upgraded connection, with the bytes the HTTP
+/// The socket under an upgraded connection, with the bytes the HTTP
 /// server had already read past the request (a client may send its first
 /// frame right behind the handshake).
-pub fn into_tcp(upgraded: Upgraded) -> Result<(TcpStream, bytes::Bytes), Upgraded> {
+pub fn into_socket(upgraded: Upgraded) -> Result<(Socket, bytes::Bytes), Upgraded> {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Ok((parts.io.into_inner().into(), parts.read_buf)),
+        Err(upgraded) => upgraded,
+    };
     upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map(|parts| (parts.io.into_inner(), parts.read_buf))
+        .downcast::<TokioIo<UnixStream>>()
+        .map(|parts| (parts.io.into_inner().into(), parts.read_buf))
 }
 
 #[derive(Deserialize)]

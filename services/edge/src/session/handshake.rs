@@ -45,8 +45,8 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
             return None;
         }
     };
-    let Ok((stream, already_read)) = transport::into_tcp(upgraded) else {
-        tracing::error!(%peer, "upgraded connection is not a TCP stream; closed");
+    let Ok((stream, already_read)) = transport::into_socket(upgraded) else {
+        tracing::error!(%peer, "upgraded connection is not a socket; closed");
         return None;
     };
     let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
