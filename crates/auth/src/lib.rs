@@ -9,4 +9,4 @@ pub mod policy;
 pub mod token;
 
 pub use policy::{Denied, DurablePolicy, NamespacePolicy, Policy, pattern_matches};
-pub use token::{AuthError, Claims, KeyError, Verifier, mint_hs256, now_secs};
+pub use token::{AuthError, ClaimChecks, Claims, KeyError, Verifier, mint_hs256, now_secs};

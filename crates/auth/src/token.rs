@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -19,7 +19,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 pub struct Claims {
     /// The user id; never empty once verified.
     pub sub: String,
-    /// Expiry, in seconds since the Unix epoch.
+    /// Expiry, in seconds since the Unix epoch (a fractional `exp` is
+    /// rounded down; a verified token's is capped by the session lifetime).
+    #[serde(deserialize_with = "whole_seconds")]
     pub exp: u64,
     /// Room patterns the user may join; `None` leaves it to the namespace policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,6 +60,31 @@ pub struct KeyError(pub String);
 #[derive(Clone)]
 pub struct Verifier {
     keys: Arc<Keys>,
+    checks: Arc<ClaimChecks>,
+}
+
+/// What is checked of a token beyond its signature, `exp` and `sub`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimChecks {
+    /// `aud` must name this (a token without `aud` is refused), when set.
+    pub audience: Option<String>,
+    /// `iss` must be exactly this, when set.
+    pub issuer: Option<String>,
+    /// A session lasts at most this long from verification, whatever the
+    /// token's `exp` says (an `exp` years away would otherwise let a stolen
+    /// token hold a connection for years).
+    pub max_lifetime: Duration,
+}
+
+impl Default for ClaimChecks {
+    /// No audience or issuer; sessions of at most a day.
+    fn default() -> ClaimChecks {
+        ClaimChecks {
+            audience: None,
+            issuer: None,
+            max_lifetime: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 struct Keys {
@@ -84,6 +111,7 @@ impl fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("hs256", &self.keys.hs256.is_some())
             .field("public", &public)
+            .field("checks", &self.checks)
             .finish()
     }
 }
@@ -113,11 +141,22 @@ impl Verifier {
         };
         Ok(Verifier {
             keys: Arc::new(Keys { hs256, public }),
+            checks: Arc::new(ClaimChecks::default()),
         })
     }
 
-    /// Verifies the signature with a configured algorithm (`none` is always rejected), `exp` with
-    /// no leeway, and that `sub` is present and non-empty.
+    /// The same keys, checking `checks`.
+    pub fn with_checks(self, checks: ClaimChecks) -> Verifier {
+        Verifier {
+            keys: self.keys,
+            checks: Arc::new(checks),
+        }
+    }
+
+    /// Verifies the signature with a configured algorithm (`none` is always rejected), `exp`,
+    /// `nbf` and `iat` with no leeway (a token not valid yet, or issued in the future, is
+    /// refused), `aud` and `iss` when configured, and that `sub` is present and non-empty. The
+    /// claims' `exp` comes back capped at the maximum session lifetime from now.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let header = peek_header(token)?;
         if header.alg.eq_ignore_ascii_case("none") {
@@ -153,14 +192,26 @@ impl Verifier {
 
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        // No audience is configured, so an `aud` from the identity provider is not ours to judge.
-        validation.validate_aud = false;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match &self.checks.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            // No audience is configured, so an `aud` from the identity provider is not ours to judge.
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.checks.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         for key in candidates {
             // Several keys may fit a token without kid: only a signature mismatch means "try the
             // next one"; anything else was found after the signature checked out.
             match jsonwebtoken::decode::<serde_json::Value>(token, key, &validation) {
-                Ok(data) => return claims_from(data.claims),
+                Ok(data) => return self.claims_from(data.claims),
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => continue,
                 Err(e) => return Err(from_jwt_error(e)),
             }
@@ -205,18 +256,51 @@ fn peek_header(token: &str) -> Result<RawHeader, AuthError> {
     serde_json::from_slice(&json).map_err(|_| malformed())
 }
 
-fn claims_from(value: serde_json::Value) -> Result<Claims, AuthError> {
-    let claims: Claims =
-        serde_json::from_value(value).map_err(|e| invalid(format!("malformed claims: {e}")))?;
-    if claims.sub.is_empty() {
-        return Err(invalid("the sub claim (user id) is empty"));
+impl Verifier {
+    /// The claims of a token whose signature and standard claims checked out.
+    fn claims_from(&self, value: serde_json::Value) -> Result<Claims, AuthError> {
+        let now = now_secs();
+        // jsonwebtoken does not look at `iat`; a token issued in the future comes from a
+        // broken clock or a forger, and is no more valid than one whose `nbf` is ahead.
+        match value.get("iat") {
+            None => {}
+            Some(iat) => match iat.as_f64() {
+                Some(iat) if iat <= now as f64 => {}
+                Some(_) => return Err(invalid("the token was issued in the future (iat)")),
+                None => return Err(invalid("the iat claim is malformed")),
+            },
+        }
+        let mut claims: Claims =
+            serde_json::from_value(value).map_err(|e| invalid(format!("malformed claims: {e}")))?;
+        if claims.sub.is_empty() {
+            return Err(invalid("the sub claim (user id) is empty"));
+        }
+        claims.exp = claims
+            .exp
+            .min(now.saturating_add(self.checks.max_lifetime.as_secs()));
+        Ok(claims)
     }
-    Ok(claims)
+}
+
+/// `exp` as whole seconds: RFC 7519 allows a fractional NumericDate.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = <f64 as serde::Deserialize>::deserialize(d)?;
+    if v.is_finite() && v >= 0.0 {
+        // Saturates at u64::MAX for values beyond it.
+        Ok(v.floor() as u64)
+    } else {
+        Err(serde::de::Error::custom(
+            "not a time in seconds since the epoch",
+        ))
+    }
 }
 
 fn from_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
     match e.kind() {
         ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => invalid("the token is not valid yet (nbf)"),
+        ErrorKind::InvalidAudience => invalid("the token is for another audience (aud)"),
+        ErrorKind::InvalidIssuer => invalid("the token is from another issuer (iss)"),
         ErrorKind::InvalidSignature => invalid("bad signature"),
         ErrorKind::MissingRequiredClaim(c) => invalid(format!("the {c} claim is missing")),
         ErrorKind::InvalidClaimFormat(c) => invalid(format!("the {c} claim is malformed")),

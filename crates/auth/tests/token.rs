@@ -268,3 +268,99 @@ fn bad_key_material_is_refused_at_start_up() {
     .unwrap();
     assert!(err(None, Some(json.as_bytes())).contains("PS256"));
 }
+
+#[test]
+fn tokens_not_valid_yet_or_issued_in_the_future_are_refused() {
+    let now = now_secs();
+    let exp = now + 600;
+    let why = invalid(hs_verifier().verify(&hs256(
+        json!({ "sub": "alice", "exp": exp, "nbf": now + 120 }),
+    )));
+    assert!(why.contains("nbf"), "{why}");
+    let why = invalid(hs_verifier().verify(&hs256(
+        json!({ "sub": "alice", "exp": exp, "iat": now + 120 }),
+    )));
+    assert!(why.contains("iat") && why.contains("future"), "{why}");
+    let why = invalid(hs_verifier().verify(&hs256(
+        json!({ "sub": "alice", "exp": exp, "iat": "yesterday" }),
+    )));
+    assert!(why.contains("iat"), "{why}");
+    // Valid since a moment ago, issued a moment ago: fine.
+    let claims = hs_verifier()
+        .verify(&hs256(
+            json!({ "sub": "alice", "exp": exp, "nbf": now - 1, "iat": now - 1 }),
+        ))
+        .unwrap();
+    assert_eq!(claims.exp, exp);
+}
+
+#[test]
+fn an_exp_far_away_is_capped_and_a_fractional_one_read() {
+    let now = now_secs();
+    let day = 24 * 3600;
+    for far in [
+        json!(u64::MAX),
+        json!(1u64 << 63),
+        json!(now + 10 * 365 * day),
+    ] {
+        let claims = hs_verifier()
+            .verify(&hs256(json!({ "sub": "alice", "exp": far })))
+            .unwrap();
+        assert!(
+            claims.exp >= now + day && claims.exp <= now_secs() + day,
+            "exp {far} is capped at a day from now, got {}",
+            claims.exp
+        );
+    }
+    let hour = hs_verifier()
+        .with_checks(herald_auth::ClaimChecks {
+            max_lifetime: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .verify(&hs256(json!({ "sub": "alice", "exp": now + day })))
+        .unwrap();
+    assert!(hour.exp <= now_secs() + 3600, "{}", hour.exp);
+    let frac = hs_verifier()
+        .verify(&hs256(
+            json!({ "sub": "alice", "exp": (now + 600) as f64 + 0.75 }),
+        ))
+        .unwrap();
+    assert_eq!(
+        frac.exp,
+        now + 600,
+        "RFC 7519 allows a fractional NumericDate"
+    );
+}
+
+#[test]
+fn audience_and_issuer_are_checked_when_configured() {
+    let exp = now_secs() + 600;
+    let strict = hs_verifier().with_checks(herald_auth::ClaimChecks {
+        audience: Some("herald".into()),
+        issuer: Some("https://id.example.com".into()),
+        ..Default::default()
+    });
+    let ok =
+        json!({ "sub": "alice", "exp": exp, "aud": "herald", "iss": "https://id.example.com" });
+    assert_eq!(strict.verify(&hs256(ok.clone())).unwrap().sub, "alice");
+    let mut list = ok.clone();
+    list["aud"] = json!(["other", "herald"]);
+    assert!(
+        strict.verify(&hs256(list)).is_ok(),
+        "an aud list naming us is fine"
+    );
+
+    let mut other_aud = ok.clone();
+    other_aud["aud"] = json!("billing");
+    let why = invalid(strict.verify(&hs256(other_aud)));
+    assert!(why.contains("aud"), "{why}");
+    let mut other_iss = ok.clone();
+    other_iss["iss"] = json!("https://evil.example.com");
+    let why = invalid(strict.verify(&hs256(other_iss)));
+    assert!(why.contains("iss"), "{why}");
+    let why = invalid(strict.verify(&hs256(json!({ "sub": "alice", "exp": exp }))));
+    assert!(why.contains("aud") || why.contains("iss"), "{why}");
+
+    // Without checks configured, whatever aud the identity provider set is not ours to judge.
+    assert!(hs_verifier().verify(&hs256(ok)).is_ok());
+}

@@ -169,6 +169,10 @@ pub struct Connected {
     /// The edge holding the connection.
     pub node: String,
     pub heartbeat_ms: u64,
+    /// When the session ends unless the client sends `refresh` first, in
+    /// seconds since the epoch: the token's `exp`, or sooner when the
+    /// server caps session lifetimes.
+    pub expires_at: u64,
     /// Unread messages per durable room with a read marker, and always the
     /// personal room.
     pub unread: BTreeMap<String, u64>,
@@ -295,12 +299,13 @@ mod tests {
             user: "alice".into(),
             node: "e0".into(),
             heartbeat_ms: 25_000,
+            expires_at: 1_900_000_000,
             unread: BTreeMap::from([("user:alice".to_string(), 3)]),
         };
         assert_eq!(
             json_of(connected.to_frame(Some(1))),
             json!({"op":"connected","id":1,"conn":"e0-1","user":"alice","node":"e0",
-                   "heartbeat_ms":25000,"unread":{"user:alice":3}})
+                   "heartbeat_ms":25000,"expires_at":1_900_000_000u64,"unread":{"user:alice":3}})
         );
         assert_eq!(
             json_of(connected.to_frame(None)).get("id"),

@@ -46,6 +46,16 @@ pub struct Keys {
     /// PEM public key (RS256, ES256 or EdDSA) or JWKS file that client tokens are verified with.
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
+    /// Tokens must name this audience in `aud`; without it `aud` is not checked.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Tokens must come from this issuer (`iss`, compared exactly); without it `iss` is not checked.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// A connection's session ends at its token's `exp` or this long after it was verified,
+    /// whichever comes first (the client sends `refresh` with a new token to go on).
+    #[arg(long, env = "HERALD_MAX_SESSION_LIFETIME", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub max_session_lifetime: std::time::Duration,
 }
 
 #[derive(Args, Debug, Clone)]

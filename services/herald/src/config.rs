@@ -177,14 +177,25 @@ pub fn verifier(keys: &Keys, dev_default: bool) -> Result<Verifier, ConfigError>
         }
         (None, Some(_)) => None,
     };
-    Verifier::new(secret.as_deref().map(str::as_bytes), public.as_deref()).map_err(|e| {
-        let flag = if public.is_some() {
-            "--jwt-public-key"
-        } else {
-            "--jwt-secret"
-        };
-        ConfigError::caused(flag, e)
-    })
+    if keys.max_session_lifetime.is_zero() {
+        return Err(ConfigError::new(
+            "--max-session-lifetime must be longer than zero",
+        ));
+    }
+    let verifier =
+        Verifier::new(secret.as_deref().map(str::as_bytes), public.as_deref()).map_err(|e| {
+            let flag = if public.is_some() {
+                "--jwt-public-key"
+            } else {
+                "--jwt-secret"
+            };
+            ConfigError::caused(flag, e)
+        })?;
+    Ok(verifier.with_checks(herald_auth::ClaimChecks {
+        audience: keys.jwt_audience.clone().filter(|a| !a.is_empty()),
+        issuer: keys.jwt_issuer.clone().filter(|i| !i.is_empty()),
+        max_lifetime: keys.max_session_lifetime,
+    }))
 }
 
 /// Node ids are part of connection ids and NATS subjects.

@@ -190,6 +190,7 @@ impl Session {
             user: session.claims.sub.clone(),
             node: session.edge.config.node_id.clone(),
             heartbeat_ms: session.edge.config.heartbeat.as_millis() as u64,
+            expires_at: session.claims.exp,
             unread,
         };
         session.outbox.send(connected.to_frame(connect_id));
