@@ -4,6 +4,7 @@
 //! gRPC services the standard health service and server reflection.
 #![forbid(unsafe_code)]
 
+pub mod api_auth;
 mod grpc_metrics;
 pub mod metrics;
 
@@ -20,6 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use api_auth::{ApiAuth, ApiAuthLayer};
 pub use grpc_metrics::GrpcMetricsLayer;
 pub use prometheus_client;
 

@@ -16,6 +16,9 @@ use herald_proto::v1::{RoomMembersReply, RoomMembersRequest, UserStatusReply, Us
 use herald_wire::{RoomName, subjects};
 use prost::Message;
 use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Where presence queries go.
@@ -23,27 +26,58 @@ use tonic::transport::Channel;
 pub enum Source {
     /// Any presence replica, found through the broker.
     Broker,
-    /// A presence service's gRPC address (`--presence URL`).
-    Grpc(PresenceClient<Channel>),
+    /// A presence service's gRPC address (`--presence URL`). Boxed: the
+    /// client is large and one per process.
+    Grpc(Box<GrpcClient>),
 }
 
-impl Source {
-    /// The presence service at `url`, or any replica through the broker
-    /// without one. Connects on the first query, so a service that starts
-    /// before presence does is not refused.
-    pub fn from_url(url: Option<&str>) -> Result<Source, InvalidUrl> {
-        let Some(url) = url else {
-            return Ok(Source::Broker);
-        };
-        let channel = Channel::from_shared(url.to_string()).map_err(InvalidUrl)?;
-        Ok(Source::Grpc(PresenceClient::new(channel.connect_lazy())))
+/// A gRPC client of the presence service that sends the API token, when
+/// there is one, with every call.
+pub type GrpcClient = PresenceClient<InterceptedService<Channel, WithToken>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call, for a presence service
+/// started with `--api-tokens`.
+#[derive(Clone, Debug)]
+pub struct WithToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for WithToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
     }
 }
 
-/// A presence URL that cannot be used.
+impl Source {
+    /// The presence service at `url` (calling it with `token`, when given),
+    /// or any replica through the broker without one. Connects on the first
+    /// query, so a service that starts before presence does is not refused.
+    pub fn from_url(url: Option<&str>, token: Option<&str>) -> Result<Source, InvalidUrl> {
+        let Some(url) = url else {
+            return Ok(Source::Broker);
+        };
+        let channel = Channel::from_shared(url.to_string()).map_err(InvalidUrl::Url)?;
+        let token = token
+            .map(|t| format!("Bearer {t}").parse().map_err(|_| InvalidUrl::Token))
+            .transpose()?;
+        Ok(Source::Grpc(Box::new(PresenceClient::with_interceptor(
+            channel.connect_lazy(),
+            WithToken(token),
+        ))))
+    }
+}
+
+/// A presence URL or token that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("not a valid URL")]
-pub struct InvalidUrl(#[source] tonic::codegen::http::uri::InvalidUri);
+pub enum InvalidUrl {
+    #[error("not a valid URL")]
+    Url(#[source] tonic::codegen::http::uri::InvalidUri),
+    #[error("the API token holds characters a gRPC header cannot carry")]
+    Token,
+}
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +137,7 @@ impl PresenceQuery {
 
     /// The gRPC client when queries go to one presence service directly
     /// (for what only it serves, such as `Presence.Watch`).
-    pub fn grpc(&self) -> Option<&PresenceClient<Channel>> {
+    pub fn grpc(&self) -> Option<&GrpcClient> {
         match &self.source {
             Source::Broker => None,
             Source::Grpc(client) => Some(client),

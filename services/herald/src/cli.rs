@@ -79,6 +79,17 @@ pub struct Common {
     pub traces: TraceArgs,
 }
 
+/// Who may call the gRPC API.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// File of API tokens, one `TOKEN SCOPES` per line (scopes: publish,
+    /// presence, admin); calls then need `authorization: Bearer TOKEN`. Read
+    /// again when it changes. Without it the gRPC API is open to anyone who
+    /// can reach it.
+    #[arg(long, env = "HERALD_API_TOKENS", value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
+}
+
 /// Trace export (OpenTelemetry, OTLP over gRPC): the standard `OTEL_*`
 /// variables, or these flags. Without an endpoint nothing is exported.
 #[derive(Args, Debug, Clone)]
@@ -196,6 +207,8 @@ pub struct DevArgs {
     #[arg(long, env = "HERALD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
     #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
     pub clients: ClientArgs,
     #[command(flatten)]
     pub common: Common,
@@ -215,6 +228,10 @@ pub struct EdgeArgs {
     /// instead of through NATS.
     #[arg(long, env = "HERALD_PRESENCE")]
     pub presence: Option<String>,
+    /// API token sent to the presence service at --presence (one with the
+    /// `presence` scope in its --api-tokens file).
+    #[arg(long, env = "HERALD_PRESENCE_API_TOKEN", hide_env_values = true)]
+    pub presence_api_token: Option<String>,
     /// How long a new connection may take to send a valid `connect`.
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
@@ -267,6 +284,12 @@ pub struct RouterArgs {
     /// directly instead of through NATS.
     #[arg(long, env = "HERALD_PRESENCE")]
     pub presence: Option<String>,
+    /// API token sent to the presence service at --presence (one with the
+    /// `presence` scope in its --api-tokens file).
+    #[arg(long, env = "HERALD_PRESENCE_API_TOKEN", hide_env_values = true)]
+    pub presence_api_token: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(flatten)]
     pub drain: DrainArgs,
     #[command(flatten)]
@@ -310,6 +333,8 @@ pub struct PresenceArgs {
         default_value = "app.kubernetes.io/component=edge"
     )]
     pub kube_selector: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(flatten)]
     pub drain: DrainArgs,
     #[command(flatten)]

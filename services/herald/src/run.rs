@@ -310,7 +310,10 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 write_delay: args.write_delay,
                 io_uring: args.io_uring,
                 presence_interval: args.presence_interval,
-                presence_source: presence_source(args.presence.as_deref())?,
+                presence_source: presence_source(
+                    args.presence.as_deref(),
+                    args.presence_api_token.as_deref(),
+                )?,
                 drain_delay: args.drain.drain_delay,
                 drain_window: args.drain_window,
                 ..config
@@ -343,8 +346,12 @@ async fn serve(command: Command) -> Result<(), RunError> {
             let config = herald_router::Config {
                 storage: ensure_durable(history.clone(), namespaces.durable),
                 policy: namespaces.policy,
-                presence: presence_source(args.presence.as_deref())?,
+                presence: presence_source(
+                    args.presence.as_deref(),
+                    args.presence_api_token.as_deref(),
+                )?,
                 drain_delay: args.drain.drain_delay,
+                api_auth: api_auth(&args.api, "router", &shutdown)?,
                 ..Default::default()
             };
             herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await?;
@@ -362,6 +369,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                     .replica_id
                     .unwrap_or_else(herald_presence::random_replica_id),
                 drain_delay: args.drain.drain_delay,
+                api_auth: api_auth(&args.api, "presence", &shutdown)?,
                 ..Default::default()
             };
             let gone = if args.kube {
@@ -423,9 +431,33 @@ fn edge_config(
 
 /// Where `--presence` sends presence queries: the edge's member lists and
 /// the router's `Presence` API read it the same way.
-fn presence_source(url: Option<&str>) -> Result<herald_presence_client::Source, ConfigError> {
-    herald_presence_client::Source::from_url(url)
-        .map_err(|e| ConfigError::caused(format!("--presence {}", url.unwrap_or_default()), e))
+fn presence_source(
+    url: Option<&str>,
+    token: Option<&str>,
+) -> Result<herald_presence_client::Source, ConfigError> {
+    herald_presence_client::Source::from_url(url, token).map_err(|e| match e {
+        herald_presence_client::InvalidUrl::Token => ConfigError::caused("--presence-api-token", e),
+        _ => ConfigError::caused(format!("--presence {}", url.unwrap_or_default()), e),
+    })
+}
+
+/// The API tokens of `--api-tokens`, watched for changes until `shutdown`;
+/// `None`, said at start-up, when the API is open.
+fn api_auth(
+    args: &crate::cli::ApiArgs,
+    service: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<herald_ops::ApiAuth>, ConfigError> {
+    let Some(path) = &args.api_tokens else {
+        tracing::warn!(
+            "no --api-tokens: the {service}'s gRPC API is open to anyone who can reach it"
+        );
+        return Ok(None);
+    };
+    let auth = herald_ops::ApiAuth::watch(path.clone(), shutdown.clone())
+        .map_err(|e| ConfigError::caused(format!("--api-tokens {}", path.display()), e))?;
+    tracing::info!(path = %path.display(), "the {service}'s gRPC API takes calls with a token from {}", path.display());
+    Ok(Some(auth))
 }
 
 async fn dev(
@@ -467,6 +499,9 @@ async fn dev(
     let grpc_server = tonic::transport::Server::builder()
         .layer(herald_telemetry::GrpcServerSpans)
         .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
+        .layer(herald_ops::ApiAuthLayer(api_auth(
+            &args.api, "dev", &shutdown,
+        )?))
         .add_service(health)
         .add_service(reflection)
         .add_service(router.into_server())

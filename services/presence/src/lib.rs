@@ -69,6 +69,8 @@ pub struct Config {
     /// After the shutdown signal, how long the service keeps serving while
     /// it reports not ready.
     pub drain_delay: Duration,
+    /// The API tokens calls must carry; `None`: the API is open.
+    pub api_auth: Option<herald_ops::ApiAuth>,
 }
 
 impl Default for Config {
@@ -84,6 +86,7 @@ impl Default for Config {
             warmup: Duration::from_secs(3),
             watch_queue: 1024,
             drain_delay: Duration::ZERO,
+            api_auth: None,
         }
     }
 }
@@ -194,6 +197,7 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .layer(herald_telemetry::GrpcServerSpans)
         .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
+        .layer(herald_ops::ApiAuthLayer(config.api_auth.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(presence.grpc_service())

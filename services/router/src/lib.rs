@@ -33,6 +33,8 @@ pub struct Config {
     /// After the shutdown signal, how long the router keeps serving while it
     /// reports not ready.
     pub drain_delay: Duration,
+    /// The API tokens calls must carry; `None`: the API is open.
+    pub api_auth: Option<herald_ops::ApiAuth>,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             presence_timeout: Duration::from_secs(3),
             storage: herald_ops::Gate::open("durable storage"),
             drain_delay: Duration::ZERO,
+            api_auth: None,
         }
     }
 }
@@ -86,6 +89,7 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .layer(herald_telemetry::GrpcServerSpans)
         .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
+        .layer(herald_ops::ApiAuthLayer(config.api_auth.clone()))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(api.into_server())
