@@ -151,6 +151,15 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
     })?;
     let id = raw.id;
     let bad = |message: String| FrameError::new(id, ErrorCode::BadRequest, message);
+    for (field, value) in [
+        ("data", &raw.data),
+        ("meta", &raw.meta),
+        ("client", &raw.client),
+    ] {
+        if let Some(value) = value {
+            check_depth(field, value.get()).map_err(bad)?;
+        }
+    }
     let Some(op) = raw.op.as_deref() else {
         return Err(bad("frame has no `op` field".into()));
     };
@@ -205,6 +214,44 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
         }
     };
     Ok(ClientFrame { id, request })
+}
+
+/// How deeply JSON a client or a backend sends (`data`, `meta`) may nest:
+/// members' parsers are not all as careful as ours, and a 32,000-deep array
+/// relayed as it came crashed one.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Refuses `json` nested deeper than [`MAX_JSON_DEPTH`], naming `field`.
+/// Counts brackets outside strings: one pass, no allocation.
+pub fn check_depth(field: &str, json: &str) -> Result<(), String> {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_JSON_DEPTH {
+        return Err(format!(
+            "`{field}` nests {deepest} levels deep; at most {MAX_JSON_DEPTH} are accepted"
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn to_bytes(value: &impl Serialize) -> Bytes {
@@ -419,6 +466,40 @@ mod tests {
         ] {
             assert_eq!(parse_str(text).unwrap().request.op(), op);
         }
+    }
+
+    #[test]
+    fn deeply_nested_data_and_meta_are_refused() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let publish = |data: &str| {
+            parse_str(&format!(
+                r#"{{"op":"publish","id":3,"room":"chat:x","data":{data}}}"#
+            ))
+        };
+        assert!(publish(&nested(MAX_JSON_DEPTH)).is_ok());
+        let e = publish(&nested(MAX_JSON_DEPTH + 1)).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(3)));
+        assert!(
+            e.message.contains("`data` nests 65 levels"),
+            "{}",
+            e.message
+        );
+        // Deeper than serde's own limit: still our plain answer, with the id.
+        let e = publish(&nested(32_000)).unwrap_err();
+        assert_eq!(
+            (e.code, e.id),
+            (ErrorCode::BadRequest, Some(3)),
+            "{}",
+            e.message
+        );
+        // Brackets inside strings are text, not nesting.
+        let text = format!("\"{}\\\"{}\"", "[".repeat(500), "{".repeat(500));
+        assert!(publish(&text).is_ok());
+        let meta = format!(
+            r#"{{"op":"presence_set","room":"chat:x","meta":{{"a":{}}}}}"#,
+            nested(MAX_JSON_DEPTH)
+        );
+        assert!(parse_str(&meta).unwrap_err().message.contains("`meta`"));
     }
 
     #[test]

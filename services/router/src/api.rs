@@ -179,6 +179,7 @@ impl RouterApi {
     fn frame(&self, room: &RoomName, data: &str) -> Result<Bytes, Status> {
         let data = RawValue::from_string(data.to_string())
             .map_err(|e| Status::invalid_argument(format!("data is not valid JSON: {e}")))?;
+        frames::check_depth("data", data.get()).map_err(Status::invalid_argument)?;
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

@@ -112,6 +112,25 @@ async fn malformed_frames_are_answered_and_the_connection_survives() {
     .await;
     f.bystander_still_served().await;
 
+    // JSON nested too deeply for members' parsers is not relayed.
+    let deep = format!("{}{}", "[".repeat(32_000), "]".repeat(32_000));
+    mallory
+        .send_text(&format!(
+            r#"{{"op":"publish","id":77,"room":"chat:lobby","data":{deep}}}"#
+        ))
+        .await
+        .unwrap();
+    let e = mallory.recv_op("error", WAIT).await.unwrap();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_u64()),
+        (Some("bad_request"), Some(77))
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("levels deep"),
+        "{e}"
+    );
+    f.bystander_still_served().await;
+
     mallory.send_binary(b"\x00\x01").await.unwrap();
     let e = mallory.recv_op("error", WAIT).await.unwrap();
     assert_eq!(e["code"], "bad_request");
@@ -282,6 +301,17 @@ async fn the_router_refuses_bad_arguments() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("not valid JSON"), "{}", e.message());
+    let e = f
+        .router
+        .publish(PublishRequest {
+            room: "chat:lobby".into(),
+            data: format!("{}1{}", "{\"a\":".repeat(100), "}".repeat(100)),
+            key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("levels deep"), "{}", e.message());
     let e = f
         .router
         .publish(PublishRequest {
