@@ -62,6 +62,15 @@ impl Out {
     pub fn close(code: CloseCode, reason: impl Into<String>) -> Out {
         Out::Close(Box::new(Closing::new(code, reason)))
     }
+
+    /// Payload bytes, as the queue's byte limit counts them.
+    fn len(&self) -> usize {
+        match self {
+            Out::Text(b) => b.len(),
+            Out::Control { payload, .. } => payload.len(),
+            Out::Close(closing) => closing.reason.len(),
+        }
+    }
 }
 
 /// Why the server closes a connection: the code and reason of its
@@ -100,7 +109,7 @@ pub struct Outbox {
 /// every future it waits on is part of its task's memory.
 struct Conn {
     stream: Socket,
-    capacity: usize,
+    limits: QueueLimits,
     queue: Mutex<Queue>,
     /// Rare, so a queue that allocates only when used (a channel's first
     /// block would cost every idle connection kilobytes).
@@ -122,7 +131,7 @@ struct Queue {
     frames: VecDeque<Out>,
     /// Encoded and not yet taken by the socket: the rest of one batch of whole
     /// frames. Empty, and unallocated, whenever the socket has taken everything.
-    head: Vec<u8>,
+    head: Box<[u8]>,
     /// No more frames are accepted: a close is queued, or the session ended.
     closing: bool,
     /// The write side is shut down (after the last queued byte).
@@ -137,11 +146,54 @@ struct Queue {
     /// The code of the close frame queued by [`Outbox::push`], if any (it
     /// fits in the padding after the flags: no cost per connection).
     sent_close: Option<CloseCode>,
+    /// Payload bytes of `frames`.
+    bytes: usize,
 }
 
 impl Queue {
     fn drained(&self) -> bool {
         self.head.is_empty() && self.frames.is_empty()
+    }
+
+    /// What the queue holds for the client, encoded or not.
+    fn held_bytes(&self) -> usize {
+        self.bytes + self.head.len()
+    }
+
+    fn push_back(&mut self, out: Out) {
+        self.bytes += out.len();
+        self.frames.push_back(out);
+    }
+
+    fn pop_front(&mut self) -> Option<Out> {
+        let out = self.frames.pop_front()?;
+        self.bytes -= out.len();
+        Some(out)
+    }
+
+    /// Drops every frame not yet encoded.
+    fn clear(&mut self) {
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+    }
+}
+
+/// How much may wait for one connection before it is closed as a slow
+/// consumer (4009): frames, and bytes, so that large messages cannot fill
+/// the edge's memory through a queue counted in frames alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+impl From<usize> for QueueLimits {
+    /// `frames` frames, of any size.
+    fn from(frames: usize) -> QueueLimits {
+        QueueLimits {
+            frames,
+            bytes: usize::MAX,
+        }
     }
 }
 
@@ -317,14 +369,14 @@ fn join_batch(outbox: &Outbox, registered: bool) -> bool {
 }
 
 impl Outbox {
-    /// The handle of a new connection writing to `stream`; `capacity` frames
-    /// may wait at most.
-    pub fn new(id: u64, stream: impl Into<Socket>, capacity: usize) -> Outbox {
+    /// The handle of a new connection writing to `stream`; at most `limits`
+    /// may wait for it.
+    pub fn new(id: u64, stream: impl Into<Socket>, limits: impl Into<QueueLimits>) -> Outbox {
         Outbox {
             id,
             conn: Arc::new(Conn {
                 stream: stream.into(),
-                capacity,
+                limits: limits.into(),
                 queue: Mutex::default(),
                 control: Mutex::default(),
                 why: OnceLock::new(),
@@ -335,9 +387,9 @@ impl Outbox {
         }
     }
 
-    /// Frames that may wait for this connection.
-    pub fn capacity(&self) -> usize {
-        self.conn.capacity
+    /// What may wait for this connection.
+    pub fn limits(&self) -> QueueLimits {
+        self.conn.limits
     }
 
     pub fn stream(&self) -> &Socket {
@@ -488,42 +540,45 @@ impl Outbox {
     /// locked, for the caller to send the frame before anything else can be
     /// written.
     fn claim<'q>(&self, q: MutexGuard<'q, Queue>, frame: &Bytes) -> Claim<'q> {
-        let Some(mut q) = self.admit(q) else {
+        let Some(mut q) = self.admit(q, frame.len()) else {
             return Claim::Done(false);
         };
         if join_batch(self, q.batched) {
             q.batched = true;
-            q.frames.push_back(Out::Text(frame.clone()));
+            q.push_back(Out::Text(frame.clone()));
             return Claim::Done(true);
         }
         if q.drained() {
             q.stalled = false;
             return Claim::Now(q);
         }
-        q.frames.push_back(Out::Text(frame.clone()));
+        q.push_back(Out::Text(frame.clone()));
         self.write(&mut q);
         Claim::Done(true)
     }
 
-    /// The queue `q` back, if it takes another frame; a full one closes the
-    /// connection.
-    fn admit<'q>(&self, q: MutexGuard<'q, Queue>) -> Option<MutexGuard<'q, Queue>> {
+    /// The queue `q` back, if it takes another frame of `len` bytes; a
+    /// full one closes the connection. A frame alone in an empty queue is
+    /// always taken: it goes to the socket at once.
+    fn admit<'q>(&self, q: MutexGuard<'q, Queue>, len: usize) -> Option<MutexGuard<'q, Queue>> {
         if q.closing || q.broken {
             return None;
         }
-        if q.frames.len() >= self.conn.capacity {
-            drop(q);
-            self.close(
-                CloseCode::SlowConsumer,
-                "too many messages queued for this connection; it reads too slowly",
-            );
-            return None;
-        }
-        Some(q)
+        let limits = self.conn.limits;
+        let why = if q.frames.len() >= limits.frames {
+            "too many messages queued for this connection; it reads too slowly"
+        } else if !q.drained() && q.held_bytes().saturating_add(len) > limits.bytes {
+            "too many bytes queued for this connection; it reads too slowly"
+        } else {
+            return Some(q);
+        };
+        drop(q);
+        self.close(CloseCode::SlowConsumer, why);
+        None
     }
 
     pub fn push(&self, out: Out) -> bool {
-        let Some(mut q) = self.admit(self.lock()) else {
+        let Some(mut q) = self.admit(self.lock(), out.len()) else {
             return false;
         };
         // A close (ours, or the echo of the client's) is the last frame.
@@ -538,7 +593,7 @@ impl Outbox {
         if let Out::Close(closing) = &out {
             q.sent_close = Some(closing.code);
         }
-        q.frames.push_back(out);
+        q.push_back(out);
         if join_batch(self, q.batched) {
             q.batched = true;
             return true;
@@ -560,7 +615,10 @@ impl Outbox {
                 if q.closing || q.broken || self.close_reason().is_some() {
                     return false;
                 }
-                if q.frames.len() < self.conn.capacity {
+                let len = frame.as_ref().map_or(0, Bytes::len);
+                if q.frames.len() < self.conn.limits.frames
+                    && (q.drained() || q.held_bytes().saturating_add(len) <= self.conn.limits.bytes)
+                {
                     drop(q);
                     return self.push(Out::Text(frame.take().expect("not sent yet")));
                 }
@@ -580,16 +638,7 @@ impl Outbox {
     /// encoded but not yet taken by the socket). For the liveness sweep.
     pub fn queued(&self) -> (usize, usize) {
         let q = self.lock();
-        let bytes = q
-            .frames
-            .iter()
-            .map(|out| match out {
-                Out::Text(b) => b.len(),
-                Out::Control { payload, .. } => payload.len(),
-                Out::Close(closing) => closing.reason.len(),
-            })
-            .sum::<usize>();
-        (q.frames.len(), bytes + q.head.len())
+        (q.frames.len(), q.held_bytes())
     }
 
     /// Goes on with a stalled write.
@@ -670,7 +719,7 @@ impl Outbox {
                         told = true;
                         continue;
                     }
-                    q.head = rest.to_vec();
+                    q.head = rest.into();
                     self.stall(q);
                     return false;
                 }
@@ -678,8 +727,8 @@ impl Outbox {
                 Err(_) => {
                     // Reset or gone: the reader sees it too and ends the session.
                     q.broken = true;
-                    q.frames = VecDeque::new();
-                    q.head = Vec::new();
+                    q.clear();
+                    q.head = Box::default();
                     return false;
                 }
             }
@@ -705,8 +754,8 @@ impl Outbox {
             if let Some(closing) = self.close_reason().cloned()
                 && !q.closing
             {
-                q.frames = VecDeque::new();
-                q.frames.push_back(Out::Close(Box::new(closing)));
+                q.clear();
+                q.push_back(Out::Close(Box::new(closing)));
             }
             q.closing = true;
             self.write(&mut q);
@@ -726,8 +775,8 @@ impl Outbox {
         if tokio::time::timeout(flush, drained).await.is_err() {
             let mut q = self.lock();
             q.broken = true;
-            q.frames = VecDeque::new();
-            q.head = Vec::new();
+            q.clear();
+            q.head = Box::default();
         }
     }
 }
@@ -736,7 +785,7 @@ impl Outbox {
 fn encode_queued(q: &mut Queue, buf: &mut Vec<u8>) {
     let start = buf.len();
     while buf.len() - start < MAX_BATCH_BYTES {
-        let Some(out) = q.frames.pop_front() else {
+        let Some(out) = q.pop_front() else {
             break;
         };
         encode(buf, out);
@@ -772,7 +821,8 @@ mod tests {
 
     #[test]
     fn the_close_code_costs_an_idle_connection_nothing() {
-        // `sent_close` sits in the padding after the flags.
+        // `sent_close` sits in the padding after the flags, and the byte
+        // count in what `head` saves as a boxed slice: one cache line.
         assert_eq!(std::mem::size_of::<Queue>(), 64);
     }
 
@@ -935,5 +985,60 @@ mod tests {
         assert!(String::from_utf8_lossy(&notice.1).contains("\"code\":4009"));
         assert!(messages.iter().all(|m| m.1.len() == big.len()));
         assert!(messages.len() <= sent);
+    }
+
+    /// Counted in frames alone, a queue of 60 KB messages held 60 MB for a
+    /// client that read nothing; the byte limit closes it first.
+    #[tokio::test]
+    async fn large_messages_to_a_client_that_reads_nothing_are_bounded_in_bytes() {
+        let (server, _client) = pair().await;
+        let limit = 1 << 20;
+        let ob = Outbox::new(
+            1,
+            server,
+            QueueLimits {
+                frames: 1024,
+                bytes: limit,
+            },
+        );
+        let big = Bytes::from(vec![b'x'; 60 * 1024]);
+        let mut sent = 0;
+        while ob.send(big.clone()) {
+            sent += 1;
+            assert!(
+                ob.queued().1 <= limit,
+                "{} bytes queued after {sent} messages",
+                ob.queued().1
+            );
+            assert!(sent < 1024, "the frame limit came first: {sent}");
+        }
+        let closing = ob.close_reason().unwrap();
+        assert_eq!(closing.code, CloseCode::SlowConsumer);
+        assert!(closing.reason.contains("bytes"), "{}", closing.reason);
+        // The byte count follows the queue down as it is written out.
+        let q = ob.lock();
+        assert_eq!(
+            q.bytes,
+            q.frames.iter().map(Out::len).sum::<usize>(),
+            "the count matches what is queued"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_byte_limit_still_goes_to_an_idle_connection() {
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(
+            1,
+            server,
+            QueueLimits {
+                frames: 16,
+                bytes: 10,
+            },
+        );
+        assert!(ob.send(Bytes::from(vec![b'y'; 100])));
+        let mut got = vec![0u8; 102];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..2], &[0x81, 100]);
+        assert!(ob.close_reason().is_none());
     }
 }

@@ -34,13 +34,26 @@ pub struct Slot {
     pub held: Option<Vec<Bytes>>,
 }
 
+/// Whether holding `frame` too would pass what the member's queue may hold.
+/// Sums the held frames: they are held only while the member recovers, and
+/// the frame limit keeps them few.
+fn over(held: &[Bytes], frame: &Bytes, limits: crate::delivery::QueueLimits) -> bool {
+    held.len() >= limits.frames
+        || held
+            .iter()
+            .map(Bytes::len)
+            .sum::<usize>()
+            .saturating_add(frame.len())
+            > limits.bytes
+}
+
 impl Slot {
     /// Sends now, or holds the frame while the member recovers.
     pub fn deliver(&mut self, frame: &Bytes) {
         match &mut self.held {
             // As bounded as the queue: a member that replays slower than
             // the room goes on is a slow consumer too.
-            Some(held) if held.len() >= self.outbox.capacity() => {
+            Some(held) if over(held, frame, self.outbox.limits()) => {
                 self.outbox.close(
                     CloseCode::SlowConsumer,
                     "too many messages arrived while this connection caught up; it reads too slowly",
@@ -466,13 +479,13 @@ pub(crate) mod tests {
             outbox: outbox.clone(),
         };
         let frame = Bytes::from_static(b"m");
-        for _ in 0..outbox.capacity() {
+        for _ in 0..outbox.limits().frames {
             slot.deliver(&frame);
         }
         assert!(outbox.close_reason().is_none());
         slot.deliver(&frame);
         assert_eq!(outbox.close_reason().unwrap().code, CloseCode::SlowConsumer);
-        assert_eq!(slot.held.as_ref().unwrap().len(), outbox.capacity());
+        assert_eq!(slot.held.as_ref().unwrap().len(), outbox.limits().frames);
     }
 
     pub(crate) async fn member(id: u64) -> (Outbox, TcpStream) {

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use delivery::QueueLimits;
 pub use presence::PresenceSource;
 
 /// The edge's settings. Every bound has a name here.
@@ -53,8 +54,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Largest client message accepted; a larger one closes with 1009.
     pub max_message_bytes: usize,
-    /// Frames queued for one connection before it is closed as a slow consumer (4009).
-    pub outbound_queue: usize,
+    /// Frames and bytes queued for one connection before it is closed as a
+    /// slow consumer (4009).
+    pub outbound_queue: QueueLimits,
     /// Rooms one connection may be in at once.
     pub max_rooms_per_conn: usize,
     /// Largest presence `meta` accepted, in bytes of JSON.
@@ -98,7 +100,10 @@ impl Config {
             heartbeat: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             max_message_bytes: 64 * 1024,
-            outbound_queue: 1024,
+            outbound_queue: QueueLimits {
+                frames: 1024,
+                bytes: 4 << 20,
+            },
             max_rooms_per_conn: 256,
             max_meta_bytes: 2048,
             meta_rate: (10, 20),

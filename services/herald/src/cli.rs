@@ -241,6 +241,11 @@ pub struct EdgeArgs {
     /// Frames queued for one connection before it is closed as a slow consumer.
     #[arg(long, env = "HERALD_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// Bytes queued for one connection before it is closed as a slow
+    /// consumer, so that large messages to a client that reads nothing
+    /// cannot fill the edge's memory (default 4 MiB).
+    #[arg(long, env = "HERALD_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub outbound_queue_bytes: usize,
     /// Hold room messages for up to this long so that a connection receiving
     /// many a second gets several per write: less CPU per message, that much
     /// more latency. 0 writes each at once.

@@ -303,10 +303,19 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 config::node_id(args.node_id)?,
                 false,
             )?;
+            if args.outbound_queue == 0 || args.outbound_queue_bytes == 0 {
+                return Err(ConfigError::new(
+                    "--outbound-queue and --outbound-queue-bytes must be at least 1",
+                )
+                .into());
+            }
             let config = herald_edge::Config {
                 handshake_timeout: args.handshake_timeout,
                 max_message_bytes: args.max_message_bytes,
-                outbound_queue: args.outbound_queue,
+                outbound_queue: herald_edge::QueueLimits {
+                    frames: args.outbound_queue,
+                    bytes: args.outbound_queue_bytes,
+                },
                 write_delay: args.write_delay,
                 io_uring: args.io_uring,
                 presence_interval: args.presence_interval,
