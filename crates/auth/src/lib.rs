@@ -5,8 +5,10 @@
 //! Both are pure and synchronous so that every service (edge, router) can share them.
 #![forbid(unsafe_code)]
 
+pub mod limits;
 pub mod policy;
 pub mod token;
 
+pub use limits::{RateLimits, RateOverrides};
 pub use policy::{Denied, DurablePolicy, NamespacePolicy, Policy, pattern_matches};
 pub use token::{AuthError, ClaimChecks, Claims, KeyError, Verifier, mint_hs256, now_secs};

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use crate::limits::{RateLimits, RateOverrides};
 use crate::token::Claims;
 
 /// The namespace of personal rooms, `user:<id>`; its rules are built in, not configurable.
@@ -40,6 +41,9 @@ pub struct NamespacePolicy {
     /// join the trace.
     #[serde(default)]
     pub traceparent: bool,
+    /// Request rates that replace `[limits]`'s for this namespace's rooms.
+    #[serde(default)]
+    pub limits: RateOverrides,
 }
 
 /// How much history a durable namespace keeps.
@@ -69,6 +73,7 @@ impl Default for NamespacePolicy {
             join: any(),
             durable: None,
             traceparent: false,
+            limits: RateOverrides::default(),
         }
     }
 }
@@ -107,6 +112,8 @@ pub struct Policy {
     namespaces: Option<HashMap<String, NamespacePolicy>>,
     open: NamespacePolicy,
     user: NamespacePolicy,
+    /// `[limits]`: request rates where a namespace does not override them.
+    limits: RateLimits,
 }
 
 impl Policy {
@@ -116,6 +123,7 @@ impl Policy {
             namespaces: None,
             open: NamespacePolicy::default(),
             user: user_policy(),
+            limits: RateLimits::default(),
         }
     }
 
@@ -177,6 +185,30 @@ impl Policy {
             || self
                 .namespace(namespace)
                 .is_some_and(|p| p.durable.is_some())
+    }
+
+    /// `[limits]` from the config file (over the defaults); checked.
+    pub fn with_limits(mut self, over: &RateOverrides) -> Result<Policy, String> {
+        self.limits = RateLimits::default().with(over);
+        self.limits.check("[limits]")?;
+        if let Some(map) = &self.namespaces {
+            let mut names: Vec<&String> = map.keys().collect();
+            names.sort();
+            for name in names {
+                self.limits
+                    .with(&map[name].limits)
+                    .check(&format!("[namespaces.{name}.limits]"))?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The request rates for rooms of `namespace`.
+    pub fn rates(&self, namespace: &str) -> RateLimits {
+        match self.namespace(namespace) {
+            Some(p) => self.limits.with(&p.limits),
+            None => self.limits,
+        }
     }
 
     /// Whether live `message` frames of `namespace` carry their `traceparent`.
@@ -279,6 +311,7 @@ fn user_policy() -> NamespacePolicy {
         join: Vec::new(),
         durable: None,
         traceparent: false,
+        limits: RateOverrides::default(),
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod codes;
 pub mod frames;
 pub mod presence;
+pub mod quota;
 pub mod reply;
 pub mod room;
 pub mod subjects;

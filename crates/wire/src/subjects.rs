@@ -14,6 +14,10 @@ pub const PREFIX: &str = "herald";
 /// it moves rooms between subjects: every process must agree on it.
 pub const USER_SHARDS: u32 = 1024;
 
+/// Every edge's per-user publish counts ([`crate::quota::UserUsage`]), so
+/// that a user's publish limit holds across edges.
+pub const USER_USAGE: &str = "herald.limits.usage";
+
 /// Live messages of a room, as ready-to-send client frames: personal rooms
 /// on `herald.user.<shard>.<room>` ([`user_shard`]), others on
 /// `herald.room.<room>`.

@@ -12,6 +12,7 @@ mod interest;
 mod liveness;
 mod metrics;
 mod presence;
+mod quota;
 mod room;
 mod session;
 mod socket;
@@ -61,9 +62,6 @@ pub struct Config {
     pub max_rooms_per_conn: usize,
     /// Largest presence `meta` accepted, in bytes of JSON.
     pub max_meta_bytes: usize,
-    /// Presence updates (`presence_set`, `join` with `meta`) one connection
-    /// may send per second, and in a burst.
-    pub meta_rate: (u32, u32),
     /// How often presence heartbeats go out.
     pub presence_interval: Duration,
     /// How long a member-list query may take.
@@ -106,7 +104,6 @@ impl Config {
             },
             max_rooms_per_conn: 256,
             max_meta_bytes: 2048,
-            meta_rate: (10, 20),
             presence_interval: Duration::from_secs(2),
             presence_timeout: Duration::from_secs(3),
             presence_source: PresenceSource::Broker,
@@ -143,6 +140,8 @@ struct Edge {
     /// Every open session, for control messages naming one connection.
     sessions_by_id: std::sync::RwLock<std::collections::HashMap<u64, delivery::Outbox>>,
     reporter: presence::Reporter,
+    /// Users' publishes, counted with the other edges.
+    quota: Arc<quota::UserQuota>,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
     /// Cancelled when connections start closing: after the shutdown signal
@@ -233,6 +232,7 @@ pub async fn run(
         broker,
         history,
         reporter,
+        quota: quota::UserQuota::new(&config.node_id),
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,
         shutdown: closing.clone(),
@@ -246,6 +246,14 @@ pub async fn run(
                 control::on_control(&edge, msg);
             }
         });
+    }
+    {
+        let local = edge.clone();
+        tokio::spawn(edge.quota.clone().run(
+            edge.broker.clone(),
+            move |user| local.users.lock().expect("users").contains_key(user),
+            closing.clone(),
+        ));
     }
     liveness::start_clock();
     tokio::spawn(liveness::sweep(edge.clone()));

@@ -26,6 +26,9 @@ pub struct FileConfig {
     /// How much of every user's offline inbox (`user:<id>`) is kept, `[inbox]`.
     #[serde(default)]
     pub inbox: Option<DurablePolicy>,
+    /// Client request rates, `[limits]`.
+    #[serde(default)]
+    pub limits: herald_auth::RateOverrides,
 }
 
 /// What the inbox keeps when the configuration does not say.
@@ -126,6 +129,9 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
     } else {
         Policy::open()
     };
+    let policy = policy
+        .with_limits(&file.limits)
+        .map_err(|e| ConfigError::caused(at(), e))?;
     let mut durable = Vec::new();
     for (ns, d) in policy.durable_namespaces(&inbox) {
         let max_age: Duration = humantime::parse_duration(&d.history_ttl).map_err(|e| {

@@ -11,6 +11,7 @@
 mod dispatch;
 mod handshake;
 mod history;
+mod limits;
 mod presence;
 mod rooms;
 
@@ -93,8 +94,9 @@ struct Session {
     claims: Claims,
     user_room: RoomName,
     rooms: HashMap<RoomName, Joined>,
-    /// Created on the first presence update, so idle connections carry none.
-    meta_limiter: Option<Box<presence::MetaLimiter>>,
+    /// Request allowances, created on the first limited request, so idle
+    /// connections carry none.
+    limits: Option<Box<limits::Limiters>>,
     /// A recovering join's live messages, released once its `ok` is queued.
     after_reply: Option<Arc<RoomEntry>>,
 }
@@ -160,7 +162,7 @@ impl Session {
             claims,
             user_room,
             rooms: HashMap::new(),
-            meta_limiter: None,
+            limits: None,
             after_reply: None,
         };
         // The inbox is held until `connected` and the unread messages are out.

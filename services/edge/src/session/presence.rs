@@ -2,8 +2,6 @@
 //! sets (checked for size and shape, and rate-limited per connection), and
 //! the join/leave/update events sent to the other members of its rooms.
 
-use std::num::NonZeroU32;
-
 use herald_wire::frames::{self, FrameError, PresenceEvent};
 use herald_wire::presence::Change;
 use herald_wire::reply::{Member, MemberConn, Members};
@@ -11,10 +9,8 @@ use herald_wire::{ErrorCode, Reply, RoomName, subjects};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::limits::Kind;
 use super::{Joined, Session, unavailable};
-
-/// One connection's allowance of presence updates.
-pub(super) type MetaLimiter = governor::DefaultDirectRateLimiter;
 
 impl Session {
     /// `presence`: the room's members across the cluster.
@@ -46,7 +42,7 @@ impl Session {
         room: RoomName,
         meta: Box<RawValue>,
     ) -> Result<Reply, FrameError> {
-        let meta = self.meta(id, Some(&meta))?.unwrap_or(Value::Null);
+        let meta = self.meta(id, &room, Some(&meta))?.unwrap_or(Value::Null);
         match self.rooms.get(&room).copied() {
             None => Err(FrameError::new(
                 id,
@@ -95,6 +91,7 @@ impl Session {
     pub(super) fn meta(
         &mut self,
         id: Option<u64>,
+        room: &RoomName,
         meta: Option<&RawValue>,
     ) -> Result<Option<Value>, FrameError> {
         let Some(meta) = meta else { return Ok(None) };
@@ -109,25 +106,7 @@ impl Session {
                 ),
             ));
         }
-        let (per_second, burst) = self.edge.config.meta_rate;
-        let limiter = self.meta_limiter.get_or_insert_with(|| {
-            let quota =
-                governor::Quota::per_second(NonZeroU32::new(per_second.max(1)).expect("nonzero"))
-                    .allow_burst(NonZeroU32::new(burst.max(1)).expect("nonzero"));
-            Box::new(governor::RateLimiter::direct(quota))
-        });
-        if let Err(not_until) = limiter.check() {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                &governor::clock::DefaultClock::default(),
-            ));
-            let mut e = FrameError::new(
-                id,
-                ErrorCode::RateLimited,
-                format!("more than {per_second} presence updates a second"),
-            );
-            e.retry_after_ms = Some(wait.as_millis() as u64 + 1);
-            return Err(e);
-        }
+        self.check_rate(id, Kind::Presence, room)?;
         match serde_json::from_str::<Value>(meta.get()) {
             Ok(v @ Value::Object(_)) => Ok(Some(v)),
             _ => Err(FrameError::new(

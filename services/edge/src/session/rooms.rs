@@ -10,6 +10,7 @@ use herald_wire::{ErrorCode, Reply, RoomName};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::limits::Kind;
 use super::{Joined, Session, unavailable};
 use crate::room::{self, Recovery};
 
@@ -24,7 +25,8 @@ impl Session {
         meta: Option<Box<RawValue>>,
     ) -> Result<Reply, FrameError> {
         let policy = self.may_join(id, &room)?.clone();
-        let meta = self.meta(id, meta.as_deref())?;
+        self.check_rate(id, Kind::Join, &room)?;
+        let meta = self.meta(id, &room, meta.as_deref())?;
         let r = self.join_room(id, &room, &policy, meta, since).await?;
         Ok(Reply::Joined(JoinedReply {
             epoch: r.epoch,
@@ -62,6 +64,24 @@ impl Session {
     ) -> Result<Reply, FrameError> {
         let policy = &self.edge.config.policy;
         self.allowed(id, policy.check_publish(&self.claims, room.as_str()))?;
+        self.check_rate(id, Kind::Publish, &room)?;
+        let user_limit = self
+            .edge
+            .config
+            .policy
+            .rates(room.namespace())
+            .user_publish_per_second;
+        if let Err(wait) = self.edge.quota.take(&self.claims.sub, user_limit) {
+            return Err(self.limited(
+                id,
+                format!(
+                    "user {} published more than {user_limit} messages a second across its connections",
+                    self.claims.sub
+                ),
+                wait,
+            ));
+        }
+        let policy = &self.edge.config.policy;
         let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
         let durable = policy.is_durable(room.namespace());
         let delivery = rooms::Delivery {
