@@ -5,7 +5,9 @@
 //! public key, are the classic ways in).
 
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -59,8 +61,20 @@ pub struct KeyError(pub String);
 /// ```
 #[derive(Clone)]
 pub struct Verifier {
-    keys: Arc<Keys>,
+    /// Replaced whole when the public keys are reloaded.
+    keys: Arc<RwLock<Arc<Keys>>>,
     checks: Arc<ClaimChecks>,
+    /// Where fresh public keys come from when a token names a `kid` not
+    /// known yet (a JWKS endpoint).
+    source: Option<Arc<dyn KeySource>>,
+}
+
+/// Fetches the current public keys (a JWKS document), for a token whose
+/// `kid` is not among the keys held: the identity provider may have rotated.
+pub trait KeySource: Send + Sync + 'static {
+    /// The keys as a JWKS or PEM document; `None` when they could not be
+    /// fetched, or were fetched too recently to ask again.
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send + '_>>;
 }
 
 /// What is checked of a token beyond its signature, `exp` and `sub`.
@@ -102,14 +116,14 @@ struct PublicKey {
 impl fmt::Debug for Verifier {
     // Key material stays out of logs; which algorithms and kids are configured is what helps.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let public: Vec<_> = self
-            .keys
+        let keys = self.keys();
+        let public: Vec<_> = keys
             .public
             .iter()
             .map(|k| (k.alg, k.kid.as_deref()))
             .collect();
         f.debug_struct("Verifier")
-            .field("hs256", &self.keys.hs256.is_some())
+            .field("hs256", &keys.hs256.is_some())
             .field("public", &public)
             .field("checks", &self.checks)
             .finish()
@@ -140,16 +154,67 @@ impl Verifier {
             None => Vec::new(),
         };
         Ok(Verifier {
-            keys: Arc::new(Keys { hs256, public }),
+            keys: Arc::new(RwLock::new(Arc::new(Keys { hs256, public }))),
             checks: Arc::new(ClaimChecks::default()),
+            source: None,
         })
     }
 
     /// The same keys, checking `checks`.
     pub fn with_checks(self, checks: ClaimChecks) -> Verifier {
         Verifier {
-            keys: self.keys,
             checks: Arc::new(checks),
+            ..self
+        }
+    }
+
+    /// The same keys, asking `source` for fresh ones when a token names an
+    /// unknown `kid` (see [`Verifier::verify_fresh`]).
+    pub fn with_source(self, source: Arc<dyn KeySource>) -> Verifier {
+        Verifier {
+            source: Some(source),
+            ..self
+        }
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.keys.read().expect("verifier keys").clone()
+    }
+
+    /// Replaces the public keys with those of `content` (PEM or JWKS, as
+    /// [`Verifier::new`] takes); the HS256 secret stays. On an error the
+    /// keys in use stay. Every clone of this verifier sees the new keys.
+    /// Returns how many public keys are now in use.
+    pub fn set_public(&self, content: &[u8]) -> Result<usize, KeyError> {
+        let public = parse_public(content)?;
+        let n = public.len();
+        let mut keys = self.keys.write().expect("verifier keys");
+        *keys = Arc::new(Keys {
+            hs256: keys.hs256.clone(),
+            public,
+        });
+        Ok(n)
+    }
+
+    /// [`Verifier::verify`]; when the token names a `kid` no held key has
+    /// and a [`KeySource`] is set, fetches the keys once and tries again.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Claims, AuthError> {
+        match self.verify_inner(token) {
+            Err(Refused::UnknownKid(e)) => {
+                let Some(source) = &self.source else {
+                    return Err(e);
+                };
+                match source.fetch().await {
+                    Some(content) => {
+                        if let Err(why) = self.set_public(&content) {
+                            tracing::warn!(error = %why, "fetched JWT keys are not usable; keeping the keys in use");
+                        }
+                        self.verify(token)
+                    }
+                    None => Err(e),
+                }
+            }
+            other => other.map_err(Refused::into_error),
         }
     }
 
@@ -158,9 +223,14 @@ impl Verifier {
     /// refused), `aud` and `iss` when configured, and that `sub` is present and non-empty. The
     /// claims' `exp` comes back capped at the maximum session lifetime from now.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        self.verify_inner(token).map_err(Refused::into_error)
+    }
+
+    fn verify_inner(&self, token: &str) -> Result<Claims, Refused> {
+        let keys = self.keys();
         let header = peek_header(token)?;
         if header.alg.eq_ignore_ascii_case("none") {
-            return Err(invalid("unsigned tokens (alg none) are never accepted"));
+            return Err(invalid("unsigned tokens (alg none) are never accepted").into());
         }
         let alg: Algorithm = header
             .alg
@@ -168,12 +238,11 @@ impl Verifier {
             .map_err(|_| invalid(format!("unknown algorithm {}", header.alg)))?;
 
         let candidates: Vec<&DecodingKey> = if alg == Algorithm::HS256 {
-            self.keys.hs256.iter().collect()
+            keys.hs256.iter().collect()
         } else {
             let kid_fits =
                 |k: &PublicKey| k.kid.is_none() || header.kid.is_none() || k.kid == header.kid;
-            self.keys
-                .public
+            keys.public
                 .iter()
                 .filter(|k| k.alg == alg && kid_fits(k))
                 .map(|k| &k.key)
@@ -181,12 +250,13 @@ impl Verifier {
         };
         if candidates.is_empty() {
             return Err(match &header.kid {
-                Some(kid) if self.keys.public.iter().any(|k| k.alg == alg) => {
-                    invalid(format!("no {alg:?} key with kid {kid} is configured"))
-                }
+                Some(kid) if alg != Algorithm::HS256 => Refused::UnknownKid(invalid(format!(
+                    "no {alg:?} key with kid {kid} is configured"
+                ))),
                 _ => invalid(format!(
                     "algorithm {alg:?} is not configured on this server"
-                )),
+                ))
+                .into(),
             });
         }
 
@@ -211,12 +281,12 @@ impl Verifier {
             // Several keys may fit a token without kid: only a signature mismatch means "try the
             // next one"; anything else was found after the signature checked out.
             match jsonwebtoken::decode::<serde_json::Value>(token, key, &validation) {
-                Ok(data) => return self.claims_from(data.claims),
+                Ok(data) => return Ok(self.claims_from(data.claims)?),
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => continue,
-                Err(e) => return Err(from_jwt_error(e)),
+                Err(e) => return Err(from_jwt_error(e).into()),
             }
         }
-        Err(invalid("bad signature"))
+        Err(invalid("bad signature").into())
     }
 }
 
@@ -238,6 +308,27 @@ pub fn now_secs() -> u64 {
 
 fn invalid(why: impl Into<String>) -> AuthError {
     AuthError::Invalid(why.into())
+}
+
+/// A refusal, telling apart the one fresh keys might cure.
+enum Refused {
+    /// The token names a `kid` (of a public-key algorithm) no held key has.
+    UnknownKid(AuthError),
+    Other(AuthError),
+}
+
+impl From<AuthError> for Refused {
+    fn from(e: AuthError) -> Refused {
+        Refused::Other(e)
+    }
+}
+
+impl Refused {
+    fn into_error(self) -> AuthError {
+        match self {
+            Refused::UnknownKid(e) | Refused::Other(e) => e,
+        }
+    }
 }
 
 /// The header fields we decide on, read before jsonwebtoken does, because its `Algorithm` type

@@ -364,3 +364,19 @@ fn audience_and_issuer_are_checked_when_configured() {
     // Without checks configured, whatever aud the identity provider set is not ours to judge.
     assert!(hs_verifier().verify(&hs256(ok)).is_ok());
 }
+
+#[test]
+fn public_keys_are_replaced_for_every_clone_and_the_secret_stays() {
+    let verifier = Verifier::new(Some(SECRET), Some(&fixture("ed_public.pem"))).unwrap();
+    let clone = verifier.clone();
+    let old = sign(Algorithm::EdDSA, "ed_private.pem", None, &alice());
+    let new = sign(Algorithm::EdDSA, "ed2_private.pem", None, &alice());
+    clone.verify(&old).unwrap();
+    assert_eq!(verifier.set_public(&fixture("ed2_public.pem")).unwrap(), 1);
+    clone.verify(&new).unwrap();
+    assert!(clone.verify(&old).is_err());
+    clone.verify(&mint_hs256(SECRET, &alice())).unwrap();
+    // Unusable content keeps the keys in use.
+    assert!(verifier.set_public(b"not a key").is_err());
+    clone.verify(&new).unwrap();
+}

@@ -43,9 +43,17 @@ pub struct Keys {
     /// HS256 secret that client tokens are signed with.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// PEM public key (RS256, ES256 or EdDSA) or JWKS file that client tokens are verified with.
+    /// PEM public key (RS256, ES256 or EdDSA) or JWKS file that client tokens are verified
+    /// with; read again when it changes.
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
+    /// URL of the identity provider's JWKS (its public keys), fetched at start,
+    /// every --jwks-refresh, and when a token names a key id not known yet.
+    #[arg(long, env = "HERALD_JWKS_URL", value_name = "URL")]
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again.
+    #[arg(long, env = "HERALD_JWKS_REFRESH", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub jwks_refresh: std::time::Duration,
     /// Tokens must name this audience in `aud`; without it `aud` is not checked.
     #[arg(long, env = "HERALD_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use std::time::Duration;
 
-use herald_auth::{DurablePolicy, NamespacePolicy, Policy, Verifier};
+use herald_auth::{DurablePolicy, NamespacePolicy, Policy};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
-use crate::cli::{Common, Keys, LivenessArgs};
+use crate::cli::{Common, LivenessArgs};
 
 /// The secret `herald dev` and `herald token` use when none is given. It is
 /// public: fine on a laptop, never for anything reachable by others.
@@ -159,49 +159,6 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
         ));
     }
     Ok(Namespaces { policy, durable })
-}
-
-/// The token verifier. `dev_default` lets `herald dev` fall back to the
-/// development secret; every other service needs a key.
-pub fn verifier(keys: &Keys, dev_default: bool) -> Result<Verifier, ConfigError> {
-    let public = match &keys.jwt_public_key {
-        Some(path) => Some(std::fs::read(path).map_err(|e| {
-            ConfigError::caused(
-                format!("--jwt-public-key {}: cannot read it", path.display()),
-                e,
-            )
-        })?),
-        None => None,
-    };
-    let secret = match (&keys.jwt_secret, &public) {
-        (Some(s), _) => Some(s.clone()),
-        (None, None) if dev_default => Some(DEV_SECRET.to_string()),
-        (None, None) => {
-            return Err(ConfigError::new(
-                "no JWT key: give --jwt-secret (HS256) or --jwt-public-key FILE (RS256, ES256, EdDSA or JWKS)",
-            ));
-        }
-        (None, Some(_)) => None,
-    };
-    if keys.max_session_lifetime.is_zero() {
-        return Err(ConfigError::new(
-            "--max-session-lifetime must be longer than zero",
-        ));
-    }
-    let verifier =
-        Verifier::new(secret.as_deref().map(str::as_bytes), public.as_deref()).map_err(|e| {
-            let flag = if public.is_some() {
-                "--jwt-public-key"
-            } else {
-                "--jwt-secret"
-            };
-            ConfigError::caused(flag, e)
-        })?;
-    Ok(verifier.with_checks(herald_auth::ClaimChecks {
-        audience: keys.jwt_audience.clone().filter(|a| !a.is_empty()),
-        issuer: keys.jwt_issuer.clone().filter(|i| !i.is_empty()),
-        max_lifetime: keys.max_session_lifetime,
-    }))
 }
 
 /// Node ids are part of connection ids and NATS subjects.

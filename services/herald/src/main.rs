@@ -10,6 +10,7 @@
 mod cli;
 mod config;
 mod heap;
+mod keys;
 mod run;
 
 use clap::Parser;

@@ -302,7 +302,9 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 &args.clients,
                 config::node_id(args.node_id)?,
                 false,
-            )?;
+                &shutdown,
+            )
+            .await?;
             if args.outbound_queue == 0 || args.outbound_queue_bytes == 0 {
                 return Err(ConfigError::new(
                     "--outbound-queue and --outbound-queue-bytes must be at least 1",
@@ -420,11 +422,12 @@ async fn serve(command: Command) -> Result<(), RunError> {
     }
 }
 
-fn edge_config(
+async fn edge_config(
     common: &Common,
     clients: &ClientArgs,
     node_id: String,
     dev: bool,
+    shutdown: &CancellationToken,
 ) -> Result<herald_edge::Config, ConfigError> {
     let (heartbeat, idle_timeout) = config::liveness(&clients.liveness)?;
     Ok(herald_edge::Config {
@@ -432,7 +435,7 @@ fn edge_config(
         idle_timeout,
         ..herald_edge::Config::new(
             node_id,
-            config::verifier(&clients.keys, dev)?,
+            crate::keys::verifier(&clients.keys, dev, shutdown).await?,
             config::policy(common)?,
         )
     })
@@ -475,9 +478,10 @@ async fn dev(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let namespaces = config::namespaces(&args.common)?;
-    let config = edge_config(&args.common, &args.clients, "dev".into(), true)?;
+    let config = edge_config(&args.common, &args.clients, "dev".into(), true, &shutdown).await?;
     let keys = &args.clients.keys;
-    let using_dev_secret = keys.jwt_secret.is_none() && keys.jwt_public_key.is_none();
+    let using_dev_secret =
+        keys.jwt_secret.is_none() && keys.jwt_public_key.is_none() && keys.jwks_url.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
     let broker: SharedBroker = Arc::new(MemoryBroker::new());

@@ -45,7 +45,7 @@ impl Session {
                 self.history(id, room, since, limit).instrument(span).await
             }
             Request::Read { room, offset } => self.read(id, room, offset).await,
-            Request::Refresh { token } => self.refresh(id, &token),
+            Request::Refresh { token } => self.refresh(id, &token).await,
         }
     }
 
@@ -64,8 +64,8 @@ impl Session {
     }
 
     /// A new token for the same user pushes the connection's expiry back.
-    fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<Reply, FrameError> {
-        match self.edge.config.verifier.verify(token) {
+    async fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<Reply, FrameError> {
+        match Box::pin(self.edge.config.verifier.verify_fresh(token)).await {
             Ok(claims) if claims.sub == self.claims.sub => {
                 self.outbox.set_expiry(claims.exp);
                 let expires_at = claims.exp;

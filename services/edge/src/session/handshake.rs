@@ -104,7 +104,9 @@ async fn authenticate(
         None
     };
     if let Some(token) = url_token {
-        return match edge.config.verifier.verify(&token) {
+        // Boxed: a key fetch's state would otherwise widen every
+        // connection's task for its whole life.
+        return match Box::pin(edge.config.verifier.verify_fresh(&token)).await {
             Ok(claims) => Some((claims, None)),
             Err(e) => refuse(auth_error(None, &e)),
         };
@@ -128,7 +130,7 @@ async fn authenticate(
                     id,
                     request: Request::Connect { token, .. },
                 }) => {
-                    return match edge.config.verifier.verify(&token) {
+                    return match Box::pin(edge.config.verifier.verify_fresh(&token)).await {
                         Ok(claims) => Some((claims, id)),
                         Err(e) => refuse(auth_error(id, &e)),
                     };
