@@ -124,10 +124,18 @@ struct RawFrame {
     room: Option<String>,
     since: Option<Since>,
     meta: Option<Box<RawValue>>,
+    /// `null` is data like any other value, not a missing field.
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     key: Option<String>,
     limit: Option<u32>,
     offset: Option<u64>,
+}
+
+/// A field that is there, whatever its value, `null` included (serde reads
+/// a `null` into `None` otherwise).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -523,6 +531,9 @@ mod tests {
 
         let e = parse_str(r#"{"op":"publish","id":6,"room":"chat:x"}"#).unwrap_err();
         assert_eq!(e.message, "`publish` needs a `data` field");
+        // `null` is data, not a missing field.
+        let f = parse_str(r#"{"op":"publish","id":6,"room":"chat:x","data":null}"#).unwrap();
+        assert!(matches!(f.request, Request::Publish { data, .. } if data.get() == "null"));
 
         let e = parse_str(r#"{"id":7}"#).unwrap_err();
         assert_eq!(
