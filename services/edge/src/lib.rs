@@ -1,7 +1,8 @@
-//! The edge: holds client WebSocket connections (`GET /ws`), authenticates
-//! them, keeps the local room table, and delivers room messages that arrive
-//! through the broker. Edges hold no state that another edge cannot rebuild:
-//! a client may land on any edge and reconnect to any other.
+//! The edge: holds client WebSocket connections (`GET /ws`) and SSE streams
+//! for networks without WebSockets (`GET /sse`, `POST /sse/send`),
+//! authenticates them, keeps the local room table, and delivers room
+//! messages that arrive through the broker. Edges hold no state that another
+//! edge cannot rebuild: a client may land on any edge and reconnect to any other.
 #![deny(unsafe_code)]
 
 mod control;
@@ -15,6 +16,7 @@ mod presence;
 mod room;
 mod session;
 mod socket;
+mod sse;
 mod transport;
 
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use herald_auth::{Policy, Verifier};
 use herald_broker::SharedBroker;
 use herald_broker::history::SharedHistory;
@@ -138,6 +140,8 @@ struct Edge {
     /// Every open session, for control messages naming one connection.
     sessions_by_id: std::sync::RwLock<std::collections::HashMap<u64, delivery::Outbox>>,
     reporter: presence::Reporter,
+    /// This edge's SSE streams, for the frames their clients post.
+    sse: sse::Streams,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
     /// Cancelled when connections start closing: after the shutdown signal
@@ -166,7 +170,7 @@ pub enum EdgeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `/ws`, `/healthz`, `/readyz` and `/metrics` on `listener` until
+/// Serves `/ws`, `/sse`, `/healthz`, `/readyz` and `/metrics` on `listener` until
 /// `shutdown`; then stops accepting, tells every client to reconnect
 /// elsewhere (1012) and waits up to the drain timeout for them to go.
 pub async fn run(
@@ -228,6 +232,7 @@ pub async fn run(
         broker,
         history,
         reporter,
+        sse: sse::Streams::default(),
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,
         shutdown: closing.clone(),
@@ -246,6 +251,8 @@ pub async fn run(
     tokio::spawn(liveness::sweep(edge.clone()));
     let app = Router::new()
         .route("/ws", get(transport::ws_handler))
+        .route("/sse", get(sse::stream_handler))
+        .route("/sse/send", post(sse::send_handler))
         .with_state(edge.clone())
         .merge(herald_ops::ops_routes(health.clone(), metrics));
     let addr = listener.local_addr()?;
