@@ -40,7 +40,6 @@ use herald_wire::presence::{Control, FramesAck};
 use herald_wire::{CloseCode, subjects};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -195,13 +194,7 @@ pub(crate) async fn stream_handler(
         let _over_when_done = over_when_done;
         serve.await;
     });
-    let relay = Relay {
-        pair: relay_end,
-        buf: BytesMut::new(),
-        events: events_tx,
-        session_over,
-        said_goodbye: false,
-    };
+    let relay = Relay::new(relay_end, events_tx, session_over);
     tokio::spawn({
         let edge = edge.clone();
         async move {
@@ -230,6 +223,11 @@ struct Relay {
     pair: UnixStream,
     /// What was read from the pair and is not a whole frame yet.
     buf: BytesMut,
+    /// Client frames (posted, pongs) the pair has not taken yet. Written
+    /// as the pair takes them, never waited for: a session replaying
+    /// history waits for the relay to read, and must not find it waiting
+    /// for the session to read.
+    out: Vec<u8>,
     events: mpsc::Sender<Event>,
     session_over: CancellationToken,
     /// The last text frame was a `disconnect`.
@@ -237,6 +235,21 @@ struct Relay {
 }
 
 impl Relay {
+    fn new(
+        pair: UnixStream,
+        events: mpsc::Sender<Event>,
+        session_over: CancellationToken,
+    ) -> Relay {
+        Relay {
+            pair,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            events,
+            session_over,
+            said_goodbye: false,
+        }
+    }
+
     /// Runs until the session or the HTTP stream ends; ending, it drops the
     /// pair, which ends the other.
     async fn run(mut self, mut posts: mpsc::Receiver<Vec<String>>) {
@@ -258,28 +271,41 @@ impl Relay {
                 }
             };
             tokio::select! {
-                read = self.pair.read_buf(&mut self.buf) => match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                },
-                Some(frames) = posts.recv() => {
-                    let mut bytes = Vec::new();
-                    for frame in &frames {
-                        encode_client_frame(&mut bytes, OP_TEXT, frame.as_bytes());
+                ready = self.pair.readable() => {
+                    if ready.is_err() {
+                        return;
                     }
-                    if !self.write(&bytes).await {
+                    match self.pair.try_read_buf(&mut self.buf) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                ready = self.pair.writable(), if !self.out.is_empty() => {
+                    if ready.is_err() || !self.write_some() {
+                        return;
+                    }
+                }
+                // One post at a time: what waits beyond it waits in the
+                // bounded queue of posts, not here.
+                Some(frames) = posts.recv(), if self.out.is_empty() => {
+                    for frame in &frames {
+                        encode_client_frame(&mut self.out, OP_TEXT, frame.as_bytes());
+                    }
+                    if !self.write_some() {
                         return;
                     }
                 }
                 _ = self.events.closed() => {
                     // The client closed the stream (or its socket failed):
                     // a close from "the client" ends the session as a
-                    // WebSocket client's would.
+                    // WebSocket client's would. Dropping the pair would
+                    // too; the close is a courtesy, not waited for.
                     let mut close = 1000u16.to_be_bytes().to_vec();
                     close.extend_from_slice(b"the event stream was closed");
-                    let mut bytes = Vec::new();
-                    encode_client_frame(&mut bytes, OP_CLOSE, &close);
-                    let _ = self.write(&bytes).await;
+                    encode_client_frame(&mut self.out, OP_CLOSE, &close);
+                    let _ = self.write_some();
                     return;
                 }
                 _ = self.session_over.cancelled(), if grace_until.is_none() => {
@@ -303,9 +329,8 @@ impl Relay {
                 self.emit(Event::default().data(text)).await
             }
             OP_PING => {
-                let mut pong = Vec::new();
-                encode_client_frame(&mut pong, OP_PONG, &payload);
-                self.write(&pong).await && self.emit(Event::default().comment("ping")).await
+                encode_client_frame(&mut self.out, OP_PONG, &payload);
+                self.write_some() && self.emit(Event::default().comment("ping")).await
             }
             OP_CLOSE => {
                 // Every close the session starts follows a `disconnect`; a
@@ -334,12 +359,22 @@ impl Relay {
         }
     }
 
-    /// Writes client frames into the pair; `false` when the session is gone.
-    async fn write(&mut self, bytes: &[u8]) -> bool {
-        tokio::select! {
-            written = self.pair.write_all(bytes) => written.is_ok(),
-            _ = self.session_over.cancelled() => false,
+    /// Writes what of `out` the pair takes now; `false` when the session's
+    /// end is gone.
+    fn write_some(&mut self) -> bool {
+        while !self.out.is_empty() {
+            match self.pair.try_write(&self.out) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
         }
+        if self.out.is_empty() && self.out.capacity() > KEEP_BUFFER {
+            self.out = Vec::new();
+        }
+        true
     }
 }
 
@@ -579,13 +614,7 @@ mod tests {
         let (mut session, relay_end) = UnixStream::pair().unwrap();
         let (posts_tx, posts_rx) = mpsc::channel(POSTS_QUEUE);
         let (events_tx, mut events_rx) = mpsc::channel(EVENTS_QUEUE);
-        let relay = Relay {
-            pair: relay_end,
-            buf: BytesMut::new(),
-            events: events_tx,
-            session_over: CancellationToken::new(),
-            said_goodbye: false,
-        };
+        let relay = Relay::new(relay_end, events_tx, CancellationToken::new());
         let relay = tokio::spawn(relay.run(posts_rx));
 
         // Several frames in one write, as a batch of deliveries leaves them.
@@ -641,6 +670,39 @@ mod tests {
         assert_eq!(session.read(&mut [0u8; 8]).await.unwrap(), 0);
     }
 
+    /// Posts the session does not read yet never stop the session's frames
+    /// from reaching the stream (a session replaying history waits for them
+    /// to be read before it reads again).
+    #[tokio::test]
+    async fn posts_waiting_for_the_session_do_not_hold_its_frames_back() {
+        use tokio::io::AsyncWriteExt;
+        let (mut session, relay_end) = UnixStream::pair().unwrap();
+        let (posts_tx, posts_rx) = mpsc::channel(POSTS_QUEUE);
+        let (events_tx, mut events_rx) = mpsc::channel(EVENTS_QUEUE);
+        let relay = Relay::new(relay_end, events_tx, CancellationToken::new());
+        tokio::spawn(relay.run(posts_rx));
+        // More than a socket pair holds, none of it read by the session.
+        let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(60_000));
+        for _ in 0..POSTS_QUEUE {
+            posts_tx.send(vec![big.clone(); 4]).await.unwrap();
+        }
+        let mut wire = Vec::new();
+        encode_frame(&mut wire, OP_TEXT, br#"{"op":"message"}"#);
+        let wire = wire.repeat(200);
+        let writer = tokio::spawn(async move {
+            session.write_all(&wire).await.unwrap();
+            session
+        });
+        for _ in 0..200 {
+            let event = tokio::time::timeout(Duration::from_secs(5), events_rx.recv()).await;
+            assert!(
+                event.expect("the session's frames keep flowing").is_some(),
+                "the stream ended"
+            );
+        }
+        drop(writer.await.unwrap());
+    }
+
     /// A stream whose client went away ends its session as a client's close would.
     #[tokio::test]
     async fn a_closed_stream_closes_the_session() {
@@ -648,13 +710,7 @@ mod tests {
         let (mut session, relay_end) = UnixStream::pair().unwrap();
         let (_posts_tx, posts_rx) = mpsc::channel(POSTS_QUEUE);
         let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);
-        let relay = Relay {
-            pair: relay_end,
-            buf: BytesMut::new(),
-            events: events_tx,
-            session_over: CancellationToken::new(),
-            said_goodbye: false,
-        };
+        let relay = Relay::new(relay_end, events_tx, CancellationToken::new());
         let relay = tokio::spawn(relay.run(posts_rx));
         drop(events_rx);
         relay.await.unwrap();
