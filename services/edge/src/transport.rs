@@ -35,11 +35,13 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub(crate) struct UserTimeout(pub std::time::Duration);
 
 /// Sets TCP_USER_TIMEOUT on socket `fd`.
+///
+/// # Safety
+///
+/// `fd` must be an open socket for the duration of the call.
 #[allow(unsafe_code)]
-fn set_user_timeout(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
-    // SAFETY: `serve` calls this from the service of the very connection
-    // that owns socket `fd`, while it serves a request on it: the socket is
-    // open for as long as the borrow lives (this function).
+unsafe fn set_user_timeout(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
+    // SAFETY: the caller keeps `fd` open for this call.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     if let Err(e) = socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(timeout)) {
         tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
@@ -91,7 +93,15 @@ pub async fn serve(
                         .await
                         .unwrap_or_else(|e| match e {});
                     if let Some(UserTimeout(t)) = response.extensions().get() {
-                        set_user_timeout(fd, *t);
+                        // SAFETY: this future belongs to the service of the
+                        // hyper connection that owns the socket `fd`, and
+                        // runs only while that connection polls it, so the
+                        // socket is open; hyper has not seen the response
+                        // yet, so no upgrade has taken the socket away.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            set_user_timeout(fd, *t)
+                        };
                     }
                     Ok::<_, Infallible>(response)
                 }
