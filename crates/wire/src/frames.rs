@@ -262,6 +262,37 @@ pub fn check_depth(field: &str, json: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The frames of a body posted over HTTP (`POST /sse/send`): one frame (a
+/// JSON object) or a JSON array of them, each as its JSON text, unparsed:
+/// the session reads them as it reads WebSocket text frames, and answers a
+/// bad one with an `error` like any other.
+pub fn posted(body: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("the body is not UTF-8 text: {e}"))?;
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    let json = raw.get();
+    if json.starts_with('{') {
+        return Ok(vec![json.to_string()]);
+    }
+    if !json.starts_with('[') {
+        return Err("the body must be a JSON frame (an object) or an array of frames".into());
+    }
+    let items: Vec<&RawValue> = serde_json::from_str(json).expect("an array of valid JSON");
+    if items.is_empty() {
+        return Err("the array holds no frames".into());
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item.get() {
+            frame if frame.starts_with('{') => Ok(frame.to_string()),
+            _ => Err(format!(
+                "item {i} of the array is not a frame (a JSON object)"
+            )),
+        })
+        .collect()
+}
+
 pub(crate) fn to_bytes(value: &impl Serialize) -> Bytes {
     // Serializing these plain structs cannot fail: no maps with non-string
     // keys, no custom serializers that error.
@@ -550,6 +581,34 @@ mod tests {
 
         assert_eq!(parse_str("[1,2]").unwrap_err().code, ErrorCode::BadRequest);
         assert_eq!(parse_str("").unwrap_err().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn posted_bodies_hold_one_frame_or_an_array_of_them_kept_as_sent() {
+        assert_eq!(
+            posted(br#" {"op":"ping","id":1} "#).unwrap(),
+            [r#"{"op":"ping","id":1}"#]
+        );
+        assert_eq!(
+            posted(br#"[{"op":"ping"}, {"op":"publish","room":"a:b","data":1.50}]"#).unwrap(),
+            [
+                r#"{"op":"ping"}"#,
+                r#"{"op":"publish","room":"a:b","data":1.50}"#
+            ]
+        );
+        for (body, why) in [
+            (&b"{not json"[..], "not valid JSON"),
+            (b"{\"op\":", "not valid JSON"),
+            (&[0xff, 0xfe][..], "not UTF-8"),
+            (b"42", "a JSON frame"),
+            (b"\"ping\"", "a JSON frame"),
+            (b"[]", "no frames"),
+            (br#"[{"op":"ping"}, 3]"#, "item 1"),
+            (b"", "not valid JSON"),
+        ] {
+            let e = posted(body).unwrap_err();
+            assert!(e.contains(why), "{body:?}: {e}");
+        }
     }
 
     #[test]

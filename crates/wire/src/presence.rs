@@ -259,11 +259,12 @@ pub enum UserTransition {
     Offline,
 }
 
-/// Control messages from the router to edges, on
-/// [`crate::subjects::node_control`] of each edge holding the user (or the
-/// connection).
-/// The edge acknowledges on the message's reply subject once every targeted
-/// local connection has acted, with a [`ControlAck`].
+/// Control messages to one edge, on [`crate::subjects::node_control`]: from
+/// the router to each edge holding the user (or the connection), and from
+/// another edge forwarding an SSE client's frames ([`Control::Frames`]).
+/// For `join`, `leave` and `disconnect`, the edge acknowledges on the
+/// message's reply subject once every targeted local connection has acted,
+/// with a [`ControlAck`]; `frames` is answered with a [`FramesAck`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Control {
@@ -283,6 +284,19 @@ pub enum Control {
         code: u16,
         reason: String,
     },
+    /// Client frames for an SSE connection of the addressed edge, posted to
+    /// `POST /sse/send` on another edge: an SSE stream lives on one edge,
+    /// while its client's requests may land on any.
+    Frames {
+        conn: String,
+        /// The user the request's token names: only `conn`'s own user may
+        /// send on it.
+        user: String,
+        /// Each frame's JSON text as the client sent it (text, not
+        /// parsed JSON: a tagged enum cannot carry raw JSON through serde,
+        /// and a frame must reach the session byte for byte).
+        frames: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,6 +308,20 @@ pub struct ControlAck {
     /// or closing): the call must not be reported done.
     #[serde(default)]
     pub late: u32,
+}
+
+/// What the edge holding an SSE connection did with [`Control::Frames`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum FramesAck {
+    /// Queued for the connection's session, which answers on the stream.
+    Accepted,
+    /// No such SSE connection here (never was, or its stream has closed).
+    UnknownConn,
+    /// The connection belongs to another user.
+    WrongUser,
+    /// Too many frames already wait for the connection: retry shortly.
+    Busy,
 }
 
 #[cfg(test)]
@@ -353,6 +381,41 @@ mod tests {
         ] {
             let v = serde_json::to_value(&change).unwrap();
             assert_eq!(v["type"], change.kind(), "{v}");
+        }
+    }
+
+    #[test]
+    fn forwarded_frames_keep_their_text_and_acks_read_plainly() {
+        let frames = vec![
+            r#"{"op":"ping","id":1}"#.to_string(),
+            r#"{"op":"publish","room":"chat:x","data":1.50}"#.to_string(),
+        ];
+        let c = Control::Frames {
+            conn: "edge-0-7".into(),
+            user: "ann".into(),
+            frames,
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            text,
+            r#"{"action":"frames","conn":"edge-0-7","user":"ann","frames":["{\"op\":\"ping\",\"id\":1}","{\"op\":\"publish\",\"room\":\"chat:x\",\"data\":1.50}"]}"#
+        );
+        match serde_json::from_str::<Control>(&text).unwrap() {
+            Control::Frames { conn, user, frames } => {
+                assert_eq!((conn.as_str(), user.as_str()), ("edge-0-7", "ann"));
+                // Byte for byte: `1.50` is not rewritten as `1.5`.
+                assert_eq!(frames[1], r#"{"op":"publish","room":"chat:x","data":1.50}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (ack, json) in [
+            (FramesAck::Accepted, json!({"result": "accepted"})),
+            (FramesAck::UnknownConn, json!({"result": "unknown_conn"})),
+            (FramesAck::WrongUser, json!({"result": "wrong_user"})),
+            (FramesAck::Busy, json!({"result": "busy"})),
+        ] {
+            assert_eq!(serde_json::to_value(ack).unwrap(), json);
+            assert_eq!(serde_json::from_value::<FramesAck>(json).unwrap(), ack);
         }
     }
 

@@ -6,6 +6,9 @@
 //! client's requests; the edge then acknowledges how many acted, so the router
 //! can answer only once the change is in effect. Addressing edges rather than
 //! users keeps connecting cheap: no subscription per user.
+//!
+//! Another edge sends `frames` here: an SSE client's requests, posted to
+//! that edge, for a stream that lives on this one (see `sse`).
 
 use std::time::Duration;
 
@@ -43,6 +46,22 @@ fn act_on(edge: &Edge, msg: Message) {
             return;
         }
     };
+    if let Control::Frames { conn, user, frames } = control {
+        let ack = crate::sse::take_frames(edge, &conn, &user, frames);
+        if let Some(reply) = msg.reply {
+            let broker = edge.broker.clone();
+            let payload = Bytes::from(serde_json::to_vec(&ack).expect("ack serializes"));
+            tokio::spawn(
+                async move {
+                    if let Err(e) = broker.publish(reply, payload).await {
+                        tracing::warn!(error = %herald_broker::chain(&e), "could not answer forwarded SSE frames");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        return;
+    }
     let ids: Vec<u64> = match &control {
         Control::Disconnect {
             conn: Some(conn), ..
@@ -63,7 +82,7 @@ fn act_on(edge: &Edge, msg: Message) {
             .get(user)
             .cloned()
             .unwrap_or_default(),
-        Control::Disconnect { .. } => Vec::new(),
+        Control::Disconnect { .. } | Control::Frames { .. } => Vec::new(),
     };
     let targets: Vec<Outbox> = {
         let sessions = edge.sessions_by_id.read().expect("sessions");

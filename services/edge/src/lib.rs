@@ -1,7 +1,8 @@
-//! The edge: holds client WebSocket connections (`GET /ws`), authenticates
-//! them, keeps the local room table, and delivers room messages that arrive
-//! through the broker. Edges hold no state that another edge cannot rebuild:
-//! a client may land on any edge and reconnect to any other.
+//! The edge: holds client WebSocket connections (`GET /ws`) and SSE streams
+//! for networks without WebSockets (`GET /sse`, `POST /sse/send`),
+//! authenticates them, keeps the local room table, and delivers room
+//! messages that arrive through the broker. Edges hold no state that another
+//! edge cannot rebuild: a client may land on any edge and reconnect to any other.
 #![deny(unsafe_code)]
 
 mod control;
@@ -16,6 +17,7 @@ mod quota;
 mod room;
 mod session;
 mod socket;
+mod sse;
 mod transport;
 
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use herald_auth::{Policy, Verifier};
 use herald_broker::SharedBroker;
 use herald_broker::history::SharedHistory;
@@ -142,6 +144,8 @@ struct Edge {
     reporter: presence::Reporter,
     /// Users' publishes, counted with the other edges.
     quota: Arc<quota::UserQuota>,
+    /// This edge's SSE streams, for the frames their clients post.
+    sse: sse::Streams,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
     /// Cancelled when connections start closing: after the shutdown signal
@@ -170,7 +174,7 @@ pub enum EdgeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `/ws`, `/healthz`, `/readyz` and `/metrics` on `listener` until
+/// Serves `/ws`, `/sse`, `/healthz`, `/readyz` and `/metrics` on `listener` until
 /// `shutdown`; then stops accepting, tells every client to reconnect
 /// elsewhere (1012) and waits up to the drain timeout for them to go.
 pub async fn run(
@@ -233,6 +237,7 @@ pub async fn run(
         history,
         reporter,
         quota: quota::UserQuota::new(&config.node_id),
+        sse: sse::Streams::default(),
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,
         shutdown: closing.clone(),
@@ -259,6 +264,8 @@ pub async fn run(
     tokio::spawn(liveness::sweep(edge.clone()));
     let app = Router::new()
         .route("/ws", get(transport::ws_handler))
+        .route("/sse", get(sse::stream_handler))
+        .route("/sse/send", post(sse::send_handler))
         .with_state(edge.clone())
         .merge(herald_ops::ops_routes(health.clone(), metrics));
     let addr = listener.local_addr()?;

@@ -27,6 +27,27 @@ use crate::{Edge, session};
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Set on a response, asks [`serve`] for TCP_USER_TIMEOUT on the socket the
+/// response goes out on: data unacknowledged that long aborts the
+/// connection. For long responses (the SSE stream) whose client may vanish
+/// without a word while the edge keeps writing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UserTimeout(pub std::time::Duration);
+
+/// Sets TCP_USER_TIMEOUT on socket `fd`.
+///
+/// # Safety
+///
+/// `fd` must be an open socket for the duration of the call.
+#[allow(unsafe_code)]
+unsafe fn set_user_timeout(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
+    // SAFETY: the caller keeps `fd` open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(timeout)) {
+        tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+    }
+}
+
 /// Serves `router` over HTTP/1.1 on `listener` until `stop`, with TCP
 /// keepalive probes after `keepalive` of quiet, then lets each
 /// connection finish its request. Upgraded connections live on in their own
@@ -61,17 +82,28 @@ pub async fn serve(
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
         let router = router.clone();
         let stop = stop.clone();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         conns.spawn(async move {
             let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let router = router.clone();
                 async move {
-                    Ok::<_, Infallible>(
-                        router
-                            .oneshot(req.map(axum::body::Body::new))
-                            .await
-                            .unwrap_or_else(|e| match e {}),
-                    )
+                    let response = router
+                        .oneshot(req.map(axum::body::Body::new))
+                        .await
+                        .unwrap_or_else(|e| match e {});
+                    if let Some(UserTimeout(t)) = response.extensions().get() {
+                        // SAFETY: this future belongs to the service of the
+                        // hyper connection that owns the socket `fd`, and
+                        // runs only while that connection polls it, so the
+                        // socket is open; hyper has not seen the response
+                        // yet, so no upgrade has taken the socket away.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            set_user_timeout(fd, *t)
+                        };
+                    }
+                    Ok::<_, Infallible>(response)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()

@@ -120,6 +120,8 @@ impl Session {
                 self.outbox.close(code, reason);
                 return true;
             }
+            // The edge hands these to its SSE relays (`sse`), never to a session.
+            Control::Frames { .. } => {}
         }
         false
     }

@@ -2,6 +2,7 @@
 //! completes, the connection gets its outbox and reader, and the client
 //! proves who it is with a `connect` (or `?token=`) within the handshake
 //! timeout. Everything else before that is answered with `unauthorized`.
+//! A relayed connection (the SSE transport) arrives authenticated already.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use fastwebsockets::upgrade::UpgradeFut;
 use herald_auth::{AuthError, Claims};
 use herald_wire::frames::{self, ClientFrame, FrameError, Request};
 use herald_wire::{CloseCode, ErrorCode};
+use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use super::{SHUTTING_DOWN, Session, reject};
@@ -26,6 +28,40 @@ pub(crate) struct Start {
     pub upgrade: UpgradeFut,
     pub url_token: Option<String>,
     pub peer: SocketAddr,
+}
+
+/// A connection whose client proved who it is on the request that opened
+/// it, served through one end of a socket pair whose other end a task of
+/// this edge relays (`sse`): the session reads and writes WebSocket frames
+/// on it as on any client socket.
+pub(crate) struct Relayed {
+    pub edge: Arc<Edge>,
+    pub socket: UnixStream,
+    /// From `edge.next_conn`, taken by the relay, which must know the
+    /// connection's id before the session announces it.
+    pub id: u64,
+    pub claims: Claims,
+    pub peer: SocketAddr,
+}
+
+/// Opens the session of a relayed connection; as [`connect`], but there is
+/// no upgrade to complete and no token left to check.
+pub(super) async fn open_relayed(start: Relayed) -> (Outbox, Reader, Option<Session>) {
+    let Relayed {
+        edge,
+        socket,
+        id,
+        claims,
+        peer,
+    } = start;
+    let outbox = Outbox::new(id, socket, edge.config.outbound_queue);
+    let reader = Reader::new(edge.config.max_message_bytes, &[], &outbox);
+    let conn = format!("{}-{id}", edge.config.node_id);
+    let session = Session::open(edge, outbox.clone(), conn, claims, None).await;
+    if let Some(session) = &session {
+        tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected (relayed)");
+    }
+    (outbox, reader, session)
 }
 
 /// Completes the upgrade and authenticates; `None` if the connection is

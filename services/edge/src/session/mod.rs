@@ -29,7 +29,7 @@ use herald_wire::{CloseCode, ErrorCode, RoomName};
 use tokio::io::Interest;
 use tracing::Instrument;
 
-pub(crate) use handshake::Start;
+pub(crate) use handshake::{Relayed, Start};
 
 use crate::Edge;
 use crate::delivery::{self, Out, Outbox};
@@ -47,9 +47,19 @@ const WRITER_FLUSH: Duration = Duration::from_secs(5);
 /// opening) runs in a boxed future freed once done: an idle connection's
 /// task holds only the session, its reader and what `run` waits on.
 pub(crate) async fn serve(start: Box<Start>) {
-    let Some((outbox, mut reader, session)) = Box::pin(handshake::connect(*start)).await else {
+    let Some(opened) = Box::pin(handshake::connect(*start)).await else {
         return;
     };
+    serve_opened(opened).await;
+}
+
+/// [`serve`] for a relayed connection, authenticated already.
+pub(crate) async fn serve_relayed(start: Box<Relayed>) {
+    let opened = Box::pin(handshake::open_relayed(*start)).await;
+    serve_opened(opened).await;
+}
+
+async fn serve_opened((outbox, mut reader, session): (Outbox, Reader, Option<Session>)) {
     if let Some(mut session) = session {
         session.run(&mut reader).await;
         Box::pin(session.close()).await;
