@@ -5,6 +5,8 @@
 //! contract's code and a plain-words message, keeping the request `id` when
 //! it can be read so the client can match the error to its request.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -224,14 +226,25 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
     Ok(ClientFrame { id, request })
 }
 
-/// How deeply JSON a client or a backend sends (`data`, `meta`) may nest:
-/// members' parsers are not all as careful as ours, and a 32,000-deep array
-/// relayed as it came crashed one.
+/// How deeply JSON a client or a backend sends (`data`, `meta`) may nest
+/// unless the process says otherwise ([`set_max_json_depth`]): members'
+/// parsers are not all as careful as ours, and a 32,000-deep array relayed
+/// as it came crashed one.
 pub const MAX_JSON_DEPTH: usize = 64;
 
-/// Refuses `json` nested deeper than [`MAX_JSON_DEPTH`], naming `field`.
-/// Counts brackets outside strings: one pass, no allocation.
+static MAX_DEPTH: AtomicUsize = AtomicUsize::new(MAX_JSON_DEPTH);
+
+/// Sets the nesting [`check_depth`] allows in this process
+/// (`--max-json-depth`), once at start.
+pub fn set_max_json_depth(depth: usize) {
+    MAX_DEPTH.store(depth, Ordering::Relaxed);
+}
+
+/// Refuses `json` nested deeper than this process allows (by default
+/// [`MAX_JSON_DEPTH`]), naming `field`. Counts brackets outside strings:
+/// one pass, no allocation.
 pub fn check_depth(field: &str, json: &str) -> Result<(), String> {
+    let max = MAX_DEPTH.load(Ordering::Relaxed);
     let (mut depth, mut deepest) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
     for b in json.bytes() {
@@ -254,9 +267,9 @@ pub fn check_depth(field: &str, json: &str) -> Result<(), String> {
             _ => {}
         }
     }
-    if deepest > MAX_JSON_DEPTH {
+    if deepest > max {
         return Err(format!(
-            "`{field}` nests {deepest} levels deep; at most {MAX_JSON_DEPTH} are accepted"
+            "`{field}` nests {deepest} levels deep; at most {max} are accepted"
         ));
     }
     Ok(())

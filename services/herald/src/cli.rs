@@ -22,6 +22,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start; boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Everything in one process with an in-memory broker: WebSocket edge, gRPC router and presence.
@@ -74,6 +76,10 @@ pub struct Common {
     /// Log format.
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// How deeply the JSON of a message (`data`) or a presence `meta` may
+    /// nest; deeper is refused (bad_request, INVALID_ARGUMENT).
+    #[arg(long, env = "HERALD_MAX_JSON_DEPTH", default_value_t = 64)]
+    pub max_json_depth: usize,
     /// Threads that run the service's work; default: one per CPU the process
     /// may use. Fewer threads wake each other less, which can save CPU on a
     /// small machine (docs/benchmarks.md measures a router both ways).
@@ -190,6 +196,12 @@ pub struct ClientArgs {
     pub keys: Keys,
     #[command(flatten)]
     pub liveness: LivenessArgs,
+    /// Rooms one connection may be in at once (its personal room aside).
+    #[arg(long, env = "HERALD_MAX_ROOMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_rooms_per_connection: usize,
+    /// Largest presence `meta`, in bytes of JSON.
+    #[arg(long, env = "HERALD_MAX_META_BYTES", default_value_t = 2048)]
+    pub max_meta_bytes: usize,
 }
 
 /// How an edge notices clients that are gone without closing.
@@ -288,6 +300,9 @@ pub struct RouterArgs {
     /// Address for the gRPC API.
     #[arg(long, env = "HERALD_GRPC_LISTEN")]
     pub grpc_listen: SocketAddr,
+    /// Most messages one PublishBatch call may carry.
+    #[arg(long, env = "HERALD_MAX_PUBLISH_BATCH", default_value_t = 1000)]
+    pub max_publish_batch: usize,
     #[command(flatten)]
     pub nats: NatsArgs,
     /// Address for /healthz, /readyz, /metrics.

@@ -112,6 +112,11 @@ pub fn main(mut cli: Cli) -> ExitCode {
         eprintln!("herald: {}", chain(&e));
         return ExitCode::from(EXIT_CONFIG);
     }
+    if common.max_json_depth == 0 {
+        eprintln!("herald: --max-json-depth must be at least 1");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    herald_wire::frames::set_max_json_depth(common.max_json_depth);
     let threads = common.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         NonZeroUsize::get,
@@ -363,6 +368,14 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 )?,
                 drain_delay: args.drain.drain_delay,
                 api_auth: api_auth(&args.api, "router", &shutdown)?,
+                max_publish_batch: match args.max_publish_batch {
+                    0 => {
+                        return Err(
+                            ConfigError::new("--max-publish-batch must be at least 1").into()
+                        );
+                    }
+                    n => n,
+                },
                 ..Default::default()
             };
             herald_router::run(config, broker, history, grpc, http, metrics, shutdown).await?;
@@ -433,6 +446,8 @@ async fn edge_config(
     Ok(herald_edge::Config {
         heartbeat,
         idle_timeout,
+        max_rooms_per_conn: clients.max_rooms_per_connection,
+        max_meta_bytes: clients.max_meta_bytes,
         ..herald_edge::Config::new(
             node_id,
             crate::keys::verifier(&clients.keys, dev, shutdown).await?,

@@ -29,10 +29,12 @@ pub struct RouterApi {
     presence: PresenceFront,
     published: Counter,
     messages_in: NamespaceCounters,
+    /// Messages one `PublishBatch` call may carry (`--max-publish-batch`).
+    max_batch: usize,
 }
 
-/// Messages one `PublishBatch` call may carry.
-const MAX_PUBLISH_BATCH: usize = 1000;
+/// Messages one `PublishBatch` call may carry unless configured.
+pub const MAX_PUBLISH_BATCH: usize = 1000;
 
 /// How long Join/Leave/Disconnect wait for the edges to confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
@@ -66,6 +68,15 @@ impl RouterApi {
             presence,
             published,
             messages_in,
+            max_batch: MAX_PUBLISH_BATCH,
+        }
+    }
+
+    /// At most `max` messages per `PublishBatch`.
+    pub fn with_max_batch(self, max: usize) -> RouterApi {
+        RouterApi {
+            max_batch: max,
+            ..self
         }
     }
 
@@ -257,9 +268,10 @@ impl Router for RouterApi {
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchReply>, Status> {
         let messages = request.into_inner().messages;
-        if messages.len() > MAX_PUBLISH_BATCH {
+        if messages.len() > self.max_batch {
             return Err(Status::invalid_argument(format!(
-                "a batch holds at most {MAX_PUBLISH_BATCH} messages; this one has {}",
+                "a batch holds at most {} messages; this one has {}",
+                self.max_batch,
                 messages.len()
             )));
         }

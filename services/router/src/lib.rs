@@ -35,6 +35,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// The API tokens calls must carry; `None`: the API is open.
     pub api_auth: Option<herald_ops::ApiAuth>,
+    /// Most messages one `PublishBatch` may carry.
+    pub max_publish_batch: usize,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             storage: herald_ops::Gate::open("durable storage"),
             drain_delay: Duration::ZERO,
             api_auth: None,
+            max_publish_batch: api::MAX_PUBLISH_BATCH,
         }
     }
 }
@@ -73,7 +76,8 @@ pub async fn run(
         config.policy.clone(),
         presence.clone(),
         &metrics,
-    );
+    )
+    .with_max_batch(config.max_publish_batch);
     const SERVICES: &[&str] = &["herald.v1.Router", "herald.v1.Presence"];
     let (health_svc, reporter, reflection) = herald_ops::grpc_extras(SERVICES).await;
     let stop = herald_ops::drain_after(
