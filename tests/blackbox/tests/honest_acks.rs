@@ -19,7 +19,12 @@ use herald_test_support::{eventually, http_get};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+// No rate limits: the publishers catch up in bursts after each outage.
 const CONFIG: &str = r#"
+[limits]
+publish_per_second = 0
+user_publish_per_second = 0
+
 [namespaces.log]
 durable = { history_size = 100000, history_ttl = "1h" }
 

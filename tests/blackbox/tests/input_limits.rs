@@ -25,7 +25,11 @@ async fn configured_input_limits_are_enforced_with_their_errors() {
     let ada = connect(&cluster.ws(0), "ada").await;
 
     ok(&ada, json!({"op":"join","room":"chat:a"})).await;
-    ok(&ada, json!({"op":"publish","room":"chat:a","data":[[[["four"]]]]})).await;
+    ok(
+        &ada,
+        json!({"op":"publish","room":"chat:a","data":[[[["four"]]]]}),
+    )
+    .await;
     let e = refused(
         &ada,
         json!({"op":"publish","room":"chat:a","data":[[[[["five"]]]]]}),
