@@ -81,10 +81,19 @@ impl fmt::Display for ErrorCode {
 }
 
 /// WebSocket close codes, sent in a `disconnect` frame and then in the close
-/// frame itself.
+/// frame itself (except [`CloseCode::announced`]: the close frame alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseCode {
     Normal,
+    /// The client broke the WebSocket protocol (RFC 6455): an unmasked
+    /// frame, reserved bits or opcodes, a control frame fragmented or over
+    /// 125 bytes, a continuation with nothing to continue or a message begun
+    /// inside another, a malformed close frame.
+    ProtocolError,
+    /// A text message, or the reason of a close frame, that is not valid UTF-8.
+    InvalidData,
+    /// A policy of the backend's, named by its `Router.Disconnect`; the edge
+    /// itself does not send it.
     Policy,
     TooBig,
     Internal,
@@ -100,8 +109,11 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    /// The catalogue: every code with a meaning of Herald's.
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
+        CloseCode::ProtocolError,
+        CloseCode::InvalidData,
         CloseCode::Policy,
         CloseCode::TooBig,
         CloseCode::Internal,
@@ -117,6 +129,8 @@ impl CloseCode {
     pub fn code(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidData => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::Internal => 1011,
@@ -140,6 +154,7 @@ impl CloseCode {
     pub fn reconnect(self) -> bool {
         match self {
             CloseCode::Normal | CloseCode::Policy | CloseCode::TooBig => false,
+            CloseCode::ProtocolError | CloseCode::InvalidData => false,
             CloseCode::Unauthorized | CloseCode::Forbidden => false,
             CloseCode::Internal
             | CloseCode::ServiceRestart
@@ -148,6 +163,15 @@ impl CloseCode {
             | CloseCode::SlowConsumer
             | CloseCode::IdleTimeout => true,
         }
+    }
+
+    /// Whether a `disconnect` frame precedes the close frame. Not when the
+    /// client broke the WebSocket protocol: its side of the connection can no
+    /// longer be trusted to read frames as meant, so the connection is failed
+    /// at once with the close frame alone (RFC 6455 §7.1.7), whose code and
+    /// reason every WebSocket library reports.
+    pub fn announced(self) -> bool {
+        !matches!(self, CloseCode::ProtocolError | CloseCode::InvalidData)
     }
 }
 
@@ -184,7 +208,7 @@ mod tests {
         assert_eq!(
             codes,
             [
-                1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009, 4010
+                1000, 1002, 1007, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009, 4010
             ]
         );
         let unique: HashSet<_> = codes.iter().collect();
@@ -196,5 +220,8 @@ mod tests {
         assert!(CloseCode::ServiceRestart.reconnect());
         assert!(CloseCode::SlowConsumer.reconnect());
         assert!(!CloseCode::Unauthorized.reconnect());
+        assert!(!CloseCode::ProtocolError.announced());
+        assert!(!CloseCode::InvalidData.announced());
+        assert!(CloseCode::TooBig.announced());
     }
 }

@@ -190,8 +190,9 @@ pub fn disconnected(code: Option<CloseCode>) {
 }
 
 /// The close codes the edge sends (`herald_wire::CloseCode`), as labels.
-const CODES: [&str; 11] = [
-    "1000", "1008", "1009", "1011", "1012", "1013", "4001", "4003", "4008", "4009", "4010",
+const CODES: [&str; 13] = [
+    "1000", "1002", "1007", "1008", "1009", "1011", "1012", "1013", "4001", "4003", "4008", "4009",
+    "4010",
 ];
 
 fn code_label(code: CloseCode) -> &'static str {
