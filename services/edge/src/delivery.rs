@@ -25,7 +25,7 @@ use herald_wire::CloseCode;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::framing::{OP_CLOSE, OP_PING, OP_TEXT, encode_close, encode_frame};
+use crate::framing::{OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, encode_close, encode_frame};
 
 mod fanout;
 #[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
@@ -51,6 +51,9 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 pub enum Out {
     /// A pre-encoded JSON text frame payload.
     Text(Bytes),
+    /// A binary frame. Herald's protocol is JSON text: only the echo server
+    /// (`echo`, for the conformance suite) sends these.
+    Binary(Bytes),
     /// A control frame (pong, close echo) that the WebSocket reader owes the peer.
     Control { opcode: u8, payload: Vec<u8> },
     /// `disconnect` + close frame, after everything queued before it.
@@ -584,7 +587,7 @@ impl Outbox {
             .frames
             .iter()
             .map(|out| match out {
-                Out::Text(b) => b.len(),
+                Out::Text(b) | Out::Binary(b) => b.len(),
                 Out::Control { payload, .. } => payload.len(),
                 Out::Close(closing) => closing.reason.len(),
             })
@@ -746,6 +749,7 @@ fn encode_queued(q: &mut Queue, buf: &mut Vec<u8>) {
 fn encode(buf: &mut Vec<u8>, out: Out) {
     match out {
         Out::Text(b) => encode_frame(buf, OP_TEXT, &b),
+        Out::Binary(b) => encode_frame(buf, OP_BINARY, &b),
         Out::Control { opcode, payload } => encode_frame(buf, opcode, &payload),
         Out::Close(closing) => encode_close(buf, &closing),
     }

@@ -38,7 +38,7 @@ pub const OP_PONG: u8 = 0xA;
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
     Text(Vec<u8>),
-    /// Herald's protocol refuses these.
+    /// Herald's protocol refuses these; the echo server sends them back.
     Binary(Vec<u8>),
     /// The client closed, or the socket is gone.
     Closed,

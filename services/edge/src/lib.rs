@@ -7,6 +7,7 @@
 mod control;
 mod delivery;
 mod drain;
+pub mod echo;
 mod framing;
 mod interest;
 mod liveness;
