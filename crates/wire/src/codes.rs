@@ -106,6 +106,24 @@ pub enum CloseCode {
     /// Nothing (no frame, no pong) arrived from the client for the edge's
     /// idle timeout: it is taken for gone.
     IdleTimeout,
+    /// A backend's own code from the private-use range 4000–4999 (RFC 6455
+    /// §7.4.2) outside this catalogue, given to `Router.Disconnect`: it means
+    /// what the backend says it means, and the backend chooses its reconnect
+    /// rule. Made by [`CloseCode::application`].
+    Application(AppCode),
+}
+
+/// A code of [`CloseCode::Application`]: one of 4000–4999 that the catalogue
+/// leaves free. Kept as two bytes rather than a `u16` so that a `CloseCode`
+/// has no alignment and stays 3 bytes: the edge keeps one in every
+/// connection's queue, where it fits in padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AppCode([u8; 2]);
+
+impl AppCode {
+    pub fn get(self) -> u16 {
+        u16::from_be_bytes(self.0)
+    }
 }
 
 impl CloseCode {
@@ -126,6 +144,9 @@ impl CloseCode {
         CloseCode::IdleTimeout,
     ];
 
+    /// The private-use range that backends may fill with codes of their own.
+    pub const APPLICATION: std::ops::RangeInclusive<u16> = 4000..=4999;
+
     pub fn code(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
@@ -141,21 +162,32 @@ impl CloseCode {
             CloseCode::RateLimited => 4008,
             CloseCode::SlowConsumer => 4009,
             CloseCode::IdleTimeout => 4010,
+            CloseCode::Application(code) => code.get(),
         }
     }
 
+    /// The catalogue's code with this number.
     pub fn from_code(code: u16) -> Option<CloseCode> {
         CloseCode::ALL.into_iter().find(|c| c.code() == code)
     }
 
+    /// A backend's own code: one of 4000–4999 that the catalogue does not
+    /// use (those keep the catalogue's meaning).
+    pub fn application(code: u16) -> Option<CloseCode> {
+        (CloseCode::APPLICATION.contains(&code) && CloseCode::from_code(code).is_none())
+            .then_some(CloseCode::Application(AppCode(code.to_be_bytes())))
+    }
+
     /// The reconnect rule a client follows after this close: `true` means
     /// reconnect (with backoff) and resume; `false` means a new token or a
-    /// different request is needed first.
+    /// different request is needed first. An application code's rule is
+    /// the backend's; `false` unless it says otherwise.
     pub fn reconnect(self) -> bool {
         match self {
             CloseCode::Normal | CloseCode::Policy | CloseCode::TooBig => false,
             CloseCode::ProtocolError | CloseCode::InvalidData => false,
             CloseCode::Unauthorized | CloseCode::Forbidden => false,
+            CloseCode::Application(_) => false,
             CloseCode::Internal
             | CloseCode::ServiceRestart
             | CloseCode::TryAgainLater
@@ -223,5 +255,21 @@ mod tests {
         assert!(!CloseCode::ProtocolError.announced());
         assert!(!CloseCode::InvalidData.announced());
         assert!(CloseCode::TooBig.announced());
+    }
+
+    #[test]
+    fn application_codes_are_the_private_use_range_the_catalogue_leaves() {
+        let banned = CloseCode::application(4403).expect("free in the catalogue");
+        assert_eq!(banned.code(), 4403);
+        assert!(!banned.reconnect());
+        assert!(banned.announced());
+        assert_eq!(size_of::<Option<CloseCode>>(), 3);
+        for taken in [4001, 4003, 4008, 4009, 4010] {
+            assert_eq!(CloseCode::application(taken), None, "{taken}");
+        }
+        for outside in [0, 1000, 1001, 3999, 5000, u16::MAX] {
+            assert_eq!(CloseCode::application(outside), None, "{outside}");
+        }
+        assert_eq!(CloseCode::from_code(4403), None);
     }
 }

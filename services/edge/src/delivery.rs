@@ -68,12 +68,14 @@ impl Out {
 }
 
 /// Why the server closes a connection: the code and reason of its
-/// `disconnect` frame and close frame, and for a client that reconnects,
-/// how long to wait first.
+/// `disconnect` frame and close frame, whether the client should reconnect,
+/// and if so how long to wait first.
 #[derive(Debug, Clone)]
 pub struct Closing {
     pub code: CloseCode,
     pub reason: String,
+    /// The code's rule, unless a backend chose another for a code of its own.
+    pub reconnect: bool,
     pub reconnect_after_ms: Option<u32>,
 }
 
@@ -82,6 +84,7 @@ impl Closing {
         Closing {
             code,
             reason: reason.into(),
+            reconnect: code.reconnect(),
             reconnect_after_ms: None,
         }
     }

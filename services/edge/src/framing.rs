@@ -390,7 +390,12 @@ pub fn encode_close(buf: &mut Vec<u8>, close: &Closing) {
         encode_frame(
             buf,
             OP_TEXT,
-            &disconnect_frame(code, reason, close.reconnect_after_ms.map(u64::from)),
+            &disconnect_frame(
+                code,
+                reason,
+                close.reconnect,
+                close.reconnect_after_ms.map(u64::from),
+            ),
         );
     }
     // A close frame's reason may hold at most 123 bytes.
