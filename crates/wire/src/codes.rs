@@ -81,10 +81,19 @@ impl fmt::Display for ErrorCode {
 }
 
 /// WebSocket close codes, sent in a `disconnect` frame and then in the close
-/// frame itself.
+/// frame itself (except [`CloseCode::announced`]: the close frame alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseCode {
     Normal,
+    /// The client broke the WebSocket protocol (RFC 6455): an unmasked
+    /// frame, reserved bits or opcodes, a control frame fragmented or over
+    /// 125 bytes, a continuation with nothing to continue or a message begun
+    /// inside another, a malformed close frame.
+    ProtocolError,
+    /// A text message, or the reason of a close frame, that is not valid UTF-8.
+    InvalidData,
+    /// A policy of the backend's, named by its `Router.Disconnect`; the edge
+    /// itself does not send it.
     Policy,
     TooBig,
     Internal,
@@ -97,11 +106,32 @@ pub enum CloseCode {
     /// Nothing (no frame, no pong) arrived from the client for the edge's
     /// idle timeout: it is taken for gone.
     IdleTimeout,
+    /// A backend's own code from the private-use range 4000–4999 (RFC 6455
+    /// §7.4.2) outside this catalogue, given to `Router.Disconnect`: it means
+    /// what the backend says it means, and the backend chooses its reconnect
+    /// rule. Made by [`CloseCode::application`].
+    Application(AppCode),
+}
+
+/// A code of [`CloseCode::Application`]: one of 4000–4999 that the catalogue
+/// leaves free. Kept as two bytes rather than a `u16` so that a `CloseCode`
+/// has no alignment and stays 3 bytes: the edge keeps one in every
+/// connection's queue, where it fits in padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AppCode([u8; 2]);
+
+impl AppCode {
+    pub fn get(self) -> u16 {
+        u16::from_be_bytes(self.0)
+    }
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    /// The catalogue: every code with a meaning of Herald's.
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
+        CloseCode::ProtocolError,
+        CloseCode::InvalidData,
         CloseCode::Policy,
         CloseCode::TooBig,
         CloseCode::Internal,
@@ -114,9 +144,14 @@ impl CloseCode {
         CloseCode::IdleTimeout,
     ];
 
+    /// The private-use range that backends may fill with codes of their own.
+    pub const APPLICATION: std::ops::RangeInclusive<u16> = 4000..=4999;
+
     pub fn code(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidData => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::Internal => 1011,
@@ -127,20 +162,32 @@ impl CloseCode {
             CloseCode::RateLimited => 4008,
             CloseCode::SlowConsumer => 4009,
             CloseCode::IdleTimeout => 4010,
+            CloseCode::Application(code) => code.get(),
         }
     }
 
+    /// The catalogue's code with this number.
     pub fn from_code(code: u16) -> Option<CloseCode> {
         CloseCode::ALL.into_iter().find(|c| c.code() == code)
     }
 
+    /// A backend's own code: one of 4000–4999 that the catalogue does not
+    /// use (those keep the catalogue's meaning).
+    pub fn application(code: u16) -> Option<CloseCode> {
+        (CloseCode::APPLICATION.contains(&code) && CloseCode::from_code(code).is_none())
+            .then_some(CloseCode::Application(AppCode(code.to_be_bytes())))
+    }
+
     /// The reconnect rule a client follows after this close: `true` means
     /// reconnect (with backoff) and resume; `false` means a new token or a
-    /// different request is needed first.
+    /// different request is needed first. An application code's rule is
+    /// the backend's; `false` unless it says otherwise.
     pub fn reconnect(self) -> bool {
         match self {
             CloseCode::Normal | CloseCode::Policy | CloseCode::TooBig => false,
+            CloseCode::ProtocolError | CloseCode::InvalidData => false,
             CloseCode::Unauthorized | CloseCode::Forbidden => false,
+            CloseCode::Application(_) => false,
             CloseCode::Internal
             | CloseCode::ServiceRestart
             | CloseCode::TryAgainLater
@@ -148,6 +195,15 @@ impl CloseCode {
             | CloseCode::SlowConsumer
             | CloseCode::IdleTimeout => true,
         }
+    }
+
+    /// Whether a `disconnect` frame precedes the close frame. Not when the
+    /// client broke the WebSocket protocol: its side of the connection can no
+    /// longer be trusted to read frames as meant, so the connection is failed
+    /// at once with the close frame alone (RFC 6455 §7.1.7), whose code and
+    /// reason every WebSocket library reports.
+    pub fn announced(self) -> bool {
+        !matches!(self, CloseCode::ProtocolError | CloseCode::InvalidData)
     }
 }
 
@@ -184,7 +240,7 @@ mod tests {
         assert_eq!(
             codes,
             [
-                1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009, 4010
+                1000, 1002, 1007, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009, 4010
             ]
         );
         let unique: HashSet<_> = codes.iter().collect();
@@ -196,5 +252,24 @@ mod tests {
         assert!(CloseCode::ServiceRestart.reconnect());
         assert!(CloseCode::SlowConsumer.reconnect());
         assert!(!CloseCode::Unauthorized.reconnect());
+        assert!(!CloseCode::ProtocolError.announced());
+        assert!(!CloseCode::InvalidData.announced());
+        assert!(CloseCode::TooBig.announced());
+    }
+
+    #[test]
+    fn application_codes_are_the_private_use_range_the_catalogue_leaves() {
+        let banned = CloseCode::application(4403).expect("free in the catalogue");
+        assert_eq!(banned.code(), 4403);
+        assert!(!banned.reconnect());
+        assert!(banned.announced());
+        assert_eq!(size_of::<Option<CloseCode>>(), 3);
+        for taken in [4001, 4003, 4008, 4009, 4010] {
+            assert_eq!(CloseCode::application(taken), None, "{taken}");
+        }
+        for outside in [0, 1000, 1001, 3999, 5000, u16::MAX] {
+            assert_eq!(CloseCode::application(outside), None, "{outside}");
+        }
+        assert_eq!(CloseCode::from_code(4403), None);
     }
 }

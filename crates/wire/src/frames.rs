@@ -447,9 +447,16 @@ pub fn error_frame(
 }
 
 /// `{"op":"disconnect",...}`, sent right before the close frame with the same
-/// code. `reconnect_after_ms`, when given, tells a client that reconnects
-/// how long to wait first (a draining edge spreads its clients' returns).
-pub fn disconnect_frame(code: CloseCode, reason: &str, reconnect_after_ms: Option<u64>) -> Bytes {
+/// code. `reconnect` is the code's rule ([`CloseCode::reconnect`]) unless a
+/// backend chose another for a code of its own. `reconnect_after_ms`, when
+/// given, tells a client that reconnects how long to wait first (a draining
+/// edge spreads its clients' returns).
+pub fn disconnect_frame(
+    code: CloseCode,
+    reason: &str,
+    reconnect: bool,
+    reconnect_after_ms: Option<u64>,
+) -> Bytes {
     #[derive(Serialize)]
     struct Disconnect<'a> {
         op: &'static str,
@@ -463,7 +470,7 @@ pub fn disconnect_frame(code: CloseCode, reason: &str, reconnect_after_ms: Optio
         op: "disconnect",
         code: code.code(),
         reason,
-        reconnect: code.reconnect(),
+        reconnect,
         reconnect_after_ms,
     })
 }
@@ -647,6 +654,7 @@ mod tests {
         let v: Value = serde_json::from_slice(&disconnect_frame(
             CloseCode::ServiceRestart,
             "draining",
+            true,
             Some(250),
         ))
         .unwrap();
@@ -655,10 +663,22 @@ mod tests {
             json!({"op":"disconnect","code":1012,"reason":"draining","reconnect":true,"reconnect_after_ms":250})
         );
         let v: Value =
-            serde_json::from_slice(&disconnect_frame(CloseCode::Forbidden, "no", None)).unwrap();
+            serde_json::from_slice(&disconnect_frame(CloseCode::Forbidden, "no", false, None))
+                .unwrap();
         assert_eq!(
             v,
             json!({"op":"disconnect","code":4003,"reason":"no","reconnect":false})
+        );
+        let v: Value = serde_json::from_slice(&disconnect_frame(
+            CloseCode::application(4403).unwrap(),
+            "banned",
+            true,
+            None,
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"disconnect","code":4403,"reason":"banned","reconnect":true})
         );
         let v: Value = serde_json::from_slice(&presence_frame(
             "chat:x",

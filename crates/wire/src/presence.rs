@@ -283,6 +283,10 @@ pub enum Control {
         conn: Option<String>,
         code: u16,
         reason: String,
+        /// The backend's reconnect rule for a code of its own; without it,
+        /// the code's (edges that predate it ignore it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect: Option<bool>,
     },
     /// Client frames for an SSE connection of the addressed edge, posted to
     /// `POST /sse/send` on another edge: an SSE stream lives on one edge,
@@ -443,6 +447,33 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&quiet_state).unwrap(),
             json!({"room":"audit:x","quiet":true})
+        );
+    }
+
+    #[test]
+    fn a_disconnects_reconnect_rule_is_optional_both_ways() {
+        // From a router that predates the field.
+        let old: Control = serde_json::from_value(
+            json!({"action":"disconnect","user":"bob","code":1000,"reason":"bye"}),
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            Control::Disconnect {
+                reconnect: None,
+                ..
+            }
+        ));
+        let banned = Control::Disconnect {
+            user: Some("bob".into()),
+            conn: None,
+            code: 4403,
+            reason: "banned".into(),
+            reconnect: Some(false),
+        };
+        assert_eq!(
+            serde_json::to_value(&banned).unwrap(),
+            json!({"action":"disconnect","user":"bob","code":4403,"reason":"banned","reconnect":false})
         );
     }
 

@@ -25,7 +25,7 @@ use herald_wire::CloseCode;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::framing::{OP_CLOSE, OP_PING, OP_TEXT, encode_close, encode_frame};
+use crate::framing::{OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, encode_close, encode_frame};
 
 mod fanout;
 #[cfg(all(target_os = "linux", not(herald_no_io_uring)))]
@@ -51,6 +51,9 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 pub enum Out {
     /// A pre-encoded JSON text frame payload.
     Text(Bytes),
+    /// A binary frame. Herald's protocol is JSON text: only the echo server
+    /// (`echo`, for the conformance suite) sends these.
+    Binary(Bytes),
     /// A control frame (pong, close echo) that the WebSocket reader owes the peer.
     Control { opcode: u8, payload: Vec<u8> },
     /// `disconnect` + close frame, after everything queued before it.
@@ -66,7 +69,7 @@ impl Out {
     /// Payload bytes, as the queue's byte limit counts them.
     fn len(&self) -> usize {
         match self {
-            Out::Text(b) => b.len(),
+            Out::Text(b) | Out::Binary(b) => b.len(),
             Out::Control { payload, .. } => payload.len(),
             Out::Close(closing) => closing.reason.len(),
         }
@@ -74,12 +77,14 @@ impl Out {
 }
 
 /// Why the server closes a connection: the code and reason of its
-/// `disconnect` frame and close frame, and for a client that reconnects,
-/// how long to wait first.
+/// `disconnect` frame and close frame, whether the client should reconnect,
+/// and if so how long to wait first.
 #[derive(Debug, Clone)]
 pub struct Closing {
     pub code: CloseCode,
     pub reason: String,
+    /// The code's rule, unless a backend chose another for a code of its own.
+    pub reconnect: bool,
     pub reconnect_after_ms: Option<u32>,
 }
 
@@ -88,6 +93,7 @@ impl Closing {
         Closing {
             code,
             reason: reason.into(),
+            reconnect: code.reconnect(),
             reconnect_after_ms: None,
         }
     }
@@ -795,6 +801,7 @@ fn encode_queued(q: &mut Queue, buf: &mut Vec<u8>) {
 fn encode(buf: &mut Vec<u8>, out: Out) {
     match out {
         Out::Text(b) => encode_frame(buf, OP_TEXT, &b),
+        Out::Binary(b) => encode_frame(buf, OP_BINARY, &b),
         Out::Control { opcode, payload } => encode_frame(buf, opcode, &payload),
         Out::Close(closing) => encode_close(buf, &closing),
     }

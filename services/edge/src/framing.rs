@@ -8,6 +8,12 @@
 //! in pieces, freeing them once the frame is whole. (fastwebsockets' reader
 //! keeps an 8 KiB buffer per connection for life.) Server frames are written
 //! unmasked straight into the caller's buffer.
+//!
+//! A client that breaks the protocol gets the close code RFC 6455 names for
+//! it: 1002 for a malformed frame or sequence of frames, 1007 for text that
+//! is not UTF-8 (checked fragment by fragment, so that a bad message fails
+//! at its first bad fragment rather than once it is whole), 1009 for a
+//! message over the size limit (refused from its header alone).
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,7 +29,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
+pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
@@ -32,7 +38,8 @@ pub const OP_PONG: u8 = 0xA;
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
     Text(Vec<u8>),
-    Binary,
+    /// Herald's protocol refuses these; the echo server sends them back.
+    Binary(Vec<u8>),
     /// The client closed, or the socket is gone.
     Closed,
     /// The client broke the WebSocket protocol or a size limit.
@@ -43,6 +50,10 @@ pub enum Incoming {
 struct Fragments {
     text: bool,
     data: Vec<u8>,
+    /// How much of a text message's `data` is known to be UTF-8; what
+    /// follows is at most the start of a character that the end of a
+    /// fragment cut.
+    checked: usize,
 }
 
 /// Decodes a client's frames. Empty (nothing allocated) between frames.
@@ -166,18 +177,26 @@ impl Reader {
             let opcode = b0 & 0x0f;
             if b0 & 0x70 != 0 {
                 self.violation(
-                    CloseCode::Policy,
+                    CloseCode::ProtocolError,
                     "reserved bits set: no extension was agreed",
                 );
                 break;
             }
             if b1 & 0x80 == 0 {
-                self.violation(CloseCode::Policy, "client frames must be masked");
+                self.violation(CloseCode::ProtocolError, "client frames must be masked");
                 break;
             }
             let control = opcode >= 0x8;
             if !matches!(opcode, 0x0..=0x2 | 0x8..=0xA) {
-                self.violation(CloseCode::Policy, format!("unknown opcode {opcode:#x}"));
+                self.violation(
+                    CloseCode::ProtocolError,
+                    format!("reserved opcode {opcode:#x}"),
+                );
+                break;
+            }
+            // Known from the header: no need to wait for the payload.
+            if let Some(why) = self.out_of_sequence(opcode) {
+                self.violation(CloseCode::ProtocolError, why);
                 break;
             }
             let (len, header) = match b1 & 0x7f {
@@ -192,7 +211,7 @@ impl Reader {
             };
             if control && (!fin || len > 125) {
                 self.violation(
-                    CloseCode::Policy,
+                    CloseCode::ProtocolError,
                     "control frames must be whole and at most 125 bytes",
                 );
                 break;
@@ -221,6 +240,20 @@ impl Reader {
         pos
     }
 
+    /// Why a data frame with `opcode` cannot come now, if it cannot: a
+    /// continuation needs a message to continue, and a new message must wait
+    /// for the fragmented one to end.
+    fn out_of_sequence(&self, opcode: u8) -> Option<&'static str> {
+        match (opcode, self.message.is_some()) {
+            (OP_CONTINUATION, false) => Some("continuation frame without a message to continue"),
+            (OP_TEXT | OP_BINARY, true) => {
+                Some("a new message began before the fragmented one ended")
+            }
+            _ => None,
+        }
+    }
+
+    /// One whole frame, in sequence (see [`Reader::out_of_sequence`]).
     fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8], outbox: &Outbox) {
         match opcode {
             OP_PING => {
@@ -230,44 +263,50 @@ impl Reader {
                 });
             }
             OP_CLOSE => self.close(payload, outbox),
+            OP_TEXT | OP_BINARY if fin => self.message_done(opcode == OP_TEXT, payload.to_vec()),
             OP_TEXT | OP_BINARY => {
-                if self.message.is_some() {
-                    self.violation(
-                        CloseCode::Policy,
-                        "a new message began before the fragmented one ended",
-                    );
-                } else if fin {
-                    self.message_done(opcode == OP_TEXT, payload.to_vec());
-                } else {
-                    self.message = Some(Box::new(Fragments {
-                        text: opcode == OP_TEXT,
-                        data: payload.to_vec(),
-                    }));
-                }
+                self.message = Some(Box::new(Fragments {
+                    text: opcode == OP_TEXT,
+                    data: Vec::new(),
+                    checked: 0,
+                }));
+                self.fragment(payload, false);
             }
-            OP_CONTINUATION => match self.message.as_mut() {
-                None => self.violation(
-                    CloseCode::Policy,
-                    "continuation frame without a message to continue",
-                ),
-                Some(m) => {
-                    m.data.extend_from_slice(payload);
-                    if fin {
-                        let m = self.message.take().expect("present");
-                        self.message_done(m.text, m.data);
-                    }
-                }
-            },
+            OP_CONTINUATION => self.fragment(payload, fin),
             // Pongs answer pings the server never sends: nothing to do.
             _ => {}
         }
     }
 
+    /// Adds a fragment to the message begun; a text message's new bytes are
+    /// checked at once, so that invalid UTF-8 fails the connection now.
+    fn fragment(&mut self, payload: &[u8], fin: bool) {
+        let m = self.message.as_mut().expect("checked by out_of_sequence");
+        m.data.extend_from_slice(payload);
+        if m.text {
+            match utf8_up_to(&m.data, m.checked, fin) {
+                Some(valid) => m.checked = valid,
+                None => {
+                    self.violation(CloseCode::InvalidData, "text message is not valid UTF-8");
+                    return;
+                }
+            }
+        }
+        if fin {
+            let m = self.message.take().expect("present");
+            self.ready.push_back(if m.text {
+                Incoming::Text(m.data)
+            } else {
+                Incoming::Binary(m.data)
+            });
+        }
+    }
+
     fn message_done(&mut self, text: bool, data: Vec<u8>) {
         if !text {
-            self.ready.push_back(Incoming::Binary);
+            self.ready.push_back(Incoming::Binary(data));
         } else if std::str::from_utf8(&data).is_err() {
-            self.violation(CloseCode::Policy, "text frame is not valid UTF-8");
+            self.violation(CloseCode::InvalidData, "text message is not valid UTF-8");
         } else {
             self.ready.push_back(Incoming::Text(data));
         }
@@ -275,18 +314,29 @@ impl Reader {
 
     /// Answers a close with the same code (RFC 6455 §5.5.1) and ends reading.
     fn close(&mut self, payload: &[u8], outbox: &Outbox) {
-        let valid = match payload.len() {
-            0 => true,
-            1 => false,
-            _ => {
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                let known = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
-                known && std::str::from_utf8(&payload[2..]).is_ok()
-            }
-        };
-        if !valid {
-            self.violation(CloseCode::Policy, "malformed close frame");
+        if payload.len() == 1 {
+            self.violation(
+                CloseCode::ProtocolError,
+                "a close frame holds nothing, or a 2-byte code and a reason: not 1 byte",
+            );
             return;
+        }
+        if let [hi, lo, reason @ ..] = payload {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !sendable_close_code(code) {
+                self.violation(
+                    CloseCode::ProtocolError,
+                    format!("close code {code} may not be sent in a close frame"),
+                );
+                return;
+            }
+            if std::str::from_utf8(reason).is_err() {
+                self.violation(
+                    CloseCode::InvalidData,
+                    "the close frame's reason is not valid UTF-8",
+                );
+                return;
+            }
         }
         outbox.push(Out::Control {
             opcode: OP_CLOSE,
@@ -294,6 +344,25 @@ impl Reader {
         });
         self.finish(Incoming::Closed);
     }
+}
+
+/// How far `data` is valid UTF-8, checking from `from` (valid before it);
+/// `None` when it cannot become valid. Unless `whole`, a character cut at
+/// the very end may still be completed by what follows.
+fn utf8_up_to(data: &[u8], from: usize, whole: bool) -> Option<usize> {
+    match std::str::from_utf8(&data[from..]) {
+        Ok(_) => Some(data.len()),
+        Err(e) if e.error_len().is_none() && !whole => Some(from + e.valid_up_to()),
+        Err(_) => None,
+    }
+}
+
+/// The codes a close frame may carry: those RFC 6455 defines for it
+/// (1004–1006 and 1015 are reserved for reporting, never sent), those IANA
+/// registered since (1012–1014), and the ranges of libraries and frameworks
+/// (3000–3999) and of applications (4000–4999).
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Appends one unmasked server frame to `buf`.
@@ -312,13 +381,23 @@ pub fn encode_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// Appends a close of the server's: the `disconnect` frame (unless the code
+/// is one a client is not told of that way, see `CloseCode::announced`),
+/// then the close frame.
 pub fn encode_close(buf: &mut Vec<u8>, close: &Closing) {
     let (code, reason) = (close.code, close.reason.as_str());
-    encode_frame(
-        buf,
-        OP_TEXT,
-        &disconnect_frame(code, reason, close.reconnect_after_ms.map(u64::from)),
-    );
+    if code.announced() {
+        encode_frame(
+            buf,
+            OP_TEXT,
+            &disconnect_frame(
+                code,
+                reason,
+                close.reconnect,
+                close.reconnect_after_ms.map(u64::from),
+            ),
+        );
+    }
     // A close frame's reason may hold at most 123 bytes.
     let mut cut = reason.len().min(123);
     while !reason.is_char_boundary(cut) {
@@ -407,53 +486,289 @@ mod tests {
         assert_eq!(pong, [0x80 | OP_PONG, 1, b'p']);
     }
 
+    /// Client frames with their header bits changed: `or` into the first byte.
+    fn with_bits(mut frame: Vec<u8>, or: u8) -> Vec<u8> {
+        frame[0] |= or;
+        frame
+    }
+
+    fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason);
+        p
+    }
+
+    /// Every violation of RFC 6455 gets its code, named in plain words.
     #[tokio::test]
-    async fn protocol_violations_are_named() {
-        let cases: Vec<(Vec<u8>, CloseCode, &str)> = vec![
+    async fn each_violation_gets_its_rfc6455_close_code() {
+        use CloseCode::{InvalidData, ProtocolError, TooBig};
+        let cases: Vec<(&str, Vec<u8>, CloseCode, &str)> = vec![
             (
+                "unmasked",
                 {
                     let mut f = masked(true, OP_TEXT, b"x");
                     f[1] &= 0x7f;
                     f
                 },
-                CloseCode::Policy,
+                ProtocolError,
                 "masked",
             ),
             (
+                "RSV1",
+                with_bits(masked(true, OP_TEXT, b"x"), 0x40),
+                ProtocolError,
+                "reserved bits",
+            ),
+            (
+                "RSV3 on a ping",
+                with_bits(masked(true, OP_PING, b""), 0x10),
+                ProtocolError,
+                "reserved bits",
+            ),
+            (
+                "data opcode 3",
+                masked(true, 0x3, b"x"),
+                ProtocolError,
+                "opcode",
+            ),
+            (
+                "control opcode 0xB",
+                masked(true, 0xB, b""),
+                ProtocolError,
+                "opcode",
+            ),
+            (
+                "fragmented ping",
+                masked(false, OP_PING, b"x"),
+                ProtocolError,
+                "control",
+            ),
+            (
+                "126-byte ping",
+                masked(true, OP_PING, &[0; 126]),
+                ProtocolError,
+                "control",
+            ),
+            (
+                "continuation first",
+                masked(true, OP_CONTINUATION, b"x"),
+                ProtocolError,
+                "continuation",
+            ),
+            (
+                "a message inside a message",
+                [masked(false, OP_TEXT, b"a"), masked(true, OP_TEXT, b"b")].concat(),
+                ProtocolError,
+                "new message",
+            ),
+            (
+                "1-byte close",
+                masked(true, OP_CLOSE, &[0x03]),
+                ProtocolError,
+                "1 byte",
+            ),
+            (
+                "close code 999",
+                masked(true, OP_CLOSE, &close_payload(999, b"")),
+                ProtocolError,
+                "999",
+            ),
+            (
+                "close code 1005",
+                masked(true, OP_CLOSE, &close_payload(1005, b"")),
+                ProtocolError,
+                "1005",
+            ),
+            (
+                "close code 1015",
+                masked(true, OP_CLOSE, &close_payload(1015, b"")),
+                ProtocolError,
+                "1015",
+            ),
+            (
+                "close code 2999",
+                masked(true, OP_CLOSE, &close_payload(2999, b"")),
+                ProtocolError,
+                "2999",
+            ),
+            (
+                "close code 5000",
+                masked(true, OP_CLOSE, &close_payload(5000, b"")),
+                ProtocolError,
+                "5000",
+            ),
+            (
+                "close reason not UTF-8",
+                masked(true, OP_CLOSE, &close_payload(1000, &[0xce, 0xba, 0xff])),
+                InvalidData,
+                "reason",
+            ),
+            (
+                "text not UTF-8",
                 masked(true, OP_TEXT, &[0xff, 0xfe]),
-                CloseCode::Policy,
+                InvalidData,
                 "UTF-8",
             ),
             (
-                masked(true, OP_CONTINUATION, b"x"),
-                CloseCode::Policy,
-                "continuation",
+                "text ending inside a character",
+                masked(true, OP_TEXT, &[b'a', 0xce]),
+                InvalidData,
+                "UTF-8",
             ),
-            (masked(false, OP_PING, b"x"), CloseCode::Policy, "control"),
-            (masked(true, 0x3, b"x"), CloseCode::Policy, "opcode"),
+            (
+                "fragmented text ending inside a character",
+                [
+                    masked(false, OP_TEXT, b"a"),
+                    masked(true, OP_CONTINUATION, &[0xce]),
+                ]
+                .concat(),
+                InvalidData,
+                "UTF-8",
+            ),
             // A 64-bit length at its largest: refused, no overflow.
             (
+                "2^64-1 bytes",
                 vec![0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
-                CloseCode::TooBig,
+                TooBig,
                 "larger",
             ),
             // Refused from the header alone, before the payload arrives.
             (
+                "2000 bytes",
                 masked(true, OP_TEXT, &[b'a'; 2000])[..8].to_vec(),
-                CloseCode::TooBig,
+                TooBig,
+                "larger",
+            ),
+            (
+                "600 + 600 bytes in fragments",
+                [
+                    masked(false, OP_BINARY, &[0; 600]),
+                    masked(true, OP_CONTINUATION, &[0; 600])[..8].to_vec(),
+                ]
+                .concat(),
+                TooBig,
                 "larger",
             ),
         ];
-        for (mut bytes, code, why) in cases {
+        for (name, mut bytes, code, why) in cases {
             let (mut r, ob, _c) = reader().await;
             r.take_in(&mut bytes, &ob);
             match drain(&mut r).as_slice() {
                 [Incoming::Violation(c, reason)] => {
-                    assert_eq!(*c, code);
-                    assert!(reason.contains(why), "{reason}");
+                    assert_eq!(*c, code, "{name}");
+                    assert!(reason.contains(why), "{name}: {reason}");
+                    assert!(reason.len() <= 123, "{name}: fits a close frame");
                 }
-                other => panic!("{why}: {other:?}"),
+                other => panic!("{name}: {other:?}"),
             }
+            assert!(r.done, "{name}: nothing is read after a violation");
+        }
+    }
+
+    /// Invalid UTF-8 fails the message at the fragment that makes it
+    /// invalid, not when the message ends; a character cut between two
+    /// fragments is fine.
+    #[tokio::test]
+    async fn utf8_is_checked_fragment_by_fragment() {
+        let (mut r, ob, _c) = reader().await;
+        // "κό" with the ό (cf 8c) cut between the fragments.
+        r.take_in(&mut masked(false, OP_TEXT, &[0xce, 0xba, 0xcf]), &ob);
+        r.take_in(&mut masked(false, OP_CONTINUATION, &[0x8c]), &ob);
+        r.take_in(&mut masked(true, OP_CONTINUATION, b"!"), &ob);
+        assert_eq!(drain(&mut r), [Incoming::Text("κό!".as_bytes().to_vec())]);
+
+        let (mut r, ob, _c) = reader().await;
+        r.take_in(&mut masked(false, OP_TEXT, b"ok so far "), &ob);
+        assert!(drain(&mut r).is_empty());
+        // U+110000, beyond Unicode: invalid from its second byte on.
+        r.take_in(&mut masked(false, OP_CONTINUATION, &[0xf4, 0x90]), &ob);
+        assert!(
+            matches!(
+                drain(&mut r).as_slice(),
+                [Incoming::Violation(CloseCode::InvalidData, _)]
+            ),
+            "fails before the message's last fragment"
+        );
+    }
+
+    /// Binary messages are handed out whole, fragmented or not, and every
+    /// valid close code is answered.
+    #[tokio::test]
+    async fn binary_messages_and_valid_close_codes_pass() {
+        let (mut r, ob, _c) = reader().await;
+        let mut bytes = masked(true, OP_BINARY, &[0xff, 0]);
+        bytes.extend(masked(false, OP_BINARY, &[1]));
+        bytes.extend(masked(true, OP_CONTINUATION, &[2]));
+        r.take_in(&mut bytes, &ob);
+        assert_eq!(
+            drain(&mut r),
+            [
+                Incoming::Binary(vec![0xff, 0]),
+                Incoming::Binary(vec![1, 2])
+            ]
+        );
+        for code in [1000, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 4999] {
+            let (mut r, ob, _c) = reader().await;
+            r.take_in(
+                &mut masked(true, OP_CLOSE, &close_payload(code, "κ".as_bytes())),
+                &ob,
+            );
+            assert_eq!(drain(&mut r), [Incoming::Closed], "{code}");
+        }
+    }
+
+    /// A violation closes with the close frame alone (no `disconnect`
+    /// frame), whose reason says what was wrong.
+    #[tokio::test]
+    async fn a_protocol_failure_is_closed_with_the_close_frame_alone() {
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 16);
+        ob.push(Out::close(
+            CloseCode::ProtocolError,
+            "client frames must be masked",
+        ));
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut expected = vec![0x80 | OP_CLOSE, 30, 0x03, 0xea];
+        expected.extend_from_slice(b"client frames must be masked");
+        assert_eq!(got, expected);
+    }
+
+    /// A frame's header arriving in separate TCP segments (the base header,
+    /// the extended length, the mask key, each read on its own) is held
+    /// until the frame is whole, for both extended lengths.
+    #[tokio::test]
+    async fn a_header_split_across_segments_is_put_back_together() {
+        use tokio::io::AsyncWriteExt;
+        for (len, ext) in [(300usize, 2usize), (70_000, 8)] {
+            let (server, mut client) = pair().await;
+            client.set_nodelay(true).unwrap();
+            let ob = Outbox::new(1, server, 16);
+            let mut r = Reader::new(100_000, &[], &ob);
+            let frame = masked(true, OP_TEXT, &vec![b'a'; len]);
+            let cuts = [0, 2, 2 + ext, 2 + ext + 4, frame.len()];
+            for (i, piece) in cuts.windows(2).enumerate() {
+                client.write_all(&frame[piece[0]..piece[1]]).await.unwrap();
+                client.flush().await.unwrap();
+                if piece[1] == frame.len() {
+                    break;
+                }
+                // The reader takes this segment before the next is sent.
+                while r.partial.len() < piece[1] {
+                    ob.stream().readable().await.unwrap();
+                    r.read_once(ob.stream(), &ob);
+                }
+                assert_eq!(r.partial.len(), piece[1], "{len}: segment {i}");
+                assert!(
+                    r.ready.is_empty(),
+                    "{len}: nothing whole before segment {i}"
+                );
+            }
+            assert_eq!(
+                r.next(ob.stream(), &ob).await,
+                Incoming::Text(vec![b'a'; len])
+            );
+            assert_eq!(r.partial.capacity(), 0, "{len}: nothing held after");
         }
     }
 

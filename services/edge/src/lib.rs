@@ -8,6 +8,7 @@
 mod control;
 mod delivery;
 mod drain;
+pub mod echo;
 mod framing;
 mod interest;
 mod liveness;

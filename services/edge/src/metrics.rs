@@ -189,12 +189,29 @@ pub fn disconnected(code: Option<CloseCode>) {
     HOT.disconnects.get_or_create(&CodeLabel { code }).inc();
 }
 
-/// The close codes the edge sends (`herald_wire::CloseCode`), as labels.
-const CODES: [&str; 11] = [
-    "1000", "1008", "1009", "1011", "1012", "1013", "4001", "4003", "4008", "4009", "4010",
+/// The close codes the edge sends (`herald_wire::CloseCode`), as labels;
+/// the backends' own codes share one, so that they cannot add a label each.
+const CODES: [&str; 14] = [
+    "1000",
+    "1002",
+    "1007",
+    "1008",
+    "1009",
+    "1011",
+    "1012",
+    "1013",
+    "4001",
+    "4003",
+    "4008",
+    "4009",
+    "4010",
+    "application",
 ];
 
 fn code_label(code: CloseCode) -> &'static str {
+    if let CloseCode::Application(_) = code {
+        return "application";
+    }
     CODES
         .iter()
         .find(|c| c.parse() == Ok(code.code()))

@@ -337,9 +337,11 @@ impl Relay {
                 // close without one still tells the client why.
                 if !self.said_goodbye && payload.len() >= 2 {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
-                    let code = CloseCode::from_code(code).unwrap_or(CloseCode::Normal);
+                    let code = CloseCode::from_code(code)
+                        .or_else(|| CloseCode::application(code))
+                        .unwrap_or(CloseCode::Normal);
                     let reason = String::from_utf8_lossy(&payload[2..]);
-                    let goodbye = disconnect_frame(code, &reason, None);
+                    let goodbye = disconnect_frame(code, &reason, code.reconnect(), None);
                     let text = std::str::from_utf8(&goodbye).expect("JSON is UTF-8");
                     self.emit(Event::default().data(text)).await;
                 }

@@ -245,6 +245,43 @@ fn room_arg(room: &str) -> Result<RoomName, Status> {
     RoomName::parse(room).map_err(|e| Status::invalid_argument(format!("room: {e}")))
 }
 
+/// The close code of a `Router.Disconnect` (0 is 1000) and the reconnect
+/// rule that goes with it: a catalogue code keeps its own, which clients
+/// rely on; a backend's own code (4000–4999, outside the catalogue) takes
+/// the caller's, `false` when unset. 1002 and 1007 are the edge's alone:
+/// they say the client broke the WebSocket protocol.
+fn close_code_arg(code: u32, reconnect: Option<bool>) -> Result<(CloseCode, bool), Status> {
+    let number = if code == 0 { 1000 } else { code };
+    let Some(close) = u16::try_from(number)
+        .ok()
+        .and_then(|n| CloseCode::from_code(n).or_else(|| CloseCode::application(n)))
+    else {
+        let catalogue: Vec<String> = CloseCode::ALL
+            .iter()
+            .map(|c| c.code().to_string())
+            .collect();
+        return Err(Status::invalid_argument(format!(
+            "code {code} is neither in the close-code catalogue ({}) nor a code of your own from 4000-4999",
+            catalogue.join(", ")
+        )));
+    };
+    if !close.announced() {
+        return Err(Status::invalid_argument(format!(
+            "code {number} says the client broke the WebSocket protocol, which only the edge can see; \
+             a backend's reasons take another code"
+        )));
+    }
+    match (close, reconnect) {
+        (CloseCode::Application(_), reconnect) => Ok((close, reconnect.unwrap_or(false))),
+        (_, Some(asked)) if asked != close.reconnect() => Err(Status::invalid_argument(format!(
+            "code {number} always comes with reconnect {}, the rule clients know it by; \
+             for another, use a code of your own from 4000-4999",
+            close.reconnect()
+        ))),
+        _ => Ok((close, close.reconnect())),
+    }
+}
+
 fn user_arg(user: &str) -> Result<RoomName, Status> {
     if user.is_empty() {
         return Err(Status::invalid_argument("user is empty"));
@@ -374,17 +411,10 @@ impl Router for RouterApi {
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectReply>, Status> {
         let req = request.into_inner();
-        let code = match req.code {
-            0 => CloseCode::Normal,
-            c => u16::try_from(c)
-                .ok()
-                .and_then(CloseCode::from_code)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "code {c} is not in the close-code catalogue (1000, 1008, 1009, 1011, 1012, 1013, 4001, 4003, 4008, 4009)"
-                    ))
-                })?,
-        };
+        let (code, reconnect) = close_code_arg(req.code, req.reconnect)?;
+        // Only a backend's own code carries its rule: a catalogue code's is
+        // the edge's to apply.
+        let reconnect = matches!(code, CloseCode::Application(_)).then_some(reconnect);
         match req.target {
             Some(disconnect_request::Target::User(user)) => {
                 user_arg(&user)?;
@@ -393,6 +423,7 @@ impl Router for RouterApi {
                     conn: None,
                     code: code.code(),
                     reason: req.reason,
+                    reconnect,
                 };
                 self.act_on_user(&user, control).await?;
             }
@@ -407,6 +438,7 @@ impl Router for RouterApi {
                     conn: Some(conn.clone()),
                     code: code.code(),
                     reason: req.reason,
+                    reconnect,
                 };
                 let nodes = HashSet::from([node.to_string()]);
                 let acted = self.control(&control, nodes).await?;
@@ -451,5 +483,45 @@ impl Router for RouterApi {
             })
             .collect();
         Ok(Response::new(HistoryReply { epoch, messages }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disconnect_codes_are_the_catalogue_or_the_backends_own() {
+        assert_eq!(close_code_arg(0, None).unwrap(), (CloseCode::Normal, false));
+        assert_eq!(
+            close_code_arg(1012, None).unwrap(),
+            (CloseCode::ServiceRestart, true)
+        );
+        assert_eq!(
+            close_code_arg(1012, Some(true)).unwrap(),
+            (CloseCode::ServiceRestart, true)
+        );
+        let banned = CloseCode::application(4403).unwrap();
+        assert_eq!(close_code_arg(4403, None).unwrap(), (banned, false));
+        assert_eq!(close_code_arg(4403, Some(true)).unwrap(), (banned, true));
+
+        for edges_own in [1002, 1007] {
+            let e = close_code_arg(edges_own, None).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{edges_own}");
+            assert!(e.message().contains("only the edge"), "{}", e.message());
+        }
+        let contradicts = close_code_arg(4003, Some(true)).unwrap_err();
+        assert_eq!(contradicts.code(), tonic::Code::InvalidArgument);
+        assert!(
+            contradicts.message().contains("reconnect false"),
+            "{}",
+            contradicts.message()
+        );
+        for outside in [1004, 2000, 3000, 5000, 70_000] {
+            let e = close_code_arg(outside, None).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{outside}");
+            assert!(e.message().contains("4000-4999"), "{}", e.message());
+            assert!(e.message().contains("1000, 1002, 1007"), "{}", e.message());
+        }
     }
 }

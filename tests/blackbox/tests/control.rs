@@ -1,5 +1,6 @@
 //! Acting on a user everywhere: `Router.Join`, `Router.Leave` and
-//! `Router.Disconnect` reach every connection of the user on every edge.
+//! `Router.Disconnect` reach every connection of the user on every edge;
+//! a disconnect may carry a backend's own close code and reconnect rule.
 
 mod common;
 
@@ -75,6 +76,7 @@ async fn router_join_leave_and_disconnect_act_on_every_device() {
             target: Some(disconnect_request::Target::User("alice".into())),
             code: 4003,
             reason: "account suspended".into(),
+            reconnect: None,
         })
         .await
         .unwrap();
@@ -105,6 +107,7 @@ async fn router_disconnects_one_connection_by_id() {
             target: Some(disconnect_request::Target::Conn(conn.clone())),
             code: 1012,
             reason: "moving you".into(),
+            reconnect: None,
         })
         .await
         .unwrap();
@@ -122,6 +125,7 @@ async fn router_disconnects_one_connection_by_id() {
             target: Some(disconnect_request::Target::Conn(conn)),
             code: 1000,
             reason: String::new(),
+            reconnect: None,
         })
         .await
         .unwrap_err();
@@ -131,8 +135,78 @@ async fn router_disconnects_one_connection_by_id() {
             target: Some(disconnect_request::Target::User("carol".into())),
             code: 1234,
             reason: String::new(),
+            reconnect: None,
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+/// A backend closes with a code of its own (4000–4999, outside the
+/// catalogue), in its own words, and chooses whether the client reconnects.
+#[tokio::test]
+async fn router_disconnect_carries_a_backends_own_code_and_reconnect_rule() {
+    let dev = Dev::start();
+    let mut router = dev.router().await;
+    let open = |user: &'static str| {
+        let url = dev.ws();
+        async move {
+            let (client, connected) = herald_client::Client::connect(&url, &token(user))
+                .await
+                .unwrap();
+            let conn = connected["conn"].as_str().unwrap().to_string();
+            (client, conn)
+        }
+    };
+
+    for (user, reconnect, expected) in [
+        ("mallory", None, false),
+        ("dan", Some(true), true),
+        ("erin", Some(false), false),
+    ] {
+        let (client, conn) = open(user).await;
+        router
+            .disconnect(DisconnectRequest {
+                target: Some(disconnect_request::Target::Conn(conn)),
+                code: 4403,
+                reason: format!("banned, {user}: spam"),
+                reconnect,
+            })
+            .await
+            .unwrap();
+        let (disconnect, code, reason) = client.closed(WAIT).await.unwrap();
+        let disconnect = disconnect.expect("a disconnect frame before the close");
+        assert_eq!(code, Some(4403), "{user}");
+        assert_eq!(reason, format!("banned, {user}: spam"));
+        assert_eq!(disconnect["code"], 4403);
+        assert_eq!(disconnect["reason"], format!("banned, {user}: spam"));
+        assert_eq!(disconnect["reconnect"], expected, "{user}: {disconnect}");
+    }
+
+    // Neither the catalogue nor the private-use range, or a catalogue
+    // code with another rule than its own: refused, nothing is closed.
+    let (bystander, conn) = open("bea").await;
+    for (code, reconnect, says) in [
+        (5000, None, "4000-4999"),
+        (1004, None, "catalogue"),
+        (3000, None, "4000-4999"),
+        (1002, None, "only the edge"),
+        (4003, Some(true), "reconnect false"),
+    ] {
+        let e = router
+            .disconnect(DisconnectRequest {
+                target: Some(disconnect_request::Target::Conn(conn.clone())),
+                code,
+                reason: "no".into(),
+                reconnect,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{code}");
+        assert!(e.message().contains(says), "{code}: {}", e.message());
+    }
+    assert_eq!(
+        bystander.request(json!({"op":"ping"})).await.unwrap()["op"],
+        "pong"
+    );
 }

@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::Session;
 use super::handshake::auth_error;
+use crate::delivery::Closing;
 use crate::interest;
 
 impl Session {
@@ -115,9 +116,20 @@ impl Session {
                     self.leave_room(&room).await;
                 }
             }
-            Control::Disconnect { code, reason, .. } => {
-                let code = CloseCode::from_code(code).unwrap_or(CloseCode::Normal);
-                self.outbox.close(code, reason);
+            Control::Disconnect {
+                code,
+                reason,
+                reconnect,
+                ..
+            } => {
+                let code = CloseCode::from_code(code)
+                    .or_else(|| CloseCode::application(code))
+                    .unwrap_or(CloseCode::Normal);
+                let mut closing = Closing::new(code, reason);
+                if let Some(reconnect) = reconnect {
+                    closing.reconnect = reconnect;
+                }
+                self.outbox.close_as(closing);
                 return true;
             }
             // The edge hands these to its SSE relays (`sse`), never to a session.

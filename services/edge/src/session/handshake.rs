@@ -184,7 +184,7 @@ async fn authenticate(
                 ),
                 Err(e) => reject(outbox, &e),
             },
-            Incoming::Binary => reject(outbox, &binary_refused()),
+            Incoming::Binary(_) => reject(outbox, &binary_refused()),
             Incoming::Closed => return None,
             Incoming::Violation(code, reason) => {
                 outbox.push(Out::close(code, reason));

@@ -280,7 +280,7 @@ impl Session {
                     }
                     Err(e) => Err(e),
                 },
-                Incoming::Binary => Err(handshake::binary_refused()),
+                Incoming::Binary(_) => Err(handshake::binary_refused()),
                 Incoming::Closed => return,
                 Incoming::Violation(code, reason) => {
                     self.outbox.push(Out::close(code, reason));
