@@ -11,6 +11,7 @@ mod framing;
 mod interest;
 mod liveness;
 mod metrics;
+mod origin;
 mod presence;
 mod room;
 mod session;
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use origin::{AllowedOrigins, OriginError};
 pub use presence::PresenceSource;
 
 /// The edge's settings. Every bound has a name here.
@@ -86,6 +88,8 @@ pub struct Config {
     pub io_uring: bool,
     /// Open once durable rooms' storage is set up; the edge is not ready before.
     pub storage: herald_ops::Gate,
+    /// Browser origins allowed to open WebSockets; `None`: every origin.
+    pub allowed_origins: Option<AllowedOrigins>,
 }
 
 impl Config {
@@ -111,6 +115,7 @@ impl Config {
             write_delay: Duration::ZERO,
             io_uring: true,
             storage: herald_ops::Gate::open("durable storage"),
+            allowed_origins: None,
         }
     }
 }
@@ -210,6 +215,14 @@ pub async fn run(
         Err(e) => tracing::warn!(
             error = %e,
             "io_uring is not available here; room messages go out with one send(2) per member"
+        ),
+    }
+    match &config.allowed_origins {
+        None => tracing::info!(
+            "no --allowed-origins: WebSocket upgrades are accepted from pages of every site"
+        ),
+        Some(origins) => tracing::info!(
+            "WebSocket upgrades are accepted from origins {origins} and from clients that send no Origin"
         ),
     }
     // What the edge's parts see as the shutdown: the moment the drain delay

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::AllowedOrigins;
 use crate::socket::Socket;
 use crate::{Edge, session};
 
@@ -128,6 +129,9 @@ pub(crate) async fn ws_handler(
         )
             .into_response();
     }
+    if let Some(refused) = origin_refused(edge.config.allowed_origins.as_ref(), &headers) {
+        return refused;
+    }
     let offers_v1 = headers
         .get_all("sec-websocket-protocol")
         .iter()
@@ -159,6 +163,30 @@ pub(crate) async fn ws_handler(
     }));
     tracker.spawn(fut);
     response.into_response()
+}
+
+/// A 403 for an upgrade whose `Origin` is not on the allow-list. Requests
+/// without `Origin` come from programs, not browsers, and pass: the check
+/// keeps other sites' pages out, it does not authenticate.
+fn origin_refused(allowed: Option<&AllowedOrigins>, headers: &HeaderMap) -> Option<Response> {
+    let allowed = allowed?;
+    let mut origins = headers.get_all(axum::http::header::ORIGIN).iter();
+    let origin = origins.next()?;
+    let text = origin.to_str().unwrap_or("(unreadable)");
+    if origins.next().is_none() && allowed.allows(text) {
+        return None;
+    }
+    tracing::debug!(
+        origin = text,
+        "WebSocket upgrade refused: origin not allowed"
+    );
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            format!("WebSocket connections from origin {text} are not allowed on this server\n"),
+        )
+            .into_response(),
+    )
 }
 
 #[cfg(test)]

@@ -161,6 +161,20 @@ pub struct ClientArgs {
     pub keys: Keys,
     #[command(flatten)]
     pub liveness: LivenessArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Which browser pages may connect.
+#[derive(Args, Debug)]
+pub struct AccessArgs {
+    /// Browser origins allowed to open WebSockets, comma-separated: exact
+    /// (https://app.example.com) or with a wildcard for one or more subdomain
+    /// labels (https://*.example.com). Upgrades from other origins get 403;
+    /// clients that send no Origin (not browsers) are let through. Default:
+    /// every origin.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_name = "ORIGINS")]
+    pub allowed_origins: Option<String>,
 }
 
 /// How an edge notices clients that are gone without closing.

@@ -10,7 +10,7 @@ use herald_auth::{DurablePolicy, NamespacePolicy, Policy, Verifier};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
-use crate::cli::{Common, Keys, LivenessArgs};
+use crate::cli::{AccessArgs, Common, Keys, LivenessArgs};
 
 /// The secret `herald dev` and `herald token` use when none is given. It is
 /// public: fine on a laptop, never for anything reachable by others.
@@ -185,6 +185,19 @@ pub fn verifier(keys: &Keys, dev_default: bool) -> Result<Verifier, ConfigError>
         };
         ConfigError::caused(flag, e)
     })
+}
+
+/// `--allowed-origins`, checked entry by entry; `None` allows every origin.
+pub fn allowed_origins(
+    args: &AccessArgs,
+) -> Result<Option<herald_edge::AllowedOrigins>, ConfigError> {
+    args.allowed_origins
+        .as_deref()
+        .map(|list| {
+            herald_edge::AllowedOrigins::parse(list)
+                .map_err(|e| ConfigError::caused("--allowed-origins", e))
+        })
+        .transpose()
 }
 
 /// Node ids are part of connection ids and NATS subjects.

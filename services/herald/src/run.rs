@@ -413,6 +413,7 @@ fn edge_config(
     Ok(herald_edge::Config {
         heartbeat,
         idle_timeout,
+        allowed_origins: config::allowed_origins(&clients.access)?,
         ..herald_edge::Config::new(
             node_id,
             config::verifier(&clients.keys, dev)?,
