@@ -16,6 +16,7 @@ mod presence;
 mod room;
 mod session;
 mod socket;
+mod tls;
 mod transport;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use origin::{AllowedOrigins, OriginError};
 pub use presence::PresenceSource;
+pub use tls::{TlsCert, TlsError};
 
 /// The edge's settings. Every bound has a name here.
 #[derive(Clone)]
@@ -90,6 +92,8 @@ pub struct Config {
     pub storage: herald_ops::Gate,
     /// Browser origins allowed to open WebSockets; `None`: every origin.
     pub allowed_origins: Option<AllowedOrigins>,
+    /// Serve TLS with this certificate; `None`: plain TCP.
+    pub tls: Option<TlsCert>,
 }
 
 impl Config {
@@ -116,9 +120,14 @@ impl Config {
             io_uring: true,
             storage: herald_ops::Gate::open("durable storage"),
             allowed_origins: None,
+            tls: None,
         }
     }
 }
+
+/// After the drain, how long TLS relays may take to hand the clients
+/// their last frames and close.
+const TLS_FLUSH: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Default)]
 struct EdgeMetrics {
@@ -263,17 +272,32 @@ pub async fn run(
         .merge(herald_ops::ops_routes(health.clone(), metrics));
     let addr = listener.local_addr()?;
     health.set_started();
+    let (ws, http) = match &edge.config.tls {
+        Some(_) => ("wss", "https"),
+        None => ("ws", "http"),
+    };
     tracing::info!(
         node = %edge.config.node_id,
-        "edge {} serving WebSocket clients on ws://{addr}/ws (health on http://{addr}/healthz), broker: {}",
+        "edge {} serving WebSocket clients on {ws}://{addr}/ws (health on {http}://{addr}/healthz), broker: {}",
         edge.config.node_id,
         edge.broker.describe()
     );
+    // Ends the certificate watcher and, once the sessions are gone, the
+    // TLS relays still running.
+    let tls_stop = CancellationToken::new();
+    let tls = edge.config.tls.as_ref().map(|cert| {
+        tracing::info!(
+            "TLS on: certificate {}, re-read when it changes",
+            cert.cert_path().display()
+        );
+        tls::Terminator::new(cert, tls_stop.clone())
+    });
     let http_stop = CancellationToken::new();
     let server = tokio::spawn(transport::serve(
         listener,
         app,
         edge.config.heartbeat,
+        tls.clone(),
         http_stop.clone(),
     ));
 
@@ -308,6 +332,12 @@ pub async fn run(
             drain_started.elapsed()
         );
     }
+    if let Some(tls) = &tls {
+        // The last sessions' closing words still pass through their relays.
+        tls.relays().close();
+        let _ = tokio::time::timeout(TLS_FLUSH, tls.relays().wait()).await;
+    }
+    tls_stop.cancel();
     reporter_stop.cancel();
     let _ = reporter_task.await;
     let _ = server.await;

@@ -1,8 +1,9 @@
 //! The edge's HTTP/1.1 server and its WebSocket route, `GET /ws`. It speaks
 //! HTTP/1.1 only (WebSocket upgrades need nothing else), so an upgraded
-//! connection gives back its plain `TcpStream`, which the session reads
-//! (through `framing`) and the delivery path writes without a task of its
-//! own. fastwebsockets does the handshake.
+//! connection gives back its plain socket (the `TcpStream`, or with TLS the
+//! socket pair's end that `tls` relays), which the session reads (through
+//! `framing`) and the delivery path writes without a task of its own.
+//! fastwebsockets does the handshake.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tower::ServiceExt;
 
 use crate::AllowedOrigins;
 use crate::socket::Socket;
+use crate::tls::Terminator;
 use crate::{Edge, session};
 
 /// How long a client may take to send its request headers.
@@ -31,11 +33,13 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Serves `router` over HTTP/1.1 on `listener` until `stop`, with TCP
 /// keepalive probes after `keepalive` of quiet, then lets each
 /// connection finish its request. Upgraded connections live on in their own
-/// tasks and are not waited for here.
+/// tasks and are not waited for here. With `tls`, every connection is a
+/// TLS connection, served through its relay.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     keepalive: std::time::Duration,
+    tls: Option<Terminator>,
     stop: CancellationToken,
 ) {
     let conns = TaskTracker::new();
@@ -62,39 +66,56 @@ pub async fn serve(
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
         let router = router.clone();
         let stop = stop.clone();
-        conns.spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let router = router.clone();
-                async move {
-                    Ok::<_, Infallible>(
-                        router
-                            .oneshot(req.map(axum::body::Body::new))
-                            .await
-                            .unwrap_or_else(|e| match e {}),
-                    )
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                // A client that never finishes its request headers does not
-                // keep a socket (and a file descriptor) for long.
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    // A request half sent is not waited for past this.
-                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
-                }
+        match &tls {
+            None => conns.spawn(serve_http(stream, peer, router, stop)),
+            Some(tls) => {
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    if let Some(relayed) = tls.accept(stream, peer).await {
+                        serve_http(relayed, peer, router, stop).await;
+                    }
+                })
             }
-        });
+        };
     }
     conns.close();
     conns.wait().await;
+}
+
+/// One connection's HTTP, until it ends or is upgraded (the upgraded
+/// socket then belongs to its session).
+async fn serve_http<S>(stream: S, peer: SocketAddr, router: Router, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let router = router.clone();
+        async move {
+            Ok::<_, Infallible>(
+                router
+                    .oneshot(req.map(axum::body::Body::new))
+                    .await
+                    .unwrap_or_else(|e| match e {}),
+            )
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // A client that never finishes its request headers does not
+        // keep a socket (and a file descriptor) for long.
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            // A request half sent is not waited for past this.
+            let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
+        }
+    }
 }
 
 /// The socket under an upgraded connection, with the bytes the HTTP

@@ -165,7 +165,8 @@ pub struct ClientArgs {
     pub access: AccessArgs,
 }
 
-/// Which browser pages may connect.
+/// Which browser pages may connect, and TLS for edges that no ingress
+/// or load balancer terminates TLS for.
 #[derive(Args, Debug)]
 pub struct AccessArgs {
     /// Browser origins allowed to open WebSockets, comma-separated: exact
@@ -175,6 +176,25 @@ pub struct AccessArgs {
     /// every origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_name = "ORIGINS")]
     pub allowed_origins: Option<String>,
+    /// Serve TLS (wss://, and https:// for /healthz, /readyz, /metrics) with
+    /// this certificate chain, PEM (with --tls-key). Reloaded when the file
+    /// changes.
+    #[arg(
+        long,
+        env = "HERALD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC)
+    /// (with --tls-cert). Reloaded when the file changes.
+    #[arg(
+        long,
+        env = "HERALD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// How an edge notices clients that are gone without closing.

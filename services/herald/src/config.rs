@@ -200,6 +200,20 @@ pub fn allowed_origins(
         .transpose()
 }
 
+/// `--tls-cert` and `--tls-key` (clap makes sure both or neither are
+/// given), loaded now so that a bad file stops the start.
+pub fn tls(args: &AccessArgs) -> Result<Option<herald_edge::TlsCert>, ConfigError> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => herald_edge::TlsCert::load(cert, key)
+            .map(Some)
+            .map_err(|e| ConfigError::caused("--tls-cert/--tls-key", e)),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::new(
+            "give both --tls-cert and --tls-key, or neither",
+        )),
+    }
+}
+
 /// Node ids are part of connection ids and NATS subjects.
 pub fn node_id(given: Option<String>) -> Result<String, ConfigError> {
     match given {

@@ -414,6 +414,7 @@ fn edge_config(
         heartbeat,
         idle_timeout,
         allowed_origins: config::allowed_origins(&clients.access)?,
+        tls: config::tls(&clients.access)?,
         ..herald_edge::Config::new(
             node_id,
             config::verifier(&clients.keys, dev)?,
@@ -477,6 +478,10 @@ async fn dev(
             shutdown.clone().cancelled_owned(),
         );
     let ws_addr = listener.local_addr()?;
+    let (ws, http) = match &config.tls {
+        Some(_) => ("wss", "https"),
+        None => ("ws", "http"),
+    };
     let edge = herald_edge::run(config, broker, history, listener, metrics, shutdown);
 
     let token_hint = if using_dev_secret {
@@ -486,11 +491,11 @@ async fn dev(
     };
     println!(
         "Herald dev: edge, router and presence in one process, with an in-memory broker.\n\
-         \x20 WebSocket clients  ws://{ws_addr}/ws\n\
+         \x20 WebSocket clients  {ws}://{ws_addr}/ws\n\
          \x20 gRPC API           {grpc_addr}  (herald.v1.Router, herald.v1.Presence; reflection on)\n\
-         \x20 Health, metrics    http://{ws_addr}/healthz  /readyz  /metrics\n\
+         \x20 Health, metrics    {http}://{ws_addr}/healthz  /readyz  /metrics\n\
          Get a token:          {token_hint}\n\
-         Then connect:         websocat 'ws://{ws_addr}/ws?token=<token>'\n\
+         Then connect:         websocat '{ws}://{ws_addr}/ws?token=<token>'\n\
          Stop with Ctrl-C."
     );
     if using_dev_secret {
