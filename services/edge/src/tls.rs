@@ -42,6 +42,10 @@ const RELOAD_POLL: Duration = Duration::from_secs(3);
 /// the client lose the end of what it was sent.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Once the session has closed, how long a client that does not read may
+/// take to be sent what is left; then the relay gives up on it.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+
 /// The most session output read at once; rustls seals it into records.
 const CHUNK: usize = 16 * 1024;
 
@@ -323,6 +327,7 @@ impl Terminator {
             session_done: false,
             pair_write_shut: false,
             tcp_write_shut: false,
+            session_closed: false,
         };
         self.relays.spawn(relay.run(self.stop.clone()));
         Some(http)
@@ -372,6 +377,9 @@ struct Relay {
     pair_write_shut: bool,
     /// close_notify went out and the TCP write side is shut.
     tcp_write_shut: bool,
+    /// The session shut its end or is gone, seen while the client was not
+    /// reading: what is left gets [`CLOSE_FLUSH`] to go out.
+    session_closed: bool,
 }
 
 /// What the relay waits for on each socket; `None`: nothing.
@@ -393,6 +401,8 @@ enum Decrypted {
 impl Relay {
     async fn run(mut self, stop: CancellationToken) {
         let mut linger = None;
+        // Set once the session closed while the client was not reading.
+        let mut flush = None;
         loop {
             let (tcp, pair) = match self.pump() {
                 Ok(Some(wait)) => wait,
@@ -408,10 +418,17 @@ impl Relay {
             if self.tcp_write_shut && linger.is_none() {
                 linger = Some(Instant::now() + LINGER);
             }
+            if self.session_closed && flush.is_none() {
+                flush = Some(Instant::now() + CLOSE_FLUSH);
+            }
+            let deadline = linger.into_iter().chain(flush).min();
             tokio::select! {
                 r = ready(tcp.map(|i| self.tcp.ready(i))) => if r.is_err() { return },
-                r = ready(pair.map(|i| self.pair.ready(i))) => if r.is_err() { return },
-                _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => return,
+                r = ready(pair.map(|i| self.pair.ready(i))) => match r {
+                    Ok(ready) => self.session_closed |= ready.is_read_closed(),
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => return,
                 _ = stop.cancelled() => return,
             }
         }
@@ -486,6 +503,16 @@ impl Relay {
                     }
                     Err(_) => moved |= self.session_finished(true),
                 }
+            } else if !self.session_done && !self.session_closed {
+                // The client is not taking what it was sent. Its session may
+                // close meanwhile (a slow consumer is closed), and that must
+                // be seen without reading on: tokio's readiness is cleared,
+                // so the next wake-up is the session's next write or its
+                // close (a close stays set).
+                let _ = self.pair.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+                pair = add(pair, Interest::READABLE);
             }
             while self.tls.wants_write() {
                 match self.tls.write_tls(&mut TcpIo(&self.tcp)) {
@@ -547,9 +574,9 @@ fn add(wait: Option<Interest>, interest: Interest) -> Option<Interest> {
 /// Waits for `interest` on a socket; forever for `None`.
 async fn ready(
     ready: Option<impl Future<Output = io::Result<tokio::io::Ready>>>,
-) -> io::Result<()> {
+) -> io::Result<tokio::io::Ready> {
     match ready {
-        Some(f) => f.await.map(drop),
+        Some(f) => f.await,
         None => std::future::pending().await,
     }
 }
@@ -732,6 +759,33 @@ mod tests {
         tokio::time::timeout(LINGER * 2, terminator.relays().wait())
             .await
             .expect("the relay ends after its linger");
+        drop(tls);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_does_not_keep_a_closed_session_relay() {
+        let (cert, key, der) = self_signed();
+        let files = Files::new(&cert, &key);
+        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let (addr, terminator) = edge(&cert, |mut http: UnixStream| async move {
+            // Fill every buffer on the way, then give up, as a session does
+            // with a slow consumer.
+            let flood = vec![7u8; 64 << 20];
+            let _ = tokio::time::timeout(Duration::from_secs(1), http.write_all(&flood)).await;
+        })
+        .await;
+        let tls = connect(addr, &der).await.unwrap();
+        // The server side may finish its handshake a moment after ours.
+        while terminator.relays().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        terminator.relays().close();
+        tokio::time::timeout(
+            CLOSE_FLUSH + Duration::from_secs(3),
+            terminator.relays().wait(),
+        )
+        .await
+        .expect("the relay gives up on a client that does not read");
         drop(tls);
     }
 
