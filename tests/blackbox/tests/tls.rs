@@ -254,7 +254,11 @@ async fn wss_works_and_a_rotated_certificate_reaches_new_handshakes_only() {
         if let Some(status) = dev.exited() {
             break status;
         }
-        assert!(Instant::now() < deadline, "still running:\n{}", dev.output());
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            dev.output()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exited with {status}:\n{}", dev.output());
@@ -294,4 +298,93 @@ fn unusable_tls_files_stop_the_start() {
     let (code, stderr) = start(&["--tls-cert".into(), c.display().to_string()]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--tls-key"), "{stderr}");
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Opens `n` authenticated connections, each answering one ping.
+async fn hold(url: &str, n: usize, from: usize, options: &Options) -> Vec<Client> {
+    let mut held = Vec::with_capacity(n);
+    for i in from..from + n {
+        let (c, _) = Client::connect_with(url, &token(&format!("idle-{i}")), options)
+            .await
+            .expect("connect");
+        let pong = c.request(json!({"op":"ping"})).await.unwrap();
+        assert_eq!(pong["op"], "pong");
+        held.push(c);
+    }
+    held
+}
+
+/// What an idle connection costs an edge (`herald edge`, NATS behind it)
+/// in resident memory, plain and TLS: `n` connections (default 1000,
+/// `HERALD_IDLE_CONNS`) are opened after 200 of warm-up, and the edge's
+/// RSS growth is divided by `n`. A measurement, not a check: run with
+/// `--ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn idle_memory_plain_and_tls() {
+    let n: usize = std::env::var("HERALD_IDLE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let cluster = Cluster::start(0);
+    let (cert, key, der) = self_signed();
+    let dir = tempfile::tempdir().unwrap();
+    let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&c, &cert).unwrap();
+    std::fs::write(&k, &key).unwrap();
+    let trust = trusting(&[&der]);
+    for tls in [false, true] {
+        let addr = free_addr();
+        let mut args: Vec<String> = vec![
+            "edge".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--nats".into(),
+            cluster.nats_urls.clone(),
+            "--node-id".into(),
+            format!("edge-{}", if tls { "tls" } else { "plain" }),
+            "--jwt-secret".into(),
+            SECRET.into(),
+        ];
+        let (url, options) = if tls {
+            args.extend(tls_args(&c, &k));
+            let options = Options {
+                tls: Some(trust.clone()),
+                ..Options::default()
+            };
+            (format!("wss://localhost:{}/ws", addr.port()), options)
+        } else {
+            (format!("ws://{addr}/ws"), Options::default())
+        };
+        let edge = Herald::start_until("edge", &args, addr, || {
+            if tls {
+                matches!(https_get(addr, &trust, "/readyz"), Ok((200, _)))
+            } else {
+                matches!(http_get(addr, "/readyz"), Ok((200, _)))
+            }
+        })
+        .unwrap();
+        let settle = Duration::from_secs(3);
+        let _warm = hold(&url, 200, 0, &options).await;
+        tokio::time::sleep(settle).await;
+        let before = rss_kib(edge.pid());
+        let _held = hold(&url, n, 200, &options).await;
+        tokio::time::sleep(settle).await;
+        let after = rss_kib(edge.pid());
+        println!(
+            "{}: {n} idle connections: edge RSS {before} KiB -> {after} KiB, {:.2} KiB per connection",
+            if tls { "TLS  " } else { "plain" },
+            (after - before) as f64 / n as f64
+        );
+    }
 }
