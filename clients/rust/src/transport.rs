@@ -125,18 +125,22 @@ async fn open_inner(
     options: &Options,
 ) -> Result<Opened, ClientError> {
     let target = Target::parse(url)?;
+    let tls = match (&options.tls, target.tls) {
+        (Some(config), true) => Some(config.clone()),
+        (None, true) => {
+            return Err(ClientError::Connect(format!(
+                "{url}: wss:// needs TLS settings (Options::tls, the certificates to trust)"
+            )));
+        }
+        (_, false) => None,
+    };
     let tcp = dial(&target.host, target.port, local_ip).await?;
     let local_addr = tcp.local_addr()?;
     // Requests are small and latency is what tests and benchmarks measure.
     tcp.set_nodelay(true)?;
-    if !target.tls {
+    let Some(config) = tls else {
         return upgrade(tcp, &target, local_addr, subprotocol, options).await;
-    }
-    let config = options.tls.clone().ok_or_else(|| {
-        ClientError::Connect(format!(
-            "{url}: wss:// needs TLS settings (Options::tls, the certificates to trust)"
-        ))
-    })?;
+    };
     // An IPv6 literal without its URL brackets.
     let host = target.host.trim_start_matches('[').trim_end_matches(']');
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
@@ -633,9 +637,13 @@ mod tests {
         assert_eq!(t.authority, "127.0.0.1:9");
         assert_eq!(t.path, "/ws?token=x");
         assert_eq!(Target::parse("http://h").unwrap().port, 80);
+        let tls = Target::parse("wss://h/ws").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.port, 443);
+        assert!(!t.tls);
         assert!(matches!(
-            Target::parse("wss://h/ws"),
-            Err(ClientError::Connect(m)) if m.contains("\"wss\" is not supported")
+            Target::parse("ftp://h/ws"),
+            Err(ClientError::Connect(m)) if m.contains("\"ftp\" is not supported")
         ));
         assert!(Target::parse("/ws").is_err());
     }
