@@ -194,7 +194,8 @@ def check_base_in_step(chart: Path = CHART, manifest: Path = BASE_MANIFEST) -> l
 
 # Values whose contents are free-form maps or lists: the README lists them whole.
 README_LEAVES = {"config", "commonLabels", "extraEnv", "podAnnotations", "podLabels", "nodeSelector",
-                 "tolerations", "affinity", "annotations", "labels", "resources", "imagePullSecrets"}
+                 "tolerations", "affinity", "annotations", "labels", "resources", "imagePullSecrets",
+                 "edgeTlsConfig"}
 
 
 def check_readme_values(chart: Path = CHART) -> list[str]:

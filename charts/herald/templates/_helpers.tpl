@@ -224,6 +224,9 @@ checksum/config: {{ include "herald.toml" .root | sha256sum }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
+{{- if .https }}
+prometheus.io/scheme: https
+{{- end }}
 {{- end }}
 {{- with $v.podAnnotations }}
 {{ toYaml . }}

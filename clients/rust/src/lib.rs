@@ -36,6 +36,10 @@
 
 pub mod transport;
 
+/// The rustls of [`Options::tls`].
+pub use tokio_rustls::rustls;
+pub use transport::Options;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -206,6 +210,24 @@ impl Client {
     pub async fn open_from(url: &str, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
         let opened = transport::open_websocket(url, local_ip, Some(SUBPROTOCOL)).await?;
         Ok(Self::start(opened, None))
+    }
+
+    /// [`Client::open`] with [`Options`]: an `Origin` header, TLS for
+    /// `wss://` URLs.
+    pub async fn open_with(url: &str, options: &Options) -> Result<Client, ClientError> {
+        let opened = transport::open_websocket_with(url, None, Some(SUBPROTOCOL), options).await?;
+        Ok(Self::start(opened, None))
+    }
+
+    /// [`Client::connect`] with [`Options`].
+    pub async fn connect_with(
+        url: &str,
+        token: &str,
+        options: &Options,
+    ) -> Result<(Client, Frame), ClientError> {
+        let client = Self::open_with(url, options).await?;
+        let connected = client.authenticate(token, DEFAULT_TIMEOUT).await?;
+        Ok((client, connected))
     }
 
     /// [`Client::open`], then `{"op":"connect","id":N,"token":token}`; returns

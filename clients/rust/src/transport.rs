@@ -4,7 +4,8 @@
 //! [`ClientError`]s.
 //!
 //! [`open_websocket`] does the TCP connect (optionally from a chosen source
-//! address, always with `TCP_NODELAY`) and the HTTP/1 upgrade with hyper,
+//! address, always with `TCP_NODELAY`), TLS for `wss://` ([`open_websocket_with`])
+//! and the HTTP/1 upgrade with hyper,
 //! and splits the socket into a [`Reader`] and a [`Writer`]. The caller then
 //! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s (or
 //! [`write_frame`] for one frame and its outcome), and reads the messages
@@ -32,7 +33,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,9 +45,11 @@ use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
 
 use crate::{ClientError, OPEN_TIMEOUT, Tap};
 
@@ -69,9 +72,20 @@ pub struct Opened {
     pub local_addr: SocketAddr,
 }
 
+/// What an opening may add to a plain `ws://` connection.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// The upgrade request's `Origin` header, as a browser showing a page
+    /// of that origin would send it.
+    pub origin: Option<String>,
+    /// For `wss://` URLs: the TLS settings (which certificates to trust).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
 /// Opens a WebSocket to `url` (`ws://` or `http://`, host, optional port and
 /// path with query), from `local_ip` if given (port chosen by the OS),
-/// offering `subprotocol` if given. The whole opening (resolve, TCP connect,
+/// offering `subprotocol` if given. `wss://` needs
+/// [`open_websocket_with`]. The whole opening (resolve, TCP connect,
 /// HTTP upgrade) may take [`OPEN_TIMEOUT`], then fails with
 /// [`ClientError::Timeout`].
 ///
@@ -85,23 +99,71 @@ pub async fn open_websocket(
     local_ip: Option<IpAddr>,
     subprotocol: Option<&str>,
 ) -> Result<Opened, ClientError> {
-    tokio::time::timeout(OPEN_TIMEOUT, open_inner(url, local_ip, subprotocol))
-        .await
-        .map_err(|_| ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}")))?
+    open_websocket_with(url, local_ip, subprotocol, &Options::default()).await
+}
+
+/// [`open_websocket`] with [`Options`]: an `Origin` header, and TLS for
+/// `wss://` (or `https://`) URLs.
+pub async fn open_websocket_with(
+    url: &str,
+    local_ip: Option<IpAddr>,
+    subprotocol: Option<&str>,
+    options: &Options,
+) -> Result<Opened, ClientError> {
+    tokio::time::timeout(
+        OPEN_TIMEOUT,
+        open_inner(url, local_ip, subprotocol, options),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(format!("opening {url} took over {OPEN_TIMEOUT:?}")))?
 }
 
 async fn open_inner(
     url: &str,
     local_ip: Option<IpAddr>,
     subprotocol: Option<&str>,
+    options: &Options,
 ) -> Result<Opened, ClientError> {
     let target = Target::parse(url)?;
+    let tls = match (&options.tls, target.tls) {
+        (Some(config), true) => Some(config.clone()),
+        (None, true) => {
+            return Err(ClientError::Connect(format!(
+                "{url}: wss:// needs TLS settings (Options::tls, the certificates to trust)"
+            )));
+        }
+        (_, false) => None,
+    };
     let tcp = dial(&target.host, target.port, local_ip).await?;
     let local_addr = tcp.local_addr()?;
     // Requests are small and latency is what tests and benchmarks measure.
     tcp.set_nodelay(true)?;
+    let Some(config) = tls else {
+        return upgrade(tcp, &target, local_addr, subprotocol, options).await;
+    };
+    // An IPv6 literal without its URL brackets.
+    let host = target.host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| ClientError::Connect(format!("{url}: {e}")))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ClientError::Connect(format!("TLS handshake with {url}: {e}")))?;
+    upgrade(tls, &target, local_addr, subprotocol, options).await
+}
 
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+/// The HTTP/1 upgrade on an open connection, plain or TLS.
+async fn upgrade<S>(
+    io: S,
+    target: &Target,
+    local_addr: SocketAddr,
+    subprotocol: Option<&str>,
+    options: &Options,
+) -> Result<Opened, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
     // Errors of the connection task surface through `send_request` or the
@@ -123,6 +185,9 @@ async fn open_inner(
         .header("Sec-WebSocket-Version", "13");
     if let Some(offered) = subprotocol {
         request = request.header("Sec-WebSocket-Protocol", offered);
+    }
+    if let Some(origin) = &options.origin {
+        request = request.header("Origin", origin.as_str());
     }
     let request = request
         .body(Empty::<Bytes>::new())
@@ -180,8 +245,9 @@ async fn open_inner(
     })
 }
 
-/// The parts of a `ws://` URL the handshake needs.
+/// The parts of a `ws://` or `wss://` URL the handshake needs.
 struct Target {
+    tls: bool,
     host: String,
     port: u16,
     authority: String,
@@ -194,19 +260,21 @@ impl Target {
         let uri: Uri = url
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some("ws" | "http") => {}
+        let tls = match uri.scheme_str() {
+            Some("ws" | "http") => false,
+            Some("wss" | "https") => true,
             Some(other) => {
                 return Err(bad(&format!(
-                    "scheme {other:?} is not supported, use ws://"
+                    "scheme {other:?} is not supported, use ws:// or wss://"
                 )));
             }
             None => return Err(bad("no scheme, use ws://host:port/ws")),
-        }
+        };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
         Ok(Target {
+            tls,
             host: authority.host().to_owned(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.as_str().to_owned(),
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         })
@@ -569,9 +637,13 @@ mod tests {
         assert_eq!(t.authority, "127.0.0.1:9");
         assert_eq!(t.path, "/ws?token=x");
         assert_eq!(Target::parse("http://h").unwrap().port, 80);
+        let tls = Target::parse("wss://h/ws").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.port, 443);
+        assert!(!t.tls);
         assert!(matches!(
-            Target::parse("wss://h/ws"),
-            Err(ClientError::Connect(m)) if m.contains("\"wss\" is not supported")
+            Target::parse("ftp://h/ws"),
+            Err(ClientError::Connect(m)) if m.contains("\"ftp\" is not supported")
         ));
         assert!(Target::parse("/ws").is_err());
     }

@@ -472,8 +472,12 @@ async fn open_sends_nothing_and_reports_http_rejections() {
         matches!(err, ClientError::Rejected { status: 403 }),
         "{err:?}"
     );
+    // wss:// without TLS settings fails before any lookup or connect.
     let err = Client::open("wss://example.invalid/ws").await.unwrap_err();
-    assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
+    assert!(
+        matches!(&err, ClientError::Connect(m) if m.contains("needs TLS settings")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

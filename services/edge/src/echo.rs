@@ -38,11 +38,14 @@ pub async fn serve(listener: TcpListener, max_message_bytes: usize) {
     let app = Router::new()
         .fallback(upgrade)
         .with_state(max_message_bytes);
-    // The keepalive is the edge's default heartbeat.
+    // The keepalive and unacknowledged-data limit are the edge's defaults
+    // (heartbeat, idle timeout); no TLS.
     transport::serve(
         listener,
         app,
         Duration::from_secs(25),
+        Duration::from_secs(60),
+        None,
         CancellationToken::new(),
     )
     .await;

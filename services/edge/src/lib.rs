@@ -13,12 +13,14 @@ mod framing;
 mod interest;
 mod liveness;
 mod metrics;
+mod origin;
 mod presence;
 mod quota;
 mod room;
 mod session;
 mod socket;
 mod sse;
+mod tls;
 mod transport;
 
 use std::sync::Arc;
@@ -39,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use delivery::QueueLimits;
+pub use origin::{AllowedOrigins, OriginError};
 pub use presence::PresenceSource;
+pub use tls::{TlsCert, TlsError};
 
 /// The edge's settings. Every bound has a name here.
 #[derive(Clone)]
@@ -89,6 +93,10 @@ pub struct Config {
     pub io_uring: bool,
     /// Open once durable rooms' storage is set up; the edge is not ready before.
     pub storage: herald_ops::Gate,
+    /// Browser origins allowed to open WebSockets; `None`: every origin.
+    pub allowed_origins: Option<AllowedOrigins>,
+    /// Serve TLS with this certificate; `None`: plain TCP.
+    pub tls: Option<TlsCert>,
 }
 
 impl Config {
@@ -116,9 +124,15 @@ impl Config {
             write_delay: Duration::ZERO,
             io_uring: true,
             storage: herald_ops::Gate::open("durable storage"),
+            allowed_origins: None,
+            tls: None,
         }
     }
 }
+
+/// After the drain, how long TLS relays may take to hand the clients
+/// their last frames and close.
+const TLS_FLUSH: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Default)]
 struct EdgeMetrics {
@@ -221,6 +235,14 @@ pub async fn run(
             "io_uring is not available here; room messages go out with one send(2) per member"
         ),
     }
+    match &config.allowed_origins {
+        None => tracing::info!(
+            "no --allowed-origins: WebSocket upgrades are accepted from pages of every site"
+        ),
+        Some(origins) => tracing::info!(
+            "WebSocket upgrades are accepted from origins {origins} and from clients that send no Origin"
+        ),
+    }
     // What the edge's parts see as the shutdown: the moment the drain delay
     // is over and connections start closing.
     let closing = CancellationToken::new();
@@ -271,17 +293,33 @@ pub async fn run(
         .merge(herald_ops::ops_routes(health.clone(), metrics));
     let addr = listener.local_addr()?;
     health.set_started();
+    let (ws, http) = match &edge.config.tls {
+        Some(_) => ("wss", "https"),
+        None => ("ws", "http"),
+    };
     tracing::info!(
         node = %edge.config.node_id,
-        "edge {} serving WebSocket clients on ws://{addr}/ws (health on http://{addr}/healthz), broker: {}",
+        "edge {} serving WebSocket clients on {ws}://{addr}/ws (health on {http}://{addr}/healthz), broker: {}",
         edge.config.node_id,
         edge.broker.describe()
     );
+    // Ends the certificate watcher and, once the sessions are gone, the
+    // TLS relays still running.
+    let tls_stop = CancellationToken::new();
+    let tls = edge.config.tls.as_ref().map(|cert| {
+        tracing::info!(
+            "TLS on: certificate {}, re-read when it changes",
+            cert.cert_path().display()
+        );
+        tls::Terminator::new(cert, tls_stop.clone())
+    });
     let http_stop = CancellationToken::new();
     let server = tokio::spawn(transport::serve(
         listener,
         app,
         edge.config.heartbeat,
+        edge.config.idle_timeout,
+        tls.clone(),
         http_stop.clone(),
     ));
 
@@ -316,6 +354,12 @@ pub async fn run(
             drain_started.elapsed()
         );
     }
+    if let Some(tls) = &tls {
+        // The last sessions' closing words still pass through their relays.
+        tls.relays().close();
+        let _ = tokio::time::timeout(TLS_FLUSH, tls.relays().wait()).await;
+    }
+    tls_stop.cancel();
     reporter_stop.cancel();
     let _ = reporter_task.await;
     let _ = server.await;

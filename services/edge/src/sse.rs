@@ -14,7 +14,7 @@
 //! client that reads slowly fills the session's queue like any slow
 //! WebSocket client (4009). A client that vanished without closing leaves
 //! heartbeats unacknowledged on its socket: TCP_USER_TIMEOUT (the idle
-//! timeout) aborts it, the stream's next write fails, and the relay, seeing
+//! timeout, set on every client socket by `transport::serve`) aborts it, the stream's next write fails, and the relay, seeing
 //! the body dropped, ends the session.
 //!
 //! A post that lands on another edge than its stream's is forwarded to that
@@ -45,7 +45,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::framing::{OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
-use crate::transport::UserTimeout;
 use crate::{Edge, session};
 
 /// Events waiting for one stream's HTTP body. Small: the session's own
@@ -212,9 +211,6 @@ pub(crate) async fn stream_handler(
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
-        .extensions_mut()
-        .insert(UserTimeout(edge.config.idle_timeout));
     response
 }
 

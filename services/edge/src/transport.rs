@@ -1,8 +1,9 @@
 //! The edge's HTTP/1.1 server and its WebSocket route, `GET /ws`. It speaks
 //! HTTP/1.1 only (WebSocket upgrades need nothing else), so an upgraded
-//! connection gives back its plain `TcpStream`, which the session reads
-//! (through `framing`) and the delivery path writes without a task of its
-//! own. fastwebsockets does the handshake.
+//! connection gives back its plain socket (the `TcpStream`, or with TLS the
+//! socket pair's end that `tls` relays), which the session reads (through
+//! `framing`) and the delivery path writes without a task of its own.
+//! fastwebsockets does the handshake.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,41 +22,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::AllowedOrigins;
 use crate::socket::Socket;
+use crate::tls::Terminator;
 use crate::{Edge, session};
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Set on a response, asks [`serve`] for TCP_USER_TIMEOUT on the socket the
-/// response goes out on: data unacknowledged that long aborts the
-/// connection. For long responses (the SSE stream) whose client may vanish
-/// without a word while the edge keeps writing.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct UserTimeout(pub std::time::Duration);
-
-/// Sets TCP_USER_TIMEOUT on socket `fd`.
-///
-/// # Safety
-///
-/// `fd` must be an open socket for the duration of the call.
-#[allow(unsafe_code)]
-unsafe fn set_user_timeout(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
-    // SAFETY: the caller keeps `fd` open for this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    if let Err(e) = socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(timeout)) {
-        tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
-    }
-}
-
 /// Serves `router` over HTTP/1.1 on `listener` until `stop`, with TCP
 /// keepalive probes after `keepalive` of quiet, then lets each
 /// connection finish its request. Upgraded connections live on in their own
-/// tasks and are not waited for here.
+/// tasks and are not waited for here. With `tls`, every connection is a
+/// TLS connection, served through its relay.
+///
+/// Data a peer leaves unacknowledged for `unacked` aborts its connection
+/// (TCP_USER_TIMEOUT): a client whose network vanished is noticed by the
+/// kernel within the idle timeout, even where nothing else asks it for an
+/// answer (an SSE stream, whose heartbeats the edge itself answers).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     keepalive: std::time::Duration,
+    unacked: std::time::Duration,
+    tls: Option<Terminator>,
     stop: CancellationToken,
 ) {
     let conns = TaskTracker::new();
@@ -78,54 +68,63 @@ pub async fn serve(
         // The kernel probes a connection that has been quiet this long, which
         // keeps NAT mappings alive and ends sockets whose peer vanished
         // before it ever authenticated (the pings cover sessions).
-        let _ = socket2::SockRef::from(&stream)
-            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
+        let socket = socket2::SockRef::from(&stream);
+        let _ = socket.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
+        if let Err(e) = socket.set_tcp_user_timeout(Some(unacked)) {
+            tracing::debug!(error = %e, "TCP_USER_TIMEOUT not set; a vanished client is noticed by keepalive only");
+        }
         let router = router.clone();
         let stop = stop.clone();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        conns.spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let router = router.clone();
-                async move {
-                    let response = router
-                        .oneshot(req.map(axum::body::Body::new))
-                        .await
-                        .unwrap_or_else(|e| match e {});
-                    if let Some(UserTimeout(t)) = response.extensions().get() {
-                        // SAFETY: this future belongs to the service of the
-                        // hyper connection that owns the socket `fd`, and
-                        // runs only while that connection polls it, so the
-                        // socket is open; hyper has not seen the response
-                        // yet, so no upgrade has taken the socket away.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            set_user_timeout(fd, *t)
-                        };
+        match &tls {
+            None => conns.spawn(serve_http(stream, peer, router, stop)),
+            Some(tls) => {
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    if let Some(relayed) = tls.accept(stream, peer).await {
+                        serve_http(relayed, peer, router, stop).await;
                     }
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                // A client that never finishes its request headers does not
-                // keep a socket (and a file descriptor) for long.
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    // A request half sent is not waited for past this.
-                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
-                }
+                })
             }
-        });
+        };
     }
     conns.close();
     conns.wait().await;
+}
+
+/// One connection's HTTP, until it ends or is upgraded (the upgraded
+/// socket then belongs to its session).
+async fn serve_http<S>(stream: S, peer: SocketAddr, router: Router, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let router = router.clone();
+        async move {
+            Ok::<_, Infallible>(
+                router
+                    .oneshot(req.map(axum::body::Body::new))
+                    .await
+                    .unwrap_or_else(|e| match e {}),
+            )
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // A client that never finishes its request headers does not
+        // keep a socket (and a file descriptor) for long.
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            // A request half sent is not waited for past this.
+            let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
+        }
+    }
 }
 
 /// The socket under an upgraded connection, with the bytes the HTTP
@@ -160,6 +159,9 @@ pub(crate) async fn ws_handler(
         )
             .into_response();
     }
+    if let Some(refused) = origin_refused(edge.config.allowed_origins.as_ref(), &headers) {
+        return refused;
+    }
     let offers_v1 = headers
         .get_all("sec-websocket-protocol")
         .iter()
@@ -191,6 +193,30 @@ pub(crate) async fn ws_handler(
     }));
     tracker.spawn(fut);
     response.into_response()
+}
+
+/// A 403 for an upgrade whose `Origin` is not on the allow-list. Requests
+/// without `Origin` come from programs, not browsers, and pass: the check
+/// keeps other sites' pages out, it does not authenticate.
+fn origin_refused(allowed: Option<&AllowedOrigins>, headers: &HeaderMap) -> Option<Response> {
+    let allowed = allowed?;
+    let mut origins = headers.get_all(axum::http::header::ORIGIN).iter();
+    let origin = origins.next()?;
+    let text = origin.to_str().unwrap_or("(unreadable)");
+    if origins.next().is_none() && allowed.allows(text) {
+        return None;
+    }
+    tracing::debug!(
+        origin = text,
+        "WebSocket upgrade refused: origin not allowed"
+    );
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            format!("WebSocket connections from origin {text} are not allowed on this server\n"),
+        )
+            .into_response(),
+    )
 }
 
 #[cfg(test)]

@@ -202,6 +202,40 @@ pub struct ClientArgs {
     /// Largest presence `meta`, in bytes of JSON.
     #[arg(long, env = "HERALD_MAX_META_BYTES", default_value_t = 2048)]
     pub max_meta_bytes: usize,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Which browser pages may connect, and TLS for edges that no ingress
+/// or load balancer terminates TLS for.
+#[derive(Args, Debug)]
+pub struct AccessArgs {
+    /// Browser origins allowed to open WebSockets, comma-separated: exact
+    /// (https://app.example.com) or with a wildcard for one or more subdomain
+    /// labels (https://*.example.com). Upgrades from other origins get 403;
+    /// clients that send no Origin (not browsers) are let through. Default:
+    /// every origin.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_name = "ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Serve TLS (wss://, and https:// for /healthz, /readyz, /metrics) with
+    /// this certificate chain, PEM (with --tls-key). Reloaded when the file
+    /// changes.
+    #[arg(
+        long,
+        env = "HERALD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC)
+    /// (with --tls-cert). Reloaded when the file changes.
+    #[arg(
+        long,
+        env = "HERALD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// How an edge notices clients that are gone without closing.

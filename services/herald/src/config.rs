@@ -10,7 +10,7 @@ use herald_auth::{DurablePolicy, NamespacePolicy, Policy};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
-use crate::cli::{Common, LivenessArgs};
+use crate::cli::{AccessArgs, Common, LivenessArgs};
 
 /// The secret `herald dev` and `herald token` use when none is given. It is
 /// public: fine on a laptop, never for anything reachable by others.
@@ -159,6 +159,33 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
         ));
     }
     Ok(Namespaces { policy, durable })
+}
+
+/// `--allowed-origins`, checked entry by entry; `None` allows every origin.
+pub fn allowed_origins(
+    args: &AccessArgs,
+) -> Result<Option<herald_edge::AllowedOrigins>, ConfigError> {
+    args.allowed_origins
+        .as_deref()
+        .map(|list| {
+            herald_edge::AllowedOrigins::parse(list)
+                .map_err(|e| ConfigError::caused("--allowed-origins", e))
+        })
+        .transpose()
+}
+
+/// `--tls-cert` and `--tls-key` (clap makes sure both or neither are
+/// given), loaded now so that a bad file stops the start.
+pub fn tls(args: &AccessArgs) -> Result<Option<herald_edge::TlsCert>, ConfigError> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => herald_edge::TlsCert::load(cert, key)
+            .map(Some)
+            .map_err(|e| ConfigError::caused("--tls-cert/--tls-key", e)),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::new(
+            "give both --tls-cert and --tls-key, or neither",
+        )),
+    }
 }
 
 /// Node ids are part of connection ids and NATS subjects.

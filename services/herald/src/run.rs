@@ -448,6 +448,8 @@ async fn edge_config(
         idle_timeout,
         max_rooms_per_conn: clients.max_rooms_per_connection,
         max_meta_bytes: clients.max_meta_bytes,
+        allowed_origins: config::allowed_origins(&clients.access)?,
+        tls: config::tls(&clients.access)?,
         ..herald_edge::Config::new(
             node_id,
             crate::keys::verifier(&clients.keys, dev, shutdown).await?,
@@ -539,6 +541,10 @@ async fn dev(
             shutdown.clone().cancelled_owned(),
         );
     let ws_addr = listener.local_addr()?;
+    let (ws, http) = match &config.tls {
+        Some(_) => ("wss", "https"),
+        None => ("ws", "http"),
+    };
     let edge = herald_edge::run(config, broker, history, listener, metrics, shutdown);
 
     let token_hint = if using_dev_secret {
@@ -548,11 +554,11 @@ async fn dev(
     };
     println!(
         "Herald dev: edge, router and presence in one process, with an in-memory broker.\n\
-         \x20 WebSocket clients  ws://{ws_addr}/ws\n\
+         \x20 WebSocket clients  {ws}://{ws_addr}/ws\n\
          \x20 gRPC API           {grpc_addr}  (herald.v1.Router, herald.v1.Presence; reflection on)\n\
-         \x20 Health, metrics    http://{ws_addr}/healthz  /readyz  /metrics\n\
+         \x20 Health, metrics    {http}://{ws_addr}/healthz  /readyz  /metrics\n\
          Get a token:          {token_hint}\n\
-         Then connect:         websocat 'ws://{ws_addr}/ws?token=<token>'\n\
+         Then connect:         websocat '{ws}://{ws_addr}/ws?token=<token>'\n\
          Stop with Ctrl-C."
     );
     if using_dev_secret {

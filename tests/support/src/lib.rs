@@ -230,13 +230,26 @@ pub struct Herald {
 impl Herald {
     /// Runs `herald <args>` and waits until its `/readyz` (at `http`) says ready.
     pub fn start(name: &str, args: &[String], http: SocketAddr) -> Result<Herald> {
+        Herald::start_until(name, args, http, || {
+            matches!(http_get(http, "/readyz"), Ok((200, _)))
+        })
+    }
+
+    /// Runs `herald <args>` and waits until `ready` holds (for a process
+    /// whose `/readyz` plain HTTP cannot ask, as behind TLS).
+    pub fn start_until(
+        name: &str,
+        args: &[String],
+        http: SocketAddr,
+        ready: impl FnMut() -> bool,
+    ) -> Result<Herald> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(herald_bin());
         cmd.args(args)
             .env("RUST_LOG", "info,herald=debug")
             .env_remove("HERALD_CONFIG");
         let mut proc = ChildProcess::spawn(name, cmd, dir.path().join("herald.log"))?;
-        proc.wait_ready(http, Duration::from_secs(20))?;
+        proc.wait_until("it was ready", Duration::from_secs(20), ready)?;
         Ok(Herald {
             proc,
             _dir: dir,
@@ -271,5 +284,10 @@ impl Herald {
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
         self.proc.output()
+    }
+
+    /// The process id (to read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 }
