@@ -5,6 +5,7 @@
 //! edge cannot rebuild: a client may land on any edge and reconnect to any other.
 #![deny(unsafe_code)]
 
+mod admission;
 mod control;
 mod delivery;
 mod drain;
@@ -40,6 +41,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use admission::Caps;
 pub use delivery::QueueLimits;
 pub use origin::{AllowedOrigins, OriginError};
 pub use presence::PresenceSource;
@@ -97,6 +99,9 @@ pub struct Config {
     pub allowed_origins: Option<AllowedOrigins>,
     /// Serve TLS with this certificate; `None`: plain TCP.
     pub tls: Option<TlsCert>,
+    /// How many connections this edge, one client address, and the
+    /// connections still authenticating may hold.
+    pub caps: Caps,
 }
 
 impl Config {
@@ -126,6 +131,10 @@ impl Config {
             storage: herald_ops::Gate::open("durable storage"),
             allowed_origins: None,
             tls: None,
+            caps: Caps {
+                max_pending: 4096,
+                ..Caps::default()
+            },
         }
     }
 }
@@ -159,6 +168,8 @@ struct Edge {
     reporter: presence::Reporter,
     /// Users' publishes, counted with the other edges.
     quota: Arc<quota::UserQuota>,
+    /// The connection caps and what they count.
+    admission: Arc<admission::Admission>,
     /// This edge's SSE streams, for the frames their clients post.
     sse: sse::Streams,
     next_conn: AtomicU64,
@@ -260,6 +271,7 @@ pub async fn run(
         history,
         reporter,
         quota: quota::UserQuota::new(&config.node_id),
+        admission: admission::Admission::new(config.caps.clone()),
         sse: sse::Streams::default(),
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,

@@ -158,6 +158,13 @@ pub(crate) async fn stream_handler(
         Ok(claims) => claims,
         Err(e) => return unauthorized(format!("token refused: {e}")),
     };
+    let ticket = match edge
+        .admission
+        .admit(edge.sessions.len(), peer, &headers, true)
+    {
+        Ok(ticket) => ticket,
+        Err(refused) => return crate::transport::busy(refused),
+    };
     let (session_end, relay_end) = match UnixStream::pair() {
         Ok(pair) => pair,
         Err(e) => {
@@ -189,8 +196,10 @@ pub(crate) async fn stream_handler(
         claims,
         peer,
     }));
+    let address = ticket.address;
     edge.sessions.spawn(async move {
         let _over_when_done = over_when_done;
+        let _address = address;
         serve.await;
     });
     let relay = Relay::new(relay_end, events_tx, session_over);

@@ -162,6 +162,13 @@ pub(crate) async fn ws_handler(
     if let Some(refused) = origin_refused(edge.config.allowed_origins.as_ref(), &headers) {
         return refused;
     }
+    let ticket = match edge
+        .admission
+        .admit(edge.sessions.len(), peer, &headers, false)
+    {
+        Ok(ticket) => ticket,
+        Err(refused) => return busy(refused),
+    };
     let offers_v1 = headers
         .get_all("sec-websocket-protocol")
         .iter()
@@ -190,9 +197,27 @@ pub(crate) async fn ws_handler(
         upgrade: upgraded,
         url_token: params.token,
         peer,
+        pending: ticket.pending,
     }));
-    tracker.spawn(fut);
+    let address = ticket.address;
+    tracker.spawn(async move {
+        // The address's place is given back when the connection ends.
+        let _address = address;
+        fut.await
+    });
     response.into_response()
+}
+
+/// A 503 with `Retry-After` for a connection over a cap, saying which.
+pub(crate) fn busy(refused: crate::admission::Refused) -> Response {
+    tracing::debug!(why = %refused.0, "connection refused over a cap");
+    let mut response =
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", refused.0)).into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from(crate::admission::RETRY_AFTER_SECS),
+    );
+    response
 }
 
 /// A 403 for an upgrade whose `Origin` is not on the allow-list. Requests

@@ -217,6 +217,26 @@ pub struct AccessArgs {
     /// every origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_name = "ORIGINS")]
     pub allowed_origins: Option<String>,
+    /// Most connections this edge holds; more get HTTP 503 with Retry-After.
+    /// 0: no cap.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+    /// Most connections from one client address; more get HTTP 503. 0: no cap.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+    /// Most connections upgraded but not yet authenticated (no valid
+    /// `connect` yet); more get HTTP 503. 0: no cap.
+    #[arg(long, env = "HERALD_MAX_PENDING_CONNECTIONS", default_value_t = 4096)]
+    pub max_pending_connections: usize,
+    /// Proxies (addresses or CIDR ranges, comma-separated) whose
+    /// X-Forwarded-For names the client's address for --max-connections-per-ip.
+    #[arg(
+        long,
+        env = "HERALD_TRUSTED_PROXIES",
+        value_name = "RANGES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
     /// Serve TLS (wss://, and https:// for /healthz, /readyz, /metrics) with
     /// this certificate chain, PEM (with --tls-key). Reloaded when the file
     /// changes.

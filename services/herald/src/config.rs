@@ -174,6 +174,38 @@ pub fn allowed_origins(
         .transpose()
 }
 
+/// The connection caps, with `--trusted-proxies` read as addresses or
+/// CIDR ranges.
+pub fn caps(args: &AccessArgs) -> Result<herald_edge::Caps, ConfigError> {
+    let mut trusted_proxies = Vec::new();
+    for entry in args
+        .trusted_proxies
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+    {
+        let net = match entry.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) => entry
+                .parse::<std::net::IpAddr>()
+                .map(ipnet::IpNet::from)
+                .map_err(|e| {
+                    ConfigError::caused(
+                        format!("--trusted-proxies: `{entry}` is not an address or a CIDR range"),
+                        e,
+                    )
+                })?,
+        };
+        trusted_proxies.push(net);
+    }
+    Ok(herald_edge::Caps {
+        max_connections: args.max_connections,
+        max_per_ip: args.max_connections_per_ip,
+        max_pending: args.max_pending_connections,
+        trusted_proxies,
+    })
+}
+
 /// `--tls-cert` and `--tls-key` (clap makes sure both or neither are
 /// given), loaded now so that a bad file stops the start.
 pub fn tls(args: &AccessArgs) -> Result<Option<herald_edge::TlsCert>, ConfigError> {

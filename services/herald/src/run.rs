@@ -450,6 +450,7 @@ async fn edge_config(
         max_meta_bytes: clients.max_meta_bytes,
         allowed_origins: config::allowed_origins(&clients.access)?,
         tls: config::tls(&clients.access)?,
+        caps: config::caps(&clients.access)?,
         ..herald_edge::Config::new(
             node_id,
             crate::keys::verifier(&clients.keys, dev, shutdown).await?,

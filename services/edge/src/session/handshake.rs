@@ -28,6 +28,9 @@ pub(crate) struct Start {
     pub upgrade: UpgradeFut,
     pub url_token: Option<String>,
     pub peer: SocketAddr,
+    /// A place among the connections still authenticating, given back once
+    /// this one is (or gives up).
+    pub pending: Option<crate::admission::Pending>,
 }
 
 /// A connection whose client proved who it is on the request that opened
@@ -73,6 +76,7 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
         upgrade,
         url_token,
         peer,
+        pending,
     } = start;
     let upgraded = match upgrade.await {
         Ok(ws) => ws.into_inner().into_inner(),
@@ -89,7 +93,9 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
     let outbox = Outbox::new(id, stream, edge.config.outbound_queue);
     let mut reader = Reader::new(edge.config.max_message_bytes, &already_read, &outbox);
     drop(already_read);
-    let session = match authenticate(&edge, &outbox, &mut reader, url_token).await {
+    let authenticated = authenticate(&edge, &outbox, &mut reader, url_token).await;
+    drop(pending);
+    let session = match authenticated {
         Some((claims, connect_id)) => {
             let conn = format!("{}-{id}", edge.config.node_id);
             Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
