@@ -380,3 +380,48 @@ fn public_keys_are_replaced_for_every_clone_and_the_secret_stays() {
     assert!(verifier.set_public(b"not a key").is_err());
     clone.verify(&new).unwrap();
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Anything a client may present is refused in words, never a panic.
+        #[test]
+        fn any_text_is_refused_not_a_panic(token in ".{0,200}") {
+            prop_assert!(hs_verifier().verify(&token).is_err());
+        }
+
+        /// Three dot-separated base64 parts of anything: refused too.
+        #[test]
+        fn jwt_shaped_garbage_is_refused(
+            head in prop::collection::vec(any::<u8>(), 0..80),
+            body in prop::collection::vec(any::<u8>(), 0..120),
+            sig in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let token = format!(
+                "{}.{}.{}",
+                URL_SAFE_NO_PAD.encode(head),
+                URL_SAFE_NO_PAD.encode(body),
+                URL_SAFE_NO_PAD.encode(sig)
+            );
+            prop_assert!(hs_verifier().verify(&token).is_err());
+        }
+
+        /// Changing any one character of a valid token's payload or
+        /// signature makes it invalid.
+        #[test]
+        fn a_tampered_token_is_refused(at in any::<usize>(), with in prop::sample::select(b"ABCxyz019-_".to_vec())) {
+            let token = mint_hs256(SECRET, &alice());
+            let first_dot = token.find('.').unwrap();
+            let mut bytes = token.into_bytes();
+            let i = first_dot + 1 + at % (bytes.len() - first_dot - 1);
+            prop_assume!(bytes[i] != b'.' && bytes[i] != with);
+            bytes[i] = with;
+            let tampered = String::from_utf8(bytes).unwrap();
+            prop_assert!(hs_verifier().verify(&tampered).is_err(), "{}", tampered);
+        }
+    }
+}

@@ -821,4 +821,109 @@ mod tests {
         drop(client);
         assert_eq!(r.next(ob.stream(), &ob).await, Incoming::Closed);
     }
+
+    /// Property tests: whatever a client sends, in whatever pieces, the
+    /// reader neither panics nor depends on where reads split the bytes,
+    /// and every well-formed message (fragmented, with pings between
+    /// fragments) comes out whole.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn with_reader<T>(f: impl FnOnce(&mut Reader, &Outbox) -> T) -> T {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _in = rt.enter();
+            let (server, _client) = tokio::net::UnixStream::pair().unwrap();
+            let ob = Outbox::new(1, server, 1 << 16);
+            let mut r = Reader::new(4096, &[], &ob);
+            f(&mut r, &ob)
+        }
+
+        /// Feeds `bytes` in pieces cut at `cuts` (positions, any order).
+        fn decode(bytes: &[u8], cuts: &[usize]) -> Vec<Incoming> {
+            with_reader(|r, ob| {
+                let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+                at.push(0);
+                at.push(bytes.len());
+                at.sort_unstable();
+                at.dedup();
+                for w in at.windows(2) {
+                    if !r.done {
+                        r.take_in(&mut bytes[w[0]..w[1]].to_vec(), ob);
+                    }
+                }
+                drain(r)
+            })
+        }
+
+        /// A message, sent as text or binary in `parts` fragments, with a
+        /// ping after each fragment but the last.
+        fn message() -> impl Strategy<Value = (bool, Vec<u8>, usize)> {
+            prop_oneof![
+                ".{0,40}".prop_map(|t: String| (true, t.into_bytes())),
+                prop::collection::vec(any::<u8>(), 0..60).prop_map(|b| (false, b)),
+            ]
+            .prop_flat_map(|(text, body)| (Just(text), Just(body), 1usize..4))
+        }
+
+        fn encode_message((text, body, parts): &(bool, Vec<u8>, usize)) -> Vec<u8> {
+            let chunk = body.len().div_ceil(*parts).max(1);
+            let pieces: Vec<&[u8]> = if body.is_empty() {
+                vec![&[][..]]
+            } else {
+                body.chunks(chunk).collect()
+            };
+            let mut out = Vec::new();
+            for (i, piece) in pieces.iter().enumerate() {
+                let last = i + 1 == pieces.len();
+                let op = match (i, *text) {
+                    (0, true) => OP_TEXT,
+                    (0, false) => OP_BINARY,
+                    _ => OP_CONTINUATION,
+                };
+                out.extend(masked(last, op, piece));
+                if !last {
+                    out.extend(masked(true, OP_PING, b"p"));
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_decode_the_same_however_they_are_split(
+                bytes in prop::collection::vec(any::<u8>(), 0..300),
+                cuts in prop::collection::vec(any::<usize>(), 0..8),
+            ) {
+                let whole = decode(&bytes, &[]);
+                let split = decode(&bytes, &cuts);
+                prop_assert_eq!(whole, split);
+            }
+
+            #[test]
+            fn well_formed_messages_come_out_whole(
+                messages in prop::collection::vec(message(), 1..6),
+                cuts in prop::collection::vec(any::<usize>(), 0..10),
+            ) {
+                let bytes: Vec<u8> = messages.iter().flat_map(encode_message).collect();
+                let got = decode(&bytes, &cuts);
+                let want: Vec<Incoming> = messages
+                    .iter()
+                    .map(|(text, body, _)| {
+                        if *text {
+                            Incoming::Text(body.clone())
+                        } else {
+                            Incoming::Binary(body.clone())
+                        }
+                    })
+                    .collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
 }
