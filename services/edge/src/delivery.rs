@@ -129,7 +129,14 @@ struct Conn {
     heard: AtomicU32,
     /// Wakes the session: a close, a control action, a stalled write.
     attention: Notify,
+    /// What the connection holds until it is gone (its client address's
+    /// place under the caps, an SSE relay's signal). Here rather than in
+    /// the session's task: a wrapper future around the session would copy it.
+    _held: Option<Held>,
 }
+
+/// Something a connection holds until it is gone; dropped with it.
+pub type Held = Box<dyn Send + Sync>;
 
 #[derive(Default)]
 struct Queue {
@@ -378,6 +385,16 @@ impl Outbox {
     /// The handle of a new connection writing to `stream`; at most `limits`
     /// may wait for it.
     pub fn new(id: u64, stream: impl Into<Socket>, limits: impl Into<QueueLimits>) -> Outbox {
+        Outbox::holding(id, stream, limits, None)
+    }
+
+    /// [`Outbox::new`] for a connection that holds `held` until it is gone.
+    pub fn holding(
+        id: u64,
+        stream: impl Into<Socket>,
+        limits: impl Into<QueueLimits>,
+        held: Option<Held>,
+    ) -> Outbox {
         Outbox {
             id,
             conn: Arc::new(Conn {
@@ -389,6 +406,7 @@ impl Outbox {
                 expires: AtomicU64::new(u64::MAX),
                 heard: AtomicU32::new(crate::liveness::now()),
                 attention: Notify::new(),
+                _held: held,
             }),
         }
     }

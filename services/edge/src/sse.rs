@@ -189,18 +189,19 @@ pub(crate) async fn stream_handler(
     );
     let session_over = CancellationToken::new();
     let over_when_done = session_over.clone().drop_guard();
-    let serve = session::serve_relayed(Box::new(session::Relayed {
+    let relayed = Box::new(session::Relayed {
         edge: edge.clone(),
         socket: session_end,
         id,
         claims,
         peer,
-    }));
-    let address = ticket.address;
+        held: ticket.address.map(|a| Box::new(a) as crate::delivery::Held),
+    });
+    // The session's future is made inside the task, not moved into it: a
+    // moved-in future would be kept twice in the task's memory.
     edge.sessions.spawn(async move {
         let _over_when_done = over_when_done;
-        let _address = address;
-        serve.await;
+        session::serve_relayed(relayed).await;
     });
     let relay = Relay::new(relay_end, events_tx, session_over);
     tokio::spawn({

@@ -198,13 +198,9 @@ pub(crate) async fn ws_handler(
         url_token: params.token,
         peer,
         pending: ticket.pending,
+        held: ticket.address.map(|a| Box::new(a) as crate::delivery::Held),
     }));
-    let address = ticket.address;
-    tracker.spawn(async move {
-        // The address's place is given back when the connection ends.
-        let _address = address;
-        fut.await
-    });
+    tracker.spawn(fut);
     response.into_response()
 }
 

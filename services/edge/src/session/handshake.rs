@@ -31,6 +31,8 @@ pub(crate) struct Start {
     /// A place among the connections still authenticating, given back once
     /// this one is (or gives up).
     pub pending: Option<crate::admission::Pending>,
+    /// Held by the connection until it is gone (its address's place).
+    pub held: Option<crate::delivery::Held>,
 }
 
 /// A connection whose client proved who it is on the request that opened
@@ -45,6 +47,8 @@ pub(crate) struct Relayed {
     pub id: u64,
     pub claims: Claims,
     pub peer: SocketAddr,
+    /// Held by the connection until it is gone.
+    pub held: Option<crate::delivery::Held>,
 }
 
 /// Opens the session of a relayed connection; as [`connect`], but there is
@@ -56,8 +60,9 @@ pub(super) async fn open_relayed(start: Relayed) -> (Outbox, Reader, Option<Sess
         id,
         claims,
         peer,
+        held,
     } = start;
-    let outbox = Outbox::new(id, socket, edge.config.outbound_queue);
+    let outbox = Outbox::holding(id, socket, edge.config.outbound_queue, held);
     let reader = Reader::new(edge.config.max_message_bytes, &[], &outbox);
     let conn = format!("{}-{id}", edge.config.node_id);
     let session = Session::open(edge, outbox.clone(), conn, claims, None).await;
@@ -77,6 +82,7 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
         url_token,
         peer,
         pending,
+        held,
     } = start;
     let upgraded = match upgrade.await {
         Ok(ws) => ws.into_inner().into_inner(),
@@ -90,7 +96,7 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
         return None;
     };
     let id = edge.next_conn.fetch_add(1, Ordering::Relaxed);
-    let outbox = Outbox::new(id, stream, edge.config.outbound_queue);
+    let outbox = Outbox::holding(id, stream, edge.config.outbound_queue, held);
     let mut reader = Reader::new(edge.config.max_message_bytes, &already_read, &outbox);
     drop(already_read);
     let authenticated = authenticate(&edge, &outbox, &mut reader, url_token).await;

@@ -43,29 +43,46 @@ pub(crate) const SHUTTING_DOWN: &str = "server shutting down; reconnect to anoth
 /// How long cleanup waits for the socket to take the last frames.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
 
+/// The life of a connection once opened: the session runs, closes, and
+/// the last frames go out. A macro, not an async fn taking the opened
+/// parts: an async fn's arguments are kept beside the locals they move
+/// into, and every idle connection's task would pay for the copy.
+///
+/// Each boxed future is made in a statement of its own, before the one
+/// that awaits it: a temporary of an awaiting statement counts as alive
+/// across the await, so the unboxed future it was made from would be kept
+/// in every connection's task too.
+macro_rules! serve_opened {
+    ($outbox:ident, $reader:ident, $session:ident) => {{
+        if let Some(session) = $session.as_mut() {
+            session.run(&mut $reader).await;
+        }
+        if let Some(session) = $session.take() {
+            let closing = Box::pin(session.close());
+            closing.await;
+        }
+        drop($reader);
+        let finishing = Box::pin($outbox.finish(WRITER_FLUSH));
+        finishing.await;
+    }};
+}
+
 /// A connection's task. Connecting (upgrade, authentication, the session's
 /// opening) runs in a boxed future freed once done: an idle connection's
 /// task holds only the session, its reader and what `run` waits on.
 pub(crate) async fn serve(start: Box<Start>) {
-    let Some(opened) = Box::pin(handshake::connect(*start)).await else {
+    let connecting = Box::pin(handshake::connect(*start));
+    let Some((outbox, mut reader, mut session)) = connecting.await else {
         return;
     };
-    serve_opened(opened).await;
+    serve_opened!(outbox, reader, session)
 }
 
 /// [`serve`] for a relayed connection, authenticated already.
 pub(crate) async fn serve_relayed(start: Box<Relayed>) {
-    let opened = Box::pin(handshake::open_relayed(*start)).await;
-    serve_opened(opened).await;
-}
-
-async fn serve_opened((outbox, mut reader, session): (Outbox, Reader, Option<Session>)) {
-    if let Some(mut session) = session {
-        session.run(&mut reader).await;
-        Box::pin(session.close()).await;
-    }
-    drop(reader);
-    Box::pin(outbox.finish(WRITER_FLUSH)).await;
+    let opening = Box::pin(handshake::open_relayed(*start));
+    let (outbox, mut reader, mut session) = opening.await;
+    serve_opened!(outbox, reader, session)
 }
 
 fn reject(outbox: &Outbox, err: &FrameError) {
@@ -332,5 +349,32 @@ impl Session {
         });
         self.edge.metrics.connections.dec();
         tracing::debug!(conn = %self.conn, "disconnected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn future_size<A, F: std::future::Future>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn future_size2<A, B, F: std::future::Future>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection's task is `serve`'s future: it must hold the
+    /// session, its reader and outbox, and what `run` waits on, and nothing
+    /// more (a connecting future kept by mistake cost 560 bytes each).
+    #[test]
+    fn a_connection_task_holds_only_the_running_session() {
+        let serve = future_size(super::serve);
+        let parts = future_size2(super::Session::run)
+            + std::mem::size_of::<Option<super::Session>>()
+            + std::mem::size_of::<crate::framing::Reader>()
+            + std::mem::size_of::<crate::delivery::Outbox>();
+        assert!(
+            serve <= parts + 64,
+            "serve's future is {serve} bytes; its parts {parts}"
+        );
     }
 }
