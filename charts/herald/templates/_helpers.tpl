@@ -286,3 +286,40 @@ integer, so the file is written here: whole numbers as integers.
 # herald.toml, rendered by the Herald chart from the `config` value.
 {{- include "herald.toml.table" (dict "path" "" "m" .Values.config) }}
 {{- end -}}
+
+{{/* --api-tokens for the routers and presence replicas: env, mount, volume. */}}
+{{- define "herald.apiTokensEnv" -}}
+{{- if .Values.apiTokens.secretName }}
+- name: HERALD_API_TOKENS
+  value: /etc/herald/api/{{ .Values.apiTokens.key }}
+{{- end }}
+{{- end -}}
+
+{{- define "herald.apiTokensMount" -}}
+{{- if .Values.apiTokens.secretName }}
+- name: api-tokens
+  mountPath: /etc/herald/api
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "herald.apiTokensVolume" -}}
+{{- if .Values.apiTokens.secretName }}
+- name: api-tokens
+  secret:
+    secretName: {{ .Values.apiTokens.secretName }}
+{{- end }}
+{{- end -}}
+
+{{/* --presence-api-token for a component that asks the presence Service directly. */}}
+{{- define "herald.presenceTokenEnv" -}}
+{{- $root := .root -}}
+{{- $v := index $root.Values .c -}}
+{{- if and $v.usePresenceService $root.Values.apiTokens.secretName $root.Values.apiTokens.presenceTokenKey }}
+- name: HERALD_PRESENCE_API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.apiTokens.secretName }}
+      key: {{ $root.Values.apiTokens.presenceTokenKey }}
+{{- end }}
+{{- end -}}
