@@ -84,6 +84,7 @@ async fn a_flooding_client_is_held_to_its_budget_then_closed_and_others_are_serv
         widest
     });
 
+    let before = resident_bytes(cluster.edges[0].http);
     let (accepted, refused, first) = flood(&flooder, "chat:busy", Duration::from_secs(3)).await;
     // 40 at once, then 20 a second: about 100 in 3 s, whatever was sent.
     assert!(
@@ -111,6 +112,12 @@ async fn a_flooding_client_is_held_to_its_budget_then_closed_and_others_are_serv
     assert!(started.elapsed() < Duration::from_secs(12));
 
     steady.await.unwrap();
+    let grown = resident_bytes(cluster.edges[0].http) - before;
+    assert!(
+        grown < 16.0 * 1024.0 * 1024.0,
+        "the edge grew by {:.1} MB under one client's flood",
+        grown / 1048576.0
+    );
     let widest = receiving.await.unwrap();
     assert!(
         widest < Duration::from_millis(200),

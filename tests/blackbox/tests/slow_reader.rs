@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use herald_proto::v1::{PublishBatchRequest, PublishRequest};
-use herald_test_support::http_get;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -101,17 +100,6 @@ fn last_close_code(mut bytes: &[u8]) -> Option<u16> {
         bytes = &bytes[header + len..];
     }
     code
-}
-
-fn resident_bytes(http: SocketAddr) -> f64 {
-    let (status, text) = http_get(http, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix("herald_process_resident_memory_bytes "))
-        .expect("the edge exports its resident memory")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Publishes `total` bytes to `room` in messages of `size` bytes.

@@ -379,3 +379,17 @@ pub fn transitions(
         .map(|e| e.event.clone())
         .collect()
 }
+
+/// A process's resident memory, as its `/metrics` says
+/// (`herald_process_resident_memory_bytes`).
+#[allow(dead_code)]
+pub fn resident_bytes(http: SocketAddr) -> f64 {
+    let (status, text) = herald_test_support::http_get(http, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix("herald_process_resident_memory_bytes "))
+        .expect("the process exports its resident memory")
+        .trim()
+        .parse()
+        .unwrap()
+}
