@@ -367,7 +367,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                     args.presence_api_token.as_deref(),
                 )?,
                 drain_delay: args.drain.drain_delay,
-                api_auth: api_auth(&args.api, "router", &shutdown)?,
+                api_auth: api_auth(&args.api, "the router", &shutdown)?,
                 max_publish_batch: match args.max_publish_batch {
                     0 => {
                         return Err(
@@ -393,7 +393,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                     .replica_id
                     .unwrap_or_else(herald_presence::random_replica_id),
                 drain_delay: args.drain.drain_delay,
-                api_auth: api_auth(&args.api, "presence", &shutdown)?,
+                api_auth: api_auth(&args.api, "the presence service", &shutdown)?,
                 ..Default::default()
             };
             let gone = if args.kube {
@@ -480,13 +480,13 @@ fn api_auth(
 ) -> Result<Option<herald_ops::ApiAuth>, ConfigError> {
     let Some(path) = &args.api_tokens else {
         tracing::warn!(
-            "no --api-tokens: the {service}'s gRPC API is open to anyone who can reach it"
+            "no --api-tokens: the gRPC API of {service} is open to anyone who can reach it"
         );
         return Ok(None);
     };
     let auth = herald_ops::ApiAuth::watch(path.clone(), shutdown.clone())
         .map_err(|e| ConfigError::caused(format!("--api-tokens {}", path.display()), e))?;
-    tracing::info!(path = %path.display(), "the {service}'s gRPC API takes calls with a token from {}", path.display());
+    tracing::info!(path = %path.display(), "the gRPC API of {service} takes only calls with a token from {}", path.display());
     Ok(Some(auth))
 }
 
@@ -531,7 +531,9 @@ async fn dev(
         .layer(herald_telemetry::GrpcServerSpans)
         .layer(herald_ops::GrpcMetricsLayer::new(&metrics))
         .layer(herald_ops::ApiAuthLayer(api_auth(
-            &args.api, "dev", &shutdown,
+            &args.api,
+            "herald dev",
+            &shutdown,
         )?))
         .add_service(health)
         .add_service(reflection)
