@@ -215,36 +215,24 @@ impl ApiAuth {
             tokens: Arc::new(RwLock::new(Arc::new(tokens))),
         };
         let shared = auth.clone();
-        tokio::spawn(async move {
-            let mut seen = first;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(RELOAD_EVERY) => {}
+        crate::watch::watch_file(
+            path.clone(),
+            first,
+            RELOAD_EVERY,
+            "API tokens file",
+            stop,
+            move |now| match ApiTokens::parse(&String::from_utf8_lossy(now)) {
+                Ok(tokens) => {
+                    tracing::info!(path = %path.display(), tokens = tokens.len(), "API tokens reloaded");
+                    *shared.tokens.write().expect("api tokens") = Arc::new(tokens);
                 }
-                // Read whole and compared: a rotation that swaps a symlink
-                // (Kubernetes Secrets) changes no modification time here.
-                let Ok(now) = std::fs::read(&path) else {
-                    tracing::warn!(path = %path.display(), "the API tokens file cannot be read; keeping the tokens read before");
-                    continue;
-                };
-                if now == seen {
-                    continue;
-                }
-                match ApiTokens::parse(&String::from_utf8_lossy(&now)) {
-                    Ok(tokens) => {
-                        tracing::info!(path = %path.display(), tokens = tokens.len(), "API tokens reloaded");
-                        *shared.tokens.write().expect("api tokens") = Arc::new(tokens);
-                    }
-                    Err(e) => tracing::warn!(
-                        path = %path.display(),
-                        error = %e,
-                        "the changed API tokens file is not valid; keeping the tokens read before"
-                    ),
-                }
-                seen = now;
-            }
-        });
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "the changed API tokens file is not valid; keeping the tokens read before"
+                ),
+            },
+        );
         Ok(auth)
     }
 

@@ -7,6 +7,7 @@
 pub mod api_auth;
 mod grpc_metrics;
 pub mod metrics;
+mod watch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub use api_auth::{ApiAuth, ApiAuthLayer};
 pub use grpc_metrics::GrpcMetricsLayer;
 pub use prometheus_client;
+pub use watch::watch_file;
 
 /// Why a router or presence process stopped serving. Each variant is its
 /// cause itself.

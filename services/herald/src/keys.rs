@@ -4,7 +4,6 @@
 //! token names a `kid` not held yet (at most once every [`REFETCH_GAP`]).
 //! A reload that fails keeps the keys in use and says why in the log.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,12 +89,20 @@ pub async fn verifier(
             max_lifetime: keys.max_session_lifetime,
         });
     if let Some(path) = &keys.jwt_public_key {
-        tokio::spawn(watch_file(
+        let (shown, keys) = (path.display().to_string(), verifier.clone());
+        herald_ops::watch_file(
             path.clone(),
             public.unwrap_or_default(),
-            verifier.clone(),
+            FILE_EVERY,
+            "JWT public key file",
             stop.clone(),
-        ));
+            move |now| match keys.set_public(now) {
+                Ok(n) => tracing::info!(path = %shown, keys = n, "JWT public keys reloaded"),
+                Err(e) => {
+                    tracing::warn!(path = %shown, error = %e, "the changed JWT public key file is not usable; keeping the keys in use")
+                }
+            },
+        );
     }
     if let Some(jwks) = jwks {
         let jwks = Arc::new(jwks);
@@ -108,32 +115,6 @@ pub async fn verifier(
         ));
     }
     Ok(verifier)
-}
-
-/// Reads `path` every [`FILE_EVERY`]; new content replaces the public keys.
-async fn watch_file(path: PathBuf, mut seen: Vec<u8>, verifier: Verifier, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(FILE_EVERY) => {}
-        }
-        // Read whole and compared: a Secret rotated by swapping a symlink
-        // keeps the modification time of the path we hold.
-        let Ok(now) = tokio::fs::read(&path).await else {
-            tracing::warn!(path = %path.display(), "the JWT public key file cannot be read; keeping the keys in use");
-            continue;
-        };
-        if now == seen {
-            continue;
-        }
-        match verifier.set_public(&now) {
-            Ok(n) => tracing::info!(path = %path.display(), keys = n, "JWT public keys reloaded"),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "the changed JWT public key file is not usable; keeping the keys in use")
-            }
-        }
-        seen = now;
-    }
 }
 
 /// Fetches the JWKS every `every` and puts its keys in use.
