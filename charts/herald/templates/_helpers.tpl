@@ -125,7 +125,15 @@ the process in the middle of its drain. (dict "root" $ "c" "edge")
 {{- end }}
 {{- if $v.usePresenceService }}
 - name: HERALD_PRESENCE
-  value: {{ printf "http://%s:%d" (include "herald.component" (dict "root" $root "c" "presence")) (int $root.Values.presence.service.grpcPort) | quote }}
+  value: {{ printf "%s://%s:%d" (ternary "https" "http" (ne $root.Values.grpcTls.secretName "")) (include "herald.component" (dict "root" $root "c" "presence")) (int $root.Values.presence.service.grpcPort) | quote }}
+{{- if $root.Values.grpcTls.secretName }}
+- name: HERALD_PRESENCE_TLS_CA
+  value: /etc/herald/grpc-tls/ca.crt
+- name: HERALD_PRESENCE_TLS_CERT
+  value: /etc/herald/grpc-tls/tls.crt
+- name: HERALD_PRESENCE_TLS_KEY
+  value: /etc/herald/grpc-tls/tls.key
+{{- end }}
 {{- end }}
 {{- range $name, $value := $v.extraEnv }}
 - name: {{ $name }}
@@ -153,6 +161,12 @@ the process in the middle of its drain. (dict "root" $ "c" "edge")
   mountPath: /etc/herald/nats-tls
   readOnly: true
 {{- end }}
+{{- if .Values.grpcTls.secretName }}
+# Whole-volume mount (no subPath): renewed files are swapped in and re-read.
+- name: grpc-tls
+  mountPath: /etc/herald/grpc-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "herald.commonVolumes" -}}
@@ -176,6 +190,11 @@ the process in the middle of its drain. (dict "root" $ "c" "edge")
 - name: nats-tls
   secret:
     secretName: {{ include "herald.natsTlsSecretName" . }}
+{{- end }}
+{{- if .Values.grpcTls.secretName }}
+- name: grpc-tls
+  secret:
+    secretName: {{ .Values.grpcTls.secretName }}
 {{- end }}
 {{- end -}}
 
@@ -322,4 +341,36 @@ integer, so the file is written here: whole numbers as integers.
       name: {{ $root.Values.apiTokens.secretName }}
       key: {{ $root.Values.apiTokens.presenceTokenKey }}
 {{- end }}
+{{- end -}}
+
+{{/* The gRPC API's TLS (router and presence). */}}
+{{- define "herald.grpcTlsEnv" -}}
+{{- if .Values.grpcTls.secretName }}
+- name: HERALD_GRPC_TLS_CERT
+  value: /etc/herald/grpc-tls/tls.crt
+- name: HERALD_GRPC_TLS_KEY
+  value: /etc/herald/grpc-tls/tls.key
+{{- if .Values.grpcTls.clientAuth }}
+- name: HERALD_GRPC_CLIENT_CA
+  value: /etc/herald/grpc-tls/ca.crt
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Readiness of a gRPC service: the kubelet's gRPC probe speaks plain
+text only, so over TLS /readyz answers instead (it turns not ready with
+the gRPC health statuses). (dict "root" $ "port" 50051) */}}
+{{- define "herald.grpcReadiness" -}}
+readinessProbe:
+  {{- if .root.Values.grpcTls.secretName }}
+  httpGet:
+    path: /readyz
+    port: http
+  {{- else }}
+  grpc:
+    port: {{ .port }}
+  {{- end }}
+  periodSeconds: 2
+  timeoutSeconds: 1
+  failureThreshold: 2
 {{- end -}}

@@ -7,6 +7,7 @@
 pub mod api_auth;
 mod grpc_metrics;
 pub mod metrics;
+pub mod tls;
 mod watch;
 
 use std::net::SocketAddr;
@@ -290,9 +291,13 @@ struct BindError {
 }
 
 /// The connections a gRPC server accepts on `listener`, with Nagle's
-/// algorithm off: a reply must not wait for the peer's delayed ACK.
-pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// algorithm off (a reply must not wait for the peer's delayed ACK), over
+/// TLS once their handshake is done when `tls` is given.
+pub fn grpc_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Option<tls::ServerTls>,
+) -> tls::GrpcIncoming {
+    tls::GrpcIncoming::new(listener, tls)
 }
 
 /// The gRPC health service (reporting `names` serving) and server reflection

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_broker::{BrokerError, SharedBroker};
+use herald_ops::tls::{GrpcConnector, Reloadable};
 use herald_proto::v1::presence_client::PresenceClient;
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest, UserStatusReply, UserStatusRequest};
 use herald_wire::{RoomName, subjects};
 use prost::Message;
+use rustls::ClientConfig;
 use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -53,30 +55,56 @@ impl Interceptor for WithToken {
 
 impl Source {
     /// The presence service at `url` (calling it with `token`, when given),
-    /// or any replica through the broker without one. Connects on the first
+    /// or any replica through the broker without one. An `https://` URL
+    /// needs `tls` (the CA that signed the service's certificate, and a
+    /// client certificate when it asks for one). Connects on the first
     /// query, so a service that starts before presence does is not refused.
-    pub fn from_url(url: Option<&str>, token: Option<&str>) -> Result<Source, InvalidUrl> {
+    pub fn from_url(
+        url: Option<&str>,
+        token: Option<&str>,
+        tls: Option<Reloadable<ClientConfig>>,
+    ) -> Result<Source, InvalidUrl> {
         let Some(url) = url else {
-            return Ok(Source::Broker);
+            return match tls {
+                Some(_) => Err(InvalidUrl::TlsWithoutUrl),
+                None => Ok(Source::Broker),
+            };
         };
-        let channel = Channel::from_shared(url.to_string()).map_err(InvalidUrl::Url)?;
+        let endpoint = Channel::from_shared(url.to_string()).map_err(InvalidUrl::Url)?;
         let token = token
             .map(|t| format!("Bearer {t}").parse().map_err(|_| InvalidUrl::Token))
             .transpose()?;
+        let https = endpoint.uri().scheme_str() == Some("https");
+        let channel = match (https, tls) {
+            (true, Some(tls)) => endpoint.connect_with_connector_lazy(GrpcConnector::new(tls)),
+            (true, None) => return Err(InvalidUrl::HttpsWithoutCa),
+            (false, Some(_)) => return Err(InvalidUrl::TlsOnPlainUrl),
+            (false, None) => endpoint.connect_lazy(),
+        };
         Ok(Source::Grpc(Box::new(PresenceClient::with_interceptor(
-            channel.connect_lazy(),
+            channel,
             WithToken(token),
         ))))
     }
 }
 
-/// A presence URL or token that cannot be used.
+/// A presence URL, token or TLS setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidUrl {
     #[error("not a valid URL")]
     Url(#[source] tonic::codegen::http::uri::InvalidUri),
     #[error("the API token holds characters a gRPC header cannot carry")]
     Token,
+    #[error(
+        "an https:// presence URL needs --presence-tls-ca, the CA that signed the presence service's certificate"
+    )]
+    HttpsWithoutCa,
+    #[error(
+        "TLS settings for the presence service are given, but its URL is http://; use https://"
+    )]
+    TlsOnPlainUrl,
+    #[error("TLS settings for the presence service are given without --presence")]
+    TlsWithoutUrl,
 }
 
 /// Why a query has no answer.

@@ -25,12 +25,12 @@ async fn broker_and_grpc_give_the_same_answer() {
         tonic::transport::Server::builder()
             .add_service(presence.grpc_service())
             .serve_with_incoming_shutdown(
-                herald_ops::grpc_incoming(listener),
+                herald_ops::grpc_incoming(listener, None),
                 shutdown.clone().cancelled_owned(),
             ),
     );
     let through_broker = PresenceQuery::new(broker.clone(), Source::Broker, TIMEOUT);
-    let grpc = Source::from_url(Some(&url), None).unwrap();
+    let grpc = Source::from_url(Some(&url), None, None).unwrap();
     let direct = PresenceQuery::new(broker, grpc, TIMEOUT);
     assert!(through_broker.grpc().is_none() && direct.grpc().is_some());
 
@@ -69,7 +69,10 @@ async fn without_a_replica_nobody_answers() {
 
 #[tokio::test]
 async fn a_presence_url_is_checked_up_front() {
-    assert!(matches!(Source::from_url(None, None), Ok(Source::Broker)));
-    assert!(Source::from_url(Some("not a url"), None).is_err());
-    assert!(Source::from_url(Some("http://127.0.0.1:1"), Some("bad\ntoken")).is_err());
+    assert!(matches!(
+        Source::from_url(None, None, None),
+        Ok(Source::Broker)
+    ));
+    assert!(Source::from_url(Some("not a url"), None, None).is_err());
+    assert!(Source::from_url(Some("http://127.0.0.1:1"), Some("bad\ntoken"), None).is_err());
 }

@@ -45,7 +45,7 @@ pub use admission::Caps;
 pub use delivery::QueueLimits;
 pub use origin::{AllowedOrigins, OriginError};
 pub use presence::PresenceSource;
-pub use tls::{TlsCert, TlsError};
+pub use tls::{TlsCert, TlsError, load_cert};
 
 /// The edge's settings. Every bound has a name here.
 #[derive(Clone)]
@@ -321,7 +321,7 @@ pub async fn run(
     let tls = edge.config.tls.as_ref().map(|cert| {
         tracing::info!(
             "TLS on: certificate {}, re-read when it changes",
-            cert.cert_path().display()
+            cert.path().display()
         );
         tls::Terminator::new(cert, tls_stop.clone())
     });

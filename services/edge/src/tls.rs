@@ -10,16 +10,11 @@
 
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::path::Path;
 use std::time::Duration;
 
-use herald_broker::chain;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerConnection};
-use rustls::sign::CertifiedKey;
+pub use herald_ops::tls::TlsError;
+use rustls::server::{ServerConfig, ServerConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
@@ -27,14 +22,7 @@ use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often the certificate files are compared with what is loaded.
-/// Reading two small files costs nothing, and comparing their bytes sees
-/// every kind of replacement (a write in place, a rename, a symlink swap
-/// like a Kubernetes Secret volume's) where modification times may not.
-const RELOAD_POLL: Duration = Duration::from_secs(3);
+use herald_ops::tls::HANDSHAKE_TIMEOUT;
 
 /// Once the session has said its last byte and the client was sent
 /// close_notify, how long the client may take to close its side. Closing
@@ -49,218 +37,21 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// The most session output read at once; rustls seals it into records.
 const CHUNK: usize = 16 * 1024;
 
-/// Why a certificate or key could not be used. Each names its file.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {}", .path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", .0.display())]
-    NoCertificate(PathBuf),
-    #[error("{} holds no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC)", .0.display())]
-    NoKey(PathBuf),
-    #[error("{} is not valid PEM", .path.display())]
-    Pem {
-        path: PathBuf,
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("the private key in {} is not the key of the certificate in {}", .key.display(), .cert.display())]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("the key in {} cannot be used with the certificate in {}", .key.display(), .cert.display())]
-    Unusable {
-        cert: PathBuf,
-        key: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
-}
-
-/// A certificate chain and its key, from PEM files, re-read when they
+/// The edge's certificate chain and key, from PEM files re-read when they
 /// change. Cheap to clone.
-#[derive(Clone)]
-pub struct TlsCert {
-    inner: Arc<Inner>,
-}
+pub type TlsCert = herald_ops::tls::Reloadable<ServerConfig>;
 
-struct Inner {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    provider: Arc<CryptoProvider>,
-    current: Arc<Current>,
-    /// The files' bytes as last read, loaded or not: a change is tried once.
-    seen: Mutex<(Vec<u8>, Vec<u8>)>,
-    config: Arc<ServerConfig>,
-}
-
-/// What each new handshake presents.
-#[derive(Debug)]
-struct Current(RwLock<Arc<CertifiedKey>>);
-
-impl ResolvesServerCert for Current {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.0
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        )
-    }
-}
-
-impl TlsCert {
-    /// Loads the certificate chain (the server's own first) and its key.
-    pub fn load(cert_path: &Path, key_path: &Path) -> Result<TlsCert, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        };
-        let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
-        let key = certified(cert_path, &cert_pem, key_path, &key_pem, &provider)?;
-        let current = Arc::new(Current(RwLock::new(Arc::new(key))));
-        let mut config = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_no_client_auth()
-            .with_cert_resolver(current.clone());
-        // WebSockets and the health routes are HTTP/1.1 only.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(TlsCert {
-            inner: Arc::new(Inner {
-                cert_path: cert_path.to_path_buf(),
-                key_path: key_path.to_path_buf(),
-                provider,
-                current,
-                seen: Mutex::new((cert_pem, key_pem)),
-                config: Arc::new(config),
-            }),
-        })
-    }
-
-    /// Re-reads the files; `Ok(true)` when they changed and the new
-    /// certificate is now the one handshakes present. On an error the
-    /// previous certificate stays.
-    async fn refresh(&self) -> Result<bool, TlsError> {
-        let inner = &self.inner;
-        let read = |path: PathBuf| async move {
-            tokio::fs::read(&path)
-                .await
-                .map_err(|source| TlsError::Read { path, source })
-        };
-        let cert_pem = read(inner.cert_path.clone()).await?;
-        let key_pem = read(inner.key_path.clone()).await?;
-        {
-            let mut seen = inner.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.0 == cert_pem && seen.1 == key_pem {
-                return Ok(false);
-            }
-            *seen = (cert_pem.clone(), key_pem.clone());
-        }
-        let key = certified(
-            &inner.cert_path,
-            &cert_pem,
-            &inner.key_path,
-            &key_pem,
-            &inner.provider,
-        )?;
-        *inner
-            .current
-            .0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
-        Ok(true)
-    }
-
-    /// Checks the files every [`RELOAD_POLL`] until `stop`.
-    fn watch(&self, stop: CancellationToken) {
-        let cert = self.clone();
-        tokio::spawn(async move {
-            let mut last_warning = None;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(RELOAD_POLL) => {}
-                    _ = stop.cancelled() => return,
-                }
-                match cert.refresh().await {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        last_warning = None;
-                        tracing::info!(
-                            "TLS certificate reloaded from {} and {}: new connections get it, open ones keep theirs",
-                            cert.inner.cert_path.display(),
-                            cert.inner.key_path.display()
-                        );
-                    }
-                    Err(e) => {
-                        let text = chain(&e).to_string();
-                        // Once per problem, not every few seconds.
-                        if last_warning.as_ref() != Some(&text) {
-                            tracing::warn!(
-                                "TLS certificate not reloaded, still serving the previous one: {text}"
-                            );
-                            last_warning = Some(text);
-                        }
-                    }
-                }
-            }
-        });
-    }
-
-    /// The certificate file, for start-up lines.
-    pub fn cert_path(&self) -> &Path {
-        &self.inner.cert_path
-    }
-}
-
-fn certified(
-    cert_path: &Path,
-    cert_pem: &[u8],
-    key_path: &Path,
-    key_pem: &[u8],
-    provider: &CryptoProvider,
-) -> Result<CertifiedKey, TlsError> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
-            path: cert_path.to_path_buf(),
-            source,
-        })?;
-    if chain.is_empty() {
-        return Err(TlsError::NoCertificate(cert_path.to_path_buf()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey(key_path.to_path_buf()),
-        source => TlsError::Pem {
-            path: key_path.to_path_buf(),
-            source,
-        },
-    })?;
-    CertifiedKey::from_der(chain, key, provider).map_err(|source| match source {
-        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-            TlsError::KeyMismatch {
-                cert: cert_path.to_path_buf(),
-                key: key_path.to_path_buf(),
-            }
-        }
-        source => TlsError::Unusable {
-            cert: cert_path.to_path_buf(),
-            key: key_path.to_path_buf(),
-            source,
-        },
-    })
+/// Loads the certificate chain (the server's own first) and its key.
+pub fn load_cert(cert_path: &Path, key_path: &Path) -> Result<TlsCert, TlsError> {
+    // WebSockets and the health routes are HTTP/1.1 only.
+    herald_ops::tls::server(cert_path, key_path, &[b"http/1.1"], None)
 }
 
 /// Terminates TLS for the HTTP server: handshakes, and relays each
 /// connection through a socket pair.
 #[derive(Clone)]
 pub(crate) struct Terminator {
-    config: Arc<ServerConfig>,
+    cert: TlsCert,
     relays: TaskTracker,
     stop: CancellationToken,
 }
@@ -271,7 +62,7 @@ impl Terminator {
     pub(crate) fn new(cert: &TlsCert, stop: CancellationToken) -> Terminator {
         cert.watch(stop.clone());
         Terminator {
-            config: cert.inner.config.clone(),
+            cert: cert.clone(),
             relays: TaskTracker::new(),
             stop,
         }
@@ -298,7 +89,7 @@ impl Terminator {
             }
             return None;
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.current());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -608,7 +399,9 @@ impl io::Write for TcpIo<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::ServerName;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
     use tokio::net::TcpListener;
 
     /// A self-signed certificate for `localhost`: (cert PEM, key PEM, cert DER).
@@ -704,7 +497,7 @@ mod tests {
     async fn bytes_go_both_ways_and_the_client_close_reaches_the_session() {
         let (cert, key, der) = self_signed();
         let files = Files::new(&cert, &key);
-        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let cert = load_cert(&files.cert, &files.key).unwrap();
         let (addr, terminator) = edge(&cert, echo).await;
         let tls = connect(addr, &der).await.unwrap();
         let (mut r, mut w) = tokio::io::split(tls);
@@ -740,7 +533,7 @@ mod tests {
     async fn the_session_close_reaches_the_client_and_ends_the_relay() {
         let (cert, key, der) = self_signed();
         let files = Files::new(&cert, &key);
-        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let cert = load_cert(&files.cert, &files.key).unwrap();
         let (addr, terminator) = edge(&cert, |mut http: UnixStream| async move {
             http.write_all(b"bye").await.unwrap();
             // The session drops its end without shutting down first.
@@ -766,7 +559,7 @@ mod tests {
     async fn a_client_that_reads_nothing_does_not_keep_a_closed_session_relay() {
         let (cert, key, der) = self_signed();
         let files = Files::new(&cert, &key);
-        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let cert = load_cert(&files.cert, &files.key).unwrap();
         let (addr, terminator) = edge(&cert, |mut http: UnixStream| async move {
             // Fill every buffer on the way, then give up, as a session does
             // with a slow consumer.
@@ -793,7 +586,7 @@ mod tests {
     async fn a_client_gone_without_close_notify_ends_the_session() {
         let (cert, key, der) = self_signed();
         let files = Files::new(&cert, &key);
-        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let cert = load_cert(&files.cert, &files.key).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tx = Mutex::new(Some(tx));
         let (addr, _terminator) = edge(&cert, move |mut http: UnixStream| {
@@ -822,7 +615,7 @@ mod tests {
         let (cert_a, key_a, der_a) = self_signed();
         let (cert_b, key_b, der_b) = self_signed();
         let files = Files::new(&cert_a, &key_a);
-        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let cert = load_cert(&files.cert, &files.key).unwrap();
         let (addr, _terminator) = edge(&cert, echo).await;
         assert!(presented(addr, &der_a).await);
         assert!(!cert.refresh().await.unwrap(), "nothing changed");
@@ -849,7 +642,7 @@ mod tests {
     async fn plain_http_on_the_tls_port_gets_a_plain_refusal() {
         let (cert, key, _) = self_signed();
         let files = Files::new(&cert, &key);
-        let cert = TlsCert::load(&files.cert, &files.key).unwrap();
+        let cert = load_cert(&files.cert, &files.key).unwrap();
         let (addr, _terminator) = edge(&cert, echo).await;
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -866,17 +659,17 @@ mod tests {
         let (cert, key, _) = self_signed();
         let (_, other_key, _) = self_signed();
         let files = Files::new(&cert, &other_key);
-        let e = TlsCert::load(&files.cert, &files.key).err().unwrap();
+        let e = load_cert(&files.cert, &files.key).err().unwrap();
         assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
         assert!(e.to_string().contains("tls.key"), "{e}");
         files.write(&cert, "");
-        let e = TlsCert::load(&files.cert, &files.key).err().unwrap();
+        let e = load_cert(&files.cert, &files.key).err().unwrap();
         assert!(
             e.to_string().contains("tls.key holds no PEM private key"),
             "{e}"
         );
         let missing = files.cert.with_file_name("missing.crt");
-        let e = TlsCert::load(&missing, &files.key).err().unwrap();
+        let e = load_cert(&missing, &files.key).err().unwrap();
         assert!(e.to_string().starts_with("cannot read "), "{e}");
         assert!(e.to_string().contains("missing.crt"), "{e}");
         let _ = key;

@@ -102,6 +102,60 @@ pub struct ApiArgs {
     /// can reach it.
     #[arg(long, env = "HERALD_API_TOKENS", value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
+    /// Serve the gRPC API over TLS with this certificate chain, PEM (the
+    /// server's own first; with --grpc-tls-key). Re-read when it changes.
+    #[arg(
+        long,
+        env = "HERALD_GRPC_TLS_CERT",
+        value_name = "FILE",
+        requires = "grpc_tls_key"
+    )]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// The private key of --grpc-tls-cert, PEM.
+    #[arg(
+        long,
+        env = "HERALD_GRPC_TLS_KEY",
+        value_name = "FILE",
+        requires = "grpc_tls_cert"
+    )]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Take only gRPC clients that present a certificate signed by a CA in
+    /// this file, PEM (mutual TLS; needs --grpc-tls-cert). Re-read when it
+    /// changes.
+    #[arg(
+        long,
+        env = "HERALD_GRPC_CLIENT_CA",
+        value_name = "FILE",
+        requires = "grpc_tls_cert"
+    )]
+    pub grpc_client_ca: Option<PathBuf>,
+}
+
+/// How an edge or a router calls the presence service at `--presence`
+/// over TLS (an `https://` URL).
+#[derive(Args, Debug, Clone)]
+pub struct PresenceTlsArgs {
+    /// CA certificates, PEM, that signed the presence service's
+    /// certificate; needed for an https:// --presence. Re-read when it changes.
+    #[arg(long, env = "HERALD_PRESENCE_TLS_CA", value_name = "FILE")]
+    pub presence_tls_ca: Option<PathBuf>,
+    /// Client certificate, PEM, for a presence service that takes only
+    /// clients with one (its --grpc-client-ca); with --presence-tls-key.
+    #[arg(
+        long,
+        env = "HERALD_PRESENCE_TLS_CERT",
+        value_name = "FILE",
+        requires = "presence_tls_key"
+    )]
+    pub presence_tls_cert: Option<PathBuf>,
+    /// The private key of --presence-tls-cert, PEM.
+    #[arg(
+        long,
+        env = "HERALD_PRESENCE_TLS_KEY",
+        value_name = "FILE",
+        requires = "presence_tls_cert"
+    )]
+    pub presence_tls_key: Option<PathBuf>,
 }
 
 /// Trace export (OpenTelemetry, OTLP over gRPC): the standard `OTEL_*`
@@ -306,6 +360,8 @@ pub struct EdgeArgs {
     /// `presence` scope in its --api-tokens file).
     #[arg(long, env = "HERALD_PRESENCE_API_TOKEN", hide_env_values = true)]
     pub presence_api_token: Option<String>,
+    #[command(flatten)]
+    pub presence_tls: PresenceTlsArgs,
     /// How long a new connection may take to send a valid `connect`.
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
@@ -370,6 +426,8 @@ pub struct RouterArgs {
     /// `presence` scope in its --api-tokens file).
     #[arg(long, env = "HERALD_PRESENCE_API_TOKEN", hide_env_values = true)]
     pub presence_api_token: Option<String>,
+    #[command(flatten)]
+    pub presence_tls: PresenceTlsArgs,
     #[command(flatten)]
     pub api: ApiArgs,
     #[command(flatten)]

@@ -210,7 +210,7 @@ pub fn caps(args: &AccessArgs) -> Result<herald_edge::Caps, ConfigError> {
 /// given), loaded now so that a bad file stops the start.
 pub fn tls(args: &AccessArgs) -> Result<Option<herald_edge::TlsCert>, ConfigError> {
     match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => herald_edge::TlsCert::load(cert, key)
+        (Some(cert), Some(key)) => herald_edge::load_cert(cert, key)
             .map(Some)
             .map_err(|e| ConfigError::caused("--tls-cert/--tls-key", e)),
         (None, None) => Ok(None),

@@ -329,6 +329,8 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 presence_source: presence_source(
                     args.presence.as_deref(),
                     args.presence_api_token.as_deref(),
+                    &args.presence_tls,
+                    &shutdown,
                 )?,
                 drain_delay: args.drain.drain_delay,
                 drain_window: args.drain_window,
@@ -365,9 +367,12 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 presence: presence_source(
                     args.presence.as_deref(),
                     args.presence_api_token.as_deref(),
+                    &args.presence_tls,
+                    &shutdown,
                 )?,
                 drain_delay: args.drain.drain_delay,
                 api_auth: api_auth(&args.api, "the router", &shutdown)?,
+                grpc_tls: grpc_tls(&args.api, "the router", &shutdown)?,
                 max_publish_batch: match args.max_publish_batch {
                     0 => {
                         return Err(
@@ -394,6 +399,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                     .unwrap_or_else(herald_presence::random_replica_id),
                 drain_delay: args.drain.drain_delay,
                 api_auth: api_auth(&args.api, "the presence service", &shutdown)?,
+                grpc_tls: grpc_tls(&args.api, "the presence service", &shutdown)?,
                 ..Default::default()
             };
             let gone = if args.kube {
@@ -464,11 +470,60 @@ async fn edge_config(
 fn presence_source(
     url: Option<&str>,
     token: Option<&str>,
+    tls: &crate::cli::PresenceTlsArgs,
+    shutdown: &CancellationToken,
 ) -> Result<herald_presence_client::Source, ConfigError> {
-    herald_presence_client::Source::from_url(url, token).map_err(|e| match e {
+    let tls = match &tls.presence_tls_ca {
+        None if tls.presence_tls_cert.is_some() => {
+            return Err(ConfigError::new(
+                "--presence-tls-cert needs --presence-tls-ca, the CA that signed the presence service's certificate",
+            ));
+        }
+        None => None,
+        Some(ca) => {
+            let identity = tls
+                .presence_tls_cert
+                .as_deref()
+                .zip(tls.presence_tls_key.as_deref());
+            let tls = herald_ops::tls::client(ca, identity, herald_ops::tls::ALPN_H2)
+                .map_err(|e| ConfigError::caused("--presence-tls-*", e))?;
+            tls.watch(shutdown.clone());
+            Some(tls)
+        }
+    };
+    herald_presence_client::Source::from_url(url, token, tls).map_err(|e| match e {
         herald_presence_client::InvalidUrl::Token => ConfigError::caused("--presence-api-token", e),
         _ => ConfigError::caused(format!("--presence {}", url.unwrap_or_default()), e),
     })
+}
+
+/// The TLS of the gRPC API (`--grpc-tls-cert`, `--grpc-tls-key`,
+/// `--grpc-client-ca`), watched for changes until `shutdown`; `None`,
+/// said at start-up, for plain TCP.
+fn grpc_tls(
+    args: &crate::cli::ApiArgs,
+    service: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<herald_ops::tls::ServerTls>, ConfigError> {
+    let (Some(cert), Some(key)) = (&args.grpc_tls_cert, &args.grpc_tls_key) else {
+        return Ok(None);
+    };
+    let ca = args.grpc_client_ca.as_deref();
+    let tls = herald_ops::tls::server(cert, key, herald_ops::tls::ALPN_H2, ca)
+        .map_err(|e| ConfigError::caused("--grpc-tls-cert/--grpc-tls-key/--grpc-client-ca", e))?;
+    tls.watch(shutdown.clone());
+    match ca {
+        Some(ca) => tracing::info!(
+            "the gRPC API of {service} is served over TLS (certificate {}) and takes only clients whose certificate a CA in {} signed",
+            cert.display(),
+            ca.display()
+        ),
+        None => tracing::info!(
+            "the gRPC API of {service} is served over TLS (certificate {}); clients need no certificate",
+            cert.display()
+        ),
+    }
+    Ok(Some(tls))
 }
 
 /// The API tokens of `--api-tokens`, watched for changes until `shutdown`;
@@ -479,9 +534,15 @@ fn api_auth(
     shutdown: &CancellationToken,
 ) -> Result<Option<herald_ops::ApiAuth>, ConfigError> {
     let Some(path) = &args.api_tokens else {
-        tracing::warn!(
-            "no --api-tokens: the gRPC API of {service} is open to anyone who can reach it"
-        );
+        match &args.grpc_client_ca {
+            Some(ca) => tracing::info!(
+                "no --api-tokens: any client with a certificate from {} may call every method of the gRPC API of {service}",
+                ca.display()
+            ),
+            None => tracing::warn!(
+                "no --api-tokens: the gRPC API of {service} is open to anyone who can reach it"
+            ),
+        }
         return Ok(None);
     };
     let auth = herald_ops::ApiAuth::watch(path.clone(), shutdown.clone())
@@ -540,7 +601,7 @@ async fn dev(
         .add_service(router.into_server())
         .add_service(presence.grpc_service())
         .serve_with_incoming_shutdown(
-            herald_ops::grpc_incoming(grpc),
+            herald_ops::grpc_incoming(grpc, grpc_tls(&args.api, "herald dev", &shutdown)?),
             shutdown.clone().cancelled_owned(),
         );
     let ws_addr = listener.local_addr()?;

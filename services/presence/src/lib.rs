@@ -71,6 +71,9 @@ pub struct Config {
     pub drain_delay: Duration,
     /// The API tokens calls must carry; `None`: the API is open.
     pub api_auth: Option<herald_ops::ApiAuth>,
+    /// TLS of the gRPC API, with client certificates checked when it has
+    /// a client CA; `None`: plain TCP.
+    pub grpc_tls: Option<herald_ops::tls::ServerTls>,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             watch_queue: 1024,
             drain_delay: Duration::ZERO,
             api_auth: None,
+            grpc_tls: None,
         }
     }
 }
@@ -202,7 +206,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(presence.grpc_service())
         .serve_with_incoming_shutdown(
-            herald_ops::grpc_incoming(grpc),
+            herald_ops::grpc_incoming(grpc, config.grpc_tls.clone()),
             stop.clone().cancelled_owned(),
         );
     health.set_started();

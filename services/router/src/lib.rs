@@ -35,6 +35,9 @@ pub struct Config {
     pub drain_delay: Duration,
     /// The API tokens calls must carry; `None`: the API is open.
     pub api_auth: Option<herald_ops::ApiAuth>,
+    /// TLS of the gRPC API, with client certificates checked when it has
+    /// a client CA; `None`: plain TCP.
+    pub grpc_tls: Option<herald_ops::tls::ServerTls>,
     /// Most messages one `PublishBatch` may carry.
     pub max_publish_batch: usize,
 }
@@ -48,6 +51,7 @@ impl Default for Config {
             storage: herald_ops::Gate::open("durable storage"),
             drain_delay: Duration::ZERO,
             api_auth: None,
+            grpc_tls: None,
             max_publish_batch: api::MAX_PUBLISH_BATCH,
         }
     }
@@ -99,7 +103,7 @@ pub async fn run(
         .add_service(api.into_server())
         .add_service(presence.into_server())
         .serve_with_incoming_shutdown(
-            herald_ops::grpc_incoming(grpc),
+            herald_ops::grpc_incoming(grpc, config.grpc_tls.clone()),
             stop.clone().cancelled_owned(),
         );
     let http_server =
