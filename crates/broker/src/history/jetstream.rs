@@ -15,9 +15,18 @@
 //! appends to a room also queue on a local lock, so they do not race each
 //! other through that retry loop.
 //!
-//! Read markers live in the KV bucket `herald_read_markers`, one key per
-//! (user, room): `<user>.<room>`, each part encoded with `kv_encode` (KV keys
-//! allow fewer characters than subject tokens).
+//! Every message also carries its number within the room (`Herald-N`: the
+//! room's first message is 1, each append adds one), so that the count of a
+//! room's messages after an offset is two message gets (the room's last
+//! message, and its first after the offset), not a consumer: connecting
+//! reads unread counts this way, and a connect creates no consumer at all.
+//!
+//! Read markers live in the KV bucket `herald_markers`, one key per user
+//! (`kv_encode`d: KV keys allow fewer characters than subject tokens) whose
+//! value maps each room to its marker (JSON), so that all of a user's
+//! markers are one get. The epoch of a namespace is cached and read again
+//! at most every [`EPOCH_TTL`], and at once when an append sees signs of
+//! the stream having been recreated.
 //!
 //! Checked against nats-server 2.9.10: an expected last subject sequence of
 //! 0 is enforced (a room's first message is linearised too); a repeated
@@ -27,7 +36,7 @@
 //! headers; async-nats 0.51's `create_key_value` cannot parse 2.9's account
 //! info, so the marker bucket's stream is created directly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,7 +55,7 @@ use herald_wire::subjects::encode_token;
 
 use super::{
     Appended, History, HistoryError, Limits, MAX_MARKERS_PER_USER, Stored, check_namespace,
-    check_user, kv_decode, kv_encode,
+    check_user, kv_encode,
 };
 use crate::BoxFuture;
 use crate::error::{During, cause};
@@ -75,11 +84,19 @@ const FETCH_CHUNK: usize = 256;
 /// The server removes a scan consumer this long after its last use, should
 /// the explicit delete not arrive.
 const SCAN_CONSUMER_IDLE: Duration = Duration::from_secs(30);
+/// How long a namespace's epoch is taken as known without asking the
+/// server: a stream deleted and recreated by hand is noticed within this
+/// (at once by appends).
+pub const EPOCH_TTL: Duration = Duration::from_secs(2);
+/// Largest value of a user's markers entry (all of a user's markers).
+const MAX_MARKERS_ENTRY: usize = 512 * 1024;
 
 /// The header holding a message's `prev`.
 pub const PREV_HEADER: &str = "Herald-Prev";
+/// The header holding a message's number within its room (1, 2, …).
+pub const N_HEADER: &str = "Herald-N";
 /// The KV bucket of read markers.
-pub const MARKER_BUCKET: &str = "herald_read_markers";
+pub const MARKER_BUCKET: &str = "herald_markers";
 
 /// The stream of durable namespace `ns`.
 pub fn stream_name(ns: &str) -> String {
@@ -99,26 +116,40 @@ struct Namespace {
     stream: jetstream::stream::Stream,
     /// The configuration this process wants, to recreate the stream with.
     config: stream::Config,
-    /// Cached for [`Appended::epoch`]; refreshed by `epoch()`, by
-    /// `ensure_namespace` and whenever an append sees signs of the stream
-    /// having been recreated.
-    epoch: Mutex<String>,
+    /// Cached for [`Appended::epoch`], with when it was read; refreshed by
+    /// `epoch()` once older than [`EPOCH_TTL`], by `ensure_namespace` and
+    /// whenever an append sees signs of the stream having been recreated.
+    epoch: Mutex<(String, tokio::time::Instant)>,
 }
 
 impl Namespace {
     fn epoch(&self) -> String {
-        self.epoch.lock().expect("epoch").clone()
+        self.epoch.lock().expect("epoch").0.clone()
+    }
+
+    /// The cached epoch while it is younger than [`EPOCH_TTL`].
+    fn fresh_epoch(&self) -> Option<String> {
+        let (epoch, read) = &*self.epoch.lock().expect("epoch");
+        (read.elapsed() < EPOCH_TTL && !epoch.is_empty()).then(|| epoch.clone())
     }
 
     fn set_epoch(&self, epoch: String) {
-        *self.epoch.lock().expect("epoch") = epoch;
+        *self.epoch.lock().expect("epoch") = (epoch, tokio::time::Instant::now());
     }
 }
 
-/// The room's last offset as this process last saw it; `None` when unknown.
-/// Held locked for the whole of an append, which serialises this process's
-/// appends to the room.
-type RoomSlot = Arc<tokio::sync::Mutex<Option<u64>>>;
+/// The room's last message as this process last saw it; `None` when
+/// unknown. Held locked for the whole of an append, which serialises this
+/// process's appends to the room.
+type RoomSlot = Arc<tokio::sync::Mutex<Option<Last>>>;
+
+/// A room's last message: its offset, and its number in the room (`None`
+/// for a message stored before numbers were, or for no message).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Last {
+    offset: u64,
+    n: Option<u64>,
+}
 
 /// Durable room history in JetStream. See the module documentation.
 pub struct JetStreamHistory {
@@ -346,7 +377,7 @@ impl JetStreamHistory {
         let namespace = Arc::new(Namespace {
             stream,
             config: wanted,
-            epoch: Mutex::new(String::new()),
+            epoch: Mutex::new((String::new(), tokio::time::Instant::now())),
         });
         self.refresh_epoch(&namespace).await?;
         self.namespaces
@@ -370,10 +401,47 @@ impl JetStreamHistory {
 
     /// The room's last offset on the server, 0 when it has no message.
     async fn last_offset(&self, ns: &Namespace, subject: &str) -> Result<u64, HistoryError> {
+        Ok(self.last(ns, subject).await?.offset)
+    }
+
+    /// The room's last message on the server; offset 0 (number 0) when it
+    /// has none.
+    async fn last(&self, ns: &Namespace, subject: &str) -> Result<Last, HistoryError> {
         match ns.stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Ok(m) => Ok(Last {
+                offset: m.sequence,
+                n: number(&m.headers),
+            }),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(Last {
+                offset: 0,
+                n: Some(0),
+            }),
             Err(e) => Err(self.fail(&format!("last message of {subject}"), e)),
+        }
+    }
+
+    /// The room's first message with offset > `after`, `None` when there
+    /// is none.
+    async fn next_after(
+        &self,
+        ns: &Namespace,
+        subject: &str,
+        after: u64,
+    ) -> Result<Option<Last>, HistoryError> {
+        let got = ns
+            .stream
+            .raw_message_builder()
+            .sequence(after.saturating_add(1))
+            .next_by_subject(subject)
+            .send()
+            .await;
+        match got {
+            Ok(m) => Ok(Some(Last {
+                offset: m.sequence,
+                n: number(&m.headers),
+            })),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(self.fail(&format!("next message of {subject}"), e)),
         }
     }
 
@@ -403,16 +471,21 @@ impl JetStreamHistory {
         while tokio::time::Instant::now() < give_up {
             attempts += 1;
             self.connected().await?;
-            let expected = match *last {
-                Some(seq) => seq,
-                None => self.last_offset(&ns, &subject).await?,
+            let before = match *last {
+                Some(before) => before,
+                None => self.last(&ns, &subject).await?,
             };
+            let expected = before.offset;
+            // After a message stored without a number, numbering starts
+            // again at 1: counts then fall back to a scan until it expires.
+            let n = before.n.unwrap_or(0) + 1;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 HeaderValue::from(expected),
             );
             headers.insert(PREV_HEADER, HeaderValue::from(expected));
+            headers.insert(N_HEADER, HeaderValue::from(n));
             if let Some(id) = &msg_id {
                 headers.insert(NATS_MESSAGE_ID, id.as_str());
             }
@@ -444,7 +517,10 @@ impl JetStreamHistory {
                     });
                 }
                 Ok(ack) => {
-                    *last = Some(ack.sequence);
+                    *last = Some(Last {
+                        offset: ack.sequence,
+                        n: Some(n),
+                    });
                     return Ok(Appended {
                         epoch: ns.epoch(),
                         offset: ack.sequence,
@@ -455,7 +531,8 @@ impl JetStreamHistory {
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     let actual = wrong_last_sequence(&e.to_string());
                     tracing::debug!(%room, expected, ?actual, "append raced another; retrying");
-                    *last = actual;
+                    // Its number is not in the error: read the last message.
+                    *last = None;
                     // Writers that keep colliding step aside for a moment, at random,
                     // so that one of them wins the next round.
                     if attempts > 2 {
@@ -594,12 +671,28 @@ impl JetStreamHistory {
             .collect()
     }
 
+    /// From the numbers of the room's last message and of its first after
+    /// `after`; by a scan when either has no number (stored before numbers
+    /// were, or by a process that does not write them).
     async fn count_inner(&self, room: &RoomName, after: u64) -> Result<u64, HistoryError> {
         let ns = self.namespace(room.namespace())?;
+        self.connected().await?;
+        let subject = room_subject(room);
+        let last = self.last(&ns, &subject).await?;
+        if last.offset <= after {
+            return Ok(0);
+        }
+        if let Some(next) = self.next_after(&ns, &subject, after).await?
+            && let (Some(last_n), Some(next_n)) = (last.n, next.n)
+            && next_n <= last_n
+            && next.offset <= last.offset
+        {
+            return Ok(last_n - next_n + 1);
+        }
         let start = DeliverPolicy::ByStartSequence {
             start_sequence: after.saturating_add(1),
         };
-        let (pending, _) = self.scan(&ns.stream, room_subject(room), start, 0).await?;
+        let (pending, _) = self.scan(&ns.stream, subject, start, 0).await?;
         Ok(pending)
     }
 
@@ -618,11 +711,11 @@ impl JetStreamHistory {
                 self.js
                     .get_or_create_stream(stream::Config {
                         name: format!("KV_{MARKER_BUCKET}"),
-                        description: Some("Herald read markers: <user>.<room> → offset".into()),
+                        description: Some("Herald read markers: <user> → {room: offset}".into()),
                         subjects: vec![format!("$KV.{MARKER_BUCKET}.>")],
                         max_messages_per_subject: 1,
-                        // Counts headers too (2.9): a decimal offset plus the CAS header.
-                        max_message_size: 1024,
+                        // Counts headers too (2.9): the JSON plus the CAS header.
+                        max_message_size: (MAX_MARKERS_ENTRY + 1024) as i32,
                         storage: StorageType::File,
                         num_replicas: self.replicas,
                         allow_rollup: true,
@@ -641,14 +734,30 @@ impl JetStreamHistory {
             .await
     }
 
-    async fn marker_inner(&self, user: &str, room: &RoomName) -> Result<Option<u64>, HistoryError> {
+    /// All of `user`'s markers, with the entry's revision (`None`: no
+    /// entry yet).
+    async fn user_markers(
+        &self,
+        user: &str,
+    ) -> Result<(BTreeMap<String, u64>, Option<u64>), HistoryError> {
         check_user(user)?;
         let kv = self.marker_bucket().await?;
-        let value = kv
-            .get(marker_key(user, room))
+        let entry = kv
+            .entry(kv_encode(user))
             .await
-            .map_err(|e| self.fail("read marker", e))?;
-        Ok(value.and_then(|v| parse_u64(&v)))
+            .map_err(|e| self.fail("read markers", e))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok((BTreeMap::new(), None));
+        };
+        let markers = serde_json::from_slice(&entry.value).map_err(|e| {
+            HistoryError::refused(format!("the read markers of {user} do not parse: {e}"))
+        })?;
+        Ok((markers, Some(entry.revision)))
+    }
+
+    async fn marker_inner(&self, user: &str, room: &RoomName) -> Result<Option<u64>, HistoryError> {
+        let (markers, _) = self.user_markers(user).await?;
+        Ok(markers.get(room.as_str()).copied())
     }
 
     async fn set_marker_inner(
@@ -657,29 +766,37 @@ impl JetStreamHistory {
         room: &RoomName,
         offset: u64,
     ) -> Result<u64, HistoryError> {
-        check_user(user)?;
         let kv = self.marker_bucket().await?;
-        let key = marker_key(user, room);
-        let value = Bytes::from(offset.to_string());
-        // Compare-and-set on the key's revision: concurrent setters retry,
-        // and the larger offset wins.
+        let key = kv_encode(user);
+        // Compare-and-set on the entry's revision: concurrent setters (other
+        // devices, other rooms) retry, and the larger offset wins.
         for _ in 0..MAX_MARKER_ATTEMPTS {
-            let entry = kv
-                .entry(key.clone())
-                .await
-                .map_err(|e| self.fail("read marker", e))?;
-            let current = entry
-                .as_ref()
-                .filter(|e| e.operation == kv::Operation::Put)
-                .and_then(|e| parse_u64(&e.value));
-            let written = match (entry, current) {
-                (_, Some(old)) if old >= offset => return Ok(old),
-                (Some(e), _) => match kv.update(&key, value.clone(), e.revision).await {
+            let (mut markers, revision) = self.user_markers(user).await?;
+            match markers.get(room.as_str()) {
+                Some(&old) if old >= offset => return Ok(old),
+                Some(_) => {}
+                None if markers.len() >= MAX_MARKERS_PER_USER => {
+                    return Err(HistoryError::refused(format!(
+                        "{user} has read markers in {MAX_MARKERS_PER_USER} rooms, the most kept"
+                    )));
+                }
+                None => {}
+            }
+            markers.insert(room.to_string(), offset);
+            let value = Bytes::from(serde_json::to_vec(&markers).expect("a map of numbers"));
+            if value.len() > MAX_MARKERS_ENTRY {
+                return Err(HistoryError::refused(format!(
+                    "the read markers of {user} would take {} bytes, more than the {MAX_MARKERS_ENTRY} kept",
+                    value.len()
+                )));
+            }
+            let written = match revision {
+                Some(revision) => match kv.update(&key, value, revision).await {
                     Ok(_) => true,
                     Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => false,
                     Err(e) => return Err(self.fail("set marker", e)),
                 },
-                (None, _) => match kv.create(&key, value.clone()).await {
+                None => match kv.create(&key, value).await {
                     Ok(_) => true,
                     Err(e) if e.kind() == CreateErrorKind::AlreadyExists => false,
                     Err(e) => return Err(self.fail("set marker", e)),
@@ -695,34 +812,13 @@ impl JetStreamHistory {
     }
 
     async fn markers_inner(&self, user: &str) -> Result<Vec<(RoomName, u64)>, HistoryError> {
-        check_user(user)?;
-        let kv = self.marker_bucket().await?;
-        let user_prefix = format!("{}{}.", kv.prefix, kv_encode(user));
-        let (_, messages) = self
-            .scan(
-                &kv.stream,
-                format!("{user_prefix}>"),
-                DeliverPolicy::LastPerSubject,
-                MAX_MARKERS_PER_USER,
-            )
-            .await?;
-        let mut out: Vec<(RoomName, u64)> = messages
-            .iter()
-            .filter(|m| {
-                // Deleted or purged keys carry a KV-Operation header.
-                m.headers
-                    .as_ref()
-                    .and_then(|h| h.get("KV-Operation"))
-                    .is_none_or(|op| op.as_str() == "PUT")
-            })
-            .filter_map(|m| {
-                let room = m.subject.as_str().strip_prefix(&user_prefix)?;
-                let room = RoomName::parse(&kv_decode(room)?).ok()?;
-                Some((room, parse_u64(&m.payload)?))
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+        let (markers, _) = self.user_markers(user).await?;
+        // Sorted by room name already; a room that no longer parses (a
+        // rule changed) is left out.
+        Ok(markers
+            .into_iter()
+            .filter_map(|(room, offset)| Some((RoomName::parse(&room).ok()?, offset)))
+            .collect())
     }
 
     async fn bounded<T>(
@@ -740,12 +836,8 @@ impl JetStreamHistory {
     }
 }
 
-fn marker_key(user: &str, room: &RoomName) -> String {
-    format!("{}.{}", kv_encode(user), kv_encode(room.as_str()))
-}
-
-fn parse_u64(raw: &[u8]) -> Option<u64> {
-    std::str::from_utf8(raw).ok()?.trim().parse().ok()
+fn number(headers: &async_nats::HeaderMap) -> Option<u64> {
+    headers.get(N_HEADER)?.as_str().parse().ok()
 }
 
 fn header_u64(headers: &async_nats::HeaderMap, name: &str) -> u64 {
@@ -784,6 +876,9 @@ impl History for JetStreamHistory {
         let ns = ns.to_string();
         Box::pin(async move {
             let namespace = self.namespace(&ns)?;
+            if let Some(epoch) = namespace.fresh_epoch() {
+                return Ok(epoch);
+            }
             self.connected().await?;
             self.bounded("epoch", self.refresh_epoch(&namespace)).await
         })
@@ -870,11 +965,7 @@ mod tests {
         assert_eq!(stream_name("chat-x_y"), "HERALD_CHAT_X_Y");
         let room = RoomName::parse("chat:a.b*c").unwrap();
         assert_eq!(room_subject(&room), "herald.durable.chat.chat:a%2Eb%2Ac");
-        assert_eq!(
-            marker_key("a.b", &room),
-            "a=2Eb.chat=3Aa=2Eb=2Ac",
-            "one `.` separates user from room"
-        );
+        assert_eq!(kv_encode("a.b"), "a=2Eb", "a user is one KV key token");
     }
 
     #[test]

@@ -43,7 +43,9 @@ use herald_wire::room::{MAX_NAMESPACE_LEN, RoomName};
 use crate::BoxFuture;
 use crate::error::{Cause, said};
 
-pub use jetstream::{JetStreamHistory, MARKER_BUCKET, PREV_HEADER, room_subject, stream_name};
+pub use jetstream::{
+    EPOCH_TTL, JetStreamHistory, MARKER_BUCKET, N_HEADER, PREV_HEADER, room_subject, stream_name,
+};
 pub use memory::MemoryHistory;
 
 /// How long a repeated idempotency key is recognised (and JetStream's
@@ -233,7 +235,7 @@ fn check_user(user: &str) -> Result<(), HistoryError> {
 
 /// Encodes `raw` into the characters a KV key token may hold: ASCII letters,
 /// digits, `_` and `-` stay; every other byte becomes `=XX`. Injective, and
-/// never produces `.`, so `<user>.<room>` splits unambiguously.
+/// never produces `.`, so an encoded user is one KV key token.
 fn kv_encode(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     for b in raw.bytes() {
@@ -247,6 +249,7 @@ fn kv_encode(raw: &str) -> String {
 }
 
 /// The inverse of [`kv_encode`]; `None` for anything it cannot have produced.
+#[cfg(test)]
 fn kv_decode(encoded: &str) -> Option<String> {
     let bytes = encoded.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
