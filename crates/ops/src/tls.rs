@@ -33,6 +33,11 @@ pub const RELOAD_POLL: Duration = Duration::from_secs(3);
 /// How long a peer may take over its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// gRPC handshakes in progress at once, at most; connections beyond are
+/// closed at once, so that peers that stall their handshakes cannot use up
+/// the process's file descriptors.
+const MAX_HANDSHAKES: usize = 1024;
+
 /// ALPN of gRPC: HTTP/2 only.
 pub const ALPN_H2: &[&[u8]] = &[b"h2"];
 
@@ -513,10 +518,10 @@ impl tonic::transport::server::Connected for GrpcTlsStream {
 
 /// The connections of `listener` once their TLS handshake (with `tls` as
 /// it is at that moment) is done.
-/// Handshakes run side by side, each for at most [`HANDSHAKE_TIMEOUT`], so
-/// that a peer that stalls its handshake holds up no one; a peer refused
-/// (no client certificate, or one the CA did not sign) is said in the log
-/// and never reaches the API. Accepting ends when the server drops the
+/// Handshakes run side by side (at most [`MAX_HANDSHAKES`]), each for at
+/// most [`HANDSHAKE_TIMEOUT`], so that a peer that stalls its handshake
+/// holds up no one; a peer refused (no client certificate, or one the CA
+/// did not sign) is said in the log and never reaches the API. Accepting ends when the server drops the
 /// stream.
 fn tls_incoming(
     listener: TcpListener,
@@ -524,6 +529,7 @@ fn tls_incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Box<GrpcTlsStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let local = listener.local_addr().ok();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -538,10 +544,15 @@ fn tls_incoming(
                     }
                 },
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "gRPC: {MAX_HANDSHAKES} TLS handshakes already in progress; connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx
