@@ -24,6 +24,10 @@ use herald_wire::frames::disconnect_frame;
 use crate::delivery::{Closing, Out, Outbox};
 use crate::socket::Socket;
 
+/// The reader driven from outside the crate, for the fuzz targets (`fuzz/`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 /// Bytes read from the socket at a time, on the stack of the reading task.
 const READ_CHUNK: usize = 16 * 1024;
 

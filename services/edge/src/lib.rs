@@ -24,6 +24,12 @@ mod sse;
 mod tls;
 mod transport;
 
+/// The WebSocket frame reader, driven as the fuzz targets in `fuzz/` drive it
+/// (`docs/fuzzing.md`). Only with the `fuzzing` feature, off by default.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use framing::fuzzing;
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
