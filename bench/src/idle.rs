@@ -21,9 +21,10 @@ use serde_json::{Value, json};
 use crate::delivery::{Connection, close_all};
 use crate::load::Dialer;
 use crate::peer::Peer;
+use crate::procfs::rss_bytes;
 use crate::report::{CpuMeter, Errors, Report, Section, round3};
 use crate::socketio::{self, SioClient, ignore_events};
-use crate::target::{CommonArgs, Target, rss_bytes};
+use crate::target::{CommonArgs, Target};
 
 #[derive(Args, Debug, Clone)]
 pub struct IdleArgs {

@@ -343,17 +343,19 @@ impl Target {
             .map(|p| p.process.pid())
     }
 
+    /// nats-server's monitoring answer to `path` (e.g. `/varz`), parsed;
+    /// `None` without a cluster or when it does not answer.
+    pub fn nats_get(&self, path: &str) -> Option<serde_json::Value> {
+        let (200, body) = http_get(self.nats_monitor?, path).ok()? else {
+            return None;
+        };
+        serde_json::from_str(&body).ok()
+    }
+
     /// nats-server's message and subscription counters (cluster only).
     pub fn nats_stats(&self) -> Option<NatsStats> {
-        let monitor = self.nats_monitor?;
-        let get = |path: &str| -> Option<serde_json::Value> {
-            let (200, body) = http_get(monitor, path).ok()? else {
-                return None;
-            };
-            serde_json::from_str(&body).ok()
-        };
-        let varz = get("/varz")?;
-        let subsz = get("/subsz")?;
+        let varz = self.nats_get("/varz")?;
+        let subsz = self.nats_get("/subsz")?;
         let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
         Some(NatsStats {
             in_msgs: n(&varz, "in_msgs"),
@@ -362,6 +364,8 @@ impl Target {
             out_bytes: n(&varz, "out_bytes"),
             sub_inserts: n(&subsz, "num_inserts"),
             sub_removes: n(&subsz, "num_removes"),
+            subscriptions: n(&subsz, "num_subscriptions"),
+            subscriptions_at_start: n(&subsz, "num_subscriptions"),
         })
     }
 
@@ -464,6 +468,10 @@ pub struct NatsStats {
     pub sub_inserts: u64,
     /// Subscriptions removed (UNSUB, or with a closed connection).
     pub sub_removes: u64,
+    /// Subscriptions alive (a level, not a counter: at the end of a phase).
+    pub subscriptions: u64,
+    /// Subscriptions alive at the start of a phase ([`NatsStats::since`]).
+    pub subscriptions_at_start: u64,
 }
 
 impl NatsStats {
@@ -475,6 +483,8 @@ impl NatsStats {
             out_bytes: self.out_bytes.saturating_sub(start.out_bytes),
             sub_inserts: self.sub_inserts.saturating_sub(start.sub_inserts),
             sub_removes: self.sub_removes.saturating_sub(start.sub_removes),
+            subscriptions: self.subscriptions,
+            subscriptions_at_start: start.subscriptions,
         }
     }
 }
@@ -488,74 +498,9 @@ pub struct CpuProbe {
     pub pid: u32,
 }
 
-/// CPU time of a process in user space and in the kernel, in seconds.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CpuTimes {
-    pub user: f64,
-    pub system: f64,
-}
-
-/// Resident set size of a process in bytes, from `/proc/<pid>/status`.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// utime and stime of a process, from `/proc/<pid>/stat`.
-pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let hz = clock_ticks();
-    Some(CpuTimes {
-        user: utime as f64 / hz,
-        system: stime as f64 / hz,
-    })
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
-
-    #[test]
-    fn cpu_seconds_of_this_process_grows() {
-        let total = |t: CpuTimes| t.user + t.system;
-        let before = total(cpu_times(std::process::id()).expect("own /proc/<pid>/stat"));
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            x = x.wrapping_mul(31).wrapping_add(7);
-        }
-        std::hint::black_box(x);
-        let after = total(cpu_times(std::process::id()).unwrap());
-        assert!(after > before, "{before} -> {after}");
-    }
-
-    #[test]
-    fn no_cpu_time_for_a_missing_process() {
-        assert!(cpu_times(u32::MAX).is_none());
-        assert!(rss_bytes(u32::MAX).is_none());
-    }
-
-    #[test]
-    fn rss_of_this_process_is_plausible() {
-        let rss = rss_bytes(std::process::id()).expect("own /proc/<pid>/status");
-        assert!(rss > 100 * 1024 && rss < 64 << 30, "{rss}");
-    }
 
     #[test]
     fn source_addresses_start_at_127_0_0_2() {

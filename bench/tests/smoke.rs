@@ -77,6 +77,17 @@ fn churn_against_herald_dev_reports_table_and_json() {
     assert!(number(&cpu["wall_s"], "wall_s") > 0.0);
     assert!(number(&cpu["processes"]["herald-dev"], "herald-dev cpu") >= 0.0);
     assert!(number(&cpu["herald_s"], "herald_s") >= 0.0);
+    // Nanoseconds on a CPU (schedstat): a process that served a second of
+    // churn ran for more than one clock tick.
+    let ns = cpu["processes_ns"]["herald-dev"]
+        .as_u64()
+        .expect("processes_ns");
+    assert!(ns > 0, "{cpu}");
+    let per_process = &churn["herald_processes_cpu_us_per_cycle"];
+    assert!(
+        number(&per_process["herald-dev"], "herald-dev us/cycle") > 0.0,
+        "{churn}"
+    );
 }
 
 #[test]
