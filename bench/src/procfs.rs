@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::process::Command;
 
 /// Resident set size of a process in bytes, from `/proc/<pid>/status`.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
@@ -150,6 +151,30 @@ impl CpuUsed {
     }
 }
 
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// The first line `program --version` prints, e.g. `v20.20.2`; `None` if
+/// it cannot run.
+pub fn version_of(program: impl AsRef<std::ffi::OsStr>) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    let line = String::from_utf8_lossy(&text)
+        .lines()
+        .next()?
+        .trim()
+        .to_owned();
+    (!line.is_empty()).then_some(line)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -249,5 +274,11 @@ mod tests {
     fn rss_of_this_process_is_plausible() {
         let rss = rss_bytes(std::process::id()).expect("own /proc/<pid>/status");
         assert!(rss > 100 * 1024 && rss < 64 << 30, "{rss}");
+    }
+
+    #[test]
+    fn kernel_release_is_known() {
+        let release = kernel_release().expect("/proc/sys/kernel/osrelease");
+        assert!(release.chars().next().is_some_and(|c| c.is_ascii_digit()));
     }
 }

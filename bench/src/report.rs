@@ -405,6 +405,8 @@ pub struct Report {
     pub params: Map<String, Value>,
     pub results: Vec<(String, Section)>,
     pub cpu: Vec<(String, CpuPhase)>,
+    /// Versions of what ran: the kernel, nats-server, node, redis-server, ...
+    pub versions: Map<String, Value>,
     pub notes: Vec<String>,
     pub failures: Vec<String>,
 }
@@ -418,6 +420,7 @@ impl Report {
             params: params.as_object().cloned().unwrap_or_default(),
             results: Vec::new(),
             cpu: Vec::new(),
+            versions: Map::new(),
             notes: Vec::new(),
             failures: Vec::new(),
         }
@@ -446,6 +449,7 @@ impl Report {
                 .iter()
                 .map(|(phase, cpu)| (phase.clone(), cpu.to_json()))
                 .collect::<Map<String, Value>>(),
+            "versions": self.versions,
             "notes": self.notes,
             "failures": self.failures,
         })
@@ -465,6 +469,14 @@ impl Report {
             self.scenario, self.description
         );
         let _ = writeln!(out, "  {}", params.join("  "));
+        if !self.versions.is_empty() {
+            let versions: Vec<String> = self
+                .versions
+                .iter()
+                .map(|(k, v)| format!("{k} {}", plain(v)))
+                .collect();
+            let _ = writeln!(out, "  versions: {}", versions.join(", "));
+        }
         for (name, section) in &self.results {
             let _ = writeln!(out, "\n{name}");
             for (key, value) in &section.0 {

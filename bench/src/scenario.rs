@@ -149,8 +149,9 @@ fn socketio_report(
             Against::Churn(_) | Against::Chat(_) => unreachable!("refused above"),
         }
     })?;
-    report.failures.extend(peer.sio.exited());
+    report.failures.extend(peer.exited());
     report.notes.extend(peer.sio.log_problems());
+    report.versions = peer.versions();
     Ok(report)
 }
 
@@ -200,6 +201,7 @@ fn finish(report: &mut report::Report, target: &mut Target) {
     }
     report.failures.extend(target.exited());
     report.notes.extend(target.log_problems());
+    report.versions = target.versions();
     report.params.insert(
         "herald".into(),
         target.herald_bin.display().to_string().into(),

@@ -49,9 +49,15 @@ pub struct CommonArgs {
     /// `--target socketio` (ignored with `--target dev`).
     #[arg(long, default_value_t = 3)]
     pub edges: usize,
-    /// The Redis the Socket.IO servers' adapter and emitter use (`--target socketio`).
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// A running Redis for the Socket.IO servers' adapter and emitter
+    /// (`--target socketio`) [default: a redis-server the run starts on a
+    /// free port, so that its memory and CPU are the run's own].
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// The `redis-server` binary the run starts without `--redis-url`
+    /// [default: $REDIS_SERVER, else from PATH].
+    #[arg(long, value_name = "PATH")]
+    pub redis_server: Option<PathBuf>,
     /// The `herald` binary [default: $HERALD_BIN, else `herald` next to this
     /// executable, else target/release/herald, else target/debug/herald].
     #[arg(long, value_name = "PATH")]
@@ -133,6 +139,8 @@ pub struct Target {
     pub herald_bin: PathBuf,
     /// nats-server's monitoring port (cluster only).
     nats_monitor: Option<SocketAddr>,
+    /// The nats-server binary (cluster only).
+    nats_bin: Option<PathBuf>,
     /// Where `herald.v1.Router` is served: the router's gRPC port, or
     /// `herald dev`'s.
     pub router_grpc: Option<SocketAddr>,
@@ -170,6 +178,7 @@ impl Target {
             keep_logs: args.keep_logs,
             herald_bin,
             nats_monitor: None,
+            nats_bin: None,
             router_grpc: None,
             herald_args,
             otlp_sink,
@@ -240,7 +249,9 @@ impl Target {
         let nats_addr = free_addr();
         let monitor = free_addr();
         let store = self.dir().join("jetstream");
-        let mut cmd = Command::new(nats_bin.unwrap_or_else(nats_server_bin));
+        let nats_bin = nats_bin.unwrap_or_else(nats_server_bin);
+        let mut cmd = Command::new(&nats_bin);
+        self.nats_bin = Some(nats_bin);
         cmd.args(["-a", "127.0.0.1", "-p", &nats_addr.port().to_string()])
             .args(["-m", &monitor.port().to_string(), "-js", "-sd"])
             .arg(&store);
@@ -313,6 +324,23 @@ impl Target {
             &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
         )
         .expect("HS256 signing cannot fail")
+    }
+
+    /// Versions of the kernel, nats-server (cluster) and Herald.
+    pub fn versions(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut v = serde_json::Map::new();
+        v.insert("kernel".into(), json!(crate::procfs::kernel_release()));
+        if let Some(bin) = &self.nats_bin {
+            let version = crate::procfs::version_of(bin);
+            // "nats-server: v2.9.10"
+            let version = version.map(|l| l.rsplit(' ').next().unwrap_or(&l).to_owned());
+            v.insert("nats-server".into(), json!(version));
+        }
+        v.insert(
+            "herald".into(),
+            json!(crate::procfs::version_of(&self.herald_bin)),
+        );
+        v
     }
 
     /// The bench's own process first, then every started process.
@@ -507,7 +535,8 @@ mod tests {
         let args = CommonArgs {
             target: TargetKind::Dev,
             edges: 1,
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_url: None,
+            redis_server: None,
             herald: None,
             nats_server: None,
             source_addrs: 3,

@@ -421,6 +421,37 @@ fn idle_against_socketio_reports_the_same_keys() {
     assert_idle_of_40(&report, "socketio-0");
 }
 
+/// Without `--redis-url` the peer runs against a redis-server of its own.
+#[test]
+fn idle_against_socketio_starts_its_own_redis() {
+    let redis_server = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    if Command::new(&redis_server)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no {redis_server}");
+        return;
+    }
+    if !socketio_available() {
+        return;
+    }
+    let report = run_json(&[
+        "idle", "--target", "socketio", "--edges", "2", "--conns", "40", "--settle", "200ms",
+    ]);
+    assert_idle_of_40(&report, "socketio-0");
+    assert!(report["cpu"]["connect and ping"]["processes"]["redis-server"].is_number());
+    assert!(
+        report["description"]
+            .as_str()
+            .unwrap()
+            .contains("own redis-server")
+    );
+    for what in ["kernel", "node", "redis-server", "socket.io"] {
+        assert!(report["versions"][what].is_string(), "{what}: {report}");
+    }
+}
+
 #[test]
 fn vs_socketio_runs_both_and_prints_the_ratios() {
     if !socketio_available() {
