@@ -15,8 +15,8 @@
 //! keys; the other scenarios refuse it.
 //!
 //! Scenarios: `churn` (presence churn), `presence-memory` (the presence
-//! view's memory per connection), `idle` (an edge's memory per idle
-//! connection), `floor` (the kernel's cost of a small write, measured with
+//! view's memory per connection), `idle` (the memory per idle connection
+//! of every server process), `floor` (the kernel's cost of a small write, measured with
 //! the same clients), `fanout` (gRPC publish → delivered to many members,
 //! latency and CPU per delivery, optionally as a ratio to the floor),
 //! `chat` (many small rooms whose members publish through their own

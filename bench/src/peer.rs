@@ -120,6 +120,11 @@ impl Peer {
         CpuMeter::with_probes(self.cpu_probes(), None, Labels::SOCKETIO)
     }
 
+    /// What Redis holds by its own account ([`socketio::redis_state`]).
+    pub fn redis_state(&self) -> Option<Value> {
+        socketio::redis_state(self.sio.redis_url())
+    }
+
     /// Versions of the kernel, Node, redis-server and the pinned packages.
     pub fn versions(&self) -> Map<String, Value> {
         let mut v = Map::new();

@@ -25,7 +25,8 @@ pub enum Scenario {
         #[command(flatten)]
         args: presence_memory::PresenceMemoryArgs,
     },
-    /// RSS of one edge per idle authenticated connection (after one ping each).
+    /// RSS per idle authenticated connection (after one ping each) of every
+    /// server process, and what each keeps after the connections close.
     Idle {
         #[command(flatten)]
         common: CommonArgs,

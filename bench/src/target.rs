@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use herald_test_support::{ChildProcess, free_addr, http_get, nats_server_bin};
+use herald_test_support::{ChildProcess, free_addr, nats_server_bin};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -343,6 +343,15 @@ impl Target {
         v
     }
 
+    /// Every process that serves the clients (edges, presence, router,
+    /// nats-server; or `herald dev`), in the order they were started.
+    pub fn servers(&self) -> Vec<CpuProbe> {
+        self.cpu_probes()
+            .into_iter()
+            .filter(|p| p.role.is_some())
+            .collect()
+    }
+
     /// The bench's own process first, then every started process.
     pub fn cpu_probes(&self) -> Vec<CpuProbe> {
         let mut probes = vec![CpuProbe {
@@ -374,9 +383,7 @@ impl Target {
     /// nats-server's monitoring answer to `path` (e.g. `/varz`), parsed;
     /// `None` without a cluster or when it does not answer.
     pub fn nats_get(&self, path: &str) -> Option<serde_json::Value> {
-        let (200, body) = http_get(self.nats_monitor?, path).ok()? else {
-            return None;
-        };
+        let body = http10_get(self.nats_monitor?, path)?;
         serde_json::from_str(&body).ok()
     }
 
@@ -395,6 +402,47 @@ impl Target {
             subscriptions: n(&subsz, "num_subscriptions"),
             subscriptions_at_start: n(&subsz, "num_subscriptions"),
         })
+    }
+
+    /// What nats-server holds now, by its own account (cluster only):
+    /// `/varz` (its RSS as it sees it, connections), `/subsz` (live
+    /// subscriptions), `/jsz` (JetStream streams, consumers, messages,
+    /// bytes, and what is kept in memory), and `/connz` (each client
+    /// connection's name, subscriptions and pending bytes), to tell where
+    /// its memory goes.
+    pub fn nats_state(&self) -> Option<serde_json::Value> {
+        let varz = self.nats_get("/varz")?;
+        let subsz = self.nats_get("/subsz")?;
+        let jsz = self.nats_get("/jsz").unwrap_or_default();
+        let connz = self.nats_get("/connz?limit=1024").unwrap_or_default();
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let clients: serde_json::Map<String, serde_json::Value> = connz["connections"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                let name = c["name"].as_str().filter(|s| !s.is_empty());
+                let key = format!("{} (cid {})", name.unwrap_or("unnamed"), n(c, "cid"));
+                (
+                    key,
+                    json!({"subscriptions": n(c, "subscriptions"), "pending_bytes": n(c, "pending_bytes")}),
+                )
+            })
+            .collect();
+        Some(json!({
+            "rss_mib": (n(&varz, "mem") as f64 / (1 << 20) as f64 * 1000.0).round() / 1000.0,
+            "connections": n(&varz, "connections"),
+            "subscriptions": n(&subsz, "num_subscriptions"),
+            "sublist_cache": n(&subsz, "num_cache"),
+            "js_streams": n(&jsz, "streams"),
+            "js_consumers": n(&jsz, "consumers"),
+            "js_messages": n(&jsz, "messages"),
+            "js_bytes": n(&jsz, "bytes"),
+            "js_memory_bytes": n(&jsz, "memory"),
+            "js_storage_bytes": n(&jsz, "storage"),
+            "clients": clients,
+        }))
     }
 
     /// Processes that have exited (they should all still run), with the end
@@ -451,6 +499,19 @@ impl Drop for Target {
             eprintln!("logs kept in {}", dir.keep().display());
         }
     }
+}
+
+/// The body of a 200 answer to a plain HTTP/1.0 GET: nats-server answers
+/// HTTP/1.1 requests for larger pages (`/connz`) in chunks.
+fn http10_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
 }
 
 fn now_secs() -> u64 {

@@ -88,6 +88,7 @@ fn churn_against_herald_dev_reports_table_and_json() {
         number(&per_process["herald-dev"], "herald-dev us/cycle") > 0.0,
         "{churn}"
     );
+    assert!(report["versions"]["kernel"].is_string(), "{report}");
 }
 
 #[test]
@@ -245,6 +246,31 @@ fn assert_idle_of_40(report: &Value, server: &str) {
     positive(&idle["edge_rss_mib_all"], "edge_rss_mib_all");
     positive(&idle["connects_per_sec"], "connects_per_sec");
     assert!(report["cpu"]["connect and ping"]["processes"][server].is_number());
+    // Every server process, each and summed, before and after the close,
+    // and after the second round.
+    assert_eq!(idle["edge"], server, "{idle}");
+    number(
+        &idle["servers_rss_kib_per_conn"][server],
+        "server's own figure",
+    );
+    number(&idle["total_rss_kib_per_conn"], "total_rss_kib_per_conn");
+    number(
+        &idle["servers_rss_kib_left_per_conn_after_close"][server],
+        "left after close",
+    );
+    number(&idle["total_rss_kib_regrowth_per_conn"], "regrowth");
+    assert_eq!(idle["reopened"], 40, "{idle}");
+    for point in [
+        "before",
+        "half",
+        "all",
+        "after_close",
+        "again",
+        "after_second_close",
+    ] {
+        positive(&idle["servers_rss_mib"][server][point], point);
+    }
+    assert!(report["versions"]["kernel"].is_string(), "{report}");
 }
 
 #[test]
@@ -421,7 +447,8 @@ fn idle_against_socketio_reports_the_same_keys() {
     assert_idle_of_40(&report, "socketio-0");
 }
 
-/// Without `--redis-url` the peer runs against a redis-server of its own.
+/// Without `--redis-url` the peer runs against a redis-server of its own,
+/// whose memory counts among the servers'.
 #[test]
 fn idle_against_socketio_starts_its_own_redis() {
     let redis_server = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
@@ -439,15 +466,18 @@ fn idle_against_socketio_starts_its_own_redis() {
     let report = run_json(&[
         "idle", "--target", "socketio", "--edges", "2", "--conns", "40", "--settle", "200ms",
     ]);
+    assert_eq!(report["params"]["own_redis"], true, "{report}");
     assert_idle_of_40(&report, "socketio-0");
+    let idle = &report["results"]["idle"];
+    for server in ["socketio-1", "redis-server"] {
+        number(&idle["servers_rss_kib_per_conn"][server], server);
+    }
     assert!(report["cpu"]["connect and ping"]["processes"]["redis-server"].is_number());
     assert!(
-        report["description"]
-            .as_str()
-            .unwrap()
-            .contains("own redis-server")
+        report["results"]["redis"]["all"]["connected_clients"].is_u64(),
+        "{report}"
     );
-    for what in ["kernel", "node", "redis-server", "socket.io"] {
+    for what in ["node", "redis-server", "socket.io"] {
         assert!(report["versions"][what].is_string(), "{what}: {report}");
     }
 }
