@@ -6,7 +6,8 @@
 //! peer), from source addresses 127.0.0.2, 127.0.0.3, ... in turn,
 //! authenticate (`connect` → `connected`) and do one round trip (`ping` →
 //! `pong`; the peer's acked `leave`). Both systems are warmed up alike: 100
-//! connections opened and closed, then `--settle` of quiet.
+//! connections opened and closed, `--settle` of quiet, then a wait until
+//! no server's RSS has moved for `--stable-for`.
 //!
 //! The RSS (`/proc/<pid>/status` VmRSS) of every server process (Herald:
 //! each edge, presence, router, nats-server; the peer: each Node server and
@@ -52,6 +53,54 @@ pub struct IdleArgs {
     /// again) that tells memory kept as a cache from memory leaked.
     #[arg(long)]
     pub no_reopen: bool,
+    /// Before the first reading, after the warm-up, wait until no server's
+    /// RSS has moved by more than 1 % for this long (at most a minute): a
+    /// Node server's heap shrinks by ~30 MB some seconds after it started,
+    /// which would count against the connections.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stable_for: Duration,
+}
+
+/// The longest wait for the servers' RSS to hold still before the first
+/// reading; after it the run goes on, with a note.
+const STABLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits until no server's RSS has moved by more than 1 % (or 256 KiB,
+/// whichever is more) over the last `window`, polling twice a second;
+/// returns how long it waited and whether it got there within
+/// [`STABLE_LIMIT`].
+async fn wait_stable(servers: &Servers, window: Duration) -> (Duration, bool) {
+    const POLL: Duration = Duration::from_millis(500);
+    let started = Instant::now();
+    // Since when every reading stayed in its process's band, and the bands
+    // (lowest, highest).
+    let mut since = Instant::now();
+    let mut bands: Vec<Option<(u64, u64)>> =
+        servers.rss().iter().map(|r| r.map(|b| (b, b))).collect();
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = Instant::now();
+        let mut moved = false;
+        for (band, reading) in bands.iter_mut().zip(servers.rss()) {
+            let (Some((lo, hi)), Some(b)) = (*band, reading) else {
+                continue;
+            };
+            let (lo, hi) = (lo.min(b), hi.max(b));
+            if hi - lo > (hi / 100).max(256 * 1024) {
+                moved = true;
+            }
+            *band = Some((lo, hi));
+        }
+        if moved {
+            since = now;
+            bands = servers.rss().iter().map(|r| r.map(|b| (b, b))).collect();
+        } else if now.duration_since(since) >= window {
+            return (started.elapsed(), true);
+        }
+        if started.elapsed() >= STABLE_LIMIT {
+            return (started.elapsed(), false);
+        }
+    }
 }
 
 /// Fds the bench keeps for itself besides the client sockets.
@@ -118,6 +167,7 @@ pub async fn run(args: &IdleArgs, common: &CommonArgs, target: &Target) -> Resul
             "edge": target.edge_urls[0],
             "warmup_conns": WARMUP,
             "reopen": !args.no_reopen,
+            "stable_for_s": args.stable_for.as_secs_f64(),
         }),
     );
     // Edge 0 only.
@@ -195,6 +245,7 @@ pub async fn run_socketio(args: &IdleArgs, common: &CommonArgs, peer: &Peer) -> 
             "edge": url,
             "warmup_conns": WARMUP,
             "reopen": !args.no_reopen,
+            "stable_for_s": args.stable_for.as_secs_f64(),
             "redis_url": peer.sio.redis_url(),
             "own_redis": peer.owns_redis(),
         }),
@@ -347,6 +398,7 @@ async fn measure<C: Connection>(
     let warm = open(0..WARMUP.min(args.conns), &mut Errors::default()).await;
     close_all(warm, args.concurrency).await;
     tokio::time::sleep(args.settle).await;
+    let (stable_wait, stable) = wait_stable(&servers, args.stable_for).await;
 
     let before = read();
     let meter = start_meter();
@@ -390,6 +442,8 @@ async fn measure<C: Connection>(
     };
     Ok(Measured {
         servers,
+        stable_wait,
+        stable,
         wanted: args.conns,
         opened,
         opened_half,
@@ -419,6 +473,10 @@ struct Reopened {
 /// What an idle run measured, for [`finish`].
 struct Measured {
     servers: Servers,
+    /// How long the servers' RSS took to hold still before the first
+    /// reading, and whether it did.
+    stable_wait: Duration,
+    stable: bool,
     wanted: usize,
     opened: usize,
     opened_half: usize,
@@ -463,11 +521,13 @@ fn per_conn(m: &Measured, from: &Reading, to: &Reading, n: usize) -> (Map<String
 /// before and with every connection open.
 fn nats_per_conn(m: &Measured) -> Section {
     let n = m.opened.max(1) as f64;
-    let delta = |key: &str| -> Option<f64> {
-        let a = m.before.broker.as_ref()?[key].as_f64()?;
-        let b = m.all.broker.as_ref()?[key].as_f64()?;
-        Some(b - a)
+    // `key` may be a path: `go/heap_alloc_mib`.
+    let get = |r: &Reading, key: &str| -> Option<f64> {
+        key.split('/')
+            .try_fold(r.broker.as_ref()?, |v, k| v.get(k))?
+            .as_f64()
     };
+    let delta = |key: &str| -> Option<f64> { Some(get(&m.all, key)? - get(&m.before, key)?) };
     let per = |key: &str, scale: f64| json!(delta(key).map(|d| round3(d / scale / n)));
     let left = |key: &str| -> Value {
         let a = m.before.broker.as_ref().and_then(|b| b[key].as_f64());
@@ -479,7 +539,18 @@ fn nats_per_conn(m: &Measured) -> Section {
         .put("js_messages_per_conn", per("js_messages", 1.0))
         .put("js_kib_per_conn", per("js_bytes", 1024.0))
         .put("js_memory_kib_per_conn", per("js_memory_bytes", 1024.0))
+        .put("js_api_calls_per_conn", per("js_api_total", 1.0))
         .put("varz_rss_kib_per_conn", per("rss_mib", 1.0 / 1024.0))
+        .put(
+            "go_heap_alloc_kib_per_conn",
+            per("go/heap_alloc_mib", 1.0 / 1024.0),
+        )
+        .put(
+            "go_heap_inuse_kib_per_conn",
+            per("go/heap_inuse_mib", 1.0 / 1024.0),
+        )
+        .put("go_stack_kib_per_conn", per("go/stack_mib", 1.0 / 1024.0))
+        .put("goroutines_per_conn", per("go/goroutines", 1.0))
         .put("subscriptions_left_after_close", left("subscriptions"))
         .put("js_messages_left_after_close", left("js_messages"))
 }
@@ -505,6 +576,12 @@ fn finish(report: &mut Report, m: Measured, name_errors: bool, broker_name: &str
         report.failures.push(format!(
             "{} connections were closed by the server while idle",
             m.opened - m.still_open
+        ));
+    }
+    if !m.stable {
+        report.notes.push(format!(
+            "the servers' RSS still moved by more than 1 % after {} s: the first reading may be off",
+            STABLE_LIMIT.as_secs()
         ));
     }
     let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
@@ -577,6 +654,7 @@ fn finish(report: &mut Report, m: Measured, name_errors: bool, broker_name: &str
     }
     let section = section
         .put("servers_rss_mib", servers_mib)
+        .put("stable_wait_s", round3(m.stable_wait.as_secs_f64()))
         .put("edge", m.servers.names[p].clone())
         .put("rss_kib_per_conn", kib(per_conn_primary))
         .put("rss_kib_per_conn_second_half", kib(marginal))

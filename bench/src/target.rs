@@ -139,6 +139,9 @@ pub struct Target {
     pub herald_bin: PathBuf,
     /// nats-server's monitoring port (cluster only).
     nats_monitor: Option<SocketAddr>,
+    /// nats-server's Go profiling port (`--profile`, cluster only): its
+    /// heap's own account, to tell live memory from memory kept.
+    nats_profile: Option<SocketAddr>,
     /// The nats-server binary (cluster only).
     nats_bin: Option<PathBuf>,
     /// Where `herald.v1.Router` is served: the router's gRPC port, or
@@ -178,6 +181,7 @@ impl Target {
             keep_logs: args.keep_logs,
             herald_bin,
             nats_monitor: None,
+            nats_profile: None,
             nats_bin: None,
             router_grpc: None,
             herald_args,
@@ -255,7 +259,10 @@ impl Target {
         cmd.args(["-a", "127.0.0.1", "-p", &nats_addr.port().to_string()])
             .args(["-m", &monitor.port().to_string(), "-js", "-sd"])
             .arg(&store);
+        let profile = free_addr();
+        cmd.args(["--profile", &profile.port().to_string()]);
         self.nats_monitor = Some(monitor);
+        self.nats_profile = Some(profile);
         let mut nats = Proc::spawn("nats-server", Role::Nats, cmd, self.dir())?;
         let up = nats.process.wait_listening(nats_addr, READY_TIMEOUT);
         self.procs.push(nats);
@@ -430,7 +437,9 @@ impl Target {
                 )
             })
             .collect();
+        let go = self.nats_go_runtime().unwrap_or_default();
         Some(json!({
+            "go": go,
             "rss_mib": (n(&varz, "mem") as f64 / (1 << 20) as f64 * 1000.0).round() / 1000.0,
             "connections": n(&varz, "connections"),
             "subscriptions": n(&subsz, "num_subscriptions"),
@@ -441,7 +450,46 @@ impl Target {
             "js_bytes": n(&jsz, "bytes"),
             "js_memory_bytes": n(&jsz, "memory"),
             "js_storage_bytes": n(&jsz, "storage"),
+            "js_api_total": n(&jsz["api"], "total"),
+            "js_api_errors": n(&jsz["api"], "errors"),
             "clients": clients,
+        }))
+    }
+
+    /// nats-server's Go runtime by its own account (`/debug/pprof/heap`'s
+    /// `runtime.MemStats`, and the goroutine count), without forcing a
+    /// collection: `heap_alloc_mib` is what is live or not yet collected,
+    /// `heap_idle_mib - heap_released_mib` what the runtime keeps from the
+    /// system unused.
+    fn nats_go_runtime(&self) -> Option<serde_json::Value> {
+        let heap = http10_get(self.nats_profile?, "/debug/pprof/heap?debug=1")?;
+        let goroutines = http10_get(self.nats_profile?, "/debug/pprof/goroutine?debug=1")?;
+        let stat = |name: &str| -> Option<u64> {
+            heap.lines()
+                .find_map(|l| {
+                    l.strip_prefix("# ")?
+                        .strip_prefix(name)?
+                        .strip_prefix(" = ")
+                })
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        };
+        let mib =
+            |b: Option<u64>| b.map(|b| (b as f64 / (1 << 20) as f64 * 1000.0).round() / 1000.0);
+        let total: Option<u64> = goroutines
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
+        Some(json!({
+            "top_inuse_sites": top_inuse_sites(&heap, 6),
+            "heap_alloc_mib": mib(stat("HeapAlloc")),
+            "heap_inuse_mib": mib(stat("HeapInuse")),
+            "heap_idle_mib": mib(stat("HeapIdle")),
+            "heap_released_mib": mib(stat("HeapReleased")),
+            "stack_mib": mib(stat("Stack")),
+            "sys_mib": mib(stat("Sys")),
+            "next_gc_mib": mib(stat("NextGC")),
+            "num_gc": stat("NumGC"),
+            "goroutines": total,
         }))
     }
 
@@ -499,6 +547,56 @@ impl Drop for Target {
             eprintln!("logs kept in {}", dir.keep().display());
         }
     }
+}
+
+/// The allocation sites of a Go heap profile (`/debug/pprof/heap?debug=1`)
+/// that hold the most live bytes, by the first nats-server function on
+/// their stack (`server.(*client).processSub`), at most `n` of them, as
+/// `{site: KiB}`. The profile is sampled (one sample per ~512 KiB
+/// allocated), and its bytes are the samples' own, not scaled up: a ranking
+/// of where live memory was allocated, not a measure of it.
+fn top_inuse_sites(profile: &str, n: usize) -> serde_json::Value {
+    let mut by_site: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut bytes = 0u64;
+    let mut site: Option<String> = None;
+    let mut flush = |bytes: u64, site: &mut Option<String>| {
+        if let Some(name) = site.take() {
+            *by_site.entry(name).or_default() += bytes;
+        }
+    };
+    for line in profile.lines() {
+        if let Some((_, rest)) = line
+            .split_once(": ")
+            .filter(|(n, _)| n.parse::<u64>().is_ok())
+        {
+            // "objects: bytes [objects: bytes] @ addresses"
+            flush(bytes, &mut site);
+            bytes = rest
+                .split_whitespace()
+                .next()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            site = Some("(runtime)".into());
+        } else if let Some(frame) = line.strip_prefix("#\t") {
+            let func = frame.split('\t').nth(1).unwrap_or("");
+            let func = func.split('+').next().unwrap_or(func);
+            if site.as_deref() == Some("(runtime)") && func.contains("nats-server") {
+                let short = func.rsplit('/').next().unwrap_or(func);
+                site = Some(short.to_owned());
+            }
+        } else if line.starts_with("# runtime.MemStats") {
+            break;
+        }
+    }
+    flush(bytes, &mut site);
+    let mut sites: Vec<(String, u64)> = by_site.into_iter().filter(|(_, b)| *b > 0).collect();
+    sites.sort_by_key(|s| std::cmp::Reverse(s.1));
+    let map: serde_json::Map<String, serde_json::Value> = sites
+        .into_iter()
+        .take(n)
+        .map(|(name, b)| (name, json!(b / 1024)))
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 /// The body of a 200 answer to a plain HTTP/1.0 GET: nats-server answers

@@ -227,7 +227,15 @@ fn fanout_publishes_in_batches() {
 #[test]
 fn idle_reports_rss_per_connection() {
     let report = run_json(&[
-        "idle", "--target", "dev", "--conns", "40", "--settle", "200ms",
+        "idle",
+        "--target",
+        "dev",
+        "--conns",
+        "40",
+        "--settle",
+        "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_idle_of_40(&report, "herald-dev");
 }
@@ -442,6 +450,8 @@ fn idle_against_socketio_reports_the_same_keys() {
         "40",
         "--settle",
         "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_eq!(report["target"], "socketio");
     assert_idle_of_40(&report, "socketio-0");
@@ -464,7 +474,17 @@ fn idle_against_socketio_starts_its_own_redis() {
         return;
     }
     let report = run_json(&[
-        "idle", "--target", "socketio", "--edges", "2", "--conns", "40", "--settle", "200ms",
+        "idle",
+        "--target",
+        "socketio",
+        "--edges",
+        "2",
+        "--conns",
+        "40",
+        "--settle",
+        "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_eq!(report["params"]["own_redis"], true, "{report}");
     assert_idle_of_40(&report, "socketio-0");
@@ -501,6 +521,8 @@ fn vs_socketio_runs_both_and_prints_the_ratios() {
         "40",
         "--settle",
         "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_eq!(report["herald"]["target"], "dev");
     assert_eq!(report["socketio"]["target"], "socketio");
