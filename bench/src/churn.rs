@@ -218,10 +218,7 @@ impl ChurnOut {
             .put("errors", t.errors.total())
             .put("error_kinds", t.errors.to_json())
             .put("herald_cpu_us_per_cycle", per_cycle(cpu.herald_s()))
-            .put(
-                "herald_processes_cpu_us_per_cycle",
-                cpu.per_process_us(t.cycles),
-            )
+            .put("processes_cpu_us_per_cycle", cpu.per_process_us(t.cycles))
             .put("nats_cpu_us_per_cycle", json!(cpu.nats_s().map(per_cycle)))
             .put("bar_nats_cpu_us_per_cycle", 50.0)
             .put(
@@ -235,6 +232,14 @@ impl ChurnOut {
             .put(
                 "nats_bytes_in_per_cycle",
                 json!(cpu.nats.map(|n| ratio(n.in_bytes))),
+            )
+            .put(
+                "nats_js_api_calls_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.js_api_calls))),
+            )
+            .put(
+                "nats_js_api_errors_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.js_api_errors))),
             )
             .put(
                 "nats_subs_made_per_cycle",

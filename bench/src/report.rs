@@ -240,8 +240,8 @@ impl CpuPhase {
             .then(|| self.sum(nats))
     }
 
-    /// Each server process's CPU (not the bench's) in µs per one of `n`
-    /// events, by name.
+    /// Each server process's CPU (Herald's and the broker's, not the
+    /// bench's) in µs per one of `n` events, by name.
     pub fn per_process_us(&self, n: u64) -> Value {
         let map: Map<String, Value> = self
             .processes
@@ -308,6 +308,8 @@ impl CpuPhase {
                 "out_bytes": n.out_bytes,
                 "sub_inserts": n.sub_inserts,
                 "sub_removes": n.sub_removes,
+                "js_api_calls": n.js_api_calls,
+                "js_api_errors": n.js_api_errors,
                 "subscriptions_at_start": n.subscriptions_at_start,
                 "subscriptions_at_end": n.subscriptions,
             })),

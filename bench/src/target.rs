@@ -398,8 +398,11 @@ impl Target {
     pub fn nats_stats(&self) -> Option<NatsStats> {
         let varz = self.nats_get("/varz")?;
         let subsz = self.nats_get("/subsz")?;
+        let jsz = self.nats_get("/jsz").unwrap_or_default();
         let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
         Some(NatsStats {
+            js_api_calls: n(&jsz["api"], "total"),
+            js_api_errors: n(&jsz["api"], "errors"),
             in_msgs: n(&varz, "in_msgs"),
             out_msgs: n(&varz, "out_msgs"),
             in_bytes: n(&varz, "in_bytes"),
@@ -655,6 +658,9 @@ pub struct NatsStats {
     pub sub_inserts: u64,
     /// Subscriptions removed (UNSUB, or with a closed connection).
     pub sub_removes: u64,
+    /// JetStream API requests served (`/jsz`), and those that failed.
+    pub js_api_calls: u64,
+    pub js_api_errors: u64,
     /// Subscriptions alive (a level, not a counter: at the end of a phase).
     pub subscriptions: u64,
     /// Subscriptions alive at the start of a phase ([`NatsStats::since`]).
@@ -670,6 +676,8 @@ impl NatsStats {
             out_bytes: self.out_bytes.saturating_sub(start.out_bytes),
             sub_inserts: self.sub_inserts.saturating_sub(start.sub_inserts),
             sub_removes: self.sub_removes.saturating_sub(start.sub_removes),
+            js_api_calls: self.js_api_calls.saturating_sub(start.js_api_calls),
+            js_api_errors: self.js_api_errors.saturating_sub(start.js_api_errors),
             subscriptions: self.subscriptions,
             subscriptions_at_start: start.subscriptions,
         }

@@ -83,7 +83,7 @@ fn churn_against_herald_dev_reports_table_and_json() {
         .as_u64()
         .expect("processes_ns");
     assert!(ns > 0, "{cpu}");
-    let per_process = &churn["herald_processes_cpu_us_per_cycle"];
+    let per_process = &churn["processes_cpu_us_per_cycle"];
     assert!(
         number(&per_process["herald-dev"], "herald-dev us/cycle") > 0.0,
         "{churn}"
