@@ -218,14 +218,44 @@ impl ChurnOut {
             .put("errors", t.errors.total())
             .put("error_kinds", t.errors.to_json())
             .put("herald_cpu_us_per_cycle", per_cycle(cpu.herald_s()))
+            .put("processes_cpu_us_per_cycle", cpu.per_process_us(t.cycles))
             .put("nats_cpu_us_per_cycle", json!(cpu.nats_s().map(per_cycle)))
+            .put("bar_nats_cpu_us_per_cycle", 50.0)
             .put(
                 "nats_msgs_in_per_cycle",
                 json!(cpu.nats.map(|n| ratio(n.in_msgs))),
             )
             .put(
+                "nats_msgs_out_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.out_msgs))),
+            )
+            .put(
+                "nats_bytes_in_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.in_bytes))),
+            )
+            .put(
+                "nats_js_api_calls_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.js_api_calls))),
+            )
+            .put(
+                "nats_js_api_errors_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.js_api_errors))),
+            )
+            .put(
                 "nats_subs_made_per_cycle",
                 json!(cpu.nats.map(|n| ratio(n.sub_inserts))),
+            )
+            .put(
+                "nats_subs_removed_per_cycle",
+                json!(cpu.nats.map(|n| ratio(n.sub_removes))),
+            )
+            .put(
+                "nats_subscriptions_at_start",
+                json!(cpu.nats.map(|n| n.subscriptions_at_start)),
+            )
+            .put(
+                "nats_subscriptions_at_end",
+                json!(cpu.nats.map(|n| n.subscriptions)),
             )
             .put("per_second_min", json!(full.iter().min()))
             .put("per_second_max", json!(full.iter().max()))

@@ -9,9 +9,14 @@ use crate::report::{Report, Section};
 
 /// Figures compared, as (key in a step's section, optional field of it).
 const FIGURES: &[(&str, Option<&str>)] = &[
+    ("total_rss_kib_per_conn", None),
+    ("total_rss_kib_per_conn_second_half", None),
+    ("total_rss_kib_left_per_conn_after_close", None),
+    ("total_rss_kib_regrowth_per_conn", None),
     ("rss_kib_per_conn", None),
     ("rss_kib_per_conn_second_half", None),
     ("edge_cpu_us_per_connect", None),
+    ("nats_cpu_us_per_connect", None),
     ("delivered_per_sec", None),
     ("lost", None),
     ("server_us_per_delivery", None),

@@ -439,10 +439,11 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
             "floor": args.floor,
             "source_addrs": common.source_addrs,
             "redis_url": peer.sio.redis_url(),
+            "own_redis": peer.owns_redis(),
             "publisher": "emitter.js (@socket.io/redis-emitter), one per room",
         }),
     );
-    if peer.sio.redis_pid().is_none() {
+    if peer.redis_pid().is_none() {
         report
             .notes
             .push("Redis's pid is unknown: its CPU is not counted".into());

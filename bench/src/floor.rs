@@ -33,8 +33,8 @@ use serde_json::{Value, json};
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::procfs::{CpuUsed, cpu_sample};
 use crate::report::{Errors, Report, Section, round3};
-use crate::target::{CpuTimes, cpu_times};
 
 /// How many clients open their connection at the same time.
 const CONNECT_CONCURRENCY: usize = 64;
@@ -119,7 +119,7 @@ pub struct FloorResult {
     pub conns: usize,
     pub writes: u64,
     pub frames: u64,
-    pub writer: CpuTimes,
+    pub writer: CpuUsed,
     pub wall_s: f64,
     /// CPU of the bench process (the receivers) over the phase.
     pub receivers_s: f64,
@@ -129,7 +129,7 @@ pub struct FloorResult {
 
 impl FloorResult {
     pub fn cpu_s(&self) -> f64 {
-        self.writer.user + self.writer.system
+        self.writer.secs()
     }
 
     pub fn us_per_write(&self) -> f64 {
@@ -154,10 +154,7 @@ impl FloorResult {
             .put("wall_s", round3(self.wall_s))
             .put("writes_per_sec", round3(self.writes as f64 / self.wall_s))
             .put("writer_cpu_s", round3(cpu))
-            .put(
-                "writer_kernel_share",
-                round3(self.writer.system / cpu.max(1e-9)),
-            )
+            .put("writer_kernel_share", round3(self.writer.kernel_share()))
             .put("us_per_write", round3(self.us_per_write()))
             .put("us_per_frame", round3(self.us_per_frame()))
             .put("receivers_cpu_s", round3(self.receivers_s))
@@ -349,8 +346,8 @@ impl Writer {
     /// Runs one phase and returns what it cost.
     pub async fn phase(&mut self, phase: Phase) -> Result<FloorResult> {
         let before = self.received.load(Ordering::Relaxed);
-        let writer_start = cpu_times(self.pid).context("floor-writer's /proc/<pid>/stat")?;
-        let bench_start = cpu_times(std::process::id()).unwrap_or_default();
+        let writer_start = cpu_sample(self.pid).context("floor-writer's /proc/<pid>/task")?;
+        let bench_start = cpu_sample(std::process::id()).unwrap_or_default();
         let started = Instant::now();
         self.stdin
             .write_all(
@@ -363,7 +360,7 @@ impl Writer {
             .await?;
         self.stdin.flush().await?;
         let done = self.next_line().await?;
-        let writer_end = cpu_times(self.pid).context("floor-writer's /proc/<pid>/stat")?;
+        let writer_end = cpu_sample(self.pid).context("floor-writer's /proc/<pid>/task")?;
         let wall_s = started.elapsed().as_secs_f64();
         let writes: u64 = done
             .strip_prefix("done ")
@@ -375,19 +372,15 @@ impl Writer {
         while self.received.load(Ordering::Relaxed) - before < frames && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let bench_end = cpu_times(std::process::id()).unwrap_or_default();
+        let bench_end = cpu_sample(std::process::id()).unwrap_or_default();
         Ok(FloorResult {
             phase,
             conns: self.conns,
             writes,
             frames,
-            writer: CpuTimes {
-                user: writer_end.user - writer_start.user,
-                system: writer_end.system - writer_start.system,
-            },
+            writer: writer_end.since(&writer_start),
             wall_s,
-            receivers_s: (bench_end.user + bench_end.system)
-                - (bench_start.user + bench_start.system),
+            receivers_s: bench_end.since(&bench_start).secs(),
             received: self.received.load(Ordering::Relaxed) - before,
         })
     }

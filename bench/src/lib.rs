@@ -5,8 +5,9 @@
 //! drives it with real WebSocket clients from source addresses 127.0.0.2,
 //! 127.0.0.3, ..., and prints a table of the results, optionally also JSON
 //! (`--json FILE`, or `--json -` for one line on stdout). CPU time of every
-//! process (and of the bench itself, which shares the machine) is read from
-//! `/proc/<pid>/stat`.
+//! process (and of the bench itself, which shares the machine) is read in
+//! nanoseconds from `/proc/<pid>/task/*/schedstat`, RSS from
+//! `/proc/<pid>/status` (`src/procfs.rs`).
 //!
 //! `--target socketio` runs `idle` and `fanout` against the comparison
 //! peer instead (Socket.IO 4 servers with the Redis adapter, see
@@ -14,8 +15,8 @@
 //! keys; the other scenarios refuse it.
 //!
 //! Scenarios: `churn` (presence churn), `presence-memory` (the presence
-//! view's memory per connection), `idle` (an edge's memory per idle
-//! connection), `floor` (the kernel's cost of a small write, measured with
+//! view's memory per connection), `idle` (the memory per idle connection
+//! of every server process), `floor` (the kernel's cost of a small write, measured with
 //! the same clients), `fanout` (gRPC publish → delivered to many members,
 //! latency and CPU per delivery, optionally as a ratio to the floor),
 //! `chat` (many small rooms whose members publish through their own
@@ -37,6 +38,7 @@ mod load;
 mod otlp;
 mod peer;
 mod presence_memory;
+mod procfs;
 mod report;
 mod scenario;
 pub mod socketio;

@@ -11,8 +11,8 @@ use herald_presence::view::View;
 use herald_wire::presence::{Change, EdgeReport};
 use serde_json::json;
 
+use crate::procfs::rss_bytes;
 use crate::report::{Report, Section, round3};
-use crate::target::rss_bytes;
 
 #[derive(Args, Debug)]
 pub struct PresenceMemoryArgs {

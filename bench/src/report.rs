@@ -12,7 +12,8 @@ use hdrhistogram::Histogram;
 use herald_client::ClientError;
 use serde_json::{Map, Value, json};
 
-use crate::target::{CpuProbe, CpuTimes, NatsStats, Role, Target, cpu_times, rss_bytes};
+use crate::procfs::{CpuSample, CpuUsed, cpu_sample, rss_bytes};
+use crate::target::{CpuProbe, NatsStats, Role, Target};
 
 /// Latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
 #[derive(Clone)]
@@ -60,6 +61,11 @@ impl Latency {
 
 pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// Six decimals: CPU seconds to the microsecond.
+pub fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
 }
 
 /// Errors by kind ("connect: timed out", "join: unavailable", ...), each
@@ -125,11 +131,11 @@ impl Errors {
     }
 }
 
-/// CPU time of every process over one phase of a scenario, and the NATS
-/// traffic of the phase.
+/// CPU time of every process over one phase of a scenario (nanoseconds on
+/// a CPU, see [`crate::procfs`]), and the NATS traffic of the phase.
 pub struct CpuMeter {
     probes: Vec<CpuProbe>,
-    start: Vec<Option<CpuTimes>>,
+    start: Vec<Option<CpuSample>>,
     rss_start: Vec<Option<u64>>,
     nats: Option<NatsStats>,
     labels: Labels,
@@ -165,7 +171,7 @@ impl CpuMeter {
     /// Measures `probes` (with `Role::Herald` for the system's servers and
     /// `Role::Nats` for its broker), without a Herald target.
     pub fn with_probes(probes: Vec<CpuProbe>, nats: Option<NatsStats>, labels: Labels) -> CpuMeter {
-        let start = probes.iter().map(|p| cpu_times(p.pid)).collect();
+        let start = probes.iter().map(|p| cpu_sample(p.pid)).collect();
         let rss_start = probes.iter().map(|p| rss_bytes(p.pid)).collect();
         CpuMeter {
             probes,
@@ -195,11 +201,7 @@ impl CpuMeter {
             .iter()
             .zip(self.start.iter().zip(&self.rss_start))
             .filter_map(|(probe, (start, rss_start))| {
-                let (start, end) = ((*start)?, cpu_times(probe.pid)?);
-                let used = CpuTimes {
-                    user: end.user - start.user,
-                    system: end.system - start.system,
-                };
+                let used = cpu_sample(probe.pid)?.since(start.as_ref()?);
                 let rss = (rss_start.unwrap_or(0), rss_bytes(probe.pid).unwrap_or(0));
                 Some((probe.clone(), used, rss))
             })
@@ -213,11 +215,11 @@ impl CpuMeter {
     }
 }
 
-/// CPU seconds each process used during a phase of `wall` seconds.
+/// CPU time each process used during a phase of `wall` seconds.
 pub struct CpuPhase {
     wall: f64,
     /// CPU time, and RSS in bytes at the start and at the end.
-    processes: Vec<(CpuProbe, CpuTimes, (u64, u64))>,
+    processes: Vec<(CpuProbe, CpuUsed, (u64, u64))>,
     /// What went through nats-server meanwhile (cluster only).
     pub nats: Option<NatsStats>,
     labels: Labels,
@@ -238,6 +240,23 @@ impl CpuPhase {
             .then(|| self.sum(nats))
     }
 
+    /// Each server process's CPU (Herald's and the broker's, not the
+    /// bench's) in µs per one of `n` events, by name.
+    pub fn per_process_us(&self, n: u64) -> Value {
+        let map: Map<String, Value> = self
+            .processes
+            .iter()
+            .filter(|(p, ..)| p.role.is_some())
+            .map(|(p, t, _)| {
+                (
+                    p.name.clone(),
+                    json!(round3(t.secs() * 1e6 / n.max(1) as f64)),
+                )
+            })
+            .collect();
+        Value::Object(map)
+    }
+
     /// CPU seconds of the bench itself (the load generator and receivers).
     pub fn load_s(&self) -> f64 {
         self.sum(None)
@@ -247,29 +266,41 @@ impl CpuPhase {
         self.processes
             .iter()
             .filter(|(p, ..)| p.role == role)
-            .map(|(_, t, _)| t.user + t.system)
+            .map(|(_, t, _)| t.secs())
             .sum()
     }
 
-    /// `{wall_s, processes: {name: cpu_s}, processes_system: {name:
-    /// cpu_s in the kernel}, rss_mb: {name: [start, end]}, herald_s, nats_s,
-    /// load_s, nats_traffic}`.
+    /// `{wall_s, processes: {name: cpu_s}, processes_ns: {name: ns on a
+    /// CPU}, processes_system: {name: cpu_s in the kernel}, rss_mb: {name:
+    /// [start, end]}, herald_s, nats_s, load_s, nats_traffic}`, and
+    /// `threads_exited: {name: n}` for processes with threads that ended
+    /// during the phase (their time is missing). `processes`, `herald_s`,
+    /// `nats_s` and `load_s` are schedstat's nanoseconds as seconds;
+    /// `processes_system` is stime (clock ticks).
     fn to_json(&self) -> Value {
-        let by_name = |f: &dyn Fn(&CpuTimes, (u64, u64)) -> Value| -> Map<String, Value> {
+        let by_name = |f: &dyn Fn(&CpuUsed, (u64, u64)) -> Value| -> Map<String, Value> {
             self.processes
                 .iter()
                 .map(|(p, t, rss)| (p.name.clone(), f(t, *rss)))
                 .collect()
         };
         let mb = |b: u64| round3(b as f64 / (1 << 20) as f64);
+        let exited: Map<String, Value> = self
+            .processes
+            .iter()
+            .filter(|(_, t, _)| t.threads_exited > 0)
+            .map(|(p, t, _)| (p.name.clone(), json!(t.threads_exited)))
+            .collect();
         json!({
             "wall_s": round3(self.wall),
-            "processes": by_name(&|t, _| json!(round3(t.user + t.system))),
-            "processes_system": by_name(&|t, _| json!(round3(t.system))),
+            "processes": by_name(&|t, _| json!(round6(t.secs()))),
+            "processes_ns": by_name(&|t, _| json!(t.on_cpu_ns)),
+            "processes_system": by_name(&|t, _| json!(round3(t.ticks.system))),
             "rss_mb": by_name(&|_, (a, b)| json!([mb(a), mb(b)])),
-            "herald_s": round3(self.sum(Some(Role::Herald))),
-            "nats_s": round3(self.sum(Some(Role::Nats))),
-            "load_s": round3(self.sum(None)),
+            "herald_s": round6(self.sum(Some(Role::Herald))),
+            "nats_s": round6(self.sum(Some(Role::Nats))),
+            "load_s": round6(self.sum(None)),
+            "threads_exited": exited,
             "nats_traffic": self.nats.map(|n| json!({
                 "in_msgs": n.in_msgs,
                 "out_msgs": n.out_msgs,
@@ -277,6 +308,10 @@ impl CpuPhase {
                 "out_bytes": n.out_bytes,
                 "sub_inserts": n.sub_inserts,
                 "sub_removes": n.sub_removes,
+                "js_api_calls": n.js_api_calls,
+                "js_api_errors": n.js_api_errors,
+                "subscriptions_at_start": n.subscriptions_at_start,
+                "subscriptions_at_end": n.subscriptions,
             })),
         })
     }
@@ -294,7 +329,7 @@ impl CpuPhase {
         let rows = self
             .processes
             .iter()
-            .map(|(p, t, rss)| (p.name.as_str(), t.user + t.system, Some((t.system, *rss))))
+            .map(|(p, t, rss)| (p.name.as_str(), t.secs(), Some((t.kernel_share(), *rss))))
             .chain([
                 (self.labels.servers, herald, None),
                 (self.labels.with_broker, herald + nats, None),
@@ -303,7 +338,7 @@ impl CpuPhase {
             let (kernel, rss) = match detail {
                 Some((k, (a, b))) => (
                     if s > 0.0 {
-                        format!("{:>7.0}%", 100.0 * k / s)
+                        format!("{:>7.0}%", 100.0 * k)
                     } else {
                         String::new()
                     },
@@ -325,13 +360,15 @@ impl CpuPhase {
             let _ = writeln!(
                 out,
                 "  nats-server traffic: {} msgs in, {} out, {:.1} MB in, {:.1} MB out, \
-                 {} subscriptions made, {} removed",
+                 {} subscriptions made, {} removed, {} → {} alive",
                 n.in_msgs,
                 n.out_msgs,
                 n.in_bytes as f64 / 1e6,
                 n.out_bytes as f64 / 1e6,
                 n.sub_inserts,
-                n.sub_removes
+                n.sub_removes,
+                n.subscriptions_at_start,
+                n.subscriptions
             );
         }
     }
@@ -370,6 +407,8 @@ pub struct Report {
     pub params: Map<String, Value>,
     pub results: Vec<(String, Section)>,
     pub cpu: Vec<(String, CpuPhase)>,
+    /// Versions of what ran: the kernel, nats-server, node, redis-server, ...
+    pub versions: Map<String, Value>,
     pub notes: Vec<String>,
     pub failures: Vec<String>,
 }
@@ -383,6 +422,7 @@ impl Report {
             params: params.as_object().cloned().unwrap_or_default(),
             results: Vec::new(),
             cpu: Vec::new(),
+            versions: Map::new(),
             notes: Vec::new(),
             failures: Vec::new(),
         }
@@ -411,6 +451,7 @@ impl Report {
                 .iter()
                 .map(|(phase, cpu)| (phase.clone(), cpu.to_json()))
                 .collect::<Map<String, Value>>(),
+            "versions": self.versions,
             "notes": self.notes,
             "failures": self.failures,
         })
@@ -430,6 +471,14 @@ impl Report {
             self.scenario, self.description
         );
         let _ = writeln!(out, "  {}", params.join("  "));
+        if !self.versions.is_empty() {
+            let versions: Vec<String> = self
+                .versions
+                .iter()
+                .map(|(k, v)| format!("{k} {}", plain(v)))
+                .collect();
+            let _ = writeln!(out, "  versions: {}", versions.join(", "));
+        }
         for (name, section) in &self.results {
             let _ = writeln!(out, "\n{name}");
             for (key, value) in &section.0 {

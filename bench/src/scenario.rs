@@ -25,7 +25,8 @@ pub enum Scenario {
         #[command(flatten)]
         args: presence_memory::PresenceMemoryArgs,
     },
-    /// RSS of one edge per idle authenticated connection (after one ping each).
+    /// RSS per idle authenticated connection (after one ping each) of every
+    /// server process, and what each keeps after the connections close.
     Idle {
         #[command(flatten)]
         common: CommonArgs,
@@ -149,8 +150,9 @@ fn socketio_report(
             Against::Churn(_) | Against::Chat(_) => unreachable!("refused above"),
         }
     })?;
-    report.failures.extend(peer.sio.exited());
+    report.failures.extend(peer.exited());
     report.notes.extend(peer.sio.log_problems());
+    report.versions = peer.versions();
     Ok(report)
 }
 
@@ -200,6 +202,7 @@ fn finish(report: &mut report::Report, target: &mut Target) {
     }
     report.failures.extend(target.exited());
     report.notes.extend(target.log_problems());
+    report.versions = target.versions();
     report.params.insert(
         "herald".into(),
         target.herald_bin.display().to_string().into(),

@@ -614,6 +614,116 @@ pub fn redis_pid(url: &str) -> Option<u32> {
         .and_then(|p| p.trim().parse().ok())
 }
 
+/// `$REDIS_SERVER`, else `redis-server` from PATH.
+pub fn redis_server_bin() -> PathBuf {
+    std::env::var_os("REDIS_SERVER").map_or_else(|| "redis-server".into(), PathBuf::from)
+}
+
+/// A redis-server of the run's own on a free loopback port, with no
+/// persistence (no RDB snapshots, no AOF), so that its memory and CPU are
+/// the run's and nothing else's; killed on drop.
+pub struct RedisServer {
+    process: ChildProcess,
+    addr: SocketAddr,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts `bin` and waits until it answers PING.
+    pub fn start(bin: &Path) -> Result<RedisServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("herald-bench-redis-")
+            .tempdir()?;
+        let addr = herald_test_support::free_addr();
+        let mut cmd = Command::new(bin);
+        cmd.args(["--port", &addr.port().to_string()])
+            .args(["--bind", &addr.ip().to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--logfile", ""])
+            .arg("--dir")
+            .arg(dir.path())
+            .current_dir(dir.path());
+        let mut process = ChildProcess::spawn("redis-server", cmd, dir.path().join("redis.log"))?;
+        process.wait_listening(addr, READY_TIMEOUT)?;
+        let redis = RedisServer {
+            process,
+            addr,
+            bin: bin.to_owned(),
+            _dir: dir,
+        };
+        let reply = redis_command(&redis.url(), "PING")?;
+        if !reply.starts_with("+PONG") {
+            bail!("redis-server on {addr} answered PING with {reply:?}");
+        }
+        Ok(redis)
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The binary's version (`7.0.15` out of `Redis server v=7.0.15 ...`).
+    pub fn version(&self) -> Option<String> {
+        redis_version_line(&crate::procfs::version_of(&self.bin)?)
+    }
+
+    /// Whether it has exited, with the end of its output.
+    pub fn died(&mut self) -> Option<String> {
+        self.process.died()
+    }
+}
+
+/// `7.0.15` out of `Redis server v=7.0.15 sha=...`.
+fn redis_version_line(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .map(str::to_owned)
+}
+
+/// The version the Redis at `url` reports (`INFO server`'s `redis_version`).
+pub fn redis_version(url: &str) -> Option<String> {
+    let info = redis_command(url, "INFO server").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// What the Redis at `url` holds by its own account (`INFO`): memory,
+/// clients, pub/sub channels and patterns; `None` if it does not answer.
+pub fn redis_state(url: &str) -> Option<Value> {
+    let info = redis_command(url, "INFO").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let mib = |b: Option<u64>| b.map(|b| (b as f64 / (1 << 20) as f64 * 1000.0).round() / 1000.0);
+    Some(json!({
+        "used_memory_mib": mib(field("used_memory")),
+        "rss_mib": mib(field("used_memory_rss")),
+        "connected_clients": field("connected_clients"),
+        "pubsub_channels": field("pubsub_channels"),
+        "pubsub_patterns": field("pubsub_patterns"),
+    }))
+}
+
+/// The version of a package installed in the peer's `node_modules`
+/// (`socket.io`, `@socket.io/redis-adapter`, ...).
+pub fn package_version(package: &str) -> Option<String> {
+    let path = peer_dir()
+        .join("node_modules")
+        .join(package)
+        .join("package.json");
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    manifest["version"].as_str().map(str::to_owned)
+}
+
 /// What one run of `emitter.js` did.
 #[derive(Debug, Clone)]
 pub struct EmitReport {
@@ -887,6 +997,16 @@ mod tests {
         assert_eq!(redis_addr("redis://localhost").unwrap(), "localhost:6379");
         assert_eq!(redis_addr("redis://u:p@h:1/2").unwrap(), "h:1");
         assert!(redis_addr("http://h").is_err());
+    }
+
+    #[test]
+    fn redis_versions() {
+        assert_eq!(
+            redis_version_line("Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0")
+                .as_deref(),
+            Some("7.0.15")
+        );
+        assert_eq!(redis_version_line("something else"), None);
     }
 
     #[test]

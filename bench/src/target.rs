@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use herald_test_support::{ChildProcess, free_addr, http_get, nats_server_bin};
+use herald_test_support::{ChildProcess, free_addr, nats_server_bin};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -49,9 +49,15 @@ pub struct CommonArgs {
     /// `--target socketio` (ignored with `--target dev`).
     #[arg(long, default_value_t = 3)]
     pub edges: usize,
-    /// The Redis the Socket.IO servers' adapter and emitter use (`--target socketio`).
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// A running Redis for the Socket.IO servers' adapter and emitter
+    /// (`--target socketio`) [default: a redis-server the run starts on a
+    /// free port, so that its memory and CPU are the run's own].
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// The `redis-server` binary the run starts without `--redis-url`
+    /// [default: $REDIS_SERVER, else from PATH].
+    #[arg(long, value_name = "PATH")]
+    pub redis_server: Option<PathBuf>,
     /// The `herald` binary [default: $HERALD_BIN, else `herald` next to this
     /// executable, else target/release/herald, else target/debug/herald].
     #[arg(long, value_name = "PATH")]
@@ -133,6 +139,11 @@ pub struct Target {
     pub herald_bin: PathBuf,
     /// nats-server's monitoring port (cluster only).
     nats_monitor: Option<SocketAddr>,
+    /// nats-server's Go profiling port (`--profile`, cluster only): its
+    /// heap's own account, to tell live memory from memory kept.
+    nats_profile: Option<SocketAddr>,
+    /// The nats-server binary (cluster only).
+    nats_bin: Option<PathBuf>,
     /// Where `herald.v1.Router` is served: the router's gRPC port, or
     /// `herald dev`'s.
     pub router_grpc: Option<SocketAddr>,
@@ -170,6 +181,8 @@ impl Target {
             keep_logs: args.keep_logs,
             herald_bin,
             nats_monitor: None,
+            nats_profile: None,
+            nats_bin: None,
             router_grpc: None,
             herald_args,
             otlp_sink,
@@ -240,11 +253,16 @@ impl Target {
         let nats_addr = free_addr();
         let monitor = free_addr();
         let store = self.dir().join("jetstream");
-        let mut cmd = Command::new(nats_bin.unwrap_or_else(nats_server_bin));
+        let nats_bin = nats_bin.unwrap_or_else(nats_server_bin);
+        let mut cmd = Command::new(&nats_bin);
+        self.nats_bin = Some(nats_bin);
         cmd.args(["-a", "127.0.0.1", "-p", &nats_addr.port().to_string()])
             .args(["-m", &monitor.port().to_string(), "-js", "-sd"])
             .arg(&store);
+        let profile = free_addr();
+        cmd.args(["--profile", &profile.port().to_string()]);
         self.nats_monitor = Some(monitor);
+        self.nats_profile = Some(profile);
         let mut nats = Proc::spawn("nats-server", Role::Nats, cmd, self.dir())?;
         let up = nats.process.wait_listening(nats_addr, READY_TIMEOUT);
         self.procs.push(nats);
@@ -315,6 +333,32 @@ impl Target {
         .expect("HS256 signing cannot fail")
     }
 
+    /// Versions of the kernel, nats-server (cluster) and Herald.
+    pub fn versions(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut v = serde_json::Map::new();
+        v.insert("kernel".into(), json!(crate::procfs::kernel_release()));
+        if let Some(bin) = &self.nats_bin {
+            let version = crate::procfs::version_of(bin);
+            // "nats-server: v2.9.10"
+            let version = version.map(|l| l.rsplit(' ').next().unwrap_or(&l).to_owned());
+            v.insert("nats-server".into(), json!(version));
+        }
+        v.insert(
+            "herald".into(),
+            json!(crate::procfs::version_of(&self.herald_bin)),
+        );
+        v
+    }
+
+    /// Every process that serves the clients (edges, presence, router,
+    /// nats-server; or `herald dev`), in the order they were started.
+    pub fn servers(&self) -> Vec<CpuProbe> {
+        self.cpu_probes()
+            .into_iter()
+            .filter(|p| p.role.is_some())
+            .collect()
+    }
+
     /// The bench's own process first, then every started process.
     pub fn cpu_probes(&self) -> Vec<CpuProbe> {
         let mut probes = vec![CpuProbe {
@@ -343,26 +387,113 @@ impl Target {
             .map(|p| p.process.pid())
     }
 
+    /// nats-server's monitoring answer to `path` (e.g. `/varz`), parsed;
+    /// `None` without a cluster or when it does not answer.
+    pub fn nats_get(&self, path: &str) -> Option<serde_json::Value> {
+        let body = http10_get(self.nats_monitor?, path)?;
+        serde_json::from_str(&body).ok()
+    }
+
     /// nats-server's message and subscription counters (cluster only).
     pub fn nats_stats(&self) -> Option<NatsStats> {
-        let monitor = self.nats_monitor?;
-        let get = |path: &str| -> Option<serde_json::Value> {
-            let (200, body) = http_get(monitor, path).ok()? else {
-                return None;
-            };
-            serde_json::from_str(&body).ok()
-        };
-        let varz = get("/varz")?;
-        let subsz = get("/subsz")?;
+        let varz = self.nats_get("/varz")?;
+        let subsz = self.nats_get("/subsz")?;
+        let jsz = self.nats_get("/jsz").unwrap_or_default();
         let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
         Some(NatsStats {
+            js_api_calls: n(&jsz["api"], "total"),
+            js_api_errors: n(&jsz["api"], "errors"),
             in_msgs: n(&varz, "in_msgs"),
             out_msgs: n(&varz, "out_msgs"),
             in_bytes: n(&varz, "in_bytes"),
             out_bytes: n(&varz, "out_bytes"),
             sub_inserts: n(&subsz, "num_inserts"),
             sub_removes: n(&subsz, "num_removes"),
+            subscriptions: n(&subsz, "num_subscriptions"),
+            subscriptions_at_start: n(&subsz, "num_subscriptions"),
         })
+    }
+
+    /// What nats-server holds now, by its own account (cluster only):
+    /// `/varz` (its RSS as it sees it, connections), `/subsz` (live
+    /// subscriptions), `/jsz` (JetStream streams, consumers, messages,
+    /// bytes, and what is kept in memory), and `/connz` (each client
+    /// connection's name, subscriptions and pending bytes), to tell where
+    /// its memory goes.
+    pub fn nats_state(&self) -> Option<serde_json::Value> {
+        let varz = self.nats_get("/varz")?;
+        let subsz = self.nats_get("/subsz")?;
+        let jsz = self.nats_get("/jsz").unwrap_or_default();
+        let connz = self.nats_get("/connz?limit=1024").unwrap_or_default();
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let clients: serde_json::Map<String, serde_json::Value> = connz["connections"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                let name = c["name"].as_str().filter(|s| !s.is_empty());
+                let key = format!("{} (cid {})", name.unwrap_or("unnamed"), n(c, "cid"));
+                (
+                    key,
+                    json!({"subscriptions": n(c, "subscriptions"), "pending_bytes": n(c, "pending_bytes")}),
+                )
+            })
+            .collect();
+        let go = self.nats_go_runtime().unwrap_or_default();
+        Some(json!({
+            "go": go,
+            "rss_mib": (n(&varz, "mem") as f64 / (1 << 20) as f64 * 1000.0).round() / 1000.0,
+            "connections": n(&varz, "connections"),
+            "subscriptions": n(&subsz, "num_subscriptions"),
+            "sublist_cache": n(&subsz, "num_cache"),
+            "js_streams": n(&jsz, "streams"),
+            "js_consumers": n(&jsz, "consumers"),
+            "js_messages": n(&jsz, "messages"),
+            "js_bytes": n(&jsz, "bytes"),
+            "js_memory_bytes": n(&jsz, "memory"),
+            "js_storage_bytes": n(&jsz, "storage"),
+            "js_api_total": n(&jsz["api"], "total"),
+            "js_api_errors": n(&jsz["api"], "errors"),
+            "clients": clients,
+        }))
+    }
+
+    /// nats-server's Go runtime by its own account (`/debug/pprof/heap`'s
+    /// `runtime.MemStats`, and the goroutine count), without forcing a
+    /// collection: `heap_alloc_mib` is what is live or not yet collected,
+    /// `heap_idle_mib - heap_released_mib` what the runtime keeps from the
+    /// system unused.
+    fn nats_go_runtime(&self) -> Option<serde_json::Value> {
+        let heap = http10_get(self.nats_profile?, "/debug/pprof/heap?debug=1")?;
+        let goroutines = http10_get(self.nats_profile?, "/debug/pprof/goroutine?debug=1")?;
+        let stat = |name: &str| -> Option<u64> {
+            heap.lines()
+                .find_map(|l| {
+                    l.strip_prefix("# ")?
+                        .strip_prefix(name)?
+                        .strip_prefix(" = ")
+                })
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        };
+        let mib =
+            |b: Option<u64>| b.map(|b| (b as f64 / (1 << 20) as f64 * 1000.0).round() / 1000.0);
+        let total: Option<u64> = goroutines
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
+        Some(json!({
+            "top_inuse_sites": top_inuse_sites(&heap, 6),
+            "heap_alloc_mib": mib(stat("HeapAlloc")),
+            "heap_inuse_mib": mib(stat("HeapInuse")),
+            "heap_idle_mib": mib(stat("HeapIdle")),
+            "heap_released_mib": mib(stat("HeapReleased")),
+            "stack_mib": mib(stat("Stack")),
+            "sys_mib": mib(stat("Sys")),
+            "next_gc_mib": mib(stat("NextGC")),
+            "num_gc": stat("NumGC"),
+            "goroutines": total,
+        }))
     }
 
     /// Processes that have exited (they should all still run), with the end
@@ -421,6 +552,69 @@ impl Drop for Target {
     }
 }
 
+/// The allocation sites of a Go heap profile (`/debug/pprof/heap?debug=1`)
+/// that hold the most live bytes, by the first nats-server function on
+/// their stack (`server.(*client).processSub`), at most `n` of them, as
+/// `{site: KiB}`. The profile is sampled (one sample per ~512 KiB
+/// allocated), and its bytes are the samples' own, not scaled up: a ranking
+/// of where live memory was allocated, not a measure of it.
+fn top_inuse_sites(profile: &str, n: usize) -> serde_json::Value {
+    let mut by_site: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut bytes = 0u64;
+    let mut site: Option<String> = None;
+    let mut flush = |bytes: u64, site: &mut Option<String>| {
+        if let Some(name) = site.take() {
+            *by_site.entry(name).or_default() += bytes;
+        }
+    };
+    for line in profile.lines() {
+        if let Some((_, rest)) = line
+            .split_once(": ")
+            .filter(|(n, _)| n.parse::<u64>().is_ok())
+        {
+            // "objects: bytes [objects: bytes] @ addresses"
+            flush(bytes, &mut site);
+            bytes = rest
+                .split_whitespace()
+                .next()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            site = Some("(runtime)".into());
+        } else if let Some(frame) = line.strip_prefix("#\t") {
+            let func = frame.split('\t').nth(1).unwrap_or("");
+            let func = func.split('+').next().unwrap_or(func);
+            if site.as_deref() == Some("(runtime)") && func.contains("nats-server") {
+                let short = func.rsplit('/').next().unwrap_or(func);
+                site = Some(short.to_owned());
+            }
+        } else if line.starts_with("# runtime.MemStats") {
+            break;
+        }
+    }
+    flush(bytes, &mut site);
+    let mut sites: Vec<(String, u64)> = by_site.into_iter().filter(|(_, b)| *b > 0).collect();
+    sites.sort_by_key(|s| std::cmp::Reverse(s.1));
+    let map: serde_json::Map<String, serde_json::Value> = sites
+        .into_iter()
+        .take(n)
+        .map(|(name, b)| (name, json!(b / 1024)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// The body of a 200 answer to a plain HTTP/1.0 GET: nats-server answers
+/// HTTP/1.1 requests for larger pages (`/connz`) in chunks.
+fn http10_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -464,6 +658,13 @@ pub struct NatsStats {
     pub sub_inserts: u64,
     /// Subscriptions removed (UNSUB, or with a closed connection).
     pub sub_removes: u64,
+    /// JetStream API requests served (`/jsz`), and those that failed.
+    pub js_api_calls: u64,
+    pub js_api_errors: u64,
+    /// Subscriptions alive (a level, not a counter: at the end of a phase).
+    pub subscriptions: u64,
+    /// Subscriptions alive at the start of a phase ([`NatsStats::since`]).
+    pub subscriptions_at_start: u64,
 }
 
 impl NatsStats {
@@ -475,6 +676,10 @@ impl NatsStats {
             out_bytes: self.out_bytes.saturating_sub(start.out_bytes),
             sub_inserts: self.sub_inserts.saturating_sub(start.sub_inserts),
             sub_removes: self.sub_removes.saturating_sub(start.sub_removes),
+            js_api_calls: self.js_api_calls.saturating_sub(start.js_api_calls),
+            js_api_errors: self.js_api_errors.saturating_sub(start.js_api_errors),
+            subscriptions: self.subscriptions,
+            subscriptions_at_start: start.subscriptions,
         }
     }
 }
@@ -488,81 +693,17 @@ pub struct CpuProbe {
     pub pid: u32,
 }
 
-/// CPU time of a process in user space and in the kernel, in seconds.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CpuTimes {
-    pub user: f64,
-    pub system: f64,
-}
-
-/// Resident set size of a process in bytes, from `/proc/<pid>/status`.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// utime and stime of a process, from `/proc/<pid>/stat`.
-pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let hz = clock_ticks();
-    Some(CpuTimes {
-        user: utime as f64 / hz,
-        system: stime as f64 / hz,
-    })
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
-
-    #[test]
-    fn cpu_seconds_of_this_process_grows() {
-        let total = |t: CpuTimes| t.user + t.system;
-        let before = total(cpu_times(std::process::id()).expect("own /proc/<pid>/stat"));
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            x = x.wrapping_mul(31).wrapping_add(7);
-        }
-        std::hint::black_box(x);
-        let after = total(cpu_times(std::process::id()).unwrap());
-        assert!(after > before, "{before} -> {after}");
-    }
-
-    #[test]
-    fn no_cpu_time_for_a_missing_process() {
-        assert!(cpu_times(u32::MAX).is_none());
-        assert!(rss_bytes(u32::MAX).is_none());
-    }
-
-    #[test]
-    fn rss_of_this_process_is_plausible() {
-        let rss = rss_bytes(std::process::id()).expect("own /proc/<pid>/status");
-        assert!(rss > 100 * 1024 && rss < 64 << 30, "{rss}");
-    }
 
     #[test]
     fn source_addresses_start_at_127_0_0_2() {
         let args = CommonArgs {
             target: TargetKind::Dev,
             edges: 1,
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_url: None,
+            redis_server: None,
             herald: None,
             nats_server: None,
             source_addrs: 3,

@@ -77,6 +77,18 @@ fn churn_against_herald_dev_reports_table_and_json() {
     assert!(number(&cpu["wall_s"], "wall_s") > 0.0);
     assert!(number(&cpu["processes"]["herald-dev"], "herald-dev cpu") >= 0.0);
     assert!(number(&cpu["herald_s"], "herald_s") >= 0.0);
+    // Nanoseconds on a CPU (schedstat): a process that served a second of
+    // churn ran for more than one clock tick.
+    let ns = cpu["processes_ns"]["herald-dev"]
+        .as_u64()
+        .expect("processes_ns");
+    assert!(ns > 0, "{cpu}");
+    let per_process = &churn["processes_cpu_us_per_cycle"];
+    assert!(
+        number(&per_process["herald-dev"], "herald-dev us/cycle") > 0.0,
+        "{churn}"
+    );
+    assert!(report["versions"]["kernel"].is_string(), "{report}");
 }
 
 #[test]
@@ -215,7 +227,15 @@ fn fanout_publishes_in_batches() {
 #[test]
 fn idle_reports_rss_per_connection() {
     let report = run_json(&[
-        "idle", "--target", "dev", "--conns", "40", "--settle", "200ms",
+        "idle",
+        "--target",
+        "dev",
+        "--conns",
+        "40",
+        "--settle",
+        "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_idle_of_40(&report, "herald-dev");
 }
@@ -234,6 +254,31 @@ fn assert_idle_of_40(report: &Value, server: &str) {
     positive(&idle["edge_rss_mib_all"], "edge_rss_mib_all");
     positive(&idle["connects_per_sec"], "connects_per_sec");
     assert!(report["cpu"]["connect and ping"]["processes"][server].is_number());
+    // Every server process, each and summed, before and after the close,
+    // and after the second round.
+    assert_eq!(idle["edge"], server, "{idle}");
+    number(
+        &idle["servers_rss_kib_per_conn"][server],
+        "server's own figure",
+    );
+    number(&idle["total_rss_kib_per_conn"], "total_rss_kib_per_conn");
+    number(
+        &idle["servers_rss_kib_left_per_conn_after_close"][server],
+        "left after close",
+    );
+    number(&idle["total_rss_kib_regrowth_per_conn"], "regrowth");
+    assert_eq!(idle["reopened"], 40, "{idle}");
+    for point in [
+        "before",
+        "half",
+        "all",
+        "after_close",
+        "again",
+        "after_second_close",
+    ] {
+        positive(&idle["servers_rss_mib"][server][point], point);
+    }
+    assert!(report["versions"]["kernel"].is_string(), "{report}");
 }
 
 #[test]
@@ -405,9 +450,56 @@ fn idle_against_socketio_reports_the_same_keys() {
         "40",
         "--settle",
         "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_eq!(report["target"], "socketio");
     assert_idle_of_40(&report, "socketio-0");
+}
+
+/// Without `--redis-url` the peer runs against a redis-server of its own,
+/// whose memory counts among the servers'.
+#[test]
+fn idle_against_socketio_starts_its_own_redis() {
+    let redis_server = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    if Command::new(&redis_server)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no {redis_server}");
+        return;
+    }
+    if !socketio_available() {
+        return;
+    }
+    let report = run_json(&[
+        "idle",
+        "--target",
+        "socketio",
+        "--edges",
+        "2",
+        "--conns",
+        "40",
+        "--settle",
+        "200ms",
+        "--stable-for",
+        "500ms",
+    ]);
+    assert_eq!(report["params"]["own_redis"], true, "{report}");
+    assert_idle_of_40(&report, "socketio-0");
+    let idle = &report["results"]["idle"];
+    for server in ["socketio-1", "redis-server"] {
+        number(&idle["servers_rss_kib_per_conn"][server], server);
+    }
+    assert!(report["cpu"]["connect and ping"]["processes"]["redis-server"].is_number());
+    assert!(
+        report["results"]["redis"]["all"]["connected_clients"].is_u64(),
+        "{report}"
+    );
+    for what in ["node", "redis-server", "socket.io"] {
+        assert!(report["versions"][what].is_string(), "{what}: {report}");
+    }
 }
 
 #[test]
@@ -429,6 +521,8 @@ fn vs_socketio_runs_both_and_prints_the_ratios() {
         "40",
         "--settle",
         "200ms",
+        "--stable-for",
+        "500ms",
     ]);
     assert_eq!(report["herald"]["target"], "dev");
     assert_eq!(report["socketio"]["target"], "socketio");
