@@ -204,7 +204,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                         );
                     }
                     Err(e) => {
-                        let text = chain(&e);
+                        let text = herald_broker::chain(&e).to_string();
                         // Once per problem, not every few seconds.
                         if last_warning.as_ref() != Some(&text) {
                             tracing::warn!(
@@ -227,18 +227,6 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             .collect();
         names.join(", ")
     }
-}
-
-/// An error and its causes, for one log line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
