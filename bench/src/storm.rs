@@ -682,9 +682,23 @@ async fn client_task<S: System>(
     log: Arc<Log>,
 ) -> Outcome {
     let mut out = Outcome::default();
-    S::closed(&conn).await;
-    drop(conn);
     let mut killed = ctx.killed_at.subscribe();
+    // A socket the kill did not end (it should) must not hang the run: the
+    // client is lost once the reconnect timeout has passed.
+    let unnoticed = async {
+        let at = *ctx.killed_at.subscribe().wait_for(Option::is_some).await?;
+        let at = at.expect("waited for it");
+        tokio::time::sleep_until((at + ctx.args.reconnect_timeout).into()).await;
+        Ok::<_, watch::error::RecvError>(())
+    };
+    tokio::select! {
+        () = S::closed(&conn) => {}
+        _ = unnoticed => {
+            let _ = ctx.rejoins.send(None);
+            return out;
+        }
+    }
+    drop(conn);
     out.closed_early = killed.borrow().is_none();
     let killed_at = match killed.wait_for(Option::is_some).await {
         Ok(at) => at.expect("waited for it"),
