@@ -466,7 +466,7 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
         .map(|g| {
             let url = urls[g % urls.len()].clone();
             let auth = json!({
-                "user": format!("fan-{g}"),
+                "token": peer.sio.token(&format!("fan-{g}")),
                 "rooms": format!("fan:room-{}", g / args.members),
             });
             let source = sources[g % sources.len()];
