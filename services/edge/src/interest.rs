@@ -5,11 +5,19 @@
 //! `herald.user.<shard>.<room>`) share one subscription per shard instead,
 //! held while any local key of the shard has members: a subscription per
 //! key would cost every idle connection its client-side buffers.
+//!
+//! A key with a subscription of its own keeps it for [`LINGER`] after its
+//! last local member left: a room that empties and fills again within that
+//! (a user reconnecting, a room whose few members come and go) costs the
+//! broker no unsubscribe and subscribe, and its next join no init.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry as MapEntry;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -20,6 +28,12 @@ use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
 use crate::delivery::{Flusher, Outbox, Sends};
+
+/// How long a key's own subscription outlives its last local member.
+pub const LINGER: Duration = Duration::from_secs(10);
+/// Keys without members kept subscribed at most; beyond it the oldest go
+/// at once, so that rooms joined once each do not pile up subscriptions.
+const MAX_LINGERING: usize = 4096;
 
 /// Messages a pump hands over in one delivery batch, at most: enough to
 /// coalesce a burst into one write per connection, few enough that one
@@ -88,6 +102,9 @@ pub struct Entry<S> {
     /// subscription, stopped when the entry is dropped (its last member
     /// left), or `None` when its shard's pump feeds it.
     live: OnceCell<Option<Pump>>,
+    /// How many times its last member left: a lingering key is removed only
+    /// if no member came and went since the removal was scheduled.
+    emptied: AtomicU64,
 }
 
 impl<S: Default> Entry<S> {
@@ -97,6 +114,7 @@ impl<S: Default> Entry<S> {
             members: Members::default(),
             state: S::default(),
             live: OnceCell::new(),
+            emptied: AtomicU64::new(0),
         })
     }
 }
@@ -136,6 +154,9 @@ struct Table<K, S> {
     keys: HashMap<K, Arc<Entry<S>>>,
     /// Shards with at least one key in `keys`, by wildcard, with that count.
     shards: HashMap<String, (usize, Arc<Shard>)>,
+    /// Keys left without members, in the order they emptied: when each may
+    /// go, and the entry's `emptied` count then.
+    lingering: VecDeque<(tokio::time::Instant, K, u64)>,
 }
 
 pub struct Interest<K, S> {
@@ -174,6 +195,7 @@ where
             table: Arc::new(Mutex::new(Table {
                 keys: HashMap::new(),
                 shards: HashMap::new(),
+                lingering: VecDeque::new(),
             })),
             count,
             flusher: None,
@@ -215,7 +237,13 @@ where
             let mut table = self.table.lock().expect("interest table");
             let table = &mut *table;
             let entry = match table.keys.entry(key.clone()) {
-                MapEntry::Occupied(e) => e.get().clone(),
+                MapEntry::Occupied(e) => {
+                    if e.get().members.read().expect("members").is_empty() {
+                        // A lingering key has members again.
+                        self.count.inc();
+                    }
+                    e.get().clone()
+                }
                 MapEntry::Vacant(e) => {
                     self.count.inc();
                     if let Some(subject) = &shard_subject {
@@ -344,19 +372,32 @@ where
     /// member, a shard's with the last key of the shard that has one.
     pub fn leave(&self, key: &K, member: u64) {
         let mut table = self.table.lock().expect("interest table");
-        let Some(entry) = table.keys.get(key) else {
+        let Some(entry) = table.keys.get(key).cloned() else {
             return;
         };
         let empty = {
             let mut members = entry.members.write().expect("members");
-            members.remove(&member);
+            // Not a member (any more): nothing changes, and a lingering key
+            // is not counted out twice.
+            if members.remove(&member).is_none() {
+                return;
+            }
             members.is_empty()
         };
         if !empty {
             return;
         }
-        table.keys.remove(key);
         self.count.dec();
+        if self.shard_of(key).is_none() && entry.live.initialized() {
+            let emptied = entry.emptied.fetch_add(1, Ordering::Relaxed) + 1;
+            let now = tokio::time::Instant::now();
+            table
+                .lingering
+                .push_back((now + LINGER, key.clone(), emptied));
+            expire(&mut table, now);
+            return;
+        }
+        table.keys.remove(key);
         if let Some(subject) = self.shard_of(key)
             && let MapEntry::Occupied(mut shard) = table.shards.entry(subject)
         {
@@ -364,6 +405,36 @@ where
             if shard.get().0 == 0 {
                 shard.remove();
             }
+        }
+    }
+}
+
+impl<K: Eq + Hash, S> Interest<K, S> {
+    /// Unsubscribes the keys that have been without members for [`LINGER`]
+    /// (the edge's once-a-second sweep calls this).
+    pub fn expire_lingering(&self) {
+        expire(
+            &mut self.table.lock().expect("interest table"),
+            tokio::time::Instant::now(),
+        );
+    }
+}
+
+/// Removes the lingering keys whose time is up as of `now`, and the oldest
+/// beyond [`MAX_LINGERING`], unless a member joined since.
+fn expire<K: Eq + Hash, S>(table: &mut Table<K, S>, now: tokio::time::Instant) {
+    while let Some((until, _, _)) = table.lingering.front() {
+        if *until > now && table.lingering.len() <= MAX_LINGERING {
+            break;
+        }
+        let (_, key, emptied) = table.lingering.pop_front().expect("a front");
+        let idle = table.keys.get(&key).is_some_and(|e| {
+            e.emptied.load(Ordering::Relaxed) == emptied
+                && e.members.read().expect("members").is_empty()
+        });
+        if idle {
+            // Dropping the entry stops its pump, which ends the subscription.
+            table.keys.remove(&key);
         }
     }
 }
@@ -394,8 +465,12 @@ fn cut_off<K, S>(
     };
     let mut members = 0;
     for entry in &cut {
-        count.dec();
-        for slot in entry.members.read().expect("members").values() {
+        let members_of = entry.members.read().expect("members");
+        if !members_of.is_empty() {
+            // Lingering keys were no longer counted.
+            count.dec();
+        }
+        for slot in members_of.values() {
             members += 1;
             slot.outbox.close(
                 CloseCode::SlowConsumer,
@@ -664,6 +739,99 @@ pub(crate) mod tests {
         assert!(unsubscribed, "the shard subscription outlived its last key");
 
         fed_after_join(&rooms, &broker, &a, (&m1, &mut c1), "t.shard.1.a").await;
+    }
+
+    /// Whether `subject` has no subscriber any more (the in-memory broker
+    /// answers a request with no responders), waiting for a pump's abort.
+    async fn unsubscribed(broker: &SharedBroker, subject: &str) -> bool {
+        for _ in 0..100 {
+            let asked = broker
+                .request(subject.into(), Bytes::new(), Duration::from_millis(10))
+                .await;
+            if matches!(asked, Err(BrokerError::NoResponders(_))) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A key's own subscription outlives its last member: a join within
+    /// [`LINGER`] needs no new subscription and no init, and the key counts
+    /// as a room again; once the time is up the key and its subscription go.
+    #[tokio::test]
+    async fn an_emptied_key_keeps_its_subscription_for_a_while() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let inits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let init: Init<String, RoomOrder> = {
+            let inits = inits.clone();
+            let history: SharedHistory = Arc::new(MemoryHistory::new());
+            Arc::new(move |_, entry| {
+                inits.fetch_add(1, Ordering::Relaxed);
+                room::init_ephemeral(&entry, &history);
+                Box::pin(async { Ok(()) })
+            })
+        };
+        let rooms = rooms(&broker, Some(init));
+        let own = "own".to_string();
+        let ((m1, mut c1), (m2, mut c2)) = (member(1).await, member(2).await);
+        rooms.join(&own, &m1, false).await.unwrap();
+        assert_eq!(rooms.count.get(), 1);
+        rooms.leave(&own, 1);
+        rooms.leave(&own, 1);
+        assert_eq!(
+            rooms.count.get(),
+            0,
+            "a lingering key is not a room with members"
+        );
+        rooms.expire_lingering();
+        assert!(!unsubscribed(&broker, "t.own.own").await);
+
+        rooms.join(&own, &m2, false).await.unwrap();
+        assert_eq!(
+            inits.load(Ordering::Relaxed),
+            1,
+            "joined again without init"
+        );
+        assert_eq!(rooms.count.get(), 1);
+        publish(&broker, "t.own.own", "back").await;
+        assert_eq!(received(&mut c2, 1).await, ["back"]);
+        receives_nothing(&mut c1).await;
+        // Its time is up, but it has a member again: it stays.
+        expire(
+            &mut rooms.table.lock().unwrap(),
+            tokio::time::Instant::now() + LINGER,
+        );
+        assert!(rooms.table.lock().unwrap().keys.contains_key(&own));
+
+        rooms.leave(&own, 2);
+        expire(
+            &mut rooms.table.lock().unwrap(),
+            tokio::time::Instant::now() + LINGER,
+        );
+        assert!(rooms.table.lock().unwrap().keys.is_empty());
+        assert!(unsubscribed(&broker, "t.own.own").await);
+        assert_eq!(rooms.count.get(), 0);
+        fed_after_join(&rooms, &broker, &own, (&m1, &mut c1), "t.own.own").await;
+        assert_eq!(inits.load(Ordering::Relaxed), 2);
+    }
+
+    /// Keys joined once each do not pile up: beyond [`MAX_LINGERING`] the
+    /// oldest lingering key goes at once.
+    #[tokio::test]
+    async fn at_most_so_many_keys_linger() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let rooms = rooms(&broker, None);
+        let (m1, _c1) = member(1).await;
+        for i in 0..=MAX_LINGERING {
+            let key = format!("k{i}");
+            rooms.join(&key, &m1, false).await.unwrap();
+            rooms.leave(&key, 1);
+        }
+        let table = rooms.table.lock().unwrap();
+        assert_eq!(table.keys.len(), MAX_LINGERING);
+        assert!(!table.keys.contains_key("k0"), "the oldest went first");
+        assert_eq!(table.lingering.len(), MAX_LINGERING);
     }
 
     #[tokio::test]

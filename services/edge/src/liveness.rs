@@ -8,7 +8,8 @@
 //!
 //! A connection is heard whenever bytes arrive from it (a frame, a pong);
 //! the reader stamps it with the edge's clock, which the sweep advances, so
-//! the stamp costs no system call.
+//! the stamp costs no system call. The sweep also ends the subscriptions of
+//! rooms left without members for `interest::LINGER`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -78,6 +79,7 @@ pub async fn sweep(edge: Arc<Edge>) {
             })
         });
         queues.publish();
+        edge.rooms.expire_lingering();
     }
 }
 
