@@ -41,9 +41,10 @@ use crate::delivery::{self, Members, Pacing, Published, StepOutcome, Steps, fmt_
 use crate::floor::{self, FloorResult, Phase};
 use crate::load::Dialer;
 use crate::peer::Peer;
+use crate::procfs::cpu_sample;
 use crate::report::{Errors, Report, Section, round3};
 use crate::socketio::{Emit, SioClient};
-use crate::target::{CommonArgs, Target};
+use crate::target::{CommonArgs, CpuProbe, Target};
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
@@ -172,6 +173,10 @@ pub async fn run_socketio(args: &FanoutArgs, common: &CommonArgs, peer: &Peer) -
 /// bench holds 3,000 sockets and each system 1,000, far from the 20,000
 /// open files a process may have, and a few tens of MiB of memory each.
 ///
+/// Before each round the bench waits until the other system's servers are
+/// idle again ([`settle`]), so that the backlog of an overloaded step does
+/// not run during the other system's next one.
+///
 /// Alternating keeps a drift of the machine's speed (other work, thermal
 /// state, the page cache) from landing on one system's whole schedule: each
 /// system's round is minutes from the other's, not a whole run apart, and
@@ -188,11 +193,15 @@ pub async fn run_alternating(
     let mut herald = HeraldSide::open(args, common, target, conns).await?;
     let mut socketio = SocketioSide::open(args, common, peer, conns).await?;
     let schedule = args.schedule();
+    let herald_servers = servers(target.cpu_probes());
+    let socketio_servers = servers(peer.servers());
     for run in 1..=args.repeat {
         let round: Vec<Step> = schedule.iter().copied().filter(|s| s.run == run).collect();
+        settle(&socketio_servers, "Socket.IO's", run, &mut herald.report).await;
         for &step in &round {
             herald.step(step, &mut floors).await?;
         }
+        settle(&herald_servers, "Herald's", run, &mut socketio.report).await;
         for &step in &round {
             socketio.step(step, &mut floors).await?;
         }
@@ -207,6 +216,53 @@ pub async fn run_alternating(
         .finish([&mut herald.report, &mut socketio.report])
         .await;
     Ok((herald.close().await, socketio.close().await))
+}
+
+/// The pids of a system's server processes (its broker's included), not
+/// the bench's.
+fn servers(probes: Vec<CpuProbe>) -> Vec<u32> {
+    probes
+        .into_iter()
+        .filter(|p| p.role.is_some())
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Below this share of a core the other system counts as idle.
+const QUIET_SHARE: f64 = 0.05;
+/// How long the other system may take to become idle.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Before a round, waits until the other system's servers (`pids`, `whose`)
+/// have finished what its own round left them (a step that overloaded it
+/// leaves a backlog that would otherwise run during this one): until they
+/// use less than [`QUIET_SHARE`] of a core over 200 ms, at most
+/// [`QUIET_TIMEOUT`]; if they never do, round `run` of `report` says so.
+async fn settle(pids: &[u32], whose: &str, run: u32, report: &mut Report) {
+    let window = Duration::from_millis(200);
+    let started = Instant::now();
+    loop {
+        let before: Vec<_> = pids.iter().map(|&p| cpu_sample(p)).collect();
+        tokio::time::sleep(window).await;
+        let used: f64 = pids
+            .iter()
+            .zip(&before)
+            .filter_map(|(&p, b)| Some(cpu_sample(p)?.since(b.as_ref()?).secs()))
+            .sum();
+        let share = used / window.as_secs_f64();
+        if share < QUIET_SHARE {
+            return;
+        }
+        if started.elapsed() >= QUIET_TIMEOUT {
+            report.notes.push(format!(
+                "round {run} began with {whose} servers still busy ({:.0} % of a core) \
+                 {} s after their own round",
+                share * 100.0,
+                QUIET_TIMEOUT.as_secs()
+            ));
+            return;
+        }
+    }
 }
 
 /// Herald's side of a run: the members connected and warmed up, and the

@@ -6,7 +6,7 @@
 //! completes their WebSocket upgrade and answers their `connect` with a
 //! `connected` frame, like an edge would. Then, per phase, it writes a
 //! `message` frame shaped like a fan-out's (`{"op":"message","room":..,
-//! "data":{"s":<phase>,"t":<ns>,"i":<n>},"from":"server","ts":..}`, ~100
+//! "data":{"s":<phase>,"t":<ns>,"i":<n>},"from":"server","ts":..}`, ~120
 //! bytes) to each connection per round, from one thread, `--rounds` rounds
 //! paced at `--round-rate` rounds a second; a phase with K frames per write
 //! writes K such frames (numbered apart) in one write. The writer's CPU time
