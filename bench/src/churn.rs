@@ -1,8 +1,10 @@
 //! `churn`: presence churn.
 //!
-//! 1. Churn: `workers` loops, each connect → join `chat:churn-<k>` → wait
-//!    for `ok` → close, for `duration`; edges, rooms and source addresses
-//!    are taken in turn. Reports completed cycles per second and errors.
+//! 1. Churn: `workers` loops, each connect (with a token) → join
+//!    `chat:churn-<k>` → wait for `ok` → leave it → wait for `ok` → close,
+//!    for `duration`; edges, rooms and source addresses are taken in turn.
+//!    Reports completed cycles per second, the latency of each stage, errors,
+//!    and the server CPU per cycle.
 //! 2. Presence settle: right after the churn, the member lists of the churn
 //!    rooms are read until they are empty, which shows presence entries that
 //!    lag behind or leak.
@@ -14,7 +16,15 @@
 //!
 //! With `--under-load` part 3 runs while part 1 does (the churn then lasts
 //! until the samples are taken, at least `duration`).
+//!
+//! `--target socketio` ([`run_socketio`]) runs part 1 against the Socket.IO
+//! peer: the same workers, rooms and source addresses, each cycle a CONNECT
+//! whose `auth.token` is an HS256 JWT the server verifies (as Herald's edges
+//! verify theirs), the `join` event and its ack, the `leave` event and its
+//! ack, and the close. Parts 2 and 3 are about Herald's presence, which
+//! Socket.IO does not have: they are not run.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,8 +35,10 @@ use futures::future::join_all;
 use herald_client::{Client, ClientError};
 use serde_json::{Value, json};
 
-use crate::load::{Dialer, ERROR_BACKOFF};
+use crate::load::{Dialer, ERROR_BACKOFF, Failed, request_ok, sio_ack};
+use crate::peer::Peer;
 use crate::report::{CpuMeter, CpuPhase, Errors, Latency, Report, Section, round3};
+use crate::socketio::{self, SioClient};
 use crate::target::{CommonArgs, Target};
 
 /// The room the visibility part watches.
@@ -89,7 +101,14 @@ pub async fn run(args: &ChurnArgs, common: &CommonArgs, target: &Target) -> Resu
     let dialer = Arc::new(Dialer::new(target.edge_urls.clone(), common.source_ips()));
 
     let meter = CpuMeter::start(target);
-    let churn = Churn::start(args, &dialer, target);
+    let cycle = HeraldCycle {
+        dialer: dialer.clone(),
+        tokens: (0..args.workers)
+            .map(|w| target.token(&format!("churn-{w}")))
+            .collect(),
+        rooms: args.rooms as u64,
+    };
+    let churn = Churn::start(args, Arc::new(cycle));
     let visibility = if args.under_load {
         let pace = tokio::time::sleep(args.duration);
         let (vis, ()) = tokio::join!(visibility(args, &dialer, target), pace);
@@ -126,6 +145,138 @@ pub async fn run(args: &ChurnArgs, common: &CommonArgs, target: &Target) -> Resu
     Ok(report)
 }
 
+/// `churn --target socketio`: part 1 only, against the peer's servers.
+pub async fn run_socketio(args: &ChurnArgs, common: &CommonArgs, peer: &Peer) -> Result<Report> {
+    if args.workers == 0 || args.rooms == 0 {
+        bail!("--workers and --rooms must be at least 1");
+    }
+    let urls = peer.sio.urls();
+    let mut report = Report::new(
+        "churn",
+        "socketio",
+        peer.describe(),
+        json!({
+            "edges": urls.len(),
+            "workers": args.workers,
+            "rooms": args.rooms,
+            "duration_s": args.duration.as_secs_f64(),
+            "source_addrs": common.source_addrs,
+            "redis_url": peer.sio.redis_url(),
+            "own_redis": peer.owns_redis(),
+        }),
+    );
+    if peer.redis_pid().is_none() {
+        report
+            .notes
+            .push("Redis's pid is unknown: its CPU is not counted".into());
+    }
+    let cycle = SioCycle {
+        dialer: Dialer::new(urls, common.source_ips()),
+        tokens: (0..args.workers)
+            .map(|w| peer.sio.token(&format!("churn-{w}")))
+            .collect(),
+        rooms: args.rooms as u64,
+    };
+    let meter = peer.meter();
+    let churn = Churn::start(args, Arc::new(cycle));
+    tokio::time::sleep(args.duration).await;
+    let out = churn.finish().await;
+    let cpu = meter.stop_with(None);
+    report.section("churn", out.section(&cpu));
+    report.cpu.push(("churn".into(), cpu));
+    report.notes.push(
+        "presence settle and join-to-visible are not run: they measure Herald's presence, \
+         which Socket.IO does not have"
+            .into(),
+    );
+    Ok(report)
+}
+
+/// How long each stage of a complete cycle took.
+struct Times {
+    connect: Duration,
+    join: Duration,
+    leave: Duration,
+    close: Duration,
+}
+
+/// One connect → join → leave → close cycle against one system; worker `w`
+/// authenticates as user `churn-<w>`, cycle `n` takes server `n % servers`
+/// and room `n % rooms`.
+trait Cycle: Send + Sync + 'static {
+    fn run(&self, n: u64, w: usize) -> impl Future<Output = Result<Times, Failed>> + Send;
+}
+
+struct HeraldCycle {
+    dialer: Arc<Dialer>,
+    tokens: Vec<String>,
+    rooms: u64,
+}
+
+impl Cycle for HeraldCycle {
+    async fn run(&self, n: u64, w: usize) -> Result<Times, Failed> {
+        let room = format!("chat:churn-{}", n % self.rooms);
+        let t0 = Instant::now();
+        let (client, _connected) = self
+            .dialer
+            .connect(n as usize, &self.tokens[w])
+            .await
+            .map_err(Failed::client("connect"))?;
+        let t1 = Instant::now();
+        let joined = request_ok(&client, "join", json!({"op": "join", "room": room})).await;
+        let t2 = Instant::now();
+        let left = match joined {
+            Ok(()) => request_ok(&client, "leave", json!({"op": "leave", "room": room})).await,
+            Err(failed) => Err(failed),
+        };
+        let t3 = Instant::now();
+        let closed = client.close().await.map_err(Failed::client("close"));
+        left?;
+        closed?;
+        Ok(Times {
+            connect: t1 - t0,
+            join: t2 - t1,
+            leave: t3 - t2,
+            close: t3.elapsed(),
+        })
+    }
+}
+
+struct SioCycle {
+    dialer: Dialer,
+    tokens: Vec<String>,
+    rooms: u64,
+}
+
+impl Cycle for SioCycle {
+    async fn run(&self, n: u64, w: usize) -> Result<Times, Failed> {
+        let room = format!("chat:churn-{}", n % self.rooms);
+        let (url, source) = self.dialer.endpoint(n as usize);
+        let auth = json!({ "token": self.tokens[w] });
+        let t0 = Instant::now();
+        let client = SioClient::connect(url, &auth, Some(source), socketio::ignore_events())
+            .await
+            .map_err(Failed::client("connect"))?;
+        let t1 = Instant::now();
+        let joined = sio_ack(&client, "join", &room).await;
+        let t2 = Instant::now();
+        let left = match joined {
+            Ok(()) => sio_ack(&client, "leave", &room).await,
+            Err(failed) => Err(failed),
+        };
+        let t3 = Instant::now();
+        let closed = client.close().await.map_err(Failed::client("close"));
+        left?;
+        closed?;
+        Ok(Times {
+            connect: t1 - t0,
+            join: t2 - t1,
+            leave: t3 - t2,
+            close: t3.elapsed(),
+        })
+    }
+}
+
 /// The churn loops, running.
 struct Churn {
     stop: Arc<AtomicBool>,
@@ -135,7 +286,7 @@ struct Churn {
 
 #[derive(Default)]
 struct WorkerOut {
-    /// Complete cycles (connect, join ok, close).
+    /// Complete cycles (connect, join ok, leave ok, close).
     cycles: u64,
     /// Cycles completed before the stop.
     in_window: u64,
@@ -143,6 +294,7 @@ struct WorkerOut {
     per_second: Vec<u64>,
     connect: Latency,
     join: Latency,
+    leave: Latency,
     close: Latency,
     cycle: Latency,
     errors: Errors,
@@ -154,17 +306,15 @@ struct ChurnOut {
 }
 
 impl Churn {
-    fn start(args: &ChurnArgs, dialer: &Arc<Dialer>, target: &Target) -> Churn {
+    fn start<C: Cycle>(args: &ChurnArgs, cycle: Arc<C>) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let workers = (0..args.workers)
             .map(|w| {
-                let token = target.token(&format!("churn-{w}"));
                 tokio::spawn(churn_worker(
-                    token,
-                    dialer.clone(),
-                    args.rooms as u64,
+                    cycle.clone(),
+                    w,
                     seq.clone(),
                     stop.clone(),
                     start,
@@ -195,6 +345,7 @@ impl Churn {
             }
             total.connect.merge(&out.connect);
             total.join.merge(&out.join);
+            total.leave.merge(&out.leave);
             total.close.merge(&out.close);
             total.cycle.merge(&out.cycle);
             total.errors.merge(&out.errors);
@@ -220,6 +371,10 @@ impl ChurnOut {
             .put("herald_cpu_us_per_cycle", per_cycle(cpu.herald_s()))
             .put("processes_cpu_us_per_cycle", cpu.per_process_us(t.cycles))
             .put("nats_cpu_us_per_cycle", json!(cpu.nats_s().map(per_cycle)))
+            .put(
+                "server_cpu_us_per_cycle",
+                per_cycle(cpu.herald_s() + cpu.nats_s().unwrap_or(0.0)),
+            )
             .put("bar_nats_cpu_us_per_cycle", 50.0)
             .put(
                 "nats_msgs_in_per_cycle",
@@ -262,65 +417,44 @@ impl ChurnOut {
             .put("per_second", json!(full))
             .put("connect_ms", t.connect.summary())
             .put("join_ms", t.join.summary())
+            .put("leave_ms", t.leave.summary())
             .put("close_ms", t.close.summary())
             .put("cycle_ms", t.cycle.summary())
     }
 }
 
-async fn churn_worker(
-    token: String,
-    dialer: Arc<Dialer>,
-    rooms: u64,
+async fn churn_worker<C: Cycle>(
+    cycle: Arc<C>,
+    w: usize,
     seq: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     start: Instant,
 ) -> WorkerOut {
     let mut out = WorkerOut::default();
     while !stop.load(Ordering::Relaxed) {
-        // One counter for all workers, so that edges and rooms are used evenly.
+        // One counter for all workers, so that servers and rooms are used evenly.
         let n = seq.fetch_add(1, Ordering::Relaxed);
-        let room = format!("chat:churn-{}", n % rooms);
-        let t0 = Instant::now();
-        let client = match dialer.connect(n as usize, &token).await {
-            Ok((client, _connected)) => client,
-            Err(e) => {
-                out.errors.add("connect", &e);
-                tokio::time::sleep(ERROR_BACKOFF).await;
+        let times = match cycle.run(n, w).await {
+            Ok(times) => times,
+            Err(failed) => {
+                failed.count(&mut out.errors);
+                if failed.stage == "connect" {
+                    tokio::time::sleep(ERROR_BACKOFF).await;
+                }
                 continue;
             }
         };
-        let t1 = Instant::now();
-        out.connect.record(t1 - t0);
-        let joined = match client.request(json!({"op": "join", "room": room})).await {
-            Ok(reply) if reply["op"] == "ok" => {
-                out.join.record(t1.elapsed());
-                true
-            }
-            Ok(reply) => {
-                out.errors.add_reply("join", &reply);
-                false
-            }
-            Err(e) => {
-                out.errors.add("join", &e);
-                false
-            }
-        };
-        let t2 = Instant::now();
-        if let Err(e) = client.close().await {
-            out.errors.add("close", &e);
-            continue;
-        }
-        out.close.record(t2.elapsed());
-        if !joined {
-            continue;
-        }
-        let done = Instant::now();
-        out.cycle.record(done - t0);
+        out.connect.record(times.connect);
+        out.join.record(times.join);
+        out.leave.record(times.leave);
+        out.close.record(times.close);
+        out.cycle
+            .record(times.connect + times.join + times.leave + times.close);
         out.cycles += 1;
         if !stop.load(Ordering::Relaxed) {
             out.in_window += 1;
         }
-        let second = (done - start).as_secs() as usize;
+        let second = start.elapsed().as_secs() as usize;
         if out.per_second.len() <= second {
             out.per_second.resize(second + 1, 0);
         }

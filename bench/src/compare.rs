@@ -62,6 +62,9 @@ pub fn median(values: &[f64]) -> Option<f64> {
 /// One section per step found in both reports: each figure for Herald,
 /// for Socket.IO, and Herald / Socket.IO.
 pub fn ratios(herald: &Report, socketio: &Report) -> Report {
+    if let Some(figures) = figures_of(&herald.scenario) {
+        return ratios_of(herald, socketio, figures);
+    }
     let mut out = Report::new(
         &herald.scenario,
         "herald vs socketio",
@@ -217,6 +220,96 @@ fn add_cpu_per_delivery(out: &mut Report, herald: &Report, socketio: &Report) {
     out.section("cpu_per_delivery", section);
 }
 
+/// `churn`: cycles per second (the bar: Herald ≥ 3× Socket.IO) and the
+/// server CPU per cycle, system and broker together (the bar: ≤ 0.3×).
+const CHURN: &[(&str, Option<&str>)] = &[
+    ("connects_per_sec", None),
+    ("server_cpu_us_per_cycle", None),
+    ("herald_cpu_us_per_cycle", None),
+    ("nats_cpu_us_per_cycle", None),
+    ("connect_ms", Some("p50")),
+    ("connect_ms", Some("p99")),
+    ("cycle_ms", Some("p50")),
+    ("cycle_ms", Some("p99")),
+    ("errors", None),
+];
+
+/// `reconnect-storm`: the time until every client has rejoined (the bar:
+/// Herald ≤ 0.3× Socket.IO), per client, clients lost, server CPU per
+/// reconnect, and messages the durable rooms' members missed.
+const STORM: &[(&str, Option<&str>)] = &[
+    ("all_rejoined_ms", None),
+    ("rejoin_ms", Some("p50")),
+    ("rejoin_ms", Some("p99")),
+    ("rejoin_ms", Some("max")),
+    ("lost", None),
+    ("reconnects_per_sec", None),
+    ("server_cpu_us_per_reconnect", None),
+    ("herald_cpu_us_per_reconnect", None),
+    ("nats_cpu_us_per_reconnect", None),
+    ("missing", None),
+    ("duplicates", None),
+    ("clients_with_gaps", None),
+];
+
+/// The figures compared for scenarios whose sections are not `idle`'s or
+/// `fanout`'s steps.
+fn figures_of(scenario: &str) -> Option<&'static [(&'static str, Option<&'static str>)]> {
+    match scenario {
+        "churn" => Some(CHURN),
+        "reconnect-storm" => Some(STORM),
+        _ => None,
+    }
+}
+
+/// [`ratios`] over `figures`: one section per section name found in both
+/// reports, with each figure that both have.
+fn ratios_of(herald: &Report, socketio: &Report, figures: &[(&str, Option<&str>)]) -> Report {
+    let mut out = Report::new(
+        &herald.scenario,
+        "herald vs socketio",
+        format!(
+            "Herald ({}) and Socket.IO ({}), same clients and options, one after the other",
+            herald.target, socketio.target
+        ),
+        json!({}),
+    );
+    for (name, h) in &herald.results {
+        let Some((_, s)) = socketio.results.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let mut section = Section::new();
+        let mut compared = 0;
+        for (key, field) in figures {
+            let (Some(hv), Some(sv)) = (figure(h, key, *field), figure(s, key, *field)) else {
+                continue;
+            };
+            let label = match field {
+                Some(f) => format!("{key}.{f}"),
+                None => (*key).to_owned(),
+            };
+            let ratio = if sv != 0.0 {
+                Value::from(crate::report::round3(hv / sv))
+            } else {
+                Value::Null
+            };
+            section = section.put(
+                &label,
+                json!({"herald": hv, "socketio": sv, "herald_over_socketio": ratio}),
+            );
+            compared += 1;
+        }
+        if compared > 0 {
+            out.section(name, section);
+        }
+    }
+    if out.results.is_empty() {
+        out.notes
+            .push("no section is in both reports: nothing to compare".into());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +378,39 @@ mod tests {
         assert_eq!(step_rate("rate_20_run3"), Some("20"));
         assert_eq!(step_rate("rate_2_5_run2"), Some("2_5"));
         assert_eq!(step_rate("median_20"), None);
+    }
+
+    #[test]
+    fn churn_compares_cycles_per_second_and_cpu_per_cycle() {
+        let churn = |target: &str, rate: f64, cpu: f64| {
+            let mut r = Report::new("churn", target, String::new(), json!({}));
+            r.section(
+                "churn",
+                Section::new()
+                    .put("connects_per_sec", rate)
+                    .put("server_cpu_us_per_cycle", cpu)
+                    .put("nats_cpu_us_per_cycle", Value::Null),
+            );
+            r
+        };
+        let c = ratios(
+            &churn("cluster", 3000.0, 300.0),
+            &churn("socketio", 1000.0, 600.0),
+        );
+        let section = &c.results[0].1;
+        assert_eq!(c.results[0].0, "churn");
+        assert_eq!(
+            section.get("connects_per_sec").unwrap()["herald_over_socketio"],
+            3.0
+        );
+        assert_eq!(
+            section.get("server_cpu_us_per_cycle").unwrap()["herald_over_socketio"],
+            0.5
+        );
+        assert!(
+            section.get("nats_cpu_us_per_cycle").is_none(),
+            "a figure one side lacks is left out"
+        );
     }
 
     #[test]

@@ -699,7 +699,7 @@ impl<'a> SocketioSide<'a> {
             .map(|g| {
                 let url = urls[g % urls.len()].clone();
                 let auth = json!({
-                    "user": format!("fan-{g}"),
+                    "token": peer.sio.token(&format!("fan-{g}")),
                     "rooms": format!("fan:room-{}", g / args.members),
                 });
                 let source = sources[g % sources.len()];

@@ -259,7 +259,7 @@ pub async fn run_socketio(args: &IdleArgs, common: &CommonArgs, peer: &Peer) -> 
     }
     let sources = common.source_ips();
     let open = async |range, errors: &mut Errors| {
-        open_sio(&url, &sources, range, args.concurrency, errors).await
+        open_sio(&peer.sio, &url, &sources, range, args.concurrency, errors).await
     };
     let measured = measure(
         args,
@@ -280,10 +280,11 @@ pub async fn run_socketio(args: &IdleArgs, common: &CommonArgs, peer: &Peer) -> 
 /// subscriptions of a kind) that are no connection's.
 const WARMUP: usize = 100;
 
-/// Opens Socket.IO connections `range` (user `idle-<i>`) to `url`, each from
-/// the next source address, `concurrency` at a time, each with one acked
-/// round trip.
+/// Opens Socket.IO connections `range` (user `idle-<i>`, with a token of
+/// `sio`'s) to `url`, each from the next source address, `concurrency` at a
+/// time, each with one acked round trip.
 async fn open_sio(
+    sio: &crate::socketio::SocketIoPeer,
     url: &str,
     sources: &[std::net::IpAddr],
     range: std::ops::Range<usize>,
@@ -291,7 +292,7 @@ async fn open_sio(
     errors: &mut Errors,
 ) -> Vec<SioClient> {
     let connect = |i| {
-        let auth = json!({ "user": format!("idle-{i}") });
+        let auth = json!({ "token": sio.token(&format!("idle-{i}")) });
         let source = sources[i % sources.len()];
         async move {
             let client = SioClient::connect(url, &auth, Some(source), ignore_events())

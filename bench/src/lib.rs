@@ -9,10 +9,10 @@
 //! nanoseconds from `/proc/<pid>/task/*/schedstat`, RSS from
 //! `/proc/<pid>/status` (`src/procfs.rs`).
 //!
-//! `--target socketio` runs `idle` and `fanout` against the comparison
-//! peer instead (Socket.IO 4 servers with the Redis adapter, see
-//! `src/socketio.rs` and `peers/socketio/README.md`), reporting the same
-//! keys; the other scenarios refuse it.
+//! `--target socketio` runs `idle`, `fanout`, `churn` and `reconnect-storm`
+//! against the comparison peer instead (Socket.IO 4 servers with the Redis
+//! adapter, see `src/socketio.rs` and `peers/socketio/README.md`),
+//! reporting the same keys; `chat` refuses it.
 //!
 //! Scenarios: `churn` (presence churn), `presence-memory` (the presence
 //! view's memory per connection), `idle` (the memory per idle connection
@@ -20,7 +20,9 @@
 //! the same clients), `fanout` (gRPC publish → delivered to many members,
 //! latency and CPU per delivery, optionally as a ratio to the floor),
 //! `chat` (many small rooms whose members publish through their own
-//! connections: delivered/s, loss, latency, CPU per delivery). Each
+//! connections: delivered/s, loss, latency, CPU per delivery),
+//! `reconnect-storm` (one edge of many clients killed: time until all have
+//! reconnected elsewhere and recovered their durable rooms). Each
 //! is a module with a clap `Args` struct and a `run` that returns a
 //! `report::Report`.
 //!
@@ -43,6 +45,7 @@ mod procfs;
 mod report;
 mod scenario;
 pub mod socketio;
+mod storm;
 mod target;
 
 pub use scenario::{Scenario, run};

@@ -1,10 +1,15 @@
-//! Opening client connections for load: edges and source addresses in turn.
+//! Opening client connections for load: edges and source addresses in turn;
+//! requests whose answer must be `ok`, and how they failed.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use herald_client::{Client, ClientError, Frame, Tap};
+use serde_json::{Value, json};
+
+use crate::report::Errors;
+use crate::socketio::{self, SioClient};
 
 /// How long a worker pauses after a failed connect before it tries again,
 /// so that a refusing server is not hammered in a tight loop.
@@ -49,6 +54,12 @@ impl Dialer {
         Client::connect_tapped(self.url(edge), token, Some(self.source()), tap).await
     }
 
+    /// The URL of edge `edge % edges` and the next source address: for
+    /// clients of other protocols (the Socket.IO peer's), dialled the same way.
+    pub fn endpoint(&self, edge: usize) -> (&str, IpAddr) {
+        (self.url(edge), self.source())
+    }
+
     fn url(&self, edge: usize) -> &str {
         &self.urls[edge % self.urls.len()]
     }
@@ -57,5 +68,61 @@ impl Dialer {
     fn source(&self) -> IpAddr {
         let i = self.next_source.fetch_add(1, Ordering::Relaxed);
         self.sources[i % self.sources.len()]
+    }
+}
+
+/// Where a sequence of requests (connect, join, ...) failed, and why.
+pub struct Failed {
+    pub stage: &'static str,
+    pub why: Why,
+}
+
+pub enum Why {
+    Client(ClientError),
+    /// An answer other than `ok` (Herald's `error` frame, a Socket.IO ack
+    /// without `ok: true`).
+    Reply(Value),
+}
+
+impl Failed {
+    pub fn client(stage: &'static str) -> impl FnOnce(ClientError) -> Failed {
+        move |e| Failed {
+            stage,
+            why: Why::Client(e),
+        }
+    }
+
+    pub fn count(&self, errors: &mut Errors) {
+        match &self.why {
+            Why::Client(e) => errors.add(self.stage, e),
+            Why::Reply(reply) => errors.add_reply(self.stage, reply),
+        }
+    }
+}
+
+/// `req`'s reply, unless it is not `ok`.
+pub async fn request_ok(client: &Client, stage: &'static str, req: Value) -> Result<(), Failed> {
+    match client.request(req).await {
+        Ok(reply) if reply["op"] == "ok" => Ok(()),
+        Ok(reply) => Err(Failed {
+            stage,
+            why: Why::Reply(reply),
+        }),
+        Err(e) => Err(Failed::client(stage)(e)),
+    }
+}
+
+/// Emits `event` (`join` or `leave`) for `room` and checks the peer's ack.
+pub async fn sio_ack(client: &SioClient, event: &'static str, room: &str) -> Result<(), Failed> {
+    let ack = client
+        .emit_with_ack(event, &[json!(room)], socketio::DEFAULT_TIMEOUT)
+        .await
+        .map_err(Failed::client(event))?;
+    match ack.first() {
+        Some(reply) if reply["ok"] == true => Ok(()),
+        _ => Err(Failed {
+            stage: event,
+            why: Why::Reply(json!({ "code": "unexpected ack", "ack": ack })),
+        }),
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Subcommand;
 
 use crate::target::{CommonArgs, Target, TargetKind};
-use crate::{chat, churn, compare, fanout, floor, idle, peer, presence_memory, report};
+use crate::{chat, churn, compare, fanout, floor, idle, peer, presence_memory, report, storm};
 
 /// What to run: the subcommands of `herald-bench`.
 #[derive(Subcommand, Debug)]
@@ -55,6 +55,15 @@ pub enum Scenario {
         #[command(flatten)]
         args: chat::ChatArgs,
     },
+    /// N clients on one edge (or Socket.IO server) that is killed: time until
+    /// every client has reconnected elsewhere and rejoined its rooms (durable
+    /// rooms recovered exactly), clients lost, server CPU per reconnect.
+    ReconnectStorm {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: storm::StormArgs,
+    },
     /// The writer child of `floor` (internal).
     #[command(hide = true)]
     FloorWriter {
@@ -69,6 +78,18 @@ enum Against {
     Idle(idle::IdleArgs),
     Fanout(fanout::FanoutArgs),
     Chat(chat::ChatArgs),
+    Storm(storm::StormArgs),
+}
+
+impl Against {
+    /// The Herald configuration the scenario needs (`None`: every namespace
+    /// open and ephemeral).
+    fn herald_config(&self) -> Option<String> {
+        match self {
+            Against::Storm(a) => Some(a.herald_config()),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the scenario; `Ok(false)` when the report lists failures.
@@ -83,6 +104,7 @@ pub fn run(scenario: Scenario) -> Result<bool> {
         Scenario::Idle { common, args } => (common, Against::Idle(args)),
         Scenario::Fanout { common, args } => (common, Against::Fanout(args)),
         Scenario::Chat { common, args } => (common, Against::Chat(args)),
+        Scenario::ReconnectStorm { common, args } => (common, Against::Storm(args)),
         Scenario::PresenceMemory { args } => return presence_memory::run(&args),
         Scenario::FloorWriter { args } => return floor::writer_main(&args).map(|()| true),
         Scenario::Floor { args } => {
@@ -111,13 +133,14 @@ fn herald_report(
     args: &Against,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<report::Report> {
-    let mut target = Target::start(common)?;
+    let mut target = Target::start_with(common, args.herald_config().as_deref())?;
     let mut report = runtime.block_on(async {
         match args {
             Against::Churn(a) => churn::run(a, common, &target).await,
             Against::Idle(a) => idle::run(a, common, &target).await,
             Against::Fanout(a) => fanout::run(a, common, &target).await,
             Against::Chat(a) => chat::run(a, common, &target).await,
+            Against::Storm(a) => storm::run(a, common, &mut target).await,
         }
     })?;
     finish(&mut report, &mut target);
@@ -126,16 +149,15 @@ fn herald_report(
 
 fn socketio_only(args: &Against) -> Result<()> {
     match args {
-        Against::Churn(_) => anyhow::bail!("Socket.IO runs `idle` and `fanout` only"),
         Against::Chat(_) => anyhow::bail!(
             "chat runs against Herald only (--target cluster or --target dev); \
-             Socket.IO runs `idle` and `fanout` only"
+             Socket.IO runs `idle`, `fanout`, `churn` and `reconnect-storm`"
         ),
-        Against::Idle(_) | Against::Fanout(_) => Ok(()),
+        Against::Idle(_) | Against::Fanout(_) | Against::Churn(_) | Against::Storm(_) => Ok(()),
     }
 }
 
-/// `idle` and `fanout` against the Socket.IO peer.
+/// `idle`, `fanout`, `churn` and `reconnect-storm` against the Socket.IO peer.
 fn socketio_report(
     common: &CommonArgs,
     args: &Against,
@@ -147,7 +169,9 @@ fn socketio_report(
         match args {
             Against::Idle(a) => idle::run_socketio(a, common, &peer).await,
             Against::Fanout(a) => fanout::run_socketio(a, common, &peer).await,
-            Against::Churn(_) | Against::Chat(_) => unreachable!("refused above"),
+            Against::Churn(a) => churn::run_socketio(a, common, &peer).await,
+            Against::Storm(a) => storm::run_socketio(a, common, &mut peer).await,
+            Against::Chat(_) => unreachable!("refused above"),
         }
     })?;
     finish_peer(&mut report, &mut peer);
@@ -178,7 +202,8 @@ fn fanout_side_by_side(
     args: &fanout::FanoutArgs,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<(report::Report, report::Report)> {
-    let mut target = Target::start(common)?;
+    // Fan-out rooms are open and ephemeral: no configuration.
+    let mut target = Target::start_with(common, None)?;
     let sio_common = socketio_common(common);
     let mut peer = peer::Peer::start(&sio_common)?;
     let (mut herald, mut socketio) =
@@ -189,9 +214,9 @@ fn fanout_side_by_side(
 }
 
 /// `--vs-socketio`: Herald and Socket.IO, both tables, then the ratios.
-/// `fanout` alternates the two round by round; `idle` runs Herald, then
+/// `fanout` alternates the two round by round; the others run Herald, then
 /// Socket.IO (one after the other, so that neither's connections weigh on
-/// the other's memory figures).
+/// the other's memory figures, nor its clients on the other's churn).
 fn run_side_by_side(
     common: &CommonArgs,
     args: &Against,

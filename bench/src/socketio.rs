@@ -17,7 +17,7 @@
 //!
 //! ```text
 //! server: 0{"sid":..,"pingInterval":..}    Engine.IO open
-//! client: 40{"user":"u1","rooms":"a,b"}    Socket.IO CONNECT with auth
+//! client: 40{"token":"<jwt>","rooms":"a,b"} Socket.IO CONNECT with auth
 //! server: 40{"sid":".."}                   connected (44{"message":..}: refused)
 //! server: 2            client: 3           heartbeat (the server pings)
 //! server: 42["msg",{..}]                   event → the client's callback
@@ -43,7 +43,7 @@ use herald_client::transport::{
 use herald_client::{ClientError, Tap};
 use herald_test_support::{ChildProcess, die_with_parent};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How long the Socket.IO handshake (Engine.IO open, then CONNECT) and an
 /// ack may take; the same as `herald_client::DEFAULT_TIMEOUT`.
@@ -134,6 +134,9 @@ struct Shared {
     close: Mutex<Option<CloseInfo>>,
     /// The first thing the server sent that this client does not understand.
     violation: Mutex<Option<String>>,
+    /// Set by the reader when it stops, after `close`: what
+    /// [`SioClient::closed`] waits for.
+    ended: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -174,8 +177,9 @@ impl std::fmt::Debug for SioClient {
 impl SioClient {
     /// Opens `url` (see [`engine_url`]) from `local_ip` (port chosen by the
     /// OS), waits for the Engine.IO open packet, sends the Socket.IO CONNECT
-    /// packet with `auth` as its payload (e.g. `{"user":"u1","rooms":"a,b"}`;
-    /// the peer's server joins the connection to `rooms` before it answers)
+    /// packet with `auth` as its payload (e.g. `{"token":"<jwt>","rooms":"a,b"}`,
+    /// the token from [`SocketIoPeer::token`]; the peer's server joins the
+    /// connection to `rooms` before it answers)
     /// and waits for the answer. Every event the server sends from then on
     /// goes to `on_event`.
     pub async fn connect(
@@ -263,6 +267,18 @@ impl SioClient {
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         lock(&self.shared.close).is_some()
+    }
+
+    /// Waits until the connection has ended (the server closed it, or the
+    /// socket was lost), and returns how.
+    pub async fn closed(&self) -> CloseInfo {
+        let mut ended = self.shared.ended.subscribe();
+        // The sender lives in `shared`, which `self` holds: never dropped here.
+        let _ = ended.wait_for(|ended| *ended).await;
+        lock(&self.shared.close).clone().unwrap_or(CloseInfo {
+            code: None,
+            reason: "the reader stopped unexpectedly".into(),
+        })
     }
 
     /// The first packet the server sent that this client could not handle
@@ -365,6 +381,7 @@ impl SioClient {
             acks: Waiters::default(),
             close: Mutex::new(None),
             violation: Mutex::new(None),
+            ended: watch::Sender::new(false),
         });
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let reading = shared.clone();
@@ -447,6 +464,7 @@ async fn read_loop(
     .await;
     *lock(&shared.close) = Some(info);
     shared.acks.close();
+    shared.ended.send_replace(true);
 }
 
 /// One Socket.IO packet (the Engine.IO message's data): type digit, optional
@@ -768,6 +786,9 @@ pub struct SocketIoPeer {
     /// The adapter's channel prefix, unique to this peer so that runs sharing
     /// a Redis do not receive each other's messages.
     key: String,
+    /// The HS256 secret the servers verify connect tokens with
+    /// ([`SocketIoPeer::token`]), as Herald's edges do.
+    secret: String,
     dir: tempfile::TempDir,
 }
 
@@ -803,11 +824,13 @@ impl SocketIoPeer {
             PEERS.fetch_add(1, Ordering::Relaxed),
             unix_us()
         );
+        let secret = format!("{key}-secret");
         let mut peer = SocketIoPeer {
             servers: Vec::new(),
             addrs: Vec::new(),
             redis_url: redis_url.to_owned(),
             key,
+            secret,
             dir,
         };
         for i in 0..servers {
@@ -819,6 +842,7 @@ impl SocketIoPeer {
                 .env("HOST", addr.ip().to_string())
                 .env("REDIS_URL", redis_url)
                 .env("SIO_KEY", &peer.key)
+                .env("JWT_SECRET", &peer.secret)
                 .env_remove("NODE_OPTIONS")
                 .env_remove("DEBUG")
                 .envs(env.iter().copied());
@@ -836,6 +860,64 @@ impl SocketIoPeer {
     /// The servers' listening addresses.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// An HS256 token for user `sub`, valid for a day, for a CONNECT's
+    /// `auth.token`: minted as Herald's bench mints its tokens.
+    pub fn token(&self, sub: &str) -> String {
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 86_400;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({ "sub": sub, "exp": exp }),
+            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
+        )
+        .expect("HS256 signing cannot fail")
+    }
+
+    /// `kill -9` of server `i`: its clients see their sockets drop, with no
+    /// goodbye. It no longer counts as exited in [`SocketIoPeer::exited`].
+    pub fn kill_server(&mut self, i: usize) -> Result<()> {
+        let server = self
+            .servers
+            .get_mut(i)
+            .with_context(|| format!("there is no Socket.IO server {i}"))?;
+        server.kill();
+        Ok(())
+    }
+
+    /// Starts `publisher.js`: `rate` messages a second to `rooms` in turn
+    /// through the Redis emitter, until [`Publisher::stop`]; returns once it
+    /// is connected to Redis.
+    pub async fn start_publisher(&self, rooms: &[String], rate: f64) -> Result<Publisher> {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut cmd = Command::new(node_bin());
+        cmd.arg(peer_dir().join("publisher.js"))
+            .args(["--rooms", &rooms.join(",")])
+            .args(["--rate", &rate.to_string()])
+            .current_dir(peer_dir())
+            .env("REDIS_URL", &self.redis_url)
+            .env("SIO_KEY", &self.key)
+            .env_remove("NODE_OPTIONS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        die_with_parent(&mut cmd);
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .context("could not run publisher.js")?;
+        let stdout = child.stdout.take().context("publisher.js has no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(READY_TIMEOUT, lines.next_line())
+            .await
+            .context("publisher.js did not start publishing in time")??;
+        if first.as_deref() != Some("publishing") {
+            bail!("publisher.js did not start: it printed {first:?}");
+        }
+        Ok(Publisher { child, lines })
     }
 
     /// The servers' Engine.IO WebSocket URLs, for [`SioClient::connect`].
@@ -942,8 +1024,56 @@ impl SocketIoPeer {
     }
 }
 
-/// `npm install --no-audit --no-fund` in [`peer_dir`] unless a finished
-/// install is marked there (package-lock.json pins every version).
+/// A running `publisher.js` ([`SocketIoPeer::start_publisher`]).
+pub struct Publisher {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// What a `publisher.js` run sent.
+#[derive(Debug, Clone)]
+pub struct PublisherReport {
+    /// Messages sent to each room: seq `0..n` of that room.
+    pub sent: std::collections::BTreeMap<String, u64>,
+    pub elapsed: Duration,
+    /// The publisher's own CPU time, user and system seconds.
+    pub cpu_s: f64,
+}
+
+impl Publisher {
+    /// Closes its stdin (it stops after the message in progress), waits for
+    /// it to write out every message and exit, and returns what it sent.
+    pub async fn stop(mut self) -> Result<PublisherReport> {
+        drop(self.child.stdin.take());
+        let mut summary = None;
+        while let Some(line) = self.lines.next_line().await? {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                summary = Some(v);
+            }
+        }
+        let status = self.child.wait().await?;
+        if !status.success() {
+            bail!("publisher.js failed ({status})");
+        }
+        let summary = summary.context("publisher.js printed no summary")?;
+        let sent = summary["sent"]
+            .as_object()
+            .context("no `sent` in publisher.js's summary")?
+            .iter()
+            .map(|(room, n)| (room.clone(), n.as_u64().unwrap_or(0)))
+            .collect();
+        let f = |k: &str| summary[k].as_f64().unwrap_or(0.0);
+        Ok(PublisherReport {
+            sent,
+            elapsed: Duration::from_secs_f64(f("elapsed_s").max(0.0)),
+            cpu_s: f("cpu_user_s") + f("cpu_system_s"),
+        })
+    }
+}
+
+/// `npm install --no-audit --no-fund` in [`peer_dir`] unless an install of
+/// the same package-lock.json (which pins every version) is marked there as
+/// finished.
 fn npm_install() -> Result<()> {
     // Benches started by concurrent tests are separate processes: a file
     // lock keeps them from installing at once, and the marker (written only
@@ -960,7 +1090,15 @@ fn npm_install() -> Result<()> {
         .lock()
         .with_context(|| format!("could not lock {}", lock_path.display()))?;
     let marker = dir.join("node_modules/.herald-install-done");
-    if marker.is_file() {
+    let lock = std::fs::read(dir.join("package-lock.json"))
+        .with_context(|| format!("could not read {}/package-lock.json", dir.display()))?;
+    // A tree installed from an older lock (before a package was added)
+    // is installed again.
+    let done = format!("npm install finished: package-lock.json {:x}\n", {
+        use sha1::Digest as _;
+        sha1::Sha1::digest(&lock)
+    });
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == done) {
         return Ok(());
     }
     let npm = std::env::var_os("NPM").map_or_else(|| "npm".into(), PathBuf::from);
@@ -979,7 +1117,7 @@ fn npm_install() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    std::fs::write(&marker, "npm install finished\n")
+    std::fs::write(&marker, done)
         .with_context(|| format!("could not write {}", marker.display()))?;
     Ok(())
 }
@@ -1021,6 +1159,7 @@ mod tests {
             acks: Waiters::default(),
             close: Mutex::new(None),
             violation: Mutex::new(None),
+            ended: watch::Sender::new(false),
         };
         let (control, mut control_rx) = mpsc::unbounded_channel();
         let (on_event, mut events) = event_channel();

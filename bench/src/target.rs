@@ -24,7 +24,7 @@ pub enum TargetKind {
     /// One `herald dev` process (in-memory broker).
     Dev,
     /// The comparison peer: `--edges` Socket.IO 4 servers (Node) joined by
-    /// the Redis adapter at `--redis-url` (`idle` and `fanout` only).
+    /// the Redis adapter (`idle`, `fanout`, `churn`, `reconnect-storm`).
     Socketio,
 }
 
@@ -76,10 +76,10 @@ pub struct CommonArgs {
     /// Keep the processes' logs (their folder is printed) instead of deleting them.
     #[arg(long)]
     pub keep_logs: bool,
-    /// `idle` and `fanout`: run the same scenario against Herald (`--target`)
-    /// and then against Socket.IO (same clients, same options), and print
-    /// both with the ratios Herald / Socket.IO. `--json` then holds
-    /// `{herald, socketio, compare}`.
+    /// `idle`, `fanout`, `churn`, `reconnect-storm`: run the same scenario
+    /// against Herald (`--target`) and then against Socket.IO (same clients,
+    /// same options), and print both with the ratios Herald / Socket.IO.
+    /// `--json` then holds `{herald, socketio, compare}`.
     #[arg(long)]
     pub vs_socketio: bool,
     /// An extra argument for every `herald edge` of the cluster, e.g.
@@ -154,7 +154,11 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn start(args: &CommonArgs) -> Result<Target> {
+    /// Starts what `args` asks for; `config` (TOML: namespace policies) is
+    /// given to every Herald process as `--config`, for scenarios that need
+    /// namespaces of their own (durable rooms); without it every namespace
+    /// is open and ephemeral.
+    pub fn start_with(args: &CommonArgs, config: Option<&str>) -> Result<Target> {
         let herald_bin = match &args.herald {
             Some(p) => p.clone(),
             None => find_herald()?,
@@ -171,6 +175,12 @@ impl Target {
         let mut herald_args = args.herald_args.clone();
         if let Some(sink) = &otlp_sink {
             herald_args.push(format!("--otlp-endpoint=http://{}", sink.addr));
+        }
+        if let Some(config) = config {
+            let path = dir.path().join("herald.toml");
+            std::fs::write(&path, config)
+                .with_context(|| format!("could not write {}", path.display()))?;
+            herald_args.push(format!("--config={}", path.display()));
         }
         let mut target = Target {
             kind: args.target,
@@ -385,6 +395,24 @@ impl Target {
             .iter()
             .find(|p| p.process.name() == name)
             .map(|p| p.process.pid())
+    }
+
+    /// `kill -9` of edge `i` of a cluster: its clients see their sockets
+    /// drop with no goodbye, as when a machine dies. Returns its pid; it no
+    /// longer counts as exited in [`Target::exited`].
+    pub fn kill_edge(&mut self, i: usize) -> Result<u32> {
+        if self.kind != TargetKind::Cluster {
+            bail!("only an edge of a cluster can be killed (--target cluster)");
+        }
+        let name = format!("edge-{i}");
+        let proc = self
+            .procs
+            .iter_mut()
+            .find(|p| p.process.name() == name)
+            .with_context(|| format!("the cluster has no {name}"))?;
+        let pid = proc.process.pid();
+        proc.process.kill();
+        Ok(pid)
     }
 
     /// nats-server's monitoring answer to `path` (e.g. `/varz`), parsed;

@@ -52,12 +52,16 @@ fn churn_against_herald_dev_reports_table_and_json() {
     assert!(churn["errors"].as_u64().is_some());
     assert!(churn["error_kinds"].is_object());
     assert!(churn["per_second"].is_array());
-    for key in ["connect_ms", "join_ms", "close_ms", "cycle_ms"] {
+    for key in ["connect_ms", "join_ms", "leave_ms", "close_ms", "cycle_ms"] {
         assert!(
             churn[key]["count"].as_u64() >= Some(cycles),
             "{key}: {churn}"
         );
     }
+    assert!(
+        number(&churn["server_cpu_us_per_cycle"], "server_cpu_us_per_cycle") > 0.0,
+        "{churn}"
+    );
 
     let settle = &report["results"]["presence_settle"];
     assert!(settle["stale_conns_at_end"].as_u64().is_some(), "{settle}");
@@ -725,6 +729,188 @@ fn fanout_against_socketio_reports_the_same_keys() {
         assert!(cpu["processes"]["socketio-0"].is_number(), "{cpu}");
         assert!(cpu["processes"]["socketio-1"].is_number(), "{cpu}");
     }
+}
+
+/// Churn against Socket.IO: the same connect (with a token the servers
+/// verify) → join → leave → close cycles, the same keys, and with
+/// `--vs-socketio` the ratios of cycles per second and CPU per cycle.
+#[test]
+fn churn_against_socketio_runs_the_same_cycles_side_by_side() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "churn",
+        "--vs-socketio",
+        "--target",
+        "dev",
+        "--edges",
+        "2",
+        "--redis-url",
+        &url,
+        "--workers",
+        "2",
+        "--rooms",
+        "4",
+        "--duration",
+        "1s",
+        "--samples",
+        "0",
+    ]);
+    let side = &report["socketio"];
+    assert_eq!(side["target"], "socketio");
+    let churn = &side["results"]["churn"];
+    let cycles = churn["cycles"].as_u64().expect("cycles");
+    assert!(cycles > 0, "{churn}");
+    assert_eq!(churn["errors"], 0, "{churn}");
+    for key in ["connect_ms", "join_ms", "leave_ms", "close_ms", "cycle_ms"] {
+        assert!(
+            churn[key]["count"].as_u64() >= Some(cycles),
+            "{key}: {churn}"
+        );
+    }
+    // Both servers took cycles: each used CPU for them.
+    for server in ["socketio-0", "socketio-1"] {
+        positive(&churn["processes_cpu_us_per_cycle"][server], server);
+    }
+    let socketio_cpu = positive(&churn["server_cpu_us_per_cycle"], "server CPU per cycle");
+    assert!(
+        side["results"].get("presence_settle").is_none(),
+        "Socket.IO has no presence to settle"
+    );
+
+    let compare = &report["compare"]["results"]["churn"];
+    let rate = &compare["connects_per_sec"];
+    let (h, s) = (
+        positive(&rate["herald"], "herald cycles/s"),
+        positive(&rate["socketio"], "socketio cycles/s"),
+    );
+    let ratio = number(&rate["herald_over_socketio"], "ratio");
+    assert!((ratio - h / s).abs() < 0.01, "{rate}");
+    let cpu = &compare["server_cpu_us_per_cycle"];
+    assert_eq!(number(&cpu["socketio"], "socketio"), socketio_cpu, "{cpu}");
+    positive(&cpu["herald_over_socketio"], "CPU ratio");
+}
+
+/// The `storm` and `durable` sections of a reconnect storm of `clients`
+/// clients in which nobody was lost.
+fn assert_everyone_rejoined(report: &Value, clients: u64) {
+    let setup = &report["results"]["setup"];
+    assert_eq!(setup["connected"], clients, "{setup}");
+    let storm = &report["results"]["storm"];
+    assert_eq!(storm["clients"], clients, "{storm}");
+    assert_eq!(storm["rejoined"], clients, "{storm}");
+    assert_eq!(storm["lost"], 0, "{storm}");
+    assert_eq!(storm["closed_before_kill"], 0, "{storm}");
+    assert_latency(&storm["noticed_ms"], "noticed_ms", clients);
+    assert_latency(&storm["rejoin_ms"], "rejoin_ms", clients);
+    // Every client rejoined by the time the last one did.
+    let all = positive(&storm["all_rejoined_ms"], "all_rejoined_ms");
+    assert!(
+        all >= number(&storm["rejoin_ms"]["max"], "max") * 0.99,
+        "{storm}"
+    );
+    positive(&storm["server_cpu_us_per_reconnect"], "CPU per reconnect");
+    let durable = &report["results"]["durable"];
+    assert!(positive(&durable["published"], "published") > 0.0);
+    assert_eq!(durable["publish_errors"], 0, "{durable}");
+    assert_eq!(durable["clients_without_last_message"], 0, "{durable}");
+}
+
+/// 200 clients on edge 0 of a 3-edge cluster, edge 0 killed: every client
+/// rejoins on edge 1 or 2, and its durable room's log holds every message
+/// published to the room, once and in order, those published while it was
+/// away replayed from `since`.
+#[test]
+fn reconnect_storm_against_a_cluster_recovers_every_durable_room_exactly() {
+    let report = run_json(&[
+        "reconnect-storm",
+        "--target",
+        "cluster",
+        "--edges",
+        "3",
+        "--clients",
+        "200",
+        "--chat-rooms",
+        "10",
+        "--durable-rooms",
+        "4",
+        "--publish-rate",
+        "40",
+        "--before",
+        "500ms",
+        "--after",
+        "500ms",
+        "--backoff-base",
+        "1s",
+    ]);
+    assert_everyone_rejoined(&report, 200);
+    let durable = &report["results"]["durable"];
+    assert_eq!(durable["clients_exact"], 200, "{durable}");
+    assert_eq!(durable["clients_with_gaps"], 0, "{durable}");
+    for key in ["missing", "duplicates", "out_of_order", "unexpected"] {
+        assert_eq!(durable[key], 0, "{key}: {durable}");
+    }
+    assert_eq!(durable["rejoins_not_recovered"], 0, "{durable}");
+    // Every client gets each message of its room: 50 clients a room.
+    let published = durable["published"].as_u64().unwrap();
+    assert_eq!(durable["messages_expected"].as_u64(), Some(published * 50));
+    assert_eq!(durable["messages_received"], durable["messages_expected"]);
+    // Clients were away up to a second while 10 messages a second went to
+    // each room: recovery was exercised, not just live delivery.
+    assert!(
+        durable["messages_replayed"].as_u64() > Some(0),
+        "nothing was replayed: {durable}"
+    );
+    // The survivors and the backends did the work; the victim is gone.
+    let cpu = &report["cpu"]["kill to last rejoin"]["processes"];
+    for p in ["edge-1", "edge-2", "nats-server", "presence", "router"] {
+        assert!(cpu[p].is_number(), "{p}: {cpu}");
+    }
+    assert!(cpu.get("edge-0").is_none(), "{cpu}");
+}
+
+/// The same storm against Socket.IO: everyone rejoins; what they missed is
+/// counted (the Redis adapter keeps nothing), never duplicated.
+#[test]
+fn reconnect_storm_against_socketio_counts_what_clients_missed() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "reconnect-storm",
+        "--target",
+        "socketio",
+        "--edges",
+        "2",
+        "--redis-url",
+        &url,
+        "--clients",
+        "100",
+        "--chat-rooms",
+        "5",
+        "--durable-rooms",
+        "2",
+        "--publish-rate",
+        "20",
+        "--before",
+        "500ms",
+        "--after",
+        "500ms",
+    ]);
+    assert_everyone_rejoined(&report, 100);
+    let durable = &report["results"]["durable"];
+    let expected = durable["messages_expected"].as_u64().unwrap();
+    let received = durable["messages_received"].as_u64().unwrap();
+    let missing = durable["missing"].as_u64().unwrap();
+    assert_eq!(received + missing, expected, "{durable}");
+    assert_eq!(durable["duplicates"], 0, "{durable}");
+    assert_eq!(durable["out_of_order"], 0, "{durable}");
+    let cpu = &report["cpu"]["kill to last rejoin"]["processes"];
+    assert!(cpu["socketio-1"].is_number(), "{cpu}");
+    assert!(cpu.get("socketio-0").is_none(), "{cpu}");
 }
 
 #[test]

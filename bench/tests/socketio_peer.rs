@@ -64,9 +64,9 @@ fn two_servers_deliver_every_emitted_message_to_every_member() {
                 let user = format!("u{s}-{k}");
                 let (on_event, rx) = socketio::event_channel();
                 let auth = if k < 2 {
-                    json!({"user": user, "rooms": "other,bench-room"})
+                    json!({"token": peer.token(&user), "rooms": "other,bench-room"})
                 } else {
-                    json!({"user": user})
+                    json!({"token": peer.token(&user)})
                 };
                 let client = SioClient::connect(url, &auth, source(s * 5 + k), on_event)
                     .await
@@ -156,8 +156,10 @@ fn a_refused_or_wrong_url_is_an_error() {
     };
     runtime().block_on(async {
         let addr = peer.addrs()[0];
-        let connect = |url: String| async move {
-            SioClient::connect(&url, &json!({}), None, socketio::ignore_events()).await
+        let auth = json!({"token": peer.token("u")});
+        let connect = |url: String| {
+            let auth = auth.clone();
+            async move { SioClient::connect(&url, &auth, None, socketio::ignore_events()).await }
         };
         // Nothing listens there.
         let closed = herald_test_support::free_addr();
@@ -179,6 +181,96 @@ fn a_refused_or_wrong_url_is_an_error() {
     });
 }
 
+/// An HS256 token for `sub` signed with `secret`, expiring at `exp`.
+fn token_signed(secret: &str, sub: &str, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_connect_needs_a_token_the_servers_verify() {
+    let Some(peer) = start_peer(1) else {
+        return;
+    };
+    let url = peer.urls()[0].clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    runtime().block_on(async {
+        let refused = |auth: Value| {
+            let url = url.clone();
+            async move {
+                match SioClient::connect(&url, &auth, None, socketio::ignore_events()).await {
+                    Ok(_) => panic!("{auth} was let in"),
+                    Err(herald_client::ClientError::Protocol(why)) => why,
+                    Err(e) => panic!("{auth}: {e}"),
+                }
+            }
+        };
+        let why = refused(json!({"user": "u1"})).await;
+        assert_eq!(why, "connect refused: unauthorized: no token in auth.token");
+        let why = refused(json!({"token": token_signed("not the secret", "u1", now + 60)})).await;
+        assert_eq!(why, "connect refused: unauthorized: invalid signature");
+        let why = refused(json!({"token": "not.a.jwt"})).await;
+        assert!(why.starts_with("connect refused: unauthorized: "), "{why}");
+        let why = refused(json!({"token": token_signed("x", "", now + 60)})).await;
+        assert!(why.starts_with("connect refused: unauthorized: "), "{why}");
+
+        // The peer's own token is let in, and the server knows its user.
+        let client = SioClient::connect(
+            &url,
+            &json!({"token": peer.token("u1")}),
+            None,
+            socketio::ignore_events(),
+        )
+        .await
+        .expect("a valid token");
+        client.join("r").await.unwrap();
+        client.close().await.unwrap();
+    });
+}
+
+#[test]
+fn clients_see_a_killed_server_close_their_connection() {
+    let Some(mut peer) = start_peer(2) else {
+        return;
+    };
+    runtime().block_on(async {
+        let urls = peer.urls();
+        let mut clients = Vec::new();
+        for (s, url) in urls.iter().enumerate() {
+            let auth = json!({"token": peer.token(&format!("k{s}"))});
+            clients.push(
+                SioClient::connect(url, &auth, source(s), socketio::ignore_events())
+                    .await
+                    .unwrap(),
+            );
+        }
+        peer.kill_server(0).unwrap();
+        let close = tokio::time::timeout(Duration::from_secs(5), clients[0].closed())
+            .await
+            .expect("the client of the killed server noticed");
+        assert_eq!(
+            close.code, None,
+            "no close frame from a killed process: {close:?}"
+        );
+        assert!(clients[0].is_closed());
+        // The other server's client goes on.
+        assert!(!clients[1].is_closed());
+        clients[1].join("still").await.unwrap();
+    });
+    assert_eq!(
+        peer.exited(),
+        Vec::<String>::new(),
+        "a killed server is not a crash"
+    );
+}
+
 #[test]
 fn heartbeats_are_answered() {
     let url = redis_url();
@@ -196,7 +288,8 @@ fn heartbeats_are_answered() {
     .expect("start the Socket.IO peer");
     runtime().block_on(async {
         let (on_event, mut rx) = socketio::event_channel();
-        let client = SioClient::connect(&peer.urls()[0], &json!({"user": "hb"}), None, on_event)
+        let auth = json!({"token": peer.token("hb")});
+        let client = SioClient::connect(&peer.urls()[0], &auth, None, on_event)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -235,6 +328,7 @@ fn mib(b: u64) -> f64 {
 /// Opens `n` connections to `urls` in turn, `parallel` at a time, each
 /// joining `room` at connect if given.
 async fn connect_many(
+    peer: &SocketIoPeer,
     urls: &[String],
     n: usize,
     room: Option<&str>,
@@ -245,8 +339,8 @@ async fn connect_many(
         .map(|i| {
             let url = urls[i % urls.len()].clone();
             let auth = match room {
-                Some(r) => json!({"user": format!("u{i}"), "rooms": r}),
-                None => json!({"user": format!("u{i}")}),
+                Some(r) => json!({"token": peer.token(&format!("u{i}")), "rooms": r}),
+                None => json!({"token": peer.token(&format!("u{i}"))}),
             };
             let on_event = on_event.clone();
             async move {
@@ -275,14 +369,14 @@ fn measure_idle_rss_per_connection() {
     let urls = peer.urls();
     runtime().block_on(async {
         // Warm up (JIT, buffers), then let the heap settle.
-        let warm = connect_many(&urls, 100, Some("idle"), &socketio::ignore_events()).await;
+        let warm = connect_many(&peer, &urls, 100, Some("idle"), &socketio::ignore_events()).await;
         for c in warm {
             c.close().await.unwrap();
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let before = rss_bytes(pid).unwrap();
         let start = Instant::now();
-        let clients = connect_many(&urls, n, Some("idle"), &socketio::ignore_events()).await;
+        let clients = connect_many(&peer, &urls, n, Some("idle"), &socketio::ignore_events()).await;
         let connect_s = start.elapsed().as_secs_f64();
         // A small echo on each: the join ack.
         for c in &clients {
@@ -343,7 +437,7 @@ fn measure_fanout_deliveries() {
         })
     };
     runtime().block_on(async {
-        let clients = connect_many(&urls, members, Some("fan"), &on_event).await;
+        let clients = connect_many(&peer, &urls, members, Some("fan"), &on_event).await;
         let mut results = BTreeMap::new();
         for &rate in &rates {
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -490,6 +490,47 @@ async fn jetstream_epoch_survives_restarts_and_changes_with_the_stream() {
     assert!(third != recreated.epoch && third != epoch);
 }
 
+/// A stream made before reads were direct gets (no `allow_direct`) is
+/// switched over by `ensure_namespace`, keeping its history, and `latest`
+/// and counts read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_streams_of_earlier_versions_get_direct_reads() {
+    let env = Env::jetstream();
+    let js = async_nats::jetstream::new(env.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HERALD_CHAT".into(),
+        subjects: vec!["herald.durable.chat.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = room("chat:a");
+    let old = js
+        .publish(
+            herald_broker::history::room_subject(&r),
+            "stored before numbers".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let info = js.get_stream("HERALD_CHAT").await.unwrap();
+    assert!(info.cached_info().config.allow_direct);
+    assert_eq!(h.latest(&r).await.unwrap(), old.sequence);
+    let next = append(&h, &r, "numbered").await;
+    assert_eq!(
+        next.prev, old.sequence,
+        "the chain goes on from the old message"
+    );
+    assert_eq!(h.latest(&r).await.unwrap(), next.offset);
+    assert_eq!(h.count_after(&r, 0).await.unwrap(), 2);
+    assert_eq!(h.count_after(&r, old.sequence).await.unwrap(), 1);
+    assert_eq!(h.count_after(&r, next.offset).await.unwrap(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_down_is_unavailable_then_recovers() {
     let mut env = Env::jetstream();

@@ -21,6 +21,15 @@ pub enum EdgeReport {
         seq: u64,
         change: Change,
     },
+    /// Changes that queued up while the previous report went out, in order:
+    /// the last is numbered `seq`, the first `seq - changes.len() + 1`. A
+    /// burst of connects and joins costs the broker one message, not one
+    /// each; a lone change still goes as a [`EdgeReport::Delta`].
+    Deltas {
+        node: String,
+        seq: u64,
+        changes: Vec<Change>,
+    },
     /// Sent every heartbeat interval; `seq` is the latest delta's, so a replica
     /// can tell it missed one even when no new delta follows.
     Heartbeat {
@@ -44,6 +53,7 @@ impl EdgeReport {
     pub fn node(&self) -> &str {
         match self {
             EdgeReport::Delta { node, .. }
+            | EdgeReport::Deltas { node, .. }
             | EdgeReport::Heartbeat { node, .. }
             | EdgeReport::Snapshot { node, .. }
             | EdgeReport::Goodbye { node, .. } => node,
@@ -53,6 +63,7 @@ impl EdgeReport {
     pub fn seq(&self) -> u64 {
         match self {
             EdgeReport::Delta { seq, .. }
+            | EdgeReport::Deltas { seq, .. }
             | EdgeReport::Heartbeat { seq, .. }
             | EdgeReport::Snapshot { seq, .. }
             | EdgeReport::Goodbye { seq, .. } => *seq,
@@ -64,6 +75,7 @@ impl EdgeReport {
     pub fn kind(&self) -> &'static str {
         match self {
             EdgeReport::Delta { change, .. } => change.kind(),
+            EdgeReport::Deltas { .. } => "deltas",
             EdgeReport::Heartbeat { .. } => "heartbeat",
             EdgeReport::Snapshot { .. } => "snapshot",
             EdgeReport::Goodbye { .. } => "goodbye",
@@ -354,6 +366,33 @@ mod tests {
         assert_eq!(r.node(), "e1");
         assert_eq!(r.seq(), 3);
         assert_eq!(r.kind(), "join");
+    }
+
+    #[test]
+    fn a_batch_of_deltas_reads_plainly() {
+        let r = EdgeReport::Deltas {
+            node: "e1".into(),
+            seq: 8,
+            changes: vec![
+                Change::Connect {
+                    conn: "e1-7".into(),
+                    user: "ann".into(),
+                    since_ms: 5,
+                },
+                Change::Disconnect {
+                    conn: "e1-6".into(),
+                },
+            ],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            json!({"kind":"deltas","node":"e1","seq":8,"changes":[
+                {"type":"connect","conn":"e1-7","user":"ann","since_ms":5},
+                {"type":"disconnect","conn":"e1-6"}]})
+        );
+        assert_eq!(serde_json::from_value::<EdgeReport>(v).unwrap(), r);
+        assert_eq!((r.node(), r.seq(), r.kind()), ("e1", 8, "deltas"));
     }
 
     #[test]

@@ -21,6 +21,12 @@ use herald_wire::subjects;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Changes reported in one message, at most.
+const MAX_BATCH: usize = 256;
+/// A batch larger than this once serialized goes as two (the broker's
+/// default largest message is 1 MiB; metadata makes changes large).
+const MAX_REPORT_BYTES: usize = 256 * 1024;
+
 /// How long an exiting edge waits for the broker to confirm its last reports.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -79,7 +85,17 @@ impl Reporter {
             loop {
                 tokio::select! {
                     change = rx.recv() => match change {
-                        Some((seq, change, trace)) => task.apply(seq, change, trace).await,
+                        Some(first) => {
+                            // Whatever queued up meanwhile goes out with it.
+                            let mut batch = vec![first];
+                            while batch.len() < MAX_BATCH {
+                                match rx.try_recv() {
+                                    Ok(next) => batch.push(next),
+                                    Err(_) => break,
+                                }
+                            }
+                            task.apply_all(batch).await;
+                        }
                         None => break,
                     },
                     Some(_) = sync_all.next() => task.send_snapshot().await,
@@ -88,9 +104,11 @@ impl Reporter {
                     _ = shutdown.cancelled() => {
                         // Sessions report their leaves while closing; take them all, then say goodbye.
                         let mark = task.broker.mark();
-                        while let Ok((seq, change, trace)) = rx.try_recv() {
-                            task.apply(seq, change, trace).await;
+                        let mut rest = Vec::new();
+                        while let Ok(next) = rx.try_recv() {
+                            rest.push(next);
                         }
+                        task.apply_all(rest).await;
                         task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }, None).await;
                         task.confirm_sent(mark).await;
                         break;
@@ -138,6 +156,57 @@ struct ReportTask {
 }
 
 impl ReportTask {
+    /// Applies numbered changes in order and reports them: runs of changes
+    /// without a trace context as one [`EdgeReport::Deltas`], a traced
+    /// change alone with its context (the replica's update joins that
+    /// trace).
+    async fn apply_all(&mut self, batch: Vec<Numbered>) {
+        let mut run: Vec<Change> = Vec::new();
+        for (seq, change, trace) in batch {
+            if trace.is_some() {
+                let last = self.seq;
+                self.send_run(std::mem::take(&mut run), last).await;
+                self.apply(seq, change, trace).await;
+            } else {
+                self.reported.apply(&change);
+                self.seq = seq;
+                run.push(change);
+            }
+        }
+        self.send_run(run, self.seq).await;
+    }
+
+    /// Reports a run of changes already applied, the last numbered
+    /// `last`: one message, or two halves of a run too large for one.
+    fn send_run(&self, mut run: Vec<Change>, last: u64) -> herald_broker::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let report = match run.len() {
+                0 => return,
+                1 => EdgeReport::Delta {
+                    node: self.node.clone(),
+                    seq: last,
+                    change: run.pop().expect("one change"),
+                },
+                _ => EdgeReport::Deltas {
+                    node: self.node.clone(),
+                    seq: last,
+                    changes: run,
+                },
+            };
+            let payload = serde_json::to_vec(&report).expect("reports serialize");
+            if payload.len() > MAX_REPORT_BYTES
+                && let EdgeReport::Deltas { mut changes, .. } = report
+            {
+                let tail = changes.split_off(changes.len() / 2);
+                let head_last = last - tail.len() as u64;
+                self.send_run(changes, head_last).await;
+                self.send_run(tail, last).await;
+                return;
+            }
+            self.send_payload(payload, None).await;
+        })
+    }
+
     async fn apply(&mut self, seq: u64, change: Change, trace: Option<Headers>) {
         self.reported.apply(&change);
         self.seq = seq;
@@ -194,6 +263,10 @@ impl ReportTask {
 
     async fn send(&self, report: &EdgeReport, trace: Option<Headers>) {
         let payload = serde_json::to_vec(report).expect("reports serialize");
+        self.send_payload(payload, trace).await;
+    }
+
+    async fn send_payload(&self, payload: Vec<u8>, trace: Option<Headers>) {
         if let Err(e) = self
             .broker
             .publish_maybe_headers(self.subject.clone(), trace, Bytes::from(payload))
@@ -202,5 +275,87 @@ impl ReportTask {
             // Replicas notice the gap from the next heartbeat and ask for a snapshot.
             tracing::warn!(error = %chain(&e), "could not report presence; replicas will resync");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_broker::MemoryBroker;
+
+    async fn next_report(sub: &mut herald_broker::Subscription) -> EdgeReport {
+        let msg = sub.next().await.expect("the reports go on");
+        serde_json::from_slice(&msg.payload).expect("a report")
+    }
+
+    /// Changes made faster than reports go out share messages, numbered so
+    /// that a replica applies exactly the same deltas in the same order.
+    #[tokio::test]
+    async fn a_burst_of_changes_goes_out_in_few_reports_numbered_in_order() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut reports = broker
+            .subscribe(subjects::presence_from_edge("e1"))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let (reporter, _task) = Reporter::start(
+            "e1",
+            broker.clone(),
+            PresenceSource::Broker,
+            Duration::from_secs(3600),
+            Duration::from_secs(1),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            next_report(&mut reports).await,
+            EdgeReport::Snapshot { seq: 0, .. }
+        ));
+
+        const N: u64 = 600;
+        for i in 1..=N {
+            reporter.report(Change::Connect {
+                conn: format!("e1-{i}"),
+                user: "ann".into(),
+                since_ms: 1,
+            });
+        }
+        let mut seen = Vec::new();
+        let mut messages = 0;
+        while (seen.len() as u64) < N {
+            messages += 1;
+            match next_report(&mut reports).await {
+                EdgeReport::Delta { seq, change, .. } => seen.push((seq, change)),
+                EdgeReport::Deltas { seq, changes, .. } => {
+                    let first = seq + 1 - changes.len() as u64;
+                    seen.extend((first..).zip(changes));
+                }
+                other => panic!("unexpected report {other:?}"),
+            }
+        }
+        let expected: Vec<(u64, Change)> = (1..=N)
+            .map(|i| {
+                let change = Change::Connect {
+                    conn: format!("e1-{i}"),
+                    user: "ann".into(),
+                    since_ms: 1,
+                };
+                (i, change)
+            })
+            .collect();
+        assert_eq!(seen, expected);
+        assert_eq!(
+            messages,
+            N.div_ceil(MAX_BATCH as u64),
+            "{N} changes queued at once"
+        );
+
+        // The heartbeat after them carries the last number.
+        shutdown.cancel();
+        assert!(matches!(
+            next_report(&mut reports).await,
+            EdgeReport::Goodbye { seq: N, .. }
+        ));
     }
 }

@@ -258,6 +258,15 @@ impl View {
         self.expire_graces(now);
         match report {
             EdgeReport::Delta { node, seq, change } => self.delta(node, seq, change, now),
+            EdgeReport::Deltas { node, seq, changes } => {
+                // Numbered like the deltas they stand for; a batch claiming
+                // more changes than numbers starts at 0, which the view
+                // takes as already applied, and the next heartbeat resyncs.
+                let first = (seq + 1).saturating_sub(changes.len() as u64);
+                for (n, change) in (first..).zip(changes) {
+                    self.delta(node.clone(), n, change, now);
+                }
+            }
             EdgeReport::Heartbeat {
                 node,
                 seq,

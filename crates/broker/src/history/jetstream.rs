@@ -20,6 +20,9 @@
 //! room's messages after an offset is two message gets (the room's last
 //! message, and its first after the offset), not a consumer: connecting
 //! reads unread counts this way, and a connect creates no consumer at all.
+//! Those reads are direct gets (`allow_direct` streams), which nats-server
+//! answers from the store without the JetStream API's queue; appends read
+//! the room's last message from the stream's leader.
 //!
 //! Read markers live in the KV bucket `herald_markers`, one key per user
 //! (`kv_encode`d: KV keys allow fewer characters than subject tokens) whose
@@ -46,7 +49,9 @@ use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
-use async_nats::jetstream::stream::{self, DiscardPolicy, LastRawMessageErrorKind, StorageType};
+use async_nats::jetstream::stream::{
+    self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType,
+};
 use async_nats::jetstream::{self, Context};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -268,6 +273,10 @@ impl JetStreamHistory {
             storage: StorageType::File,
             discard: DiscardPolicy::Old,
             num_replicas: self.replicas,
+            // Reads on the connect path (a room's last message, unread
+            // counts) are direct gets: answered by the stream's store
+            // without the JetStream API's queue and JSON envelope.
+            allow_direct: true,
             description: Some(format!("Herald history of durable namespace `{ns}`")),
             ..Default::default()
         }
@@ -296,6 +305,7 @@ impl JetStreamHistory {
         merged.max_age = wanted.max_age;
         merged.duplicate_window = wanted.duplicate_window;
         merged.discard = wanted.discard;
+        merged.allow_direct = wanted.allow_direct;
         if merged != current {
             self.js
                 .update_stream(merged)
@@ -399,9 +409,30 @@ impl JetStreamHistory {
         rooms.entry(subject.to_string()).or_default().clone()
     }
 
-    /// The room's last offset on the server, 0 when it has no message.
+    /// The room's last offset on the server, 0 when it has no message, by
+    /// a direct get (see [`Self::last_direct`]).
     async fn last_offset(&self, ns: &Namespace, subject: &str) -> Result<u64, HistoryError> {
-        Ok(self.last(ns, subject).await?.offset)
+        Ok(self.last_direct(ns, subject).await?.offset)
+    }
+
+    /// The room's last message like [`Self::last`], by a direct get: the
+    /// cheapest read JetStream has (no API queue, no JSON envelope), which
+    /// is what a connect and an unread count need. With more than one
+    /// replica any replica may answer, so a message acknowledged a moment
+    /// ago may not be seen yet (as with any KV get); appends, which must
+    /// see the room's true last message, use [`Self::last`].
+    async fn last_direct(&self, ns: &Namespace, subject: &str) -> Result<Last, HistoryError> {
+        match ns.stream.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(Last {
+                offset: m.sequence,
+                n: number(&m.headers),
+            }),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(Last {
+                offset: 0,
+                n: Some(0),
+            }),
+            Err(e) => Err(self.fail(&format!("last message of {subject}"), e)),
+        }
     }
 
     /// The room's last message on the server; offset 0 (number 0) when it
@@ -430,17 +461,14 @@ impl JetStreamHistory {
     ) -> Result<Option<Last>, HistoryError> {
         let got = ns
             .stream
-            .raw_message_builder()
-            .sequence(after.saturating_add(1))
-            .next_by_subject(subject)
-            .send()
+            .direct_get_next_for_subject(subject, Some(after.saturating_add(1)))
             .await;
         match got {
             Ok(m) => Ok(Some(Last {
                 offset: m.sequence,
                 n: number(&m.headers),
             })),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.fail(&format!("next message of {subject}"), e)),
         }
     }
@@ -678,7 +706,7 @@ impl JetStreamHistory {
         let ns = self.namespace(room.namespace())?;
         self.connected().await?;
         let subject = room_subject(room);
-        let last = self.last(&ns, &subject).await?;
+        let last = self.last_direct(&ns, &subject).await?;
         if last.offset <= after {
             return Ok(0);
         }

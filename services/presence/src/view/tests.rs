@@ -228,6 +228,47 @@ fn deltas_in_order_build_the_view() {
     assert!(members(&v, "chat:a").is_empty());
 }
 
+/// A batch is the deltas it stands for: the same view, the same events, and
+/// its numbers continue the edge's sequence (a gap inside or before it asks
+/// for a snapshot, a repeat is ignored).
+#[test]
+fn a_batch_of_deltas_is_its_deltas_in_order() {
+    let now = Instant::now();
+    let changes = || {
+        vec![
+            connect("c1", "ada"),
+            join("c1", "chat:a", None),
+            connect("c2", "bob"),
+            join("c2", "chat:a", None),
+        ]
+    };
+    let mut one_by_one = view();
+    let singles = feed(
+        &mut one_by_one,
+        now,
+        (1..).zip(changes()).map(|(seq, c)| delta("e1", seq, c)),
+    );
+    let mut batched = view();
+    let batch = |seq: u64, changes: Vec<Change>| EdgeReport::Deltas {
+        node: "e1".into(),
+        seq,
+        changes,
+    };
+    assert_eq!(feed(&mut batched, now, [batch(4, changes())]), singles);
+    assert_eq!(members(&batched, "chat:a"), ["c1", "c2"]);
+    assert!(batched.has_applied("e1", 4));
+    assert_eq!(batched.stats(), one_by_one.stats());
+
+    // Numbers already applied change nothing (a first number of 1 would
+    // mean a restarted edge, so this replays from 2).
+    assert!(feed(&mut batched, now, [batch(4, changes().split_off(1))]).is_empty());
+    assert_eq!(batched.stats(), one_by_one.stats());
+    // A batch that starts past the next number reveals a gap.
+    let fx = batched.apply(batch(7, vec![disconnect("c1"), disconnect("c2")]), now);
+    assert_eq!(asks(fx), ask("e1"));
+    assert_eq!(members(&batched, "chat:a"), ["c1", "c2"]);
+}
+
 #[test]
 fn an_edge_cannot_change_another_edges_connections() {
     let now = Instant::now();
