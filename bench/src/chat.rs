@@ -86,7 +86,7 @@ pub async fn run(args: &ChatArgs, common: &CommonArgs, target: &Target) -> Resul
     );
 
     let warm = args.rates.len();
-    let steps = Steps::new(warm + 1);
+    let steps = Steps::new(warm + 1, conns);
     let dialer = Dialer::new(target.edge_urls.clone(), common.source_ips());
     let mut members = delivery::open_members(
         target,
@@ -134,7 +134,7 @@ pub async fn run(args: &ChatArgs, common: &CommonArgs, target: &Target) -> Resul
             target,
             &steps,
             (step, rate),
-            &members.members_of,
+            &members,
             args.pacing.drain_timeout,
             publish_step(args, &senders, step, rate),
         )

@@ -2,6 +2,13 @@
 //! run against each, step by step, for the figures the mission's bars are
 //! stated in (memory per idle connection, CPU per delivery, latency,
 //! delivered rate, and each system's ratio to the bare-write floor).
+//!
+//! For `fanout`, Herald's CPU per delivery over Socket.IO's is given twice
+//! per step: raw, and floor-normalised (each system's CPU per delivery
+//! divided by the floor measured right before its own step, then one over
+//! the other), which takes out what the machine's speed did between the two
+//! steps; and per rate, the median of each over the rounds
+//! (`cpu_per_delivery`).
 
 use serde_json::{Value, json};
 
@@ -19,8 +26,14 @@ const FIGURES: &[(&str, Option<&str>)] = &[
     ("nats_cpu_us_per_connect", None),
     ("delivered_per_sec", None),
     ("lost", None),
+    ("missing", None),
+    ("duplicates", None),
+    ("out_of_order", None),
     ("server_us_per_delivery", None),
+    ("floor_us_per_write", None),
     ("ratio_to_floor", None),
+    ("floor_uring_us_per_write", None),
+    ("ratio_to_floor_uring", None),
     ("latency_ms", Some("p50")),
     ("latency_ms", Some("p99")),
 ];
@@ -34,6 +47,18 @@ pub fn figure(section: &Section, key: &str, field: Option<&str>) -> Option<f64> 
     }
 }
 
+/// The median of `values`; `None` if there are none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 /// One section per step found in both reports: each figure for Herald,
 /// for Socket.IO, and Herald / Socket.IO.
 pub fn ratios(herald: &Report, socketio: &Report) -> Report {
@@ -44,8 +69,14 @@ pub fn ratios(herald: &Report, socketio: &Report) -> Report {
         &herald.scenario,
         "herald vs socketio",
         format!(
-            "Herald ({}) and Socket.IO ({}), same clients and options, one after the other",
-            herald.target, socketio.target
+            "Herald ({}) and Socket.IO ({}), same clients and options, {}",
+            herald.target,
+            socketio.target,
+            if herald.params.contains_key("alternated") {
+                "alternated round by round"
+            } else {
+                "one after the other"
+            }
         ),
         json!({}),
     );
@@ -74,15 +105,119 @@ pub fn ratios(herald: &Report, socketio: &Report) -> Report {
             );
             compared += 1;
         }
+        if let Some(cpu) = cpu_ratios(h, s) {
+            section = section.put("cpu_per_delivery", cpu.to_json());
+        }
         if compared > 0 {
             out.section(step, section);
         }
     }
+    add_cpu_per_delivery(&mut out, herald, socketio);
     if out.results.is_empty() {
         out.notes
             .push("no step is in both reports: nothing to compare".into());
     }
     out
+}
+
+/// Herald's CPU per delivery over Socket.IO's in one step.
+#[derive(Debug, Clone, Copy)]
+struct CpuRatios {
+    raw: f64,
+    /// Each system's CPU per delivery over its own floor (`write` per
+    /// delivery), then Herald's over Socket.IO's.
+    floor_normalised: Option<f64>,
+    /// The same with the io_uring floor.
+    uring_floor_normalised: Option<f64>,
+}
+
+impl CpuRatios {
+    fn to_json(self) -> Value {
+        let r = |x: Option<f64>| x.map(crate::report::round3);
+        json!({
+            "raw": r(Some(self.raw)),
+            "floor_normalised": r(self.floor_normalised),
+            "uring_floor_normalised": r(self.uring_floor_normalised),
+        })
+    }
+}
+
+/// The CPU ratios of a step both reports have (`rate_<r>[_run<k>]`).
+fn cpu_ratios(h: &Section, s: &Section) -> Option<CpuRatios> {
+    let cpu = |x: &Section| figure(x, "server_us_per_delivery", None);
+    let (hc, sc) = (cpu(h)?, cpu(s)?);
+    if sc <= 0.0 {
+        return None;
+    }
+    let normalised = |floor: &str| {
+        let (hf, sf) = (figure(h, floor, None)?, figure(s, floor, None)?);
+        (hf > 0.0 && sf > 0.0).then(|| (hc / hf) / (sc / sf))
+    };
+    Some(CpuRatios {
+        raw: hc / sc,
+        floor_normalised: normalised("floor_us_per_write"),
+        uring_floor_normalised: normalised("floor_uring_us_per_write"),
+    })
+}
+
+/// The rate of a step's section name: `20` of `rate_20` and
+/// `rate_20_run3`; `None` for other sections.
+fn step_rate(name: &str) -> Option<&str> {
+    let rate = name.strip_prefix("rate_")?;
+    Some(match rate.rsplit_once("_run") {
+        Some((rate, run)) if run.parse::<u32>().is_ok() => rate,
+        _ => rate,
+    })
+}
+
+/// A `cpu_per_delivery` section: per rate, the median over its rounds of
+/// Herald's CPU per delivery over Socket.IO's, raw and floor-normalised,
+/// with the range of each (`[lowest, highest]`).
+fn add_cpu_per_delivery(out: &mut Report, herald: &Report, socketio: &Report) {
+    let mut by_rate: Vec<(&str, Vec<CpuRatios>)> = Vec::new();
+    for (name, h) in &herald.results {
+        let Some(rate) = step_rate(name) else {
+            continue;
+        };
+        let Some((_, s)) = socketio.results.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let Some(ratios) = cpu_ratios(h, s) else {
+            continue;
+        };
+        match by_rate.iter_mut().find(|(r, _)| *r == rate) {
+            Some((_, all)) => all.push(ratios),
+            None => by_rate.push((rate, vec![ratios])),
+        }
+    }
+    if by_rate.is_empty() {
+        return;
+    }
+    let mut section = Section::new();
+    for (rate, rounds) in by_rate {
+        let summary = |pick: &dyn Fn(&CpuRatios) -> Option<f64>| {
+            let values: Vec<f64> = rounds.iter().filter_map(pick).collect();
+            let round = crate::report::round3;
+            match median(&values) {
+                Some(m) => {
+                    let lo = values.iter().copied().fold(f64::MAX, f64::min);
+                    let hi = values.iter().copied().fold(f64::MIN, f64::max);
+                    json!({"median": round(m), "range": [round(lo), round(hi)]})
+                }
+                None => Value::Null,
+            }
+        };
+        section = section.put(
+            &format!("rate_{rate}"),
+            json!({
+                "rounds": rounds.len(),
+                "raw": summary(&|c| Some(c.raw)),
+                "floor_normalised": summary(&|c| c.floor_normalised),
+                "uring_floor_normalised": summary(&|c| c.uring_floor_normalised),
+            }),
+        );
+    }
+    out.section("cpu_per_delivery", section);
 }
 
 /// `churn`: cycles per second (the bar: Herald ≥ 3× Socket.IO) and the
@@ -191,6 +326,60 @@ mod tests {
         r
     }
 
+    /// A fanout report of rounds at 20/s: (CPU per delivery, floor) each.
+    fn rounds(target: &str, rounds: &[(f64, f64)]) -> Report {
+        let mut r = Report::new("fanout", target, String::new(), json!({}));
+        for (k, &(cpu, floor)) in rounds.iter().enumerate() {
+            let name = match k {
+                0 => "rate_20".to_owned(),
+                k => format!("rate_20_run{}", k + 1),
+            };
+            r.section(
+                &name,
+                Section::new()
+                    .put("server_us_per_delivery", cpu)
+                    .put("floor_us_per_write", floor),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn each_system_is_divided_by_its_own_floor_before_the_ratio() {
+        // Round 2 ran on a machine twice as slow for Socket.IO: raw, Herald
+        // looks twice as good as in round 1; against each one's own floor,
+        // the same.
+        let herald = rounds("cluster", &[(6.0, 3.0), (6.0, 3.0), (7.0, 3.5)]);
+        let socketio = rounds("socketio", &[(12.0, 3.0), (24.0, 6.0), (14.0, 3.5)]);
+        let c = ratios(&herald, &socketio);
+        let step = |name: &str| {
+            let (_, s) = c.results.iter().find(|(n, _)| n == name).unwrap();
+            s.get("cpu_per_delivery").unwrap().clone()
+        };
+        assert_eq!(step("rate_20_run2")["raw"], 0.25);
+        assert_eq!(step("rate_20_run2")["floor_normalised"], 0.5);
+        assert!(step("rate_20")["uring_floor_normalised"].is_null());
+        let (_, all) = c
+            .results
+            .iter()
+            .find(|(n, _)| n == "cpu_per_delivery")
+            .unwrap();
+        let r = all.get("rate_20").unwrap();
+        assert_eq!(r["rounds"], 3);
+        assert_eq!(r["raw"]["median"], 0.5);
+        assert_eq!(r["raw"]["range"], json!([0.25, 0.5]));
+        assert_eq!(r["floor_normalised"]["median"], 0.5);
+        assert_eq!(r["floor_normalised"]["range"], json!([0.5, 0.5]));
+    }
+
+    #[test]
+    fn step_names_give_their_rate() {
+        assert_eq!(step_rate("rate_20"), Some("20"));
+        assert_eq!(step_rate("rate_20_run3"), Some("20"));
+        assert_eq!(step_rate("rate_2_5_run2"), Some("2_5"));
+        assert_eq!(step_rate("median_20"), None);
+    }
+
     #[test]
     fn churn_compares_cycles_per_second_and_cpu_per_cycle() {
         let churn = |target: &str, rate: f64, cpu: f64| {
@@ -230,7 +419,9 @@ mod tests {
             &report("cluster", 6.0, 10.0),
             &report("socketio", 12.0, 40.0),
         );
-        assert_eq!(c.results.len(), 1, "only rate_10 has compared figures");
+        let names: Vec<&str> = c.results.iter().map(|(n, _)| n.as_str()).collect();
+        // `setup` has no compared figure; the CPU summary comes last.
+        assert_eq!(names, ["rate_10", "cpu_per_delivery"]);
         let step = &c.results[0].1;
         assert_eq!(
             step.get("server_us_per_delivery").unwrap()["herald_over_socketio"],

@@ -3,15 +3,19 @@
 //! count deliveries and report a step with the same keys, the same way.
 //!
 //! Every payload carries `{"s":<step>,"t":<ns since the epoch when it was
-//! sent>,...}`: the receiver counts the delivery in its step and takes its
-//! clock when the frame arrives, so a delivery that arrives after its step
-//! ended still counts where it belongs.
+//! sent>,"i":<publish number>}`: the receiver counts the delivery in its
+//! step and takes its clock when the frame arrives, so a delivery that
+//! arrives after its step ended still counts where it belongs; and it
+//! records which of its room's messages it got ([`crate::arrivals`]), so a
+//! step reports what each receiver missed, got twice or got out of order.
 //!
 //! Receivers read each frame through a [`Tap`] on the connection's reader
-//! task, which picks the two numbers out of the unparsed frame: at 100k
+//! task, which picks the three numbers out of the unparsed frame: at 100k
 //! deliveries a second, parsing every frame and passing it to another task
 //! cost the machine more CPU than Herald spent sending it, and that CPU
-//! came out of the same two cores. The Socket.IO side does the same.
+//! came out of the same two cores. The Socket.IO side does the same, and so
+//! do the floor's receivers (`floor`), with this same tap, so that a floor
+//! delivery costs the bench what a fan-out delivery does.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -25,6 +29,7 @@ use memchr::memmem;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::arrivals::{Arrivals, Call, Due, Loss};
 use crate::load::Dialer;
 use crate::report::{CpuMeter, CpuPhase, Errors, Latency, Report, Section, round3};
 use crate::target::Target;
@@ -60,32 +65,67 @@ struct StepStats {
     latency: Latency,
 }
 
-/// Deliveries and their latency, per step; clones share the counts.
+/// Deliveries and their latency, per step, and each receiver's
+/// [`Arrivals`] in each step; clones share them.
 #[derive(Clone)]
-pub struct Steps(Arc<Vec<Mutex<StepStats>>>);
+pub struct Steps {
+    stats: Arc<Vec<Mutex<StepStats>>>,
+    /// By receiver, then by step. Only that receiver's reader task records
+    /// into its entry, so its lock is not contended until the report reads
+    /// it after the step.
+    receivers: Arc<Vec<Mutex<Vec<Arrivals>>>>,
+}
 
 impl Steps {
-    pub fn new(steps: usize) -> Steps {
-        Steps(Arc::new((0..steps).map(|_| Mutex::default()).collect()))
+    /// `steps` steps received by receivers `0..receivers`.
+    pub fn new(steps: usize, receivers: usize) -> Steps {
+        Steps {
+            stats: Arc::new((0..steps).map(|_| Mutex::default()).collect()),
+            receivers: Arc::new(
+                (0..receivers)
+                    .map(|_| Mutex::new(vec![Arrivals::default(); steps]))
+                    .collect(),
+            ),
+        }
     }
 
-    /// Counts one delivery of `step`; a step out of range is not ours.
-    pub fn record(&self, step: usize, latency: Duration) {
-        if let Some(s) = self.0.get(step) {
+    /// Counts message `n` of `step` at `receiver`; a step or receiver out
+    /// of range is not ours.
+    pub fn record(&self, receiver: usize, step: usize, n: u64, latency: Duration) {
+        let Some(s) = self.stats.get(step) else {
+            return;
+        };
+        {
             let mut s = s.lock().expect("stats lock");
             s.delivered += 1;
             s.latency.record(latency);
         }
+        if let Some(r) = self.receivers.get(receiver) {
+            r.lock().expect("arrivals lock")[step].record(n);
+        }
     }
 
     pub fn delivered(&self, step: usize) -> u64 {
-        self.0[step].lock().expect("stats lock").delivered
+        self.stats[step].lock().expect("stats lock").delivered
     }
 
     /// The deliveries of `step` so far, and their latency.
     pub fn snapshot(&self, step: usize) -> (u64, Latency) {
-        let s = self.0[step].lock().expect("stats lock");
+        let s = self.stats[step].lock().expect("stats lock");
         (s.delivered, s.latency.clone())
+    }
+
+    /// What `receivers` (each `(receiver, room)`) missed, got twice or out
+    /// of order in `step`, against what was `due`.
+    pub fn loss(&self, step: usize, receivers: &[(usize, usize)], due: &Due) -> Loss {
+        let held: Vec<(usize, Arrivals)> = receivers
+            .iter()
+            .filter_map(|&(g, room)| {
+                let r = self.receivers.get(g)?.lock().expect("arrivals lock");
+                Some((room, r.get(step)?.clone()))
+            })
+            .collect();
+        Loss::of(held.iter().map(|(room, a)| (*room, a)), due)
     }
 
     /// Waits until `step` has `expected` deliveries, or none came for
@@ -149,22 +189,31 @@ fn leading_number(bytes: &[u8]) -> Option<u64> {
 }
 
 impl Steps {
-    /// The tap of a Herald member: counts each `message` frame in the step
-    /// its data names, and takes presence events too (the bench asks
-    /// nothing of them). Replies go on to the requests awaiting them.
-    pub fn herald_tap(&self) -> Tap {
+    /// The tap of Herald member `receiver`, or of a floor receiver: counts
+    /// each `message` frame in the step its data names (`"s"`), as message
+    /// `i / rooms` of its room (publish `i` goes to room `i % rooms`), timed
+    /// from `"t"`; takes presence events too (the bench asks nothing of
+    /// them). Replies go on to the requests awaiting them.
+    pub fn herald_tap(&self, receiver: usize, rooms: usize) -> Tap {
         let steps = self.clone();
+        let rooms = rooms.max(1) as u64;
         Arc::new(move |frame: &[u8]| {
             if !frame.starts_with(br#"{"op":"message","#) {
                 return frame.starts_with(br#"{"op":"presence","#);
             }
             let now = now_ns();
             let data = memmem::find(frame, br#","data":"#).map(|at| &frame[at..]);
-            if let Some((step, sent)) = data
-                .and_then(|d| Some((number_after(d, br#""s":"#)?, number_after(d, br#""t":"#)?)))
-            {
+            if let Some((step, sent, i)) = data.and_then(|d| {
+                Some((
+                    number_after(d, br#""s":"#)?,
+                    number_after(d, br#""t":"#)?,
+                    number_after(d, br#""i":"#)?,
+                ))
+            }) {
                 steps.record(
+                    receiver,
                     step as usize,
+                    i / rooms,
                     Duration::from_nanos(now.saturating_sub(sent)),
                 );
             }
@@ -172,21 +221,26 @@ impl Steps {
         })
     }
 
-    /// The tap of a Socket.IO member: counts each event `s<step>`
-    /// (`42["s3",{"ts_us":...}]`) in its step; everything else goes on to
-    /// the client.
-    pub fn socketio_tap(&self) -> Tap {
+    /// The tap of Socket.IO member `receiver`: counts each event `s<step>`
+    /// (`42["s3",{"seq":7,"ts_us":...}]`, `seq` numbering the emitter's
+    /// messages to the room) in its step; everything else goes on to the
+    /// client.
+    pub fn socketio_tap(&self, receiver: usize) -> Tap {
         let steps = self.clone();
         Arc::new(move |frame: &[u8]| {
             let Some(event) = frame.strip_prefix(br#"42["s"#) else {
                 return false;
             };
             let now = crate::socketio::unix_us();
-            if let (Some(step), Some(sent)) =
-                (leading_number(event), number_after(event, br#""ts_us":"#))
-            {
+            if let (Some(step), Some(seq), Some(sent)) = (
+                leading_number(event),
+                number_after(event, br#""seq":"#),
+                number_after(event, br#""ts_us":"#),
+            ) {
                 steps.record(
+                    receiver,
                     step as usize,
+                    seq,
                     Duration::from_micros(now.saturating_sub(sent)),
                 );
             }
@@ -241,6 +295,8 @@ pub struct Members<C> {
     pub clients: Vec<(usize, C)>,
     /// Members connected, per room: what each message to it should reach.
     pub members_of: Vec<u64>,
+    /// `(g, room)` of each member connected: whose arrivals a step checks.
+    pub receivers: Vec<(usize, usize)>,
     pub errors: Errors,
     pub setup_s: f64,
 }
@@ -259,11 +315,13 @@ impl<C> Members<C> {
         let mut errors = Errors::default();
         let mut members_of = vec![0u64; rooms];
         let mut clients = Vec::with_capacity(conns);
+        let mut receivers = Vec::with_capacity(conns);
         for r in opened {
             match r {
                 Ok((g, c)) => {
                     members_of[g / per_room] += 1;
                     clients.push((g, c));
+                    receivers.push((g, g / per_room));
                 }
                 Err((stage, e)) => errors.add_kind(&format!("{stage}: failed"), &e),
             }
@@ -275,9 +333,11 @@ impl<C> Members<C> {
                 errors.to_json()
             ));
         }
+        receivers.sort_unstable();
         Members {
             clients,
             members_of,
+            receivers,
             errors,
             setup_s: started.elapsed().as_secs_f64(),
         }
@@ -287,7 +347,7 @@ impl<C> Members<C> {
 /// Connects the members to Herald: member `g` is user `<user>-<g>` on edge
 /// `g % edges` (so a room spans as many edges as it has members, up to all
 /// of them), joined to `<room_prefix>-<g / per_room>`; `concurrency` at a
-/// time. Their messages are counted in `steps`.
+/// time. Their messages are counted in `steps`, member `g` as receiver `g`.
 pub async fn open_members(
     target: &Target,
     dialer: &Dialer,
@@ -297,13 +357,12 @@ pub async fn open_members(
     report: &mut Report,
 ) -> Members<Client> {
     let edges = dialer.edges();
-    let tap = steps.herald_tap();
     let started = Instant::now();
     let opened: Vec<_> = futures::stream::iter(0..rooms * per_room)
         .map(|g| {
             let token = target.token(&format!("{user}-{g}"));
             let room = format!("{room_prefix}-{}", g / per_room);
-            let tap = tap.clone();
+            let tap = steps.herald_tap(g, rooms);
             async move {
                 let (client, _) = dialer
                     .connect_tapped(g % edges, &token, tap)
@@ -326,6 +385,9 @@ pub async fn open_members(
 pub struct Published {
     pub sent: u64,
     pub ok_by_room: Vec<u64>,
+    /// Publish `i`: its outcome, its call, and when it was made and
+    /// confirmed, for the order each receiver is owed.
+    pub calls: Vec<Call>,
     pub errors: Errors,
     pub call: Latency,
     /// From the first call to the end of the last.
@@ -383,6 +445,7 @@ where
     let per_call = per_call.max(1);
     let permits = Arc::new(Semaphore::new(pacing.max_in_flight.max(1)));
     let start = tokio::time::Instant::now();
+    let origin = Instant::now();
     let mut calls = Vec::with_capacity(total.div_ceil(per_call) as usize);
     for first in (0..total).step_by(per_call as usize) {
         tokio::time::sleep_until(start + Duration::from_secs_f64(first as f64 / rate)).await;
@@ -391,29 +454,50 @@ where
             .acquire_owned()
             .await
             .expect("semaphore open");
+        // Taken before the call is made, and its end after the answer is in,
+        // so that "confirmed before the next was sent" errs on no side.
+        let sent = origin.elapsed();
         let call = publish(first, per_call.min(total - first));
         calls.push(tokio::spawn(async move {
             let t0 = Instant::now();
             let outcomes = call.await;
+            let confirmed = origin.elapsed();
             drop(permit);
-            (outcomes, t0.elapsed())
+            (first, sent, confirmed, outcomes, t0.elapsed())
         }));
     }
+    // A publish whose task failed stays unconfirmed, in a call of its own.
+    let unknown = |i| Call {
+        ok: false,
+        call: i,
+        sent: Duration::ZERO,
+        confirmed: None,
+    };
     let mut out = Published {
         sent: total,
         ok_by_room: vec![0; rooms],
+        calls: (0..total).map(unknown).collect(),
         errors: Errors::default(),
         call: Latency::default(),
         window_s: 0.0,
     };
     for c in calls {
         match c.await {
-            Ok((outcomes, d)) => {
+            Ok((first, sent, confirmed, outcomes, d)) => {
                 out.call.record(d);
-                for (room, res) in outcomes {
+                for (k, (room, res)) in outcomes.into_iter().enumerate() {
+                    let ok = res.is_ok();
                     match res {
                         Ok(()) => out.ok_by_room[room] += 1,
                         Err(e) => out.errors.merge(&e),
+                    }
+                    if let Some(slot) = out.calls.get_mut(first as usize + k) {
+                        *slot = Call {
+                            ok,
+                            call: first,
+                            sent,
+                            confirmed: ok.then_some(confirmed),
+                        };
                     }
                 }
             }
@@ -438,25 +522,33 @@ pub struct StepOutcome {
     pub call: Option<Latency>,
     /// Over the step: publishing plus the drain.
     pub cpu: CpuPhase,
+    /// What each receiver missed, got twice or out of order.
+    pub loss: Loss,
+    /// Whether a duplicate or a break of the publisher's order fails the
+    /// run: Herald promises neither (docs/protocol.md); for the peer they
+    /// are reported.
+    pub promised: bool,
 }
 
 impl StepOutcome {
     /// Runs step `step` of a Herald target: `publishing`, then the drain of
-    /// its deliveries to `members_of`, with the CPU of both.
-    pub async fn measure(
+    /// its deliveries to `members`, with the CPU of both.
+    pub async fn measure<C>(
         target: &Target,
         steps: &Steps,
         (step, rate): (usize, f64),
-        members_of: &[u64],
+        members: &Members<C>,
         drain_timeout: Duration,
         publishing: impl Future<Output = Published>,
     ) -> StepOutcome {
         let meter = CpuMeter::start(target);
         let pubs = publishing.await;
-        let expected = pubs.expected(members_of);
+        let expected = pubs.expected(&members.members_of);
         steps.drain(step, expected, drain_timeout).await;
         let cpu = meter.stop(target);
         let (delivered, latency) = steps.snapshot(step);
+        let due = Due::from_calls(members.members_of.len(), pubs.calls);
+        let loss = steps.loss(step, &members.receivers, &due);
         StepOutcome {
             rate,
             sent: pubs.sent,
@@ -468,6 +560,8 @@ impl StepOutcome {
             latency,
             call: Some(pubs.call),
             cpu,
+            loss,
+            promised: true,
         }
     }
 
@@ -499,7 +593,10 @@ impl StepOutcome {
             .put("expected", self.expected)
             .put("delivered", self.delivered)
             .put("lost", self.expected.saturating_sub(self.delivered))
-            .put("extra", self.delivered.saturating_sub(self.expected))
+            .put("extra", self.delivered.saturating_sub(self.expected));
+        section = self
+            .loss
+            .put_into(section)
             .put(
                 "delivered_per_sec",
                 round3(self.delivered as f64 / self.window_s),
@@ -540,6 +637,17 @@ impl StepOutcome {
                 "{label}: {} of {expected} deliveries missing",
                 expected - delivered
             ));
+        }
+        // Loss under overload is reported; a duplicate or a broken order is
+        // a broken promise.
+        if !self.loss.clean() {
+            let line = format!("{label}: {}", self.loss.describe());
+            let broken = self.loss.duplicates > 0 || self.loss.order_broken.unwrap_or(0) > 0;
+            if self.promised && broken {
+                report.failures.push(line);
+            } else {
+                report.notes.push(line);
+            }
         }
         report.section(&format!("rate_{name}"), section);
         report.cpu.push((label, self.cpu));
@@ -586,8 +694,8 @@ mod tests {
 
     #[test]
     fn the_herald_tap_counts_messages_and_leaves_replies() {
-        let steps = Steps::new(3);
-        let tap = steps.herald_tap();
+        let steps = Steps::new(3, 1);
+        let tap = steps.herald_tap(0, 1);
         let sent = now_ns();
         let room = RoomName::parse("fan:room-0").expect("valid room");
         let data = RawValue::from_string(format!(r#"{{"s":2,"t":{sent},"i":7}}"#)).unwrap();
@@ -610,15 +718,59 @@ mod tests {
 
     #[test]
     fn the_socketio_tap_counts_step_events_and_leaves_the_rest() {
-        let steps = Steps::new(2);
-        let tap = steps.socketio_tap();
+        let steps = Steps::new(2, 1);
+        let tap = steps.socketio_tap(0);
         let sent = crate::socketio::unix_us();
         let event = format!(r#"42["s1",{{"seq":0,"ts_us":{sent},"pad":"xx"}}]"#);
+        assert!(tap(event.as_bytes()));
         assert!(tap(event.as_bytes()));
         for other in ["2", "3", r#"40{"sid":"a"}"#, r#"42["hello",{}]"#, "431[]"] {
             assert!(!tap(other.as_bytes()), "{other}");
         }
-        assert_eq!((steps.delivered(0), steps.delivered(1)), (0, 1));
+        assert_eq!((steps.delivered(0), steps.delivered(1)), (0, 2));
+        let loss = steps.loss(1, &[(0, 0)], &Due::unordered(vec![2]));
+        assert_eq!((loss.missing, loss.duplicates), (1, 1), "{loss:?}");
+        assert_eq!(loss.order_broken, None);
+    }
+
+    /// Two rooms, two members each; publish `i` goes to room `i % 2`. The
+    /// taps see what a Herald edge would send, with one message lost at
+    /// one member, one duplicated at another, and one overtaken.
+    #[test]
+    fn the_herald_tap_tells_each_receiver_what_it_missed() {
+        let steps = Steps::new(1, 4);
+        let taps: Vec<Tap> = (0..4).map(|g| steps.herald_tap(g, 2)).collect();
+        let frame = |i: u64| {
+            let room = RoomName::parse(&format!("fan:room-{}", i % 2)).expect("valid room");
+            let data = format!(r#"{{"s":0,"t":{},"i":{i}}}"#, now_ns());
+            message_frame(&room, &RawValue::from_string(data).unwrap(), "server", 5)
+        };
+        // Members 0 and 1 are in room 0 (publishes 0, 2, 4, 6), 2 and 3 in
+        // room 1 (1, 3, 5, 7).
+        let got: [&[u64]; 4] = [&[0, 2, 4, 6], &[0, 4, 6], &[1, 3, 3, 5, 7], &[1, 5, 3, 7]];
+        for (g, seq) in got.iter().enumerate() {
+            for &i in *seq {
+                assert!(taps[g](&frame(i)));
+            }
+        }
+        let calls: Vec<Call> = (0..8)
+            .map(|i| Call {
+                ok: true,
+                call: i,
+                sent: Duration::from_millis(10 * i),
+                // Publish 3 was confirmed before 5 was sent: 5 before 3
+                // breaks the order Herald owes.
+                confirmed: Some(Duration::from_millis(10 * i + 5)),
+            })
+            .collect();
+        let receivers = [(0, 0), (1, 0), (2, 1), (3, 1)];
+        let loss = steps.loss(0, &receivers, &Due::from_calls(2, calls));
+        assert_eq!(loss.receivers, 4);
+        assert_eq!((loss.missing, loss.receivers_missing), (1, 1));
+        assert_eq!((loss.duplicates, loss.receivers_duplicated), (1, 1));
+        assert_eq!((loss.out_of_order, loss.receivers_out_of_order), (1, 1));
+        assert_eq!(loss.order_broken, Some(1));
+        assert_eq!(steps.delivered(0), 16, "every frame counts in the totals");
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! The binary (`src/main.rs`) parses the command line into a [`Scenario`]
 //! and calls [`run`]; the tests use the modules, e.g. the Socket.IO client.
 
+pub mod arrivals;
 mod chat;
 mod churn;
 mod compare;

@@ -174,14 +174,49 @@ fn socketio_report(
             Against::Chat(_) => unreachable!("refused above"),
         }
     })?;
-    report.failures.extend(peer.exited());
-    report.notes.extend(peer.sio.log_problems());
-    report.versions = peer.versions();
+    finish_peer(&mut report, &mut peer);
     Ok(report)
 }
 
-/// `--vs-socketio`: Herald, then Socket.IO (one after the other, so they do
-/// not share the machine), both tables, then the ratios.
+/// What a report of the peer gets at the end, as [`finish`] for Herald.
+fn finish_peer(report: &mut report::Report, peer: &mut peer::Peer) {
+    report.failures.extend(peer.exited());
+    report.notes.extend(peer.sio.log_problems());
+    report.versions = peer.versions();
+}
+
+/// The Socket.IO side of `--vs-socketio`: the same options, `--target
+/// socketio`.
+fn socketio_common(common: &CommonArgs) -> CommonArgs {
+    CommonArgs {
+        target: TargetKind::Socketio,
+        ..common.clone()
+    }
+}
+
+/// `fanout --vs-socketio`: both systems started at once and alternated
+/// round by round ([`fanout::run_alternating`] says why); everything is
+/// stopped when this returns.
+fn fanout_side_by_side(
+    common: &CommonArgs,
+    args: &fanout::FanoutArgs,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<(report::Report, report::Report)> {
+    // Fan-out rooms are open and ephemeral: no configuration.
+    let mut target = Target::start_with(common, None)?;
+    let sio_common = socketio_common(common);
+    let mut peer = peer::Peer::start(&sio_common)?;
+    let (mut herald, mut socketio) =
+        runtime.block_on(fanout::run_alternating(args, common, &target, &peer))?;
+    finish(&mut herald, &mut target);
+    finish_peer(&mut socketio, &mut peer);
+    Ok((herald, socketio))
+}
+
+/// `--vs-socketio`: Herald and Socket.IO, both tables, then the ratios.
+/// `fanout` alternates the two round by round; the others run Herald, then
+/// Socket.IO (one after the other, so that neither's connections weigh on
+/// the other's memory figures, nor its clients on the other's churn).
 fn run_side_by_side(
     common: &CommonArgs,
     args: &Against,
@@ -191,15 +226,13 @@ fn run_side_by_side(
     if common.target == TargetKind::Socketio {
         anyhow::bail!("--vs-socketio compares Herald (--target cluster or dev) with Socket.IO");
     }
-    let herald = herald_report(common, args, runtime)?;
-    let socketio = socketio_report(
-        &CommonArgs {
-            target: TargetKind::Socketio,
-            ..common.clone()
-        },
-        args,
-        runtime,
-    )?;
+    let (herald, socketio) = match args {
+        Against::Fanout(a) => fanout_side_by_side(common, a, runtime)?,
+        _ => (
+            herald_report(common, args, runtime)?,
+            socketio_report(&socketio_common(common), args, runtime)?,
+        ),
+    };
     let compare = compare::ratios(&herald, &socketio);
     let json = serde_json::json!({
         "scenario": herald.scenario,

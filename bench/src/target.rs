@@ -78,8 +78,9 @@ pub struct CommonArgs {
     pub keep_logs: bool,
     /// `idle`, `fanout`, `churn`, `reconnect-storm`: run the same scenario
     /// against Herald (`--target`) and then against Socket.IO (same clients,
-    /// same options), and print both with the ratios Herald / Socket.IO.
-    /// `--json` then holds `{herald, socketio, compare}`.
+    /// same options; `fanout` alternates the two round by round, both
+    /// connected throughout), and print both with the ratios Herald /
+    /// Socket.IO. `--json` then holds `{herald, socketio, compare}`.
     #[arg(long)]
     pub vs_socketio: bool,
     /// An extra argument for every `herald edge` of the cluster, e.g.

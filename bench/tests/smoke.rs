@@ -192,6 +192,17 @@ fn assert_step_delivered(report: &Value, rate: u64, members: u64) -> &Value {
     assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
     assert_eq!(step["lost"], 0, "{step}");
     assert_eq!(step["extra"], 0, "{step}");
+    // Every receiver got every message once, in order.
+    for key in [
+        "missing",
+        "receivers_missing",
+        "duplicates",
+        "receivers_duplicated",
+        "out_of_order",
+        "unexpected",
+    ] {
+        assert_eq!(step[key], 0, "{key}: {step}");
+    }
     positive(&step["delivered_per_sec"], "delivered_per_sec");
     assert_latency(&step["latency_ms"], "latency_ms", expected);
     for n in ["server_us_per_delivery", "herald_us_per_delivery"] {
@@ -285,6 +296,23 @@ fn assert_idle_of_40(report: &Value, server: &str) {
     assert!(report["versions"]["kernel"].is_string(), "{report}");
 }
 
+/// Whether the floor writer could use io_uring in `report` (if not, its
+/// notes say why, and the test says so).
+fn floor_has_io_uring(report: &Value) -> bool {
+    let notes = report["notes"].as_array().expect("notes");
+    match notes
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|n| n.contains("io_uring floor was not measured"))
+    {
+        Some(why) => {
+            eprintln!("SKIPPED the io_uring checks: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
 #[test]
 fn floor_reports_cpu_per_write_for_each_phase() {
     // Rounds enough that each phase lasts milliseconds: `wall_s` is
@@ -299,20 +327,131 @@ fn floor_reports_cpu_per_write_for_each_phase() {
         "0",
         "--frames-per-write",
         "1,4",
+        "--uring-batch",
+        "8",
     ]);
-    for (key, k) in [("frames_per_write_1", 1), ("frames_per_write_4", 4)] {
+    let mut phases = vec![("frames_per_write_1", 1), ("frames_per_write_4", 4)];
+    let uring = floor_has_io_uring(&report);
+    if uring {
+        phases.extend([
+            ("uring_frames_per_write_1", 1),
+            ("uring_frames_per_write_4", 4),
+        ]);
+    }
+    for (key, k) in phases {
         let phase = &report["results"][key];
         assert_eq!(phase["frames_per_write"], k, "{phase}");
         let writes = phase["writes"].as_u64().expect("writes");
         assert!(writes > 0, "{phase}");
         assert_eq!(phase["frames"].as_u64(), Some(writes * k), "{phase}");
         assert_eq!(phase["received"], phase["frames"], "{phase}");
-        assert_eq!(phase["missing"], 0, "{phase}");
+        for n in ["missing", "duplicates", "out_of_order", "unexpected"] {
+            assert_eq!(phase[n], 0, "{n}: {phase}");
+        }
         positive(&phase["wall_s"], "wall_s");
-        // CPU is counted in clock ticks: a tiny run may show 0.
         for n in ["writer_cpu_s", "us_per_write", "us_per_frame"] {
             assert!(number(&phase[n], n) >= 0.0, "{phase}");
         }
+        // Read by the fan-out's receivers: each frame timed.
+        assert_eq!(
+            phase["latency_ms"]["count"].as_u64(),
+            phase["received"].as_u64(),
+            "{phase}"
+        );
+        let syscalls = phase["syscalls"].as_u64().expect("syscalls");
+        if key.starts_with("uring") {
+            // 20 connections in batches of 8: 3 submissions a round.
+            assert_eq!(phase["send"], "io_uring", "{phase}");
+            assert_eq!(phase["uring_batch"], 8, "{phase}");
+            let rounds = phase["rounds"].as_u64().unwrap();
+            assert!(syscalls >= 3 * rounds && syscalls < writes, "{phase}");
+        } else {
+            assert_eq!(phase["send"], "write", "{phase}");
+            assert_eq!(syscalls, writes, "{phase}");
+        }
+    }
+}
+
+#[test]
+fn floor_without_io_uring_says_so_and_measures_the_rest() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args([
+            "floor",
+            "--conns",
+            "4",
+            "--rounds",
+            "20",
+            "--round-rate",
+            "0",
+        ])
+        .args(["--frames-per-write", "1", "--json", "-"])
+        .env("HERALD_BENCH_NO_IO_URING", "1")
+        .output()
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(!floor_has_io_uring(&report), "{report}");
+    assert!(
+        report["results"]["frames_per_write_1"].is_object(),
+        "{report}"
+    );
+    assert!(report["results"].get("uring_frames_per_write_1").is_none());
+}
+
+/// The floor writer skips a write to one receiver, writes one twice to
+/// another and swaps two for a third (`HERALD_BENCH_FLOOR_FAULTS`): the
+/// totals balance (as many frames arrived as were written), yet the
+/// receivers' accounting finds each, and the run fails saying so.
+#[test]
+fn floor_receivers_find_a_missing_a_duplicated_and_a_swapped_frame() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args([
+            "floor",
+            "--conns",
+            "6",
+            "--rounds",
+            "30",
+            "--round-rate",
+            "0",
+        ])
+        .args([
+            "--frames-per-write",
+            "1",
+            "--uring-batch",
+            "0",
+            "--json",
+            "-",
+        ])
+        .env("HERALD_BENCH_FLOOR_FAULTS", "drop=1:4,dup=3:7,swap=5:10")
+        .output()
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "the faults must fail the run:\n{stdout}"
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let phase = &report["results"]["frames_per_write_1"];
+    assert_eq!(phase["received"], phase["frames"], "{phase}");
+    for (key, n) in [
+        ("missing", 1),
+        ("receivers_missing", 1),
+        ("duplicates", 1),
+        ("receivers_duplicated", 1),
+        ("out_of_order", 1),
+        ("receivers_out_of_order", 1),
+        ("order_broken", 1),
+    ] {
+        assert_eq!(phase[key], n, "{key}: {phase}");
+    }
+    let failures = report["failures"].to_string();
+    for what in ["1 missing", "1 duplicated", "1 out of order"] {
+        assert!(failures.contains(what), "{what}: {failures}");
     }
 }
 
@@ -343,6 +482,16 @@ fn fanout_reports_deliveries_latency_and_floor_ratio() {
             "{step}"
         );
         assert!(step.get("ratio_to_floor").is_some(), "{step}");
+        if floor_has_io_uring(&report) {
+            assert!(
+                number(&step["floor_uring_us_per_write"], "uring floor") >= 0.0,
+                "{step}"
+            );
+            assert!(step.get("ratio_to_floor_uring").is_some(), "{step}");
+            let floor = &report["results"][format!("floor_uring_{rate}")];
+            assert_eq!(floor["send"], "io_uring", "{floor}");
+            assert_eq!(floor["missing"], 0, "{floor}");
+        }
         // The second round of the same rate, each step after its own floor.
         let again = &report["results"][format!("rate_{rate}_run2")];
         assert_eq!(again["lost"], 0, "{again}");
@@ -762,4 +911,75 @@ fn reconnect_storm_against_socketio_counts_what_clients_missed() {
     let cpu = &report["cpu"]["kill to last rejoin"]["processes"];
     assert!(cpu["socketio-1"].is_number(), "{cpu}");
     assert!(cpu.get("socketio-0").is_none(), "{cpu}");
+}
+
+#[test]
+fn vs_socketio_fanout_alternates_rounds_and_normalises_by_each_floor() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "fanout",
+        "--vs-socketio",
+        "--target",
+        "dev",
+        "--edges",
+        "2",
+        "--redis-url",
+        &url,
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--rates",
+        "20",
+        "--duration",
+        "500ms",
+        "--floor",
+        "--floor-uring-batch",
+        "0",
+        "--repeat",
+        "2",
+    ]);
+    for side in ["herald", "socketio"] {
+        let r = &report[side];
+        assert!(r["params"]["alternated"].is_string(), "{side}: {r}");
+        assert_six_members_warmed(r);
+        for name in ["rate_20", "rate_20_run2"] {
+            let step = &r["results"][name];
+            assert_eq!(step["missing"], 0, "{side} {name}: {step}");
+            assert_eq!(step["duplicates"], 0, "{side} {name}: {step}");
+            positive(&step["floor_us_per_write"], "floor_us_per_write");
+        }
+    }
+    // Socket.IO's emitter confirms nothing: its order is not judged.
+    assert!(report["socketio"]["results"]["rate_20"]["order_broken"].is_null());
+    assert_eq!(report["herald"]["results"]["rate_20"]["order_broken"], 0);
+    let compare = &report["compare"]["results"];
+    for name in ["rate_20", "rate_20_run2"] {
+        let h = &report["herald"]["results"][name];
+        let s = &report["socketio"]["results"][name];
+        let cpu = &compare[name]["cpu_per_delivery"];
+        let (hc, sc) = (
+            number(&h["server_us_per_delivery"], "herald"),
+            number(&s["server_us_per_delivery"], "socketio"),
+        );
+        let (hf, sf) = (
+            number(&h["floor_us_per_write"], "herald floor"),
+            number(&s["floor_us_per_write"], "socketio floor"),
+        );
+        let raw = number(&cpu["raw"], "raw");
+        assert!((raw - hc / sc).abs() < 0.002 * raw.max(1.0), "{cpu}");
+        let normalised = number(&cpu["floor_normalised"], "floor_normalised");
+        let want = (hc / hf) / (sc / sf);
+        assert!(
+            (normalised - want).abs() < 0.002 * want.max(1.0),
+            "{cpu} vs {want}"
+        );
+    }
+    let summary = &compare["cpu_per_delivery"]["rate_20"];
+    assert_eq!(summary["rounds"], 2, "{summary}");
+    positive(&summary["raw"]["median"], "median raw");
+    positive(&summary["floor_normalised"]["median"], "median normalised");
 }
