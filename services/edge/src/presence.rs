@@ -86,7 +86,10 @@ impl Reporter {
                 tokio::select! {
                     change = rx.recv() => match change {
                         Some(first) => {
-                            // Whatever queued up meanwhile goes out with it.
+                            // Whatever queued up meanwhile goes out with it;
+                            // one yield first lets sessions already running
+                            // on other workers add theirs.
+                            tokio::task::yield_now().await;
                             let mut batch = vec![first];
                             while batch.len() < MAX_BATCH {
                                 match rx.try_recv() {
