@@ -413,8 +413,41 @@ macro_rules! contract {
     };
 }
 
+/// Reads of any length give the room's messages after the offset, in
+/// order with their `prev`, only the room's, and at most `limit`: short
+/// reads (what a reconnecting client missed) and long ones alike.
+async fn reads_short_and_long(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(1000, HOUR))
+        .await
+        .unwrap();
+    let (r, other) = (room("chat:a"), room("chat:b"));
+    let mut stored = Vec::new();
+    for i in 0..40 {
+        stored.push(append(&h, &r, &format!("m{i}")).await);
+        append(&h, &other, "elsewhere").await;
+    }
+    for after_index in [None, Some(0), Some(20), Some(38), Some(39)] {
+        let after = after_index.map_or(0, |i: usize| stored[i].offset);
+        let rest = &stored[after_index.map_or(0, |i| i + 1)..];
+        for limit in [1, 5, 16, 17, 33, 40, 100] {
+            let read = h.read(&r, after, limit).await.unwrap();
+            let want = &rest[..rest.len().min(limit)];
+            let got: Vec<(u64, u64)> = read.iter().map(|s| (s.offset, s.prev)).collect();
+            let expected: Vec<(u64, u64)> = want.iter().map(|a| (a.offset, a.prev)).collect();
+            assert_eq!(got, expected, "after {after}, limit {limit}");
+            let first = 40 - rest.len();
+            let names: Vec<String> = (first..first + want.len())
+                .map(|i| format!("m{i}"))
+                .collect();
+            assert_eq!(payloads(&read), names, "after {after}, limit {limit}");
+        }
+    }
+}
+
 contract!(
     offsets_prev_read_latest_count,
+    reads_short_and_long,
     concurrent_appends_chain_exactly,
     idempotency_keys,
     history_is_limited_per_room,

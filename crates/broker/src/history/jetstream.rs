@@ -21,8 +21,9 @@
 //! message, and its first after the offset), not a consumer: connecting
 //! reads unread counts this way, and a connect creates no consumer at all.
 //! Those reads are direct gets (`allow_direct` streams), which nats-server
-//! answers from the store without the JetStream API's queue; appends read
-//! the room's last message from the stream's leader.
+//! answers from the store without the JetStream API's queue, and so are the
+//! first [`DIRECT_READS`] messages of a read (what a reconnecting client
+//! missed); appends read the room's last message from the stream's leader.
 //!
 //! Read markers live in the KV bucket `herald_markers`, one key per user
 //! (`kv_encode`d: KV keys allow fewer characters than subject tokens) whose
@@ -84,6 +85,9 @@ const APPEND_CONTENTION_LIMIT: Duration = Duration::from_secs(10);
 /// Rooms whose last offset this process remembers; idle entries are dropped
 /// when there are more.
 const MAX_CACHED_ROOMS: usize = 65_536;
+/// Messages a read takes by direct gets, one request each, before it reads
+/// the rest through a consumer.
+const DIRECT_READS: usize = 16;
 /// Messages per pull request when reading.
 const FETCH_CHUNK: usize = 256;
 /// The server removes a scan consumer this long after its last use, should
@@ -675,13 +679,40 @@ impl JetStreamHistory {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        self.connected().await?;
+        let subject = room_subject(room);
+        // What a client that was away a moment missed is a few messages:
+        // a direct get each costs the server far less than a consumer.
+        let mut out = Vec::new();
+        let mut last = after;
+        while out.len() < limit.min(DIRECT_READS) {
+            let got = ns
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(last.saturating_add(1)))
+                .await;
+            match got {
+                Ok(m) => {
+                    last = m.sequence;
+                    out.push(Stored {
+                        offset: m.sequence,
+                        prev: header_u64(&m.headers, PREV_HEADER),
+                        payload: m.payload,
+                    });
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(self.fail(&format!("read {subject}"), e)),
+            }
+        }
+        if out.len() == limit {
+            return Ok(out);
+        }
         let start = DeliverPolicy::ByStartSequence {
-            start_sequence: after.saturating_add(1),
+            start_sequence: last.saturating_add(1),
         };
         let (_, messages) = self
-            .scan(&ns.stream, room_subject(room), start, limit)
+            .scan(&ns.stream, subject, start, limit - out.len())
             .await?;
-        messages
+        let rest: Result<Vec<Stored>, HistoryError> = messages
             .into_iter()
             .map(|m| {
                 let info = m.info().map_err(|e| {
@@ -696,7 +727,9 @@ impl JetStreamHistory {
                     payload: m.message.payload.clone(),
                 })
             })
-            .collect()
+            .collect();
+        out.extend(rest?);
+        Ok(out)
     }
 
     /// From the numbers of the room's last message and of its first after
