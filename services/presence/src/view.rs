@@ -26,6 +26,7 @@
 //! long); snapshots and removing an edge cost O(that edge's connections).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_proto::v1::{Connection, Member, RoomMembersReply, UserStatus, UserStatusReply};
@@ -92,8 +93,8 @@ impl UserChange {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conn {
     pub user: String,
-    /// The edge holding the connection.
-    pub node: String,
+    /// The edge holding the connection (its id, shared by all of them).
+    pub node: Arc<str>,
     pub since_ms: u64,
     /// Rooms with presence the connection is in (few: the edge bounds them),
     /// in name order so that events about several rooms come out the same on
@@ -132,6 +133,8 @@ struct Node {
     /// what a later snapshot shows is change. Until then it is discovery.
     discovered: bool,
     conns: HashSet<String>,
+    /// The edge's id, which every connection of it shares.
+    name: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +147,9 @@ enum SyncState {
 }
 
 impl Node {
-    fn new(started_ms: Option<u64>, now: Instant, discovered: bool) -> Node {
+    fn new(name: &str, started_ms: Option<u64>, now: Instant, discovered: bool) -> Node {
         Node {
+            name: name.into(),
             started_ms,
             seq: 0,
             last_seen: now,
@@ -156,13 +160,88 @@ impl Node {
     }
 }
 
-/// A user the view counts as online.
+/// A user the view counts as online. Kept small: there is one per online
+/// user, in a map whose tables are up to twice the entries.
 #[derive(Debug, Default)]
 struct User {
-    conns: HashSet<String>,
+    conns: Devices,
     /// Set while `conns` is empty: the user is still online until the grace
     /// period ends.
-    grace: Option<Grace>,
+    grace: Option<Box<Grace>>,
+}
+
+/// A user's connections. Most users have one or two: a vector grown one at
+/// a time holds one in 24 bytes, where a hash set's smallest table takes
+/// over a hundred; a user with more than [`Devices::FEW`] gets a set.
+#[derive(Debug)]
+enum Devices {
+    Few(Vec<String>),
+    Many(HashSet<String>),
+}
+
+impl Default for Devices {
+    fn default() -> Devices {
+        Devices::Few(Vec::new())
+    }
+}
+
+impl Devices {
+    const FEW: usize = 8;
+
+    fn insert(&mut self, conn: String) {
+        match self {
+            Devices::Few(few) if few.contains(&conn) => {}
+            Devices::Few(few) if few.len() < Self::FEW => {
+                few.reserve_exact(1);
+                few.push(conn);
+            }
+            Devices::Few(few) => {
+                let mut many: HashSet<String> = few.drain(..).collect();
+                many.insert(conn);
+                *self = Devices::Many(many);
+            }
+            Devices::Many(many) => {
+                many.insert(conn);
+            }
+        }
+    }
+
+    fn remove(&mut self, conn: &str) {
+        match self {
+            Devices::Few(few) => {
+                if let Some(i) = few.iter().position(|c| c == conn) {
+                    few.swap_remove(i);
+                    few.shrink_to_fit();
+                }
+            }
+            Devices::Many(many) => {
+                many.remove(conn);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Devices::Few(few) => few.is_empty(),
+            Devices::Many(many) => many.is_empty(),
+        }
+    }
+
+    #[cfg(test)]
+    fn contains(&self, conn: &str) -> bool {
+        match self {
+            Devices::Few(few) => few.iter().any(|c| c == conn),
+            Devices::Many(many) => many.contains(conn),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &String> {
+        let (few, many) = match self {
+            Devices::Few(few) => (Some(few.iter()), None),
+            Devices::Many(many) => (None, Some(many.iter())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
 }
 
 #[derive(Debug)]
@@ -172,7 +251,7 @@ struct Grace {
     epoch: u64,
     /// The last connection to go, and its edge (the offline event names it).
     conn: String,
-    node: String,
+    node: Arc<str>,
 }
 
 /// The cluster's presence state, owned by one task.
@@ -361,7 +440,7 @@ impl View {
                 user,
                 event: UserTransition::Offline,
                 conn: grace.conn,
-                node: grace.node,
+                node: grace.node.to_string(),
             }));
         }
     }
@@ -379,7 +458,7 @@ impl View {
                 .filter(|_| same_incarnation)
                 .and_then(|n| n.started_ms);
             self.remove_node(&node_id, now);
-            let mut node = Node::new(started_ms, now, true);
+            let mut node = Node::new(&node_id, started_ms, now, true);
             node.seq = 1;
             self.nodes.insert(node_id.clone(), node);
             self.change(&node_id, change, now);
@@ -414,8 +493,10 @@ impl View {
             // Its old connections went with the old process, unannounced.
             self.remove_node(&node_id, now);
             if seq == 0 && conns == 0 {
-                self.nodes
-                    .insert(node_id, Node::new(Some(started_ms), now, true));
+                self.nodes.insert(
+                    node_id.clone(),
+                    Node::new(&node_id, Some(started_ms), now, true),
+                );
             } else {
                 // What the new process holds arrived since: change, if the
                 // old one's state was known.
@@ -427,8 +508,10 @@ impl View {
         let Some(node) = self.nodes.get_mut(&node_id) else {
             if seq == 0 && conns == 0 {
                 // An edge that never had a connection: nothing to fetch.
-                self.nodes
-                    .insert(node_id, Node::new(Some(started_ms), now, true));
+                self.nodes.insert(
+                    node_id.clone(),
+                    Node::new(&node_id, Some(started_ms), now, true),
+                );
             } else {
                 self.insert_awaiting(node_id, Some(started_ms), false, now);
             }
@@ -471,13 +554,14 @@ impl View {
                     // Another process: none of the old connections survive.
                     let d = node.discovered;
                     self.remove_node(&node_id, now);
-                    self.nodes.insert(node_id.clone(), Node::new(None, now, d));
+                    self.nodes
+                        .insert(node_id.clone(), Node::new(&node_id, None, now, d));
                 }
                 self.nodes[&node_id].discovered
             }
             None => {
                 self.nodes
-                    .insert(node_id.clone(), Node::new(None, now, false));
+                    .insert(node_id.clone(), Node::new(&node_id, None, now, false));
                 false
             }
         };
@@ -517,7 +601,7 @@ impl View {
             let held = self
                 .conns
                 .get(&c.conn)
-                .is_some_and(|held| held.node == node_id);
+                .is_some_and(|held| *held.node == *node_id);
             if !held {
                 self.connect(&node_id, c.conn.clone(), c.user, c.since_ms, false, now);
                 for r in c.rooms {
@@ -572,7 +656,7 @@ impl View {
         discovered: bool,
         now: Instant,
     ) {
-        let mut node = Node::new(started_ms, now, discovered);
+        let mut node = Node::new(&node_id, started_ms, now, discovered);
         match self.sync_all_at {
             Some(at) if now.saturating_duration_since(at) < self.sync_retry => {
                 node.sync = SyncState::Awaiting { asked_at: at };
@@ -597,7 +681,7 @@ impl View {
             } => self.connect(node_id, conn, user, since_ms, true, now),
             Change::Disconnect { conn } => {
                 // The edge announces its live connections' leaves itself.
-                if self.conns.get(&conn).is_some_and(|c| c.node == node_id) {
+                if self.conns.get(&conn).is_some_and(|c| &*c.node == node_id) {
                     self.remove_conn(&conn, true, now);
                 }
             }
@@ -608,12 +692,12 @@ impl View {
                 quiet,
             } => self.join(node_id, &conn, room, meta, quiet, true),
             Change::Leave { conn, room } => {
-                if self.conns.get(&conn).is_some_and(|c| c.node == node_id) {
+                if self.conns.get(&conn).is_some_and(|c| &*c.node == node_id) {
                     self.leave(&conn, &room, true);
                 }
             }
             Change::Meta { conn, room, meta } => {
-                if self.conns.get(&conn).is_some_and(|c| c.node == node_id) {
+                if self.conns.get(&conn).is_some_and(|c| &*c.node == node_id) {
                     self.update(&conn, &room, Some(meta), None, true);
                 }
             }
@@ -643,14 +727,18 @@ impl View {
                 node: node_id.to_string(),
             }));
         }
-        if let Some(node) = self.nodes.get_mut(node_id) {
-            node.conns.insert(conn.clone());
-        }
+        let node = match self.nodes.get_mut(node_id) {
+            Some(node) => {
+                node.conns.insert(conn.clone());
+                node.name.clone()
+            }
+            None => node_id.into(),
+        };
         self.conns.insert(
             conn,
             Conn {
                 user,
-                node: node_id.to_string(),
+                node,
                 since_ms,
                 rooms: BTreeMap::new(),
             },
@@ -667,7 +755,7 @@ impl View {
         quiet: bool,
         announced: bool,
     ) {
-        let Some(c) = self.conns.get_mut(conn_id).filter(|c| c.node == node_id) else {
+        let Some(c) = self.conns.get_mut(conn_id).filter(|c| &*c.node == node_id) else {
             return;
         };
         if c.rooms.contains_key(&room) {
@@ -778,16 +866,16 @@ impl View {
             if user.conns.is_empty() {
                 let epoch = self.next_epoch;
                 self.next_epoch += 1;
-                user.grace = Some(Grace {
+                user.grace = Some(Box::new(Grace {
                     epoch,
                     conn: conn_id.to_string(),
                     node: conn.node.clone(),
-                });
+                }));
                 self.graces
                     .push_back((now + self.grace, conn.user.clone(), epoch));
             }
         }
-        if let Some(node) = self.nodes.get_mut(&conn.node) {
+        if let Some(node) = self.nodes.get_mut(&*conn.node) {
             node.conns.remove(conn_id);
         }
         Some(conn)
@@ -886,7 +974,7 @@ impl View {
                 let entry = self.users.get(user);
                 let mut conns: Vec<Connection> = entry
                     .into_iter()
-                    .flat_map(|u| &u.conns)
+                    .flat_map(|u| u.conns.iter())
                     .filter_map(|id| self.conns.get(id).map(|c| connection(id, c, String::new())))
                     .collect();
                 conns.sort_unstable_by(|a, b| a.conn.cmp(&b.conn));
@@ -908,7 +996,7 @@ impl View {
                 self.users[&c.user].conns.contains(id),
                 "user index misses {id}"
             );
-            assert!(self.nodes[&c.node].conns.contains(id), "node misses {id}");
+            assert!(self.nodes[&*c.node].conns.contains(id), "node misses {id}");
             for room in c.rooms.keys() {
                 assert!(self.rooms[room].contains(id), "room {room} misses {id}");
             }
@@ -928,13 +1016,17 @@ impl View {
                 u.grace.is_some(),
                 "{user}: a grace period exactly when no connection"
             );
-            for id in &u.conns {
+            for id in u.conns.iter() {
                 assert_eq!(&self.conns[id].user, user, "{user} holds gone {id}");
             }
         }
         for (node_id, n) in &self.nodes {
             for id in &n.conns {
-                assert_eq!(&self.conns[id].node, node_id, "{node_id} holds gone {id}");
+                assert_eq!(
+                    &*self.conns[id].node,
+                    node_id.as_str(),
+                    "{node_id} holds gone {id}"
+                );
             }
         }
     }
@@ -967,7 +1059,7 @@ fn room_event(
         room,
         user: c.user.clone(),
         conn: conn_id.to_string(),
-        node: c.node.clone(),
+        node: c.node.to_string(),
         meta,
         announced,
     }
@@ -987,7 +1079,7 @@ fn connection(id: &str, c: &Conn, meta: String) -> Connection {
     Connection {
         conn: id.to_string(),
         user: c.user.clone(),
-        node: c.node.clone(),
+        node: c.node.to_string(),
         since_ms: c.since_ms,
         meta,
     }

@@ -182,7 +182,7 @@ fn deltas_in_order_build_the_view() {
     assert_eq!(members(&v, "chat:a"), ["c1", "c2"]);
     let reply = v.room_members("chat:a");
     assert_eq!(reply.members[0].conns[0].meta, r#"{"typing":true}"#);
-    assert_eq!(v.conn("c1").unwrap().node, "e1");
+    assert_eq!(&*v.conn("c1").unwrap().node, "e1");
     assert_eq!(
         v.stats(),
         Stats {
@@ -852,6 +852,46 @@ fn room_events_carry_who_where_and_the_meta() {
     };
     assert_eq!(v.expire(now + GRACE), [Effect::User(change.clone())]);
     assert_eq!(change.id(), "ada:offline:c1");
+}
+
+/// A user with more devices than a short list holds is tracked the same
+/// way: online once, every device listed, offline once after the last.
+#[test]
+fn a_user_with_many_devices_goes_online_once_and_offline_once() {
+    let t0 = Instant::now();
+    let mut v = view();
+    let devices: Vec<String> = (0..20).map(|i| format!("d{i:02}")).collect();
+    let fx = feed(
+        &mut v,
+        t0,
+        (1..)
+            .zip(&devices)
+            .map(|(seq, d)| delta("e1", seq, connect(d, "ada"))),
+    );
+    assert_eq!(fx, ["online ada d00"]);
+    let listed: Vec<String> = v.user_status(&["ada".into()]).users[0]
+        .conns
+        .iter()
+        .map(|c| c.conn.clone())
+        .collect();
+    assert_eq!(listed, devices);
+    // Leaving in another order than they came, down to none.
+    let order = devices
+        .iter()
+        .rev()
+        .step_by(2)
+        .chain(devices.iter().step_by(2));
+    let fx = feed(
+        &mut v,
+        t0,
+        (21..)
+            .zip(order)
+            .map(|(seq, d)| delta("e1", seq, disconnect(d))),
+    );
+    assert!(fx.is_empty());
+    // The offline event names the last device to go.
+    assert_eq!(events(v.expire(t0 + GRACE)), ["offline ada d18"]);
+    assert_eq!(v.stats().users, 0);
 }
 
 #[test]
