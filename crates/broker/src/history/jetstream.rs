@@ -85,6 +85,11 @@ const APPEND_CONTENTION_LIMIT: Duration = Duration::from_secs(10);
 /// Rooms whose last offset this process remembers; idle entries are dropped
 /// when there are more.
 const MAX_CACHED_ROOMS: usize = 65_536;
+/// How long a direct get may go unanswered before it is sent again.
+const DIRECT_GET_PATIENCE: Duration = Duration::from_secs(1);
+/// Direct gets sent before waiting for an unanswered one to time out.
+const DIRECT_GET_ATTEMPTS: u32 = 3;
+
 /// Messages a read takes by direct gets, one request each, before it reads
 /// the rest through a consumer.
 const DIRECT_READS: usize = 16;
@@ -426,7 +431,7 @@ impl JetStreamHistory {
     /// ago may not be seen yet (as with any KV get); appends, which must
     /// see the room's true last message, use [`Self::last`].
     async fn last_direct(&self, ns: &Namespace, subject: &str) -> Result<Last, HistoryError> {
-        match ns.stream.direct_get_last_for_subject(subject).await {
+        match patiently(|| ns.stream.direct_get_last_for_subject(subject)).await {
             Ok(m) => Ok(Last {
                 offset: m.sequence,
                 n: number(&m.headers),
@@ -803,8 +808,8 @@ impl JetStreamHistory {
     ) -> Result<(BTreeMap<String, u64>, Option<u64>), HistoryError> {
         check_user(user)?;
         let kv = self.marker_bucket().await?;
-        let entry = kv
-            .entry(kv_encode(user))
+        let key = kv_encode(user);
+        let entry = patiently(|| kv.entry(key.as_str()))
             .await
             .map_err(|e| self.fail("read markers", e))?;
         let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
@@ -895,6 +900,25 @@ impl JetStreamHistory {
                 )))
             })
     }
+}
+
+/// Sends a read made of one direct get again when no answer came within
+/// [`DIRECT_GET_PATIENCE`]. In a NATS cluster, direct gets sent in the
+/// moments after their stream was created went unanswered until the API
+/// timeout (5 s), and every connect of an edge waited that long for its
+/// read markers; a read is idempotent, so asking again costs nothing.
+async fn patiently<T, E, F, Fut>(mut read: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    for _ in 1..DIRECT_GET_ATTEMPTS {
+        if let Ok(answered) = tokio::time::timeout(DIRECT_GET_PATIENCE, read()).await {
+            return answered;
+        }
+        tracing::debug!("a direct get went unanswered for {DIRECT_GET_PATIENCE:?}; asking again");
+    }
+    read().await
 }
 
 fn number(headers: &async_nats::HeaderMap) -> Option<u64> {
