@@ -47,6 +47,33 @@ pub fn figure(section: &Section, key: &str, field: Option<&str>) -> Option<f64> 
     }
 }
 
+/// Each of `figures` that both sections have: Herald's, Socket.IO's and
+/// Herald / Socket.IO (`null` over a zero); with how many there were.
+fn side_by_side(h: &Section, s: &Section, figures: &[(&str, Option<&str>)]) -> (Section, usize) {
+    let mut section = Section::new();
+    let mut compared = 0;
+    for (key, field) in figures {
+        let (Some(hv), Some(sv)) = (figure(h, key, *field), figure(s, key, *field)) else {
+            continue;
+        };
+        let name = match field {
+            Some(f) => format!("{key}.{f}"),
+            None => (*key).to_owned(),
+        };
+        let ratio = if sv != 0.0 {
+            Value::from(crate::report::round3(hv / sv))
+        } else {
+            Value::Null
+        };
+        section = section.put(
+            &name,
+            json!({"herald": hv, "socketio": sv, "herald_over_socketio": ratio}),
+        );
+        compared += 1;
+    }
+    (section, compared)
+}
+
 /// The median of `values`; `None` if there are none.
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
@@ -84,27 +111,7 @@ pub fn ratios(herald: &Report, socketio: &Report) -> Report {
         let Some((_, s)) = socketio.results.iter().find(|(name, _)| name == step) else {
             continue;
         };
-        let mut section = Section::new();
-        let mut compared = 0;
-        for (key, field) in FIGURES {
-            let (Some(hv), Some(sv)) = (figure(h, key, *field), figure(s, key, *field)) else {
-                continue;
-            };
-            let name = match field {
-                Some(f) => format!("{key}.{f}"),
-                None => (*key).to_owned(),
-            };
-            let ratio = if sv != 0.0 {
-                Value::from(crate::report::round3(hv / sv))
-            } else {
-                Value::Null
-            };
-            section = section.put(
-                &name,
-                json!({"herald": hv, "socketio": sv, "herald_over_socketio": ratio}),
-            );
-            compared += 1;
-        }
+        let (mut section, compared) = side_by_side(h, s, FIGURES);
         if let Some(cpu) = cpu_ratios(h, s) {
             section = section.put("cpu_per_delivery", cpu.to_json());
         }
@@ -278,27 +285,7 @@ fn ratios_of(herald: &Report, socketio: &Report, figures: &[(&str, Option<&str>)
         let Some((_, s)) = socketio.results.iter().find(|(n, _)| n == name) else {
             continue;
         };
-        let mut section = Section::new();
-        let mut compared = 0;
-        for (key, field) in figures {
-            let (Some(hv), Some(sv)) = (figure(h, key, *field), figure(s, key, *field)) else {
-                continue;
-            };
-            let label = match field {
-                Some(f) => format!("{key}.{f}"),
-                None => (*key).to_owned(),
-            };
-            let ratio = if sv != 0.0 {
-                Value::from(crate::report::round3(hv / sv))
-            } else {
-                Value::Null
-            };
-            section = section.put(
-                &label,
-                json!({"herald": hv, "socketio": sv, "herald_over_socketio": ratio}),
-            );
-            compared += 1;
-        }
+        let (section, compared) = side_by_side(h, s, figures);
         if compared > 0 {
             out.section(name, section);
         }
