@@ -6,10 +6,12 @@
 //! held while any local key of the shard has members: a subscription per
 //! key would cost every idle connection its client-side buffers.
 //!
-//! A key with a subscription of its own keeps it for [`LINGER`] after its
-//! last local member left, and a shard after its last key did: a room that empties and fills again within that
-//! (a user reconnecting, a room whose few members come and go) costs the
-//! broker no unsubscribe and subscribe, and its next join no init.
+//! A key stays for [`LINGER`] after its last local member left, with its
+//! subscription, or in its shard's: a room that empties and fills again
+//! within that (a user reconnecting, a room whose few members come and go)
+//! costs the broker no unsubscribe and subscribe, and its next join no init;
+//! what its handler learned meanwhile (a durable room's position, a user's
+//! read markers) is still there.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -152,13 +154,17 @@ struct Shard {
     emptied: AtomicU64,
 }
 
+/// A key left without members: when it may go, the entry's `emptied` count
+/// then, and its shard's wildcard (`None`: a subscription of its own).
+type Lingering<K> = (tokio::time::Instant, K, u64, Option<String>);
+
 struct Table<K, S> {
     keys: HashMap<K, Arc<Entry<S>>>,
     /// Shards with at least one key in `keys`, by wildcard, with that count.
     shards: HashMap<String, (usize, Arc<Shard>)>,
     /// Keys left without members, in the order they emptied: when each may
     /// go, and the entry's `emptied` count then.
-    lingering: VecDeque<(tokio::time::Instant, K, u64)>,
+    lingering: VecDeque<Lingering<K>>,
     /// Shards left without keys, likewise (at most one per shard).
     lingering_shards: VecDeque<(tokio::time::Instant, String, u64)>,
 }
@@ -394,35 +400,45 @@ where
             return;
         }
         self.count.dec();
-        if self.shard_of(key).is_none() && entry.live.initialized() {
+        let shard = self.shard_of(key);
+        if entry.live.initialized() {
+            // A sharded key keeps its place in the shard's count meanwhile.
             let emptied = entry.emptied.fetch_add(1, Ordering::Relaxed) + 1;
             let now = tokio::time::Instant::now();
             table
                 .lingering
-                .push_back((now + LINGER, key.clone(), emptied));
+                .push_back((now + LINGER, key.clone(), emptied, shard));
             expire(&mut table, now);
             return;
         }
         table.keys.remove(key);
-        if let Some(subject) = self.shard_of(key)
-            && let MapEntry::Occupied(mut shard) = table.shards.entry(subject.clone())
-        {
-            shard.get_mut().0 -= 1;
-            if shard.get().0 == 0 {
-                // A shard's subscription lingers like a room's: under
-                // reconnects its users' personal rooms come back soon.
-                if shard.get().1.live.initialized() {
-                    let emptied = shard.get().1.emptied.fetch_add(1, Ordering::Relaxed) + 1;
-                    let now = tokio::time::Instant::now();
-                    table
-                        .lingering_shards
-                        .push_back((now + LINGER, subject, emptied));
-                    expire(&mut table, now);
-                } else {
-                    shard.remove();
-                }
-            }
-        }
+        leave_shard(&mut table, shard, true);
+    }
+}
+
+/// One key fewer in the shard `subject` (`None`: the key has a
+/// subscription of its own). A shard left without keys lingers if `linger`;
+/// one whose last key lingered already goes at once.
+fn leave_shard<K, S>(table: &mut Table<K, S>, subject: Option<String>, linger: bool) {
+    let Some(subject) = subject else { return };
+    let MapEntry::Occupied(mut shard) = table.shards.entry(subject.clone()) else {
+        return;
+    };
+    shard.get_mut().0 -= 1;
+    if shard.get().0 > 0 {
+        return;
+    }
+    // A shard's subscription lingers like a room's: under reconnects its
+    // users' personal rooms come back soon.
+    if linger && shard.get().1.live.initialized() {
+        let emptied = shard.get().1.emptied.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = tokio::time::Instant::now();
+        table
+            .lingering_shards
+            .push_back((now + LINGER, subject, emptied));
+        expire_shards(table, now);
+    } else {
+        shard.remove();
     }
 }
 
@@ -441,11 +457,11 @@ impl<K: Eq + Hash, S> Interest<K, S> {
 /// beyond [`MAX_LINGERING`], unless a member joined since; and the
 /// lingering shards whose time is up, unless a key joined since.
 fn expire<K: Eq + Hash, S>(table: &mut Table<K, S>, now: tokio::time::Instant) {
-    while let Some((until, _, _)) = table.lingering.front() {
+    while let Some((until, ..)) = table.lingering.front() {
         if *until > now && table.lingering.len() <= MAX_LINGERING {
             break;
         }
-        let (_, key, emptied) = table.lingering.pop_front().expect("a front");
+        let (_, key, emptied, shard) = table.lingering.pop_front().expect("a front");
         let idle = table.keys.get(&key).is_some_and(|e| {
             e.emptied.load(Ordering::Relaxed) == emptied
                 && e.members.read().expect("members").is_empty()
@@ -453,8 +469,15 @@ fn expire<K: Eq + Hash, S>(table: &mut Table<K, S>, now: tokio::time::Instant) {
         if idle {
             // Dropping the entry stops its pump, which ends the subscription.
             table.keys.remove(&key);
+            leave_shard(table, shard, false);
         }
     }
+    expire_shards(table, now);
+}
+
+/// Removes the lingering shards whose time is up as of `now`, unless a key
+/// joined since.
+fn expire_shards<K, S>(table: &mut Table<K, S>, now: tokio::time::Instant) {
     while let Some((until, _, _)) = table.lingering_shards.front() {
         if *until > now {
             break;
@@ -749,9 +772,10 @@ pub(crate) mod tests {
         publish(&broker, "t.shard.1.b", "still b").await;
         assert_eq!(received(&mut c2, 1).await, ["still b"]);
         rooms.leave(&b, 2);
-        // The shard lingers without keys: a key of it joins at once, and
-        // nothing reaches a member of a key that left.
-        assert_eq!(rooms.table.lock().unwrap().shards["t.shard.1.*"].0, 0);
+        // The keys linger without members, and the shard with them: a key
+        // of it joins at once, and nothing reaches a member of a key that
+        // left.
+        assert_eq!(rooms.table.lock().unwrap().shards["t.shard.1.*"].0, 2);
         assert!(!unsubscribed(&broker, "t.shard.1.b").await);
         rooms.join(&b, &m2, false).await.unwrap();
         publish(&broker, "t.shard.1.a", "a left").await;
@@ -761,7 +785,8 @@ pub(crate) mod tests {
         rooms.leave(&b, 2);
         rooms.expire_lingering();
         assert_eq!(rooms.table.lock().unwrap().shards.len(), 1);
-        // Once its time is up, the pump is aborted, which drops the subscription.
+        // Once the keys' time is up they go, and the shard with them: the
+        // pump is aborted, which drops the subscription.
         expire(
             &mut rooms.table.lock().unwrap(),
             tokio::time::Instant::now() + LINGER,
