@@ -190,6 +190,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the broker is reachable right now (readiness).
     fn is_connected(&self) -> bool;
 
+    /// A number that moves whenever this client's subscriptions may have
+    /// missed messages: the connection dropped or came back, or a
+    /// subscription fell so far behind that the client dropped some (a slow
+    /// consumer). What was learned from a subscription's messages while it
+    /// stayed the same is complete; across a change it may not be.
+    fn continuity(&self) -> u64;
+
     /// A human-readable name for logs: "nats://..." or "in-memory".
     fn describe(&self) -> String;
 }

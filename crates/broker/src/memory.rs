@@ -321,6 +321,11 @@ impl Broker for MemoryBroker {
         Box::pin(async { Ok(()) })
     }
 
+    fn continuity(&self) -> u64 {
+        // Delivery is a function call: nothing is ever missed.
+        0
+    }
+
     fn is_connected(&self) -> bool {
         true
     }

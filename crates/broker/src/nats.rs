@@ -1,7 +1,7 @@
 //! The NATS broker of a cluster (async-nats, core NATS).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +60,9 @@ pub struct NatsBroker {
     /// The connect count and time of the latest connect the client reported
     /// (its events arrive a moment after the count moves).
     connected: Arc<Mutex<(u64, Instant)>>,
+    /// Moves on every event after which a subscription may have missed
+    /// messages ([`Broker::continuity`]).
+    breaks: Arc<AtomicU64>,
 }
 
 impl NatsBroker {
@@ -80,6 +83,8 @@ impl NatsBroker {
     ) -> Result<NatsBroker, BrokerError> {
         let connected = Arc::new(Mutex::new((0u64, Instant::now())));
         let on_event = connected.clone();
+        let breaks = Arc::new(AtomicU64::new(0));
+        let on_break = breaks.clone();
         let servers = server_list(url)?;
         let options = security.apply(async_nats::ConnectOptions::new()).await?;
         let client = options
@@ -93,6 +98,14 @@ impl NatsBroker {
                 if matches!(event, async_nats::Event::Connected) {
                     let mut connected = on_event.lock().expect("connect record");
                     *connected = (connected.0 + 1, Instant::now());
+                }
+                if matches!(
+                    event,
+                    async_nats::Event::Connected
+                        | async_nats::Event::Disconnected
+                        | async_nats::Event::SlowConsumer(_)
+                ) {
+                    on_break.fetch_add(1, Ordering::AcqRel);
                 }
                 async {}
             })
@@ -116,6 +129,7 @@ impl NatsBroker {
             confirm_subject,
             confirmations,
             connected,
+            breaks,
         })
     }
 
@@ -476,6 +490,12 @@ impl Broker for NatsBroker {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Bytes, BrokerError>> {
         Box::pin(self.ask(subject, None, payload, timeout))
+    }
+
+    fn continuity(&self) -> u64 {
+        // A reconnect the event callback has not reported yet is counted
+        // too.
+        self.breaks.load(Ordering::Acquire) + self.connects()
     }
 
     fn is_connected(&self) -> bool {

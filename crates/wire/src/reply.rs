@@ -187,7 +187,7 @@ impl Connected {
 
 /// `read`: a user's read marker moved (sent to every device of the user
 /// through the personal room).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ReadEvent {
     pub room: String,
     pub offset: u64,
@@ -198,6 +198,19 @@ impl ReadEvent {
     pub fn to_frame(&self) -> Bytes {
         frame("read", None, self)
     }
+
+    /// The event in `frame`, if it is a `read` frame (edges keep what the
+    /// events of their users' personal rooms say).
+    pub fn parse(frame: &[u8]) -> Option<ReadEvent> {
+        #[derive(serde::Deserialize)]
+        struct Tagged {
+            op: String,
+            #[serde(flatten)]
+            event: ReadEvent,
+        }
+        let tagged: Tagged = serde_json::from_slice(frame).ok()?;
+        (tagged.op == "read").then_some(tagged.event)
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +218,19 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_read_event_reads_back_from_its_frame() {
+        let event = ReadEvent {
+            room: "chat:a".into(),
+            offset: 7,
+            unread: 2,
+        };
+        assert_eq!(ReadEvent::parse(&event.to_frame()), Some(event));
+        let message = br#"{"op":"message","room":"chat:a","offset":7,"unread":2}"#;
+        assert_eq!(ReadEvent::parse(message), None, "not a read frame");
+        assert_eq!(ReadEvent::parse(b"{not json"), None);
+    }
 
     fn json_of(frame: Bytes) -> Value {
         serde_json::from_slice(&frame).expect("a frame is JSON")

@@ -1,8 +1,9 @@
 //! What a connect asks of NATS: no JetStream consumer, and only the
 //! requests that read the inbox's last message and the user's read markers
-//! (plus, at most every couple of seconds, the inbox stream's info). Seen
-//! from a plain NATS subscriber on the JetStream API subjects, which gets
-//! a copy of every request the edge makes.
+//! (plus, at most every couple of seconds, the inbox stream's info); nothing
+//! at all when the edge already holds the user's personal room. Seen from a
+//! plain NATS subscriber on the JetStream API subjects, which gets a copy of
+//! every request the edge makes.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
+use herald_client::Client;
 use serde_json::json;
 
 /// The JetStream API requests seen since the last call, by kind (the
@@ -19,11 +21,21 @@ async fn requests(
     client: &async_nats::Client,
     sub: &mut async_nats::Subscriber,
 ) -> BTreeMap<String, usize> {
+    requests_to(client, sub, 2).await
+}
+
+/// The same, by the first `tokens` tokens after `$JS.API` (3: with the
+/// stream).
+async fn requests_to(
+    client: &async_nats::Client,
+    sub: &mut async_nats::Subscriber,
+    tokens: usize,
+) -> BTreeMap<String, usize> {
     // Every request made before this flush's PONG has been delivered.
     client.flush().await.unwrap();
     let mut seen = BTreeMap::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
-        let kind: Vec<&str> = m.subject.as_str().split('.').skip(2).take(2).collect();
+        let kind: Vec<&str> = m.subject.as_str().split('.').skip(2).take(tokens).collect();
         *seen.entry(kind.join(".")).or_default() += 1;
     }
     seen
@@ -57,4 +69,97 @@ async fn a_connect_creates_no_consumer_and_makes_two_requests() {
         assert_eq!(seen, expected, "the connect of {user}");
         drop(client);
     }
+}
+
+const DOCS: &str = r#"
+[namespaces.doc]
+durable = { history_size = 100, history_ttl = "1h" }
+"#;
+
+/// An edge that holds a user's personal room (a device of theirs is
+/// connected there, or was within the linger) knows the inbox's position
+/// and, from the `read` events that pass through it, the read markers: the
+/// next connect of that user there asks NATS nothing, and its unread counts
+/// are still exact when a marker moved on another edge.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_to_an_edge_that_holds_the_user_asks_nothing() {
+    let (_f, config) = config_file(DOCS);
+    let cluster = Cluster::start_with(2, &config);
+    let nats = async_nats::connect(cluster.nats.url()).await.unwrap();
+    let mut api = nats.subscribe("$JS.API.>").await.unwrap();
+    let first = connect(&cluster.ws(0), "warm-up").await;
+    first.request(json!({"op":"ping"})).await.unwrap();
+
+    // Three messages in a durable room; dan reads up to the first on edge 0.
+    let writer = connect(&cluster.ws(1), "writer").await;
+    let mut offsets = Vec::new();
+    for n in 0..3 {
+        let ok = writer
+            .request(json!({"op":"publish","room":"doc:x","data":n}))
+            .await
+            .unwrap();
+        offsets.push(ok["offset"].as_u64().unwrap());
+    }
+    let dan = connect(&cluster.ws(0), "dan").await;
+    let read = dan
+        .request(json!({"op":"read","room":"doc:x","offset":offsets[0]}))
+        .await
+        .unwrap();
+    assert_eq!(read["unread"], 2, "offsets {offsets:?}, read {read}");
+    requests(&nats, &mut api).await;
+
+    // Another device of dan's reads further on edge 1; edge 0 learns it
+    // from the `read` event that reaches dan's device there.
+    let phone = connect(&cluster.ws(1), "dan").await;
+    phone
+        .request(json!({"op":"read","room":"doc:x","offset":offsets[1]}))
+        .await
+        .unwrap();
+    // (dan's own read comes back to it first.)
+    loop {
+        let event = dan.recv_op("read", Duration::from_secs(10)).await.unwrap();
+        if event["offset"] == offsets[1] {
+            break;
+        }
+        assert_eq!(event["offset"], offsets[0], "an unexpected read event");
+    }
+    requests(&nats, &mut api).await;
+
+    // A new device on edge 0: no read of the markers or the inbox, and the
+    // counts are those of the marker set on edge 1.
+    let (laptop, connected) = Client::connect(&cluster.ws(0), &token("dan"))
+        .await
+        .unwrap();
+    let seen = requests_to(&nats, &mut api, 3).await;
+    assert_eq!(
+        connected["unread"],
+        json!({"doc:x": 1, "user:dan": 0}),
+        "unread counts with the marker moved on another edge"
+    );
+    assert!(
+        seen.keys()
+            .all(|kind| !kind.contains("KV_") && !kind.contains("HERALD_USER")),
+        "a connect read the markers or the inbox although the edge holds them: {seen:?}"
+    );
+
+    // Every device of dan's on edge 0 goes, and the phone reads to the end;
+    // a reconnect within the linger still reads neither the markers nor
+    // the inbox (only the durable room's position, to count).
+    drop(laptop);
+    drop(dan);
+    phone
+        .request(json!({"op":"read","room":"doc:x","offset":offsets[2]}))
+        .await
+        .unwrap();
+    requests(&nats, &mut api).await;
+    let (_back, connected) = Client::connect(&cluster.ws(0), &token("dan"))
+        .await
+        .unwrap();
+    let seen = requests_to(&nats, &mut api, 3).await;
+    assert_eq!(connected["unread"], json!({"doc:x": 0, "user:dan": 0}));
+    assert!(
+        seen.keys()
+            .all(|kind| !kind.contains("KV_") && !kind.contains("HERALD_USER")),
+        "a reconnect within the linger read the markers or the inbox: {seen:?}"
+    );
 }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use herald_broker::history::{HistoryError, SharedHistory};
 use herald_wire::RoomName;
 use herald_wire::frames::{position, with_position};
+use herald_wire::reply::ReadEvent;
 
 use super::{RoomEntry, fan_out};
 
@@ -34,6 +35,29 @@ pub(super) struct Durable {
     /// Early messages by the offset they follow.
     early: BTreeMap<u64, (u64, Bytes)>,
     filling: bool,
+    /// Personal rooms only: the user's read markers, as far as this edge
+    /// has learned them.
+    markers: Option<Box<Markers>>,
+}
+
+/// A user's read markers as this edge learned them: read from the store
+/// once, then moved by the `read` events that come through the user's
+/// personal room. A marker only moves forward, so the larger of two values
+/// is right whatever order the store's answer and the events arrive in.
+#[derive(Default)]
+struct Markers {
+    rooms: BTreeMap<String, u64>,
+    /// The broker's continuity ([`herald_broker::Broker::continuity`]) as it
+    /// was before the store was read: the markers are complete while it
+    /// stays so. `None`: the store has not been read.
+    complete_at: Option<u64>,
+}
+
+impl Markers {
+    fn advance(&mut self, room: &str, offset: u64) {
+        let marker = self.rooms.entry(room.to_string()).or_default();
+        *marker = (*marker).max(offset);
+    }
 }
 
 impl Durable {
@@ -50,7 +74,31 @@ impl Durable {
             last,
             early: BTreeMap::new(),
             filling: false,
+            markers: None,
         })
+    }
+
+    /// The user's read markers (of a personal room), if this edge has
+    /// known all of them since the broker's continuity was `now`.
+    pub(super) fn known_markers(&self, now: u64) -> Option<Vec<(RoomName, u64)>> {
+        let markers = self.markers.as_ref()?;
+        (markers.complete_at == Some(now)).then(|| parsed(&markers.rooms))
+    }
+
+    /// Takes in the markers read from the store when the broker's
+    /// continuity was `at`, with what the events said meanwhile; returns
+    /// them all.
+    pub(super) fn learn_markers(
+        &mut self,
+        stored: &[(RoomName, u64)],
+        at: u64,
+    ) -> Vec<(RoomName, u64)> {
+        let markers = self.markers.get_or_insert_with(Default::default);
+        for (room, offset) in stored {
+            markers.advance(room.as_str(), *offset);
+        }
+        markers.complete_at = Some(at);
+        parsed(&markers.rooms)
     }
 
     /// Delivers `frame` if it is the next in order (with the early ones
@@ -63,7 +111,15 @@ impl Durable {
         frame: Bytes,
     ) -> usize {
         let Some((offset, prev)) = position(&frame) else {
-            // Presence events and read markers are not part of the order.
+            // Presence events and read markers are not part of the order;
+            // a personal room's read events keep its markers up to date.
+            if self.room.is_personal()
+                && let Some(read) = ReadEvent::parse(&frame)
+            {
+                self.markers
+                    .get_or_insert_with(Default::default)
+                    .advance(&read.room, read.offset);
+            }
             return fan_out(entry, &frame);
         };
         if offset <= self.last {
@@ -82,6 +138,14 @@ impl Durable {
         sent += drain_early(entry, self);
         sent
     }
+}
+
+/// The markers of rooms whose names still parse (a rule may have changed).
+fn parsed(rooms: &BTreeMap<String, u64>) -> Vec<(RoomName, u64)> {
+    rooms
+        .iter()
+        .filter_map(|(room, offset)| Some((RoomName::parse(room).ok()?, *offset)))
+        .collect()
 }
 
 /// Delivers early messages that now follow the last delivered one.

@@ -221,6 +221,29 @@ pub fn epoch(entry: &RoomEntry) -> Option<String> {
     order.durable().map(|d| d.epoch.clone())
 }
 
+/// The user's read markers, from the entry of their personal room, if this
+/// edge has known every one of them since the broker's continuity was
+/// `now` ([`herald_broker::Broker::continuity`]).
+pub fn known_markers(entry: &RoomEntry, now: u64) -> Option<Vec<(RoomName, u64)>> {
+    let order = entry.state.0.lock().expect("room order");
+    order.durable()?.known_markers(now)
+}
+
+/// Keeps the user's read markers, read from the store when the broker's
+/// continuity was `at`, in the entry of their personal room, together with
+/// what `read` events said meanwhile; returns them all.
+pub fn learn_markers(
+    entry: &RoomEntry,
+    stored: &[(RoomName, u64)],
+    at: u64,
+) -> Vec<(RoomName, u64)> {
+    let mut order = entry.state.0.lock().expect("room order");
+    match order.durable_mut() {
+        Some(d) => d.learn_markers(stored, at),
+        None => stored.to_vec(),
+    }
+}
+
 /// The last offset delivered in a durable room (`None` for an ephemeral one).
 pub fn last(entry: &RoomEntry) -> Option<u64> {
     let order = entry.state.0.lock().expect("room order");
@@ -308,5 +331,52 @@ mod tests {
             expected.map(|f| String::from_utf8(f.to_vec()).unwrap())
         );
         receives_nothing(&mut client).await;
+    }
+
+    /// A personal room's entry keeps the user's read markers: what the
+    /// store said, moved forward by the `read` events that pass through,
+    /// and trusted only while the broker's continuity stays as it was.
+    #[tokio::test]
+    async fn a_personal_room_keeps_the_markers_its_read_events_carry() {
+        let history: SharedHistory = Arc::new(MemoryHistory::new());
+        let limits = Limits {
+            max_messages_per_room: 100,
+            max_age: Duration::from_secs(3600),
+        };
+        history.ensure_namespace("user", limits).await.unwrap();
+        let inbox = RoomName::user("alice").unwrap();
+        let (entry, mut client) = entry_with_member().await;
+        init(&history, inbox, &entry).await.unwrap();
+        let read = |room: &str, offset| {
+            herald_wire::reply::ReadEvent {
+                room: room.into(),
+                offset,
+                unread: 0,
+            }
+            .to_frame()
+        };
+        let (a, b) = (
+            RoomName::parse("doc:a").unwrap(),
+            RoomName::parse("doc:b").unwrap(),
+        );
+        assert_eq!(known_markers(&entry, 7), None, "never read from the store");
+        // An event that comes before the store's answer is kept, and the
+        // larger marker wins.
+        assert_eq!(on_frame(&entry, &history, read("doc:a", 5)), 1);
+        let stored = [(a.clone(), 3), (b.clone(), 2)];
+        let all = learn_markers(&entry, &stored, 7);
+        assert_eq!(all, [(a.clone(), 5), (b.clone(), 2)]);
+        assert_eq!(known_markers(&entry, 7), Some(all));
+        assert_eq!(
+            known_markers(&entry, 8),
+            None,
+            "the broker connection broke"
+        );
+        // Later events move markers forward only.
+        on_frame(&entry, &history, read("doc:b", 9));
+        on_frame(&entry, &history, read("doc:b", 4));
+        assert_eq!(known_markers(&entry, 7), Some(vec![(a, 5), (b, 9)]));
+        // The events still reach the user's connections.
+        assert_eq!(received(&mut client, 3).await.len(), 3);
     }
 }

@@ -212,8 +212,7 @@ impl Session {
                 return None;
             }
         };
-        let inbox_last = room::last(&inbox).unwrap_or(0);
-        let (unread, inbox_marker) = session.unread(inbox_last).await;
+        let (unread, inbox_marker) = session.unread(&inbox).await;
         let connected = Connected {
             conn: session.conn.clone(),
             user: session.claims.sub.clone(),
