@@ -34,6 +34,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod transport;
 
 /// The rustls of [`Options::tls`].
