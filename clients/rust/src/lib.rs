@@ -1,8 +1,41 @@
-//! A small async client for Herald's client protocol (JSON over WebSocket,
-//! subprotocol `herald.v1`), written for Herald's own black-box tests and
-//! benchmarks rather than for applications.
+//! Rust clients for Herald's client protocol (JSON over WebSocket,
+//! subprotocol `herald.v1`, `ws://` or `wss://`).
 //!
-//! It therefore favours observability over convenience: every frame the
+//! - [`app`] is the client for applications: a [`Herald`](app::Herald)
+//!   session over a list of edges that reconnects with backoff, rejoins
+//!   its rooms and recovers durable rooms' messages exactly once and in
+//!   order, queues publishes while offline with idempotency keys, refreshes
+//!   its token, and answers every request in typed form.
+//! - [`Client`] is the protocol frame by frame, for Herald's own black-box
+//!   tests and benchmarks (below).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), herald_client::app::Error> {
+//! use herald_client::app::{Herald, JoinOptions, Options, RoomEvent};
+//! use serde_json::json;
+//!
+//! let herald = Herald::new(
+//!     Options::new(["wss://edge-a.example.com/ws", "wss://edge-b.example.com/ws"])
+//!         // Asked on every connect and before the session expires.
+//!         .token_provider(|| async { Ok::<_, herald_client::app::BoxError>(fetch_token().await) }),
+//! )?;
+//! let room = herald.room("chat:lobby");
+//! let mut events = room.events(); // before joining: nothing is missed
+//! herald.connect().await?;
+//! room.join(JoinOptions::default()).await?;
+//! room.publish(json!({"text": "hello"})).await?;
+//! while let Some(event) = events.next().await {
+//!     if let RoomEvent::Message(m) = event {
+//!         println!("{}: {}", m.from, m.data);
+//!     }
+//! }
+//! # Ok(()) }
+//! # async fn fetch_token() -> String { String::new() }
+//! ```
+//!
+//! ## The test client
+//!
+//! [`Client`] favours observability over convenience: every frame the
 //! server sends is kept until the test asks for it, close codes and reasons
 //! are reported exactly, and the raw socket can be abused on purpose
 //! ([`Client::send_text`] with garbage, [`Client::send_binary`]). Load
@@ -34,6 +67,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod transport;
 
 /// The rustls of [`Options::tls`].

@@ -483,10 +483,28 @@ pub async fn read_messages(
     ws: &mut Reader,
     writer: &mpsc::UnboundedSender<WriteCmd>,
     tap: Option<&Tap>,
+    on_message: impl FnMut(Message<'_>) -> ControlFlow<CloseInfo>,
+) -> CloseInfo {
+    read_messages_noting_pings(ws, writer, tap, || {}, on_message).await
+}
+
+/// [`read_messages`], calling `on_ping` for each ping from the server (once
+/// its pong is queued). A client that watches its connection for silence
+/// counts the server's pings as signs of life, which the messages alone
+/// would not show on a quiet connection.
+pub async fn read_messages_noting_pings(
+    ws: &mut Reader,
+    writer: &mpsc::UnboundedSender<WriteCmd>,
+    tap: Option<&Tap>,
+    mut on_ping: impl FnMut(),
     mut on_message: impl FnMut(Message<'_>) -> ControlFlow<CloseInfo>,
 ) -> CloseInfo {
     let mut obligated = |frame: Frame<'static>| {
+        let pong = frame.opcode == OpCode::Pong;
         let _ = writer.send(WriteCmd { frame, ack: None });
+        if pong {
+            on_ping();
+        }
         std::future::ready(Ok::<(), Infallible>(()))
     };
     loop {
