@@ -36,21 +36,33 @@ pub(super) struct Durable {
     early: BTreeMap<u64, (u64, Bytes)>,
     filling: bool,
     /// Personal rooms only: the user's read markers, as far as this edge
-    /// has learned them.
-    markers: Option<Box<Markers>>,
+    /// has learned them (inline: an empty map allocates nothing, and most
+    /// users have no marker).
+    markers: Markers,
 }
 
 /// A user's read markers as this edge learned them: read from the store
 /// once, then moved by the `read` events that come through the user's
 /// personal room. A marker only moves forward, so the larger of two values
 /// is right whatever order the store's answer and the events arrive in.
-#[derive(Default)]
 struct Markers {
     rooms: BTreeMap<String, u64>,
     /// The broker's continuity ([`herald_broker::Broker::continuity`]) as it
     /// was before the store was read: the markers are complete while it
-    /// stays so. `None`: the store has not been read.
-    complete_at: Option<u64>,
+    /// stays so. [`NOT_READ`]: the store has not been read.
+    complete_at: u64,
+}
+
+/// [`Markers::complete_at`] before the store was read.
+const NOT_READ: u64 = u64::MAX;
+
+impl Default for Markers {
+    fn default() -> Markers {
+        Markers {
+            rooms: BTreeMap::new(),
+            complete_at: NOT_READ,
+        }
+    }
 }
 
 impl Markers {
@@ -74,15 +86,15 @@ impl Durable {
             last,
             early: BTreeMap::new(),
             filling: false,
-            markers: None,
+            markers: Markers::default(),
         })
     }
 
     /// The user's read markers (of a personal room), if this edge has
     /// known all of them since the broker's continuity was `now`.
     pub(super) fn known_markers(&self, now: u64) -> Option<Vec<(RoomName, u64)>> {
-        let markers = self.markers.as_ref()?;
-        (markers.complete_at == Some(now)).then(|| parsed(&markers.rooms))
+        let markers = &self.markers;
+        (now != NOT_READ && markers.complete_at == now).then(|| parsed(&markers.rooms))
     }
 
     /// Takes in the markers read from the store when the broker's
@@ -93,11 +105,11 @@ impl Durable {
         stored: &[(RoomName, u64)],
         at: u64,
     ) -> Vec<(RoomName, u64)> {
-        let markers = self.markers.get_or_insert_with(Default::default);
+        let markers = &mut self.markers;
         for (room, offset) in stored {
             markers.advance(room.as_str(), *offset);
         }
-        markers.complete_at = Some(at);
+        markers.complete_at = at;
         parsed(&markers.rooms)
     }
 
@@ -116,9 +128,7 @@ impl Durable {
             if self.room.is_personal()
                 && let Some(read) = ReadEvent::parse(&frame)
             {
-                self.markers
-                    .get_or_insert_with(Default::default)
-                    .advance(&read.room, read.offset);
+                self.markers.advance(&read.room, read.offset);
             }
             return fan_out(entry, &frame);
         };
