@@ -8,7 +8,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 
 import { Herald, HeraldError } from "../dist/herald.js";
-import { startDev, eventually, dumpLogs } from "./support/servers.js";
+import { startDev, eventually } from "./support/servers.js";
 import { Proxy } from "./support/proxy.js";
 import { token, tokenWith } from "./support/tokens.js";
 import * as grpc from "./support/grpc.js";
@@ -52,10 +52,6 @@ after(async (t) => {
   for (const h of clients) h.close();
   for (const p of proxies) await p.stop();
   await dev?.stop();
-});
-
-process.on("exit", (code) => {
-  if (code !== 0 && dev) dumpLogs([dev.proc]);
 });
 
 test("join, publish, receive, presence, setMeta, history: round trips between two users", async () => {

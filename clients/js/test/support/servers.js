@@ -1,8 +1,9 @@
 // Real servers for the SDK's tests (and the demo's browser tests): `herald
 // dev`, or a cluster of a nats-server with JetStream, a presence service, a
 // router and edges, each a child process on free ports with its output in a
-// temp dir, waited for until /readyz says ready. Children are killed when
-// stopped, when this process exits, and (through setpriv's parent-death
+// temp dir, waited for until /readyz says ready. When this process exits
+// with a failure their logs are printed. Children are killed when stopped,
+// when this process exits, and (through setpriv's parent-death
 // signal, where it exists) when this process is killed outright.
 
 import { spawn } from "node:child_process";
@@ -87,6 +88,9 @@ export function httpGet(port, path) {
 }
 
 const running = new Set();
+/** Every process started, and the temp dirs holding their logs. */
+const started = [];
+const dirs = new Set();
 function killAll() {
   for (const p of running) {
     try {
@@ -96,7 +100,16 @@ function killAll() {
     }
   }
 }
-process.on("exit", killAll);
+// On a failure (a non-zero exit) the servers' logs are shown and kept;
+// otherwise the temp dirs go.
+process.on("exit", (code) => {
+  killAll();
+  if (code !== 0 && started.length > 0) {
+    for (const p of started) console.error(`----- last lines of ${p.name} (${p.log}) -----\n${p.tail(60)}`);
+    return;
+  }
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
 for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
   process.once(sig, () => {
     killAll();
@@ -128,6 +141,7 @@ export class Proc {
       }),
     );
     running.add(this);
+    started.push(this);
   }
 
   output() {
@@ -185,7 +199,9 @@ export class Proc {
 }
 
 function tempDir(prefix) {
-  return mkdtempSync(join(tmpdir(), prefix));
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  dirs.add(dir);
+  return dir;
 }
 
 /** A configuration file (TOML) in `dir`; returns its path. */
@@ -261,9 +277,9 @@ export async function startDev({ config = TEST_CONFIG, args = [] } = {}) {
     grpc: `127.0.0.1:${grpc}`,
     proc,
     dir,
+    /** Kills it; its log stays until this process exits (and is shown if it fails). */
     async stop() {
       await proc.kill();
-      rmSync(dir, { recursive: true, force: true });
     },
   };
 }
@@ -337,7 +353,6 @@ export async function startCluster({ edges = 3, config = TEST_CONFIG, edgeArgs =
     cluster.procs = procs;
     cluster.stop = async () => {
       await Promise.all(procs.map((p) => p.kill()));
-      rmSync(dir, { recursive: true, force: true });
     };
     return cluster;
   } catch (e) {
@@ -360,7 +375,3 @@ function canConnect(port) {
   });
 }
 
-/** Prints the logs of `procs` (for a failed test). */
-export function dumpLogs(procs, lines = 60) {
-  for (const p of procs) console.error(`----- last lines of ${p.name} -----\n${p.tail(lines)}`);
-}
