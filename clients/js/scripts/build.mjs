@@ -64,7 +64,7 @@ if (check) {
   }
   rmSync(out, { recursive: true, force: true });
   if (stale.length > 0) {
-    console.error(`check: ${stale.join(" and ")} differ from what src/ builds to; run \`npm run build\` and commit dist/`);
+    console.error(`check: ${stale.join(" and ")} ${stale.length === 1 ? "differs" : "differ"} from what src/ builds to; run \`npm run build\` and commit dist/`);
     process.exit(1);
   }
   console.log("check: dist/ is what src/ builds to");
