@@ -672,6 +672,7 @@ var Herald = class {
     this._state = "connected";
     const personalName = `user:${c.user}`;
     if (this.personalRoom?.name !== personalName) {
+      if (this.personalRoom) this.personalRoom.wanted = this.personalRoom.isJoined = false;
       this.personalRoom = this.room(personalName);
     }
     const personal = this.personalRoom;
@@ -775,7 +776,10 @@ var Herald = class {
     if (out.kind === "publish") {
       out.timer = setTimeout(() => this.timeOut(out), this.requestTimeoutMs);
     }
-    ws.send(JSON.stringify({ ...out.frame, id }));
+    try {
+      ws.send(JSON.stringify({ ...out.frame, id }));
+    } catch {
+    }
   }
   /** A request of the client's own; dropped (not re-sent) if the socket dies. */
   internal(frame, onReply = () => {

@@ -814,6 +814,8 @@ export class Herald {
 
     const personalName = `user:${c.user}`;
     if (this.personalRoom?.name !== personalName) {
+      // A getToken that switched users: the old user's inbox is not ours to rejoin.
+      if (this.personalRoom) this.personalRoom.wanted = this.personalRoom.isJoined = false;
       this.personalRoom = this.room(personalName);
     }
     const personal = this.personalRoom;
@@ -929,7 +931,11 @@ export class Herald {
     if (out.kind === "publish") {
       out.timer = setTimeout(() => this.timeOut(out), this.requestTimeoutMs);
     }
-    ws.send(JSON.stringify({ ...out.frame, id }));
+    try {
+      ws.send(JSON.stringify({ ...out.frame, id }));
+    } catch {
+      // The socket is going; its close event takes `out` back for the next one.
+    }
   }
 
   /** A request of the client's own; dropped (not re-sent) if the socket dies. */

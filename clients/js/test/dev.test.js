@@ -423,6 +423,32 @@ test("closes from the server: 4003 ends the client, 1012 and a backend's 4xxx wi
   assert.equal(c.state, "connected");
 });
 
+test("4001: a client with getToken comes back with a new token; one with a fixed token stops", async () => {
+  let calls = 0;
+  const renewing = new Herald(dev.url, {
+    getToken: () => {
+      calls++;
+      return token("renewing");
+    },
+    reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
+  });
+  clients.push(renewing);
+  await renewing.connect();
+  const fixed = await client("fixed-token", { reconnect: { initialDelayMs: 50, maxDelayMs: 200 } });
+
+  const gone = nextEvent(renewing, "disconnected");
+  const back = nextEvent(renewing, "connected");
+  await grpc.disconnect(dev.grpc, { user: "renewing", code: 4001, reason: "token revoked" });
+  assert.deepEqual(await gone, { code: 4001, reason: "token revoked", willReconnect: true });
+  await back;
+  assert.equal(calls, 2);
+
+  const stopped = nextEvent(fixed, "disconnected");
+  await grpc.disconnect(dev.grpc, { user: "fixed-token", code: 4001, reason: "token revoked" });
+  assert.equal((await stopped).willReconnect, false);
+  assert.equal(fixed.state, "closed");
+});
+
 test("close(): no reconnect, pending work fails with closed", async () => {
   const p = await proxy();
   const h = await client("closer", {}, p.url);
