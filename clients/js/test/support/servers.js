@@ -129,7 +129,7 @@ export class Proc {
     const [file, argv] = SETPRIV ? [SETPRIV, ["--pdeathsig", "KILL", "--", cmd, ...args]] : [cmd, args];
     this.child = spawn(file, argv, {
       stdio: ["ignore", out, out],
-      env: { ...process.env, RUST_LOG: "info,herald=debug", ...env, HERALD_CONFIG: "" },
+      env: withoutConfig({ ...process.env, RUST_LOG: "info,herald=debug", ...env }),
     });
     this.pid = this.child.pid;
     this.exit = null;
@@ -196,6 +196,12 @@ export class Proc {
   signal(sig) {
     process.kill(this.pid, sig);
   }
+}
+
+/** The caller's HERALD_CONFIG must not leak into a test's servers. */
+function withoutConfig(env) {
+  delete env.HERALD_CONFIG;
+  return env;
 }
 
 function tempDir(prefix) {
