@@ -36,12 +36,13 @@ node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)
   js_needs "Node.js 20 or newer; this is $(node --version)"
 scripts/install-browser.sh
 
+# Both run the herald binary that cargo just built.
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
+export HERALD_BIN="${HERALD_BIN:-$target/debug/herald}"
+
 # The SDK: its committed build (dist/) must match its sources, then its tests.
 (cd clients/js && npm ci --no-audit --no-fund && npm run check && npm test)
 
-# The browser tests run the herald binary that cargo just built.
-target="${CARGO_TARGET_DIR:-target}"
-case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
-(cd clients/js/e2e &&
-  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund &&
-  HERALD_BIN="${HERALD_BIN:-$target/debug/herald}" npm test)
+# The browser tests; playwright-core must not fetch a browser of its own.
+(cd clients/js/e2e && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund && npm test)
