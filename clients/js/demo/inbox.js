@@ -41,7 +41,7 @@ export function startInbox(herald, me) {
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ text }),
     });
-    if (!res.ok) alert((await res.text()).trim());
+    $("inbox-error").textContent = res.ok ? "" : (await res.text()).trim();
   });
   $("mark-read").addEventListener("click", async () => {
     const offset = personal.position?.offset;

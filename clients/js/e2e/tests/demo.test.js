@@ -87,8 +87,9 @@ test("two users chat and see each other's presence and typing", () => showingLog
 
   // Typing travels in presence meta: shown while bob types, gone once he sends.
   await b.locator("#text").pressSequentially("hi al");
-  await a.waitForSelector('#members li[data-user="bob"][data-typing="true"]');
-  assert.equal(await a.textContent("#typing"), "bob is typing…");
+  await a.waitForFunction(() =>
+    document.querySelector('#members li[data-user="bob"]')?.dataset.typing === "true" &&
+    document.getElementById("typing").textContent === "bob is typing…");
   await b.locator("#text").pressSequentially("ice");
   await b.click("#send");
   await waitForMessage(a, "bob", "hi alice");
