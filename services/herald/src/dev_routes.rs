@@ -72,26 +72,67 @@ const FILES: &[(&str, &str, &str)] = &[
 /// new one (its `getToken`) before it expires and for every reconnect.
 pub const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 
-/// Whether the shortcuts answer, and if not, why (said in their 404s).
+/// Whether each shortcut answers, and if not, why (said in its 404).
 #[derive(Clone)]
-pub enum Shortcuts {
-    On,
-    Off(&'static str),
+pub struct Shortcuts {
+    tokens: Result<(), &'static str>,
+    notify: Result<(), &'static str>,
+}
+
+impl Shortcuts {
+    /// `/dev/token` only on the development secret; `/dev/notify` also not
+    /// when the gRPC API takes only calls with a token, which it would go
+    /// around.
+    pub fn new(dev_secret: bool, api_tokens: bool) -> Shortcuts {
+        if !dev_secret {
+            return Shortcuts {
+                tokens: Err(
+                    "herald dev verifies tokens with the key you gave (--jwt-secret, --jwt-public-key or --jwks-url), \
+                     so it mints none; have your own service sign them",
+                ),
+                notify: Err(
+                    "herald dev runs with your own token key, so its shortcuts are off; call Router.SendToUser on the gRPC API",
+                ),
+            };
+        }
+        Shortcuts {
+            tokens: Ok(()),
+            notify: if api_tokens {
+                Err(
+                    "the gRPC API takes only calls with a token (--api-tokens); call Router.SendToUser with one",
+                )
+            } else {
+                Ok(())
+            },
+        }
+    }
+
+    /// For the start-up lines.
+    pub fn summary(&self) -> &'static str {
+        match (self.tokens, self.notify) {
+            (Ok(()), Ok(())) => {
+                "on: GET /dev/token?sub=NAME, POST /dev/notify?user=NAME (development secret; never expose this server)"
+            }
+            (Ok(()), Err(_)) => {
+                "GET /dev/token on (development secret); POST /dev/notify off (--api-tokens)"
+            }
+            _ => {
+                "off: tokens are verified with your own key (/dev/token and /dev/notify answer 404)"
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
 struct Dev {
-    tokens: Shortcuts,
-    notify: Shortcuts,
+    shortcuts: Shortcuts,
     /// The in-process router: `/dev/notify` calls the very method the gRPC
     /// server calls for `Router.SendToUser`.
     router: RouterApi,
 }
 
-/// The routes that `herald dev` adds to its edge. `tokens` says whether
-/// `/dev/token` may mint tokens, `notify` whether `/dev/notify` may send
-/// (it goes around `--api-tokens`).
-pub fn routes(tokens: Shortcuts, notify: Shortcuts, router: RouterApi) -> Router {
+/// The routes that `herald dev` adds to its edge.
+pub fn routes(shortcuts: Shortcuts, router: RouterApi) -> Router {
     let mut app = Router::new();
     for &(path, content_type, text) in FILES {
         app = app.route(
@@ -110,11 +151,7 @@ pub fn routes(tokens: Shortcuts, notify: Shortcuts, router: RouterApi) -> Router
     }
     app.route("/dev/token", get(token))
         .route("/dev/notify", post(notify_user))
-        .with_state(Dev {
-            tokens,
-            notify,
-            router,
-        })
+        .with_state(Dev { shortcuts, router })
 }
 
 /// A plain-text answer, as every error of these routes is.
@@ -146,7 +183,7 @@ struct TokenQuery {
 }
 
 async fn token(State(dev): State<Dev>, Query(q): Query<TokenQuery>) -> Response {
-    if let Shortcuts::Off(why) = dev.tokens {
+    if let Err(why) = dev.shortcuts.tokens {
         return plain(StatusCode::NOT_FOUND, format!("/dev/token is off: {why}"));
     }
     let sub = q.sub.unwrap_or_default();
@@ -175,7 +212,7 @@ async fn notify_user(
     Query(q): Query<NotifyQuery>,
     body: Bytes,
 ) -> Response {
-    if let Shortcuts::Off(why) = dev.notify {
+    if let Err(why) = dev.shortcuts.notify {
         return plain(StatusCode::NOT_FOUND, format!("/dev/notify is off: {why}"));
     }
     let user = q.user.unwrap_or_default();

@@ -586,35 +586,9 @@ async fn dev(
         front,
         &metrics,
     );
-    let tokens = if using_dev_secret {
-        Shortcuts::On
-    } else {
-        Shortcuts::Off(
-            "herald dev verifies tokens with the key you gave (--jwt-secret, --jwt-public-key or --jwks-url), \
-             so it mints none; have your own service sign them",
-        )
-    };
-    let notify = if !using_dev_secret {
-        Shortcuts::Off(
-            "herald dev runs with your own token key, so its shortcuts are off; call Router.SendToUser on the gRPC API",
-        )
-    } else if args.api.api_tokens.is_some() {
-        Shortcuts::Off(
-            "the gRPC API takes only calls with a token (--api-tokens); call Router.SendToUser with one",
-        )
-    } else {
-        Shortcuts::On
-    };
-    let shortcuts_line = match (&tokens, &notify) {
-        (Shortcuts::On, Shortcuts::On) => {
-            "on: GET /dev/token?sub=NAME, POST /dev/notify?user=NAME (development secret; never expose this server)"
-        }
-        (Shortcuts::On, Shortcuts::Off(_)) => {
-            "GET /dev/token on (development secret); POST /dev/notify off (--api-tokens)"
-        }
-        _ => "off: tokens are verified with your own key (/dev/token and /dev/notify answer 404)",
-    };
-    let routes = crate::dev_routes::routes(tokens, notify, router.clone());
+    let shortcuts = Shortcuts::new(using_dev_secret, args.api.api_tokens.is_some());
+    let shortcuts_line = shortcuts.summary();
+    let routes = crate::dev_routes::routes(shortcuts, router.clone());
     let config = herald_edge::Config {
         policy: namespaces.policy,
         extra_routes: Some(routes),

@@ -165,3 +165,21 @@ fn cluster_edges_serve_no_demo_and_no_shortcuts() {
     let (status, _, _) = http(addr, "GET", "/readyz", "");
     assert_eq!(status, 200);
 }
+
+#[test]
+fn dev_with_api_tokens_sends_nothing_around_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, "secret-api-token publish\n").unwrap();
+    let (herald, addr) = dev(&["--api-tokens", tokens.to_str().unwrap()]);
+    assert!(
+        herald.output().contains("POST /dev/notify off"),
+        "{}",
+        herald.output()
+    );
+    let (status, _, body) = http(addr, "GET", "/dev/token?sub=alice", "");
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = http(addr, "POST", "/dev/notify?user=alice", "{}");
+    assert_eq!(status, 404);
+    assert!(body.contains("--api-tokens"), "{body}");
+}
