@@ -114,6 +114,8 @@ pub struct Policy {
     user: NamespacePolicy,
     /// `[limits]`: request rates where a namespace does not override them.
     limits: RateLimits,
+    /// Namespaces missing from `namespaces` get `open` instead of being unknown.
+    rest_open: bool,
 }
 
 impl Policy {
@@ -124,7 +126,29 @@ impl Policy {
             open: NamespacePolicy::default(),
             user: user_policy(),
             limits: RateLimits::default(),
+            rest_open: true,
         }
+    }
+
+    /// No config file, yet a few namespaces with a policy of their own
+    /// (`herald dev`'s durable demo namespace): those as given, every other
+    /// namespace open. Checked as [`Policy::from_namespaces`] checks them.
+    ///
+    /// ```
+    /// # use herald_auth::{DurablePolicy, NamespacePolicy, Policy};
+    /// let doc = NamespacePolicy {
+    ///     durable: Some(DurablePolicy { history_size: 10, history_ttl: "1h".into() }),
+    ///     ..NamespacePolicy::default()
+    /// };
+    /// let policy = Policy::open_with([("doc".to_string(), doc)].into()).unwrap();
+    /// assert!(policy.is_durable("doc") && !policy.is_durable("chat"));
+    /// assert!(policy.namespace("chat").is_some());
+    /// ```
+    pub fn open_with(named: HashMap<String, NamespacePolicy>) -> Result<Policy, String> {
+        Ok(Policy {
+            rest_open: true,
+            ..Policy::from_namespaces(named)?
+        })
     }
 
     /// From a config file's namespaces. Errors (in plain words naming the namespace) when a
@@ -161,6 +185,7 @@ impl Policy {
         }
         Ok(Policy {
             namespaces: Some(ns),
+            rest_open: false,
             ..Policy::open()
         })
     }
@@ -174,7 +199,7 @@ impl Policy {
         }
         match &self.namespaces {
             None => Some(&self.open),
-            Some(map) => map.get(namespace),
+            Some(map) => map.get(namespace).or(self.rest_open.then_some(&self.open)),
         }
     }
 

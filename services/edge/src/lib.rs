@@ -108,6 +108,9 @@ pub struct Config {
     /// How many connections this edge, one client address, and the
     /// connections still authenticating may hold.
     pub caps: Caps,
+    /// More routes served on the edge's port (`herald dev`'s demo); `None`
+    /// on cluster edges.
+    pub extra_routes: Option<Router>,
 }
 
 impl Config {
@@ -141,6 +144,7 @@ impl Config {
                 max_pending: 4096,
                 ..Caps::default()
             },
+            extra_routes: None,
         }
     }
 }
@@ -206,9 +210,10 @@ pub enum EdgeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `/ws`, `/sse`, `/healthz`, `/readyz` and `/metrics` on `listener` until
-/// `shutdown`; then stops accepting, tells every client to reconnect
-/// elsewhere (1012) and waits up to the drain timeout for them to go.
+/// Serves `/ws`, `/sse`, `/healthz`, `/readyz`, `/metrics` and the config's
+/// `extra_routes` on `listener` until `shutdown`; then stops accepting,
+/// tells every client to reconnect elsewhere (1012) and waits up to the
+/// drain timeout for them to go.
 pub async fn run(
     config: Config,
     broker: SharedBroker,
@@ -308,7 +313,8 @@ pub async fn run(
         .route("/sse", get(sse::stream_handler))
         .route("/sse/send", post(sse::send_handler))
         .with_state(edge.clone())
-        .merge(herald_ops::ops_routes(health.clone(), metrics));
+        .merge(herald_ops::ops_routes(health.clone(), metrics))
+        .merge(edge.config.extra_routes.clone().unwrap_or_default());
     let addr = listener.local_addr()?;
     health.set_started();
     let (ws, http) = match &edge.config.tls {

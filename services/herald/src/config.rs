@@ -106,6 +106,41 @@ pub fn policy(common: &Common) -> Result<Policy, ConfigError> {
 }
 
 pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
+    namespaces_or(common, Policy::open)
+}
+
+/// The namespace `herald dev` makes durable when no `--config` is given, so
+/// that its demo's shared document replays to late joiners as in a cluster
+/// configured like `examples/herald.toml`.
+pub const DEV_DURABLE_NAMESPACE: &str = "doc";
+
+/// What [`DEV_DURABLE_NAMESPACE`] keeps without a configuration file: as
+/// `examples/herald.toml`'s `doc`.
+pub fn dev_durable() -> DurablePolicy {
+    DurablePolicy {
+        history_size: 1000,
+        history_ttl: "24h".into(),
+    }
+}
+
+/// `herald dev`'s namespaces: the configuration file's when one is given;
+/// without one, every namespace open and [`DEV_DURABLE_NAMESPACE`] durable.
+pub fn dev_namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
+    namespaces_or(common, || {
+        let doc = NamespacePolicy {
+            durable: Some(dev_durable()),
+            ..NamespacePolicy::default()
+        };
+        Policy::open_with([(DEV_DURABLE_NAMESPACE.to_string(), doc)].into())
+            .expect("the built-in namespace policy is valid")
+    })
+}
+
+/// The namespaces of `--config`, or of `unconfigured()` without one.
+fn namespaces_or(
+    common: &Common,
+    unconfigured: impl FnOnce() -> Policy,
+) -> Result<Namespaces, ConfigError> {
     let file = match &common.config {
         None => FileConfig::default(),
         Some(path) => {
@@ -127,7 +162,7 @@ pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
     let policy = if common.config.is_some() {
         Policy::from_namespaces(file.namespaces).map_err(|e| ConfigError::caused(at(), e))?
     } else {
-        Policy::open()
+        unconfigured()
     };
     let policy = policy
         .with_limits(&file.limits)
@@ -255,6 +290,25 @@ mod tests {
                 .contains("--node-id")
         );
         assert!(node_id(None).unwrap().starts_with("edge-"));
+    }
+
+    #[test]
+    fn dev_without_a_config_keeps_doc_durable_and_every_namespace_open() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(["herald", "dev"]).unwrap();
+        let crate::cli::Command::Dev(args) = cli.command else {
+            panic!("not dev")
+        };
+        let dev = dev_namespaces(&args.common).unwrap();
+        assert!(dev.policy.is_durable("doc") && !dev.policy.is_durable("chat"));
+        assert!(dev.policy.namespace("anything").is_some());
+        assert!(
+            dev.durable
+                .iter()
+                .any(|(ns, _)| ns == DEV_DURABLE_NAMESPACE)
+        );
+        // Cluster processes without a file keep every namespace ephemeral.
+        assert!(!namespaces(&args.common).unwrap().policy.is_durable("doc"));
     }
 
     #[test]

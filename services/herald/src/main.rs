@@ -9,6 +9,7 @@
 
 mod cli;
 mod config;
+mod dev_routes;
 mod heap;
 mod keys;
 mod run;

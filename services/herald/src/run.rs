@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, ClientArgs, Command, Common, LogFormat, NatsArgs, TokenArgs};
 use crate::config::{self, ConfigError};
+use crate::dev_routes::Shortcuts;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -556,7 +557,7 @@ async fn dev(
     metrics: herald_ops::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let namespaces = config::namespaces(&args.common)?;
+    let namespaces = config::dev_namespaces(&args.common)?;
     let config = edge_config(&args.common, &args.clients, "dev".into(), true, &shutdown).await?;
     let keys = &args.clients.keys;
     let using_dev_secret =
@@ -581,10 +582,18 @@ async fn dev(
     let router = herald_router::RouterApi::new(
         broker.clone(),
         history.clone(),
-        namespaces.policy,
+        namespaces.policy.clone(),
         front,
         &metrics,
     );
+    let shortcuts = Shortcuts::new(using_dev_secret, args.api.api_tokens.is_some());
+    let shortcuts_line = shortcuts.summary();
+    let routes = crate::dev_routes::routes(shortcuts, router.clone());
+    let config = herald_edge::Config {
+        policy: namespaces.policy,
+        extra_routes: Some(routes),
+        ..config
+    };
     let (health, _reporter, reflection) =
         herald_ops::grpc_extras(&["herald.v1.Router", "herald.v1.Presence"]).await;
     let grpc_addr = grpc.local_addr()?;
@@ -611,6 +620,18 @@ async fn dev(
     };
     let edge = herald_edge::run(config, broker, history, listener, metrics, shutdown);
 
+    let namespaces_line = match &args.common.config {
+        Some(path) => format!("as --config {} says", path.display()),
+        None => {
+            let doc = config::dev_durable();
+            format!(
+                "no --config: every namespace open; {}:* rooms durable (last {} messages, {}) for the demo",
+                config::DEV_DURABLE_NAMESPACE,
+                doc.history_size,
+                doc.history_ttl
+            )
+        }
+    };
     let token_hint = if using_dev_secret {
         "herald token --sub alice            (signed with the built-in development secret)"
     } else {
@@ -621,6 +642,9 @@ async fn dev(
          \x20 WebSocket clients  {ws}://{ws_addr}/ws\n\
          \x20 gRPC API           {grpc_addr}  (herald.v1.Router, herald.v1.Presence; reflection on)\n\
          \x20 Health, metrics    {http}://{ws_addr}/healthz  /readyz  /metrics\n\
+         \x20 Demo               {http}://{ws_addr}/  (chat, presence, a shared document, notifications)\n\
+         \x20 Dev shortcuts      {shortcuts_line}\n\
+         \x20 Namespaces         {namespaces_line}\n\
          Get a token:          {token_hint}\n\
          Then connect:         websocat '{ws}://{ws_addr}/ws?token=<token>'\n\
          Stop with Ctrl-C."
