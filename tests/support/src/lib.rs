@@ -113,9 +113,28 @@ impl NatsServer {
     }
 
     /// A cluster of `n` nodes with JetStream, joined by routes on loopback;
-    /// returns once every node has seen the others and JetStream has a
-    /// meta leader (a stream with 3 replicas can be created).
+    /// returns once every node knows JetStream's meta leader (a stream with
+    /// 3 replicas can be created). nats-server 2.9 sometimes starts a
+    /// cluster whose meta group never elects a leader (its routes raced
+    /// into duplicates); such a cluster is stopped and started afresh, up to
+    /// three times.
     pub fn start_cluster(n: usize) -> Result<Vec<NatsServer>> {
+        let mut failure = None;
+        for attempt in 1..=3 {
+            match Self::try_cluster(n) {
+                Ok(nodes) => return Ok(nodes),
+                Err(e) => {
+                    eprintln!(
+                        "a NATS cluster of {n} did not elect a JetStream leader (attempt {attempt} of 3): {e:#}"
+                    );
+                    failure = Some(e);
+                }
+            }
+        }
+        Err(failure.expect("three attempts"))
+    }
+
+    fn try_cluster(n: usize) -> Result<Vec<NatsServer>> {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let all_routes = routes
             .iter()
@@ -123,9 +142,11 @@ impl NatsServer {
             .collect::<Vec<_>>()
             .join(",");
         let mut nodes = Vec::new();
+        let mut monitors = Vec::new();
         for (i, route) in routes.iter().enumerate() {
             let dir = tempfile::tempdir()?;
             let port = free_port();
+            let monitor = free_port();
             let extra = vec![
                 "--server_name".to_string(),
                 format!("n{i}"),
@@ -135,6 +156,9 @@ impl NatsServer {
                 format!("nats://127.0.0.1:{route}"),
                 "--routes".to_string(),
                 all_routes.clone(),
+                // Where the test asks each node whom it knows as the leader.
+                "-m".to_string(),
+                monitor.to_string(),
             ];
             let proc = Self::spawn(port, &extra, &dir)?;
             nodes.push(NatsServer {
@@ -143,18 +167,13 @@ impl NatsServer {
                 proc,
                 dir,
             });
+            monitors.push(SocketAddr::from(([127, 0, 0, 1], monitor)));
         }
-        for node in &mut nodes {
-            let log = node.dir.path().join("nats.log");
+        for (node, monitor) in nodes.iter_mut().zip(monitors) {
             node.proc.wait_until(
                 "its JetStream cluster had a leader",
-                Duration::from_secs(30),
-                || {
-                    std::fs::read_to_string(&log).is_ok_and(|out| {
-                        out.contains("JetStream cluster new metadata leader")
-                            || out.contains("Self is new JetStream cluster metadata leader")
-                    })
-                },
+                Duration::from_secs(20),
+                || meta_leader(monitor).is_some(),
             )?;
         }
         Ok(nodes)
@@ -197,6 +216,20 @@ impl NatsServer {
         self.proc = Self::spawn(self.port, &self.extra, &self.dir)?;
         Ok(())
     }
+}
+
+/// The JetStream meta leader that the nats-server monitoring at `monitor`
+/// names in `/jsz`, if it knows one.
+fn meta_leader(monitor: SocketAddr) -> Option<String> {
+    let (status, body) = http_get(monitor, "/jsz").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let cluster = &body[body.find("\"meta_cluster\"")?..];
+    let after = &cluster[cluster.find("\"leader\"")? + "\"leader\"".len()..];
+    let value = after.trim_start().strip_prefix(':')?.trim_start();
+    let name = value.strip_prefix('"')?.split('"').next()?;
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// The `herald` binary under test: `$HERALD_BIN`, else `herald` next to the
