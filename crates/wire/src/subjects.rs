@@ -35,6 +35,11 @@ pub fn room_shard(room: &RoomName) -> Option<String> {
     user_shard(room).map(|shard| format!("{PREFIX}.user.{shard}.*"))
 }
 
+/// The wildcard carrying every personal room of every shard.
+pub fn all_personal_rooms() -> String {
+    format!("{PREFIX}.user.*.*")
+}
+
 /// The room whose live messages `subject` carries (the inverse of [`room`]).
 pub fn room_from_subject(subject: &str) -> Option<RoomName> {
     let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
@@ -182,6 +187,9 @@ mod tests {
         assert_eq!(user_shard(&alice), Some(shard));
         assert_eq!(room(&alice), format!("herald.user.{shard}.user:alice"));
         assert_eq!(room_shard(&alice), Some(format!("herald.user.{shard}.*")));
+        // Four tokens, as the wildcard of every shard has.
+        assert_eq!(all_personal_rooms(), "herald.user.*.*");
+        assert_eq!(room(&alice).split('.').count(), 4);
         assert_eq!(room_from_subject(&room(&alice)), Some(alice));
         let odd = RoomName::user("a.b>%").unwrap();
         assert_eq!(room_from_subject(&room(&odd)), Some(odd));

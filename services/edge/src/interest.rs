@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::collections::hash_map::Entry as MapEntry;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -145,6 +145,20 @@ struct Sharding<K> {
     wildcard: fn(&K) -> Option<String>,
     /// The key a message on a shard's wildcard belongs to.
     key: fn(&str) -> Option<K>,
+    /// A wildcard matching every shard, and how many shards with keys make
+    /// the edge take it instead of a subscription per shard.
+    wide: Option<(String, usize)>,
+}
+
+/// The one subscription to every shard, once taken ([`Sharding::wide`]).
+#[derive(Default)]
+struct Wide {
+    pump: OnceCell<Pump>,
+    /// Set once the subscription is live: shard pumps deliver nothing more
+    /// (and their subscriptions go), the wide pump feeds every shard's keys.
+    on: Arc<AtomicBool>,
+    /// The broker ended it: shards have their own subscriptions again.
+    broken: Arc<AtomicBool>,
 }
 
 /// One subscription shared by the keys of a shard; dropping it stops the pump.
@@ -182,6 +196,7 @@ pub struct Interest<K, S> {
     count: Gauge,
     /// Set with `--write-delay`: pumps' deliveries wait for its tick.
     flusher: Option<Arc<Flusher>>,
+    wide: Wide,
 }
 
 impl<K, S> Interest<K, S>
@@ -210,6 +225,7 @@ where
             })),
             count,
             flusher: None,
+            wide: Wide::default(),
         }
     }
 
@@ -226,7 +242,23 @@ where
         wildcard: fn(&K) -> Option<String>,
         key: fn(&str) -> Option<K>,
     ) -> Interest<K, S> {
-        self.sharding = Some(Sharding { wildcard, key });
+        self.sharding = Some(Sharding {
+            wildcard,
+            key,
+            wide: None,
+        });
+        self
+    }
+
+    /// Once `at` shards have keys, feeds every shard from one subscription
+    /// to `subject` (a wildcard matching all of them) instead. An edge with
+    /// thousands of users holds nearly every shard anyway, so it receives
+    /// little more, and each subscription costs the NATS client a channel
+    /// of about 6 KiB: 1024 of them were 6 MiB per edge.
+    pub fn wide(mut self, subject: String, at: usize) -> Interest<K, S> {
+        if let Some(sharding) = &mut self.sharding {
+            sharding.wide = Some((subject, at));
+        }
         self
     }
 
@@ -301,11 +333,13 @@ where
     ) -> Result<Option<Pump>, BrokerError> {
         let own = match shard {
             Some((shard, subject)) => {
-                let weak = Arc::downgrade(&shard);
-                shard
-                    .live
-                    .get_or_try_init(|| self.shard_pump(subject, weak))
-                    .await?;
+                if !self.fed_wide().await? {
+                    let weak = Arc::downgrade(&shard);
+                    shard
+                        .live
+                        .get_or_try_init(|| self.shard_pump(subject, weak))
+                        .await?;
+                }
                 None
             }
             None => Some(self.broker.subscribe((self.subject)(key)).await?),
@@ -338,6 +372,79 @@ where
         }))
     }
 
+    /// Whether the one subscription to every shard feeds the sharded keys;
+    /// takes it when enough shards have keys. Once it is live the shards'
+    /// own subscriptions go; a message that came through both meanwhile is
+    /// delivered twice, which durable rooms drop by offset (personal rooms
+    /// are durable) and a `read` event repeats harmlessly.
+    async fn fed_wide(&self) -> Result<bool, BrokerError> {
+        let Some((subject, at)) = self.sharding.as_ref().and_then(|s| s.wide.clone()) else {
+            return Ok(false);
+        };
+        if self.wide.broken.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        if !self.wide.pump.initialized()
+            && self.table.lock().expect("interest table").shards.len() < at
+        {
+            return Ok(false);
+        }
+        self.wide
+            .pump
+            .get_or_try_init(|| async {
+                let pump = self.wide_pump(subject.clone()).await?;
+                self.wide.on.store(true, Ordering::Release);
+                let table = self.table.lock().expect("interest table");
+                for (_, shard) in table.shards.values() {
+                    if let Some(own) = shard.live.get() {
+                        own.0.abort();
+                    }
+                }
+                tracing::info!(
+                    shards = table.shards.len(),
+                    "one subscription to {subject} now feeds the users of every shard"
+                );
+                Ok::<_, BrokerError>(pump)
+            })
+            .await?;
+        Ok(!self.wide.broken.load(Ordering::Acquire))
+    }
+
+    async fn wide_pump(&self, subject: String) -> Result<Pump, BrokerError> {
+        let mut sub = self.broker.subscribe(subject).await?;
+        let handler = self.handler.clone();
+        let table = Arc::downgrade(&self.table);
+        let sharding = self.sharding.as_ref().expect("a sharded interest");
+        let (key_of, wildcard) = (sharding.key, sharding.wildcard);
+        let flusher = self.flusher.clone();
+        let count = self.count.clone();
+        let on = self.wide.on.clone();
+        let broken = self.wide.broken.clone();
+        Ok(Pump(tokio::spawn(async move {
+            while pump_batch(&mut sub, flusher.as_ref(), |msg| {
+                let Some(key) = key_of(&msg.subject) else {
+                    return;
+                };
+                let entry = table
+                    .upgrade()
+                    .and_then(|t| t.lock().expect("interest table").keys.get(&key).cloned());
+                if let Some(entry) = entry {
+                    handler(msg, &entry);
+                }
+            })
+            .await
+            {}
+            // The broker ended it: every sharded key is cut off, and the
+            // shards start over with subscriptions of their own.
+            broken.store(true, Ordering::Release);
+            on.store(false, Ordering::Release);
+            if let Some(table) = table.upgrade() {
+                table.lock().expect("interest table").shards.clear();
+                cut_off(&table, &count, |k, _| wildcard(k).is_some());
+            }
+        })))
+    }
+
     async fn shard_pump(&self, subject: String, shard: Weak<Shard>) -> Result<Pump, BrokerError> {
         let mut sub = self.broker.subscribe(subject.clone()).await?;
         let handler = self.handler.clone();
@@ -346,11 +453,13 @@ where
         let flusher = self.flusher.clone();
         let wildcard = self.sharding.as_ref().expect("a sharded interest").wildcard;
         let count = self.count.clone();
+        let wide = self.wide.on.clone();
         Ok(Pump(tokio::spawn(async move {
             while pump_batch(&mut sub, flusher.as_ref(), |msg| {
                 // A shard dropped while its last batch runs must not feed
-                // keys that a new subscription to it now feeds too.
-                if shard.strong_count() == 0 {
+                // keys that a new subscription to it now feeds too; nor
+                // may one that the wide subscription has replaced.
+                if shard.strong_count() == 0 || wide.load(Ordering::Acquire) {
                     return;
                 }
                 let Some(key) = key_of(&msg.subject) else {
@@ -365,7 +474,12 @@ where
                 }
             })
             .await
+                && !wide.load(Ordering::Acquire)
             {}
+            if wide.load(Ordering::Acquire) {
+                // Replaced by the wide subscription: it feeds the keys.
+                return;
+            }
             // The broker ended a subscription that the shard's keys still
             // need: every one of them is cut off.
             if let (Some(table), Some(shard)) = (table.upgrade(), shard.upgrade()) {
@@ -798,6 +912,49 @@ pub(crate) mod tests {
         );
 
         fed_after_join(&rooms, &broker, &a, (&m1, &mut c1), "t.shard.1.a").await;
+    }
+
+    /// Once enough shards have keys, one subscription to every shard feeds
+    /// them all: each message reaches its key's member once (the shards'
+    /// own subscriptions are gone), keys of shards joined later need no
+    /// subscription of their own, and a shard left without keys is still
+    /// fed through it when a key comes back.
+    #[tokio::test]
+    async fn many_shards_are_fed_by_one_wide_subscription() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let rooms = rooms(&broker, None).wide("t.shard.*.*".into(), 2);
+        let keys = ["1:a", "2:b", "3:c"].map(String::from);
+        let mut clients = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let (m, c) = member(i as u64 + 1).await;
+            rooms.join(key, &m, false).await.unwrap();
+            clients.push((m, c));
+        }
+        assert!(
+            rooms.wide.on.load(Ordering::Acquire),
+            "three shards, two make it wide"
+        );
+        for (key, (_, client)) in keys.iter().zip(clients.iter_mut()) {
+            let (shard, name) = key.split_once(':').unwrap();
+            let text: &'static str = Box::leak(format!("for {key}").into_boxed_str());
+            publish(&broker, &format!("t.shard.{shard}.{name}"), text).await;
+            assert_eq!(received(client, 1).await, [text]);
+        }
+        // Once each: a shard's own subscription no longer delivers too.
+        for (_, client) in clients.iter_mut() {
+            receives_nothing(client).await;
+        }
+        // A fourth shard's key is fed at once.
+        let (m4, mut c4) = member(4).await;
+        fed_after_join(
+            &rooms,
+            &broker,
+            &"4:d".to_string(),
+            (&m4, &mut c4),
+            "t.shard.4.d",
+        )
+        .await;
+        receives_nothing(&mut c4).await;
     }
 
     /// Whether `subject` has no subscriber any more (the in-memory broker
