@@ -661,7 +661,13 @@ impl Outbox {
     /// What waits in the queue: frames, and bytes (of those frames, and
     /// encoded but not yet taken by the socket). For the liveness sweep.
     pub fn queued(&self) -> (usize, usize) {
-        let q = self.lock();
+        let mut q = self.lock();
+        // The once-a-second look is also when an emptied queue gives its
+        // buffer back: an idle connection's last frame (its `connected`, a
+        // ping) left room for four frames, 160 bytes held until the next.
+        if q.frames.is_empty() && q.frames.capacity() > 0 {
+            q.frames = VecDeque::new();
+        }
         (q.frames.len(), q.held_bytes())
     }
 
@@ -867,6 +873,29 @@ mod tests {
             bytes = &bytes[header + len..];
         }
         out
+    }
+
+    /// An idle connection holds no queue buffer: the liveness sweep's look
+    /// at an emptied queue gives back what its last frames left.
+    #[tokio::test]
+    async fn an_emptied_queue_gives_its_buffer_back_when_the_sweep_looks() {
+        let (server, mut client) = pair().await;
+        let ob = Outbox::new(1, server, 16);
+        ob.send(Bytes::from_static(b"connected"));
+        let mut got = [0u8; 11];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(
+            ob.lock().frames.capacity() > 0,
+            "the frame went through the queue"
+        );
+        assert_eq!(ob.queued(), (0, 0));
+        assert_eq!(ob.lock().frames.capacity(), 0);
+        // A frame waiting (inside a batch) keeps it.
+        batch(|| {
+            ob.send(Bytes::from_static(b"x"));
+            assert_eq!(ob.queued().0, 1);
+            assert!(ob.lock().frames.capacity() > 0);
+        });
     }
 
     #[tokio::test]
