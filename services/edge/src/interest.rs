@@ -422,15 +422,7 @@ where
         let broken = self.wide.broken.clone();
         Ok(Pump(tokio::spawn(async move {
             while pump_batch(&mut sub, flusher.as_ref(), |msg| {
-                let Some(key) = key_of(&msg.subject) else {
-                    return;
-                };
-                let entry = table
-                    .upgrade()
-                    .and_then(|t| t.lock().expect("interest table").keys.get(&key).cloned());
-                if let Some(entry) = entry {
-                    handler(msg, &entry);
-                }
+                to_key(&table, key_of, &handler, msg);
             })
             .await
             {}
@@ -462,16 +454,7 @@ where
                 if shard.strong_count() == 0 || wide.load(Ordering::Acquire) {
                     return;
                 }
-                let Some(key) = key_of(&msg.subject) else {
-                    return;
-                };
-                let entry = table
-                    .upgrade()
-                    .and_then(|t| t.lock().expect("interest table").keys.get(&key).cloned());
-                // No entry: no local member of that key.
-                if let Some(entry) = entry {
-                    handler(msg, &entry);
-                }
+                to_key(&table, key_of, &handler, msg);
             })
             .await
                 && !wide.load(Ordering::Acquire)
@@ -527,6 +510,25 @@ where
         }
         table.keys.remove(key);
         leave_shard(&mut table, shard, true);
+    }
+}
+
+/// Hands a message that came through a shared subscription (a shard's, or
+/// the wide one) to its key's entry; no entry: no local member of that key.
+fn to_key<K: Eq + Hash, S>(
+    table: &Weak<Mutex<Table<K, S>>>,
+    key_of: fn(&str) -> Option<K>,
+    handler: &Handler<S>,
+    msg: Message,
+) {
+    let Some(key) = key_of(&msg.subject) else {
+        return;
+    };
+    let entry = table
+        .upgrade()
+        .and_then(|t| t.lock().expect("interest table").keys.get(&key).cloned());
+    if let Some(entry) = entry {
+        handler(msg, &entry);
     }
 }
 
