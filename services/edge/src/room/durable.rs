@@ -46,7 +46,7 @@ pub(super) struct Durable {
 /// personal room. A marker only moves forward, so the larger of two values
 /// is right whatever order the store's answer and the events arrive in.
 struct Markers {
-    rooms: BTreeMap<String, u64>,
+    rooms: BTreeMap<RoomName, u64>,
     /// The broker's continuity ([`herald_broker::Broker::continuity`]) as it
     /// was before the store was read: the markers are complete while it
     /// stays so. [`NOT_READ`]: the store has not been read.
@@ -66,9 +66,13 @@ impl Default for Markers {
 }
 
 impl Markers {
-    fn advance(&mut self, room: &str, offset: u64) {
-        let marker = self.rooms.entry(room.to_string()).or_default();
+    fn advance(&mut self, room: RoomName, offset: u64) {
+        let marker = self.rooms.entry(room).or_default();
         *marker = (*marker).max(offset);
+    }
+
+    fn all(&self) -> Vec<(RoomName, u64)> {
+        self.rooms.iter().map(|(r, o)| (r.clone(), *o)).collect()
     }
 }
 
@@ -94,7 +98,7 @@ impl Durable {
     /// known all of them since the broker's continuity was `now`.
     pub(super) fn known_markers(&self, now: u64) -> Option<Vec<(RoomName, u64)>> {
         let markers = &self.markers;
-        (now != NOT_READ && markers.complete_at == now).then(|| parsed(&markers.rooms))
+        (now != NOT_READ && markers.complete_at == now).then(|| markers.all())
     }
 
     /// Takes in the markers read from the store when the broker's
@@ -107,10 +111,10 @@ impl Durable {
     ) -> Vec<(RoomName, u64)> {
         let markers = &mut self.markers;
         for (room, offset) in stored {
-            markers.advance(room.as_str(), *offset);
+            markers.advance(room.clone(), *offset);
         }
         markers.complete_at = at;
-        parsed(&markers.rooms)
+        markers.all()
     }
 
     /// Delivers `frame` if it is the next in order (with the early ones
@@ -125,10 +129,13 @@ impl Durable {
         let Some((offset, prev)) = position(&frame) else {
             // Presence events and read markers are not part of the order;
             // a personal room's read events keep its markers up to date.
+            // (A room that no longer parses, a rule having changed, is
+            // left out, as the store's reader leaves it out.)
             if self.room.is_personal()
                 && let Some(read) = ReadEvent::parse(&frame)
+                && let Ok(room) = RoomName::parse(&read.room)
             {
-                self.markers.advance(&read.room, read.offset);
+                self.markers.advance(room, read.offset);
             }
             return fan_out(entry, &frame);
         };
@@ -148,14 +155,6 @@ impl Durable {
         sent += drain_early(entry, self);
         sent
     }
-}
-
-/// The markers of rooms whose names still parse (a rule may have changed).
-fn parsed(rooms: &BTreeMap<String, u64>) -> Vec<(RoomName, u64)> {
-    rooms
-        .iter()
-        .filter_map(|(room, offset)| Some((RoomName::parse(room).ok()?, *offset)))
-        .collect()
 }
 
 /// Delivers early messages that now follow the last delivered one.
