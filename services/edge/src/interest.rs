@@ -559,6 +559,12 @@ fn leave_shard<K, S>(table: &mut Table<K, S>, subject: Option<String>, linger: b
 }
 
 impl<K: Eq + Hash, S> Interest<K, S> {
+    /// Every key's entry, lingering ones included, as of now.
+    pub fn entries(&self) -> Vec<Arc<Entry<S>>> {
+        let table = self.table.lock().expect("interest table");
+        table.keys.values().cloned().collect()
+    }
+
     /// Unsubscribes the keys that have been without members for [`LINGER`]
     /// (the edge's once-a-second sweep calls this).
     pub fn expire_lingering(&self) {

@@ -308,6 +308,7 @@ pub async fn run(
     }
     liveness::start_clock();
     tokio::spawn(liveness::sweep(edge.clone()));
+    tokio::spawn(room::catch_up_after_breaks(edge.clone()));
     let app = Router::new()
         .route("/ws", get(transport::ws_handler))
         .route("/sse", get(sse::stream_handler))

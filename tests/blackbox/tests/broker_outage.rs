@@ -1,6 +1,8 @@
 //! A stalled NATS server (stopped with SIGSTOP: its sockets stay open, so
 //! only silence tells) is noticed within seconds: the edges and the router
-//! report not ready while it lasts, and ready again once it is back.
+//! report not ready while it lasts, and ready again once it is back. An
+//! edge whose link to NATS went silent delivers, once back, the durable
+//! messages published meanwhile.
 
 mod common;
 
@@ -8,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use herald_test_support::{eventually, http_get};
+use herald_test_support::{Proxy, eventually, http_get};
 
 /// The client pings every 600 ms and gives up after two unanswered pings.
 const NOTICED_WITHIN: Duration = Duration::from_secs(2);
@@ -127,4 +129,61 @@ async fn a_publish_while_nats_is_down_is_refused_and_never_delivered() {
     while let Ok(m) = member.recv_op("message", QUIET).await {
         assert_ne!(m["data"], "during", "a refused message was delivered");
     }
+}
+
+/// An edge whose link to NATS stops answering misses what is published
+/// meanwhile. Once it is connected again, a durable room's member gets those
+/// messages in order, though nothing published afterwards reveals the gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_cut_off_from_nats_delivers_the_durable_messages_it_missed() {
+    let (_f, config) = config_file(
+        r#"
+[namespaces.doc]
+durable = { history_size = 1000, history_ttl = "1h" }
+"#,
+    );
+    let mut cluster = Cluster::start_spec(Spec {
+        edges: 0,
+        common: config,
+        ..Spec::default()
+    });
+    let proxy = Proxy::start(cluster.nats.addr(), Duration::ZERO).await;
+    cluster.add_edge_via("edge-0", &proxy.nats_url());
+    let member = connect(&cluster.ws(0), "kim").await;
+    ok(&member, serde_json::json!({"op":"join","room":"doc:cut"})).await;
+    let mut router = cluster.router().await;
+    router
+        .publish(publish_request("doc:cut", "\"before\""))
+        .await
+        .unwrap();
+    let m = member.recv_op("message", WAIT).await.unwrap();
+    assert_eq!(m["data"], "before");
+
+    proxy.mute(true);
+    let edge = cluster.edge_addrs[0];
+    eventually(NOTICED_WITHIN + WAIT, "the edge notices", || async {
+        (!ready(edge)).then_some(())
+    })
+    .await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let r = router
+            .publish(publish_request("doc:cut", format!("{i}")))
+            .await
+            .expect("the router still reaches NATS")
+            .into_inner();
+        sent.push((r.offset, serde_json::json!(i)));
+    }
+    proxy.mute(false);
+
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let m = member
+            .recv_op("message", Duration::from_secs(20))
+            .await
+            .expect("the missed messages arrive");
+        got.push((m["offset"].as_u64().unwrap(), m["data"].clone()));
+    }
+    assert_eq!(got, sent, "lost, repeated or out of order");
+    no_more_messages(&member).await;
 }

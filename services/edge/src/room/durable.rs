@@ -197,18 +197,7 @@ async fn fill_gap(entry: Arc<RoomEntry>, history: SharedHistory) {
         };
         match herald_broker::rooms::read(&history, &room, last, PAGE).await {
             Ok(stored) => {
-                let mut order = entry.state.0.lock().expect("room order");
-                let Some(d) = order.durable_mut() else {
-                    return;
-                };
-                for m in stored {
-                    if m.offset > d.last {
-                        let frame = with_position(&m.payload, &d.epoch, m.offset, m.prev);
-                        fan_out(&entry, &frame);
-                        d.last = m.offset;
-                    }
-                }
-                drain_early(&entry, d);
+                deliver_stored(&entry, stored);
             }
             Err(e) => {
                 tracing::warn!(%room, error = %herald_broker::chain(&e), "could not read a gap from history; retrying")
@@ -216,6 +205,72 @@ async fn fill_gap(entry: Arc<RoomEntry>, history: SharedHistory) {
         }
     }
 }
+
+/// Delivers, in order, the messages read from history that the room has not
+/// delivered yet, then the early ones that now follow; returns how many
+/// messages were new.
+fn deliver_stored(entry: &Arc<RoomEntry>, stored: Vec<herald_broker::history::Stored>) -> usize {
+    let mut order = entry.state.0.lock().expect("room order");
+    let Some(d) = order.durable_mut() else {
+        return 0;
+    };
+    let mut new = 0;
+    for m in stored {
+        if m.offset > d.last {
+            let frame = with_position(&m.payload, &d.epoch, m.offset, m.prev);
+            fan_out(entry, &frame);
+            d.last = m.offset;
+            new += 1;
+        }
+    }
+    drain_early(entry, d);
+    new
+}
+
+/// Delivers what the room's history holds beyond the last delivered offset.
+///
+/// Called after the broker's connection broke (or dropped messages for a
+/// slow consumer): the messages published meanwhile never came, and a gap
+/// is otherwise noticed only when a later message arrives, which may be
+/// never. One `latest` request when nothing was missed.
+pub(super) async fn catch_up(entry: &Arc<RoomEntry>, history: &SharedHistory) {
+    for attempt in 1.. {
+        let Some((room, last)) = ({
+            let order = entry.state.0.lock().expect("room order");
+            order.durable().map(|d| (d.room.clone(), d.last))
+        }) else {
+            return;
+        };
+        let read = async {
+            if history.latest(&room).await? <= last {
+                return Ok(None);
+            }
+            herald_broker::rooms::read(history, &room, last, PAGE)
+                .await
+                .map(Some)
+        };
+        match read.await {
+            Ok(None) => return,
+            Ok(Some(stored)) => {
+                let n = deliver_stored(entry, stored);
+                tracing::debug!(%room, messages = n, "caught up from history after a broken broker connection");
+            }
+            Err(e) if attempt < CATCH_UP_ATTEMPTS => {
+                tracing::debug!(%room, error = %herald_broker::chain(&e), "could not read history to catch up; retrying");
+                tokio::time::sleep(GAP_WAIT).await;
+            }
+            Err(e) => {
+                // The next break of the connection starts another catch-up,
+                // and the next message published to the room fills the gap.
+                tracing::warn!(%room, error = %herald_broker::chain(&e), "could not read history to catch up after a broken broker connection; the room's next message will fill the gap");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads a catch-up tries before leaving the gap to the room's next message.
+const CATCH_UP_ATTEMPTS: u32 = 25;
 
 /// What a recovering join found.
 pub struct Recovery {

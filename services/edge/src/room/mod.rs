@@ -7,8 +7,10 @@
 mod durable;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use herald_auth::Policy;
 use herald_broker::history::{HistoryError, SharedHistory};
 use herald_broker::{BrokerError, SharedBroker};
@@ -219,6 +221,54 @@ fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
     drop(sends);
     crate::metrics::fanned_out(frame, count, delivery::in_batch());
     count
+}
+
+/// How often the edge looks whether its broker connection broke.
+const BREAK_CHECK: Duration = Duration::from_millis(100);
+
+/// Durable rooms reading their history at once after a break.
+const CATCH_UP_AT_ONCE: usize = 16;
+
+/// After each break of the broker connection (or messages dropped for a slow
+/// consumer), once connected again, every durable room on this edge reads
+/// from history what was stored beyond its last delivered offset: the
+/// messages published meanwhile never came, and without this a member would
+/// see them only when the room's next message revealed the gap.
+///
+/// Twice: at once, and again [`herald_broker::RESUME_SETTLE`] later. A
+/// message whose live copy passed before the edge subscribed again may not
+/// have been stored yet when the first read was answered; publishers that
+/// reconnected themselves refuse to publish for that long, and a stored
+/// message is acknowledged well within it.
+pub async fn catch_up_after_breaks(edge: Arc<crate::Edge>) {
+    let mut seen = edge.broker.continuity();
+    let mut tick = tokio::time::interval(BREAK_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = edge.shutdown.cancelled() => return,
+        }
+        let now = edge.broker.continuity();
+        if now == seen || !edge.broker.is_connected() {
+            continue;
+        }
+        seen = now;
+        for wait in [Duration::ZERO, herald_broker::RESUME_SETTLE] {
+            tokio::time::sleep(wait).await;
+            let entries = edge.rooms.entries();
+            tracing::debug!(
+                rooms = entries.len(),
+                "the broker connection broke; durable rooms read what they missed from history"
+            );
+            futures::stream::iter(entries)
+                .for_each_concurrent(CATCH_UP_AT_ONCE, |entry| {
+                    let history = &edge.history;
+                    async move { durable::catch_up(&entry, history).await }
+                })
+                .await;
+        }
+    }
 }
 
 /// The epoch of a durable room (`None` for an ephemeral one).

@@ -183,13 +183,32 @@ impl Cluster {
         self.edges[i] = self.edge_process(node, self.edge_addrs[i], &[]);
     }
 
+    /// An edge that reaches NATS at `nats_url` (a proxy, say) instead of
+    /// the cluster's URLs.
+    pub fn add_edge_via(&mut self, node: &str, nats_url: &str) {
+        let addr = free_addr();
+        let edge = self.edge_process_on(node, addr, nats_url, &[]);
+        self.edges.push(edge);
+        self.edge_addrs.push(addr);
+    }
+
     fn edge_process(&self, node: &str, addr: SocketAddr, extra: &[String]) -> Herald {
+        self.edge_process_on(node, addr, &self.nats_urls, extra)
+    }
+
+    fn edge_process_on(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        nats_urls: &str,
+        extra: &[String],
+    ) -> Herald {
         let mut args = vec![
             s("edge"),
             s("--listen"),
             s(addr),
             s("--nats"),
-            self.nats_urls.clone(),
+            s(nats_urls),
             s("--node-id"),
             s(node),
             s("--jwt-secret"),
