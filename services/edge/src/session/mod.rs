@@ -11,6 +11,7 @@
 mod dispatch;
 mod handshake;
 mod history;
+mod hooks;
 mod limits;
 mod presence;
 mod rooms;
@@ -30,6 +31,7 @@ use tokio::io::Interest;
 use tracing::Instrument;
 
 pub(crate) use handshake::{Relayed, Start};
+pub(crate) use hooks::Hello;
 
 use crate::Edge;
 use crate::delivery::{self, Out, Outbox};
@@ -139,6 +141,7 @@ impl Session {
         conn: String,
         claims: Claims,
         connect_id: Option<u64>,
+        hello: Hello,
     ) -> Option<Session> {
         let refuse = |outbox: &Outbox, code, message: String, close, reason: &str| {
             reject(outbox, &FrameError::new(connect_id, code, message));
@@ -157,6 +160,10 @@ impl Session {
                 return None;
             }
         };
+        // Before the connection is registered: one the application refuses
+        // is never seen online.
+        let granted = hooks::on_connect(&edge, &outbox, &claims, &hello, &conn).await?;
+        drop(hello);
         edge.reporter.report(Change::Connect {
             conn: conn.clone(),
             user: claims.sub.clone(),
@@ -182,7 +189,7 @@ impl Session {
             outbox.close(CloseCode::ServiceRestart, SHUTTING_DOWN);
         }
         outbox.set_expiry(claims.exp);
-        let session = Session {
+        let mut session = Session {
             edge,
             outbox,
             conn,
@@ -213,6 +220,8 @@ impl Session {
             }
         };
         let (unread, inbox_marker) = session.unread(&inbox).await;
+        // Last before `connected`, so that their messages follow it.
+        session.join_granted(granted).await;
         let connected = Connected {
             conn: session.conn.clone(),
             user: session.claims.sub.clone(),

@@ -27,6 +27,7 @@ impl Session {
         let policy = self.may_join(id, &room)?.clone();
         self.check_rate(id, Kind::Join, &room)?;
         let meta = self.meta(id, &room, meta.as_deref())?;
+        self.join_hook(id, &room, meta.as_ref()).await?;
         let r = self.join_room(id, &room, &policy, meta, since).await?;
         Ok(Reply::Joined(JoinedReply {
             epoch: r.epoch,
@@ -81,6 +82,7 @@ impl Session {
                 wait,
             ));
         }
+        let data = self.publish_hook(id, &room, data).await?;
         let policy = &self.edge.config.policy;
         let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
         let durable = policy.is_durable(room.namespace());
