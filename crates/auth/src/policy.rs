@@ -537,8 +537,9 @@ mod tests {
 
     #[test]
     fn hooks_are_read_with_their_defaults() {
-        let p = parse(r#"hooks = { endpoint = "http://127.0.0.1:7000", on = ["join", "publish"] }"#)
-            .unwrap();
+        let p =
+            parse(r#"hooks = { endpoint = "http://127.0.0.1:7000", on = ["join", "publish"] }"#)
+                .unwrap();
         let hooks = p.hooks.unwrap();
         assert_eq!(hooks.on, [HookName::Join, HookName::Publish]);
         assert_eq!(hooks.timeout, Duration::from_millis(500));
@@ -555,17 +556,50 @@ mod tests {
     #[test]
     fn bad_hooks_are_refused_in_plain_words() {
         let cases = [
-            (r#"hooks = { endpoint = "http://h:1", on = ["jion"] }"#, "jion"),
-            (r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "soon" }"#, "not a duration"),
-            (r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "0s" }"#, "more than 0"),
-            (r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "5m" }"#, "at most 60s"),
-            (r#"hooks = { endpoint = "h:7000", on = ["join"] }"#, "must start with http://"),
-            (r#"hooks = { endpoint = "https://h:7000", on = ["join"] }"#, "https:// is not supported"),
-            (r#"hooks = { endpoint = "http://h:7000/hooks", on = ["join"] }"#, "no path"),
-            (r#"hooks = { endpoint = "http://h:x", on = ["join"] }"#, "port \"x\""),
-            (r#"hooks = { endpoint = "http://", on = ["join"] }"#, "no host"),
-            (r#"hooks = { endpoint = "http://h:1", on = ["join"], on_failure = "maybe" }"#, "maybe"),
-            (r#"hooks = { endpoint = "http://h:1", on = ["join"], retries = 3 }"#, "retries"),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["jion"] }"#,
+                "jion",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "soon" }"#,
+                "not a duration",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "0s" }"#,
+                "more than 0",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "5m" }"#,
+                "at most 60s",
+            ),
+            (
+                r#"hooks = { endpoint = "h:7000", on = ["join"] }"#,
+                "must start with http://",
+            ),
+            (
+                r#"hooks = { endpoint = "https://h:7000", on = ["join"] }"#,
+                "https:// is not supported",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:7000/hooks", on = ["join"] }"#,
+                "no path",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:x", on = ["join"] }"#,
+                "port \"x\"",
+            ),
+            (
+                r#"hooks = { endpoint = "http://", on = ["join"] }"#,
+                "no host",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], on_failure = "maybe" }"#,
+                "maybe",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], retries = 3 }"#,
+                "retries",
+            ),
         ];
         for (text, needle) in cases {
             let e = parse(text).expect_err(text);

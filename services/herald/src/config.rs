@@ -337,8 +337,14 @@ mod tests {
         assert_eq!(hook.on_failure, herald_auth::OnFailure::Allow);
         for (bad, needle) in [
             ("endpoint = \"127.0.0.1:7000\"", "http://"),
-            ("endpoint = \"http://h:1\"\ntimeout = \"later\"", "not a duration"),
-            ("endpoint = \"http://h:1\"\non = [\"join\"]", "unknown field `on`"),
+            (
+                "endpoint = \"http://h:1\"\ntimeout = \"later\"",
+                "not a duration",
+            ),
+            (
+                "endpoint = \"http://h:1\"\non = [\"join\"]",
+                "unknown field `on`",
+            ),
         ] {
             let e = toml::from_str::<FileConfig>(&format!("[connect_hook]\n{bad}\n")).unwrap_err();
             assert!(e.to_string().contains(needle), "{bad}: {e}");

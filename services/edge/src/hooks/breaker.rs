@@ -16,11 +16,17 @@ pub(crate) const OPEN_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// A trial call is out. Should its outcome never be reported (the
     /// client went away mid-call), another trial goes out after `until`.
-    Trial { until: Instant },
+    Trial {
+        until: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -115,7 +121,10 @@ mod tests {
         assert!(b.admit(again));
         b.success();
         assert!(!b.is_open());
-        assert!(b.admit(again) && b.admit(again), "closed: every call goes out");
+        assert!(
+            b.admit(again) && b.admit(again),
+            "closed: every call goes out"
+        );
     }
 
     #[test]

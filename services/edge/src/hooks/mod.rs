@@ -300,7 +300,9 @@ impl Hooks {
             // Every configured endpoint has a pool; this is a bug.
             tracing::error!(endpoint = %target.endpoint, "a hook endpoint without channels");
             count(hook, "error");
-            return Err(Failure(format!("the {name} hook is not set up on this edge")));
+            return Err(Failure(format!(
+                "the {name} hook is not set up on this edge"
+            )));
         };
         if !pool.breaker.lock().expect("breaker").admit(Instant::now()) {
             count(hook, "circuit_open");
@@ -330,12 +332,13 @@ impl Hooks {
         let at = pool.next.fetch_add(1, Ordering::Relaxed) % pool.clients.len();
         let client = pool.clients[at].clone();
         let started = Instant::now();
-        let answer = tokio::time::timeout(target.timeout, send(client, request).instrument(span))
-            .await;
+        let answer =
+            tokio::time::timeout(target.timeout, send(client, request).instrument(span)).await;
+        let took = started.elapsed();
         HOOKS
             .duration
             .get_or_create(&HookLabel { hook: name })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
         let timed_out = || {
             Failure(format!(
                 "the {name} hook did not answer within {}",
@@ -344,7 +347,12 @@ impl Hooks {
         };
         let (result, outcome) = match answer {
             Err(_) => (Err(timed_out()), "timeout"),
-            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+            // The channel enforces the `grpc-timeout` it sends, and says
+            // so as `Cancelled`.
+            Ok(Err(status))
+                if status.code() == tonic::Code::DeadlineExceeded
+                    || (status.code() == tonic::Code::Cancelled && took >= target.timeout) =>
+            {
                 (Err(timed_out()), "timeout")
             }
             Ok(Err(status)) => {
@@ -355,7 +363,10 @@ impl Hooks {
                     }
                     _ => format!("its service answered {:?}", status.code()),
                 };
-                (Err(Failure(format!("the {name} hook failed: {why}"))), "error")
+                (
+                    Err(Failure(format!("the {name} hook failed: {why}"))),
+                    "error",
+                )
             }
             Ok(Ok(reply)) => match decode(reply.into_inner()) {
                 Ok((decision, outcome)) => (Ok(decision), outcome),
@@ -459,10 +470,7 @@ fn denial(hook: Hook, deny: HookDeny) -> (ErrorCode, String) {
 }
 
 fn neither(hook: Hook) -> String {
-    format!(
-        "the {} hook answered neither allow nor deny",
-        hook.name()
-    )
+    format!("the {} hook answered neither allow nor deny", hook.name())
 }
 
 /// `500ms`, `2s`: as the configuration writes timeouts.
@@ -561,7 +569,10 @@ mod tests {
             code: code.into(),
             message: String::new(),
         };
-        assert_eq!(denial(Hook::Join, deny("rate_limited")).0, ErrorCode::RateLimited);
+        assert_eq!(
+            denial(Hook::Join, deny("rate_limited")).0,
+            ErrorCode::RateLimited
+        );
         assert_eq!(denial(Hook::Join, deny("nope")).0, ErrorCode::Forbidden);
         let (code, message) = denial(Hook::Publish, deny(""));
         assert_eq!(code, ErrorCode::Forbidden);

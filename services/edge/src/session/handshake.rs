@@ -107,7 +107,15 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
         Some((claims, connect_id, client)) => {
             let conn = format!("{}-{id}", edge.config.node_id);
             let hello = Hello { peer, client };
-            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id, hello).await
+            Session::open(
+                edge.clone(),
+                outbox.clone(),
+                conn,
+                claims,
+                connect_id,
+                hello,
+            )
+            .await
         }
         None => None,
     };
