@@ -435,3 +435,22 @@ async fn a_killed_hook_service_fails_within_the_timeout_and_stalls_no_other_name
     assert!(hook_calls(edge, "join", "circuit_open") >= 1.0);
     assert!(hook_calls(edge, "join", "error") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hook_calls_carry_the_trace_context_of_the_request() {
+    let hooks = HookService::start();
+    let (_file, mut args) = config_file(&config(&hooks, "5s"));
+    // Spans are exported (nowhere that listens: the call's metadata is what is checked).
+    args.extend([
+        "--otlp-endpoint".to_string(),
+        format!("http://{}", herald_test_support::free_addr()),
+    ]);
+    let dev = Dev::start_with(&args);
+    let alice = connect(&dev.ws(), "alice").await;
+    ok(&alice, json!({"op":"join","room":"chat:traced"})).await;
+    let traceparents = hooks.app.0.lock().unwrap().join_traceparents.clone();
+    assert_eq!(traceparents.len(), 1, "{traceparents:?}");
+    let parts: Vec<&str> = traceparents[0].split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparents:?}");
+    assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16));
+}
