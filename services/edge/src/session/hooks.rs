@@ -75,7 +75,13 @@ impl Session {
     /// do: the token's room patterns do not apply, the namespace's presence
     /// settings do. A room that cannot be joined now does not fail the
     /// connection: the log says why.
+    /// Their live messages are held until `open` releases them after
+    /// `connected`.
     pub(super) async fn join_granted(&mut self, granted: Granted) {
+        if granted.rooms.is_empty() {
+            return;
+        }
+        self.granting = Some(Box::new(Vec::with_capacity(granted.rooms.len())));
         for room in granted.rooms {
             let policy = self
                 .edge

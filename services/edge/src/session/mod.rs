@@ -128,6 +128,9 @@ struct Session {
     limits: Option<Box<limits::Limiters>>,
     /// A recovering join's live messages, released once its `ok` is queued.
     after_reply: Option<Arc<RoomEntry>>,
+    /// While the rooms granted by the connect hook are joined: their
+    /// entries, whose live messages are held until `connected` is out.
+    granting: Option<Box<Vec<Arc<RoomEntry>>>>,
 }
 
 impl Session {
@@ -198,6 +201,7 @@ impl Session {
             rooms: HashMap::new(),
             limits: None,
             after_reply: None,
+            granting: None,
         };
         // The inbox is held until `connected` and the unread messages are out.
         let joined = session
@@ -244,6 +248,9 @@ impl Session {
             );
         }
         interest::release(&inbox, session.outbox.id);
+        for entry in session.granting.take().map(|g| *g).unwrap_or_default() {
+            interest::release(&entry, session.outbox.id);
+        }
         Some(session)
     }
 

@@ -158,7 +158,8 @@ impl Session {
                 ),
             ));
         }
-        let hold = durable && since.is_some();
+        // Rooms granted at connect are held too, until `connected` is out.
+        let hold = (durable && since.is_some()) || self.granting.is_some();
         // A member already in the room is held again while it catches up.
         let entry = self
             .edge
@@ -166,6 +167,9 @@ impl Session {
             .join(room, &self.outbox, hold)
             .await
             .map_err(|e| unavailable(&self.conn, id, &e))?;
+        if let Some(granted) = &mut self.granting {
+            granted.push(entry.clone());
+        }
         if existing.is_none() {
             self.rooms.insert(room.clone(), joined);
             if presence {
@@ -190,7 +194,7 @@ impl Session {
         }
         let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
         let recovery = room::recover(&entry, &self.edge.history, self.outbox.id, since).await;
-        if hold {
+        if since.is_some() {
             self.after_reply = Some(entry);
         }
         recovery.map_err(|e| unavailable(&self.conn, id, &e))
