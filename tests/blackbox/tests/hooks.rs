@@ -320,6 +320,11 @@ async fn hooks_refuse_grant_deny_and_rewrite_on_a_cluster_edge() {
     assert!(hook_calls(edge, "publish", "rewritten") >= 1.0);
     assert!(hook_calls(edge, "connect", "denied") >= 1.0);
     assert!(hook_calls(edge, "join", "denied") >= 1.0);
+    let (_, text) = http_get(edge, "/metrics").unwrap();
+    for hook in ["connect", "join", "publish"] {
+        let timed = format!("herald_hook_duration_seconds_count{{hook=\"{hook}\"}} ");
+        assert!(text.contains(&timed), "no {timed} in:\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
