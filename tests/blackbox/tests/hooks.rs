@@ -466,3 +466,37 @@ async fn hook_calls_carry_the_trace_context_of_the_request() {
     assert_eq!(parts.len(), 4, "{traceparents:?}");
     assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16));
 }
+
+#[test]
+fn bad_hook_settings_stop_the_start_in_plain_words() {
+    for (config, needle) in [
+        (
+            "[namespaces.chat]\nhooks = { endpoint = \"http://127.0.0.1:7000\", on = [\"joins\"] }\n",
+            "unknown variant `joins`",
+        ),
+        (
+            "[namespaces.chat]\nhooks = { endpoint = \"http://127.0.0.1:7000\", on = [\"join\"], timeout = \"fast\" }\n",
+            "hook timeout \"fast\" is not a duration",
+        ),
+        (
+            "[connect_hook]\nendpoint = \"127.0.0.1:7000\"\n",
+            "hook endpoint \"127.0.0.1:7000\": it must start with http://",
+        ),
+    ] {
+        let (_file, args) = config_file(config);
+        let out = std::process::Command::new(herald_test_support::herald_bin())
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{config}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{config}: {err}");
+    }
+}
