@@ -9,7 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("herald_descriptor.bin"))
-        .compile_protos(&["herald/v1/herald.proto"], &["."])?;
+        .compile_protos(&["herald/v1/herald.proto", "herald/v1/hooks.proto"], &["."])?;
     println!("cargo:rerun-if-changed=herald/v1/herald.proto");
+    println!("cargo:rerun-if-changed=herald/v1/hooks.proto");
     Ok(())
 }

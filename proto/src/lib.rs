@@ -1,5 +1,6 @@
 //! The herald.v1 gRPC API (Router and Presence services), generated from
-//! `herald/v1/herald.proto` at build time.
+//! `herald/v1/herald.proto` at build time, and the Hooks service that
+//! applications implement for the edges to call (`herald/v1/hooks.proto`).
 
 #[allow(clippy::all)]
 pub mod v1 {

@@ -12,7 +12,10 @@ pub mod policy;
 pub mod token;
 
 pub use limits::{RateLimits, RateOverrides};
-pub use policy::{Denied, DurablePolicy, NamespacePolicy, Policy, pattern_matches};
+pub use policy::{
+    Denied, DurablePolicy, HookName, HookTarget, NamespaceHooks, NamespacePolicy, OnFailure,
+    Policy, pattern_matches,
+};
 pub use token::{
     AuthError, ClaimChecks, Claims, KeyError, KeySource, Verifier, mint_hs256, now_secs,
 };

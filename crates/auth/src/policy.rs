@@ -4,6 +4,7 @@
 //! Both must agree: the namespace says what anyone may do, the token can only narrow it.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::limits::{RateLimits, RateOverrides};
 use crate::token::Claims;
@@ -44,6 +45,151 @@ pub struct NamespacePolicy {
     /// Request rates that replace `[limits]`'s for this namespace's rooms.
     #[serde(default)]
     pub limits: RateOverrides,
+    /// The application's hook service, asked before joins and publishes.
+    #[serde(default)]
+    pub hooks: Option<NamespaceHooks>,
+}
+
+/// A client request of a namespace that its hook service may decide on.
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum HookName {
+    Join,
+    Publish,
+}
+
+/// What a request gets when its hook does not answer in time, fails, or
+/// its circuit breaker is open.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Refused with `unavailable` (a connect: closed with 1013, reconnect).
+    #[default]
+    Deny,
+    /// Served as if the hook had allowed it.
+    Allow,
+}
+
+/// Where a hook is called, how long it may take, and what a failure means;
+/// `[connect_hook]` as written in the config file.
+///
+/// ```
+/// # use herald_auth::{HookTarget, OnFailure};
+/// let t: HookTarget = toml::from_str("endpoint = \"http://127.0.0.1:7000\"").unwrap();
+/// assert_eq!(t.timeout, std::time::Duration::from_millis(500));
+/// assert_eq!(t.on_failure, OnFailure::Deny);
+/// ```
+#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct HookTarget {
+    /// `http://host:port` of the application's `herald.v1.Hooks` service.
+    #[serde(deserialize_with = "hook_endpoint")]
+    pub endpoint: String,
+    /// A humane duration such as `"500ms"`; 500 ms when not given.
+    #[serde(default = "hook_timeout", deserialize_with = "hook_duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// A namespace's `hooks = { endpoint, on, timeout, on_failure }`.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceHooks {
+    #[serde(deserialize_with = "hook_endpoint")]
+    pub endpoint: String,
+    /// Which requests are asked about: `"join"`, `"publish"`.
+    pub on: Vec<HookName>,
+    #[serde(default = "hook_timeout", deserialize_with = "hook_duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+impl NamespaceHooks {
+    pub fn target(&self) -> HookTarget {
+        HookTarget {
+            endpoint: self.endpoint.clone(),
+            timeout: self.timeout,
+            on_failure: self.on_failure,
+        }
+    }
+}
+
+fn hook_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// The longest hook timeout: a hook holds its client's requests (they are
+/// answered in order) for as long as it may take.
+const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn hook_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    use serde::de::Error;
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    let t = humantime::parse_duration(&text).map_err(|e| {
+        D::Error::custom(format!(
+            "hook timeout {text:?} is not a duration ({e}); write e.g. \"500ms\" or \"2s\""
+        ))
+    })?;
+    if t.is_zero() || t > MAX_HOOK_TIMEOUT {
+        return Err(D::Error::custom(format!(
+            "hook timeout {text:?} must be more than 0 and at most 60s"
+        )));
+    }
+    Ok(t)
+}
+
+fn hook_endpoint<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    check_endpoint(&text).map_err(serde::de::Error::custom)?;
+    Ok(text)
+}
+
+/// A hook endpoint is `http://host:port` (a trailing `/` allowed): the
+/// edge calls it as a gRPC server, so no path, query or credentials.
+fn check_endpoint(url: &str) -> Result<(), String> {
+    let example = "write it as \"http://host:port\", e.g. \"http://127.0.0.1:7000\"";
+    let Some(rest) = url.strip_prefix("http://") else {
+        let why = if url.starts_with("https://") {
+            "https:// is not supported for hooks; reach the hook service over a private network"
+        } else {
+            "it must start with http://"
+        };
+        return Err(format!("hook endpoint {url:?}: {why}; {example}"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let bad = |why: &str| Err(format!("hook endpoint {url:?}: {why}; {example}"));
+    if authority.is_empty() {
+        return bad("it names no host");
+    }
+    if authority.contains(['/', '?', '#', '@', ' ']) {
+        return bad("it may hold only a host and a port, no path, query or user");
+    }
+    // `[::1]:7000`: the port follows the bracket, the host's colons are its own.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, port)) => match port.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return bad("an IPv6 address in brackets is followed by :port or nothing"),
+            },
+            None => return bad("an IPv6 address opened with [ is not closed with ]"),
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return bad(&format!("port {port:?} is not a number from 0 to 65535"));
+    }
+    if host.is_empty() {
+        return bad("it names no host");
+    }
+    Ok(())
 }
 
 /// How much history a durable namespace keeps.
@@ -74,6 +220,7 @@ impl Default for NamespacePolicy {
             durable: None,
             traceparent: false,
             limits: RateOverrides::default(),
+            hooks: None,
         }
     }
 }
@@ -183,6 +330,13 @@ impl Policy {
                 }
             }
         }
+        for (name, hooks) in ns.iter().filter_map(|(n, p)| Some((n, p.hooks.as_ref()?))) {
+            if hooks.on.is_empty() {
+                return Err(format!(
+                    "namespace {name}: hooks.on names no hook; write on = [\"join\"], [\"publish\"] or [\"join\", \"publish\"]"
+                ));
+            }
+        }
         Ok(Policy {
             namespaces: Some(ns),
             rest_open: false,
@@ -239,6 +393,28 @@ impl Policy {
     /// Whether live `message` frames of `namespace` carry their `traceparent`.
     pub fn sends_traceparent(&self, namespace: &str) -> bool {
         self.namespace(namespace).is_some_and(|p| p.traceparent)
+    }
+
+    /// Where `hook` of `namespace` is called, when that namespace has it.
+    pub fn hook(&self, namespace: &str, hook: HookName) -> Option<HookTarget> {
+        self.namespace(namespace)?
+            .hooks
+            .as_ref()
+            .filter(|h| h.on.contains(&hook))
+            .map(NamespaceHooks::target)
+    }
+
+    /// Every hook endpoint the namespaces name, each once.
+    pub fn hook_endpoints(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .namespaces
+            .iter()
+            .flat_map(|map| map.values())
+            .filter_map(|p| Some(p.hooks.as_ref()?.endpoint.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Every durable namespace and how much it keeps, the personal namespace
@@ -337,6 +513,7 @@ fn user_policy() -> NamespacePolicy {
         durable: None,
         traceparent: false,
         limits: RateOverrides::default(),
+        hooks: None,
     }
 }
 
@@ -347,5 +524,110 @@ fn can_match_in(pattern: &str, ns: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(stem) => prefix.starts_with(stem) || stem.starts_with(&prefix),
         None => pattern.len() > prefix.len() && pattern.starts_with(&prefix),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NamespacePolicy, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hooks_are_read_with_their_defaults() {
+        let p =
+            parse(r#"hooks = { endpoint = "http://127.0.0.1:7000", on = ["join", "publish"] }"#)
+                .unwrap();
+        let hooks = p.hooks.unwrap();
+        assert_eq!(hooks.on, [HookName::Join, HookName::Publish]);
+        assert_eq!(hooks.timeout, Duration::from_millis(500));
+        assert_eq!(hooks.on_failure, OnFailure::Deny);
+        let p = parse(
+            r#"hooks = { endpoint = "http://[::1]:7000/", on = ["publish"], timeout = "2s", on_failure = "allow" }"#,
+        )
+        .unwrap();
+        let target = p.hooks.unwrap().target();
+        assert_eq!(target.timeout, Duration::from_secs(2));
+        assert_eq!(target.on_failure, OnFailure::Allow);
+    }
+
+    #[test]
+    fn bad_hooks_are_refused_in_plain_words() {
+        let cases = [
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["jion"] }"#,
+                "jion",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "soon" }"#,
+                "not a duration",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "0s" }"#,
+                "more than 0",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], timeout = "5m" }"#,
+                "at most 60s",
+            ),
+            (
+                r#"hooks = { endpoint = "h:7000", on = ["join"] }"#,
+                "must start with http://",
+            ),
+            (
+                r#"hooks = { endpoint = "https://h:7000", on = ["join"] }"#,
+                "https:// is not supported",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:7000/hooks", on = ["join"] }"#,
+                "no path",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:x", on = ["join"] }"#,
+                "port \"x\"",
+            ),
+            (
+                r#"hooks = { endpoint = "http://", on = ["join"] }"#,
+                "no host",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], on_failure = "maybe" }"#,
+                "maybe",
+            ),
+            (
+                r#"hooks = { endpoint = "http://h:1", on = ["join"], retries = 3 }"#,
+                "retries",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = parse(text).expect_err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        let empty = parse(r#"hooks = { endpoint = "http://h:1", on = [] }"#).unwrap();
+        let e = Policy::from_namespaces([("chat".to_string(), empty)].into()).unwrap_err();
+        assert!(e.contains("namespace chat: hooks.on names no hook"), "{e}");
+    }
+
+    #[test]
+    fn a_namespace_hook_is_found_only_for_the_requests_it_names() {
+        let chat = parse(r#"hooks = { endpoint = "http://h:1", on = ["publish"] }"#).unwrap();
+        let also = parse(r#"hooks = { endpoint = "http://h:1", on = ["join"] }"#).unwrap();
+        let policy = Policy::from_namespaces(
+            [
+                ("chat".to_string(), chat),
+                ("game".to_string(), also),
+                ("news".to_string(), NamespacePolicy::default()),
+            ]
+            .into(),
+        )
+        .unwrap();
+        assert!(policy.hook("chat", HookName::Publish).is_some());
+        assert!(policy.hook("chat", HookName::Join).is_none());
+        assert!(policy.hook("game", HookName::Join).is_some());
+        assert!(policy.hook("news", HookName::Join).is_none());
+        assert!(policy.hook("user", HookName::Join).is_none());
+        assert_eq!(policy.hook_endpoints(), ["http://h:1"]);
     }
 }

@@ -11,6 +11,7 @@ mod delivery;
 mod drain;
 pub mod echo;
 mod framing;
+mod hooks;
 mod interest;
 mod liveness;
 mod metrics;
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use herald_auth::{Policy, Verifier};
+use herald_auth::{HookTarget, Policy, Verifier};
 use herald_broker::SharedBroker;
 use herald_broker::history::SharedHistory;
 use herald_ops::{Health, Metrics};
@@ -49,6 +50,7 @@ use tokio_util::task::TaskTracker;
 
 pub use admission::Caps;
 pub use delivery::QueueLimits;
+pub use hooks::HookEndpointError;
 pub use origin::{AllowedOrigins, OriginError};
 pub use presence::PresenceSource;
 pub use tls::{TlsCert, TlsError, load_cert};
@@ -111,6 +113,9 @@ pub struct Config {
     /// More routes served on the edge's port (`herald dev`'s demo); `None`
     /// on cluster edges.
     pub extra_routes: Option<Router>,
+    /// `[connect_hook]`: the application's `OnConnect`, asked before each
+    /// authenticated client is told `connected`.
+    pub connect_hook: Option<HookTarget>,
 }
 
 impl Config {
@@ -145,6 +150,7 @@ impl Config {
                 ..Caps::default()
             },
             extra_routes: None,
+            connect_hook: None,
         }
     }
 }
@@ -182,6 +188,8 @@ struct Edge {
     admission: Arc<admission::Admission>,
     /// This edge's SSE streams, for the frames their clients post.
     sse: sse::Streams,
+    /// The application's hook services, shared by every session.
+    hooks: hooks::Hooks,
     next_conn: AtomicU64,
     metrics: EdgeMetrics,
     /// Cancelled when connections start closing: after the shutdown signal
@@ -208,6 +216,8 @@ pub enum EdgeError {
     Broker(#[from] herald_broker::BrokerError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Hook(#[from] HookEndpointError),
 }
 
 /// Serves `/ws`, `/sse`, `/healthz`, `/readyz`, `/metrics` and the config's
@@ -238,6 +248,8 @@ pub async fn run(
     let edge_metrics = EdgeMetrics::default();
     register_metrics(&metrics, &edge_metrics);
     metrics::register(&metrics);
+    hooks::register(&metrics);
+    let hooks = hooks::Hooks::new(&config.policy, config.connect_hook.as_ref())?;
     herald_broker::register_metrics(&mut metrics.lock().expect("metrics registry"), &broker);
     let mut node_control = broker
         .subscribe(subjects::node_control(&config.node_id))
@@ -284,6 +296,7 @@ pub async fn run(
         quota: quota::UserQuota::new(&config.node_id),
         admission: admission::Admission::new(config.caps.clone()),
         sse: sse::Streams::default(),
+        hooks,
         next_conn: AtomicU64::new(1),
         metrics: edge_metrics,
         shutdown: closing.clone(),

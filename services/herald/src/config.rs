@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use std::time::Duration;
 
-use herald_auth::{DurablePolicy, NamespacePolicy, Policy};
+use herald_auth::{DurablePolicy, HookTarget, NamespacePolicy, Policy};
 use herald_broker::history::Limits;
 use serde::Deserialize;
 
@@ -29,6 +29,9 @@ pub struct FileConfig {
     /// Client request rates, `[limits]`.
     #[serde(default)]
     pub limits: herald_auth::RateOverrides,
+    /// The application's `OnConnect` hook, `[connect_hook]`.
+    #[serde(default)]
+    pub connect_hook: Option<HookTarget>,
 }
 
 /// What the inbox keeps when the configuration does not say.
@@ -43,6 +46,8 @@ pub fn default_inbox() -> DurablePolicy {
 pub struct Namespaces {
     pub policy: Policy,
     pub durable: Vec<(String, Limits)>,
+    /// `[connect_hook]`, for the edges.
+    pub connect_hook: Option<HookTarget>,
 }
 
 /// A configuration problem, reported before the process starts serving:
@@ -193,7 +198,11 @@ fn namespaces_or(
             },
         ));
     }
-    Ok(Namespaces { policy, durable })
+    Ok(Namespaces {
+        policy,
+        durable,
+        connect_hook: file.connect_hook,
+    })
 }
 
 /// `--allowed-origins`, checked entry by entry; `None` allows every origin.
@@ -315,5 +324,30 @@ mod tests {
     fn config_file_names_unknown_keys() {
         let e = toml::from_str::<FileConfig>("[namespaces.chat]\npublsh = true\n").unwrap_err();
         assert!(e.to_string().contains("publsh"), "{e}");
+    }
+
+    #[test]
+    fn the_connect_hook_is_read_and_checked() {
+        let file: FileConfig = toml::from_str(
+            "[connect_hook]\nendpoint = \"http://127.0.0.1:7000\"\ntimeout = \"1s\"\non_failure = \"allow\"\n",
+        )
+        .unwrap();
+        let hook = file.connect_hook.unwrap();
+        assert_eq!(hook.timeout, Duration::from_secs(1));
+        assert_eq!(hook.on_failure, herald_auth::OnFailure::Allow);
+        for (bad, needle) in [
+            ("endpoint = \"127.0.0.1:7000\"", "http://"),
+            (
+                "endpoint = \"http://h:1\"\ntimeout = \"later\"",
+                "not a duration",
+            ),
+            (
+                "endpoint = \"http://h:1\"\non = [\"join\"]",
+                "unknown field `on`",
+            ),
+        ] {
+            let e = toml::from_str::<FileConfig>(&format!("[connect_hook]\n{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
     }
 }

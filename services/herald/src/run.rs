@@ -450,7 +450,9 @@ async fn edge_config(
     shutdown: &CancellationToken,
 ) -> Result<herald_edge::Config, ConfigError> {
     let (heartbeat, idle_timeout) = config::liveness(&clients.liveness)?;
+    let namespaces = config::namespaces(common)?;
     Ok(herald_edge::Config {
+        connect_hook: namespaces.connect_hook,
         heartbeat,
         idle_timeout,
         max_rooms_per_conn: clients.max_rooms_per_connection,
@@ -461,7 +463,7 @@ async fn edge_config(
         ..herald_edge::Config::new(
             node_id,
             crate::keys::verifier(&clients.keys, dev, shutdown).await?,
-            config::policy(common)?,
+            namespaces.policy,
         )
     })
 }

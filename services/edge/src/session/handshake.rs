@@ -12,10 +12,11 @@ use fastwebsockets::upgrade::UpgradeFut;
 use herald_auth::{AuthError, Claims};
 use herald_wire::frames::{self, ClientFrame, FrameError, Request};
 use herald_wire::{CloseCode, ErrorCode};
+use serde_json::value::RawValue;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-use super::{SHUTTING_DOWN, Session, reject};
+use super::{Hello, SHUTTING_DOWN, Session, reject};
 use crate::Edge;
 use crate::delivery::{Out, Outbox};
 use crate::framing::{Incoming, Reader};
@@ -65,7 +66,8 @@ pub(super) async fn open_relayed(start: Relayed) -> (Outbox, Reader, Option<Sess
     let outbox = Outbox::holding(id, socket, edge.config.outbound_queue, held);
     let reader = Reader::new(edge.config.max_message_bytes, &[], &outbox);
     let conn = format!("{}-{id}", edge.config.node_id);
-    let session = Session::open(edge, outbox.clone(), conn, claims, None).await;
+    let hello = Hello { peer, client: None };
+    let session = Session::open(edge, outbox.clone(), conn, claims, None, hello).await;
     if let Some(session) = &session {
         tracing::debug!(%peer, conn = %session.conn, user = %session.claims.sub, "connected (relayed)");
     }
@@ -102,9 +104,18 @@ pub(super) async fn connect(start: Start) -> Option<(Outbox, Reader, Option<Sess
     let authenticated = authenticate(&edge, &outbox, &mut reader, url_token).await;
     drop(pending);
     let session = match authenticated {
-        Some((claims, connect_id)) => {
+        Some((claims, connect_id, client)) => {
             let conn = format!("{}-{id}", edge.config.node_id);
-            Session::open(edge.clone(), outbox.clone(), conn, claims, connect_id).await
+            let hello = Hello { peer, client };
+            Session::open(
+                edge.clone(),
+                outbox.clone(),
+                conn,
+                claims,
+                connect_id,
+                hello,
+            )
+            .await
         }
         None => None,
     };
@@ -139,13 +150,14 @@ pub(super) fn binary_refused() -> FrameError {
 }
 
 /// Waits for a valid `connect` (or checks the `?token=`); answers everything
-/// else with `unauthorized`. Returns the claims and the `connect` request id.
+/// else with `unauthorized`. Returns the claims, the `connect` request id
+/// and the `connect` frame's `client` object.
 async fn authenticate(
     edge: &Edge,
     outbox: &Outbox,
     reader: &mut Reader,
     url_token: Option<String>,
-) -> Option<(Claims, Option<u64>)> {
+) -> Option<(Claims, Option<u64>, Option<Box<RawValue>>)> {
     let refuse = |err: FrameError| {
         reject(outbox, &err);
         outbox.push(Out::close(CloseCode::Unauthorized, err.message.clone()));
@@ -155,7 +167,7 @@ async fn authenticate(
         // Boxed: a key fetch's state would otherwise widen every
         // connection's task for its whole life.
         return match Box::pin(edge.config.verifier.verify_fresh(&token)).await {
-            Ok(claims) => Some((claims, None)),
+            Ok(claims) => Some((claims, None, None)),
             Err(e) => refuse(auth_error(None, &e)),
         };
     }
@@ -176,10 +188,10 @@ async fn authenticate(
             Incoming::Text(text) => match frames::parse(&text) {
                 Ok(ClientFrame {
                     id,
-                    request: Request::Connect { token, .. },
+                    request: Request::Connect { token, client },
                 }) => {
                     return match Box::pin(edge.config.verifier.verify_fresh(&token)).await {
-                        Ok(claims) => Some((claims, id)),
+                        Ok(claims) => Some((claims, id, client)),
                         Err(e) => refuse(auth_error(id, &e)),
                     };
                 }

@@ -11,6 +11,7 @@
 mod dispatch;
 mod handshake;
 mod history;
+mod hooks;
 mod limits;
 mod presence;
 mod rooms;
@@ -30,6 +31,7 @@ use tokio::io::Interest;
 use tracing::Instrument;
 
 pub(crate) use handshake::{Relayed, Start};
+pub(crate) use hooks::Hello;
 
 use crate::Edge;
 use crate::delivery::{self, Out, Outbox};
@@ -126,6 +128,12 @@ struct Session {
     limits: Option<Box<limits::Limiters>>,
     /// A recovering join's live messages, released once its `ok` is queued.
     after_reply: Option<Arc<RoomEntry>>,
+    /// While the rooms granted by the connect hook are joined: their
+    /// entries, whose live messages are held until `connected` is out.
+    /// Boxed: a pointer in every session rather than a `Vec`'s three
+    /// words, for what only the opening uses.
+    #[allow(clippy::box_collection)]
+    granting: Option<Box<Vec<Arc<RoomEntry>>>>,
 }
 
 impl Session {
@@ -139,6 +147,7 @@ impl Session {
         conn: String,
         claims: Claims,
         connect_id: Option<u64>,
+        hello: Hello,
     ) -> Option<Session> {
         let refuse = |outbox: &Outbox, code, message: String, close, reason: &str| {
             reject(outbox, &FrameError::new(connect_id, code, message));
@@ -157,6 +166,10 @@ impl Session {
                 return None;
             }
         };
+        // Before the connection is registered: one the application refuses
+        // is never seen online.
+        let granted = hooks::on_connect(&edge, &outbox, &claims, &hello, &conn).await?;
+        drop(hello);
         edge.reporter.report(Change::Connect {
             conn: conn.clone(),
             user: claims.sub.clone(),
@@ -182,7 +195,7 @@ impl Session {
             outbox.close(CloseCode::ServiceRestart, SHUTTING_DOWN);
         }
         outbox.set_expiry(claims.exp);
-        let session = Session {
+        let mut session = Session {
             edge,
             outbox,
             conn,
@@ -191,6 +204,7 @@ impl Session {
             rooms: HashMap::new(),
             limits: None,
             after_reply: None,
+            granting: None,
         };
         // The inbox is held until `connected` and the unread messages are out.
         let joined = session
@@ -213,6 +227,8 @@ impl Session {
             }
         };
         let (unread, inbox_marker) = session.unread(&inbox).await;
+        // Last before `connected`, so that their messages follow it.
+        session.join_granted(granted).await;
         let connected = Connected {
             conn: session.conn.clone(),
             user: session.claims.sub.clone(),
@@ -235,6 +251,9 @@ impl Session {
             );
         }
         interest::release(&inbox, session.outbox.id);
+        for entry in session.granting.take().map(|g| *g).unwrap_or_default() {
+            interest::release(&entry, session.outbox.id);
+        }
         Some(session)
     }
 

@@ -27,6 +27,7 @@ impl Session {
         let policy = self.may_join(id, &room)?.clone();
         self.check_rate(id, Kind::Join, &room)?;
         let meta = self.meta(id, &room, meta.as_deref())?;
+        self.join_hook(id, &room, meta.as_ref()).await?;
         let r = self.join_room(id, &room, &policy, meta, since).await?;
         Ok(Reply::Joined(JoinedReply {
             epoch: r.epoch,
@@ -81,6 +82,7 @@ impl Session {
                 wait,
             ));
         }
+        let data = self.publish_hook(id, &room, data).await?;
         let policy = &self.edge.config.policy;
         let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
         let durable = policy.is_durable(room.namespace());
@@ -156,7 +158,8 @@ impl Session {
                 ),
             ));
         }
-        let hold = durable && since.is_some();
+        // Rooms granted at connect are held too, until `connected` is out.
+        let hold = (durable && since.is_some()) || self.granting.is_some();
         // A member already in the room is held again while it catches up.
         let entry = self
             .edge
@@ -164,6 +167,9 @@ impl Session {
             .join(room, &self.outbox, hold)
             .await
             .map_err(|e| unavailable(&self.conn, id, &e))?;
+        if let Some(granted) = &mut self.granting {
+            granted.push(entry.clone());
+        }
         if existing.is_none() {
             self.rooms.insert(room.clone(), joined);
             if presence {
@@ -188,7 +194,7 @@ impl Session {
         }
         let since = since.as_ref().map(|s| (s.epoch.as_str(), s.offset));
         let recovery = room::recover(&entry, &self.edge.history, self.outbox.id, since).await;
-        if hold {
+        if since.is_some() {
             self.after_reply = Some(entry);
         }
         recovery.map_err(|e| unavailable(&self.conn, id, &e))
