@@ -14,6 +14,7 @@ mod history;
 mod limits;
 mod presence;
 mod rooms;
+mod watch;
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -126,6 +127,8 @@ struct Session {
     limits: Option<Box<limits::Limiters>>,
     /// A recovering join's live messages, released once its `ok` is queued.
     after_reply: Option<Arc<RoomEntry>>,
+    /// The users this connection watches, from its first `watch` on.
+    watching: Option<Box<watch::Watching>>,
 }
 
 impl Session {
@@ -191,6 +194,7 @@ impl Session {
             rooms: HashMap::new(),
             limits: None,
             after_reply: None,
+            watching: None,
         };
         // The inbox is held until `connected` and the unread messages are out.
         let joined = session
@@ -317,12 +321,14 @@ impl Session {
             if let Some(entry) = self.after_reply.take() {
                 interest::release(&entry, self.outbox.id);
             }
+            self.release_watched();
         }
     }
 
     /// Leaves every room (announcing each leave) before the connection's state
     /// is dropped.
     async fn close(mut self) {
+        self.unwatch_all();
         let rooms: Vec<RoomName> = self.rooms.keys().cloned().collect();
         for room in rooms {
             self.leave_room(&room).await;
