@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use herald_broker::{Broker, NatsBroker};
 use herald_client::Client;
+use herald_wire::presence::UserEvent;
 use serde_json::{Value, json};
 
 const GRACE: Duration = Duration::from_millis(1500);
@@ -136,6 +138,43 @@ async fn unwatch_stops_the_status_frames() {
     // y went offline after x: x's offline would have come first.
     assert_eq!(next_status(&alice).await, ("y".to_string(), false));
     no_more_status(&alice).await;
+}
+
+/// A new presence leader announces again what came after the old one's
+/// last heartbeat: a transition told already (by its id) is not told
+/// again, even when it differs from the user's status now.
+#[tokio::test]
+async fn a_transition_announced_again_is_not_told_twice() {
+    let cluster = Cluster::start_spec(spec(2));
+    let nats = NatsBroker::connect(&cluster.nats.url(), "test-leader")
+        .await
+        .unwrap();
+    let mut announced = nats
+        .subscribe("herald.presence.user.x".into())
+        .await
+        .unwrap();
+    let alice = watcher(&cluster.ws(0), "alice", &["x", "y"]).await;
+    ok(&alice, json!({"op":"watch","users":["x","y"]})).await;
+    let x = connect(&cluster.ws(1), "x").await;
+    assert_eq!(next_status(&alice).await, ("x".to_string(), true));
+    let online = tokio::time::timeout(WAIT, announced.next())
+        .await
+        .expect("x's online announced")
+        .unwrap();
+    let event: UserEvent = serde_json::from_slice(&online.payload).unwrap();
+    assert_eq!(event.user, "x");
+    x.close().await.unwrap();
+    assert_eq!(next_status(&alice).await, ("x".to_string(), false));
+
+    // x's online, announced again: x is offline, yet nothing is told.
+    nats.publish("herald.presence.user.x".into(), online.payload.clone())
+        .await
+        .unwrap();
+    // y's transition, after it, shows when a wrong status would have come.
+    let y = connect(&cluster.ws(1), "y").await;
+    assert_eq!(next_status(&alice).await, ("y".to_string(), true));
+    no_more_status(&alice).await;
+    drop(y);
 }
 
 #[tokio::test]
