@@ -1,8 +1,8 @@
 //! One client connection from upgrade to close. The session is cut by
 //! concern: `handshake` (upgrade and authentication), `dispatch` (which code
 //! serves which op), `rooms` (join, leave, publish, policy), `presence`
-//! (member lists, meta and its rate limit, presence events) and `history`
-//! (pages, read markers, unread counts). This module holds the session's
+//! (member lists, meta and its rate limit, presence events), `history`
+//! (pages, read markers, unread counts) and `watch` (contacts' status). This module holds the session's
 //! state, its opening, the loop that serves requests in order, and the
 //! cleanup that takes the connection out of every room and reports it gone.
 //! Every reply and message goes through the connection's bounded queue (see
