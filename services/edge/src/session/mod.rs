@@ -2,11 +2,11 @@
 //! concern: `handshake` (upgrade and authentication), `dispatch` (which code
 //! serves which op), `rooms` (join, leave, publish, policy), `presence`
 //! (member lists, meta and its rate limit, presence events), `history`
-//! (pages, read markers, unread counts) and `watch` (contacts' status). This module holds the session's
-//! state, its opening, the loop that serves requests in order, and the
-//! cleanup that takes the connection out of every room and reports it gone.
-//! Every reply and message goes through the connection's bounded queue (see
-//! `delivery`).
+//! (pages, read markers, unread counts) and `watch` (contacts' status). This
+//! module holds the session's state, its opening, the loop that serves
+//! requests in order, and the cleanup that takes the connection out of every
+//! room and reports it gone. Every reply and message goes through the
+//! connection's bounded queue (see `delivery`).
 
 mod dispatch;
 mod handshake;
