@@ -95,6 +95,15 @@ fn wire_frame() -> Vec<(String, Vec<u8>)> {
         ("ping", r#"{"op":"ping","id":11}"#),
         ("ping-no-id", r#"{"op":"ping"}"#),
         (
+            "watch",
+            r#"{"op":"watch","id":30,"users":["bob","team-a","bob"]}"#,
+        ),
+        ("unwatch", r#"{"op":"unwatch","id":31,"users":["bob"]}"#),
+        (
+            "publish-no-echo",
+            r#"{"op":"publish","id":32,"room":"chat:x","data":1,"echo":false}"#,
+        ),
+        (
             "personal-room",
             r#"{"op":"join","id":12,"room":"user:alice"}"#,
         ),

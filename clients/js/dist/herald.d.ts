@@ -60,6 +60,11 @@ export interface ReadEvent {
     offset: number;
     unread: number;
 }
+/** A watched user came online or went offline (see `Herald.watch`). */
+export interface StatusEvent {
+    user: string;
+    online: boolean;
+}
 export interface Disconnected {
     code: number;
     reason: string;
@@ -137,6 +142,7 @@ export declare class Room {
      */
     publish(data: unknown, opts?: {
         key?: string;
+        echo?: boolean;
     }): Promise<{
         epoch: string;
         offset: number;
@@ -197,6 +203,8 @@ export declare class Herald {
     private readonly rooms;
     private personalRoom;
     private readonly unreadCounts;
+    /** Users watched, with what the client last knew of them: watched again on every new connection. */
+    private readonly watched;
     /** Rooms whose counts `connected` gave and whose replay has not ended yet: not counted again. */
     private readonly countPaused;
     private attempt;
@@ -228,6 +236,16 @@ export declare class Herald {
     on(ev: "connected", fn: (c: Connected) => void): () => void;
     on(ev: "disconnected", fn: (d: Disconnected) => void): () => void;
     on(ev: "error", fn: (e: HeraldError) => void): () => void;
+    on(ev: "status", fn: (s: StatusEvent) => void): () => void;
+    /**
+     * Watches `users` (the token's `watch` claim must allow them): resolves
+     * with whether each is online now, and from then on emits `status` at
+     * each of their transitions. After a reconnect the client watches them
+     * again and emits `status` for every change it missed meanwhile.
+     */
+    watch(users: string[]): Promise<Record<string, boolean>>;
+    /** Stops the `status` events of `users`. */
+    unwatch(users: string[]): Promise<void>;
     /** The room `name`; the same object every time. */
     room(name: string): Room;
     /** Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages. */
@@ -250,6 +268,9 @@ export declare class Herald {
     private sendJoin;
     private onJoinReply;
     private onMessage;
+    private onStatus;
+    /** The answer of a reconnect's `watch`: what changed while offline is told as `status`. */
+    private onRewatch;
     private onRead;
     /** Puts `out` on the wire (the session is up). */
     private transmit;

@@ -195,6 +195,7 @@ var Room = class {
    */
   publish(data, opts = {}) {
     const frame = { op: "publish", room: this.name, data, key: opts.key ?? newKey() };
+    if (opts.echo === false) frame.echo = false;
     return this.client.send(frame, "publish").then((f) => ({ epoch: str(f.epoch), offset: num(f.offset) }));
   }
   /** The room's members, one entry per user. */
@@ -249,6 +250,8 @@ var Herald = class {
     this.waiting = [];
     this.rooms = /* @__PURE__ */ new Map();
     this.unreadCounts = /* @__PURE__ */ new Map();
+    /** Users watched, with what the client last knew of them: watched again on every new connection. */
+    this.watched = /* @__PURE__ */ new Map();
     /** Rooms whose counts `connected` gave and whose replay has not ended yet: not counted again. */
     this.countPaused = /* @__PURE__ */ new Set();
     this.attempt = 0;
@@ -335,6 +338,34 @@ var Herald = class {
   }
   on(ev, fn) {
     return this.listeners.on(ev, fn);
+  }
+  /**
+   * Watches `users` (the token's `watch` claim must allow them): resolves
+   * with whether each is online now, and from then on emits `status` at
+   * each of their transitions. After a reconnect the client watches them
+   * again and emits `status` for every change it missed meanwhile.
+   */
+  watch(users) {
+    const added = users.filter((u) => !this.watched.has(u));
+    for (const u of added) this.watched.set(u, void 0);
+    return this.send({ op: "watch", users }, "request").then(
+      (f) => {
+        const status = f.status && typeof f.status === "object" ? f.status : {};
+        for (const [user, online] of Object.entries(status)) {
+          if (this.watched.has(user)) this.watched.set(user, online === true);
+        }
+        return status;
+      },
+      (e) => {
+        for (const u of added) this.watched.delete(u);
+        throw e;
+      }
+    );
+  }
+  /** Stops the `status` events of `users`. */
+  unwatch(users) {
+    for (const u of users) this.watched.delete(u);
+    return this.send({ op: "unwatch", users }, "request").then(() => void 0);
   }
   /** The room `name`; the same object every time. */
   room(name) {
@@ -612,6 +643,9 @@ var Herald = class {
       case "read":
         this.onRead(f);
         break;
+      case "status":
+        this.onStatus(str(f.user), f.online === true);
+        break;
       case "disconnect":
         this.disconnectFrame = {
           code: num(f.code),
@@ -692,6 +726,9 @@ var Herald = class {
         this.sendJoin(room, room.isJoined);
       }
     }
+    if (this.watched.size > 0) {
+      this.internal({ op: "watch", users: [...this.watched.keys()] }, (reply) => this.onRewatch(reply));
+    }
     const pending = [...this.queue.drain(), ...this.waiting].sort((a, b) => a.seq - b.seq);
     this.waiting = [];
     for (const out of pending) this.transmit(out);
@@ -758,6 +795,25 @@ var Herald = class {
       }
     }
     room.emit("message", toMessage(f));
+  }
+  onStatus(user, online) {
+    if (!this.watched.has(user) || this.watched.get(user) === online) return;
+    this.watched.set(user, online);
+    this.listeners.emit("status", { user, online });
+  }
+  /** The answer of a reconnect's `watch`: what changed while offline is told as `status`. */
+  onRewatch(f) {
+    if (f.op !== "ok") {
+      const p = errorParts(f);
+      this.listeners.emit("error", new HeraldError(p.code, `watch again after reconnecting: ${p.message}`, p.retryAfterMs));
+      return;
+    }
+    const status = f.status && typeof f.status === "object" ? f.status : {};
+    for (const [user, online] of Object.entries(status)) {
+      if (!this.watched.has(user)) continue;
+      if (this.watched.get(user) === void 0) this.watched.set(user, online === true);
+      else this.onStatus(user, online === true);
+    }
   }
   onRead(f) {
     const ev = { room: str(f.room), offset: num(f.offset), unread: num(f.unread) };

@@ -76,6 +76,12 @@ export interface ReadEvent {
   unread: number;
 }
 
+/** A watched user came online or went offline (see `Herald.watch`). */
+export interface StatusEvent {
+  user: string;
+  online: boolean;
+}
+
 export interface Disconnected {
   code: number;
   reason: string;
@@ -256,8 +262,10 @@ export class Room {
    * durable room stores it once. Resolves with its position in durable rooms
    * (`epoch` `""` and `offset` 0 in ephemeral ones).
    */
-  publish(data: unknown, opts: { key?: string } = {}): Promise<{ epoch: string; offset: number }> {
+  publish(data: unknown, opts: { key?: string; echo?: boolean } = {}): Promise<{ epoch: string; offset: number }> {
     const frame: Frame = { op: "publish", room: this.name, data, key: opts.key ?? newKey() };
+    // `echo: false`: this connection does not receive it live (the user's other devices do).
+    if (opts.echo === false) frame.echo = false;
     return this.client
       .send(frame, "publish")
       .then((f) => ({ epoch: str(f.epoch), offset: num(f.offset) }));
@@ -344,6 +352,8 @@ export class Herald {
   private readonly rooms = new Map<string, Room>();
   private personalRoom: Room | undefined;
   private readonly unreadCounts = new Map<string, number>();
+  /** Users watched, with what the client last knew of them: watched again on every new connection. */
+  private readonly watched = new Map<string, boolean | undefined>();
   /** Rooms whose counts `connected` gave and whose replay has not ended yet: not counted again. */
   private readonly countPaused = new Set<string>();
   private attempt = 0;
@@ -444,8 +454,39 @@ export class Herald {
   on(ev: "connected", fn: (c: Connected) => void): () => void;
   on(ev: "disconnected", fn: (d: Disconnected) => void): () => void;
   on(ev: "error", fn: (e: HeraldError) => void): () => void;
+  on(ev: "status", fn: (s: StatusEvent) => void): () => void;
   on(ev: string, fn: (v: never) => void): () => void {
     return this.listeners.on(ev, fn);
+  }
+
+  /**
+   * Watches `users` (the token's `watch` claim must allow them): resolves
+   * with whether each is online now, and from then on emits `status` at
+   * each of their transitions. After a reconnect the client watches them
+   * again and emits `status` for every change it missed meanwhile.
+   */
+  watch(users: string[]): Promise<Record<string, boolean>> {
+    const added = users.filter((u) => !this.watched.has(u));
+    for (const u of added) this.watched.set(u, undefined);
+    return this.send({ op: "watch", users }, "request").then(
+      (f) => {
+        const status = (f.status && typeof f.status === "object" ? f.status : {}) as Record<string, boolean>;
+        for (const [user, online] of Object.entries(status)) {
+          if (this.watched.has(user)) this.watched.set(user, online === true);
+        }
+        return status;
+      },
+      (e: unknown) => {
+        for (const u of added) this.watched.delete(u);
+        throw e;
+      },
+    );
+  }
+
+  /** Stops the `status` events of `users`. */
+  unwatch(users: string[]): Promise<void> {
+    for (const u of users) this.watched.delete(u);
+    return this.send({ op: "unwatch", users }, "request").then(() => undefined);
   }
 
   /** The room `name`; the same object every time. */
@@ -750,6 +791,9 @@ export class Herald {
       case "read":
         this.onRead(f);
         break;
+      case "status":
+        this.onStatus(str(f.user), f.online === true);
+        break;
       case "disconnect":
         this.disconnectFrame = {
           code: num(f.code),
@@ -839,6 +883,10 @@ export class Herald {
         this.sendJoin(room, room.isJoined);
       }
     }
+    // Watched users belong to a connection: this one watches them again.
+    if (this.watched.size > 0) {
+      this.internal({ op: "watch", users: [...this.watched.keys()] }, (reply) => this.onRewatch(reply));
+    }
     // Requests are answered in order, so what waited can follow the joins at once.
     const pending = [...this.queue.drain(), ...this.waiting].sort((a, b) => a.seq - b.seq);
     this.waiting = [];
@@ -911,6 +959,28 @@ export class Herald {
       }
     }
     room.emit("message", toMessage(f));
+  }
+
+  private onStatus(user: string, online: boolean): void {
+    if (!this.watched.has(user) || this.watched.get(user) === online) return;
+    this.watched.set(user, online);
+    this.listeners.emit("status", { user, online });
+  }
+
+  /** The answer of a reconnect's `watch`: what changed while offline is told as `status`. */
+  private onRewatch(f: Frame): void {
+    if (f.op !== "ok") {
+      const p = errorParts(f);
+      this.listeners.emit("error", new HeraldError(p.code, `watch again after reconnecting: ${p.message}`, p.retryAfterMs));
+      return;
+    }
+    const status = (f.status && typeof f.status === "object" ? f.status : {}) as Record<string, unknown>;
+    for (const [user, online] of Object.entries(status)) {
+      if (!this.watched.has(user)) continue;
+      // A user whose own `watch` is still unanswered is told by that answer, not as a change.
+      if (this.watched.get(user) === undefined) this.watched.set(user, online === true);
+      else this.onStatus(user, online === true);
+    }
   }
 
   private onRead(f: Frame): void {

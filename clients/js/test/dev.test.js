@@ -269,6 +269,55 @@ test("offline queue: publishes made offline go out once after reconnect; beyond 
   assert.deepEqual(seen.map((m) => m.data.n), [0, 1, 2, 3, 4]);
 });
 
+test("watch: status now, then transitions; after a reconnect, watched again and told what changed meanwhile", async () => {
+  const p = await proxy();
+  const watching = { token: tokenWith({ sub: "watch-a", watch: ["watch-*"] }), reconnect: { initialDelayMs: 50, maxDelayMs: 200 } };
+  const alice = new Herald(p.url, watching);
+  clients.push(alice);
+  await alice.connect();
+  await refused((await client("watch-nobody")).watch(["watch-b"]), "forbidden");
+  assert.deepEqual(await alice.watch(["watch-b", "watch-c"]), { "watch-b": false, "watch-c": false });
+  const statuses = [];
+  alice.on("status", (s) => statuses.push(s));
+  const bOnline = nextEvent(alice, "status");
+  await client("watch-b");
+  assert.deepEqual(await bOnline, { user: "watch-b", online: true });
+
+  // An observer on a connection that stays up sees c come online while alice is away.
+  const observer = new Herald(dev.url, { token: tokenWith({ sub: "watch-o", watch: ["watch-c"] }) });
+  clients.push(observer);
+  await observer.connect();
+  await observer.watch(["watch-c"]);
+  p.refuse();
+  const gone = nextEvent(alice, "disconnected");
+  p.cut();
+  await gone;
+  const cOnline = nextEvent(observer, "status");
+  await client("watch-c");
+  await cOnline;
+  const told = nextEvent(alice, "status");
+  p.allow();
+  assert.deepEqual(await told, { user: "watch-c", online: true });
+  await new Promise((res) => setTimeout(res, 200)); // nothing more may come
+  assert.deepEqual(statuses, [{ user: "watch-b", online: true }, { user: "watch-c", online: true }]);
+});
+
+test("publish with echo: false does not come back to its connection; the user's other device gets it", async () => {
+  const phone = await client("echo-a");
+  const laptop = await client("echo-a");
+  const phoneGot = collect(phone.room("chat:echo"));
+  const laptopGot = collect(laptop.room("chat:echo"));
+  await phone.room("chat:echo").join();
+  await laptop.room("chat:echo").join();
+  await phone.room("chat:echo").publish("quiet", { echo: false });
+  await phone.room("chat:echo").publish("loud");
+  await laptopGot.count(2);
+  await phoneGot.count(1);
+  await new Promise((res) => setTimeout(res, 200)); // nothing more may come
+  assert.deepEqual(laptopGot.map((m) => m.data), ["quiet", "loud"]);
+  assert.deepEqual(phoneGot.map((m) => m.data), ["loud"]);
+});
+
 test("a publish in flight when the connection dies is sent again with its key and stored once", async () => {
   const p = await proxy();
   const watcher = await client("inflight-w");

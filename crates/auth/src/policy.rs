@@ -248,7 +248,7 @@ impl Denied {
 ///
 /// ```
 /// # use herald_auth::{Claims, Policy};
-/// let alice = Claims { sub: "alice".into(), exp: 0, rooms: None, publish: None, device: None };
+/// let alice = Claims { sub: "alice".into(), exp: 0, rooms: None, publish: None, device: None, watch: None };
 /// let policy = Policy::open();
 /// assert!(policy.check_join(&alice, "chat:lobby").is_ok());
 /// assert!(policy.check_join(&alice, "user:bob").is_err());

@@ -34,6 +34,32 @@ pub struct Claims {
     /// A free-form device label, for presence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// User-id patterns whose online status the holder may `watch`; `None`
+    /// allows watching nobody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Vec<String>>,
+}
+
+impl Claims {
+    /// Whether the holder may watch `user`'s online status; the refusal in
+    /// plain words otherwise.
+    pub fn may_watch(&self, user: &str) -> Result<(), String> {
+        let Some(patterns) = &self.watch else {
+            return Err(
+                "your token has no `watch` claim: it allows watching no user's status".into(),
+            );
+        };
+        if patterns
+            .iter()
+            .any(|p| crate::policy::pattern_matches(p, user))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "your token's `watch` claim does not allow watching user {user}"
+            ))
+        }
+    }
 }
 
 /// Why a token was refused. Callers map `Expired` to `token_expired` and `Invalid` to
@@ -55,7 +81,7 @@ pub struct KeyError(pub String);
 ///
 /// ```
 /// use herald_auth::{Claims, Verifier, mint_hs256, now_secs};
-/// let claims = Claims { sub: "alice".into(), exp: now_secs() + 60, rooms: None, publish: None, device: None };
+/// let claims = Claims { sub: "alice".into(), exp: now_secs() + 60, rooms: None, publish: None, device: None, watch: None };
 /// let verifier = Verifier::new(Some(b"secret"), None).unwrap();
 /// assert_eq!(verifier.verify(&mint_hs256(b"secret", &claims)).unwrap(), claims);
 /// ```

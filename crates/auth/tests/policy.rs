@@ -11,6 +11,7 @@ fn user(sub: &str) -> Claims {
         rooms: None,
         publish: None,
         device: None,
+        watch: None,
     }
 }
 

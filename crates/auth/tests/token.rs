@@ -24,6 +24,7 @@ fn alice() -> Claims {
         rooms: None,
         publish: None,
         device: None,
+        watch: None,
     }
 }
 

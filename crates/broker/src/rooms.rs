@@ -69,6 +69,12 @@ impl PublishError {
     }
 }
 
+/// The header naming the connection (its cluster-wide id, `<node>-<n>`)
+/// that published a message with `echo: false`: the edge holding that
+/// connection leaves it out of the live fan-out. Only the live message
+/// carries it: history is the same for everyone.
+pub const NO_ECHO: &str = "Herald-No-Echo";
+
 /// Publishes `frame` (a `message` frame from `herald_wire::frames::message_frame`)
 /// to `room`, and returns once the broker confirmed it. For a durable room,
 /// `key` deduplicates: a repeat returns the first call's offset and
@@ -85,8 +91,22 @@ pub async fn publish(
     frame: Bytes,
     key: Option<&str>,
 ) -> Result<Published, PublishError> {
+    publish_from(broker, history, room, delivery, frame, key, None).await
+}
+
+/// [`publish`], leaving connection `no_echo` (when given) out of the live
+/// delivery: a client's `publish` with `echo: false`.
+pub async fn publish_from(
+    broker: &SharedBroker,
+    history: &SharedHistory,
+    room: &RoomName,
+    delivery: Delivery,
+    frame: Bytes,
+    key: Option<&str>,
+    no_echo: Option<&str>,
+) -> Result<Published, PublishError> {
     let mark = broker.publishable()?;
-    let published = send(broker, history, room, delivery, frame, key).await?;
+    let published = send(broker, history, room, delivery, frame, key, no_echo).await?;
     if !delivery.durable {
         broker.confirm(mark).await?;
     }
@@ -112,7 +132,7 @@ pub async fn publish_all(
     let mut results = Vec::new();
     let mut ephemeral = Vec::new();
     for m in messages {
-        let sent = send(broker, history, m.room, m.delivery, m.frame, m.key).await;
+        let sent = send(broker, history, m.room, m.delivery, m.frame, m.key, None).await;
         if sent.is_ok() && !m.delivery.durable {
             ephemeral.push(results.len());
         }
@@ -145,10 +165,11 @@ async fn send(
     delivery: Delivery,
     frame: Bytes,
     key: Option<&str>,
+    no_echo: Option<&str>,
 ) -> Result<Published, PublishError> {
     let to_clients = delivery.traceparent;
     if !delivery.durable {
-        publish_traced(broker, subjects::room(room), frame, to_clients).await?;
+        publish_traced(broker, subjects::room(room), frame, to_clients, no_echo).await?;
         return Ok(Published {
             epoch: String::new(),
             offset: 0,
@@ -169,7 +190,9 @@ async fn send(
     append.record("offset", stored.offset);
     if !stored.duplicate {
         let live = with_position(&frame, &stored.epoch, stored.offset, stored.prev);
-        if let Err(e) = publish_traced(broker, subjects::room(room), live, to_clients).await {
+        if let Err(e) =
+            publish_traced(broker, subjects::room(room), live, to_clients, no_echo).await
+        {
             // Stored, so acknowledged: edges read it from history when the
             // next message shows the gap, and recovering clients get it.
             tracing::warn!(%room, offset = stored.offset, error = %chain(&e), "stored message not sent live");
@@ -186,12 +209,13 @@ async fn send(
 /// (a child of the current span), whose trace context travels in the
 /// message's headers so that each edge's fan-out joins the trace (and, with
 /// `to_clients`, in the frame, for the members' own telemetry). Without
-/// tracing, a plain publish.
+/// tracing, a plain publish, with the [`NO_ECHO`] header when given.
 async fn publish_traced(
     broker: &SharedBroker,
     subject: String,
     mut payload: Bytes,
     to_clients: bool,
+    no_echo: Option<&str>,
 ) -> Result<(), BrokerError> {
     let span = tracing::info_span!(
         target: herald_telemetry::TARGET,
@@ -201,8 +225,18 @@ async fn publish_traced(
         messaging.system = "nats",
         messaging.destination.name = %subject,
     );
+    let with_no_echo = |headers: Option<crate::Headers>| match no_echo {
+        Some(conn) => {
+            let mut headers = headers.unwrap_or_default();
+            headers.insert(NO_ECHO, conn);
+            Some(headers)
+        }
+        None => headers,
+    };
     if span.is_disabled() {
-        return broker.publish(subject, payload).await;
+        return broker
+            .publish_maybe_headers(subject, with_no_echo(None), payload)
+            .await;
     }
     let headers = crate::trace_headers(&span);
     if to_clients
@@ -212,7 +246,7 @@ async fn publish_traced(
         payload = with_traceparent(&payload, tp.as_str());
     }
     broker
-        .publish_maybe_headers(subject, headers, payload)
+        .publish_maybe_headers(subject, with_no_echo(headers), payload)
         .instrument(span)
         .await
 }

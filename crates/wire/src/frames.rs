@@ -47,6 +47,9 @@ pub enum Request {
         room: RoomName,
         data: Box<RawValue>,
         key: Option<String>,
+        /// `false`: the publishing connection does not receive the message
+        /// live (the user's other connections do).
+        echo: bool,
     },
     Presence {
         room: RoomName,
@@ -67,6 +70,13 @@ pub enum Request {
     Refresh {
         token: String,
     },
+    /// Contacts' status: the users' online state now, then each transition.
+    Watch {
+        users: Vec<String>,
+    },
+    Unwatch {
+        users: Vec<String>,
+    },
     Ping,
 }
 
@@ -83,6 +93,8 @@ impl Request {
             Request::History { .. } => "history",
             Request::Read { .. } => "read",
             Request::Refresh { .. } => "refresh",
+            Request::Watch { .. } => "watch",
+            Request::Unwatch { .. } => "unwatch",
             Request::Ping => "ping",
         }
     }
@@ -132,6 +144,8 @@ struct RawFrame {
     key: Option<String>,
     limit: Option<u32>,
     offset: Option<u64>,
+    users: Option<Vec<String>>,
+    echo: Option<bool>,
 }
 
 /// A field that is there, whatever its value, `null` included (serde reads
@@ -195,6 +209,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
             room: room(raw.room)?,
             data: raw.data.ok_or_else(|| need("data"))?,
             key: raw.key,
+            echo: raw.echo.unwrap_or(true),
         },
         "presence" => Request::Presence {
             room: room(raw.room)?,
@@ -215,6 +230,12 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
         "refresh" => Request::Refresh {
             token: raw.token.ok_or_else(|| need("token"))?,
         },
+        "watch" => Request::Watch {
+            users: users(op, raw.users).map_err(bad)?,
+        },
+        "unwatch" => Request::Unwatch {
+            users: users(op, raw.users).map_err(bad)?,
+        },
         "ping" => Request::Ping,
         other => {
             return Err(bad(format!(
@@ -224,6 +245,39 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
         }
     };
     Ok(ClientFrame { id, request })
+}
+
+/// The `users` of `watch` and `unwatch`: at least one, each a user id that
+/// can name a personal room (the ids tokens' `sub` may hold), repeats
+/// dropped.
+fn users(op: &str, users: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let users = users.ok_or_else(|| format!("`{op}` needs a `users` field"))?;
+    if users.is_empty() {
+        return Err(format!("`{op}` needs at least one user in `users`"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(users.len());
+    for user in users {
+        if user.is_empty() {
+            return Err(format!("`{op}` names an empty user id"));
+        }
+        // A user id is what can name a personal room; its rules in words
+        // that speak of users, not rooms.
+        if let Err(e) = RoomName::user(&user) {
+            let why = match e {
+                crate::RoomError::TooLong(_) => format!(
+                    "is {} bytes long; at most {} are accepted",
+                    user.len(),
+                    crate::room::MAX_ROOM_LEN - "user:".len()
+                ),
+                _ => "may hold only printable ASCII without spaces".to_string(),
+            };
+            return Err(format!("user id `{}` {why}", user.escape_default()));
+        }
+        if !out.contains(&user) {
+            out.push(user);
+        }
+    }
+    Ok(out)
 }
 
 /// How deeply JSON a client or a backend sends (`data`, `meta`) may nest
@@ -522,9 +576,62 @@ mod tests {
             (r#"{"op":"read","room":"a:b","offset":3}"#, "read"),
             (r#"{"op":"refresh","token":"x"}"#, "refresh"),
             (r#"{"op":"ping","id":9}"#, "ping"),
+            (r#"{"op":"watch","users":["bob"]}"#, "watch"),
+            (r#"{"op":"unwatch","users":["bob"]}"#, "unwatch"),
         ] {
             assert_eq!(parse_str(text).unwrap().request.op(), op);
         }
+    }
+
+    #[test]
+    fn publish_echoes_unless_told_not_to() {
+        let echo = |text: &str| match parse_str(text).unwrap().request {
+            Request::Publish { echo, .. } => echo,
+            other => panic!("{other:?}"),
+        };
+        assert!(echo(r#"{"op":"publish","room":"chat:x","data":1}"#));
+        assert!(!echo(
+            r#"{"op":"publish","room":"chat:x","data":1,"echo":false}"#
+        ));
+        let e = parse_str(r#"{"op":"publish","id":2,"room":"chat:x","data":1,"echo":"no"}"#)
+            .unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(2)));
+    }
+
+    #[test]
+    fn watch_takes_a_list_of_user_ids() {
+        match parse_str(r#"{"op":"watch","id":1,"users":["bob","carol","bob"]}"#)
+            .unwrap()
+            .request
+        {
+            Request::Watch { users } => assert_eq!(users, ["bob", "carol"], "repeats dropped"),
+            other => panic!("{other:?}"),
+        }
+        for (text, why) in [
+            (r#"{"op":"watch","id":1}"#, "`watch` needs a `users` field"),
+            (
+                r#"{"op":"unwatch","id":1,"users":[]}"#,
+                "`unwatch` needs at least one user in `users`",
+            ),
+            (r#"{"op":"watch","id":1,"users":[""]}"#, "empty user id"),
+            (
+                r#"{"op":"watch","id":1,"users":["a b"]}"#,
+                "user id `a b` may hold only printable ASCII",
+            ),
+        ] {
+            let e = parse_str(text).unwrap_err();
+            assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(1)), "{text}");
+            assert!(e.message.contains(why), "{text}: {}", e.message);
+        }
+        let long = "x".repeat(300);
+        let e = parse_str(&format!(r#"{{"op":"watch","id":1,"users":["{long}"]}}"#)).unwrap_err();
+        assert!(
+            e.message.contains("300 bytes long; at most 195"),
+            "{}",
+            e.message
+        );
+        let e = parse_str(r#"{"op":"watch","id":3,"users":"bob"}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(3)));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum Reply {
     /// A `read`: the marker as stored and what is still unread after it.
     Read(ReadState),
     Refreshed(Refreshed),
+    /// `watch`: whether each watched user is online now.
+    Watching(Watching),
 }
 
 /// `join`'s answer. In an ephemeral room `epoch` is empty and the rest zero.
@@ -126,6 +128,26 @@ pub struct Refreshed {
     pub expires_at: u64,
 }
 
+/// `watch`'s answer: user → online, for every user of the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Watching {
+    pub status: BTreeMap<String, bool>,
+}
+
+/// `status`: a watched user came online or went offline (after the
+/// presence service's grace period), sent once per transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusEvent<'a> {
+    pub user: &'a str,
+    pub online: bool,
+}
+
+impl StatusEvent<'_> {
+    pub fn to_frame(&self) -> Bytes {
+        frame("status", None, self)
+    }
+}
+
 /// `{"op":..., "id":N, ...fields of body}`.
 #[derive(Serialize)]
 struct Frame<'a, T> {
@@ -155,6 +177,7 @@ impl Reply {
             Reply::History(b) => frame("ok", id, b),
             Reply::Read(b) => frame("ok", id, b),
             Reply::Refreshed(b) => frame("ok", id, b),
+            Reply::Watching(b) => frame("ok", id, b),
         }
     }
 }
@@ -315,6 +338,21 @@ mod tests {
         assert_eq!(
             json_of(refreshed.to_frame(Some(8))),
             json!({"op":"ok","id":8,"expires_at":1_900_000_000u64})
+        );
+        let watching = Reply::Watching(Watching {
+            status: BTreeMap::from([("bob".to_string(), true), ("carol".to_string(), false)]),
+        });
+        assert_eq!(
+            json_of(watching.to_frame(Some(9))),
+            json!({"op":"ok","id":9,"status":{"bob":true,"carol":false}})
+        );
+        let status = StatusEvent {
+            user: "bob",
+            online: false,
+        };
+        assert_eq!(
+            json_of(status.to_frame()),
+            json!({"op":"status","user":"bob","online":false})
         );
     }
 

@@ -24,6 +24,7 @@ mod socket;
 mod sse;
 mod tls;
 mod transport;
+mod watch;
 
 /// The WebSocket frame reader, driven as the fuzz targets in `fuzz/` drive it
 /// (`docs/fuzzing.md`). Only with the `fuzzing` feature, off by default.
@@ -169,6 +170,7 @@ struct EdgeMetrics {
     frames_in: Counter,
     published: Counter,
     rejected: Counter,
+    watched: Gauge,
 }
 
 /// State shared by every session of this edge.
@@ -177,6 +179,8 @@ struct Edge {
     broker: SharedBroker,
     history: SharedHistory,
     rooms: interest::Interest<RoomName, room::RoomOrder>,
+    /// Users watched by local connections (`watch`).
+    watches: watch::Watches,
     /// Local connections by user, for control messages naming a user.
     users: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     /// Every open session, for control messages naming one connection.
@@ -258,6 +262,7 @@ pub async fn run(
         broker.clone(),
         history.clone(),
         config.policy.clone(),
+        &config.node_id,
         edge_metrics.delivered.clone(),
         edge_metrics.rooms.clone(),
     );
@@ -286,8 +291,15 @@ pub async fn run(
             closing.clone(),
         ));
     }
+    let watches = watch::Watches::new(
+        broker.clone(),
+        config.presence_source.clone(),
+        config.presence_timeout,
+        edge_metrics.watched.clone(),
+    );
     let edge = Arc::new(Edge {
         rooms,
+        watches,
         users: Default::default(),
         sessions_by_id: Default::default(),
         broker,
@@ -441,6 +453,11 @@ fn register_metrics(metrics: &Metrics, m: &EdgeMetrics) {
         "edge_users",
         "Users with at least one local connection",
         m.users.clone(),
+    );
+    reg.register(
+        "edge_watched_users",
+        "Users whose status at least one local connection watches",
+        m.watched.clone(),
     );
     reg.register(
         "edge_deliveries",

@@ -80,6 +80,7 @@ pub async fn sweep(edge: Arc<Edge>) {
         });
         queues.publish();
         edge.rooms.expire_lingering();
+        edge.watches.table.expire_lingering();
     }
 }
 

@@ -495,6 +495,10 @@ pub struct TokenArgs {
     /// Room patterns the user may publish to (`publish` claim); repeatable.
     #[arg(long = "publish")]
     pub publish: Vec<String>,
+    /// User-id patterns whose online status the user may watch (`watch`
+    /// claim), e.g. team-*; repeatable.
+    #[arg(long = "watch")]
+    pub watch: Vec<String>,
     /// HS256 secret; defaults to the built-in development secret that `herald dev` uses.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,

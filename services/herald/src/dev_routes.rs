@@ -197,6 +197,7 @@ async fn token(State(dev): State<Dev>, Query(q): Query<TokenQuery>) -> Response 
         rooms: None,
         publish: None,
         device: None,
+        watch: None,
     };
     let token = herald_auth::mint_hs256(DEV_SECRET.as_bytes(), &claims);
     json(serde_json::json!({ "token": token, "user": sub, "expires_at": exp }))

@@ -213,6 +213,7 @@ fn token(args: &TokenArgs) -> ExitCode {
         rooms: (!args.rooms.is_empty()).then(|| args.rooms.clone()),
         publish: (!args.publish.is_empty()).then(|| args.publish.clone()),
         device: None,
+        watch: (!args.watch.is_empty()).then(|| args.watch.clone()),
     };
     if claims.sub.is_empty() {
         eprintln!("herald: --sub must not be empty");

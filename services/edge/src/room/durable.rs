@@ -32,8 +32,9 @@ pub(super) struct Durable {
     pub(super) epoch: String,
     /// The last offset delivered to the room's members.
     pub(super) last: u64,
-    /// Early messages by the offset they follow.
-    early: BTreeMap<u64, (u64, Bytes)>,
+    /// Early messages by the offset they follow, with the local member
+    /// each must not reach (its publisher, when it asked for no echo).
+    early: BTreeMap<u64, (u64, Bytes, Option<u64>)>,
     filling: bool,
     /// Personal rooms only: the user's read markers, as far as this edge
     /// has learned them (inline: an empty map allocates nothing, and most
@@ -125,6 +126,7 @@ impl Durable {
         entry: &Arc<RoomEntry>,
         history: &SharedHistory,
         frame: Bytes,
+        skip: Option<u64>,
     ) -> usize {
         let Some((offset, prev)) = position(&frame) else {
             // Presence events and read markers are not part of the order;
@@ -137,20 +139,20 @@ impl Durable {
             {
                 self.markers.advance(room, read.offset);
             }
-            return fan_out(entry, &frame);
+            return fan_out(entry, &frame, skip);
         };
         if offset <= self.last {
             return 0;
         }
         if prev > self.last {
-            self.early.insert(prev, (offset, frame));
+            self.early.insert(prev, (offset, frame, skip));
             if !self.filling {
                 self.filling = true;
                 tokio::spawn(fill_gap(entry.clone(), history.clone()));
             }
             return 0;
         }
-        let mut sent = fan_out(entry, &frame);
+        let mut sent = fan_out(entry, &frame, skip);
         self.last = offset;
         sent += drain_early(entry, self);
         sent
@@ -162,7 +164,7 @@ fn drain_early(entry: &RoomEntry, d: &mut Durable) -> usize {
     let mut sent = 0;
     loop {
         // Drop what was delivered meanwhile (read from history).
-        while let Some((&prev, &(offset, _))) = d.early.first_key_value() {
+        while let Some((&prev, &(offset, ..))) = d.early.first_key_value() {
             if offset <= d.last {
                 d.early.remove(&prev);
             } else {
@@ -171,8 +173,8 @@ fn drain_early(entry: &RoomEntry, d: &mut Durable) -> usize {
         }
         match d.early.first_key_value() {
             Some((&prev, _)) if prev <= d.last => {
-                let (offset, frame) = d.early.remove(&prev).expect("present");
-                sent += fan_out(entry, &frame);
+                let (offset, frame, skip) = d.early.remove(&prev).expect("present");
+                sent += fan_out(entry, &frame, skip);
                 d.last = offset;
             }
             _ => return sent,
@@ -217,8 +219,10 @@ fn deliver_stored(entry: &Arc<RoomEntry>, stored: Vec<herald_broker::history::St
     let mut new = 0;
     for m in stored {
         if m.offset > d.last {
+            // Read from history, which does not say who published it: it
+            // reaches every member.
             let frame = with_position(&m.payload, &d.epoch, m.offset, m.prev);
-            fan_out(entry, &frame);
+            fan_out(entry, &frame, None);
             d.last = m.offset;
             new += 1;
         }

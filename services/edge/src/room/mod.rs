@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use herald_auth::Policy;
 use herald_broker::history::{HistoryError, SharedHistory};
+use herald_broker::rooms::NO_ECHO;
 use herald_broker::{BrokerError, SharedBroker};
 use herald_wire::{RoomName, subjects};
 use prometheus_client::metrics::counter::Counter;
@@ -33,15 +34,18 @@ pub fn table(
     broker: SharedBroker,
     history: SharedHistory,
     policy: Policy,
+    node: &str,
     delivered: Counter,
     count: Gauge,
 ) -> Interest<RoomName, RoomOrder> {
     let on_room_frame: interest::Handler<RoomOrder> = {
         let (history, delivered) = (history.clone(), delivered.clone());
+        let node: Arc<str> = node.into();
         Arc::new(move |msg, entry| {
             let span = fanout_span(&msg);
             let bytes = msg.payload.len();
-            let n = span.in_scope(|| on_frame(entry, &history, msg.payload));
+            let skip = no_echo(&msg, &node);
+            let n = span.in_scope(|| on_live(entry, &history, msg.payload, skip));
             span.record("members", n);
             span.record("bytes", n * bytes);
             delivered.inc_by(n as u64);
@@ -80,6 +84,15 @@ pub fn table(
 /// of all personal rooms' traffic anyway, at most twice that after.
 const WIDE_AT: usize = 512;
 
+/// The local connection a message published with `echo: false` must not
+/// reach: named by its [`NO_ECHO`] header, when that connection is on this
+/// edge (`<node>-<n>`). One header lookup per message, none when the
+/// message has no headers.
+fn no_echo(msg: &herald_broker::Message, node: &str) -> Option<u64> {
+    let conn = msg.headers.as_ref()?.get(NO_ECHO)?.as_str();
+    conn.strip_prefix(node)?.strip_prefix('-')?.parse().ok()
+}
+
 /// The exported span of one room message's fan-out on this edge: one per
 /// message, not per member, child of the publisher's span when the message
 /// carries a trace context. Disabled (a branch) when traces are not
@@ -112,7 +125,7 @@ enum Order {
     /// order them. A subscription shared by many rooms (a shard of personal
     /// rooms) is live before a newly joined room's init has read where its
     /// history stands, so its messages may come first.
-    AwaitingInit(Vec<Bytes>),
+    AwaitingInit(Vec<(Bytes, Option<u64>)>),
     /// Frames go out as they arrive.
     Ephemeral,
     Durable(durable::Durable),
@@ -169,16 +182,28 @@ fn start(entry: &Arc<RoomEntry>, history: &SharedHistory, started: Order) -> usi
     };
     delivery::batch(|| {
         held.into_iter()
-            .map(|frame| order_frame(entry, &mut order, history, frame))
+            .map(|(frame, skip)| order_frame(entry, &mut order, history, frame, skip))
             .sum()
     })
 }
 
 /// Delivers a frame that arrived on the room's subject; returns how many
 /// members it went to.
+#[cfg(test)]
 pub fn on_frame(entry: &Arc<RoomEntry>, history: &SharedHistory, frame: Bytes) -> usize {
+    on_live(entry, history, frame, None)
+}
+
+/// [`on_frame`], leaving out local member `skip` (its publisher, which
+/// asked for no echo).
+pub fn on_live(
+    entry: &Arc<RoomEntry>,
+    history: &SharedHistory,
+    frame: Bytes,
+    skip: Option<u64>,
+) -> usize {
     let mut order = entry.state.0.lock().expect("room order");
-    order_frame(entry, &mut order, history, frame)
+    order_frame(entry, &mut order, history, frame, skip)
 }
 
 fn order_frame(
@@ -186,20 +211,25 @@ fn order_frame(
     order: &mut Order,
     history: &SharedHistory,
     frame: Bytes,
+    skip: Option<u64>,
 ) -> usize {
     match order {
         Order::AwaitingInit(held) => {
-            held.push(frame);
+            held.push((frame, skip));
             0
         }
-        Order::Ephemeral => fan_out(entry, &frame),
-        Order::Durable(d) => d.order(entry, history, frame),
+        Order::Ephemeral => fan_out(entry, &frame, skip),
+        Order::Durable(d) => d.order(entry, history, frame, skip),
     }
 }
 
-/// Sends `frame` to every member of the room; returns how many there are.
-fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
+/// Sends `frame` to every member of the room but `skip`; returns how many
+/// it went to.
+fn fan_out(entry: &RoomEntry, frame: &Bytes, skip: Option<u64>) -> usize {
     let mut members = entry.members.write().expect("members");
+    // Out of the map for this one pass, so the loop below stays the same
+    // for every message; only `echo: false` messages pay for it.
+    let skipped = skip.and_then(|id| members.remove(&id).map(|slot| (id, slot)));
     let count = members.len();
     let mut sends = delivery::Sends::new(frame);
     // Two members ahead, the slot (which holds the pointer to the member's
@@ -219,6 +249,9 @@ fn fan_out(entry: &RoomEntry, frame: &Bytes) -> usize {
         (current, next) = (next, after);
     }
     drop(sends);
+    if let Some((id, slot)) = skipped {
+        members.insert(id, slot);
+    }
     crate::metrics::fanned_out(frame, count, delivery::in_batch());
     count
 }
@@ -349,6 +382,63 @@ mod tests {
         // A second start changes nothing.
         assert_eq!(init_ephemeral(&entry, &history), 0);
         assert_eq!(epoch(&entry), None);
+    }
+
+    /// `echo: false`: the publisher (named by the header, when it is on
+    /// this edge) is left out of that message alone; early durable
+    /// messages keep whom to leave out until they go.
+    #[tokio::test]
+    async fn a_message_without_echo_skips_its_publisher_only() {
+        let history: SharedHistory = Arc::new(MemoryHistory::new());
+        let (entry, mut publisher) = entry_with_member().await;
+        let (outbox, mut other) = member(2).await;
+        entry
+            .members
+            .write()
+            .unwrap()
+            .insert(2, Slot { outbox, held: None });
+        init_ephemeral(&entry, &history);
+        assert_eq!(on_live(&entry, &history, frame(1), Some(1)), 1);
+        assert_eq!(on_live(&entry, &history, frame(2), None), 2);
+        assert_eq!(received(&mut other, 2).await.len(), 2);
+        assert_eq!(
+            received(&mut publisher, 1).await,
+            [r#"{"op":"message","n":2}"#]
+        );
+        receives_nothing(&mut publisher).await;
+
+        let limits = Limits {
+            max_messages_per_room: 100,
+            max_age: Duration::from_secs(3600),
+        };
+        history.ensure_namespace("doc", limits).await.unwrap();
+        let room = RoomName::parse("doc:a").unwrap();
+        let (entry, mut publisher) = entry_with_member().await;
+        init(&history, room, &entry).await.unwrap();
+        let at = |n, offset, prev| with_position(&frame(n), "e", offset, prev);
+        assert_eq!(on_live(&entry, &history, at(2, 2, 1), Some(1)), 0, "early");
+        assert_eq!(on_live(&entry, &history, at(1, 1, 0), None), 1);
+        assert_eq!(received(&mut publisher, 1).await.len(), 1);
+        receives_nothing(&mut publisher).await;
+    }
+
+    #[test]
+    fn the_no_echo_header_names_a_connection_of_this_edge() {
+        let msg = |conn: Option<&str>| herald_broker::Message {
+            subject: "herald.room.chat:a".into(),
+            payload: Bytes::new(),
+            reply: None,
+            headers: conn.map(|c| {
+                let mut h = herald_broker::Headers::new();
+                h.insert(NO_ECHO, c);
+                h
+            }),
+        };
+        assert_eq!(no_echo(&msg(Some("e1-4")), "e1"), Some(4));
+        assert_eq!(no_echo(&msg(Some("e1-4")), "e1-"), None);
+        assert_eq!(no_echo(&msg(Some("e10-4")), "e1"), None, "another edge's");
+        assert_eq!(no_echo(&msg(Some("e1-x")), "e1"), None);
+        assert_eq!(no_echo(&msg(None), "e1"), None);
     }
 
     #[tokio::test]

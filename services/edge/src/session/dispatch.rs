@@ -29,9 +29,16 @@ impl Session {
                 self.join(id, room, since, meta).instrument(span).await
             }
             Request::Leave { room } => self.leave(id, room).await,
-            Request::Publish { room, data, key } => {
+            Request::Publish {
+                room,
+                data,
+                key,
+                echo,
+            } => {
                 let span = self.span("publish", &room);
-                self.publish(id, room, data, key).instrument(span).await
+                self.publish(id, room, data, key, echo)
+                    .instrument(span)
+                    .await
             }
             Request::Presence { room } => {
                 let span = self.span("presence", &room);
@@ -47,6 +54,8 @@ impl Session {
             }
             Request::Read { room, offset } => self.read(id, room, offset).await,
             Request::Refresh { token } => self.refresh(id, &token).await,
+            Request::Watch { users } => self.watch(id, users).await,
+            Request::Unwatch { users } => self.unwatch(users),
         }
     }
 

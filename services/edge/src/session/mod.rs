@@ -1,12 +1,12 @@
 //! One client connection from upgrade to close. The session is cut by
 //! concern: `handshake` (upgrade and authentication), `dispatch` (which code
 //! serves which op), `rooms` (join, leave, publish, policy), `presence`
-//! (member lists, meta and its rate limit, presence events) and `history`
-//! (pages, read markers, unread counts). This module holds the session's
-//! state, its opening, the loop that serves requests in order, and the
-//! cleanup that takes the connection out of every room and reports it gone.
-//! Every reply and message goes through the connection's bounded queue (see
-//! `delivery`).
+//! (member lists, meta and its rate limit, presence events), `history`
+//! (pages, read markers, unread counts) and `watch` (contacts' status). This
+//! module holds the session's state, its opening, the loop that serves
+//! requests in order, and the cleanup that takes the connection out of every
+//! room and reports it gone. Every reply and message goes through the
+//! connection's bounded queue (see `delivery`).
 
 mod dispatch;
 mod handshake;
@@ -15,6 +15,7 @@ mod hooks;
 mod limits;
 mod presence;
 mod rooms;
+mod watch;
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -134,6 +135,8 @@ struct Session {
     /// words, for what only the opening uses.
     #[allow(clippy::box_collection)]
     granting: Option<Box<Vec<Arc<RoomEntry>>>>,
+    /// The users this connection watches, from its first `watch` on.
+    watching: Option<Box<watch::Watching>>,
 }
 
 impl Session {
@@ -205,6 +208,7 @@ impl Session {
             limits: None,
             after_reply: None,
             granting: None,
+            watching: None,
         };
         // The inbox is held until `connected` and the unread messages are out.
         let joined = session
@@ -336,12 +340,14 @@ impl Session {
             if let Some(entry) = self.after_reply.take() {
                 interest::release(&entry, self.outbox.id);
             }
+            self.release_watched();
         }
     }
 
     /// Leaves every room (announcing each leave) before the connection's state
     /// is dropped.
     async fn close(mut self) {
+        self.unwatch_all();
         let rooms: Vec<RoomName> = self.rooms.keys().cloned().collect();
         for room in rooms {
             self.leave_room(&room).await;

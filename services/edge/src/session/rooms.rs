@@ -54,14 +54,16 @@ impl Session {
         Ok(Reply::Done)
     }
 
-    /// `publish`: to every member on every edge; a durable room stores the
-    /// message first and the reply says where.
+    /// `publish`: to every member on every edge (but this connection, with
+    /// `echo: false`); a durable room stores the message first and the
+    /// reply says where.
     pub(super) async fn publish(
         &mut self,
         id: Option<u64>,
         room: RoomName,
         data: Box<RawValue>,
         key: Option<String>,
+        echo: bool,
     ) -> Result<Reply, FrameError> {
         let policy = &self.edge.config.policy;
         self.allowed(id, policy.check_publish(&self.claims, room.as_str()))?;
@@ -90,13 +92,14 @@ impl Session {
             durable,
             traceparent: policy.sends_traceparent(room.namespace()),
         };
-        let published = rooms::publish(
+        let published = rooms::publish_from(
             &self.edge.broker,
             &self.edge.history,
             &room,
             delivery,
             frame,
             key.as_deref(),
+            (!echo).then_some(self.conn.as_str()),
         )
         .await
         .map_err(|e| {
