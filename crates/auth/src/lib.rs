@@ -12,7 +12,7 @@ pub mod policy;
 pub mod token;
 
 pub use limits::{RateLimits, RateOverrides};
-pub use policy::{Denied, DurablePolicy, NamespacePolicy, Policy, pattern_matches};
+pub use policy::{Denied, DurablePolicy, FeedKind, NamespacePolicy, Policy, pattern_matches};
 pub use token::{
     AuthError, ClaimChecks, Claims, KeyError, KeySource, Verifier, mint_hs256, now_secs,
 };

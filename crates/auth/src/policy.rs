@@ -44,6 +44,20 @@ pub struct NamespacePolicy {
     /// Request rates that replace `[limits]`'s for this namespace's rooms.
     #[serde(default)]
     pub limits: RateOverrides,
+    /// Which events of this namespace's rooms go to the event feed (none by
+    /// default). Connections belong to no namespace: `[feed] connections`.
+    #[serde(default)]
+    pub feed: Vec<FeedKind>,
+}
+
+/// An event kind a namespace sends to the event feed.
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedKind {
+    /// Client publishes (and the server API's).
+    Publish,
+    /// Connections joining and leaving rooms.
+    Presence,
 }
 
 /// How much history a durable namespace keeps.
@@ -74,6 +88,7 @@ impl Default for NamespacePolicy {
             durable: None,
             traceparent: false,
             limits: RateOverrides::default(),
+            feed: Vec::new(),
         }
     }
 }
@@ -241,6 +256,20 @@ impl Policy {
         self.namespace(namespace).is_some_and(|p| p.traceparent)
     }
 
+    /// Whether `namespace` sends events of `kind` to the event feed.
+    pub fn feeds(&self, namespace: &str, kind: FeedKind) -> bool {
+        self.namespace(namespace)
+            .is_some_and(|p| p.feed.contains(&kind))
+    }
+
+    /// Whether any namespace sends anything to the event feed.
+    pub fn any_feed(&self) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_some_and(|m| m.values().any(|p| !p.feed.is_empty()))
+            || !self.open.feed.is_empty()
+    }
+
     /// Every durable namespace and how much it keeps, the personal namespace
     /// (the inbox: `inbox` limits) included.
     pub fn durable_namespaces(&self, inbox: &DurablePolicy) -> Vec<(String, DurablePolicy)> {
@@ -337,6 +366,7 @@ fn user_policy() -> NamespacePolicy {
         durable: None,
         traceparent: false,
         limits: RateOverrides::default(),
+        feed: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ mod control;
 mod delivery;
 mod drain;
 pub mod echo;
+mod feed;
 mod framing;
 mod interest;
 mod liveness;
@@ -111,6 +112,10 @@ pub struct Config {
     /// More routes served on the edge's port (`herald dev`'s demo); `None`
     /// on cluster edges.
     pub extra_routes: Option<Router>,
+    /// The event feed; `None`: no feed.
+    pub feed: Option<herald_broker::feed::SharedFeed>,
+    /// Connects and disconnects go to the feed (`[feed] connections`).
+    pub feed_connections: bool,
 }
 
 impl Config {
@@ -145,6 +150,8 @@ impl Config {
                 ..Caps::default()
             },
             extra_routes: None,
+            feed: None,
+            feed_connections: false,
         }
     }
 }

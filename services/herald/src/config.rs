@@ -29,6 +29,47 @@ pub struct FileConfig {
     /// Client request rates, `[limits]`.
     #[serde(default)]
     pub limits: herald_auth::RateOverrides,
+    /// The event feed for backends, `[feed]`.
+    #[serde(default)]
+    pub feed: Option<FeedFile>,
+}
+
+/// `[feed]`: what the event feed keeps, and the events that belong to no
+/// namespace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedFile {
+    /// Events older than this are dropped (`"7d"`; `"0s"`: kept until
+    /// `max_bytes`).
+    #[serde(default = "feed_max_age")]
+    pub max_age: String,
+    /// The feed keeps at most this many bytes, the oldest dropped first (0:
+    /// no limit).
+    #[serde(default = "feed_max_bytes")]
+    pub max_bytes: u64,
+    /// Connects and disconnects of every connection go to the feed.
+    #[serde(default)]
+    pub connections: bool,
+    /// Users going online and offline go to the feed.
+    #[serde(default)]
+    pub users: bool,
+}
+
+fn feed_max_age() -> String {
+    "7d".into()
+}
+
+fn feed_max_bytes() -> u64 {
+    1 << 30
+}
+
+/// The event feed as configured: on when `[feed]` is given or a namespace
+/// sends events to it.
+#[derive(Debug, Clone)]
+pub struct FeedSettings {
+    pub limits: herald_broker::feed::FeedLimits,
+    pub connections: bool,
+    pub users: bool,
 }
 
 /// What the inbox keeps when the configuration does not say.
@@ -43,6 +84,8 @@ pub fn default_inbox() -> DurablePolicy {
 pub struct Namespaces {
     pub policy: Policy,
     pub durable: Vec<(String, Limits)>,
+    /// `None`: no event feed.
+    pub feed: Option<FeedSettings>,
 }
 
 /// A configuration problem, reported before the process starts serving:
@@ -193,7 +236,40 @@ fn namespaces_or(
             },
         ));
     }
-    Ok(Namespaces { policy, durable })
+    let feed = match (&file.feed, policy.any_feed()) {
+        (None, false) => None,
+        (given, _) => {
+            let given = given.clone().unwrap_or(FeedFile {
+                max_age: feed_max_age(),
+                max_bytes: feed_max_bytes(),
+                connections: false,
+                users: false,
+            });
+            let max_age = humantime::parse_duration(&given.max_age).map_err(|e| {
+                ConfigError::caused(
+                    format!(
+                        "{}: [feed] max_age {:?} is not a duration (write e.g. \"7d\" or \"12h\")",
+                        at(),
+                        given.max_age
+                    ),
+                    e,
+                )
+            })?;
+            Some(FeedSettings {
+                limits: herald_broker::feed::FeedLimits {
+                    max_age,
+                    max_bytes: given.max_bytes,
+                },
+                connections: given.connections,
+                users: given.users,
+            })
+        }
+    };
+    Ok(Namespaces {
+        policy,
+        durable,
+        feed,
+    })
 }
 
 /// `--allowed-origins`, checked entry by entry; `None` allows every origin.
