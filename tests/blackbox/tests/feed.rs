@@ -260,3 +260,20 @@ async fn notify_after_without_a_feed_is_refused_in_plain_words() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("[feed]"), "{}", e.message());
 }
+
+/// `herald dev` has no JetStream: its feed stays in the process, and its
+/// reminders are timers, whose outcomes its metrics count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_dev_settles_notify_after_in_memory() {
+    let (_f, args) = config_file(CONFIG);
+    let dev = Dev::start_with(&args);
+    let mut router = dev.router().await;
+    router.send_to_user(send("hal", 1, 300)).await.unwrap();
+    let addr = dev.ws_addr;
+    herald_test_support::eventually(WAIT, "hal's reminder settled as unread", || async move {
+        let (_, body) = herald_test_support::http_get(addr, "/metrics").ok()?;
+        body.contains(r#"herald_router_unread_reminders_total{outcome="unread"} 1"#)
+            .then_some(())
+    })
+    .await;
+}
