@@ -388,6 +388,19 @@ mod tests {
     }
 
     #[test]
+    fn feed_kinds_and_the_feed_section_are_checked() {
+        let e = toml::from_str::<FileConfig>("[namespaces.chat]\nfeed = [\"connection\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("`publish` or `presence`"), "{e}");
+        let e = toml::from_str::<FileConfig>("[feed]\nmax_agee = \"1d\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_agee"), "{e}");
+        let f = toml::from_str::<FileConfig>("[feed]\nusers = true\n").unwrap();
+        let f = f.feed.unwrap();
+        assert!(f.users && !f.connections);
+        assert_eq!((f.max_age.as_str(), f.max_bytes), ("7d", 1 << 30));
+    }
+
+    #[test]
     fn config_file_names_unknown_keys() {
         let e = toml::from_str::<FileConfig>("[namespaces.chat]\npublsh = true\n").unwrap_err();
         assert!(e.to_string().contains("publsh"), "{e}");

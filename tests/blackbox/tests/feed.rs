@@ -114,14 +114,26 @@ async fn a_consumer_group_gets_every_publish_in_order_per_room_across_its_restar
     let bob = connect(&c.ws(1), "bob").await;
 
     // A namespace without `feed` is answered as usual and appends nothing.
-    ok(&alice, json!({"op":"publish","id":1,"room":"quiet:x","data":{"n":0}})).await;
+    ok(
+        &alice,
+        json!({"op":"publish","id":1,"room":"quiet:x","data":{"n":0}}),
+    )
+    .await;
 
     let group = Group::bind(&c.nats.url(), "backend", "herald.feed.publish.>").await;
     let publish = |n: u64| {
         let (alice, bob) = (&alice, &bob);
         async move {
-            ok(alice, json!({"op":"publish","id":n,"room":"chat:a","data":{"n":n}})).await;
-            ok(bob, json!({"op":"publish","id":n,"room":"chat:b","data":{"n":n}})).await;
+            ok(
+                alice,
+                json!({"op":"publish","id":n,"room":"chat:a","data":{"n":n}}),
+            )
+            .await;
+            ok(
+                bob,
+                json!({"op":"publish","id":n,"room":"chat:b","data":{"n":n}}),
+            )
+            .await;
         }
     };
     for n in 1..=5 {
@@ -150,7 +162,10 @@ async fn a_consumer_group_gets_every_publish_in_order_per_room_across_its_restar
         let room = v["room"].as_str().unwrap().to_string();
         let who = if room == "chat:a" { "alice" } else { "bob" };
         assert_eq!(v["user"], who, "{v}");
-        assert!(v["conn"].as_str().is_some() && v["node"].as_str().is_some(), "{v}");
+        assert!(
+            v["conn"].as_str().is_some() && v["node"].as_str().is_some(),
+            "{v}"
+        );
         // At least once: a repeat (same id) may come, and is dropped here.
         if ids.insert(v["id"].as_str().unwrap().to_string()) {
             per_room
@@ -177,13 +192,19 @@ async fn joins_leaves_connections_and_user_transitions_appear() {
     let c = cluster(1, &args);
     let group = Group::bind(&c.nats.url(), "ops", "herald.feed.>").await;
     let carol = connect(&c.ws(0), "carol").await;
-    ok(&carol, json!({"op":"join","id":1,"room":"chat:x","meta":{"mood":"ok"}})).await;
+    ok(
+        &carol,
+        json!({"op":"join","id":1,"room":"chat:x","meta":{"mood":"ok"}}),
+    )
+    .await;
     ok(&carol, json!({"op":"join","id":2,"room":"quiet:x"})).await;
     ok(&carol, json!({"op":"leave","id":3,"room":"chat:x"})).await;
     carol.close().await.unwrap();
 
     let seen = group
-        .until(WAIT, |v| v["type"] == "user.offline" && v["user"] == "carol")
+        .until(WAIT, |v| {
+            v["type"] == "user.offline" && v["user"] == "carol"
+        })
         .await;
     let of = |kind: &str| -> Vec<&Value> { seen.iter().filter(|v| v["type"] == kind).collect() };
     let connect = of("connect");
@@ -226,7 +247,11 @@ async fn notify_after_tells_of_an_unread_message_once_and_not_of_a_read_one() {
     let group = Group::bind(&c.nats.url(), "push", "herald.feed.unread").await;
 
     // Away, never reads: one event.
-    let sent = router.send_to_user(send("dave", 1, 300)).await.unwrap().into_inner();
+    let sent = router
+        .send_to_user(send("dave", 1, 300))
+        .await
+        .unwrap()
+        .into_inner();
     let seen = group.until(WAIT, |v| v["user"] == "dave").await;
     let ev = seen.last().unwrap();
     assert_eq!(ev["type"], "user.unread");
@@ -236,18 +261,29 @@ async fn notify_after_tells_of_an_unread_message_once_and_not_of_a_read_one() {
 
     // Reads in time: none. Erin's message falls due 1.5 s after it was sent;
     // she connects, reads it and leaves before that.
-    let sent = router.send_to_user(send("erin", 2, 1500)).await.unwrap().into_inner();
+    let sent = router
+        .send_to_user(send("erin", 2, 1500))
+        .await
+        .unwrap()
+        .into_inner();
     let erin = connect(&c.ws(0), "erin").await;
     let m = erin.recv_op("message", WAIT).await.unwrap();
     assert_eq!(m["offset"], sent.offset);
-    ok(&erin, json!({"op":"read","id":1,"room":"user:erin","offset":sent.offset})).await;
+    ok(
+        &erin,
+        json!({"op":"read","id":1,"room":"user:erin","offset":sent.offset}),
+    )
+    .await;
     erin.close().await.unwrap();
     // A later reminder, due after Erin's: when its event is here, Erin's
     // reminder was settled before it.
     router.send_to_user(send("frank", 3, 1500)).await.unwrap();
-    let seen = group.until(Duration::from_secs(10), |v| v["user"] == "frank").await;
+    let seen = group
+        .until(Duration::from_secs(10), |v| v["user"] == "frank")
+        .await;
     assert!(
-        seen.iter().all(|v| v["user"] != "erin" && v["user"] != "dave"),
+        seen.iter()
+            .all(|v| v["user"] != "erin" && v["user"] != "dave"),
         "erin read in time and dave was told once: {seen:?}"
     );
 }
