@@ -441,13 +441,15 @@ impl Feed for JetStreamFeed {
                         Ok(consumer) => take_due(consumer, &tx).await,
                         Err(e) => Err(e),
                     };
-                    if let Err(e) = outcome {
-                        if !warned {
-                            tracing::warn!(error = %crate::chain(&e), "reminders cannot be read now; retrying");
-                            warned = true;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Err(e) = outcome
+                        && !warned
+                    {
+                        tracing::warn!(error = %crate::chain(&e), "reminders cannot be read now; retrying");
+                        warned = true;
                     }
+                    // Whatever ended the consumer's stream, it is not
+                    // bound again in a tight loop.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             });
             Ok(rx)

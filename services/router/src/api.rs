@@ -244,15 +244,22 @@ impl RouterApi {
         let Some(feed) = &self.feed else {
             return Ok(());
         };
+        // Not knowing (presence unreachable) counts as not delivered: the
+        // reminder asks again at the deadline.
         let status = self
             .presence
             .user_status(Request::new(UserStatusRequest {
                 users: vec![user.to_string()],
             }))
-            .await?
-            .into_inner();
-        if status.users.iter().any(|u| !u.conns.is_empty()) {
-            return Ok(());
+            .await;
+        match status {
+            Ok(status) if status.get_ref().users.iter().any(|u| !u.conns.is_empty()) => {
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%user, error = %e.message(), "presence did not say whether a device got the message; leaving a reminder");
+            }
         }
         let sent_ms = feed::now_ms();
         let reminder = Reminder {

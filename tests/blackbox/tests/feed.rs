@@ -313,3 +313,39 @@ async fn herald_dev_settles_notify_after_in_memory() {
     })
     .await;
 }
+
+/// The reminder is in JetStream, not in the router that took the call: a
+/// router killed before the deadline loses nothing, and another one
+/// settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reminder_outlives_the_router_that_stored_it() {
+    let (_f, args) = config_file(CONFIG);
+    let mut c = cluster(1, &args);
+    let group = Group::bind(&c.nats.url(), "push", "herald.feed.unread").await;
+    let mut router = c.router().await;
+    let sent = router
+        .send_to_user(send("ivan", 1, 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    c.router.kill();
+    let (grpc, http) = (
+        herald_test_support::free_addr(),
+        herald_test_support::free_addr(),
+    );
+    let mut argv = vec![
+        "router".to_string(),
+        "--grpc-listen".into(),
+        grpc.to_string(),
+        "--http-listen".into(),
+        http.to_string(),
+        "--nats".into(),
+        c.nats_urls.clone(),
+    ];
+    argv.extend(args.iter().cloned());
+    let _second = herald_test_support::Herald::start("router-2", &argv, http).unwrap();
+    let seen = group
+        .until(Duration::from_secs(10), |v| v["user"] == "ivan")
+        .await;
+    assert_eq!(seen.last().unwrap()["offset"], sent.offset, "{seen:?}");
+}
