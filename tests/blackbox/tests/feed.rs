@@ -1,7 +1,7 @@
 //! The event feed for backends (docs/protocol.md section 6): a backend's
 //! consumer group reads client publishes at least once and in order per
-//! room across its own restart; joins, leaves, connections and user
-//! transitions appear; a namespace without `feed` puts nothing there; and
+//! room across its own restart; API publishes, joins, leaves, connections
+//! and user transitions appear; a namespace without `feed` puts nothing there; and
 //! `notify_after` produces one `user.unread` for a user who is away, none
 //! for one who read in time.
 
@@ -187,7 +187,7 @@ async fn a_consumer_group_gets_every_publish_in_order_per_room_across_its_restar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joins_leaves_connections_and_user_transitions_appear() {
+async fn api_publishes_joins_leaves_connections_and_user_transitions_appear() {
     let (_f, args) = config_file(CONFIG);
     let c = cluster(1, &args);
     let group = Group::bind(&c.nats.url(), "ops", "herald.feed.>").await;
@@ -198,6 +198,11 @@ async fn joins_leaves_connections_and_user_transitions_appear() {
     )
     .await;
     ok(&carol, json!({"op":"join","id":2,"room":"quiet:x"})).await;
+    let mut router = c.router().await;
+    router
+        .publish(publish_request("chat:x", r#"{"from":"backend"}"#))
+        .await
+        .unwrap();
     ok(&carol, json!({"op":"leave","id":3,"room":"chat:x"})).await;
     carol.close().await.unwrap();
 
@@ -223,6 +228,10 @@ async fn joins_leaves_connections_and_user_transitions_appear() {
     let disconnect = of("disconnect");
     assert_eq!(disconnect.len(), 1, "{seen:?}");
     assert_eq!(disconnect[0]["conn"], conn);
+    let api = of("publish");
+    assert_eq!(api.len(), 1, "{seen:?}");
+    assert_eq!(api[0]["user"], "server");
+    assert_eq!(api[0]["data"], json!({"from":"backend"}));
     let online = of("user.online");
     assert_eq!(online.len(), 1, "{seen:?}");
     assert_eq!(online[0]["user"], "carol");
