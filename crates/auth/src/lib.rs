@@ -13,8 +13,8 @@ pub mod token;
 
 pub use limits::{RateLimits, RateOverrides};
 pub use policy::{
-    Denied, DurablePolicy, HookName, HookTarget, NamespaceHooks, NamespacePolicy, OnFailure,
-    Policy, pattern_matches,
+    Denied, DurablePolicy, FeedKind, HookName, HookTarget, NamespaceHooks, NamespacePolicy,
+    OnFailure, Policy, pattern_matches,
 };
 pub use token::{
     AuthError, ClaimChecks, Claims, KeyError, KeySource, Verifier, mint_hs256, now_secs,

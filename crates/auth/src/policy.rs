@@ -48,6 +48,10 @@ pub struct NamespacePolicy {
     /// The application's hook service, asked before joins and publishes.
     #[serde(default)]
     pub hooks: Option<NamespaceHooks>,
+    /// Which events of this namespace's rooms go to the event feed (none by
+    /// default). Connections belong to no namespace: `[feed] connections`.
+    #[serde(default)]
+    pub feed: Vec<FeedKind>,
 }
 
 /// A client request of a namespace that its hook service may decide on.
@@ -192,6 +196,16 @@ fn check_endpoint(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An event kind a namespace sends to the event feed.
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedKind {
+    /// Client publishes (and the server API's).
+    Publish,
+    /// Connections joining and leaving rooms.
+    Presence,
+}
+
 /// How much history a durable namespace keeps.
 #[derive(Debug, Clone, serde::Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +235,7 @@ impl Default for NamespacePolicy {
             traceparent: false,
             limits: RateOverrides::default(),
             hooks: None,
+            feed: Vec::new(),
         }
     }
 }
@@ -417,6 +432,20 @@ impl Policy {
         out
     }
 
+    /// Whether `namespace` sends events of `kind` to the event feed.
+    pub fn feeds(&self, namespace: &str, kind: FeedKind) -> bool {
+        self.namespace(namespace)
+            .is_some_and(|p| p.feed.contains(&kind))
+    }
+
+    /// Whether any namespace sends anything to the event feed.
+    pub fn any_feed(&self) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_some_and(|m| m.values().any(|p| !p.feed.is_empty()))
+            || !self.open.feed.is_empty()
+    }
+
     /// Every durable namespace and how much it keeps, the personal namespace
     /// (the inbox: `inbox` limits) included.
     pub fn durable_namespaces(&self, inbox: &DurablePolicy) -> Vec<(String, DurablePolicy)> {
@@ -514,6 +543,7 @@ fn user_policy() -> NamespacePolicy {
         traceparent: false,
         limits: RateOverrides::default(),
         hooks: None,
+        feed: Vec::new(),
     }
 }
 

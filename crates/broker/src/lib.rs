@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod feed;
 pub mod history;
 mod memory;
 mod metrics;

@@ -10,6 +10,7 @@ mod control;
 mod delivery;
 mod drain;
 pub mod echo;
+mod feed;
 mod framing;
 mod hooks;
 mod interest;
@@ -117,6 +118,10 @@ pub struct Config {
     /// `[connect_hook]`: the application's `OnConnect`, asked before each
     /// authenticated client is told `connected`.
     pub connect_hook: Option<HookTarget>,
+    /// The event feed; `None`: no feed.
+    pub feed: Option<herald_broker::feed::SharedFeed>,
+    /// Connects and disconnects go to the feed (`[feed] connections`).
+    pub feed_connections: bool,
 }
 
 impl Config {
@@ -152,6 +157,8 @@ impl Config {
             },
             extra_routes: None,
             connect_hook: None,
+            feed: None,
+            feed_connections: false,
         }
     }
 }

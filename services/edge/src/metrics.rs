@@ -32,6 +32,12 @@ struct Hot {
     queued_frames: Gauge,
     queued_bytes: Gauge,
     queue_max: Gauge,
+    feed: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
 static HOT: LazyLock<Hot> = LazyLock::new(|| Hot {
@@ -42,6 +48,7 @@ static HOT: LazyLock<Hot> = LazyLock::new(|| Hot {
     queued_frames: Gauge::default(),
     queued_bytes: Gauge::default(),
     queue_max: Gauge::default(),
+    feed: Family::default(),
 });
 
 thread_local! {
@@ -94,11 +101,25 @@ pub fn register(metrics: &Metrics) {
         "Bytes waiting in every connection's outbound queue (frames and unwritten encoded bytes), as of the last liveness sweep",
         hot.queued_bytes.clone(),
     );
+    for outcome in ["stored", "failed"] {
+        drop(hot.feed.get_or_create(&OutcomeLabel { outcome }));
+    }
+    reg.register(
+        "edge_feed_appends",
+        "Events this edge appended to the event feed, by outcome (stored, failed)",
+        hot.feed.clone(),
+    );
     reg.register_collector(ScrapeGauge::new(
         "process_resident_memory_bytes",
         "Resident memory of this process (/proc/self/statm).",
         resident_bytes,
     ));
+}
+
+/// An event was appended to the feed (`stored`) or not.
+pub fn feed_appended(stored: bool) {
+    let outcome = if stored { "stored" } else { "failed" };
+    HOT.feed.get_or_create(&OutcomeLabel { outcome }).inc();
 }
 
 /// A client published a message to a room of `namespace`.

@@ -32,6 +32,47 @@ pub struct FileConfig {
     /// The application's `OnConnect` hook, `[connect_hook]`.
     #[serde(default)]
     pub connect_hook: Option<HookTarget>,
+    /// The event feed for backends, `[feed]`.
+    #[serde(default)]
+    pub feed: Option<FeedFile>,
+}
+
+/// `[feed]`: what the event feed keeps, and the events that belong to no
+/// namespace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedFile {
+    /// Events older than this are dropped (`"7d"`; `"0s"`: kept until
+    /// `max_bytes`).
+    #[serde(default = "feed_max_age")]
+    pub max_age: String,
+    /// The feed keeps at most this many bytes, the oldest dropped first (0:
+    /// no limit).
+    #[serde(default = "feed_max_bytes")]
+    pub max_bytes: u64,
+    /// Connects and disconnects of every connection go to the feed.
+    #[serde(default)]
+    pub connections: bool,
+    /// Users going online and offline go to the feed.
+    #[serde(default)]
+    pub users: bool,
+}
+
+fn feed_max_age() -> String {
+    "7d".into()
+}
+
+fn feed_max_bytes() -> u64 {
+    1 << 30
+}
+
+/// The event feed as configured: on when `[feed]` is given or a namespace
+/// sends events to it.
+#[derive(Debug, Clone)]
+pub struct FeedSettings {
+    pub limits: herald_broker::feed::FeedLimits,
+    pub connections: bool,
+    pub users: bool,
 }
 
 /// What the inbox keeps when the configuration does not say.
@@ -48,6 +89,8 @@ pub struct Namespaces {
     pub durable: Vec<(String, Limits)>,
     /// `[connect_hook]`, for the edges.
     pub connect_hook: Option<HookTarget>,
+    /// `None`: no event feed.
+    pub feed: Option<FeedSettings>,
 }
 
 /// A configuration problem, reported before the process starts serving:
@@ -104,10 +147,6 @@ pub fn liveness(args: &LivenessArgs) -> Result<(Duration, Duration), ConfigError
         )));
     }
     Ok((heartbeat, idle))
-}
-
-pub fn policy(common: &Common) -> Result<Policy, ConfigError> {
-    namespaces(common).map(|n| n.policy)
 }
 
 pub fn namespaces(common: &Common) -> Result<Namespaces, ConfigError> {
@@ -198,10 +237,40 @@ fn namespaces_or(
             },
         ));
     }
+    let feed = match (&file.feed, policy.any_feed()) {
+        (None, false) => None,
+        (given, _) => {
+            let given = given.clone().unwrap_or(FeedFile {
+                max_age: feed_max_age(),
+                max_bytes: feed_max_bytes(),
+                connections: false,
+                users: false,
+            });
+            let max_age = humantime::parse_duration(&given.max_age).map_err(|e| {
+                ConfigError::caused(
+                    format!(
+                        "{}: [feed] max_age {:?} is not a duration (write e.g. \"7d\" or \"12h\")",
+                        at(),
+                        given.max_age
+                    ),
+                    e,
+                )
+            })?;
+            Some(FeedSettings {
+                limits: herald_broker::feed::FeedLimits {
+                    max_age,
+                    max_bytes: given.max_bytes,
+                },
+                connections: given.connections,
+                users: given.users,
+            })
+        }
+    };
     Ok(Namespaces {
         policy,
         durable,
         connect_hook: file.connect_hook,
+        feed,
     })
 }
 
@@ -318,6 +387,19 @@ mod tests {
         );
         // Cluster processes without a file keep every namespace ephemeral.
         assert!(!namespaces(&args.common).unwrap().policy.is_durable("doc"));
+    }
+
+    #[test]
+    fn feed_kinds_and_the_feed_section_are_checked() {
+        let e = toml::from_str::<FileConfig>("[namespaces.chat]\nfeed = [\"connection\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("`publish` or `presence`"), "{e}");
+        let e = toml::from_str::<FileConfig>("[feed]\nmax_agee = \"1d\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_agee"), "{e}");
+        let f = toml::from_str::<FileConfig>("[feed]\nusers = true\n").unwrap();
+        let f = f.feed.unwrap();
+        assert!(f.users && !f.connections);
+        assert_eq!((f.max_age.as_str(), f.max_bytes), ("7d", 1 << 30));
     }
 
     #[test]

@@ -236,6 +236,7 @@ async fn notify_user(
         user,
         data,
         key: String::new(),
+        notify_after_ms: 0,
     });
     match dev.router.send_to_user(request).await {
         Ok(reply) => {

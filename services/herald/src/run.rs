@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use herald_broker::feed::{JetStreamFeed, MemoryFeed, SharedFeed};
 use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHistory};
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
 use tokio_util::sync::CancellationToken;
@@ -253,7 +254,8 @@ async fn nats(
     args: &NatsArgs,
     name: &str,
     replicas: usize,
-) -> Result<(SharedBroker, SharedHistory), ConfigError> {
+    feed: Option<&config::FeedSettings>,
+) -> Result<(SharedBroker, SharedHistory, Option<SharedFeed>), ConfigError> {
     let security = herald_broker::NatsSecurity {
         creds: args.nats_creds.clone(),
         tls_ca: args.nats_tls_ca.clone(),
@@ -264,16 +266,42 @@ async fn nats(
         .map_err(|e| ConfigError::caused(format!("--nats {}", args.urls), e))?;
     let history: SharedHistory =
         Arc::new(JetStreamHistory::new(broker.client().clone()).with_replicas(replicas));
-    Ok((Arc::new(broker), history))
+    let feed = feed.map(|f| {
+        SharedFeed(Arc::new(JetStreamFeed::new(
+            broker.client().clone(),
+            f.limits.clone(),
+            replicas,
+        )))
+    });
+    Ok((Arc::new(broker), history, feed))
 }
 
 /// Creates or updates the storage of every durable namespace. At start-up
 /// NATS may not be reachable yet: keep trying in the background (durable
 /// publishes answer `unavailable` meanwhile).
-fn ensure_durable(history: SharedHistory, durable: Vec<(String, Limits)>) -> herald_ops::Gate {
+/// The event feed's streams, when there is a feed, are set up the same way.
+fn ensure_durable(
+    history: SharedHistory,
+    durable: Vec<(String, Limits)>,
+    feed: Option<SharedFeed>,
+) -> herald_ops::Gate {
     let gate = herald_ops::Gate::closed("durable storage");
     let ready = gate.clone();
     tokio::spawn(async move {
+        if let Some(feed) = feed {
+            let mut warned = false;
+            while let Err(e) = feed.ensure().await {
+                if !warned {
+                    tracing::warn!(error = %chain(&e), "the event feed's streams are not ready; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            tracing::info!(
+                "event feed ready (stream {})",
+                herald_broker::feed::FEED_STREAM
+            );
+        }
         for (ns, limits) in durable {
             let mut warned = false;
             loop {
@@ -339,14 +367,17 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 ..config
             };
             let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
-            let (broker, history) = nats(
+            let (broker, history, feed) = nats(
                 &args.nats,
                 &format!("herald-edge {}", config.node_id),
                 args.storage.stream_replicas.get(),
+                namespaces.feed.as_ref(),
             )
             .await?;
             let config = herald_edge::Config {
-                storage: ensure_durable(history.clone(), namespaces.durable),
+                storage: ensure_durable(history.clone(), namespaces.durable, feed.clone()),
+                feed_connections: namespaces.feed.as_ref().is_some_and(|f| f.connections),
+                feed,
                 ..config
             };
             herald_edge::run(config, broker, history, listener, metrics, shutdown).await?;
@@ -357,14 +388,16 @@ async fn serve(command: Command) -> Result<(), RunError> {
             let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
             let http =
                 herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
-            let (broker, history) = nats(
+            let (broker, history, feed) = nats(
                 &args.nats,
                 "herald-router",
                 args.storage.stream_replicas.get(),
+                namespaces.feed.as_ref(),
             )
             .await?;
             let config = herald_router::Config {
-                storage: ensure_durable(history.clone(), namespaces.durable),
+                storage: ensure_durable(history.clone(), namespaces.durable, feed.clone()),
+                feed,
                 policy: namespaces.policy,
                 presence: presence_source(
                     args.presence.as_deref(),
@@ -389,7 +422,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
             Ok(())
         }
         Command::Presence(args) => {
-            config::policy(&args.common)?;
+            let namespaces = config::namespaces(&args.common)?;
             let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
             let http =
                 herald_ops::bind(args.http_listen, "health and metrics (--http-listen)").await?;
@@ -430,12 +463,17 @@ async fn serve(command: Command) -> Result<(), RunError> {
             } else {
                 None
             };
-            let (broker, _) = nats(
+            // Only the users' transitions: the streams are the edges' and
+            // routers' to create.
+            let users = namespaces.feed.filter(|f| f.users);
+            let (broker, _, feed) = nats(
                 &args.nats,
                 &format!("herald-presence {}", config.replica_id),
                 1,
+                users.as_ref(),
             )
             .await?;
+            let config = herald_presence::Config { feed, ..config };
             herald_presence::run(config, broker, grpc, http, gone, shutdown).await?;
             Ok(())
         }
@@ -575,8 +613,15 @@ async fn dev(
 
     // The edge runs in this process: it cannot die alone, so presence never
     // reaps it, however late its heartbeats are under load.
+    let feed = namespaces
+        .feed
+        .as_ref()
+        .map(|_| SharedFeed(Arc::new(MemoryFeed::default())));
     let presence_config = herald_presence::Config {
         edge_timeout: Duration::MAX,
+        feed: feed
+            .clone()
+            .filter(|_| namespaces.feed.as_ref().is_some_and(|f| f.users)),
         ..Default::default()
     };
     let presence =
@@ -586,15 +631,27 @@ async fn dev(
         broker.clone(),
         history.clone(),
         namespaces.policy.clone(),
-        front,
+        front.clone(),
         &metrics,
-    );
+    )
+    .with_feed(feed.clone());
+    if let Some(feed) = feed.clone() {
+        tokio::spawn(herald_router::unread::run(
+            feed,
+            history.clone(),
+            front,
+            herald_router::unread::UnreadMetrics::register(&metrics),
+            shutdown.clone(),
+        ));
+    }
     let shortcuts = Shortcuts::new(using_dev_secret, args.api.api_tokens.is_some());
     let shortcuts_line = shortcuts.summary();
     let routes = crate::dev_routes::routes(shortcuts, router.clone());
     let config = herald_edge::Config {
         policy: namespaces.policy,
         extra_routes: Some(routes),
+        feed_connections: namespaces.feed.as_ref().is_some_and(|f| f.connections),
+        feed,
         ..config
     };
     let (health, _reporter, reflection) =

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod feed;
 mod grpc;
 mod service;
 pub mod view;
@@ -74,6 +75,9 @@ pub struct Config {
     /// TLS of the gRPC API, with client certificates checked when it has
     /// a client CA; `None`: plain TCP.
     pub grpc_tls: Option<herald_ops::tls::ServerTls>,
+    /// Users' transitions go to this event feed (`[feed] users`), from
+    /// the leading replica; `None`: not at all.
+    pub feed: Option<herald_broker::feed::SharedFeed>,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             drain_delay: Duration::ZERO,
             api_auth: None,
             grpc_tls: None,
+            feed: None,
         }
     }
 }

@@ -143,7 +143,8 @@ impl Presence {
             replica_id: config.replica_id.as_str().into(),
         };
         let (publish, outgoing) = mpsc::channel(PUBLISH_QUEUE);
-        tokio::spawn(publish_in_order(broker.clone(), outgoing));
+        let feed = config.feed.clone().map(crate::feed::start);
+        tokio::spawn(publish_in_order(broker.clone(), outgoing, feed));
         let actor = Actor {
             view,
             parked: Parked::default(),
@@ -729,8 +730,19 @@ impl Actor {
 
 /// Publishes the actor's messages one after another, in order; ends when the
 /// actor has stopped and everything queued went out.
-async fn publish_in_order(broker: SharedBroker, mut outgoing: mpsc::Receiver<Outgoing>) {
+/// User transitions also go to `feed`, when there is one.
+async fn publish_in_order(
+    broker: SharedBroker,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+    feed: Option<mpsc::Sender<Bytes>>,
+) {
     while let Some((subject, payload, trace)) = outgoing.recv().await {
+        if let Some(feed) = &feed
+            && subject.starts_with(USER_EVENTS)
+            && feed.try_send(payload.clone()).is_err()
+        {
+            tracing::warn!(%subject, "the feed's queue is full; a user transition is not appended");
+        }
         if let Err(e) = broker
             .publish_maybe_headers(subject.clone(), trace, payload)
             .await
@@ -739,6 +751,9 @@ async fn publish_in_order(broker: SharedBroker, mut outgoing: mpsc::Receiver<Out
         }
     }
 }
+
+/// The subjects of user transitions start so.
+const USER_EVENTS: &str = "herald.presence.user.";
 
 /// A message for [`publish_in_order`], with the trace it belongs to.
 type Outgoing = (String, Bytes, Option<Headers>);

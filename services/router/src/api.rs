@@ -4,8 +4,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use herald_auth::FeedKind;
 use herald_auth::Policy;
 use herald_broker::SharedBroker;
+use herald_broker::feed::{self, FeedError, Reminder, SharedFeed};
 use herald_broker::history::SharedHistory;
 use herald_broker::{chain, rooms};
 use herald_ops::Metrics;
@@ -31,7 +33,13 @@ pub struct RouterApi {
     messages_in: NamespaceCounters,
     /// Messages one `PublishBatch` call may carry (`--max-publish-batch`).
     max_batch: usize,
+    /// The event feed (API publishes, `notify_after` reminders); `None`:
+    /// no feed.
+    feed: Option<SharedFeed>,
 }
+
+/// The longest `notify_after_ms` taken: 7 days.
+pub const MAX_NOTIFY_AFTER_MS: u32 = 7 * 24 * 3600 * 1000;
 
 /// Messages one `PublishBatch` call may carry unless configured.
 pub const MAX_PUBLISH_BATCH: usize = 1000;
@@ -69,7 +77,14 @@ impl RouterApi {
             published,
             messages_in,
             max_batch: MAX_PUBLISH_BATCH,
+            feed: None,
         }
+    }
+
+    /// Appends API publishes of namespaces whose `feed` names them, and
+    /// takes `notify_after_ms`, with `feed`.
+    pub fn with_feed(self, feed: Option<SharedFeed>) -> RouterApi {
+        RouterApi { feed, ..self }
     }
 
     /// At most `max` messages per `PublishBatch`.
@@ -175,7 +190,88 @@ impl RouterApi {
             Some(key),
         )
         .await;
-        self.answer(&room, published)
+        let reply = self.answer(&room, published)?;
+        self.feed_publish(&room, data, &reply).await?;
+        Ok(reply)
+    }
+
+    /// Appends an API publish to the feed when its namespace sends
+    /// publishes there. Durable rooms' events are named by their offset, so
+    /// a retry with the same key stores one event.
+    async fn feed_publish(
+        &self,
+        room: &RoomName,
+        data: &str,
+        reply: &PublishReply,
+    ) -> Result<(), Status> {
+        let Some(feed) = &self.feed else {
+            return Ok(());
+        };
+        if !self.policy.feeds(room.namespace(), FeedKind::Publish) {
+            return Ok(());
+        }
+        let mut fields = serde_json::Map::new();
+        fields.insert("room".into(), room.as_str().into());
+        fields.insert("user".into(), "server".into());
+        let data: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+        fields.insert("data".into(), data);
+        let id = if reply.epoch.is_empty() {
+            format!("publish:api:{:016x}", rand::random::<u64>())
+        } else {
+            fields.insert("epoch".into(), reply.epoch.clone().into());
+            fields.insert("offset".into(), reply.offset.into());
+            format!("publish:{room}:{}:{}", reply.epoch, reply.offset)
+        };
+        let event = feed::Event::new(
+            feed::publish_subject(room.namespace()),
+            id,
+            "publish",
+            feed::now_ms(),
+            fields,
+        );
+        feed.append(event).await.map_err(feed_status)
+    }
+
+    /// After a `SendToUser` with `notify_after_ms`: unless a device of the
+    /// user is connected now (it got the message live), leaves a reminder.
+    async fn remind(
+        &self,
+        user: &str,
+        room: &RoomName,
+        reply: &PublishReply,
+        after_ms: u32,
+    ) -> Result<(), Status> {
+        let Some(feed) = &self.feed else {
+            return Ok(());
+        };
+        // Not knowing (presence unreachable) counts as not delivered: the
+        // reminder asks again at the deadline.
+        let status = self
+            .presence
+            .user_status(Request::new(UserStatusRequest {
+                users: vec![user.to_string()],
+            }))
+            .await;
+        match status {
+            Ok(status) if status.get_ref().users.iter().any(|u| !u.conns.is_empty()) => {
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%user, error = %e.message(), "presence did not say whether a device got the message; leaving a reminder");
+            }
+        }
+        let sent_ms = feed::now_ms();
+        let reminder = Reminder {
+            user: user.to_string(),
+            room: room.to_string(),
+            epoch: reply.epoch.clone(),
+            offset: reply.offset,
+            sent_ms,
+            due_ms: sent_ms + u64::from(after_ms),
+            delivered: false,
+        };
+        feed.remind(reminder).await.map_err(feed_status)
     }
 
     /// How `room`'s messages go out, by its namespace's policy.
@@ -223,6 +319,19 @@ impl RouterApi {
             epoch: published.epoch,
             offset: published.offset,
         })
+    }
+}
+
+/// A feed failure as the caller sees it: `DEADLINE_EXCEEDED` when the event
+/// may or may not be stored (retry with the same key), `UNAVAILABLE`
+/// otherwise.
+fn feed_status(e: FeedError) -> Status {
+    match e {
+        FeedError::Unconfirmed(_) => {
+            tracing::warn!(error = %chain(&e), "a feed append's outcome is unknown");
+            Status::deadline_exceeded(e.to_string())
+        }
+        _ => unavailable("append to the event feed", &e),
     }
 }
 
@@ -366,9 +475,35 @@ impl Router for RouterApi {
     ) -> Result<Response<PublishReply>, Status> {
         let req = request.into_inner();
         let room = user_arg(&req.user)?;
-        self.publish_to(room, &req.data, &req.key)
-            .await
-            .map(Response::new)
+        if req.notify_after_ms > 0 {
+            if self.feed.is_none() {
+                return Err(Status::failed_precondition(
+                    "notify_after_ms needs the event feed: add a [feed] section to the configuration",
+                ));
+            }
+            if req.notify_after_ms > MAX_NOTIFY_AFTER_MS {
+                return Err(Status::invalid_argument(format!(
+                    "notify_after_ms is {}; at most {MAX_NOTIFY_AFTER_MS} (7 days)",
+                    req.notify_after_ms
+                )));
+            }
+        }
+        let reply = self.publish_to(room.clone(), &req.data, &req.key).await?;
+        if req.notify_after_ms > 0 {
+            self.remind(&req.user, &room, &reply, req.notify_after_ms)
+                .await
+                .map_err(|s| {
+                    Status::new(
+                        s.code(),
+                        format!(
+                            "the message was sent (offset {}) but its notify_after reminder was not stored: retry with the same key ({})",
+                            reply.offset,
+                            s.message()
+                        ),
+                    )
+                })?;
+        }
+        Ok(Response::new(reply))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {

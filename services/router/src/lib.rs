@@ -8,6 +8,7 @@
 
 mod api;
 mod presence_front;
+pub mod unread;
 
 use std::time::Duration;
 
@@ -40,6 +41,10 @@ pub struct Config {
     pub grpc_tls: Option<herald_ops::tls::ServerTls>,
     /// Most messages one `PublishBatch` may carry.
     pub max_publish_batch: usize,
+    /// The event feed: API publishes of namespaces that send them, and
+    /// `notify_after` reminders (this router takes its share of the due
+    /// ones); `None`: no feed.
+    pub feed: Option<herald_broker::feed::SharedFeed>,
 }
 
 impl Default for Config {
@@ -53,6 +58,7 @@ impl Default for Config {
             api_auth: None,
             grpc_tls: None,
             max_publish_batch: api::MAX_PUBLISH_BATCH,
+            feed: None,
         }
     }
 }
@@ -76,12 +82,22 @@ pub async fn run(
     let presence = PresenceFront::new(broker.clone(), &config);
     let api = RouterApi::new(
         broker.clone(),
-        history,
+        history.clone(),
         config.policy.clone(),
         presence.clone(),
         &metrics,
     )
-    .with_max_batch(config.max_publish_batch);
+    .with_max_batch(config.max_publish_batch)
+    .with_feed(config.feed.clone());
+    if let Some(feed) = config.feed.clone() {
+        tokio::spawn(unread::run(
+            feed,
+            history,
+            presence.clone(),
+            unread::UnreadMetrics::register(&metrics),
+            shutdown.clone(),
+        ));
+    }
     const SERVICES: &[&str] = &["herald.v1.Router", "herald.v1.Presence"];
     let (health_svc, reporter, reflection) = herald_ops::grpc_extras(SERVICES).await;
     let stop = herald_ops::drain_after(

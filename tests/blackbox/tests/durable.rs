@@ -289,6 +289,7 @@ async fn the_offline_inbox_is_delivered_with_unread_counts_and_read_markers() {
                 user: "dana".into(),
                 data: json!({"note": i}).to_string(),
                 key: String::new(),
+                notify_after_ms: 0,
             })
             .await
             .unwrap()

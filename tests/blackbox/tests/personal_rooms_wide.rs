@@ -33,6 +33,7 @@ async fn an_edge_with_most_shards_feeds_personal_rooms_from_one_subscription() {
                 user: user.into(),
                 data: json!({"to": user}).to_string(),
                 key: String::new(),
+                notify_after_ms: 0,
             })
             .await
             .unwrap();

@@ -50,6 +50,7 @@ async fn a_message_over_the_brokers_max_payload_is_refused_as_too_large_on_every
             user: "bea".into(),
             data: big.clone(),
             key: String::new(),
+            notify_after_ms: 0,
         })
         .await
         .unwrap_err();

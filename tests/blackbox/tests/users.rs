@@ -38,6 +38,7 @@ async fn a_user_on_two_edges_gets_each_message_once_per_device() {
             user: "alice".into(),
             data: r#"{"note":"for alice"}"#.into(),
             key: String::new(),
+            notify_after_ms: 0,
         })
         .await
         .unwrap();

@@ -137,6 +137,8 @@ struct Session {
     granting: Option<Box<Vec<Arc<RoomEntry>>>>,
     /// The users this connection watches, from its first `watch` on.
     watching: Option<Box<watch::Watching>>,
+    /// Numbers this connection's feed events, for their ids.
+    feed_seq: u64,
 }
 
 impl Session {
@@ -209,7 +211,12 @@ impl Session {
             after_reply: None,
             granting: None,
             watching: None,
+            feed_seq: 0,
         };
+        if session.edge.config.feed_connections {
+            let event = crate::feed::connection("connect", session.who(), None, crate::now_ms());
+            session.edge.append_logged(event).await;
+        }
         // The inbox is held until `connected` and the unread messages are out.
         let joined = session
             .edge
@@ -344,6 +351,17 @@ impl Session {
         }
     }
 
+    /// User, connection and node, as feed events name them.
+    fn who(&self) -> (&str, &str, &str) {
+        (&self.claims.sub, &self.conn, &self.edge.config.node_id)
+    }
+
+    /// The number of this connection's next feed event.
+    fn next_feed_seq(&mut self) -> u64 {
+        self.feed_seq += 1;
+        self.feed_seq
+    }
+
     /// Leaves every room (announcing each leave) before the connection's state
     /// is dropped.
     async fn close(mut self) {
@@ -368,6 +386,11 @@ impl Session {
             .write()
             .expect("sessions")
             .remove(&self.outbox.id);
+        if self.edge.config.feed_connections {
+            let code = self.outbox.close_reason().map(|c| c.code.code());
+            let event = crate::feed::connection("disconnect", self.who(), code, crate::now_ms());
+            self.edge.append_logged(event).await;
+        }
         self.edge.reporter.report(Change::Disconnect {
             conn: self.conn.clone(),
         });

@@ -1,7 +1,8 @@
 //! A session's rooms: joining (with recovery in durable rooms), leaving,
 //! publishing, and the namespace policy that decides who may do which.
 
-use herald_auth::{Denied, NamespacePolicy};
+use herald_auth::{Denied, FeedKind, NamespacePolicy};
+use herald_broker::feed::FeedError;
 use herald_broker::{chain, rooms};
 use herald_wire::frames::{self, FrameError, PresenceEvent, Since};
 use herald_wire::presence::Change;
@@ -86,7 +87,8 @@ impl Session {
         }
         let data = self.publish_hook(id, &room, data).await?;
         let policy = &self.edge.config.policy;
-        let frame = frames::message_frame(&room, &data, &self.claims.sub, crate::now_ms());
+        let now = crate::now_ms();
+        let frame = frames::message_frame(&room, &data, &self.claims.sub, now);
         let durable = policy.is_durable(room.namespace());
         let delivery = rooms::Delivery {
             durable,
@@ -112,6 +114,20 @@ impl Session {
                 unavailable(&self.conn, id, &e)
             }
         })?;
+        if self.edge.feeds(&room, FeedKind::Publish) {
+            // The answer waits for the event to be stored: an `ok` means the
+            // feed has it.
+            let seq = self.next_feed_seq();
+            let position = durable.then_some((published.epoch.as_str(), published.offset));
+            let event = crate::feed::publish(&room, &data, self.who(), seq, position, now);
+            self.edge.append(event).await.map_err(|e| match e {
+                FeedError::Unconfirmed(_) => {
+                    tracing::warn!(conn = %self.conn, error = %chain(&e), "a publish's feed event is unconfirmed");
+                    FrameError::new(id, ErrorCode::OutcomeUnknown, e.to_string())
+                }
+                _ => unavailable(&self.conn, id, &e),
+            })?;
+        }
         self.edge.metrics.published.inc();
         crate::metrics::published(room.namespace());
         if durable {
@@ -185,6 +201,7 @@ impl Session {
             }
             self.announce(room, joined, PresenceEvent::Join, meta.as_ref())
                 .await;
+            self.feed_membership(room, "join", meta.as_ref()).await;
         }
         if !durable {
             // Ephemeral rooms keep no history: nothing to recover from.
@@ -211,6 +228,7 @@ impl Session {
         };
         self.announce(room, joined, PresenceEvent::Leave, None)
             .await;
+        self.feed_membership(room, "leave", None).await;
         if joined.presence {
             self.edge.reporter.report(Change::Leave {
                 conn: self.conn.clone(),
@@ -218,6 +236,17 @@ impl Session {
             });
         }
         self.edge.rooms.leave(room, self.outbox.id);
+    }
+
+    /// Appends this connection's `join` or `leave` of `room` to the feed,
+    /// when its namespace sends presence there.
+    async fn feed_membership(&mut self, room: &RoomName, kind: &str, meta: Option<&Value>) {
+        if room.is_personal() || !self.edge.feeds(room, FeedKind::Presence) {
+            return;
+        }
+        let seq = self.next_feed_seq();
+        let event = crate::feed::membership(room, kind, self.who(), seq, meta, crate::now_ms());
+        self.edge.append_logged(event).await;
     }
 
     /// Reading a room (presence, history, markers) takes the right to join it.
