@@ -438,6 +438,16 @@ impl Policy {
             .is_some_and(|p| p.feed.contains(&kind))
     }
 
+    /// The namespaces that send events of `kind` to the event feed.
+    pub fn feed_namespaces(&self, kind: FeedKind) -> Vec<String> {
+        self.namespaces
+            .iter()
+            .flat_map(|map| map.iter())
+            .filter(|(_, p)| p.feed.contains(&kind))
+            .map(|(ns, _)| ns.clone())
+            .collect()
+    }
+
     /// Whether any namespace sends anything to the event feed.
     pub fn any_feed(&self) -> bool {
         self.namespaces

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use herald_auth::FeedKind;
 use herald_broker::feed::{JetStreamFeed, MemoryFeed, SharedFeed};
 use herald_broker::history::{JetStreamHistory, Limits, MemoryHistory, SharedHistory};
 use herald_broker::{MemoryBroker, NatsBroker, SharedBroker, chain};
+use herald_presence::feed::PresenceFeed;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, ClientArgs, Command, Common, LogFormat, NatsArgs, TokenArgs};
@@ -463,17 +465,26 @@ async fn serve(command: Command) -> Result<(), RunError> {
             } else {
                 None
             };
-            // Only the users' transitions: the streams are the edges' and
-            // routers' to create.
-            let users = namespaces.feed.filter(|f| f.users);
+            // Users' transitions and the leaves of dead edges' connections:
+            // the streams are the edges' and routers' to create.
+            let rooms = namespaces.policy.feed_namespaces(FeedKind::Presence);
+            let users = namespaces.feed.as_ref().is_some_and(|f| f.users);
+            let wanted = namespaces.feed.filter(|_| users || !rooms.is_empty());
             let (broker, _, feed) = nats(
                 &args.nats,
                 &format!("herald-presence {}", config.replica_id),
                 1,
-                users.as_ref(),
+                wanted.as_ref(),
             )
             .await?;
-            let config = herald_presence::Config { feed, ..config };
+            let config = herald_presence::Config {
+                feed: feed.map(|feed| PresenceFeed {
+                    feed,
+                    users,
+                    rooms: Arc::new(rooms.into_iter().collect()),
+                }),
+                ..config
+            };
             herald_presence::run(config, broker, grpc, http, gone, shutdown).await?;
             Ok(())
         }
@@ -617,11 +628,17 @@ async fn dev(
         .feed
         .as_ref()
         .map(|_| SharedFeed(Arc::new(MemoryFeed::default())));
+    // Its edge never dies alone, so only the users' transitions.
     let presence_config = herald_presence::Config {
         edge_timeout: Duration::MAX,
         feed: feed
             .clone()
-            .filter(|_| namespaces.feed.as_ref().is_some_and(|f| f.users)),
+            .filter(|_| namespaces.feed.as_ref().is_some_and(|f| f.users))
+            .map(|feed| PresenceFeed {
+                feed,
+                users: true,
+                rooms: Default::default(),
+            }),
         ..Default::default()
     };
     let presence =

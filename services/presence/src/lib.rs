@@ -18,7 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
-mod feed;
+pub mod feed;
 mod grpc;
 mod service;
 pub mod view;
@@ -75,9 +75,9 @@ pub struct Config {
     /// TLS of the gRPC API, with client certificates checked when it has
     /// a client CA; `None`: plain TCP.
     pub grpc_tls: Option<herald_ops::tls::ServerTls>,
-    /// Users' transitions go to this event feed (`[feed] users`), from
-    /// the leading replica; `None`: not at all.
-    pub feed: Option<herald_broker::feed::SharedFeed>,
+    /// What the leading replica appends to the event feed; `None`:
+    /// nothing.
+    pub feed: Option<feed::PresenceFeed>,
 }
 
 impl Default for Config {

@@ -10,12 +10,13 @@
 //! task, so a slow broker never stalls the view and messages leave in the
 //! order the view produced them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use herald_broker::feed::Event;
 use herald_broker::{BrokerError, Headers, Message, SharedBroker, Subscription, chain};
 use herald_proto::v1::{
     PresenceEvent, RoomMembersReply, RoomMembersRequest, UserStatus, UserStatusReply,
@@ -143,8 +144,15 @@ impl Presence {
             replica_id: config.replica_id.as_str().into(),
         };
         let (publish, outgoing) = mpsc::channel(PUBLISH_QUEUE);
-        let feed = config.feed.clone().map(crate::feed::start);
-        tokio::spawn(publish_in_order(broker.clone(), outgoing, feed));
+        let feed = config
+            .feed
+            .clone()
+            .map(|f| (crate::feed::start(f.feed.clone()), f));
+        let user_feed = feed
+            .as_ref()
+            .filter(|(_, f)| f.users)
+            .map(|(tx, _)| tx.clone());
+        tokio::spawn(publish_in_order(broker.clone(), outgoing, user_feed));
         let actor = Actor {
             view,
             parked: Parked::default(),
@@ -162,6 +170,9 @@ impl Presence {
             config: config.clone(),
             hearing: true,
             broker: broker.clone(),
+            feed_leaves: feed
+                .filter(|(_, f)| !f.rooms.is_empty())
+                .map(|(tx, f)| (tx, f.rooms)),
         };
         let tick = config
             .sync_retry
@@ -379,6 +390,8 @@ struct Actor {
     /// hear the edges; it was down at the last tick when `false`.
     hearing: bool,
     broker: SharedBroker,
+    /// The feed's queue, and the namespaces whose leaves go to it.
+    feed_leaves: Option<(mpsc::Sender<Event>, Arc<HashSet<String>>)>,
 }
 
 impl Actor {
@@ -645,6 +658,18 @@ impl Actor {
                         None,
                     );
                     self.publish(subjects::room(&room), frame);
+                    if let Some((feed, namespaces)) = &self.feed_leaves
+                        && namespaces.contains(room.namespace())
+                    {
+                        let event = crate::feed::inferred_leave(
+                            &ev.room,
+                            (&ev.user, &ev.conn, &ev.node),
+                            now_ms(),
+                        );
+                        if feed.try_send(event).is_err() {
+                            tracing::warn!(room = %ev.room, "the feed's queue is full; a leave is not appended");
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(room = %ev.room, error = %chain(&e), "not announcing a leave in a room with an invalid name");
@@ -730,16 +755,17 @@ impl Actor {
 
 /// Publishes the actor's messages one after another, in order; ends when the
 /// actor has stopped and everything queued went out.
-/// User transitions also go to `feed`, when there is one.
+/// User transitions also go to `feed`, when there is one (`[feed] users`).
 async fn publish_in_order(
     broker: SharedBroker,
     mut outgoing: mpsc::Receiver<Outgoing>,
-    feed: Option<mpsc::Sender<Bytes>>,
+    feed: Option<mpsc::Sender<Event>>,
 ) {
     while let Some((subject, payload, trace)) = outgoing.recv().await {
         if let Some(feed) = &feed
             && subject.starts_with(USER_EVENTS)
-            && feed.try_send(payload.clone()).is_err()
+            && let Some(event) = crate::feed::event(&payload)
+            && feed.try_send(event).is_err()
         {
             tracing::warn!(%subject, "the feed's queue is full; a user transition is not appended");
         }

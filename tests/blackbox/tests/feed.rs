@@ -358,3 +358,51 @@ async fn a_reminder_outlives_the_router_that_stored_it() {
         .await;
     assert_eq!(seen.last().unwrap()["offset"], sent.offset, "{seen:?}");
 }
+
+/// A connection's edge dies: the edge cannot append its leaves, so the
+/// presence service, which announces them to the rooms, appends them to the
+/// feed too (in namespaces that send presence there), once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaves_of_a_dead_edges_connections_are_in_the_feed() {
+    let (_f, args) = config_file(CONFIG);
+    let mut c = Cluster::start_spec(Spec {
+        edges: 2,
+        common: args,
+        edge_args: vec!["--presence-interval".into(), "500ms".into()],
+        presence_args: vec!["--edge-timeout".into(), "2s".into()],
+        ..Spec::default()
+    });
+    let group = Group::bind(&c.nats.url(), "members", "herald.feed.>").await;
+    let dave = connect(&c.ws(1), "dave").await;
+    ok(&dave, json!({"op":"join","id":1,"room":"chat:x"})).await;
+    ok(&dave, json!({"op":"join","id":2,"room":"quiet:x"})).await;
+    let joined = group.until(WAIT, |v| v["type"] == "join").await;
+    let conn = joined.last().unwrap()["conn"].as_str().unwrap().to_string();
+    // Dave online in the feed: the presence service leads (after its
+    // warm-up), and so announces what it finds.
+    group
+        .until(WAIT, |v| v["type"] == "user.online" && v["user"] == "dave")
+        .await;
+    c.edges[1].kill();
+
+    let seen = group
+        .until(WAIT, |v| v["type"] == "leave" && v["conn"] == conn.as_str())
+        .await;
+    let leave = seen.last().unwrap();
+    assert_eq!(leave["room"], "chat:x");
+    assert_eq!(leave["user"], "dave");
+    assert_eq!(leave["node"], "edge-1");
+    assert_eq!(leave["edge_gone"], true);
+    // Once, and nothing of the namespace without `feed`: only dave's
+    // offline comes after it.
+    let rest = group
+        .until(WAIT * 2, |v| {
+            v["type"] == "user.offline" && v["user"] == "dave"
+        })
+        .await;
+    assert!(
+        rest.iter().all(|v| v["type"] != "leave"),
+        "a leave appended twice or of another namespace: {rest:?}"
+    );
+    assert_eq!(group.next(QUIET).await, None);
+}
