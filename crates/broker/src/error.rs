@@ -35,6 +35,26 @@ pub(crate) struct During {
     pub source: Cause,
 }
 
+/// A JetStream client error of `client` while doing `what`, as a cause
+/// saying where, and whether it means the store could not be reached (the
+/// client is disconnected, or the request timed out: async-nats reports
+/// timeouts as a `TimedOut` kind in a dozen error types, all of which print
+/// "timed out") rather than that the server refused.
+pub(crate) fn jetstream_failure(
+    client: &async_nats::Client,
+    what: &str,
+    e: impl Into<Box<dyn Error + Send + Sync>>,
+) -> (Cause, bool) {
+    let e = e.into();
+    let timed_out = e.to_string().contains("timed out");
+    let during = cause(During {
+        what: what.to_string(),
+        source: cause(e),
+    });
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    (during, !connected || timed_out)
+}
+
 /// Formats an error with every cause under it, outermost first:
 /// `message: cause: cause of the cause`.
 pub fn chain<'a>(error: &'a (dyn Error + 'static)) -> Chain<'a> {

@@ -36,7 +36,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::BoxFuture;
-use crate::error::{Cause, During, cause, said};
+use crate::error::{Cause, During, cause, jetstream_failure, said};
 
 /// The stream of feed events.
 pub const FEED_STREAM: &str = "HERALD_FEED";
@@ -299,16 +299,9 @@ impl JetStreamFeed {
         what: &str,
         e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> FeedError {
-        let e = e.into();
-        let timed_out = e.to_string().contains("timed out");
-        let during = cause(During {
-            what: what.to_string(),
-            source: cause(e),
-        });
-        if self.client.connection_state() != State::Connected || timed_out {
-            FeedError::Unavailable(during)
-        } else {
-            FeedError::Failed(during)
+        match jetstream_failure(&self.client, what, e) {
+            (during, true) => FeedError::Unavailable(during),
+            (during, false) => FeedError::Failed(during),
         }
     }
 

@@ -64,7 +64,7 @@ use super::{
     check_user, kv_encode,
 };
 use crate::BoxFuture;
-use crate::error::{During, cause};
+use crate::error::{During, cause, jetstream_failure};
 
 /// Bounds every JetStream API request and publish acknowledgement.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -222,18 +222,9 @@ impl JetStreamHistory {
         what: &str,
         e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> HistoryError {
-        let e = e.into();
-        // async-nats reports timeouts as a `TimedOut` kind in a dozen error
-        // types; all of them print "timed out".
-        let timed_out = e.to_string().contains("timed out");
-        let during = cause(During {
-            what: what.to_string(),
-            source: cause(e),
-        });
-        if self.client.connection_state() != State::Connected || timed_out {
-            HistoryError::Unavailable(during)
-        } else {
-            HistoryError::Failed(during)
+        match jetstream_failure(&self.client, what, e) {
+            (during, true) => HistoryError::Unavailable(during),
+            (during, false) => HistoryError::Failed(during),
         }
     }
 

@@ -2,6 +2,7 @@
 //! handing the request to the part of the session that owns it (rooms,
 //! presence, history), and the server API's control actions.
 
+use herald_auth::NamespacePolicy;
 use herald_wire::frames::{ClientFrame, FrameError, Request};
 use herald_wire::presence::Control;
 use herald_wire::{CloseCode, ErrorCode, Reply, RoomName};
@@ -96,19 +97,24 @@ impl Session {
         }
     }
 
+    /// The policy of a join the server decided (`Router.Join`, a room the
+    /// connect hook granted): the claims do not apply, the namespace's
+    /// presence settings do.
+    pub(super) fn server_join_policy(&self, room: &RoomName) -> NamespacePolicy {
+        self.edge
+            .config
+            .policy
+            .namespace(room.namespace())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Acts on a control message from the server API; `true` ends the session.
     pub(super) async fn act(&mut self, control: Control) -> bool {
         match control {
             Control::Join { room, .. } => match RoomName::parse(&room) {
                 Ok(room) if !room.is_personal() => {
-                    // The server decides: claims do not apply, the namespace's presence settings do.
-                    let policy = self
-                        .edge
-                        .config
-                        .policy
-                        .namespace(room.namespace())
-                        .cloned()
-                        .unwrap_or_default();
+                    let policy = self.server_join_policy(&room);
                     if let Err(e) = self.join_room(None, &room, &policy, None, None).await {
                         tracing::warn!(conn = %self.conn, %room, error = %e, "server-side join failed");
                     }

@@ -83,13 +83,7 @@ impl Session {
         }
         self.granting = Some(Box::new(Vec::with_capacity(granted.rooms.len())));
         for room in granted.rooms {
-            let policy = self
-                .edge
-                .config
-                .policy
-                .namespace(room.namespace())
-                .cloned()
-                .unwrap_or_default();
+            let policy = self.server_join_policy(&room);
             let joined = Box::pin(self.join_room(None, &room, &policy, granted.meta.clone(), None));
             if let Err(e) = joined.await {
                 tracing::warn!(conn = %self.conn, %room, error = %e.message, "a room granted by the connect hook could not be joined");
