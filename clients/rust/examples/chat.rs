@@ -64,6 +64,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     return Ok(());
                 }
                 ConnectionEvent::Error(e) => eprintln!("* {e}"),
+                ConnectionEvent::Status { user, online } => {
+                    println!("* {user} is {}", if online { "online" } else { "offline" })
+                }
             },
         }
     }

@@ -546,3 +546,92 @@ async fn wss_round_trip() {
     assert_eq!(next_message(&mut events).await.data, json!("over TLS"));
     herald.close().await;
 }
+
+/// Watching contacts with the application client: each transition comes
+/// once as a `Status` event, and one that happened while the watcher's
+/// edge was dead is told after the reconnect (the client watches again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_users_transitions_arrive_once_across_the_watchers_reconnect() {
+    let (_f, config) = config_file(CONFIG);
+    let mut cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        common: config,
+        presence_args: vec!["--presence-grace".into(), "200ms".into()],
+        ..Spec::default()
+    });
+    let urls = [cluster.ws(0), cluster.ws(1)];
+    let watcher = connected(
+        options(&urls, "wanda").token(token_with(json!({"sub": "wanda", "watch": ["friend-*"]}))),
+    )
+    .await;
+    assert_eq!(watcher.node().as_deref(), Some("edge-0"));
+    let mut events = watcher.events();
+    let now = watcher.watch(&["friend-1"]).await.unwrap();
+    assert_eq!(now.get("friend-1"), Some(&false), "{now:?}");
+    let refused = watcher.watch(&["stranger"]).await.unwrap_err();
+    assert_eq!(refused.code, Code::Forbidden, "{refused:?}");
+
+    let friend = connected(options(&[cluster.ws(1)], "friend-1")).await;
+    let status = |e: &ConnectionEvent| match e {
+        ConnectionEvent::Status { user, online } => Some((user.clone(), *online)),
+        _ => None,
+    };
+    let first = next_connection_event(&mut events).await;
+    assert_eq!(status(&first), Some(("friend-1".into(), true)), "{first:?}");
+
+    // The watcher's edge dies, and the friend leaves while it is away.
+    cluster.edges[0].kill();
+    friend.close().await;
+    let mut seen = Vec::new();
+    loop {
+        let e = next_connection_event(&mut events).await;
+        let done = status(&e) == Some(("friend-1".into(), false));
+        seen.push(e);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, ConnectionEvent::Connected(c) if c.node == "edge-1")),
+        "{seen:?}"
+    );
+    assert_eq!(seen.iter().filter_map(status).count(), 1, "{seen:?}");
+    // Told once: nothing more.
+    let more = tokio::time::timeout(QUIET, events.next()).await;
+    assert!(more.is_err(), "{more:?}");
+
+    // Unwatched: the friend's next transition is not told.
+    watcher.unwatch(&["friend-1"]).await.unwrap();
+    let _back = connected(options(&[cluster.ws(1)], "friend-1")).await;
+    let more = tokio::time::timeout(QUIET * 3, events.next()).await;
+    assert!(more.is_err(), "{more:?}");
+}
+
+/// `echo: false`: the publisher's own connection does not get its message;
+/// the same user's other device does.
+#[tokio::test]
+async fn a_publish_without_echo_skips_only_the_publishing_connection() {
+    let (_f, config) = config_file(CONFIG);
+    let dev = Dev::start_with(&config);
+    let url = [format!("ws://{}/ws", dev.ws_addr)];
+    let phone = connected(options(&url, "ed")).await;
+    let laptop = connected(options(&url, "ed")).await;
+    let (on_phone, on_laptop) = (phone.room("chat:echo"), laptop.room("chat:echo"));
+    let (mut phone_events, mut laptop_events) = (on_phone.events(), on_laptop.events());
+    on_phone.join(JoinOptions::default()).await.unwrap();
+    on_laptop.join(JoinOptions::default()).await.unwrap();
+    let options = herald_client::app::PublishOptions {
+        echo: false,
+        ..Default::default()
+    };
+    on_phone
+        .publish_with(json!("quiet"), options)
+        .await
+        .unwrap();
+    on_phone.publish(json!("loud")).await.unwrap();
+    assert_eq!(next_message(&mut laptop_events).await.data, json!("quiet"));
+    assert_eq!(next_message(&mut laptop_events).await.data, json!("loud"));
+    assert_eq!(next_message(&mut phone_events).await.data, json!("loud"));
+    no_more(&mut phone_events).await;
+}

@@ -66,6 +66,24 @@ enum TokenSource {
     Provider(Provider),
 }
 
+/// How [`Room::publish_with`] publishes.
+#[derive(Clone, Debug)]
+pub struct PublishOptions {
+    /// The idempotency key; a new one when `None`.
+    pub key: Option<String>,
+    /// Whether this connection receives its own message (true by default).
+    pub echo: bool,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            key: None,
+            echo: true,
+        }
+    }
+}
+
 /// How a [`Herald`] connects. Built with [`Options::new`] and the methods
 /// that follow it; a token (or a token provider) is required.
 #[derive(Clone)]
@@ -243,6 +261,9 @@ struct Shared {
     listeners: Vec<mpsc::UnboundedSender<ConnectionEvent>>,
     /// Why the client closed, for [`Herald::connect`].
     ended: Option<Error>,
+    /// Watched users and whether each was last known online: watched again
+    /// after every reconnect.
+    watched: HashMap<String, bool>,
 }
 
 impl Default for Shared {
@@ -254,6 +275,7 @@ impl Default for Shared {
             rooms: HashMap::new(),
             listeners: Vec::new(),
             ended: None,
+            watched: HashMap::new(),
         }
     }
 }
@@ -261,6 +283,21 @@ impl Default for Shared {
 impl Shared {
     fn emit(&mut self, event: ConnectionEvent) {
         self.listeners.retain(|l| l.send(event.clone()).is_ok());
+    }
+
+    /// A watched user's status as the server told it: kept, and a
+    /// [`ConnectionEvent::Status`] when it changed.
+    fn status(&mut self, user: &str, online: bool) {
+        let Some(known) = self.watched.get_mut(user) else {
+            return;
+        };
+        if *known != online {
+            *known = online;
+            self.emit(ConnectionEvent::Status {
+                user: user.to_owned(),
+                online,
+            });
+        }
     }
 }
 
@@ -450,6 +487,30 @@ impl Herald {
         Ok(started.elapsed())
     }
 
+    /// Watches `users`' online status (the token's `watch` claim must allow
+    /// each): returns whether each is online now, then every transition
+    /// comes as a [`ConnectionEvent::Status`]. Watched users are watched
+    /// again after every reconnect, and what changed meanwhile is told as
+    /// `Status` events too, until [`Herald::unwatch`].
+    pub async fn watch(&self, users: &[&str]) -> Result<HashMap<String, bool>, Error> {
+        let frame = json!({"op": "watch", "users": users});
+        let kind = Kind::Watch {
+            users: users.iter().map(|u| u.to_string()).collect(),
+            rewatch: false,
+        };
+        let ok = self.request(frame, kind).await?;
+        types::parse("watch", ok["status"].clone())
+    }
+
+    /// Stops watching `users`.
+    pub async fn unwatch(&self, users: &[&str]) -> Result<(), Error> {
+        let frame = json!({"op": "unwatch", "users": users});
+        let kind = Kind::Unwatch {
+            users: users.iter().map(|u| u.to_string()).collect(),
+        };
+        self.request(frame, kind).await.map(drop)
+    }
+
     /// Replaces the session's token now (`refresh`) with `token`, a newer
     /// one for the same user; returns the new `expires_at`. With a token
     /// provider this happens by itself before the session expires.
@@ -588,6 +649,23 @@ impl Room {
     /// same key.
     pub async fn publish_with_key(&self, data: Value, key: &str) -> Result<Published, Error> {
         let frame = json!({"op": "publish", "room": &*self.name, "data": data, "key": key});
+        let ok = self.herald.request(frame, Kind::Publish).await?;
+        types::parse("publish", ok)
+    }
+
+    /// [`Room::publish`] with options: the application's own key, and
+    /// `echo: false` to leave this connection out of the message's
+    /// delivery (the user's other devices and everyone else get it).
+    pub async fn publish_with(
+        &self,
+        data: Value,
+        options: PublishOptions,
+    ) -> Result<Published, Error> {
+        let key = options.key.unwrap_or_else(|| self.herald.new_key());
+        let mut frame = json!({"op": "publish", "room": &*self.name, "data": data, "key": key});
+        if !options.echo {
+            frame["echo"] = json!(false);
+        }
         let ok = self.herald.request(frame, Kind::Publish).await?;
         types::parse("publish", ok)
     }

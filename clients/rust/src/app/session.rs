@@ -83,6 +83,14 @@ pub(super) enum Kind {
     Refresh,
     /// The session's own liveness check.
     Ping,
+    Watch {
+        users: Vec<String>,
+        /// The session's own watch of every watched user after a reconnect.
+        rewatch: bool,
+    },
+    Unwatch {
+        users: Vec<String>,
+    },
     Plain,
 }
 
@@ -94,7 +102,10 @@ impl Kind {
     fn resend(&self) -> bool {
         !matches!(
             self,
-            Kind::Join { rejoin: true, .. } | Kind::Ping | Kind::Refresh
+            Kind::Join { rejoin: true, .. }
+                | Kind::Watch { rewatch: true, .. }
+                | Kind::Ping
+                | Kind::Refresh
         )
     }
 }
@@ -620,6 +631,16 @@ impl Session {
                 };
                 rejoins.push(Pending::internal(frame, kind));
             }
+            if !shared.watched.is_empty() {
+                let mut users: Vec<String> = shared.watched.keys().cloned().collect();
+                users.sort();
+                let frame = json!({"op": "watch", "users": &users});
+                let kind = Kind::Watch {
+                    users,
+                    rewatch: true,
+                };
+                rejoins.push(Pending::internal(frame, kind));
+            }
         }
         for p in rejoins {
             self.send(conn, p);
@@ -651,6 +672,13 @@ impl Session {
             Kind::Leave { room } => {
                 if let Some(state) = self.core.lock().rooms.get_mut(room) {
                     state.joined = false;
+                }
+            }
+            // Likewise, the users are not watched again.
+            Kind::Unwatch { users } => {
+                let mut shared = self.core.lock();
+                for user in users {
+                    shared.watched.remove(user);
                 }
             }
             _ => {}
@@ -701,6 +729,13 @@ impl Session {
                     shared.unread.insert(name.clone(), marker.unread);
                     let room = shared.rooms.entry(name).or_default();
                     room.emit(RoomEvent::Read(marker));
+                }
+            }
+            "status" => {
+                if let (Some(user), Some(online)) =
+                    (frame["user"].as_str(), frame["online"].as_bool())
+                {
+                    shared.status(user, online);
                 }
             }
             "error" => shared.emit(ConnectionEvent::Error(Error::from_frame(&frame))),
@@ -759,6 +794,32 @@ impl Session {
                 }
                 shared.emit(ConnectionEvent::Error(Error {
                     message: format!("rejoining {room} was refused: {}", e.message),
+                    ..e.clone()
+                }));
+            }
+            (Kind::Watch { users, rewatch }, Ok(ok)) => {
+                let mut shared = self.core.lock();
+                for user in users {
+                    let Some(online) = ok["status"][user.as_str()].as_bool() else {
+                        continue;
+                    };
+                    if *rewatch {
+                        // What changed while the client was away.
+                        shared.status(user, online);
+                    } else {
+                        shared.watched.insert(user.clone(), online);
+                    }
+                }
+            }
+            (Kind::Watch { rewatch: true, .. }, Err(e)) => {
+                if e.code.retryable() {
+                    let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
+                    let retry = Pending::internal(p.frame.clone(), p.kind.clone());
+                    self.retries.push((Instant::now() + wait, retry));
+                    return None;
+                }
+                self.core.lock().emit(ConnectionEvent::Error(Error {
+                    message: format!("watching again was refused: {}", e.message),
                     ..e.clone()
                 }));
             }

@@ -183,8 +183,16 @@ pub enum ConnectionEvent {
     Connected(Connected),
     Disconnected(Disconnected),
     /// Something went wrong that no request is waiting to hear about: an
-    /// `error` frame without an id, a rejoin or token refresh refused.
+    /// `error` frame without an id, a rejoin, re-watch or token refresh
+    /// refused.
     Error(Error),
+    /// A watched user went online or offline ([`Herald::watch`](super::Herald::watch)):
+    /// once per transition, including those that happened while the
+    /// client was reconnecting (found by watching again).
+    Status {
+        user: String,
+        online: bool,
+    },
 }
 
 /// Where the client is in its life.
