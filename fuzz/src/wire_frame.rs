@@ -127,7 +127,11 @@ fn room_of(request: &Request) -> Option<&RoomName> {
         | Request::PresenceSet { room, .. }
         | Request::History { room, .. }
         | Request::Read { room, .. } => Some(room),
-        Request::Connect { .. } | Request::Refresh { .. } | Request::Ping => None,
+        Request::Connect { .. }
+        | Request::Refresh { .. }
+        | Request::Watch { .. }
+        | Request::Unwatch { .. }
+        | Request::Ping => None,
     }
 }
 
@@ -172,11 +176,19 @@ fn write(frame: &ClientFrame) -> String {
         Request::Leave { room: r } | Request::Presence { room: r } => {
             fields.push(("room", room(r)));
         }
-        Request::Publish { room: r, data, key } => {
+        Request::Publish {
+            room: r,
+            data,
+            key,
+            echo,
+        } => {
             fields.push(("room", room(r)));
             fields.push(("data", data.get().to_string()));
             if let Some(key) = key {
                 fields.push(("key", quoted(key)));
+            }
+            if !echo {
+                fields.push(("echo", "false".to_string()));
             }
         }
         Request::PresenceSet { room: r, meta } => {
@@ -201,6 +213,9 @@ fn write(frame: &ClientFrame) -> String {
             fields.push(("offset", offset.to_string()));
         }
         Request::Refresh { token } => fields.push(("token", quoted(token))),
+        Request::Watch { users } | Request::Unwatch { users } => {
+            fields.push(("users", serde_json::to_string(users).expect("serializes")));
+        }
         Request::Ping => {}
     }
     let body: Vec<String> = fields
