@@ -16,7 +16,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
-/// What a verified token says about its holder.
+/// What a verified token says about its holder. Every connection keeps
+/// one, so the optional lists are boxed slices (two words, not three).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Claims {
     /// The user id; never empty once verified.
@@ -27,17 +28,17 @@ pub struct Claims {
     pub exp: u64,
     /// Room patterns the user may join; `None` leaves it to the namespace policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rooms: Option<Vec<String>>,
+    pub rooms: Option<Box<[String]>>,
     /// Room patterns the user may publish to; `None` leaves it to the namespace policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub publish: Option<Vec<String>>,
+    pub publish: Option<Box<[String]>>,
     /// A free-form device label, for presence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
+    pub device: Option<Box<str>>,
     /// User-id patterns whose online status the holder may `watch`; `None`
     /// allows watching nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watch: Option<Vec<String>>,
+    pub watch: Option<Box<[String]>>,
 }
 
 impl Claims {

@@ -65,7 +65,7 @@ fn open_policy_allows_everything_but_other_users_rooms() {
     );
     // A `rooms` claim does not lock the owner out of their own inbox.
     let narrow = Claims {
-        rooms: Some(vec!["chat:*".into()]),
+        rooms: Some(vec!["chat:*".into()].into()),
         ..user("alice")
     };
     policy.check_join(&narrow, "user:alice").unwrap();
@@ -111,7 +111,7 @@ fn namespace_join_patterns() {
 fn token_rooms_narrow_joins() {
     let policy = config(CONFIG);
     let claims = Claims {
-        rooms: Some(vec!["chat:lobby".into(), "doc:team-*".into()]),
+        rooms: Some(vec!["chat:lobby".into(), "doc:team-*".into()].into()),
         ..user("alice")
     };
     policy.check_join(&claims, "chat:lobby").unwrap();
@@ -120,7 +120,7 @@ fn token_rooms_narrow_joins() {
     assert_eq!(why, "your token does not allow joining doc:other");
     // The token cannot widen what the namespace allows.
     let wide = Claims {
-        rooms: Some(vec!["*".into()]),
+        rooms: Some(vec!["*".into()].into()),
         ..user("alice")
     };
     forbidden(policy.check_join(&wide, "chat:secret"));
@@ -141,14 +141,14 @@ fn namespace_can_forbid_client_publish() {
 fn token_publish_patterns_narrow_publishing() {
     let policy = Policy::open();
     let claims = Claims {
-        publish: Some(vec!["chat:*".into()]),
+        publish: Some(vec!["chat:*".into()].into()),
         ..user("alice")
     };
     policy.check_publish(&claims, "chat:lobby").unwrap();
     let why = forbidden(policy.check_publish(&claims, "doc:1"));
     assert_eq!(why, "your token does not allow publishing to doc:1");
     let none = Claims {
-        publish: Some(vec![]),
+        publish: Some(vec![].into()),
         ..user("alice")
     };
     forbidden(policy.check_publish(&none, "chat:lobby"));

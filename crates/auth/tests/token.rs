@@ -67,8 +67,8 @@ fn hs_verifier() -> Verifier {
 #[test]
 fn hs256_round_trip_keeps_every_claim() {
     let claims = Claims {
-        rooms: Some(vec!["chat:*".into()]),
-        publish: Some(vec!["chat:lobby".into()]),
+        rooms: Some(vec!["chat:*".into()].into()),
+        publish: Some(vec!["chat:lobby".into()].into()),
         device: Some("phone".into()),
         ..alice()
     };

@@ -213,10 +213,10 @@ fn token(args: &TokenArgs) -> ExitCode {
     let claims = herald_auth::Claims {
         sub: args.sub.clone(),
         exp: herald_auth::now_secs() + args.ttl.as_secs(),
-        rooms: (!args.rooms.is_empty()).then(|| args.rooms.clone()),
-        publish: (!args.publish.is_empty()).then(|| args.publish.clone()),
+        rooms: (!args.rooms.is_empty()).then(|| args.rooms.clone().into()),
+        publish: (!args.publish.is_empty()).then(|| args.publish.clone().into()),
         device: None,
-        watch: (!args.watch.is_empty()).then(|| args.watch.clone()),
+        watch: (!args.watch.is_empty()).then(|| args.watch.clone().into()),
     };
     if claims.sub.is_empty() {
         eprintln!("herald: --sub must not be empty");

@@ -81,7 +81,7 @@ impl Session {
         if granted.rooms.is_empty() {
             return;
         }
-        self.granting = Some(Box::new(Vec::with_capacity(granted.rooms.len())));
+        self.rare().granting = Some(Vec::with_capacity(granted.rooms.len()));
         for room in granted.rooms {
             let policy = self.server_join_policy(&room);
             let joined = Box::pin(self.join_room(None, &room, &policy, granted.meta.clone(), None));

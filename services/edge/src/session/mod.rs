@@ -129,12 +129,18 @@ struct Session {
     limits: Option<Box<limits::Limiters>>,
     /// A recovering join's live messages, released once its `ok` is queued.
     after_reply: Option<Arc<RoomEntry>>,
+    /// What few connections use, created on first use: every idle
+    /// connection's task holds the session, and its size in 128-byte steps
+    /// (tokio's task cell) is most of an idle connection's memory.
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a session that only some connections use.
+#[derive(Default)]
+struct Rare {
     /// While the rooms granted by the connect hook are joined: their
     /// entries, whose live messages are held until `connected` is out.
-    /// Boxed: a pointer in every session rather than a `Vec`'s three
-    /// words, for what only the opening uses.
-    #[allow(clippy::box_collection)]
-    granting: Option<Box<Vec<Arc<RoomEntry>>>>,
+    granting: Option<Vec<Arc<RoomEntry>>>,
     /// The users this connection watches, from its first `watch` on.
     watching: Option<Box<watch::Watching>>,
     /// Numbers this connection's feed events, for their ids.
@@ -209,9 +215,7 @@ impl Session {
             rooms: HashMap::new(),
             limits: None,
             after_reply: None,
-            granting: None,
-            watching: None,
-            feed_seq: 0,
+            rare: None,
         };
         if session.edge.config.feed_connections {
             let event = crate::feed::connection("connect", session.who(), None, crate::now_ms());
@@ -262,7 +266,8 @@ impl Session {
             );
         }
         interest::release(&inbox, session.outbox.id);
-        for entry in session.granting.take().map(|g| *g).unwrap_or_default() {
+        let granted = session.rare.as_mut().and_then(|r| r.granting.take());
+        for entry in granted.unwrap_or_default() {
             interest::release(&entry, session.outbox.id);
         }
         Some(session)
@@ -357,9 +362,14 @@ impl Session {
     }
 
     /// The number of this connection's next feed event.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
     fn next_feed_seq(&mut self) -> u64 {
-        self.feed_seq += 1;
-        self.feed_seq
+        let rare = self.rare();
+        rare.feed_seq += 1;
+        rare.feed_seq
     }
 
     /// Leaves every room (announcing each leave) before the connection's state

@@ -178,7 +178,8 @@ impl Session {
             ));
         }
         // Rooms granted at connect are held too, until `connected` is out.
-        let hold = (durable && since.is_some()) || self.granting.is_some();
+        let hold = (durable && since.is_some())
+            || self.rare.as_ref().is_some_and(|r| r.granting.is_some());
         // A member already in the room is held again while it catches up.
         let entry = self
             .edge
@@ -186,7 +187,7 @@ impl Session {
             .join(room, &self.outbox, hold)
             .await
             .map_err(|e| unavailable(&self.conn, id, &e))?;
-        if let Some(granted) = &mut self.granting {
+        if let Some(granted) = self.rare.as_mut().and_then(|r| r.granting.as_mut()) {
             granted.push(entry.clone());
         }
         if existing.is_none() {

@@ -39,7 +39,11 @@ impl Session {
                 .map_err(|m| FrameError::new(id, ErrorCode::Forbidden, m))?;
         }
         let edge = self.edge.clone();
-        let watching = self.watching.get_or_insert_with(Default::default);
+        let watching = self
+            .rare
+            .get_or_insert_with(Default::default)
+            .watching
+            .get_or_insert_with(Default::default);
         let new: Vec<String> = users
             .iter()
             .filter(|u| !watching.users.contains_key(*u))
@@ -116,7 +120,7 @@ impl Session {
 
     /// Sends the transitions held while a `watch` was answered, after it.
     pub(super) fn release_watched(&mut self) {
-        if let Some(watching) = self.watching.as_mut() {
+        if let Some(watching) = self.rare.as_mut().and_then(|r| r.watching.as_mut()) {
             for entry in watching.release.drain(..) {
                 interest::release(&entry, self.outbox.id);
             }
@@ -125,7 +129,7 @@ impl Session {
 
     /// Stops watching everyone (the connection is closing).
     pub(super) fn unwatch_all(&mut self) {
-        let users: Vec<String> = match &self.watching {
+        let users: Vec<String> = match self.rare.as_ref().and_then(|r| r.watching.as_ref()) {
             Some(watching) => watching.users.keys().cloned().collect(),
             None => return,
         };
@@ -135,7 +139,12 @@ impl Session {
     }
 
     fn stop_watching(&mut self, user: &str) {
-        let Some(entry) = self.watching.as_mut().and_then(|w| w.users.remove(user)) else {
+        let Some(entry) = self
+            .rare
+            .as_mut()
+            .and_then(|r| r.watching.as_mut())
+            .and_then(|w| w.users.remove(user))
+        else {
             return;
         };
         // Out of the members first, so no transition is noted for it after
