@@ -248,7 +248,11 @@ export declare class Herald {
     unwatch(users: string[]): Promise<void>;
     /** The room `name`; the same object every time. */
     room(name: string): Room;
-    /** Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages. */
+    /**
+     * Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages.
+     * A room without a read marker (absent from `connected.unread`) keeps the client's own count
+     * across reconnects, plus what the rejoin recovers.
+     */
     unread(room: string): number;
     private open;
     /** Stops listening to the current socket. */

@@ -158,8 +158,6 @@ var Room = class {
     this.wanted = false;
     /** @internal A join was answered `ok` since the last leave. */
     this.isJoined = false;
-    /** @internal The next join answer is for a rejoin after reconnect. */
-    this.rejoining = false;
     /** @internal */
     this.joinWaiters = [];
     this.client = client;
@@ -376,7 +374,11 @@ var Herald = class {
     }
     return room;
   }
-  /** Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages. */
+  /**
+   * Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages.
+   * A room without a read marker (absent from `connected.unread`) keeps the client's own count
+   * across reconnects, plus what the rejoin recovers.
+   */
   unread(room) {
     return this.unreadCounts.get(room) ?? 0;
   }
@@ -690,6 +692,7 @@ var Herald = class {
   onConnected(f) {
     if (this.session) return;
     clearTimeout(this.connectTimer);
+    const previousUser = this.last?.user;
     const c = {
       conn: str(f.conn),
       user: str(f.user),
@@ -712,7 +715,7 @@ var Herald = class {
     const personal = this.personalRoom;
     personal.wanted = true;
     personal.isJoined = true;
-    this.unreadCounts.clear();
+    if (previousUser !== void 0 && previousUser !== c.user) this.unreadCounts.clear();
     this.countPaused.clear();
     for (const [room, n] of Object.entries(c.unread)) {
       this.unreadCounts.set(room, num(n));
@@ -722,7 +725,6 @@ var Herald = class {
     this.internal({ op: "ping" }, () => this.countPaused.delete(personal.name));
     for (const room of this.rooms.values()) {
       if (room.wanted && room !== personal) {
-        if (room.isJoined) this.countPaused.add(room.name);
         this.sendJoin(room, room.isJoined);
       }
     }
@@ -742,7 +744,6 @@ var Herald = class {
     const frame = { op: "join", room: room.name };
     if (room.pos !== void 0) frame.since = { epoch: room.pos.epoch, offset: room.pos.offset };
     if (room.meta !== void 0) frame.meta = room.meta;
-    room.rejoining = rejoin;
     this.internal(frame, (reply) => this.onJoinReply(room, reply, rejoin));
   }
   onJoinReply(room, f, rejoin) {

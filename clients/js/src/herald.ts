@@ -217,8 +217,6 @@ export class Room {
   pos: { epoch: string; offset: number } | undefined;
   /** @internal Presence data, re-sent with every rejoin. */
   meta: object | undefined;
-  /** @internal The next join answer is for a rejoin after reconnect. */
-  rejoining = false;
   /** @internal */
   joinWaiters: JoinWaiter[] = [];
   /** @internal */
@@ -499,7 +497,11 @@ export class Herald {
     return room;
   }
 
-  /** Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages. */
+  /**
+   * Unread messages in `room`: from `connected.unread`, moved by `read` events and new messages.
+   * A room without a read marker (absent from `connected.unread`) keeps the client's own count
+   * across reconnects, plus what the rejoin recovers.
+   */
   unread(room: string): number {
     return this.unreadCounts.get(room) ?? 0;
   }
@@ -841,6 +843,7 @@ export class Herald {
   private onConnected(f: Frame): void {
     if (this.session) return;
     clearTimeout(this.connectTimer);
+    const previousUser = this.last?.user;
     const c: Connected = {
       conn: str(f.conn),
       user: str(f.user),
@@ -866,8 +869,11 @@ export class Herald {
     personal.wanted = true;
     personal.isJoined = true;
 
+    // Another user's counts say nothing about this one's.
+    if (previousUser !== undefined && previousUser !== c.user) this.unreadCounts.clear();
     // `connected` counts what is unread now, replays included: those are not counted again.
-    this.unreadCounts.clear();
+    // A room it leaves out has no read marker, so the server knows no count for it: the
+    // client's own count stands, and the rejoin's replays (new to this client) add to it.
     this.countPaused.clear();
     for (const [room, n] of Object.entries(c.unread)) {
       this.unreadCounts.set(room, num(n));
@@ -879,7 +885,6 @@ export class Herald {
 
     for (const room of this.rooms.values()) {
       if (room.wanted && room !== personal) {
-        if (room.isJoined) this.countPaused.add(room.name);
         this.sendJoin(room, room.isJoined);
       }
     }
@@ -903,7 +908,6 @@ export class Herald {
     const frame: Frame = { op: "join", room: room.name };
     if (room.pos !== undefined) frame.since = { epoch: room.pos.epoch, offset: room.pos.offset };
     if (room.meta !== undefined) frame.meta = room.meta;
-    room.rejoining = rejoin;
     this.internal(frame, (reply) => this.onJoinReply(room, reply, rejoin));
   }
 

@@ -370,6 +370,56 @@ test("markRead: read events reach the user's other devices; unread counts follow
   assert.equal(back.offset, acks[1].offset);
 });
 
+test("unread after a reconnect: rooms without a read marker keep their count and add what the rejoin recovered", async () => {
+  const p = await proxy();
+  const h = await client("unread-rc", { reconnect: { initialDelayMs: 50, maxDelayMs: 200 } }, p.url);
+  const pub = await client("unread-rc-pub");
+  // `nomark`: never marked read, so `connected.unread` does not list it.
+  // `marked`: has a marker, so `connected.unread` gives its count.
+  const nomark = "doc:unread-rc-nomark";
+  const marked = "doc:unread-rc-marked";
+  const gotNomark = collect(h.room(nomark));
+  const gotMarked = collect(h.room(marked));
+  await h.room(nomark).join();
+  await h.room(marked).join();
+  for (let i = 0; i < 3; i++) await pub.room(nomark).publish(i);
+  const acks = [];
+  for (let i = 0; i < 3; i++) acks.push(await pub.room(marked).publish(i));
+  await Promise.all([gotNomark.count(3), gotMarked.count(3)]);
+  await h.room(marked).markRead(acks[0].offset);
+  assert.equal(h.unread(nomark), 3);
+  assert.equal(h.unread(marked), 2);
+
+  const rejoinedNomark = nextEvent(h.room(nomark), "rejoined");
+  const rejoinedMarked = nextEvent(h.room(marked), "rejoined");
+  const gone = nextEvent(h, "disconnected");
+  p.refuse();
+  p.cut();
+  await gone;
+  // Published while away: recovered by the rejoins.
+  for (let i = 3; i < 5; i++) await pub.room(nomark).publish(i);
+  for (let i = 3; i < 5; i++) await pub.room(marked).publish(i);
+  const back = nextEvent(h, "connected");
+  p.allow();
+  const c = await back;
+  assert.equal(c.unread[nomark], undefined, "no marker, no count from the server");
+  assert.equal(c.unread[marked], 4);
+  assert.equal((await rejoinedNomark).missed, 2);
+  assert.equal((await rejoinedMarked).missed, 2);
+  await Promise.all([gotNomark.count(5), gotMarked.count(5)]);
+  await h.room(marked).presence(); // a round trip: the replays came before its answer
+  // 3 before the reconnect, 2 recovered by the rejoin.
+  assert.equal(h.unread(nomark), 5);
+  // The server's count already holds the 2 replayed: they are not counted again.
+  assert.equal(h.unread(marked), 4);
+  // And new messages still add to both.
+  await pub.room(nomark).publish(5);
+  await pub.room(marked).publish(5);
+  await Promise.all([gotNomark.count(6), gotMarked.count(6)]);
+  assert.equal(h.unread(nomark), 6);
+  assert.equal(h.unread(marked), 5);
+});
+
 test("personal room: inbox messages arrive, count as unread, and are not repeated after a reconnect", async () => {
   await grpc.sendToUser(dev.grpc, "inbox", { n: 1 });
   await grpc.sendToUser(dev.grpc, "inbox", { n: 2 });
