@@ -31,6 +31,31 @@ function herald(urls, user, opts = {}) {
   return h;
 }
 
+/**
+ * A WebSocket class for one client that notes, for each socket it makes, when
+ * it was made and closed and the `disconnect` frame it carried.
+ */
+function spySockets() {
+  const sockets = [];
+  class Spy extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      const s = { createdAt: performance.now(), closedAt: undefined, disconnect: undefined };
+      sockets.push(s);
+      // Added before the client's own handlers, so these run first.
+      this.addEventListener("message", (e) => {
+        if (typeof e.data !== "string") return;
+        const f = JSON.parse(e.data);
+        if (f.op === "disconnect") s.disconnect = f;
+      });
+      this.addEventListener("close", () => {
+        s.closedAt = performance.now();
+      });
+    }
+  }
+  return { WebSocket: Spy, sockets };
+}
+
 /** Every stored message of `room`, oldest first, read page by page. */
 async function allHistory(h, room) {
   const out = [];
@@ -190,4 +215,42 @@ test("publishes made while the edge is gone are delivered once, in order, throug
   await sleep(300);
   assert.deepEqual(seen.map((m) => m.data), ["online", ...[0, 1, 2, 3, 4].map((i) => `offline ${i}`)]);
   assert.deepEqual(acks.map((a) => a.offset), seen.slice(1).map((m) => m.offset));
+});
+
+test("a draining edge's reconnect_after_ms is waited for before the client comes back on another edge", async () => {
+  // Drain window 0: every client is told at once, each with its own random hint (0-1000 ms).
+  const draining = await cluster.addEdge("edge-draining", ["--drain-window", "0s"]);
+  const [e0] = cluster.edges;
+  const room = `doc:drain-${Date.now()}`;
+  const spies = Array.from({ length: 10 }, () => spySockets());
+  // A backoff of under 1 ms: whatever wait there is comes from the server's hint.
+  const hs = spies.map((s, i) =>
+    herald([draining.url, e0.url], `drained${i}`, { WebSocket: s.WebSocket, reconnect: { initialDelayMs: 1, maxDelayMs: 1 } }),
+  );
+  await Promise.all(hs.map((h) => h.connect()));
+  assert.ok(hs.every((h) => h.node === "edge-draining"), "every client starts on the draining edge");
+  await Promise.all(hs.map((h) => h.room(room).join()));
+  const told = hs.map((h) => nextEvent(h, "disconnected", () => true, 20_000));
+  const rejoined = hs.map((h) => nextEvent(h.room(room), "rejoined", () => true, 30_000));
+
+  await draining.proc.stop(15_000); // SIGTERM: the edge drains, then exits
+  for (const d of await Promise.all(told)) {
+    assert.equal(d.code, 1012);
+    assert.equal(d.willReconnect, true);
+  }
+  await Promise.all(rejoined);
+  assert.ok(hs.every((h) => h.node === e0.node), "every client moved to the edge that stays");
+
+  const hints = spies.map(({ sockets }, i) => {
+    const [first, second] = sockets;
+    assert.equal(first.disconnect?.code, 1012, `client ${i}: the drain's disconnect`);
+    assert.equal(first.disconnect.reconnect, true);
+    const hint = first.disconnect.reconnect_after_ms;
+    assert.ok(Number.isInteger(hint) && hint >= 0 && hint <= 1000, `client ${i}: reconnect_after_ms ${hint}`);
+    const waited = second.createdAt - first.closedAt;
+    // A few ms of slack: timers count from the event loop's cached clock.
+    assert.ok(waited >= hint - 15, `client ${i} came back ${waited.toFixed(1)} ms after the close, asked to wait ${hint} ms`);
+    return hint;
+  });
+  assert.ok(Math.max(...hints) >= 100, `hints ${hints}: too small to tell a wait from none`);
 });
