@@ -176,8 +176,11 @@ test("a client whose edge stalls (SIGSTOP) notices within a heartbeat and moves 
   try {
     await gone;
     const took = Date.now() - stoppedAt;
-    // Silence noticed after 0.8 s, ping unanswered for 1 s more; slack for a loaded machine.
-    assert.ok(took < 5000, `noticed after ${took} ms`);
+    // Heartbeat 2 s: a ping after 0.8 s of silence, given up 1 s later; the
+    // liveness check runs every 0.2 s, so at worst 2.2 s after the last frame.
+    // The promise is "within the heartbeat": at most 1.5 of it, the rest is
+    // slack for a loaded machine.
+    assert.ok(took <= 3000, `noticed after ${took} ms`);
     await pub.room(room).publish("while moving");
     const again = await back;
     assert.equal(again.node, e0.node);

@@ -182,8 +182,11 @@ test("a dead connection is noticed by the client's pings within about one heartb
   p.freeze();
   const d = await gone;
   const took = Date.now() - frozenAt;
-  // Heartbeat 2 s: a ping after 0.8 s of silence, given up 1 s later.
-  assert.ok(took < 4000, `noticed after ${took} ms`);
+  // Heartbeat 2 s: a ping after 0.8 s of silence, given up 1 s later; the
+  // liveness check runs every 0.2 s, so at worst 2.2 s after the last frame.
+  // The promise is "within the heartbeat": at most 1.5 of it, the rest is
+  // slack for a loaded machine.
+  assert.ok(took <= 3000, `noticed after ${took} ms`);
   assert.equal(d.willReconnect, true);
   const c = await back;
   assert.notEqual(c.conn, first);
