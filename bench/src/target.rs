@@ -65,6 +65,12 @@ pub struct CommonArgs {
     /// The `nats-server` binary [default: $NATS_SERVER, else from PATH, else /usr/sbin/nats-server].
     #[arg(long, value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
+    /// GOMAXPROCS of the nats-server the bench starts: how many threads
+    /// run its Go code at once [default: Go's own, one per CPU]. On a
+    /// machine whose cores the edges and the load also use, 1 spares the
+    /// Go runtime's idle spinning between small messages.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub nats_gomaxprocs: Option<u16>,
     /// Client connections are spread over this many source addresses,
     /// 127.0.0.2, 127.0.0.3, ... (each has only ~28k ephemeral ports).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=250))]
@@ -145,6 +151,7 @@ pub struct Target {
     nats_profile: Option<SocketAddr>,
     /// The nats-server binary (cluster only).
     nats_bin: Option<PathBuf>,
+    nats_gomaxprocs: Option<u16>,
     /// Where `herald.v1.Router` is served: the router's gRPC port, or
     /// `herald dev`'s.
     pub router_grpc: Option<SocketAddr>,
@@ -194,6 +201,7 @@ impl Target {
             nats_monitor: None,
             nats_profile: None,
             nats_bin: None,
+            nats_gomaxprocs: args.nats_gomaxprocs,
             router_grpc: None,
             herald_args,
             otlp_sink,
@@ -267,6 +275,11 @@ impl Target {
         let nats_bin = nats_bin.unwrap_or_else(nats_server_bin);
         let mut cmd = Command::new(&nats_bin);
         self.nats_bin = Some(nats_bin);
+        // Go's default, unless asked: not whatever the bench's shell has set.
+        cmd.env_remove("GOMAXPROCS");
+        if let Some(n) = self.nats_gomaxprocs {
+            cmd.env("GOMAXPROCS", n.to_string());
+        }
         cmd.args(["-a", "127.0.0.1", "-p", &nats_addr.port().to_string()])
             .args(["-m", &monitor.port().to_string(), "-js", "-sd"])
             .arg(&store);
@@ -353,6 +366,11 @@ impl Target {
             // "nats-server: v2.9.10"
             let version = version.map(|l| l.rsplit(' ').next().unwrap_or(&l).to_owned());
             v.insert("nats-server".into(), json!(version));
+            let procs = self.nats_gomaxprocs.map_or_else(
+                || "Go's default (one per CPU)".to_owned(),
+                |n| n.to_string(),
+            );
+            v.insert("nats-server GOMAXPROCS".into(), json!(procs));
         }
         v.insert(
             "herald".into(),
@@ -735,6 +753,7 @@ mod tests {
             redis_server: None,
             herald: None,
             nats_server: None,
+            nats_gomaxprocs: None,
             source_addrs: 3,
             json: None,
             keep_logs: false,

@@ -12,6 +12,7 @@
 //! [`history`] module, behind its own trait.
 #![forbid(unsafe_code)]
 
+pub mod coalesce;
 mod error;
 pub mod feed;
 pub mod history;

@@ -83,6 +83,10 @@ pub struct Config {
     pub max_meta_bytes: usize,
     /// How often presence heartbeats go out.
     pub presence_interval: Duration,
+    /// Under load, presence events and reports wait up to this long for
+    /// others to go to NATS with them (one write, one wake-up of the server
+    /// for many); a lone one goes at once. Zero sends each at once.
+    pub presence_window: Duration,
     /// How long a member-list query may take.
     pub presence_timeout: Duration,
     /// Where member lists are read from.
@@ -141,6 +145,7 @@ impl Config {
             max_rooms_per_conn: 256,
             max_meta_bytes: 2048,
             presence_interval: Duration::from_secs(2),
+            presence_window: Duration::ZERO,
             presence_timeout: Duration::from_secs(3),
             presence_source: PresenceSource::Broker,
             drain_delay: Duration::ZERO,
@@ -193,6 +198,8 @@ struct Edge {
     /// Every open session, for control messages naming one connection.
     sessions_by_id: std::sync::RwLock<std::collections::HashMap<u64, delivery::Outbox>>,
     reporter: presence::Reporter,
+    /// Presence events, handed to the broker together under load.
+    events: herald_broker::coalesce::Coalescer,
     /// Users' publishes, counted with the other edges.
     quota: Arc<quota::UserQuota>,
     /// The connection caps and what they count.
@@ -252,6 +259,7 @@ pub async fn run(
         broker.clone(),
         config.presence_source.clone(),
         config.presence_interval,
+        config.presence_window,
         config.presence_timeout,
         reporter_stop.clone(),
     )
@@ -304,7 +312,9 @@ pub async fn run(
         config.presence_timeout,
         edge_metrics.watched.clone(),
     );
+    let events = herald_broker::coalesce::Coalescer::start(broker.clone(), config.presence_window);
     let edge = Arc::new(Edge {
+        events,
         rooms,
         watches,
         users: Default::default(),

@@ -58,6 +58,7 @@ impl Reporter {
         broker: SharedBroker,
         source: PresenceSource,
         interval: Duration,
+        window: Duration,
         query_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Result<(Reporter, tokio::task::JoinHandle<()>), BrokerError> {
@@ -82,6 +83,10 @@ impl Reporter {
             // Tell replicas this edge exists right away.
             task.send_snapshot().await;
             let mut tick = tokio::time::interval(interval);
+            // When the last report of changes went out: changes coming
+            // sooner than `window` after it wait for the window's end and go
+            // with whatever else came meanwhile.
+            let mut last_report = tokio::time::Instant::now() - window;
             loop {
                 tokio::select! {
                     change = rx.recv() => match change {
@@ -89,6 +94,10 @@ impl Reporter {
                             // Whatever queued up meanwhile goes out with it;
                             // one yield first lets sessions already running
                             // on other workers add theirs.
+                            let due = last_report + window;
+                            if tokio::time::Instant::now() < due {
+                                tokio::time::sleep_until(due).await;
+                            }
                             tokio::task::yield_now().await;
                             let mut batch = vec![first];
                             while batch.len() < MAX_BATCH {
@@ -98,6 +107,7 @@ impl Reporter {
                                 }
                             }
                             task.apply_all(batch).await;
+                            last_report = tokio::time::Instant::now();
                         }
                         None => break,
                     },
@@ -313,6 +323,7 @@ mod tests {
             broker.clone(),
             PresenceSource::Broker,
             Duration::from_secs(3600),
+            Duration::ZERO,
             Duration::from_secs(1),
             shutdown.clone(),
         )
@@ -367,5 +378,73 @@ mod tests {
             next_report(&mut reports).await,
             EdgeReport::Goodbye { seq: N, .. }
         ));
+    }
+
+    fn connect(i: u64) -> Change {
+        Change::Connect {
+            conn: format!("e1-{i}"),
+            user: "ann".into(),
+            since_ms: 1,
+        }
+    }
+
+    /// With a window, a change after a quiet spell is reported at once;
+    /// changes right behind a report wait for the window's end and go out
+    /// together.
+    #[tokio::test(start_paused = true)]
+    async fn changes_right_behind_a_report_wait_for_the_window_and_go_together() {
+        const WINDOW: Duration = Duration::from_millis(50);
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut reports = broker
+            .subscribe(subjects::presence_from_edge("e1"))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let (reporter, _task) = Reporter::start(
+            "e1",
+            broker.clone(),
+            PresenceSource::Broker,
+            Duration::from_secs(3600),
+            WINDOW,
+            Duration::from_secs(1),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            next_report(&mut reports).await,
+            EdgeReport::Snapshot { seq: 0, .. }
+        ));
+        // Long after the start: quiet.
+        tokio::time::sleep(WINDOW * 2).await;
+
+        let start = tokio::time::Instant::now();
+        reporter.report(connect(1));
+        match next_report(&mut reports).await {
+            EdgeReport::Delta { seq: 1, change, .. } => assert_eq!(change, connect(1)),
+            other => panic!("unexpected report {other:?}"),
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a lone change waits for nothing"
+        );
+
+        reporter.report(connect(2));
+        reporter.report(connect(3));
+        match next_report(&mut reports).await {
+            EdgeReport::Deltas {
+                seq: 3, changes, ..
+            } => {
+                assert_eq!(changes, vec![connect(2), connect(3)])
+            }
+            other => panic!("unexpected report {other:?}"),
+        }
+        assert_eq!(
+            start.elapsed(),
+            WINDOW,
+            "changes right behind a report wait for the window"
+        );
+        shutdown.cancel();
     }
 }

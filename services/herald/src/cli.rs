@@ -390,6 +390,13 @@ pub struct EdgeArgs {
     /// presence service's --edge-timeout).
     #[arg(long, env = "HERALD_PRESENCE_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub presence_interval: Duration,
+    /// Under load, presence events (join, leave, update) and reports to the
+    /// presence service wait up to this long to go to NATS together with
+    /// others: one write and one wake-up of the server for many, at up to
+    /// this much more latency. One after a quiet spell goes at once. 0 sends
+    /// each at once.
+    #[arg(long, env = "HERALD_PRESENCE_WINDOW", value_parser = humantime::parse_duration, default_value = "2ms")]
+    pub presence_window: Duration,
     /// After SIGTERM and --drain-delay, clients are told to reconnect
     /// elsewhere (1012) at random moments spread over this window, not all
     /// at once; the edge exits once they are gone.

@@ -358,6 +358,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 write_delay: args.write_delay,
                 io_uring: args.io_uring,
                 presence_interval: args.presence_interval,
+                presence_window: args.presence_window,
                 presence_source: presence_source(
                     args.presence.as_deref(),
                     args.presence_api_token.as_deref(),

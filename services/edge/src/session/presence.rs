@@ -82,7 +82,12 @@ impl Session {
         }
         let frame =
             frames::presence_frame(room.as_str(), event, &self.claims.sub, &self.conn, meta);
-        if let Err(e) = self.edge.broker.publish(subjects::room(room), frame).await {
+        if let Err(e) = self
+            .edge
+            .events
+            .publish(subjects::room(room), None, frame)
+            .await
+        {
             tracing::warn!(conn = %self.conn, %room, error = %herald_broker::chain(&e), "presence event not sent");
         }
     }

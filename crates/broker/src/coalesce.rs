@@ -1,0 +1,204 @@
+//! Publishes that may wait a moment, handed to the broker together.
+//!
+//! Every message a process publishes costs the NATS server a wake-up to read
+//! it and one to write it to each subscriber, and on a busy cluster those
+//! wake-ups, not the bytes, are most of the server's work. Messages handed
+//! to the client together leave in one write, which the server reads at
+//! once and answers with one write per subscriber. A [`Coalescer`] does that
+//! for messages that can wait: after a publish it holds the next ones for up
+//! to its window and then hands them over in one go, in the order they came.
+//! A publish after a quiet spell of at least a window goes at once, so the
+//! window only ever delays traffic that is already dense.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::{BrokerError, Headers, SharedBroker};
+
+/// The most messages handed over in one go; the rest wait for the next.
+const MAX_BATCH: usize = 256;
+
+struct Pending {
+    subject: String,
+    headers: Option<Headers>,
+    payload: Bytes,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// A publisher that gathers what is published within a window; cheap to clone.
+#[derive(Clone)]
+pub struct Coalescer {
+    /// `None`: a window of zero, every publish goes straight to the broker.
+    tx: Option<mpsc::UnboundedSender<Pending>>,
+    broker: SharedBroker,
+}
+
+impl Coalescer {
+    /// Starts the task that hands messages to `broker`; it ends when the last
+    /// clone is dropped. A `window` of zero starts none.
+    pub fn start(broker: SharedBroker, window: Duration) -> Coalescer {
+        if window.is_zero() {
+            return Coalescer { tx: None, broker };
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(broker.clone(), window, rx));
+        Coalescer {
+            tx: Some(tx),
+            broker,
+        }
+    }
+
+    /// Publishes `payload` on `subject`; returns once the broker has the
+    /// message (as [`crate::Broker::publish`] would), so what the caller
+    /// publishes next, through any path, follows it.
+    pub async fn publish(
+        &self,
+        subject: String,
+        headers: Option<Headers>,
+        payload: Bytes,
+    ) -> Result<(), BrokerError> {
+        let Some(tx) = &self.tx else {
+            return self
+                .broker
+                .publish_maybe_headers(subject, headers, payload)
+                .await;
+        };
+        let (done, handed) = oneshot::channel();
+        let pending = Pending {
+            subject,
+            headers,
+            payload,
+            done,
+        };
+        if let Err(mpsc::error::SendError(p)) = tx.send(pending) {
+            // The task is gone (runtime shutting down): publish directly.
+            return self
+                .broker
+                .publish_maybe_headers(p.subject, p.headers, p.payload)
+                .await;
+        }
+        handed
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::unavailable("the publishing task ended")))
+    }
+}
+
+async fn run(broker: SharedBroker, window: Duration, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    // When the last batch went out; a publish a window or more after it
+    // finds the traffic quiet and goes at once.
+    let mut last = Instant::now() - window;
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let due = last + window;
+        batch.push(first);
+        if Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        for p in batch.drain(..) {
+            let result = broker
+                .publish_maybe_headers(p.subject, p.headers, p.payload)
+                .await;
+            let _ = p.done.send(result);
+        }
+        last = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::MemoryBroker;
+
+    const WINDOW: Duration = Duration::from_millis(20);
+
+    fn payload(i: u32) -> Bytes {
+        Bytes::from(i.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_after_a_quiet_spell_goes_at_once() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut sub = broker.subscribe("ev.>".into()).await.unwrap();
+        let coalescer = Coalescer::start(broker.clone(), WINDOW);
+        let start = Instant::now();
+        coalescer
+            .publish("ev.a".into(), None, payload(1))
+            .await
+            .unwrap();
+        assert_eq!(sub.next().await.unwrap().payload, payload(1));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// Publishes right behind a batch are held until the window ends, go
+    /// together and in order, and each caller returns only once its message
+    /// is with the broker.
+    #[tokio::test(start_paused = true)]
+    async fn publishes_right_behind_a_batch_wait_for_the_window_and_keep_their_order() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut sub = broker.subscribe("ev.>".into()).await.unwrap();
+        let coalescer = Coalescer::start(broker.clone(), WINDOW);
+        let start = Instant::now();
+        coalescer
+            .publish("ev.a".into(), None, payload(0))
+            .await
+            .unwrap();
+        let mut callers = Vec::new();
+        for i in 1..=5 {
+            let coalescer = coalescer.clone();
+            callers.push(tokio::spawn(async move {
+                coalescer
+                    .publish(format!("ev.{i}"), None, payload(i))
+                    .await
+                    .unwrap();
+                start.elapsed()
+            }));
+            // Each caller queued before the next starts: their order is known.
+            tokio::task::yield_now().await;
+        }
+        for caller in callers {
+            assert_eq!(caller.await.unwrap(), WINDOW, "returned when handed over");
+        }
+        for i in 0..=5 {
+            let msg = sub.next().await.unwrap();
+            assert_eq!(msg.payload, payload(i));
+        }
+        // And quiet again after a window: at once.
+        tokio::time::sleep(WINDOW).await;
+        let again = Instant::now();
+        coalescer
+            .publish("ev.b".into(), None, payload(9))
+            .await
+            .unwrap();
+        assert_eq!(again.elapsed(), Duration::ZERO);
+        assert_eq!(sub.next().await.unwrap().payload, payload(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_of_zero_publishes_directly() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut sub = broker.subscribe("ev.>".into()).await.unwrap();
+        let coalescer = Coalescer::start(broker.clone(), Duration::ZERO);
+        let start = Instant::now();
+        for i in 0..3 {
+            coalescer
+                .publish("ev.a".into(), None, payload(i))
+                .await
+                .unwrap();
+        }
+        for i in 0..3 {
+            assert_eq!(sub.next().await.unwrap().payload, payload(i));
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}
