@@ -254,12 +254,14 @@ pub async fn run(
     health.add_check("broker", herald_broker::readiness(&broker));
     config.storage.add_to(&health);
     let reporter_stop = CancellationToken::new();
+    // Presence events and reports share batches: one write per window.
+    let events = herald_broker::coalesce::Coalescer::start(broker.clone(), config.presence_window);
     let (reporter, reporter_task) = presence::Reporter::start(
         &config.node_id,
         broker.clone(),
+        events.clone(),
         config.presence_source.clone(),
         config.presence_interval,
-        config.presence_window,
         config.presence_timeout,
         reporter_stop.clone(),
     )
@@ -312,7 +314,6 @@ pub async fn run(
         config.presence_timeout,
         edge_metrics.watched.clone(),
     );
-    let events = herald_broker::coalesce::Coalescer::start(broker.clone(), config.presence_window);
     let edge = Arc::new(Edge {
         events,
         rooms,

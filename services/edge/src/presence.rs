@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use herald_broker::coalesce::Coalescer;
 use herald_broker::{BrokerError, Headers, Mark, SharedBroker, chain};
 use herald_presence_client::{PresenceQuery, QueryError};
 use herald_proto::v1::{RoomMembersReply, RoomMembersRequest};
@@ -56,9 +57,9 @@ impl Reporter {
     pub async fn start(
         node: &str,
         broker: SharedBroker,
+        publisher: Coalescer,
         source: PresenceSource,
         interval: Duration,
-        window: Duration,
         query_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Result<(Reporter, tokio::task::JoinHandle<()>), BrokerError> {
@@ -74,6 +75,7 @@ impl Reporter {
             node: node.to_string(),
             subject: subjects::presence_from_edge(node),
             broker,
+            publisher,
             started_ms: crate::now_ms(),
             seq: 0,
             reported: Reported::default(),
@@ -83,21 +85,15 @@ impl Reporter {
             // Tell replicas this edge exists right away.
             task.send_snapshot().await;
             let mut tick = tokio::time::interval(interval);
-            // When the last report of changes went out: changes coming
-            // sooner than `window` after it wait for the window's end and go
-            // with whatever else came meanwhile.
-            let mut last_report = tokio::time::Instant::now() - window;
             loop {
                 tokio::select! {
                     change = rx.recv() => match change {
                         Some(first) => {
                             // Whatever queued up meanwhile goes out with it;
                             // one yield first lets sessions already running
-                            // on other workers add theirs.
-                            let due = last_report + window;
-                            if tokio::time::Instant::now() < due {
-                                tokio::time::sleep_until(due).await;
-                            }
+                            // on other workers add theirs. Under load the
+                            // publisher holds each report for its window, and
+                            // the changes made meanwhile go in the next.
                             tokio::task::yield_now().await;
                             let mut batch = vec![first];
                             while batch.len() < MAX_BATCH {
@@ -107,7 +103,6 @@ impl Reporter {
                                 }
                             }
                             task.apply_all(batch).await;
-                            last_report = tokio::time::Instant::now();
                         }
                         None => break,
                     },
@@ -163,6 +158,8 @@ struct ReportTask {
     node: String,
     subject: String,
     broker: SharedBroker,
+    /// Reports go out with the edge's presence events, in one write under load.
+    publisher: Coalescer,
     started_ms: u64,
     seq: u64,
     reported: Reported,
@@ -281,8 +278,8 @@ impl ReportTask {
 
     async fn send_payload(&self, payload: Vec<u8>, trace: Option<Headers>) {
         if let Err(e) = self
-            .broker
-            .publish_maybe_headers(self.subject.clone(), trace, Bytes::from(payload))
+            .publisher
+            .publish(self.subject.clone(), trace, Bytes::from(payload))
             .await
         {
             // Replicas notice the gap from the next heartbeat and ask for a snapshot.
@@ -321,9 +318,9 @@ mod tests {
         let (reporter, _task) = Reporter::start(
             "e1",
             broker.clone(),
+            Coalescer::start(broker.clone(), Duration::ZERO),
             PresenceSource::Broker,
             Duration::from_secs(3600),
-            Duration::ZERO,
             Duration::from_secs(1),
             shutdown.clone(),
         )
@@ -403,9 +400,9 @@ mod tests {
         let (reporter, _task) = Reporter::start(
             "e1",
             broker.clone(),
+            Coalescer::start(broker.clone(), WINDOW),
             PresenceSource::Broker,
             Duration::from_secs(3600),
-            WINDOW,
             Duration::from_secs(1),
             shutdown.clone(),
         )
