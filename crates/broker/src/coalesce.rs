@@ -5,10 +5,18 @@
 //! wake-ups, not the bytes, are most of the server's work. Messages handed
 //! to the client together leave in one write, which the server reads at
 //! once and answers with one write per subscriber. A [`Coalescer`] does that
-//! for messages that can wait: after a publish it holds the next ones for up
-//! to its window and then hands them over in one go, in the order they came.
-//! A publish after a quiet spell of at least a window goes at once, so the
-//! window only ever delays traffic that is already dense.
+//! for messages that can wait, in two kinds:
+//!
+//! - [`Coalescer::publish`]: one a client waits on (a presence event). It
+//!   goes at once if nothing went out within the last window; otherwise it
+//!   waits for the window's end.
+//! - [`Coalescer::publish_lazy`]: one nobody waits on (a presence report).
+//!   It waits a window, or less if an urgent one goes out first and takes it
+//!   along.
+//!
+//! Batches go out at most once a window and in the order messages came, so
+//! the window only delays traffic that is already dense, and a lazy message
+//! never holds up an urgent one.
 
 use std::time::Duration;
 
@@ -25,6 +33,7 @@ struct Pending {
     subject: String,
     headers: Option<Headers>,
     payload: Bytes,
+    urgent: bool,
     done: oneshot::Sender<Result<(), BrokerError>>,
 }
 
@@ -51,14 +60,36 @@ impl Coalescer {
         }
     }
 
-    /// Publishes `payload` on `subject`; returns once the broker has the
-    /// message (as [`crate::Broker::publish`] would), so what the caller
-    /// publishes next, through any path, follows it.
+    /// Publishes `payload` on `subject`, at once unless a batch went out
+    /// within the window; returns once the broker has the message (as
+    /// [`crate::Broker::publish`] would), so what the caller publishes next,
+    /// through any path, follows it.
     pub async fn publish(
         &self,
         subject: String,
         headers: Option<Headers>,
         payload: Bytes,
+    ) -> Result<(), BrokerError> {
+        self.send(subject, headers, payload, true).await
+    }
+
+    /// [`Coalescer::publish`] for a message that may wait a whole window
+    /// for others to go with.
+    pub async fn publish_lazy(
+        &self,
+        subject: String,
+        headers: Option<Headers>,
+        payload: Bytes,
+    ) -> Result<(), BrokerError> {
+        self.send(subject, headers, payload, false).await
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        headers: Option<Headers>,
+        payload: Bytes,
+        urgent: bool,
     ) -> Result<(), BrokerError> {
         let Some(tx) = &self.tx else {
             return self
@@ -71,6 +102,7 @@ impl Coalescer {
             subject,
             headers,
             payload,
+            urgent,
             done,
         };
         if let Err(mpsc::error::SendError(p)) = tx.send(pending) {
@@ -87,13 +119,34 @@ impl Coalescer {
 }
 
 async fn run(broker: SharedBroker, window: Duration, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    // When the last batch went out; a publish a window or more after it
-    // finds the traffic quiet and goes at once.
+    // When the last batch went out: the next goes a window later at the
+    // earliest, so that everything published meanwhile goes with it.
     let mut last = Instant::now() - window;
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
-        let due = last + window;
+        let mut urgent = first.urgent;
+        let mut due = if urgent {
+            last + window
+        } else {
+            Instant::now() + window
+        };
         batch.push(first);
+        // Until an urgent message comes, one may bring the batch forward.
+        while !urgent && Instant::now() < due {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(p) => {
+                        if p.urgent {
+                            urgent = true;
+                            due = due.min(last + window);
+                        }
+                        batch.push(p);
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(due) => break,
+            }
+        }
         if Instant::now() < due {
             tokio::time::sleep_until(due).await;
         }
@@ -200,5 +253,52 @@ mod tests {
             assert_eq!(sub.next().await.unwrap().payload, payload(i));
         }
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// A lazy message waits a window, unless an urgent one after a quiet
+    /// spell goes first and takes it along.
+    #[tokio::test(start_paused = true)]
+    async fn a_lazy_publish_waits_a_window_or_goes_with_an_urgent_one() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut sub = broker.subscribe("ev.>".into()).await.unwrap();
+        let coalescer = Coalescer::start(broker.clone(), WINDOW);
+
+        let start = Instant::now();
+        coalescer
+            .publish_lazy("ev.report".into(), None, payload(1))
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), WINDOW, "alone, it waits a window");
+        assert_eq!(sub.next().await.unwrap().payload, payload(1));
+
+        tokio::time::sleep(WINDOW).await;
+        let start = Instant::now();
+        let lazy = {
+            let coalescer = coalescer.clone();
+            tokio::spawn(async move {
+                coalescer
+                    .publish_lazy("ev.report".into(), None, payload(2))
+                    .await
+                    .unwrap();
+                start.elapsed()
+            })
+        };
+        tokio::task::yield_now().await;
+        coalescer
+            .publish("ev.event".into(), None, payload(3))
+            .await
+            .unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the urgent one waits for nothing"
+        );
+        assert_eq!(
+            lazy.await.unwrap(),
+            Duration::ZERO,
+            "and takes the lazy one along"
+        );
+        assert_eq!(sub.next().await.unwrap().payload, payload(2));
+        assert_eq!(sub.next().await.unwrap().payload, payload(3));
     }
 }
