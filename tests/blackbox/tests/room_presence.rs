@@ -105,3 +105,46 @@ async fn presence_updates_are_rate_limited_with_retry_after() {
     assert_eq!(e["code"], "rate_limited");
     assert!(e["retry_after_ms"].as_u64().unwrap() > 0, "{e}");
 }
+
+/// Under load an edge holds presence events for up to `--presence-window`
+/// to send them together. The `ok` of a join waits with its event, so a
+/// message the joiner publishes after that `ok` still reaches the other
+/// members after the join.
+#[tokio::test]
+async fn a_join_held_by_the_presence_window_still_comes_before_the_joiners_message() {
+    let cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        // Long enough that a message sent without waiting for the held
+        // event would overtake it.
+        edge_args: vec!["--presence-window=500ms".into()],
+        ..Spec::default()
+    });
+    let room = "chat:held";
+    let bob = connect(&cluster.ws(1), "bob").await;
+    ok(&bob, json!({"op":"join","room":room})).await;
+    // Carol's join goes out at once and opens a window on edge 0, in which
+    // alice's join then waits.
+    let carol = connect(&cluster.ws(0), "carol").await;
+    let alice = connect(&cluster.ws(0), "alice").await;
+    ok(&carol, json!({"op":"join","room":room})).await;
+    ok(&alice, json!({"op":"join","room":room})).await;
+    ok(&alice, json!({"op":"publish","room":room,"data":"hello"})).await;
+
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("message alice") {
+        let frame = bob
+            .next_frame(WAIT)
+            .await
+            .expect("bob's connection stays up")
+            .expect("frames keep coming");
+        let who = frame["user"].as_str().or(frame["from"].as_str());
+        match (frame["op"].as_str(), who) {
+            (Some("presence"), Some(user)) if user != "bob" => {
+                seen.push(format!("{} {user}", frame["event"].as_str().unwrap()))
+            }
+            (Some("message"), Some(user)) => seen.push(format!("message {user}")),
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["join carol", "join alice", "message alice"]);
+}
