@@ -14,9 +14,11 @@
 //!   It waits a window, or less if an urgent one goes out first and takes it
 //!   along.
 //!
-//! Batches go out at most once a window and in the order messages came, so
-//! the window only delays traffic that is already dense, and a lazy message
-//! never holds up an urgent one.
+//! Batches with an urgent message go out at most once a window, and every
+//! batch in the order its messages came, so the window only delays traffic
+//! that is already dense; a lazy message never holds up an urgent one. A
+//! backlog (a full batch with more waiting) goes out at once, batch after
+//! batch.
 
 use std::time::Duration;
 
@@ -119,26 +121,38 @@ impl Coalescer {
 }
 
 async fn run(broker: SharedBroker, window: Duration, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    // When the last batch went out: the next goes a window later at the
-    // earliest, so that everything published meanwhile goes with it.
-    let mut last = Instant::now() - window;
+    // When the last batch with an urgent message went out: the next urgent
+    // one waits until a window after it, so that everything published
+    // meanwhile goes with it. Batches of lazy messages alone do not count:
+    // they never hold up an urgent one.
+    let mut last_urgent: Option<Instant> = None;
+    // The last batch was full and more were waiting: a backlog, which goes
+    // out at once, batch after batch, with nothing to wait for.
+    let mut hurry = false;
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
+        let now = Instant::now();
+        let urgent_due = |now: Instant| match last_urgent {
+            Some(last) if !hurry => (last + window).max(now),
+            _ => now,
+        };
         let mut urgent = first.urgent;
         let mut due = if urgent {
-            last + window
+            urgent_due(now)
+        } else if hurry {
+            now
         } else {
-            Instant::now() + window
+            now + window
         };
         batch.push(first);
         // Until an urgent message comes, one may bring the batch forward.
-        while !urgent && Instant::now() < due {
+        while !urgent && batch.len() < MAX_BATCH && Instant::now() < due {
             tokio::select! {
                 next = rx.recv() => match next {
                     Some(p) => {
                         if p.urgent {
                             urgent = true;
-                            due = due.min(last + window);
+                            due = due.min(urgent_due(Instant::now()));
                         }
                         batch.push(p);
                     }
@@ -147,22 +161,28 @@ async fn run(broker: SharedBroker, window: Duration, mut rx: mpsc::UnboundedRece
                 _ = tokio::time::sleep_until(due) => break,
             }
         }
-        if Instant::now() < due {
+        if batch.len() < MAX_BATCH && Instant::now() < due {
             tokio::time::sleep_until(due).await;
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    urgent |= next.urgent;
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }
+        hurry = batch.len() >= MAX_BATCH;
         for p in batch.drain(..) {
             let result = broker
                 .publish_maybe_headers(p.subject, p.headers, p.payload)
                 .await;
             let _ = p.done.send(result);
         }
-        last = Instant::now();
+        if urgent {
+            last_urgent = Some(Instant::now());
+        }
     }
 }
 
@@ -300,5 +320,59 @@ mod tests {
         );
         assert_eq!(sub.next().await.unwrap().payload, payload(2));
         assert_eq!(sub.next().await.unwrap().payload, payload(3));
+    }
+
+    /// A batch of lazy messages alone does not make the next urgent one wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_of_lazy_messages_alone_holds_up_no_urgent_one() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut sub = broker.subscribe("ev.>".into()).await.unwrap();
+        let coalescer = Coalescer::start(broker.clone(), WINDOW);
+        coalescer
+            .publish_lazy("ev.report".into(), None, payload(1))
+            .await
+            .unwrap();
+        assert_eq!(sub.next().await.unwrap().payload, payload(1));
+        let start = Instant::now();
+        coalescer
+            .publish("ev.event".into(), None, payload(2))
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(sub.next().await.unwrap().payload, payload(2));
+    }
+
+    /// More than a batch waiting goes out batch after batch, in order,
+    /// without a window between them.
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_goes_out_without_waiting_between_batches() {
+        let broker: SharedBroker = Arc::new(MemoryBroker::new());
+        let mut sub = broker.subscribe("ev.>".into()).await.unwrap();
+        let coalescer = Coalescer::start(broker.clone(), WINDOW);
+        coalescer
+            .publish("ev.a".into(), None, payload(0))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let n = MAX_BATCH as u32 * 3 + 5;
+        let mut callers = Vec::new();
+        for i in 1..=n {
+            let coalescer = coalescer.clone();
+            callers.push(tokio::spawn(async move {
+                coalescer
+                    .publish(format!("ev.{i}"), None, payload(i))
+                    .await
+                    .unwrap();
+                start.elapsed()
+            }));
+        }
+        for caller in callers {
+            // The first batch waits the window behind the lone one; the
+            // others follow it at once.
+            assert_eq!(caller.await.unwrap(), WINDOW);
+        }
+        for i in 0..=n {
+            assert_eq!(sub.next().await.unwrap().payload, payload(i));
+        }
     }
 }

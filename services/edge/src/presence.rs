@@ -76,6 +76,7 @@ impl Reporter {
             subject: subjects::presence_from_edge(node),
             broker,
             publisher,
+            outgoing: Default::default(),
             started_ms: crate::now_ms(),
             seq: 0,
             reported: Reported::default(),
@@ -84,6 +85,7 @@ impl Reporter {
             let mut rx = rx;
             // Tell replicas this edge exists right away.
             task.send_snapshot().await;
+            task.flush(Pace::Window).await;
             let mut tick = tokio::time::interval(interval);
             loop {
                 tokio::select! {
@@ -102,13 +104,26 @@ impl Reporter {
                                     Err(_) => break,
                                 }
                             }
+                            // A full batch means more are waiting: a backlog,
+                            // which waiting for windows would only grow.
+                            let pace = if batch.len() < MAX_BATCH { Pace::Window } else { Pace::Now };
                             task.apply_all(batch).await;
+                            task.flush(pace).await;
                         }
                         None => break,
                     },
-                    Some(_) = sync_all.next() => task.send_snapshot().await,
-                    Some(_) = sync_me.next() => task.send_snapshot().await,
-                    _ = tick.tick() => task.send_heartbeat().await,
+                    Some(_) = sync_all.next() => {
+                        task.send_snapshot().await;
+                        task.flush(Pace::Window).await;
+                    }
+                    Some(_) = sync_me.next() => {
+                        task.send_snapshot().await;
+                        task.flush(Pace::Window).await;
+                    }
+                    _ = tick.tick() => {
+                        task.send_heartbeat().await;
+                        task.flush(Pace::Window).await;
+                    }
                     _ = shutdown.cancelled() => {
                         // Sessions report their leaves while closing; take them all, then say goodbye.
                         let mark = task.broker.mark();
@@ -118,6 +133,7 @@ impl Reporter {
                         }
                         task.apply_all(rest).await;
                         task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }, None).await;
+                        task.flush(Pace::Now).await;
                         task.confirm_sent(mark).await;
                         break;
                     }
@@ -160,6 +176,8 @@ struct ReportTask {
     broker: SharedBroker,
     /// Reports go out with the edge's presence events, in one write under load.
     publisher: Coalescer,
+    /// Reports made since the last [`ReportTask::flush`], in order.
+    outgoing: std::sync::Mutex<Vec<(Bytes, Option<Headers>)>>,
     started_ms: u64,
     seq: u64,
     reported: Reported,
@@ -213,7 +231,7 @@ impl ReportTask {
                 self.send_run(tail, last).await;
                 return;
             }
-            self.send_payload(payload, None).await;
+            self.send_payload(payload, None);
         })
     }
 
@@ -273,19 +291,47 @@ impl ReportTask {
 
     async fn send(&self, report: &EdgeReport, trace: Option<Headers>) {
         let payload = serde_json::to_vec(report).expect("reports serialize");
-        self.send_payload(payload, trace).await;
+        self.send_payload(payload, trace);
     }
 
-    async fn send_payload(&self, payload: Vec<u8>, trace: Option<Headers>) {
-        if let Err(e) = self
-            .publisher
-            .publish_lazy(self.subject.clone(), trace, Bytes::from(payload))
-            .await
-        {
-            // Replicas notice the gap from the next heartbeat and ask for a snapshot.
-            tracing::warn!(error = %chain(&e), "could not report presence; replicas will resync");
+    fn send_payload(&self, payload: Vec<u8>, trace: Option<Headers>) {
+        self.outgoing
+            .lock()
+            .expect("outgoing reports")
+            .push((Bytes::from(payload), trace));
+    }
+
+    /// Hands the reports made since the last flush to the broker, in order.
+    /// All but the last go at once (back to back, so the client writes them
+    /// together). The last waits for the edge's presence window when `pace`
+    /// allows, and returns once it is with the client: the changes made
+    /// meanwhile go in the next report, so that under load an edge sends
+    /// about one report a window.
+    async fn flush(&self, pace: Pace) {
+        let outgoing = std::mem::take(&mut *self.outgoing.lock().expect("outgoing reports"));
+        let count = outgoing.len();
+        for (i, (payload, trace)) in outgoing.into_iter().enumerate() {
+            let subject = self.subject.clone();
+            let sent = if i + 1 == count && pace == Pace::Window {
+                self.publisher.publish_lazy(subject, trace, payload).await
+            } else {
+                self.broker
+                    .publish_maybe_headers(subject, trace, payload)
+                    .await
+            };
+            if let Err(e) = sent {
+                // Replicas notice the gap from the next heartbeat and ask for a snapshot.
+                tracing::warn!(error = %chain(&e), "could not report presence; replicas will resync");
+            }
         }
     }
+}
+
+/// Whether the last report of a flush may wait for the presence window.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    Window,
+    Now,
 }
 
 #[cfg(test)]
@@ -387,7 +433,7 @@ mod tests {
 
     /// With a window, reports wait for it: a lone change's report goes a
     /// window later, and changes made while it waits go in the next one, at
-    /// most one report a window.
+    /// most one report a window; a backlog goes at once.
     #[tokio::test(start_paused = true)]
     async fn reports_go_at_most_once_a_window_with_every_change_made_meanwhile() {
         const WINDOW: Duration = Duration::from_millis(50);
@@ -416,14 +462,15 @@ mod tests {
 
         let start = tokio::time::Instant::now();
         reporter.report(connect(1));
+        // While its report waits for the window, two more changes come.
+        tokio::time::sleep(WINDOW / 2).await;
+        reporter.report(connect(2));
+        reporter.report(connect(3));
         match next_report(&mut reports).await {
             EdgeReport::Delta { seq: 1, change, .. } => assert_eq!(change, connect(1)),
             other => panic!("unexpected report {other:?}"),
         }
         assert_eq!(start.elapsed(), WINDOW, "a lone change waits one window");
-
-        reporter.report(connect(2));
-        reporter.report(connect(3));
         match next_report(&mut reports).await {
             EdgeReport::Deltas {
                 seq: 3, changes, ..
@@ -436,6 +483,27 @@ mod tests {
             start.elapsed(),
             WINDOW * 2,
             "the next report a window after"
+        );
+
+        // A backlog of full reports goes out without a window between them.
+        tokio::time::sleep(WINDOW * 2).await;
+        let start = tokio::time::Instant::now();
+        const N: u64 = 600;
+        for i in 4..4 + N {
+            reporter.report(connect(i));
+        }
+        let mut got = 0;
+        while got < N {
+            match next_report(&mut reports).await {
+                EdgeReport::Deltas { changes, .. } => got += changes.len() as u64,
+                other => panic!("unexpected report {other:?}"),
+            }
+        }
+        assert_eq!(got, N);
+        assert!(
+            start.elapsed() <= WINDOW,
+            "{N} changes took {:?}, more than one window",
+            start.elapsed()
         );
         shutdown.cancel();
     }

@@ -395,7 +395,7 @@ pub struct EdgeArgs {
     /// others: one write and one wake-up of the server for many, at up to
     /// this much more latency. One after a quiet spell goes at once. 0 sends
     /// each at once.
-    #[arg(long, env = "HERALD_PRESENCE_WINDOW", value_parser = humantime::parse_duration, default_value = "2ms")]
+    #[arg(long, env = "HERALD_PRESENCE_WINDOW", value_parser = presence_window, default_value = "2ms")]
     pub presence_window: Duration,
     /// After SIGTERM and --drain-delay, clients are told to reconnect
     /// elsewhere (1012) at random moments spread over this window, not all
@@ -509,4 +509,20 @@ pub struct TokenArgs {
     /// HS256 secret; defaults to the built-in development secret that `herald dev` uses.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+}
+
+/// The longest `--presence-window`: past it, presence would lag behind
+/// what users do for no gain (a window of a few milliseconds already
+/// gathers a busy edge's traffic).
+const MAX_PRESENCE_WINDOW: Duration = Duration::from_secs(1);
+
+fn presence_window(s: &str) -> Result<Duration, String> {
+    let window = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if window > MAX_PRESENCE_WINDOW {
+        return Err(format!(
+            "{s} is longer than the most allowed, {}",
+            humantime::format_duration(MAX_PRESENCE_WINDOW)
+        ));
+    }
+    Ok(window)
 }

@@ -231,3 +231,12 @@ fn heap_profile_needs_the_feature() {
         "{err}"
     );
 }
+
+#[test]
+fn a_presence_window_over_a_second_is_refused_naming_the_flag() {
+    let o = herald(&["edge", "--jwt-secret", "s", "--presence-window", "5s"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("--presence-window"), "{e}");
+    assert!(e.contains("5s is longer than the most allowed, 1s"), "{e}");
+}
