@@ -84,7 +84,7 @@ impl Reporter {
         let handle = tokio::spawn(async move {
             let mut rx = rx;
             // Tell replicas this edge exists right away.
-            task.send_snapshot().await;
+            task.send_snapshot();
             task.flush(Pace::Window).await;
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -107,21 +107,21 @@ impl Reporter {
                             // A full batch means more are waiting: a backlog,
                             // which waiting for windows would only grow.
                             let pace = if batch.len() < MAX_BATCH { Pace::Window } else { Pace::Now };
-                            task.apply_all(batch).await;
+                            task.apply_all(batch);
                             task.flush(pace).await;
                         }
                         None => break,
                     },
                     Some(_) = sync_all.next() => {
-                        task.send_snapshot().await;
+                        task.send_snapshot();
                         task.flush(Pace::Window).await;
                     }
                     Some(_) = sync_me.next() => {
-                        task.send_snapshot().await;
+                        task.send_snapshot();
                         task.flush(Pace::Window).await;
                     }
                     _ = tick.tick() => {
-                        task.send_heartbeat().await;
+                        task.send_heartbeat();
                         task.flush(Pace::Window).await;
                     }
                     _ = shutdown.cancelled() => {
@@ -131,8 +131,8 @@ impl Reporter {
                         while let Ok(next) = rx.try_recv() {
                             rest.push(next);
                         }
-                        task.apply_all(rest).await;
-                        task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }, None).await;
+                        task.apply_all(rest);
+                        task.send(&EdgeReport::Goodbye { node: task.node.clone(), seq: task.seq }, None);
                         task.flush(Pace::Now).await;
                         task.confirm_sent(mark).await;
                         break;
@@ -177,7 +177,7 @@ struct ReportTask {
     /// Reports go out with the edge's presence events, in one write under load.
     publisher: Coalescer,
     /// Reports made since the last [`ReportTask::flush`], in order.
-    outgoing: std::sync::Mutex<Vec<(Bytes, Option<Headers>)>>,
+    outgoing: Vec<(Bytes, Option<Headers>)>,
     started_ms: u64,
     seq: u64,
     reported: Reported,
@@ -188,54 +188,52 @@ impl ReportTask {
     /// without a trace context as one [`EdgeReport::Deltas`], a traced
     /// change alone with its context (the replica's update joins that
     /// trace).
-    async fn apply_all(&mut self, batch: Vec<Numbered>) {
+    fn apply_all(&mut self, batch: Vec<Numbered>) {
         let mut run: Vec<Change> = Vec::new();
         for (seq, change, trace) in batch {
             if trace.is_some() {
                 let last = self.seq;
-                self.send_run(std::mem::take(&mut run), last).await;
-                self.apply(seq, change, trace).await;
+                self.send_run(std::mem::take(&mut run), last);
+                self.apply(seq, change, trace);
             } else {
                 self.reported.apply(&change);
                 self.seq = seq;
                 run.push(change);
             }
         }
-        self.send_run(run, self.seq).await;
+        self.send_run(run, self.seq);
     }
 
     /// Reports a run of changes already applied, the last numbered
     /// `last`: one message, or two halves of a run too large for one.
-    fn send_run(&self, mut run: Vec<Change>, last: u64) -> herald_broker::BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let report = match run.len() {
-                0 => return,
-                1 => EdgeReport::Delta {
-                    node: self.node.clone(),
-                    seq: last,
-                    change: run.pop().expect("one change"),
-                },
-                _ => EdgeReport::Deltas {
-                    node: self.node.clone(),
-                    seq: last,
-                    changes: run,
-                },
-            };
-            let payload = serde_json::to_vec(&report).expect("reports serialize");
-            if payload.len() > MAX_REPORT_BYTES
-                && let EdgeReport::Deltas { mut changes, .. } = report
-            {
-                let tail = changes.split_off(changes.len() / 2);
-                let head_last = last - tail.len() as u64;
-                self.send_run(changes, head_last).await;
-                self.send_run(tail, last).await;
-                return;
-            }
-            self.send_payload(payload, None);
-        })
+    fn send_run(&mut self, mut run: Vec<Change>, last: u64) {
+        let report = match run.len() {
+            0 => return,
+            1 => EdgeReport::Delta {
+                node: self.node.clone(),
+                seq: last,
+                change: run.pop().expect("one change"),
+            },
+            _ => EdgeReport::Deltas {
+                node: self.node.clone(),
+                seq: last,
+                changes: run,
+            },
+        };
+        let payload = serde_json::to_vec(&report).expect("reports serialize");
+        if payload.len() > MAX_REPORT_BYTES
+            && let EdgeReport::Deltas { mut changes, .. } = report
+        {
+            let tail = changes.split_off(changes.len() / 2);
+            let head_last = last - tail.len() as u64;
+            self.send_run(changes, head_last);
+            self.send_run(tail, last);
+            return;
+        }
+        self.send_payload(payload, None);
     }
 
-    async fn apply(&mut self, seq: u64, change: Change, trace: Option<Headers>) {
+    fn apply(&mut self, seq: u64, change: Change, trace: Option<Headers>) {
         self.reported.apply(&change);
         self.seq = seq;
         let report = EdgeReport::Delta {
@@ -243,20 +241,20 @@ impl ReportTask {
             seq,
             change,
         };
-        self.send(&report, trace).await;
+        self.send(&report, trace);
     }
 
-    async fn send_heartbeat(&self) {
+    fn send_heartbeat(&mut self) {
         let report = EdgeReport::Heartbeat {
             node: self.node.clone(),
             seq: self.seq,
             started_ms: self.started_ms,
             conns: self.reported.len() as u64,
         };
-        self.send(&report, None).await;
+        self.send(&report, None);
     }
 
-    async fn send_snapshot(&self) {
+    fn send_snapshot(&mut self) {
         let conns = self.reported.snapshot();
         let report = EdgeReport::Snapshot {
             node: self.node.clone(),
@@ -264,7 +262,7 @@ impl ReportTask {
             started_ms: self.started_ms,
             conns,
         };
-        self.send(&report, None).await;
+        self.send(&report, None);
     }
 
     /// Waits until NATS has every report sent so far: the process is about
@@ -289,16 +287,13 @@ impl ReportTask {
         }
     }
 
-    async fn send(&self, report: &EdgeReport, trace: Option<Headers>) {
+    fn send(&mut self, report: &EdgeReport, trace: Option<Headers>) {
         let payload = serde_json::to_vec(report).expect("reports serialize");
         self.send_payload(payload, trace);
     }
 
-    fn send_payload(&self, payload: Vec<u8>, trace: Option<Headers>) {
-        self.outgoing
-            .lock()
-            .expect("outgoing reports")
-            .push((Bytes::from(payload), trace));
+    fn send_payload(&mut self, payload: Vec<u8>, trace: Option<Headers>) {
+        self.outgoing.push((Bytes::from(payload), trace));
     }
 
     /// Hands the reports made since the last flush to the broker, in order.
@@ -307,8 +302,8 @@ impl ReportTask {
     /// allows, and returns once it is with the client: the changes made
     /// meanwhile go in the next report, so that under load an edge sends
     /// about one report a window.
-    async fn flush(&self, pace: Pace) {
-        let outgoing = std::mem::take(&mut *self.outgoing.lock().expect("outgoing reports"));
+    async fn flush(&mut self, pace: Pace) {
+        let outgoing = std::mem::take(&mut self.outgoing);
         let count = outgoing.len();
         for (i, (payload, trace)) in outgoing.into_iter().enumerate() {
             let subject = self.subject.clone();
