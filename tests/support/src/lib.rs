@@ -88,10 +88,30 @@ pub fn nats_server_bin() -> PathBuf {
     PathBuf::from("/usr/sbin/nats-server")
 }
 
+/// A nats-server of 2.11 or later (read markers beside the inbox, batched
+/// direct gets): `$NATS_SERVER_NEWER`, else the one `scripts/install-nats.sh`
+/// puts under the workspace's `target/`. Panics, saying how to get one, when
+/// there is neither: a test that asks for it must not pass on an older one.
+pub fn newer_nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_NEWER") {
+        return p.into();
+    }
+    let installed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/nats-venv/bin/nats-server");
+    if installed.is_file() {
+        return installed;
+    }
+    panic!(
+        "this test needs nats-server 2.11 or later: run scripts/install-nats.sh \
+         (scripts/test.sh does), or set NATS_SERVER_NEWER to one"
+    );
+}
+
 /// A real `nats-server` with JetStream on a free port and a temp store;
 /// alone, or one node of a cluster ([`NatsServer::start_cluster`]).
 pub struct NatsServer {
     port: u16,
+    bin: PathBuf,
     /// Arguments besides the port and the store: a cluster node's name and routes.
     extra: Vec<String>,
     // Before `dir`, which holds its log: fields drop in order.
@@ -101,11 +121,21 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Result<NatsServer> {
+        Self::start_with(nats_server_bin())
+    }
+
+    /// One of 2.11 or later ([`newer_nats_server_bin`]).
+    pub fn start_newer() -> Result<NatsServer> {
+        Self::start_with(newer_nats_server_bin())
+    }
+
+    fn start_with(bin: PathBuf) -> Result<NatsServer> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
-        let proc = Self::spawn(port, &[], &dir)?;
+        let proc = Self::spawn(&bin, port, &[], &dir)?;
         Ok(NatsServer {
             port,
+            bin,
             extra: Vec::new(),
             proc,
             dir,
@@ -160,9 +190,11 @@ impl NatsServer {
                 "-m".to_string(),
                 monitor.to_string(),
             ];
-            let proc = Self::spawn(port, &extra, &dir)?;
+            let bin = nats_server_bin();
+            let proc = Self::spawn(&bin, port, &extra, &dir)?;
             nodes.push(NatsServer {
                 port,
+                bin,
                 extra,
                 proc,
                 dir,
@@ -180,8 +212,13 @@ impl NatsServer {
     }
 
     /// Starts nats-server on `port` and waits until it listens.
-    fn spawn(port: u16, extra: &[String], dir: &TempDir) -> Result<ChildProcess> {
-        let mut cmd = Command::new(nats_server_bin());
+    fn spawn(
+        bin: &std::path::Path,
+        port: u16,
+        extra: &[String],
+        dir: &TempDir,
+    ) -> Result<ChildProcess> {
+        let mut cmd = Command::new(bin);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path().join("store"))
             .args(extra);
@@ -213,7 +250,7 @@ impl NatsServer {
     /// Starts the server again on the same port with the same store.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = Self::spawn(self.port, &self.extra, &self.dir)?;
+        self.proc = Self::spawn(&self.bin, self.port, &self.extra, &self.dir)?;
         Ok(())
     }
 }

@@ -25,10 +25,11 @@
 //! first [`DIRECT_READS`] messages of a read (what a reconnecting client
 //! missed); appends read the room's last message from the stream's leader.
 //!
-//! Read markers live in the KV bucket `herald_markers`, one key per user
-//! (`kv_encode`d: KV keys allow fewer characters than subject tokens) whose
-//! value maps each room to its marker (JSON), so that all of a user's
-//! markers are one get. The epoch of a namespace is cached and read again
+//! Read markers are one JSON entry per user (room → offset), so that all of
+//! a user's markers are one get: in the personal namespace's stream on
+//! nats-server 2.11 and later, where one batched direct get reads them with
+//! the inbox's last message, else in the KV bucket `herald_markers`
+//! ([`markers`]). The epoch of a namespace is cached and read again
 //! at most every [`EPOCH_TTL`], and at once when an append sees signs of
 //! the stream having been recreated.
 //!
@@ -40,7 +41,10 @@
 //! headers; async-nats 0.51's `create_key_value` cannot parse 2.9's account
 //! info, so the marker bucket's stream is created directly.
 
-use std::collections::{BTreeMap, HashMap};
+mod batch;
+mod markers;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,20 +53,19 @@ use async_nats::connection::State;
 use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{
     self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType,
 };
 use async_nats::jetstream::{self, Context};
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_wire::room::RoomName;
+use herald_wire::room::{RoomName, USER_NAMESPACE};
 use herald_wire::subjects::encode_token;
 
-use super::{
-    Appended, History, HistoryError, Limits, MAX_MARKERS_PER_USER, Stored, check_namespace,
-    check_user, kv_encode,
-};
+use self::batch::BatchGets;
+pub use self::markers::markers_subject;
+use super::{Appended, History, HistoryError, Inbox, Limits, Stored, check_namespace};
 use crate::BoxFuture;
 use crate::error::{During, cause, jetstream_failure};
 
@@ -134,6 +137,9 @@ struct Namespace {
     /// `epoch()` once older than [`EPOCH_TTL`], by `ensure_namespace` and
     /// whenever an append sees signs of the stream having been recreated.
     epoch: Mutex<(String, tokio::time::Instant)>,
+    /// The personal namespace only: its stream holds the read markers
+    /// ([`markers`]).
+    markers_here: bool,
 }
 
 impl Namespace {
@@ -174,7 +180,12 @@ pub struct JetStreamHistory {
     replicas: usize,
     namespaces: RwLock<HashMap<String, Arc<Namespace>>>,
     rooms: Mutex<HashMap<String, RoomSlot>>,
+    /// The marker bucket, where the stream cannot hold markers.
     markers: tokio::sync::OnceCell<kv::Store>,
+    /// The marker bucket of before an upgrade, read for users whose markers
+    /// are not in the stream yet.
+    legacy: std::sync::OnceLock<kv::Store>,
+    batch: BatchGets,
 }
 
 impl JetStreamHistory {
@@ -184,12 +195,14 @@ impl JetStreamHistory {
             .timeout(API_TIMEOUT)
             .build(client.clone());
         JetStreamHistory {
+            batch: BatchGets::new(client.clone()),
             client,
             js,
             replicas: 1,
             namespaces: RwLock::new(HashMap::new()),
             rooms: Mutex::new(HashMap::new()),
             markers: tokio::sync::OnceCell::new(),
+            legacy: std::sync::OnceLock::new(),
         }
     }
 
@@ -264,6 +277,8 @@ impl JetStreamHistory {
                 v.min(i64::MAX as u64) as i64
             }
         };
+        let personal = ns == USER_NAMESPACE;
+        let newer = markers::batches_gets(&self.client.server_info().version);
         stream::Config {
             name: stream_name(ns),
             subjects: vec![format!("herald.durable.{ns}.>")],
@@ -277,16 +292,21 @@ impl JetStreamHistory {
             // counts) are direct gets: answered by the stream's store
             // without the JetStream API's queue and JSON envelope.
             allow_direct: true,
+            // The personal namespace's stream holds the read markers where
+            // the server can keep them past the inbox's age limit.
+            allow_message_ttl: personal && newer,
+            allow_rollup: personal && newer,
             description: Some(format!("Herald history of durable namespace `{ns}`")),
             ..Default::default()
         }
     }
 
-    /// Gets or creates the stream, then brings its limits to `wanted`.
+    /// Gets or creates the stream, then brings its limits to `wanted`;
+    /// returns it with its configuration as the server now has it.
     async fn create_or_update(
         &self,
         wanted: &stream::Config,
-    ) -> Result<jetstream::stream::Stream, HistoryError> {
+    ) -> Result<(jetstream::stream::Stream, stream::Config), HistoryError> {
         let stream = self
             .js
             .get_or_create_stream(wanted.clone())
@@ -306,13 +326,18 @@ impl JetStreamHistory {
         merged.duplicate_window = wanted.duplicate_window;
         merged.discard = wanted.discard;
         merged.allow_direct = wanted.allow_direct;
-        if merged != current {
-            self.js
-                .update_stream(merged)
-                .await
-                .map_err(|e| self.fail(&format!("update stream {}", wanted.name), e))?;
+        // Never turned off again: markers written with them need them.
+        merged.allow_message_ttl |= wanted.allow_message_ttl;
+        merged.allow_rollup |= wanted.allow_rollup;
+        if merged == current {
+            return Ok((stream, current));
         }
-        Ok(stream)
+        let info = self
+            .js
+            .update_stream(merged)
+            .await
+            .map_err(|e| self.fail(&format!("update stream {}", wanted.name), e))?;
+        Ok((stream, info.config))
     }
 
     /// The epoch of stream `name`, `None` if it does not exist.
@@ -356,7 +381,12 @@ impl JetStreamHistory {
             Some(epoch) => epoch,
             None => {
                 tracing::warn!(stream = %name, "history stream is missing; recreating it");
-                self.create_or_update(&ns.config).await?;
+                let (_, config) = self.create_or_update(&ns.config).await?;
+                if ns.markers_here && !(config.allow_message_ttl && config.allow_rollup) {
+                    return Err(HistoryError::refused(format!(
+                        "stream {name} was recreated by a server that cannot hold read markers"
+                    )));
+                }
                 self.fetch_epoch(name).await?.ok_or_else(|| {
                     HistoryError::refused(format!("stream {name} vanished again after creation"))
                 })?
@@ -383,11 +413,13 @@ impl JetStreamHistory {
                 wanted.name
             )));
         }
-        let stream = self.create_or_update(&wanted).await?;
+        let (stream, config) = self.create_or_update(&wanted).await?;
+        let markers_here = ns == USER_NAMESPACE && self.markers_in_stream(&config).await?;
         let namespace = Arc::new(Namespace {
             stream,
             config: wanted,
             epoch: Mutex::new((String::new(), tokio::time::Instant::now())),
+            markers_here,
         });
         self.refresh_epoch(&namespace).await?;
         self.namespaces
@@ -753,131 +785,6 @@ impl JetStreamHistory {
         Ok(pending)
     }
 
-    /// The marker bucket, created on first use.
-    ///
-    /// Created as its stream directly, with the configuration async-nats
-    /// would give it: `create_key_value` first asks for the account info,
-    /// which async-nats 0.51 cannot parse from a 2.9 server.
-    async fn marker_bucket(&self) -> Result<&kv::Store, HistoryError> {
-        self.markers
-            .get_or_try_init(|| async {
-                self.connected().await?;
-                if let Ok(store) = self.js.get_key_value(MARKER_BUCKET).await {
-                    return Ok(store);
-                }
-                self.js
-                    .get_or_create_stream(stream::Config {
-                        name: format!("KV_{MARKER_BUCKET}"),
-                        description: Some("Herald read markers: <user> → {room: offset}".into()),
-                        subjects: vec![format!("$KV.{MARKER_BUCKET}.>")],
-                        max_messages_per_subject: 1,
-                        // Counts headers too (2.9): the JSON plus the CAS header.
-                        max_message_size: (MAX_MARKERS_ENTRY + 1024) as i32,
-                        storage: StorageType::File,
-                        num_replicas: self.replicas,
-                        allow_rollup: true,
-                        deny_delete: true,
-                        allow_direct: true,
-                        discard: DiscardPolicy::New,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| self.fail("create the read marker bucket", e))?;
-                self.js
-                    .get_key_value(MARKER_BUCKET)
-                    .await
-                    .map_err(|e| self.fail("open the read marker bucket", e))
-            })
-            .await
-    }
-
-    /// All of `user`'s markers, with the entry's revision (`None`: no
-    /// entry yet).
-    async fn user_markers(
-        &self,
-        user: &str,
-    ) -> Result<(BTreeMap<String, u64>, Option<u64>), HistoryError> {
-        check_user(user)?;
-        let kv = self.marker_bucket().await?;
-        let key = kv_encode(user);
-        let entry = patiently(|| kv.entry(key.as_str()))
-            .await
-            .map_err(|e| self.fail("read markers", e))?;
-        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            return Ok((BTreeMap::new(), None));
-        };
-        let markers = serde_json::from_slice(&entry.value).map_err(|e| {
-            HistoryError::refused(format!("the read markers of {user} do not parse: {e}"))
-        })?;
-        Ok((markers, Some(entry.revision)))
-    }
-
-    async fn marker_inner(&self, user: &str, room: &RoomName) -> Result<Option<u64>, HistoryError> {
-        let (markers, _) = self.user_markers(user).await?;
-        Ok(markers.get(room.as_str()).copied())
-    }
-
-    async fn set_marker_inner(
-        &self,
-        user: &str,
-        room: &RoomName,
-        offset: u64,
-    ) -> Result<u64, HistoryError> {
-        let kv = self.marker_bucket().await?;
-        let key = kv_encode(user);
-        // Compare-and-set on the entry's revision: concurrent setters (other
-        // devices, other rooms) retry, and the larger offset wins.
-        for _ in 0..MAX_MARKER_ATTEMPTS {
-            let (mut markers, revision) = self.user_markers(user).await?;
-            match markers.get(room.as_str()) {
-                Some(&old) if old >= offset => return Ok(old),
-                Some(_) => {}
-                None if markers.len() >= MAX_MARKERS_PER_USER => {
-                    return Err(HistoryError::refused(format!(
-                        "{user} has read markers in {MAX_MARKERS_PER_USER} rooms, the most kept"
-                    )));
-                }
-                None => {}
-            }
-            markers.insert(room.to_string(), offset);
-            let value = Bytes::from(serde_json::to_vec(&markers).expect("a map of numbers"));
-            if value.len() > MAX_MARKERS_ENTRY {
-                return Err(HistoryError::refused(format!(
-                    "the read markers of {user} would take {} bytes, more than the {MAX_MARKERS_ENTRY} kept",
-                    value.len()
-                )));
-            }
-            let written = match revision {
-                Some(revision) => match kv.update(&key, value, revision).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => false,
-                    Err(e) => return Err(self.fail("set marker", e)),
-                },
-                None => match kv.create(&key, value).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => false,
-                    Err(e) => return Err(self.fail("set marker", e)),
-                },
-            };
-            if written {
-                return Ok(offset);
-            }
-        }
-        Err(HistoryError::refused(format!(
-            "marker of {user} in {room}: too many concurrent updates"
-        )))
-    }
-
-    async fn markers_inner(&self, user: &str) -> Result<Vec<(RoomName, u64)>, HistoryError> {
-        let (markers, _) = self.user_markers(user).await?;
-        // Sorted by room name already; a room that no longer parses (a
-        // rule changed) is left out.
-        Ok(markers
-            .into_iter()
-            .filter_map(|(room, offset)| Some((RoomName::parse(&room).ok()?, offset)))
-            .collect())
-    }
-
     async fn bounded<T>(
         &self,
         what: &str,
@@ -1030,6 +937,11 @@ impl History for JetStreamHistory {
         let user = user.to_string();
         Box::pin(async move { self.bounded("markers", self.markers_inner(&user)).await })
     }
+
+    fn inbox(&self, user: &str) -> BoxFuture<'_, Result<Inbox, HistoryError>> {
+        let user = user.to_string();
+        Box::pin(async move { self.bounded("inbox", self.inbox_inner(&user)).await })
+    }
 }
 
 #[cfg(test)]
@@ -1041,7 +953,11 @@ mod tests {
         assert_eq!(stream_name("chat-x_y"), "HERALD_CHAT_X_Y");
         let room = RoomName::parse("chat:a.b*c").unwrap();
         assert_eq!(room_subject(&room), "herald.durable.chat.chat:a%2Eb%2Ac");
-        assert_eq!(kv_encode("a.b"), "a=2Eb", "a user is one KV key token");
+        assert_eq!(
+            crate::history::kv_encode("a.b"),
+            "a=2Eb",
+            "a user is one KV key token"
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! offset within an epoch, and each user's read markers.
 //!
 //! A cluster keeps history in JetStream ([`JetStreamHistory`]: one stream per
-//! durable namespace, read markers in a KV bucket); the all-in-one mode keeps
+//! durable namespace, read markers beside each user's inbox or, on servers
+//! before 2.11, in a KV bucket); the all-in-one mode keeps
 //! it in memory ([`MemoryHistory`]). Both pass the same behavioural tests
 //! (`tests/history.rs`).
 //!
@@ -44,7 +45,8 @@ use crate::BoxFuture;
 use crate::error::{Cause, said};
 
 pub use jetstream::{
-    EPOCH_TTL, JetStreamHistory, MARKER_BUCKET, N_HEADER, PREV_HEADER, room_subject, stream_name,
+    EPOCH_TTL, JetStreamHistory, MARKER_BUCKET, N_HEADER, PREV_HEADER, markers_subject,
+    room_subject, stream_name,
 };
 pub use memory::MemoryHistory;
 
@@ -206,6 +208,30 @@ pub trait History: Send + Sync + 'static {
     /// All of `user`'s markers (at most [`MAX_MARKERS_PER_USER`]), ordered
     /// by room name.
     fn markers(&self, user: &str) -> BoxFuture<'_, Result<Vec<(RoomName, u64)>, HistoryError>>;
+
+    /// What a connect reads: the latest offset of `user`'s personal room
+    /// and all of their markers. JetStream on nats-server 2.11 or later
+    /// reads both with one request; otherwise this is [`History::latest`]
+    /// then [`History::markers`].
+    fn inbox(&self, user: &str) -> BoxFuture<'_, Result<Inbox, HistoryError>> {
+        let user = user.to_string();
+        Box::pin(async move {
+            let room = RoomName::user(&user).map_err(|e| HistoryError::refused(e.to_string()))?;
+            let latest = self.latest(&room).await?;
+            let markers = self.markers(&user).await;
+            Ok(Inbox { latest, markers })
+        })
+    }
+}
+
+/// A user's personal room as a connect needs it ([`History::inbox`]).
+#[derive(Debug)]
+pub struct Inbox {
+    /// The personal room's latest offset, 0 when it has no message.
+    pub latest: u64,
+    /// The user's read markers, ordered by room name. Apart: a connect goes
+    /// on without them (and without unread counts) when they cannot be read.
+    pub markers: Result<Vec<(RoomName, u64)>, HistoryError>,
 }
 
 /// Checks a namespace as [`RoomName`] does, so that it is one subject token

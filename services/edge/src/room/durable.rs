@@ -78,20 +78,39 @@ impl Markers {
 }
 
 impl Durable {
-    /// Reads where the room's history stands.
+    /// Reads where the room's history stands. For a personal room, also
+    /// the user's read markers, in the same read where the store can
+    /// (`continuity`: the broker's, taken before; see [`Markers`]).
     pub(super) async fn load(
         history: &SharedHistory,
         room: RoomName,
+        continuity: u64,
     ) -> Result<Durable, HistoryError> {
         let epoch = history.epoch(room.namespace()).await?;
-        let last = history.latest(&room).await?;
+        let mut markers = Markers::default();
+        let last = if room.is_personal() {
+            let inbox = history.inbox(room.name()).await?;
+            match inbox.markers {
+                Ok(stored) => {
+                    markers.rooms = stored.into_iter().collect();
+                    markers.complete_at = continuity;
+                }
+                // Read again by the connect, which goes on without them.
+                Err(e) => {
+                    tracing::debug!(%room, error = %herald_broker::chain(&e), "read markers unavailable")
+                }
+            }
+            inbox.latest
+        } else {
+            history.latest(&room).await?
+        };
         Ok(Durable {
             room,
             epoch,
             last,
             early: BTreeMap::new(),
             filling: false,
-            markers: Markers::default(),
+            markers,
         })
     }
 

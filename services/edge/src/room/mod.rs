@@ -53,12 +53,16 @@ pub fn table(
     };
     // Every room, durable or not, is started here: frames that its shard's
     // subscription brought before this ran were held and go out now.
+    let link = broker.clone();
     let init_room: interest::Init<RoomName, RoomOrder> = Arc::new(move |room: RoomName, entry| {
         let (history, delivered) = (history.clone(), delivered.clone());
         let durable = policy.is_durable(room.namespace());
+        // Before the store is read: a personal room's markers are complete
+        // while the broker's connection has not broken since.
+        let continuity = link.continuity();
         Box::pin(async move {
             let n = if durable {
-                init(&history, room, &entry)
+                init(&history, room, &entry, continuity)
                     .await
                     .map_err(BrokerError::unavailable)?
             } else {
@@ -160,8 +164,9 @@ pub async fn init(
     history: &SharedHistory,
     room: RoomName,
     entry: &Arc<RoomEntry>,
+    continuity: u64,
 ) -> Result<usize, HistoryError> {
-    let durable = durable::Durable::load(history, room).await?;
+    let durable = durable::Durable::load(history, room, continuity).await?;
     Ok(start(entry, history, Order::Durable(durable)))
 }
 
@@ -414,7 +419,7 @@ mod tests {
         history.ensure_namespace("doc", limits).await.unwrap();
         let room = RoomName::parse("doc:a").unwrap();
         let (entry, mut publisher) = entry_with_member().await;
-        init(&history, room, &entry).await.unwrap();
+        init(&history, room, &entry, 0).await.unwrap();
         let at = |n, offset, prev| with_position(&frame(n), "e", offset, prev);
         assert_eq!(on_live(&entry, &history, at(2, 2, 1), Some(1)), 0, "early");
         assert_eq!(on_live(&entry, &history, at(1, 1, 0), None), 1);
@@ -466,7 +471,7 @@ mod tests {
             assert_eq!(on_frame(&entry, &history, f), 0);
         }
         receives_nothing(&mut client).await;
-        assert_eq!(init(&history, room, &entry).await.unwrap(), 3);
+        assert_eq!(init(&history, room, &entry, 0).await.unwrap(), 3);
         assert_eq!(last(&entry), Some(o1 + 2));
         // A repeat of a delivered offset is dropped.
         assert_eq!(on_frame(&entry, &history, at(3, o1 + 2, o1 + 1)), 0);
@@ -492,7 +497,7 @@ mod tests {
         history.ensure_namespace("user", limits).await.unwrap();
         let inbox = RoomName::user("alice").unwrap();
         let (entry, mut client) = entry_with_member().await;
-        init(&history, inbox, &entry).await.unwrap();
+        init(&history, inbox, &entry, 0).await.unwrap();
         let read = |room: &str, offset| {
             herald_wire::reply::ReadEvent {
                 room: room.into(),

@@ -58,6 +58,8 @@ pub struct Spec {
     pub presence_args: Vec<String>,
     /// NATS nodes: 0 or 1 for one server, 3 for a cluster.
     pub nats_nodes: usize,
+    /// One server of 2.11 or later instead of the machine's.
+    pub newer_nats: bool,
 }
 
 /// A cluster of real processes joined by a real nats-server.
@@ -101,6 +103,11 @@ impl Cluster {
                 NatsServer::start_cluster(spec.nats_nodes).expect("start a NATS cluster");
             let first = nodes.remove(0);
             (first, nodes)
+        } else if spec.newer_nats {
+            (
+                NatsServer::start_newer().expect("start a newer nats-server"),
+                Vec::new(),
+            )
         } else {
             (NatsServer::start().expect("start nats-server"), Vec::new())
         };
