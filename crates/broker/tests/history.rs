@@ -617,12 +617,12 @@ async fn jetstream_2_11_keeps_markers_beside_the_inbox_past_its_age_limit() {
     h.ensure_namespace("user", limits(100, 1)).await.unwrap();
     h.ensure_namespace("chat", limits(100, HOUR)).await.unwrap();
     let inbox = RoomName::user("ann").unwrap();
-    let sent = append(&h, &inbox, "to ann").await;
-    assert_eq!(
-        h.set_marker("ann", &inbox, sent.offset).await.unwrap(),
-        sent.offset
-    );
+    // The markers are written before the inbox's message, so that they
+    // would expire first if the age limit took them.
     assert_eq!(h.set_marker("ann", &room("chat:a"), 4).await.unwrap(), 4);
+    assert_eq!(h.set_marker("ann", &inbox, 1).await.unwrap(), 1);
+    let sent = append(&h, &inbox, "to ann").await;
+    assert!(sent.offset > 1);
 
     // The entry is in the stream, not in a bucket: no bucket was made.
     let js = async_nats::jetstream::new(env.client().await);
@@ -637,10 +637,7 @@ async fn jetstream_2_11_keeps_markers_beside_the_inbox_past_its_age_limit() {
         .await
         .unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
-    assert_eq!(
-        stored,
-        serde_json::json!({"chat:a": 4, "user:ann": sent.offset})
-    );
+    assert_eq!(stored, serde_json::json!({"chat:a": 4, "user:ann": 1}));
     assert!(
         js.get_stream("KV_herald_markers").await.is_err(),
         "no marker bucket"
@@ -656,9 +653,9 @@ async fn jetstream_2_11_keeps_markers_beside_the_inbox_past_its_age_limit() {
     let got = h.inbox("ann").await.unwrap();
     assert_eq!(
         got.markers.unwrap(),
-        vec![(room("chat:a"), 4), (inbox.clone(), sent.offset)]
+        vec![(room("chat:a"), 4), (inbox.clone(), 1)]
     );
-    assert_eq!(h.marker("ann", &inbox).await.unwrap(), Some(sent.offset));
+    assert_eq!(h.marker("ann", &inbox).await.unwrap(), Some(1));
 }
 
 /// Markers written to the bucket before the server was upgraded are read
@@ -698,7 +695,7 @@ async fn jetstream_2_11_reads_the_markers_of_the_bucket_after_an_upgrade() {
         vec![(a.clone(), 4), (b.clone(), 5)]
     );
     assert_eq!(h.set_marker("ann", &b, 1).await.unwrap(), 5, "forward only");
-    // The bucket is left as it was; the stream's entry is what counts now.
+    // The bucket is left as it was.
     let old = bucket.get("ann").await.unwrap().unwrap();
     assert_eq!(&old[..], br#"{"chat:a":3,"chat:b":5}"#);
     let stream = js.get_stream("HERALD_USER").await.unwrap();
@@ -708,6 +705,17 @@ async fn jetstream_2_11_reads_the_markers_of_the_bucket_after_an_upgrade() {
         .unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
     assert_eq!(stored, serde_json::json!({"chat:a": 4, "chat:b": 5}));
+
+    // A process of an earlier version, still writing to the bucket while
+    // the cluster is upgraded, is not lost: the larger marker wins.
+    bucket
+        .put("ann", r#"{"chat:a":9,"chat:b":2}"#.into())
+        .await
+        .unwrap();
+    let merged = vec![(a.clone(), 9), (b.clone(), 5)];
+    assert_eq!(h.markers("ann").await.unwrap(), merged);
+    assert_eq!(h.inbox("ann").await.unwrap().markers.unwrap(), merged);
+    assert_eq!(h.set_marker("ann", &a, 8).await.unwrap(), 9, "forward only");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -484,6 +484,40 @@ mod tests {
         receives_nothing(&mut client).await;
     }
 
+    /// A personal room reads the user's markers when it starts, with the
+    /// continuity taken before; `read` events held while it started are
+    /// kept too, the larger marker winning.
+    #[tokio::test]
+    async fn a_personal_room_reads_its_markers_when_it_starts() {
+        let history: SharedHistory = Arc::new(MemoryHistory::new());
+        let limits = Limits {
+            max_messages_per_room: 100,
+            max_age: Duration::from_secs(3600),
+        };
+        history.ensure_namespace("user", limits).await.unwrap();
+        let (a, b) = (
+            RoomName::parse("doc:a").unwrap(),
+            RoomName::parse("doc:b").unwrap(),
+        );
+        history.set_marker("alice", &a, 3).await.unwrap();
+        history.set_marker("alice", &b, 8).await.unwrap();
+        let (entry, _client) = entry_with_member().await;
+        let held = herald_wire::reply::ReadEvent {
+            room: "doc:a".into(),
+            offset: 5,
+            unread: 0,
+        };
+        on_frame(&entry, &history, held.to_frame());
+        let inbox = RoomName::user("alice").unwrap();
+        init(&history, inbox, &entry, 4).await.unwrap();
+        assert_eq!(known_markers(&entry, 4), Some(vec![(a, 5), (b, 8)]));
+        assert_eq!(
+            known_markers(&entry, 5),
+            None,
+            "the broker connection broke"
+        );
+    }
+
     /// A personal room's entry keeps the user's read markers: what the
     /// store said, moved forward by the `read` events that pass through,
     /// and trusted only while the broker's continuity stays as it was.
@@ -510,7 +544,8 @@ mod tests {
             RoomName::parse("doc:a").unwrap(),
             RoomName::parse("doc:b").unwrap(),
         );
-        assert_eq!(known_markers(&entry, 7), None, "never read from the store");
+        assert_eq!(known_markers(&entry, 0), Some(vec![]), "read at the start");
+        assert_eq!(known_markers(&entry, 7), None, "not read at continuity 7");
         // An event that comes before the store's answer is kept, and the
         // larger marker wins.
         assert_eq!(on_frame(&entry, &history, read("doc:a", 5)), 1);

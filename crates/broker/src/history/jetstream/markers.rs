@@ -16,9 +16,13 @@
 //!   user. A connect reads the inbox's last message and the markers with a
 //!   direct get each.
 //!
-//! Markers written to the bucket before the server was upgraded are still
-//! read: a user without markers in the stream has the bucket's, and the
-//! first marker they move copies the rest into the stream.
+//! Where the bucket existed when the personal namespace was set up (a
+//! deployment that ran on an older server, or an earlier Herald), its
+//! markers are still read and merged in, the larger offset per room: a user
+//! without markers in the stream has the bucket's, the first marker they
+//! move copies the rest into the stream, and a process of an earlier
+//! version still writing to the bucket during the upgrade is not lost. A
+//! cold connect then costs a second get, as on an older server.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +37,7 @@ use bytes::Bytes;
 use herald_wire::room::{RoomName, USER_NAMESPACE};
 use herald_wire::subjects::encode_token;
 
+use super::batch::BatchError;
 use super::{
     JetStreamHistory, MARKER_BUCKET, MAX_MARKER_ATTEMPTS, MAX_MARKERS_ENTRY, Namespace, patiently,
     room_subject,
@@ -192,16 +197,14 @@ impl JetStreamHistory {
                         Err(e) => return Err(self.fail("read markers", e)),
                     }
                 };
-                match found {
-                    Some((seq, value)) => Ok(Stored {
-                        markers: parse(user, &value)?,
-                        version: Some(seq),
-                    }),
-                    None => Ok(Stored {
-                        markers: self.legacy_markers(legacy, user).await?,
-                        version: Some(0),
-                    }),
-                }
+                let (in_stream, seq) = match found {
+                    Some((seq, value)) => (parse(user, &value)?, seq),
+                    None => (BTreeMap::new(), 0),
+                };
+                Ok(Stored {
+                    markers: self.with_legacy(legacy, user, in_stream).await?,
+                    version: Some(seq),
+                })
             }
             Place::Bucket(kv) => {
                 let (markers, revision) = self.bucket_markers(kv, user).await?;
@@ -228,16 +231,24 @@ impl JetStreamHistory {
         }
     }
 
-    /// The markers the bucket held for `user` before the upgrade, if it did.
-    async fn legacy_markers(
+    /// `markers` with, where the bucket of before the upgrade exists, its
+    /// markers for `user`: the larger of the two per room. Processes of
+    /// an earlier version may still be writing there while the cluster is
+    /// upgraded, and a marker only moves forward, so the larger is right.
+    async fn with_legacy(
         &self,
         legacy: Option<&kv::Store>,
         user: &str,
+        mut markers: BTreeMap<String, u64>,
     ) -> Result<BTreeMap<String, u64>, HistoryError> {
-        match legacy {
-            Some(kv) => Ok(self.bucket_markers(kv, user).await?.0),
-            None => Ok(BTreeMap::new()),
+        let Some(kv) = legacy else {
+            return Ok(markers);
+        };
+        for (room, offset) in self.bucket_markers(kv, user).await?.0 {
+            let marker = markers.entry(room).or_default();
+            *marker = (*marker).max(offset);
         }
+        Ok(markers)
     }
 
     pub(super) async fn marker_inner(
@@ -267,27 +278,43 @@ impl JetStreamHistory {
         let ns = self.namespace(USER_NAMESPACE)?;
         let inbox =
             room_subject(&RoomName::user(user).map_err(|e| HistoryError::refused(e.to_string()))?);
-        if !ns.markers_here {
+        self.connected().await?;
+        let apart = || async {
             let latest = self.last_offset(&ns, &inbox).await?;
             let markers = self.markers_inner(user).await;
-            return Ok(Inbox { latest, markers });
+            Ok(Inbox { latest, markers })
+        };
+        if !ns.markers_here {
+            return apart().await;
         }
-        self.connected().await?;
         let markers = markers_subject(user);
         let subjects = [inbox.as_str(), markers.as_str()];
-        let found = patiently(|| self.batch.last_of(&ns.config.name, &subjects))
-            .await
-            .map_err(|e| self.fail("the inbox's last message and the read markers", e))?;
+        let found = match patiently(|| self.batch.last_of(&ns.config.name, &subjects)).await {
+            Ok(found) => found,
+            // A replica on an older server (a cluster being upgraded)
+            // answers a batch with an error: read the two apart.
+            Err(e @ BatchError::Refused { .. }) => {
+                tracing::debug!(error = %e, "a batched direct get was refused; reading apart");
+                return apart().await;
+            }
+            Err(e) => {
+                return Err(self.fail("the inbox's last message and the read markers", e));
+            }
+        };
         let latest = found
             .iter()
             .find(|m| m.subject.as_str() == inbox)
             .map_or(0, |m| m.sequence);
-        let markers = match found.iter().find(|m| m.subject.as_str() == markers) {
-            Some(m) => parse(user, &m.payload).map(listed),
-            None => self
-                .legacy_markers(self.legacy.get(), user)
+        let in_stream = match found.iter().find(|m| m.subject.as_str() == markers) {
+            Some(m) => parse(user, &m.payload),
+            None => Ok(BTreeMap::new()),
+        };
+        let markers = match in_stream {
+            Ok(in_stream) => self
+                .with_legacy(self.legacy.get(), user, in_stream)
                 .await
                 .map(listed),
+            Err(e) => Err(e),
         };
         Ok(Inbox { latest, markers })
     }
