@@ -354,6 +354,9 @@ async fn epoch_is_stable(env: Env) {
 /// Read markers move forward only and list per user.
 async fn read_markers(env: Env) {
     let h = env.handle().await;
+    // As every Herald process does first (on nats-server 2.11 and later the
+    // markers live in this namespace's stream).
+    h.ensure_namespace("user", limits(100, HOUR)).await.unwrap();
     let (a, odd, inbox) = (
         room("chat:a"),
         room("chat:x.y*>%=/"),

@@ -43,12 +43,17 @@ async fn requests_to(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_connect_creates_no_consumer_and_makes_two_requests() {
+async fn a_connect_creates_no_consumer_and_makes_two_requests_before_nats_2_11() {
     let cluster = Cluster::start_spec(Spec {
         edges: 1,
         ..Spec::default()
     });
     let nats = async_nats::connect(cluster.nats.url()).await.unwrap();
+    // `$NATS_SERVER` may name a newer server: the test of 2.11 and later
+    // is the next one.
+    let version = nats.server_info().version;
+    let older = ["2.9.", "2.10."].iter().any(|v| version.starts_with(v));
+    let requests_per_connect = if older { 2 } else { 1 };
     let mut api = nats.subscribe("$JS.API.>").await.unwrap();
     // The first connect creates the marker bucket and loads the stream.
     let first = connect(&cluster.ws(0), "warm-up").await;
@@ -61,7 +66,7 @@ async fn a_connect_creates_no_consumer_and_makes_two_requests() {
         let mut expected = BTreeMap::from([
             // The inbox's last message and the user's read markers, both
             // direct gets: no request through the JetStream API's queue.
-            ("DIRECT.GET".to_string(), 2),
+            ("DIRECT.GET".to_string(), requests_per_connect),
         ]);
         if seen.contains_key("STREAM.INFO") {
             // The inbox stream's epoch, read again at most every 2 s.

@@ -339,24 +339,32 @@ async fn control_actions_and_presence_queries_join_the_callers_trace() {
     router.join(req).await.unwrap();
 
     let query_trace = "5b8efff798038103d269b633813fc60c";
-    let mut presence = herald_proto::v1::presence_client::PresenceClient::connect(format!(
+    let presence = herald_proto::v1::presence_client::PresenceClient::connect(format!(
         "http://{}",
         cluster.router_grpc
     ))
     .await
     .unwrap();
-    let mut req = tonic::Request::new(herald_proto::v1::RoomMembersRequest {
-        room: "chat:moved".into(),
-        ..Default::default()
-    });
-    req.metadata_mut().insert(
-        "traceparent",
-        format!("00-{query_trace}-eee19b7ec3c1b174-01")
-            .parse()
-            .unwrap(),
-    );
-    let members = presence.room_members(req).await.unwrap().into_inner();
-    assert_eq!(members.members.len(), 1, "{members:?}");
+    // The presence replica learns of the join from the edge's report, a
+    // moment after the router's `Join` returned: ask until it has.
+    eventually(WAIT_SPANS, "uma in the room's members", || {
+        let mut presence = presence.clone();
+        async move {
+            let mut req = tonic::Request::new(herald_proto::v1::RoomMembersRequest {
+                room: "chat:moved".into(),
+                ..Default::default()
+            });
+            req.metadata_mut().insert(
+                "traceparent",
+                format!("00-{query_trace}-eee19b7ec3c1b174-01")
+                    .parse()
+                    .unwrap(),
+            );
+            let members = presence.room_members(req).await.unwrap().into_inner();
+            (members.members.len() == 1).then_some(())
+        }
+    })
+    .await;
     drop(uma);
 
     let (control, join) = eventually(WAIT_SPANS, "the edge's control span", || async {

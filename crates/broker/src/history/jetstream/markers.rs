@@ -432,7 +432,8 @@ mod tests {
 
     #[test]
     fn a_users_markers_sit_next_to_their_inbox() {
-        let inbox = room_subject(&RoomName::user("a.b c").unwrap());
-        assert_eq!(markers_subject("a.b c"), format!("{inbox}.markers"));
+        let inbox = room_subject(&RoomName::user("a.b*c").unwrap());
+        assert_eq!(markers_subject("a.b*c"), format!("{inbox}.markers"));
+        assert_eq!(inbox, "herald.durable.user.user:a%2Eb%2Ac");
     }
 }
