@@ -106,31 +106,34 @@ async fn on_nats_2_11_a_cold_connect_makes_one_request() {
         drop(client);
     }
 
-    // dan reads a durable room to its end on edge 1, then connects to edge
-    // 0, which has never seen him: one request for the inbox and markers,
-    // and the room's last message to count (none unread).
+    // dan reads the first of three messages of a durable room on edge 1,
+    // then connects to edge 0, which has never seen him: one request for
+    // the inbox and markers, and one to count the two unread messages (the
+    // server says how many follow the first after the marker).
     let writer = connect(&cluster.ws(1), "writer").await;
-    let mut last = 0;
+    let mut offsets = Vec::new();
+    let mut epoch = json!(null);
     for n in 0..3 {
         let ok = writer
             .request(json!({"op":"publish","room":"doc:x","data":n}))
             .await
             .unwrap();
-        last = ok["offset"].as_u64().unwrap();
+        offsets.push(ok["offset"].as_u64().unwrap());
+        epoch = ok["epoch"].clone();
     }
     let phone = connect(&cluster.ws(1), "dan").await;
     phone
-        .request(json!({"op":"read","room":"doc:x","offset":last}))
+        .request(json!({"op":"read","room":"doc:x","offset":offsets[0]}))
         .await
         .unwrap();
     requests(&nats, &mut api).await;
-    let (_laptop, connected) = Client::connect(&cluster.ws(0), &token("dan"))
+    let (laptop, connected) = Client::connect(&cluster.ws(0), &token("dan"))
         .await
         .unwrap();
     let mut seen = requests_to(&nats, &mut api, 3).await;
     seen.remove("STREAM.INFO.HERALD_USER");
     seen.remove("STREAM.INFO.HERALD_DOC");
-    assert_eq!(connected["unread"], json!({"doc:x": 0, "user:dan": 0}));
+    assert_eq!(connected["unread"], json!({"doc:x": 2, "user:dan": 0}));
     assert_eq!(
         seen,
         BTreeMap::from([
@@ -138,6 +141,29 @@ async fn on_nats_2_11_a_cold_connect_makes_one_request() {
             ("DIRECT.GET.HERALD_DOC".to_string(), 1),
         ]),
         "dan's connect"
+    );
+
+    // The two messages dan missed come in one request too (and the room's
+    // position on edge 0, which had no member there yet).
+    let since = json!({"epoch": epoch, "offset": offsets[0]});
+    let ok = laptop
+        .request(json!({"op":"join","room":"doc:x","since":since}))
+        .await
+        .unwrap();
+    assert_eq!(ok["recovered"], true, "{ok}");
+    for want in &offsets[1..] {
+        let m = laptop
+            .recv_op("message", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(m["offset"], *want, "{m}");
+    }
+    let mut seen = requests_to(&nats, &mut api, 3).await;
+    seen.remove("STREAM.INFO.HERALD_DOC");
+    assert_eq!(
+        seen,
+        BTreeMap::from([("DIRECT.GET.HERALD_DOC".to_string(), 2)]),
+        "dan's join with `since`"
     );
 }
 

@@ -709,6 +709,13 @@ impl JetStreamHistory {
         }
         self.connected().await?;
         let subject = room_subject(room);
+        if self.batching() {
+            match self.read_batched(&ns, &subject, after, limit).await {
+                Err(Apart::No(e)) => return Err(e),
+                Ok(out) => return Ok(out),
+                Err(Apart::Refused) => {}
+            }
+        }
         // What a client that was away a moment missed is a few messages:
         // a direct get each costs the server far less than a consumer.
         let mut out = Vec::new();
@@ -760,13 +767,91 @@ impl JetStreamHistory {
         Ok(out)
     }
 
-    /// From the numbers of the room's last message and of its first after
-    /// `after`; by a scan when either has no number (stored before numbers
-    /// were, or by a process that does not write them).
+    /// Whether the server this process is connected to answers batched
+    /// direct gets (2.11 and later).
+    fn batching(&self) -> bool {
+        markers::batches_gets(&self.client.server_info().version)
+    }
+
+    /// [`Self::read_inner`] by batched direct gets: no consumer, one request
+    /// per [`FETCH_CHUNK`] messages.
+    async fn read_batched(
+        &self,
+        ns: &Namespace,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, Apart> {
+        let mut out = Vec::new();
+        let mut last = after;
+        while out.len() < limit {
+            let n = (limit - out.len()).min(FETCH_CHUNK);
+            let from = last.saturating_add(1);
+            let what = format!("read {subject}");
+            let batch = self.batched(&what, || self.batch.next(&ns.config.name, subject, from, n));
+            let batch = batch.await?;
+            let got = batch.messages.len();
+            for m in batch.messages {
+                last = m.sequence;
+                out.push(Stored {
+                    offset: m.sequence,
+                    prev: header_u64(&m.headers, PREV_HEADER),
+                    payload: m.payload,
+                });
+            }
+            if got == 0 || batch.left == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A batched direct get, asked again like any direct get
+    /// ([`patiently`]); [`Apart::Refused`] when a server of an older
+    /// version answered (a NATS cluster being upgraded).
+    async fn batched<T, F, Fut>(&self, what: &str, get: F) -> Result<T, Apart>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, batch::BatchError>>,
+    {
+        match patiently(get).await {
+            Ok(got) => Ok(got),
+            Err(e @ batch::BatchError::Refused { .. }) => {
+                tracing::debug!(error = %e, "{what}: a batched direct get was refused; reading apart");
+                Err(Apart::Refused)
+            }
+            Err(e) => Err(Apart::No(self.fail(what, e))),
+        }
+    }
+
+    /// From the pending count the server gives with the room's first
+    /// message after `after` (2.11 and later); else from the numbers of the
+    /// room's last message and of its first after `after`; by a scan when
+    /// either has no number (stored before numbers were, or by a process
+    /// that does not write them).
     async fn count_inner(&self, room: &RoomName, after: u64) -> Result<u64, HistoryError> {
         let ns = self.namespace(room.namespace())?;
         self.connected().await?;
         let subject = room_subject(room);
+        if self.batching() {
+            let what = format!("count {subject}");
+            let first = self.batched(&what, || {
+                self.batch
+                    .next(&ns.config.name, &subject, after.saturating_add(1), 1)
+            });
+            match first.await {
+                Ok(b) => match b.messages.first() {
+                    None => return Ok(0),
+                    Some(m) => {
+                        if let Some(after_it) = batch::pending(&m.headers) {
+                            return Ok(after_it + 1);
+                        }
+                    }
+                },
+                Err(Apart::No(e)) => return Err(e),
+                Err(Apart::Refused) => {}
+            }
+        }
         let last = self.last_direct(&ns, &subject).await?;
         if last.offset <= after {
             return Ok(0);
@@ -798,6 +883,13 @@ impl JetStreamHistory {
                 )))
             })
     }
+}
+
+/// Why a batched read did not answer: refused by a server that cannot
+/// batch (read apart instead), or failed.
+enum Apart {
+    Refused,
+    No(HistoryError),
 }
 
 /// Sends a read made of one direct get again when no answer came within

@@ -1,9 +1,12 @@
 //! Batched direct gets (nats-server 2.11 and later): one request that reads
-//! the last message of several subjects of a stream, so that a connect reads
-//! the inbox's last message and the user's read markers together.
+//! the last message of several subjects of a stream (so that a connect reads
+//! the inbox's last message and the user's read markers together), or the
+//! next messages of one subject (a replay, or an unread count: each message
+//! says how many of the subject's follow it).
 //!
-//! The server answers a batch with one message per subject that has one,
-//! then an end-of-batch status (`204 EOB`), or only `404` when none has.
+//! The server answers a batch with its messages, then an end-of-batch status
+//! (`204 EOB`, saying how many messages are left), or only `404` when there
+//! are none.
 //! async-nats 0.51 has no API for it, and its request helper takes a single
 //! answer, so the answers come to one subscription per process, on a reply
 //! prefix of its own, and go to the waiting request by the reply subject's
@@ -93,6 +96,24 @@ impl BatchGets {
         stream: &str,
         subjects: &[&str],
     ) -> Result<Vec<StreamMessage>, BatchError> {
+        let request = serde_json::json!({ "multi_last": subjects, "batch": subjects.len() });
+        Ok(self.get(stream, request).await?.messages)
+    }
+
+    /// Up to `n` messages of `subject` in `stream` from sequence `from` on,
+    /// oldest first, and how many of the subject's come after them.
+    pub async fn next(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: u64,
+        n: usize,
+    ) -> Result<Batch, BatchError> {
+        let request = serde_json::json!({ "seq": from, "next_by_subj": subject, "batch": n });
+        self.get(stream, request).await
+    }
+
+    async fn get(&self, stream: &str, request: serde_json::Value) -> Result<Batch, BatchError> {
         self.routed().await?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -102,7 +123,6 @@ impl BatchGets {
             waiting: &self.waiting,
             id,
         };
-        let request = serde_json::json!({ "multi_last": subjects, "batch": subjects.len() });
         self.client
             .publish_with_reply(
                 format!("$JS.API.DIRECT.GET.{stream}"),
@@ -111,14 +131,16 @@ impl BatchGets {
             )
             .await
             .map_err(BatchError::Publish)?;
-        let mut found = Vec::with_capacity(subjects.len());
+        let mut messages = Vec::new();
         while let Some(answer) = rx.recv().await {
             match answer.status.map(|s| s.as_u16()) {
-                None => found.push(StreamMessage::try_from(answer).map_err(BatchError::Parse)?),
-                // End of batch.
-                Some(204) => return Ok(found),
-                // No subject has a message.
-                Some(404) if found.is_empty() => return Ok(found),
+                None => messages.push(StreamMessage::try_from(answer).map_err(BatchError::Parse)?),
+                Some(204) => {
+                    let left = answer.headers.as_ref().and_then(pending).unwrap_or(0);
+                    return Ok(Batch { messages, left });
+                }
+                // Nothing to send.
+                Some(404) if messages.is_empty() => return Ok(Batch { messages, left: 0 }),
                 Some(status) => {
                     return Err(BatchError::Refused {
                         status,
@@ -129,6 +151,23 @@ impl BatchGets {
         }
         Err(BatchError::Cut)
     }
+}
+
+/// A batch's messages, and how many more the request would have matched.
+pub struct Batch {
+    pub messages: Vec<StreamMessage>,
+    pub left: u64,
+}
+
+/// The `Nats-Num-Pending` of a batch's message (how many of its subject
+/// follow it) or of its end (how many are left).
+pub fn pending(headers: &async_nats::HeaderMap) -> Option<u64> {
+    headers
+        .get("Nats-Num-Pending")?
+        .as_str()
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Drop for BatchGets {

@@ -37,10 +37,9 @@ use bytes::Bytes;
 use herald_wire::room::{RoomName, USER_NAMESPACE};
 use herald_wire::subjects::encode_token;
 
-use super::batch::BatchError;
 use super::{
-    JetStreamHistory, MARKER_BUCKET, MAX_MARKER_ATTEMPTS, MAX_MARKERS_ENTRY, Namespace, patiently,
-    room_subject,
+    Apart, JetStreamHistory, MARKER_BUCKET, MAX_MARKER_ATTEMPTS, MAX_MARKERS_ENTRY, Namespace,
+    patiently, room_subject,
 };
 use crate::history::{HistoryError, Inbox, MAX_MARKERS_PER_USER, check_user, kv_encode};
 
@@ -289,17 +288,14 @@ impl JetStreamHistory {
         }
         let markers = markers_subject(user);
         let subjects = [inbox.as_str(), markers.as_str()];
-        let found = match patiently(|| self.batch.last_of(&ns.config.name, &subjects)).await {
+        let what = "the inbox's last message and the read markers";
+        let found = self.batched(what, || self.batch.last_of(&ns.config.name, &subjects));
+        let found = match found.await {
             Ok(found) => found,
             // A replica on an older server (a cluster being upgraded)
             // answers a batch with an error: read the two apart.
-            Err(e @ BatchError::Refused { .. }) => {
-                tracing::debug!(error = %e, "a batched direct get was refused; reading apart");
-                return apart().await;
-            }
-            Err(e) => {
-                return Err(self.fail("the inbox's last message and the read markers", e));
-            }
+            Err(Apart::Refused) => return apart().await,
+            Err(Apart::No(e)) => return Err(e),
         };
         let latest = found
             .iter()
