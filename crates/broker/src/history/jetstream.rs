@@ -24,6 +24,11 @@
 //! answers from the store without the JetStream API's queue, and so are the
 //! first [`DIRECT_READS`] messages of a read (what a reconnecting client
 //! missed); appends read the room's last message from the stream's leader.
+//! On nats-server 2.11 and later, counts and reads are batched direct gets
+//! ([`batch`]): a count is one request (the server sends the first message
+//! after the offset, then the number of the room's messages after it), a
+//! read one request per [`FETCH_CHUNK`] messages, and no read makes a
+//! consumer.
 //!
 //! Read markers are one JSON entry per user (room → offset), so that all of
 //! a user's markers are one get: in the personal namespace's stream on
@@ -824,8 +829,8 @@ impl JetStreamHistory {
         }
     }
 
-    /// From the pending count the server gives with the room's first
-    /// message after `after` (2.11 and later); else from the numbers of the
+    /// From a batch of the room's first message after `after`, which the
+    /// server ends with how many follow it (2.11 and later); else from the numbers of the
     /// room's last message and of its first after `after`; by a scan when
     /// either has no number (stored before numbers were, or by a process
     /// that does not write them).
@@ -840,14 +845,7 @@ impl JetStreamHistory {
                     .next(&ns.config.name, &subject, after.saturating_add(1), 1)
             });
             match first.await {
-                Ok(b) => match b.messages.first() {
-                    None => return Ok(0),
-                    Some(m) => {
-                        if let Some(after_it) = batch::pending(&m.headers) {
-                            return Ok(after_it + 1);
-                        }
-                    }
-                },
+                Ok(b) => return Ok(b.messages.len() as u64 + b.left),
                 Err(Apart::No(e)) => return Err(e),
                 Err(Apart::Refused) => {}
             }

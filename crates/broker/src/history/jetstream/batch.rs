@@ -35,6 +35,9 @@ pub enum BatchError {
     Cut,
 }
 
+/// Bytes of messages a batch of the next messages asks for at most.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 type Waiting = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>>;
 
 /// Sends batched direct gets and routes their answers.
@@ -83,6 +86,8 @@ impl BatchGets {
                             let _ = to.send(answer);
                         }
                     }
+                    // The client is closed: the waiting batches end now.
+                    waiting.lock().expect("batches").clear();
                 }))
             })
             .await
@@ -109,7 +114,14 @@ impl BatchGets {
         from: u64,
         n: usize,
     ) -> Result<Batch, BatchError> {
-        let request = serde_json::json!({ "seq": from, "next_by_subj": subject, "batch": n });
+        let request = serde_json::json!({
+            "seq": from,
+            "next_by_subj": subject,
+            "batch": n,
+            // A long read comes in several batches rather than one large
+            // one (the server sends at least one message whatever its size).
+            "max_bytes": MAX_BATCH_BYTES,
+        });
         self.get(stream, request).await
     }
 
@@ -134,6 +146,15 @@ impl BatchGets {
         let mut messages = Vec::new();
         while let Some(answer) = rx.recv().await {
             match answer.status.map(|s| s.as_u16()) {
+                // A server before 2.11 answers with one plain message (it
+                // takes the request for a single get), without the pending
+                // count every message of a batch carries.
+                None if answer.headers.as_ref().and_then(pending).is_none() => {
+                    return Err(BatchError::Refused {
+                        status: 200,
+                        description: "a single message, not a batch (a server before 2.11)".into(),
+                    });
+                }
                 None => messages.push(StreamMessage::try_from(answer).map_err(BatchError::Parse)?),
                 Some(204) => {
                     let left = answer.headers.as_ref().and_then(pending).unwrap_or(0);
@@ -153,15 +174,16 @@ impl BatchGets {
     }
 }
 
-/// A batch's messages, and how many more the request would have matched.
+/// A batch's messages, and how many more the request would have matched
+/// (from the end-of-batch status: the messages' own pending counts differ
+/// between server versions, counting themselves on 2.11).
 pub struct Batch {
     pub messages: Vec<StreamMessage>,
     pub left: u64,
 }
 
-/// The `Nats-Num-Pending` of a batch's message (how many of its subject
-/// follow it) or of its end (how many are left).
-pub fn pending(headers: &async_nats::HeaderMap) -> Option<u64> {
+/// The `Nats-Num-Pending` of a batch's message or of its end.
+fn pending(headers: &async_nats::HeaderMap) -> Option<u64> {
     headers
         .get("Nats-Num-Pending")?
         .as_str()
