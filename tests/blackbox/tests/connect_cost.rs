@@ -60,17 +60,30 @@ async fn a_connect_creates_no_consumer_and_makes_two_requests_before_nats_2_11()
     first.request(json!({"op":"ping"})).await.unwrap();
     requests(&nats, &mut api).await;
 
+    // The inbox's last message and the user's read markers, direct gets:
+    // no request through the JetStream API's queue.
+    let direct = ("DIRECT.GET", requests_per_connect);
+    cold_connects(&cluster, &nats, &mut api, 2, direct, "STREAM.INFO").await;
+}
+
+/// Connects three users new to edge 0 in turn, and checks what each connect
+/// asked of the JetStream API (by kind, `tokens` deep): `direct` and, at
+/// most once, `info` (the inbox stream's epoch, read again at most every
+/// 2 s).
+async fn cold_connects(
+    cluster: &Cluster,
+    nats: &async_nats::Client,
+    api: &mut async_nats::Subscriber,
+    tokens: usize,
+    direct: (&str, usize),
+    info: &str,
+) {
     for user in ["ann", "bob", "cy"] {
         let client = connect(&cluster.ws(0), user).await;
-        let seen = requests(&nats, &mut api).await;
-        let mut expected = BTreeMap::from([
-            // The inbox's last message and the user's read markers, both
-            // direct gets: no request through the JetStream API's queue.
-            ("DIRECT.GET".to_string(), requests_per_connect),
-        ]);
-        if seen.contains_key("STREAM.INFO") {
-            // The inbox stream's epoch, read again at most every 2 s.
-            expected.insert("STREAM.INFO".into(), 1);
+        let seen = requests_to(nats, api, tokens).await;
+        let mut expected = BTreeMap::from([(direct.0.to_string(), direct.1)]);
+        if seen.contains_key(info) {
+            expected.insert(info.into(), 1);
         }
         assert_eq!(seen, expected, "the connect of {user}");
         drop(client);
@@ -95,16 +108,16 @@ async fn on_nats_2_11_a_cold_connect_makes_one_request() {
     first.request(json!({"op":"ping"})).await.unwrap();
     requests(&nats, &mut api).await;
 
-    for user in ["ann", "bob", "cy"] {
-        let client = connect(&cluster.ws(0), user).await;
-        let seen = requests_to(&nats, &mut api, 3).await;
-        let mut expected = BTreeMap::from([("DIRECT.GET.HERALD_USER".to_string(), 1)]);
-        if seen.contains_key("STREAM.INFO.HERALD_USER") {
-            expected.insert("STREAM.INFO.HERALD_USER".into(), 1);
-        }
-        assert_eq!(seen, expected, "the connect of {user}");
-        drop(client);
-    }
+    let direct = ("DIRECT.GET.HERALD_USER", 1);
+    cold_connects(
+        &cluster,
+        &nats,
+        &mut api,
+        3,
+        direct,
+        "STREAM.INFO.HERALD_USER",
+    )
+    .await;
 
     // dan reads the first of three messages of a durable room on edge 1,
     // then connects to edge 0, which has never seen him: one request for
