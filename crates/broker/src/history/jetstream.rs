@@ -283,7 +283,7 @@ impl JetStreamHistory {
             }
         };
         let personal = ns == USER_NAMESPACE;
-        let newer = markers::batches_gets(&self.client.server_info().version);
+        let newer = self.batching();
         stream::Config {
             name: stream_name(ns),
             subjects: vec![format!("herald.durable.{ns}.>")],
@@ -775,7 +775,7 @@ impl JetStreamHistory {
     /// Whether the server this process is connected to answers batched
     /// direct gets (2.11 and later).
     fn batching(&self) -> bool {
-        markers::batches_gets(&self.client.server_info().version)
+        batch::supported(&self.client.server_info().version)
     }
 
     /// [`Self::read_inner`] by batched direct gets: no consumer, one request

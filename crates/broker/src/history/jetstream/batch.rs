@@ -20,6 +20,17 @@ use async_nats::jetstream::message::StreamMessage;
 use futures::StreamExt;
 use tokio::sync::{OnceCell, mpsc};
 
+/// Whether a server of this version (`2.11.0`, `v2.15.1-beta`) takes
+/// per-message TTLs and batched direct gets.
+pub fn supported(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    let mut next = || parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (next(), next()) {
+        (Some(major), Some(minor)) => (major, minor) >= (2, 11),
+        _ => false,
+    }
+}
+
 /// Why a batch got no complete answer.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -208,5 +219,20 @@ struct Forget<'a> {
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         self.waiting.lock().expect("batches").remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_servers_batch() {
+        for old in ["2.9.10", "2.10.24", "v2.10.0-beta.1", "", "two"] {
+            assert!(!supported(old), "{old}");
+        }
+        for new in ["2.11.0", "2.15.1", "v2.12.0-RC.2", "3.0.0"] {
+            assert!(supported(new), "{new}");
+        }
     }
 }

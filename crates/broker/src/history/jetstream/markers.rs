@@ -51,17 +51,6 @@ pub fn markers_subject(user: &str) -> String {
     )
 }
 
-/// Whether a server of this version (`2.11.0`, `v2.15.1-beta`) takes
-/// per-message TTLs and batched direct gets.
-pub fn batches_gets(version: &str) -> bool {
-    let mut parts = version.trim_start_matches('v').split(['.', '-']);
-    let mut next = || parts.next().and_then(|p| p.parse::<u64>().ok());
-    match (next(), next()) {
-        (Some(major), Some(minor)) => (major, minor) >= (2, 11),
-        _ => false,
-    }
-}
-
 /// A user's markers as stored, with what a compare-and-set needs: the
 /// stream sequence of the stream's entry, or the bucket entry's revision.
 struct Stored {
@@ -165,11 +154,9 @@ impl JetStreamHistory {
                 legacy: self.legacy.get(),
             }),
             Ok(_) => Ok(Place::Bucket(self.marker_bucket().await?)),
-            Err(_) if batches_gets(&self.client.server_info().version) => {
-                Err(HistoryError::unreachable(
-                    "read markers: the personal namespace's stream is not set up yet",
-                ))
-            }
+            Err(_) if self.batching() => Err(HistoryError::unreachable(
+                "read markers: the personal namespace's stream is not set up yet",
+            )),
             Err(_) => Ok(Place::Bucket(self.marker_bucket().await?)),
         }
     }
@@ -415,16 +402,6 @@ impl JetStreamHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn which_servers_batch() {
-        for old in ["2.9.10", "2.10.24", "v2.10.0-beta.1", "", "two"] {
-            assert!(!batches_gets(old), "{old}");
-        }
-        for new in ["2.11.0", "2.15.1", "v2.12.0-RC.2", "3.0.0"] {
-            assert!(batches_gets(new), "{new}");
-        }
-    }
 
     #[test]
     fn a_users_markers_sit_next_to_their_inbox() {
