@@ -265,10 +265,31 @@ pub async fn serve_http(
     .await
 }
 
-/// Binds `addr`, with an error that names what could not be bound (and
-/// keeps the system's reason as its cause).
+/// How many connections the kernel may hold for a listener before it is
+/// asked for them; the kernel lowers it to `net.core.somaxconn` (4096 by
+/// default since Linux 5.4). In a reconnect storm a full queue drops
+/// SYNs, and each client whose SYN was dropped waits a second or more for
+/// its retry, so the queue is as deep as the system allows rather than
+/// tokio's 1024.
+pub const ACCEPT_BACKLOG: u32 = 65_535;
+
+/// Binds `addr` with an accept queue of [`ACCEPT_BACKLOG`], with an error
+/// that names what could not be bound (and keeps the system's reason as its
+/// cause).
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|source| {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's TcpListener::bind: a restarted server can bind the port
+        // its predecessor's connections still linger on.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    listen().map_err(|source| {
         std::io::Error::new(
             source.kind(),
             BindError {
@@ -358,4 +379,59 @@ pub fn drain_after(
         stopping.cancel();
     });
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More connections than tokio's default queue (1024) wait, connected,
+    /// for a listener that has not accepted any: none of their SYNs is
+    /// dropped, which would keep its connect waiting for the listener to
+    /// make room.
+    #[tokio::test]
+    async fn the_accept_queue_holds_more_than_tokios_default() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if somaxconn < 2048 {
+            eprintln!(
+                "skipped: net.core.somaxconn is {somaxconn}, below this test's 1,500 connections"
+            );
+            return;
+        }
+        let listener = bind("127.0.0.1:0".parse().unwrap(), "the test")
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connected = Vec::new();
+        let connects = async {
+            for _ in 0..1500 {
+                connected.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), connects)
+            .await
+            .expect("a connect waited: the accept queue was full");
+        assert_eq!(connected.len(), 1500);
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), addr.ip());
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_named() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), "the first")
+            .await
+            .unwrap();
+        let addr = first.local_addr().unwrap();
+        let err = bind(addr, "WebSocket clients (--listen)")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert_eq!(
+            err.to_string(),
+            format!("could not listen for WebSocket clients (--listen) on {addr}")
+        );
+    }
 }
