@@ -269,6 +269,81 @@ fn figures_of(scenario: &str) -> Option<&'static [(&'static str, Option<&'static
     }
 }
 
+/// The storm's bar: Herald's time until every client rejoined at most this
+/// share of Socket.IO's.
+pub const STORM_BAR: f64 = 0.3;
+
+/// The summary of `reconnect-storm --vs-socketio --repeat N`: per round,
+/// each system's time until every client rejoined and Herald's over
+/// Socket.IO's; the median and range of those ratios, the ratio of the
+/// medians, and how many rounds met [`STORM_BAR`] and how many missed it.
+/// Rounds where a system lost clients count as missed for Herald when it
+/// lost them, and are not timed.
+pub fn storm_rounds(rounds: &[(Report, Report)]) -> Report {
+    let mut out = Report::new(
+        "reconnect-storm",
+        "herald vs socketio",
+        format!(
+            "{} rounds, each system on fresh servers, Herald first in odd rounds and Socket.IO first in even ones",
+            rounds.len()
+        ),
+        json!({"bar": STORM_BAR}),
+    );
+    let time = |r: &Report| {
+        let storm = r.results.iter().find(|(n, _)| n == "storm")?;
+        let lost = figure(&storm.1, "lost", None)?;
+        (lost == 0.0).then(|| figure(&storm.1, "all_rejoined_ms", None))?
+    };
+    let (mut herald, mut socketio, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut met, mut missed) = (0, 0);
+    let mut per_round = Vec::new();
+    for (h, s) in rounds {
+        let (ht, st) = (time(h), time(s));
+        let ratio = match (ht, st) {
+            (Some(ht), Some(st)) if st > 0.0 => Some(ht / st),
+            _ => None,
+        };
+        match ratio {
+            Some(r) if r <= STORM_BAR => met += 1,
+            Some(_) => missed += 1,
+            // Herald lost clients: a miss. Socket.IO did: no ratio.
+            None if ht.is_none() => missed += 1,
+            None => {}
+        }
+        herald.extend(ht);
+        socketio.extend(st);
+        ratios.extend(ratio);
+        per_round.push(json!({
+            "herald_ms": ht,
+            "socketio_ms": st,
+            "herald_over_socketio": ratio.map(crate::report::round3),
+        }));
+    }
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::MAX, f64::min);
+        let hi = v.iter().copied().fold(f64::MIN, f64::max);
+        (!v.is_empty()).then(|| json!([crate::report::round3(lo), crate::report::round3(hi)]))
+    };
+    let r3 = |x: Option<f64>| x.map(crate::report::round3);
+    let ratio_of_medians = match (median(&herald), median(&socketio)) {
+        (Some(h), Some(s)) if s > 0.0 => Some(h / s),
+        _ => None,
+    };
+    out.section(
+        "all_rejoined",
+        Section::new()
+            .put("rounds", per_round)
+            .put("herald_ms_median", r3(median(&herald)))
+            .put("socketio_ms_median", r3(median(&socketio)))
+            .put("herald_over_socketio_median", r3(median(&ratios)))
+            .put("herald_over_socketio_range", range(&ratios))
+            .put("ratio_of_medians", r3(ratio_of_medians))
+            .put("rounds_meeting_bar", met)
+            .put("rounds_missing_bar", missed),
+    );
+    out
+}
+
 /// [`ratios`] over `figures`: one section per section name found in both
 /// reports, with each figure that both have.
 fn ratios_of(herald: &Report, socketio: &Report, figures: &[(&str, Option<&str>)]) -> Report {
@@ -300,6 +375,44 @@ fn ratios_of(herald: &Report, socketio: &Report, figures: &[(&str, Option<&str>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn storm(target: &str, all_rejoined_ms: f64, lost: u64) -> Report {
+        let mut r = Report::new("reconnect-storm", target, String::new(), json!({}));
+        r.section(
+            "storm",
+            Section::new()
+                .put("all_rejoined_ms", all_rejoined_ms)
+                .put("lost", lost),
+        );
+        r
+    }
+
+    #[test]
+    fn storm_rounds_count_every_round_against_the_bar() {
+        let rounds = [
+            (storm("h", 3000.0, 0), storm("s", 12_000.0, 0)),
+            (storm("h", 3300.0, 0), storm("s", 10_000.0, 0)),
+            (storm("h", 2600.0, 0), storm("s", 9_000.0, 0)),
+            // Herald lost a client: a miss, whatever its time.
+            (storm("h", 1000.0, 1), storm("s", 10_000.0, 0)),
+            // Socket.IO lost one: no ratio, neither met nor missed.
+            (storm("h", 3000.0, 0), storm("s", 10_000.0, 2)),
+        ];
+        let summary = storm_rounds(&rounds);
+        let (_, s) = &summary.results[0];
+        let v = |k: &str| s.get(k).cloned().unwrap();
+        assert_eq!(v("rounds_meeting_bar"), 2);
+        assert_eq!(v("rounds_missing_bar"), 2);
+        // 0.25, 0.33, 0.289: the median is the middle one.
+        assert_eq!(v("herald_over_socketio_median"), 0.289);
+        assert_eq!(v("herald_over_socketio_range"), json!([0.25, 0.33]));
+        assert_eq!(v("herald_ms_median"), 3000.0);
+        assert_eq!(v("socketio_ms_median"), 10_000.0);
+        assert_eq!(v("ratio_of_medians"), 0.3);
+        let per_round = v("rounds");
+        assert_eq!(per_round[3]["herald_ms"], Value::Null);
+        assert_eq!(per_round[4]["herald_over_socketio"], Value::Null);
+    }
 
     fn report(target: &str, cpu: f64, p99: f64) -> Report {
         let mut r = Report::new("fanout", target, String::new(), json!({}));

@@ -113,6 +113,12 @@ pub fn run(scenario: Scenario) -> Result<bool> {
             return Ok(report.failures.is_empty());
         }
     };
+    if let Against::Storm(a) = &args
+        && a.repeat > 1
+        && !common.vs_socketio
+    {
+        anyhow::bail!("--repeat runs rounds of the comparison with Socket.IO: add --vs-socketio");
+    }
     let runtime = runtime()?;
     if common.vs_socketio {
         return run_side_by_side(&common, &args, &runtime);
@@ -226,6 +232,11 @@ fn run_side_by_side(
     if common.target == TargetKind::Socketio {
         anyhow::bail!("--vs-socketio compares Herald (--target cluster or dev) with Socket.IO");
     }
+    if let Against::Storm(a) = args
+        && a.repeat > 1
+    {
+        return storm_rounds(common, args, a.repeat, runtime);
+    }
     let (herald, socketio) = match args {
         Against::Fanout(a) => fanout_side_by_side(common, a, runtime)?,
         _ => (
@@ -247,6 +258,72 @@ fn run_side_by_side(
     let tables = format!("{}{}{}", herald.table(), socketio.table(), compare.table());
     report::emit(&tables, &json, common.json.as_deref())?;
     Ok(herald.failures.is_empty() && socketio.failures.is_empty())
+}
+
+/// `reconnect-storm --vs-socketio --repeat N`: N rounds of both systems,
+/// each on servers of its own (a storm kills one), Herald first in odd
+/// rounds and Socket.IO first in even ones; every round's three reports,
+/// then the summary ([`compare::storm_rounds`]).
+fn storm_rounds(
+    common: &CommonArgs,
+    args: &Against,
+    rounds: u32,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<bool> {
+    let sio_common = socketio_common(common);
+    let mut tables = String::new();
+    let mut all = Vec::new();
+    let mut json_rounds = Vec::new();
+    let mut failures = Vec::new();
+    for round in 1..=rounds {
+        let herald_first = round % 2 == 1;
+        let (herald, socketio) = if herald_first {
+            let h = herald_report(common, args, runtime)?;
+            (h, socketio_report(&sio_common, args, runtime)?)
+        } else {
+            let s = socketio_report(&sio_common, args, runtime)?;
+            (herald_report(common, args, runtime)?, s)
+        };
+        let compare = compare::ratios(&herald, &socketio);
+        failures.extend(
+            herald
+                .failures
+                .iter()
+                .map(|f| format!("round {round}: herald: {f}")),
+        );
+        failures.extend(
+            socketio
+                .failures
+                .iter()
+                .map(|f| format!("round {round}: socketio: {f}")),
+        );
+        tables.push_str(&format!("\n=== round {round} of {rounds} ===\n"));
+        tables.push_str(&format!(
+            "{}{}{}",
+            herald.table(),
+            socketio.table(),
+            compare.table()
+        ));
+        json_rounds.push(serde_json::json!({
+            "round": round,
+            "order": if herald_first { "herald first" } else { "socketio first" },
+            "herald": herald.to_json(),
+            "socketio": socketio.to_json(),
+            "compare": compare.to_json(),
+        }));
+        all.push((herald, socketio));
+    }
+    let summary = compare::storm_rounds(&all);
+    tables.push_str(&summary.table());
+    let json = serde_json::json!({
+        "scenario": "reconnect-storm",
+        "target": "herald vs socketio",
+        "failures": failures,
+        "rounds": json_rounds,
+        "summary": summary.to_json(),
+    });
+    report::emit(&tables, &json, common.json.as_deref())?;
+    Ok(failures.is_empty())
 }
 
 /// What every scenario's report gets at the end: processes that died, log

@@ -96,6 +96,13 @@ pub struct StormArgs {
     /// (off by default: Socket.IO sends none).
     #[arg(long)]
     pub presence_events: bool,
+    /// With `--vs-socketio`: this many rounds, each on freshly started
+    /// servers, Herald first in odd rounds and Socket.IO first in even ones
+    /// (a drift in the machine's speed then weighs on both); the summary
+    /// gives every round's ratio of the time until all rejoined and their
+    /// median.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
 }
 
 impl StormArgs {
@@ -1068,6 +1075,7 @@ mod tests {
                 drain_timeout: Duration::from_secs(1),
                 concurrency: 1,
                 presence_events: false,
+                repeat: 1,
             },
             survivors: vec![1],
             killed_at: watch::Sender::new(None),

@@ -913,6 +913,61 @@ fn reconnect_storm_against_socketio_counts_what_clients_missed() {
     assert!(cpu.get("socketio-0").is_none(), "{cpu}");
 }
 
+/// `--repeat 2`: two rounds of both systems on fresh servers, Herald first
+/// in the first and Socket.IO first in the second, and a summary that
+/// counts each round against the bar.
+#[test]
+fn vs_socketio_storm_rounds_alternate_which_system_goes_first() {
+    if !socketio_available() {
+        return;
+    }
+    let url = redis_url();
+    let report = run_json(&[
+        "reconnect-storm",
+        "--vs-socketio",
+        "--repeat",
+        "2",
+        "--target",
+        "cluster",
+        "--edges",
+        "2",
+        "--redis-url",
+        &url,
+        "--clients",
+        "60",
+        "--chat-rooms",
+        "3",
+        "--durable-rooms",
+        "2",
+        "--publish-rate",
+        "20",
+        "--before",
+        "300ms",
+        "--after",
+        "300ms",
+    ]);
+    let rounds = report["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "{report}");
+    assert_eq!(rounds[0]["order"], "herald first");
+    assert_eq!(rounds[1]["order"], "socketio first");
+    for round in rounds {
+        assert_everyone_rejoined(&round["herald"], 60);
+        assert_everyone_rejoined(&round["socketio"], 60);
+        let ratio = &round["compare"]["results"]["storm"]["all_rejoined_ms"];
+        positive(&ratio["herald_over_socketio"], "ratio");
+    }
+    let summary = &report["summary"]["results"]["all_rejoined"];
+    let met = summary["rounds_meeting_bar"].as_u64().unwrap();
+    let missed = summary["rounds_missing_bar"].as_u64().unwrap();
+    assert_eq!(met + missed, 2, "{summary}");
+    let per_round = summary["rounds"].as_array().unwrap();
+    for (k, r) in per_round.iter().enumerate() {
+        let h = &rounds[k]["herald"]["results"]["storm"]["all_rejoined_ms"];
+        assert_eq!(&r["herald_ms"], h, "{summary}");
+    }
+    positive(&summary["herald_over_socketio_median"], "median");
+}
+
 #[test]
 fn vs_socketio_fanout_alternates_rounds_and_normalises_by_each_floor() {
     if !socketio_available() {
