@@ -277,12 +277,20 @@ fn storm_rounds(
     let mut failures = Vec::new();
     for round in 1..=rounds {
         let herald_first = round % 2 == 1;
-        let (herald, socketio) = if herald_first {
-            let h = herald_report(common, args, runtime)?;
-            (h, socketio_report(&sio_common, args, runtime)?)
+        let pair = if herald_first {
+            herald_report(common, args, runtime)
+                .and_then(|h| Ok((h, socketio_report(&sio_common, args, runtime)?)))
         } else {
-            let s = socketio_report(&sio_common, args, runtime)?;
-            (herald_report(common, args, runtime)?, s)
+            socketio_report(&sio_common, args, runtime)
+                .and_then(|s| Ok((herald_report(common, args, runtime)?, s)))
+        };
+        // The rounds done so far are still reported.
+        let (herald, socketio) = match pair {
+            Ok(pair) => pair,
+            Err(e) => {
+                failures.push(format!("round {round} could not run: {e:#}"));
+                break;
+            }
         };
         let compare = compare::ratios(&herald, &socketio);
         failures.extend(

@@ -238,6 +238,17 @@ pub enum EdgeError {
     Hook(#[from] HookEndpointError),
 }
 
+/// Gives `listener` the options every client socket needs (TCP_NODELAY,
+/// keepalive after `config.heartbeat`, TCP_USER_TIMEOUT of
+/// `config.idle_timeout`), which Linux copies into each connection as its
+/// handshake completes, before it is even accepted. Call it right after
+/// binding: connections that queue while the edge is still starting (NATS,
+/// presence) get them too. [`run`] sets them again for listeners made
+/// elsewhere.
+pub fn prepare_listener(listener: &TcpListener, config: &Config) {
+    transport::client_socket_options(listener, config.heartbeat, config.idle_timeout);
+}
+
 /// Serves `/ws`, `/sse`, `/healthz`, `/readyz`, `/metrics` and the config's
 /// `extra_routes` on `listener` until `shutdown`; then stops accepting,
 /// tells every client to reconnect elsewhere (1012) and waits up to the

@@ -49,10 +49,12 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let conns = TaskTracker::new();
-    // Set once on the listener, which every accepted socket inherits them
-    // from (Linux copies them at accept): four system calls fewer per
+    // Set once on the listener, whose connections inherit them (Linux
+    // copies them as each handshake completes): four system calls fewer per
     // connection, which a reconnect storm pays thousands of times a second.
-    accepted_socket_options(&listener, keepalive, unacked);
+    // `prepare_listener` has done so already where the edge binds its port;
+    // again here for listeners bound elsewhere.
+    client_socket_options(&listener, keepalive, unacked);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -84,15 +86,15 @@ pub async fn serve(
     conns.wait().await;
 }
 
-/// The options of every client socket, set on `listener` for its accepted
-/// sockets to inherit:
+/// The options of every client socket, set on `listener` for the
+/// connections it queues to inherit:
 /// - TCP_NODELAY: replies and small frames go out at once; without it,
 ///   Nagle's algorithm and delayed ACKs hold some of them back ~40 ms.
 /// - keepalive after `keepalive` of quiet: keeps NAT mappings alive and ends
 ///   sockets whose peer vanished before it ever authenticated (the pings
 ///   cover sessions).
 /// - TCP_USER_TIMEOUT of `unacked` (see [`serve`]).
-fn accepted_socket_options(
+pub(crate) fn client_socket_options(
     listener: &TcpListener,
     keepalive: std::time::Duration,
     unacked: std::time::Duration,
@@ -270,8 +272,9 @@ pub(crate) mod tests {
         (accepted.unwrap().0, client.unwrap())
     }
 
-    /// The options are set on the listener only; every accepted socket
-    /// must have them all the same.
+    /// The options are set on the listener only; every connection must
+    /// have them all the same, those that completed their handshake and
+    /// waited in the queue before being accepted included.
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listeners_options() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -279,11 +282,17 @@ pub(crate) mod tests {
         let unacked = std::time::Duration::from_millis(41_000);
         let fresh = socket2::SockRef::from(&listener);
         assert!(!fresh.tcp_nodelay().unwrap() && !fresh.keepalive().unwrap());
-        accepted_socket_options(&listener, keepalive, unacked);
+        client_socket_options(&listener, keepalive, unacked);
+        let mut clients = Vec::new();
         for _ in 0..2 {
-            let client = TcpStream::connect(listener.local_addr().unwrap());
-            let (client, accepted) = tokio::join!(client, listener.accept());
-            let (accepted, _client) = (accepted.unwrap().0, client.unwrap());
+            clients.push(
+                TcpStream::connect(listener.local_addr().unwrap())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for _ in 0..2 {
+            let (accepted, _) = listener.accept().await.unwrap();
             let socket = socket2::SockRef::from(&accepted);
             assert!(socket.tcp_nodelay().unwrap(), "TCP_NODELAY");
             assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE");

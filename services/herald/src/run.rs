@@ -370,6 +370,7 @@ async fn serve(command: Command) -> Result<(), RunError> {
                 ..config
             };
             let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
+            herald_edge::prepare_listener(&listener, &config);
             let (broker, history, feed) = nats(
                 &args.nats,
                 &format!("herald-edge {}", config.node_id),
@@ -616,6 +617,7 @@ async fn dev(
     let using_dev_secret =
         keys.jwt_secret.is_none() && keys.jwt_public_key.is_none() && keys.jwks_url.is_none();
     let listener = herald_ops::bind(args.listen, "WebSocket clients (--listen)").await?;
+    herald_edge::prepare_listener(&listener, &config);
     let grpc = herald_ops::bind(args.grpc_listen, "gRPC (--grpc-listen)").await?;
     let broker: SharedBroker = Arc::new(MemoryBroker::new());
     let history: SharedHistory = Arc::new(MemoryHistory::new());
