@@ -86,6 +86,17 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
+/// `[lowest, highest]` of `values`, rounded as the reports are; `null` if
+/// there are none.
+fn range(values: &[f64]) -> Value {
+    if values.is_empty() {
+        return Value::Null;
+    }
+    let lo = values.iter().copied().fold(f64::MAX, f64::min);
+    let hi = values.iter().copied().fold(f64::MIN, f64::max);
+    json!([crate::report::round3(lo), crate::report::round3(hi)])
+}
+
 /// One section per step found in both reports: each figure for Herald,
 /// for Socket.IO, and Herald / Socket.IO.
 pub fn ratios(herald: &Report, socketio: &Report) -> Report {
@@ -206,11 +217,7 @@ fn add_cpu_per_delivery(out: &mut Report, herald: &Report, socketio: &Report) {
             let values: Vec<f64> = rounds.iter().filter_map(pick).collect();
             let round = crate::report::round3;
             match median(&values) {
-                Some(m) => {
-                    let lo = values.iter().copied().fold(f64::MAX, f64::min);
-                    let hi = values.iter().copied().fold(f64::MIN, f64::max);
-                    json!({"median": round(m), "range": [round(lo), round(hi)]})
-                }
+                Some(m) => json!({"median": round(m), "range": range(&values)}),
                 None => Value::Null,
             }
         };
@@ -326,11 +333,6 @@ pub fn storm_rounds(rounds: &[(Report, Report)]) -> Report {
             "herald_over_socketio": ratio.map(crate::report::round3),
         }));
     }
-    let range = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::MAX, f64::min);
-        let hi = v.iter().copied().fold(f64::MIN, f64::max);
-        (!v.is_empty()).then(|| json!([crate::report::round3(lo), crate::report::round3(hi)]))
-    };
     let r3 = |x: Option<f64>| x.map(crate::report::round3);
     let ratio_of_medians = match (median(&herald_paired), median(&socketio_paired)) {
         (Some(h), Some(s)) if s > 0.0 => Some(h / s),
