@@ -22,8 +22,32 @@ use tempfile::TempDir;
 pub use process::{ChildProcess, die_with_parent};
 pub use proxy::Proxy;
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, below the kernel's
+/// ephemeral range: a port that `bind(0)` hands out is one any outgoing
+/// connection may take before the process it was meant for binds it (a
+/// bench smoke test once failed so, with "Address already in use"). Ports
+/// are tried in a sequence that differs per process and goes on within it,
+/// so that parallel tests rarely pick the same one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if ephemeral_start > 12_000 {
+        let (low, span) = (10_000, ephemeral_start - 10_000);
+        let start = std::process::id().wrapping_mul(7919);
+        for _ in 0..span.min(2000) {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = low + start.wrapping_add(k.wrapping_mul(104_729)) % span;
+            if let Ok(port) = u16::try_from(port)
+                && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
