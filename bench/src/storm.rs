@@ -14,7 +14,8 @@
 //!    drop, waits as a real client does (full jitter: attempt `k` waits a
 //!    random time below `min(cap, base · 2^k)`, the first attempt too),
 //!    connects to one of the other servers (attempt `k` of client `i` takes
-//!    survivor `(i + k) % survivors`) and joins its two rooms again; in
+//!    survivor `(i + k) % survivors`) and joins its two rooms again, both
+//!    joins sent at once as the SDKs rejoin (the setup's first joins too); in
 //!    Herald the durable room with `since` = the last offset it received, so
 //!    that what it missed is replayed. The draws of the jitter depend only on
 //!    `i` and `k`: both systems wait the same.
@@ -426,7 +427,6 @@ impl System for HeraldStorm {
             .await
             .map_err(Failed::client("connect"))?;
         let chat = chat_room(&self.args, i);
-        request_ok(&client, "join chat", json!({"op": "join", "room": chat})).await?;
         // From the last message received, else from where the first join
         // found the room.
         let joined_at = log
@@ -447,10 +447,14 @@ impl System for HeraldStorm {
         if let Some(since) = since {
             req["since"] = since;
         }
-        let reply = client
-            .request(req)
-            .await
-            .map_err(Failed::client("join durable"))?;
+        // Both joins at once, as the SDKs rejoin after `connected`: the
+        // edge answers requests in order.
+        let (chat, durable) = tokio::join!(
+            request_ok(&client, "join chat", json!({"op": "join", "room": chat})),
+            client.request(req)
+        );
+        chat?;
+        let reply = durable.map_err(Failed::client("join durable"))?;
         if reply["op"] != "ok" {
             return Err(Failed {
                 stage: "join durable",
@@ -511,8 +515,12 @@ impl System for SioStorm {
         let client = SioClient::connect(url, &auth, Some(source), on_event)
             .await
             .map_err(Failed::client("connect"))?;
-        sio_ack(&client, "join", &chat_room(&self.args, i)).await?;
-        sio_ack(&client, "join", &room).await?;
+        // Both joins at once, as an application rejoins on `connect`.
+        let chat = chat_room(&self.args, i);
+        tokio::try_join!(
+            sio_ack(&client, "join", &chat),
+            sio_ack(&client, "join", &room)
+        )?;
         Ok((client, Rejoin::default()))
     }
 
