@@ -5,7 +5,7 @@
 //!
 //! [`open_websocket`] does the TCP connect (optionally from a chosen source
 //! address, always with `TCP_NODELAY`), TLS for `wss://` ([`open_websocket_with`])
-//! and the HTTP/1 upgrade with hyper,
+//! and the HTTP/1 upgrade (httparse reads the response),
 //! and splits the socket into a [`Reader`] and a [`Writer`]. The caller then
 //! runs the writer under [`write_loop`], feeding it [`WriteCmd`]s (or
 //! [`write_frame`] for one frame and its outcome), and reads the messages
@@ -36,16 +36,11 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fastwebsockets::{
     FragmentCollectorRead, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketWrite,
 };
-use http_body_util::Empty;
-use hyper::header::{CONNECTION, HOST, UPGRADE};
-use hyper::upgrade::Upgraded;
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper::Uri;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -53,8 +48,9 @@ use tokio_rustls::rustls;
 
 use crate::{ClientError, OPEN_TIMEOUT, Tap};
 
-/// The upgraded connection both halves share.
-pub type Stream = TokioIo<Upgraded>;
+/// The upgraded connection both halves share: the socket (TLS or not) with
+/// what the upgrade read past the response's head still buffered.
+pub type Stream = BufReader<Box<dyn Io>>;
 
 /// The read half of an open WebSocket; it reassembles fragmented messages.
 pub type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
@@ -152,7 +148,14 @@ async fn open_inner(
     upgrade(tls, &target, local_addr, subprotocol, options).await
 }
 
-/// The HTTP/1 upgrade on an open connection, plain or TLS.
+/// The HTTP/1 upgrade on an open connection, plain or TLS: one request
+/// written, the response's head read and checked. Done by hand (httparse
+/// reads the head) rather than with hyper's client, whose connection task
+/// and upgrade channels cost a task and several wakeups per connection: a
+/// benchmark's load generator opens thousands a second, on the cores the
+/// servers it measures run on. Bytes the server sent after the head (a
+/// Socket.IO server's `open` packet) stay in the [`Stream`]'s buffer for
+/// the WebSocket reader.
 async fn upgrade<S>(
     io: S,
     target: &Target,
@@ -163,64 +166,58 @@ async fn upgrade<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ClientError::Connect(format!("HTTP handshake: {e}")))?;
-    // Errors of the connection task surface through `send_request` or the
-    // upgrade, so nothing is lost by ignoring its result here.
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-
-    let mut request = Request::builder()
-        .method("GET")
-        .uri(target.path.as_str())
-        .header(HOST, target.authority.as_str())
-        .header(UPGRADE, "websocket")
-        .header(CONNECTION, "Upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13");
-    if let Some(offered) = subprotocol {
-        request = request.header("Sec-WebSocket-Protocol", offered);
+    let mut io = BufReader::with_capacity(HEAD_BUFFER, Box::new(io) as Box<dyn Io>);
+    let mut request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n",
+        target.path,
+        target.authority,
+        fastwebsockets::handshake::generate_key(),
+    );
+    for (name, value) in [
+        ("Sec-WebSocket-Protocol", subprotocol),
+        ("Origin", options.origin.as_deref()),
+    ] {
+        if let Some(value) = value {
+            if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+                return Err(ClientError::Connect(format!(
+                    "the {name} header {value:?} holds a line break"
+                )));
+            }
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
     }
-    if let Some(origin) = &options.origin {
-        request = request.header("Origin", origin.as_str());
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Connect(format!("building the upgrade request: {e}")))?;
-    let mut response = sender
-        .send_request(request)
+    request.push_str("\r\n");
+    io.write_all(request.as_bytes())
         .await
         .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    io.flush()
+        .await
+        .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
+
+    let head = read_head(&mut io).await?;
+    if head.status != 101 {
         return Err(ClientError::Rejected {
-            status: response.status().as_u16(),
+            status: head.status,
         });
     }
-    let headers = response.headers();
-    let header_is = |name: &str, value: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case(value))
+    let header = |name: &str| {
+        head.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     };
-    if !header_is("upgrade", "websocket") || !header_is("connection", "upgrade") {
+    let upgrade_ok = header("upgrade").is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    let connection_ok = header("connection").is_some_and(|v| {
+        v.split(',')
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    });
+    if !upgrade_ok || !connection_ok {
         return Err(ClientError::Connect(
             "101 response without Upgrade: websocket / Connection: upgrade".into(),
         ));
     }
-    let protocol = match headers.get("sec-websocket-protocol") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ClientError::Connect("unreadable subprotocol header".into()))?
-                .to_owned(),
-        ),
-    };
+    let protocol = header("sec-websocket-protocol").map(str::to_owned);
     // A browser fails the connection when the server picks a subprotocol it
     // did not offer, so the tests should notice too. Without an offer the
     // header is only reported.
@@ -231,11 +228,8 @@ where
             "server selected subprotocol {p:?}, only {offered:?} was offered"
         )));
     }
-    let upgraded = hyper::upgrade::on(&mut response)
-        .await
-        .map_err(|e| ClientError::Connect(format!("upgrade: {e}")))?;
 
-    let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
+    let ws = WebSocket::after_handshake(io, Role::Client);
     let (read, writer) = ws.split(tokio::io::split);
     Ok(Opened {
         reader: FragmentCollectorRead::new(read),
@@ -244,6 +238,76 @@ where
         local_addr,
     })
 }
+
+/// The read buffer of a [`Stream`]: a response head fits in one read, and
+/// WebSocket reads (fastwebsockets asks for at least this much) go around it
+/// once it is empty.
+const HEAD_BUFFER: usize = 4096;
+
+/// The longest response head accepted; longer is a broken server.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// The status and headers of an HTTP response.
+struct Head {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+/// Reads a response's head, and leaves what follows it unread in `io`.
+async fn read_head(io: &mut Stream) -> Result<Head, ClientError> {
+    let broken = |why: String| ClientError::Connect(format!("upgrade response: {why}"));
+    // What earlier reads held of the head; usually the first read holds all of it.
+    let mut taken: Vec<u8> = Vec::new();
+    loop {
+        let available = io.fill_buf().await.map_err(|e| broken(e.to_string()))?;
+        if available.is_empty() {
+            return Err(broken("the server closed the connection".into()));
+        }
+        let fresh = available.len();
+        let joined;
+        let bytes: &[u8] = if taken.is_empty() {
+            available
+        } else {
+            joined = [taken.as_slice(), available].concat();
+            &joined
+        };
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut slots);
+        match response.parse(bytes) {
+            Ok(httparse::Status::Complete(len)) => {
+                let head = Head {
+                    status: response.code.unwrap_or_default(),
+                    headers: response
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                let used = len - taken.len();
+                io.consume(used);
+                return Ok(head);
+            }
+            Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD => {
+                taken.extend_from_slice(available);
+                io.consume(fresh);
+            }
+            Ok(httparse::Status::Partial) => {
+                return Err(broken(format!("its head is longer than {MAX_HEAD} bytes")));
+            }
+            Err(e) => return Err(broken(e.to_string())),
+        }
+    }
+}
+
+/// A connection's byte stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// The parts of a `ws://` or `wss://` URL the handshake needs.
 struct Target {
