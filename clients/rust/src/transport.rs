@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::Cursor;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,7 +41,7 @@ use fastwebsockets::{
     FragmentCollectorRead, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketWrite,
 };
 use hyper::Uri;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Chain};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -48,12 +49,12 @@ use tokio_rustls::rustls;
 
 use crate::{ClientError, OPEN_TIMEOUT, Tap};
 
-/// The upgraded connection both halves share: the socket (TLS or not) with
-/// what the upgrade read past the response's head still buffered.
-pub type Stream = BufReader<Box<dyn Io>>;
+/// The upgraded connection both halves share, plain or TLS.
+pub type Stream = Box<dyn Io>;
 
 /// The read half of an open WebSocket; it reassembles fragmented messages.
-pub type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Stream>>;
+/// What the upgrade read past the response's head comes first.
+pub type Reader = FragmentCollectorRead<Chain<Cursor<Vec<u8>>, tokio::io::ReadHalf<Stream>>>;
 
 /// The write half of an open WebSocket; drive it with [`write_loop`].
 pub type Writer = WebSocketWrite<tokio::io::WriteHalf<Stream>>;
@@ -154,8 +155,7 @@ async fn open_inner(
 /// and upgrade channels cost a task and several wakeups per connection: a
 /// benchmark's load generator opens thousands a second, on the cores the
 /// servers it measures run on. Bytes the server sent after the head (a
-/// Socket.IO server's `open` packet) stay in the [`Stream`]'s buffer for
-/// the WebSocket reader.
+/// Socket.IO server's `open` packet) are the first the [`Reader`] reads.
 async fn upgrade<S>(
     io: S,
     target: &Target,
@@ -166,7 +166,7 @@ async fn upgrade<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut io = BufReader::with_capacity(HEAD_BUFFER, Box::new(io) as Box<dyn Io>);
+    let mut io: Stream = Box::new(io);
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n",
@@ -195,7 +195,7 @@ where
         .await
         .map_err(|e| ClientError::Connect(format!("upgrade request: {e}")))?;
 
-    let head = read_head(&mut io).await?;
+    let (head, after_head) = read_head(&mut io).await?;
     if head.status != 101 {
         return Err(ClientError::Rejected {
             status: head.status,
@@ -229,8 +229,12 @@ where
         )));
     }
 
-    let ws = WebSocket::after_handshake(io, Role::Client);
-    let (read, writer) = ws.split(tokio::io::split);
+    // Split here, so that the leftover can be put in front of the read half;
+    // `join` only carries both halves to fastwebsockets' own split.
+    let (read, write) = tokio::io::split(io);
+    let read = Cursor::new(after_head).chain(read);
+    let ws = WebSocket::after_handshake(tokio::io::join(read, write), Role::Client);
+    let (read, writer) = ws.split(tokio::io::Join::into_inner);
     Ok(Opened {
         reader: FragmentCollectorRead::new(read),
         writer,
@@ -238,11 +242,6 @@ where
         local_addr,
     })
 }
-
-/// The read buffer of a [`Stream`]: a response head fits in one read, and
-/// WebSocket reads (fastwebsockets asks for at least this much) go around it
-/// once it is empty.
-const HEAD_BUFFER: usize = 4096;
 
 /// The longest response head accepted; longer is a broken server.
 const MAX_HEAD: usize = 16 * 1024;
@@ -253,27 +252,25 @@ struct Head {
     headers: Vec<(String, String)>,
 }
 
-/// Reads a response's head, and leaves what follows it unread in `io`.
-async fn read_head(io: &mut Stream) -> Result<Head, ClientError> {
+/// Reads a response's head; returns it and the bytes read past it.
+async fn read_head(io: &mut Stream) -> Result<(Head, Vec<u8>), ClientError> {
     let broken = |why: String| ClientError::Connect(format!("upgrade response: {why}"));
-    // What earlier reads held of the head; usually the first read holds all of it.
-    let mut taken: Vec<u8> = Vec::new();
+    // A 101's head is a few hundred bytes: one read, as a rule.
+    let mut buf = Vec::with_capacity(1024);
     loop {
-        let available = io.fill_buf().await.map_err(|e| broken(e.to_string()))?;
-        if available.is_empty() {
+        if buf.len() == buf.capacity() {
+            buf.reserve(1024);
+        }
+        let n = io
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+        if n == 0 {
             return Err(broken("the server closed the connection".into()));
         }
-        let fresh = available.len();
-        let joined;
-        let bytes: &[u8] = if taken.is_empty() {
-            available
-        } else {
-            joined = [taken.as_slice(), available].concat();
-            &joined
-        };
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut slots);
-        match response.parse(bytes) {
+        match response.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let head = Head {
                     status: response.code.unwrap_or_default(),
@@ -288,14 +285,9 @@ async fn read_head(io: &mut Stream) -> Result<Head, ClientError> {
                         })
                         .collect(),
                 };
-                let used = len - taken.len();
-                io.consume(used);
-                return Ok(head);
+                return Ok((head, buf.split_off(len)));
             }
-            Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD => {
-                taken.extend_from_slice(available);
-                io.consume(fresh);
-            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
             Ok(httparse::Status::Partial) => {
                 return Err(broken(format!("its head is longer than {MAX_HEAD} bytes")));
             }
