@@ -3,7 +3,7 @@
 // output kept so that a failing test can show what the servers said.
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, existsSync, writeFileSync } from "node:fs";
-import { createServer, connect } from "node:net";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -34,17 +34,8 @@ export function natsServerBin() {
   throw new Error("nats-server is not installed: scripts/test.sh installs Debian's, or set NATS_SERVER");
 }
 
-/** A port on 127.0.0.1 that was free a moment ago. */
-export function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
+/** Free ports come from the SDK tests' support, one sequence for both suites. */
+export { freePort } from "../../test/support/ports.js";
 
 export function tempDir(prefix = "herald-e2e-") {
   return mkdtempSync(join(tmpdir(), prefix));
